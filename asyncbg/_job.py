@@ -1,0 +1,208 @@
+"""The handle for one background response."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from openai.types.responses import Response
+
+from ._errors import JobCancelled, JobFailed, JobIncomplete
+from ._status import JobStatus
+
+if TYPE_CHECKING:
+    from ._manager import BackgroundManager
+
+__all__ = ["Job"]
+
+
+class Job:
+    """One background response managed by a :class:`~asyncbg.BackgroundManager`.
+
+    Returned at once by ``submit``; the response is created on the server when a slot frees.
+    """
+
+    __slots__ = (
+        "_cancel_requested",
+        "_create_sent",
+        "_data",
+        "_done",
+        "_error",
+        "_finish_seq",
+        "_listeners",
+        "_log",
+        "_manager",
+        "_params",
+        "_poke",
+        "_response",
+        "_scope",
+        "_started",
+        "_status",
+        "key",
+        "response_id",
+    )
+
+    def __init__(self, manager: BackgroundManager, key: str, params: dict[str, Any], log: Any):
+        #: The job's name, unique within its manager.
+        self.key = key
+        #: The server's id for the response; None until the server has accepted the job.
+        self.response_id: str | None = None
+        self._manager = manager
+        self._params = params
+        self._log = log
+        self._status = JobStatus.PENDING
+        self._data: dict[str, Any] | None = None
+        self._response: Response | None = None
+        self._error: str | None = None
+        self._done = anyio.Event()
+        self._poke = anyio.Event()
+        self._scope = anyio.CancelScope()
+        self._listeners: list[Callable[[Job], object]] = []
+        self._finish_seq = -1
+        self._started = anyio.current_time()
+        self._create_sent = False
+        self._cancel_requested = False
+
+    # -- state -----------------------------------------------------------------------------
+
+    @property
+    def status(self) -> JobStatus:
+        """The latest known status."""
+        return self._status
+
+    @property
+    def done(self) -> bool:
+        """True once the job is terminal (completed, failed, cancelled or incomplete)."""
+        return self._done.is_set()
+
+    @property
+    def response(self) -> Response | None:
+        """The latest ``Response`` the server sent, or None before the first answer."""
+        if self._response is None and self._data is not None:
+            # Built on demand and leniently: real payloads omit fields strict validation wants.
+            self._response = Response.construct(**self._data)
+        return self._response
+
+    @property
+    def error(self) -> str | None:
+        """Why the job did not complete: the server's message, or asyncbg's. None otherwise."""
+        return self._error
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds since the job was submitted."""
+        return anyio.current_time() - self._started
+
+    def __repr__(self) -> str:
+        rid = f" response_id={self.response_id!r}" if self.response_id else ""
+        return f"<Job key={self.key!r} status={self._status.value}{rid}>"
+
+    # -- waiting ---------------------------------------------------------------------------
+
+    async def wait(self, timeout: float | None = None) -> Job:
+        """Wait until the job is terminal; raise ``TimeoutError`` after ``timeout`` seconds."""
+        with anyio.fail_after(timeout):
+            await self._done.wait()
+        return self
+
+    async def result(self, timeout: float | None = None) -> Response:
+        """The final ``Response`` once completed; raises :class:`~asyncbg.JobFailed` otherwise."""
+        await self.wait(timeout)
+        status = self._status
+        if status is JobStatus.COMPLETED:
+            response = self.response
+            assert response is not None
+            return response
+        message = f"job {self.key!r}"
+        if self.response_id:
+            message += f" ({self.response_id})"
+        message += f" {status.value}: {self._error or 'no reason given'}"
+        if status is JobStatus.CANCELLED:
+            raise JobCancelled(self, message)
+        if status is JobStatus.INCOMPLETE:
+            raise JobIncomplete(self, message)
+        raise JobFailed(self, message)
+
+    async def cancel(self) -> None:
+        """Cancel the job on the server and return once it is terminal.
+
+        A pending job is cancelled locally and nothing is sent. A finished job is left as it is.
+        """
+        if self.done:
+            return
+        if not self._create_sent:
+            self._finish(JobStatus.CANCELLED, "cancelled before it was sent")
+            self._scope.cancel()
+            return
+        self._cancel_requested = True
+        self._poke.set()
+        await self._done.wait()
+
+    # -- driven by the manager -------------------------------------------------------------
+
+    def _update(self, data: dict[str, Any]) -> None:
+        """Take a server answer: keep the JSON, move the status, finish if terminal."""
+        if self.done:
+            return
+        self._data = data
+        self._response = None
+        if self.response_id is None:
+            rid = data.get("id")
+            self.response_id = rid if isinstance(rid, str) else None
+            self._log = self._log.bind(response_id=self.response_id)
+        status = JobStatus.from_server(data.get("status"))
+        if status is self._status:
+            return
+        self._log.debug(
+            "job.status_changed",
+            status=status.value,
+            previous=self._status.value,
+            elapsed=round(self.elapsed, 3),
+        )
+        if status.terminal:
+            self._finish(status, _reason(status, data))
+        else:
+            self._status = status
+
+    def _finish(self, status: JobStatus, error: str | None = None) -> None:
+        if self.done:
+            return
+        self._status = status
+        self._error = error
+        self._finish_seq = self._manager._next_seq()
+        self._done.set()
+        self._log.info(
+            "job.terminal", status=status.value, elapsed=round(self.elapsed, 3), error=error
+        )
+        listeners, self._listeners = self._listeners, []
+        for listener in listeners:
+            listener(self)
+        self._manager._job_finished(self)
+
+    async def _nap(self, seconds: float) -> None:
+        """Sleep until the next poll, or until something (a cancel, a push) pokes the job."""
+        if not self._poke.is_set():
+            with anyio.move_on_after(seconds):
+                await self._poke.wait()
+        if self._poke.is_set():
+            self._poke = anyio.Event()
+
+
+def _reason(status: JobStatus, data: dict[str, Any]) -> str | None:
+    """The server's explanation for a terminal status other than completed."""
+    if status is JobStatus.FAILED:
+        err = data.get("error")
+        if isinstance(err, dict):
+            code = err.get("code")
+            message = str(err.get("message") or "the server gave no message")
+            return f"{message} ({code})" if code else message
+        return "the server reported failure without an error object"
+    if status is JobStatus.INCOMPLETE:
+        details = data.get("incomplete_details")
+        if isinstance(details, dict) and details.get("reason"):
+            return f"incomplete: {details['reason']}"
+        return "incomplete: the server gave no reason"
+    if status is JobStatus.CANCELLED:
+        return "cancelled on the server"
+    return None

@@ -1,0 +1,387 @@
+"""BackgroundManager: runs many background responses at once, each job owned by its task group."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import anyio
+import openai
+import structlog
+from anyio.abc import TaskGroup
+
+from ._api import Api, GaveUp, Rejected
+from ._errors import DuplicateKeyError, ManagerStateError
+from ._job import Job
+from ._policies import PollPolicy, RetryPolicy
+from ._status import JobStatus
+
+__all__ = ["BackgroundManager", "ManagerStatistics"]
+
+_log = structlog.get_logger("asyncbg")
+
+
+class _State(enum.Enum):
+    UNOPENED = 1
+    OPENED = 2
+    CLOSING = 3
+    CLOSED = 4
+
+
+@dataclass(frozen=True, slots=True)
+class ManagerStatistics:
+    """A snapshot of a manager's counters, from :meth:`BackgroundManager.statistics`."""
+
+    submitted: int
+    pending: int
+    live: int
+    by_status: dict[str, int]
+    requests: int
+    polls: int
+    retries: int
+    possible_duplicates: int
+
+
+class BackgroundManager:
+    """Keeps at most ``max_concurrency`` background responses in flight and polls them.
+
+    Use it as ``async with BackgroundManager(client) as mgr:``. Leaving the block normally waits
+    for every job; leaving it by an exception or a cancellation first cancels every live job on
+    the server (shielded, within ``cancel_timeout`` seconds), then lets the exception through
+    unchanged.
+    """
+
+    def __init__(
+        self,
+        client: openai.AsyncOpenAI,
+        *,
+        max_concurrency: int = 16,
+        poll_policy: PollPolicy | None = None,
+        retry_policy: RetryPolicy | None = None,
+        cancel_timeout: float = 10.0,
+        log_prompts: bool = False,
+    ) -> None:
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency!r}")
+        self.client = client
+        self.max_concurrency = max_concurrency
+        self.poll_policy = poll_policy or PollPolicy()
+        self.retry_policy = retry_policy or RetryPolicy()
+        self.cancel_timeout = cancel_timeout
+        self.log_prompts = log_prompts
+        self._api = Api(client, self.retry_policy)
+        self._slots = anyio.Semaphore(max_concurrency)
+        self._jobs: dict[str, Job] = {}
+        self._live = 0
+        self._polls = 0
+        self._by_status: dict[str, int] = {}
+        self._seq = itertools.count()
+        self._auto_key = itertools.count(1)
+        self._state = _State.UNOPENED
+        self._tg: TaskGroup | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def __aenter__(self) -> BackgroundManager:
+        if self._state is not _State.UNOPENED:
+            raise ManagerStateError("a BackgroundManager can be entered only once")
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        self._state = _State.OPENED
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        assert self._tg is not None
+        self._state = _State.CLOSING
+        if exc is not None:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(self.cancel_timeout):
+                await self._cancel_on_server()
+            self._tg.cancel_scope.cancel()
+        try:
+            await self._tg.__aexit__(exc_type, exc, tb)
+        except BaseExceptionGroup as group:
+            # Jobs never raise (the runner turns every error into a failed job), so a group here
+            # holds only the block's own exception: let that through unchanged.
+            if exc is not None:
+                return False
+            raise _collapse(group) from None
+        finally:
+            self._state = _State.CLOSED
+        return False
+
+    def _require_open(self) -> TaskGroup:
+        if self._state is not _State.OPENED or self._tg is None:
+            raise ManagerStateError(
+                "the BackgroundManager is not open: use it inside `async with "
+                "BackgroundManager(client) as mgr:`"
+                if self._state is _State.UNOPENED
+                else "the BackgroundManager has exited; submit jobs inside its `async with` block"
+            )
+        return self._tg
+
+    # -- submitting ------------------------------------------------------------------------
+
+    async def submit(self, *, key: str | None = None, **params: Any) -> Job:
+        """Queue one ``responses.create(**params, background=True)`` and return its job at once.
+
+        The response is created when one of the ``max_concurrency`` slots is free. ``key``
+        names the job and must be unique within this manager; one is made up when not given.
+        ``store=True`` is sent unless you set ``store``.
+        """
+        tg = self._require_open()
+        if key is None:
+            key = f"job-{next(self._auto_key)}"
+            while key in self._jobs:
+                key = f"job-{next(self._auto_key)}"
+        elif key in self._jobs:
+            raise DuplicateKeyError(f"key {key!r} was already submitted to this manager")
+        if params.get("stream"):
+            raise ValueError("submit(stream=True) is not supported yet; omit `stream`")
+        params = {**params, "background": True}
+        params.setdefault("store", True)
+        log = _log.bind(key=key)
+        job = Job(self, key, params, log)
+        self._jobs[key] = job
+        self._count(JobStatus.PENDING, +1)
+        tg.start_soon(self._run, job, name=f"asyncbg job {key}")
+        return job
+
+    @property
+    def jobs(self) -> Sequence[Job]:
+        """Every job submitted so far, in submission order."""
+        return list(self._jobs.values())
+
+    # -- waiting ---------------------------------------------------------------------------
+
+    async def wait_any(self, jobs: Iterable[Job], *, timeout: float | None = None) -> Job:
+        """The first of ``jobs`` to reach a terminal status (the earliest, if several have)."""
+        jobs = list(jobs)
+        if not jobs:
+            raise ValueError("wait_any needs at least one job")
+        done = [j for j in jobs if j.done]
+        if done:
+            return min(done, key=lambda j: j._finish_seq)
+        first: list[Job] = []
+        woken = anyio.Event()
+
+        def on_done(job: Job) -> None:
+            if not first:
+                first.append(job)
+                woken.set()
+
+        for j in jobs:
+            j._listeners.append(on_done)
+        try:
+            with anyio.fail_after(timeout):
+                await woken.wait()
+        finally:
+            _unlisten(jobs, on_done)
+        return first[0]
+
+    async def wait_all(self, jobs: Iterable[Job], *, timeout: float | None = None) -> list[Job]:
+        """Wait until every one of ``jobs`` is terminal; returns them in the order given."""
+        jobs = list(jobs)
+        with anyio.fail_after(timeout):
+            for j in jobs:
+                await j._done.wait()
+        return jobs
+
+    async def as_completed(
+        self, jobs: Iterable[Job], *, timeout: float | None = None
+    ) -> AsyncIterator[Job]:
+        """Yield ``jobs`` in the order they reach a terminal status.
+
+        ``timeout`` bounds the whole iteration: ``TimeoutError`` is raised when it runs out.
+        """
+        jobs = list(dict.fromkeys(jobs))
+        deadline = anyio.current_time() + timeout if timeout is not None else float("inf")
+        finished = sorted((j for j in jobs if j.done), key=lambda j: j._finish_seq)
+        waiting = [j for j in jobs if not j.done]
+        send, receive = anyio.create_memory_object_stream[Job](len(waiting) or 1)
+        for j in waiting:
+            j._listeners.append(send.send_nowait)
+        try:
+            for j in finished:
+                yield j
+            for _ in waiting:
+                with anyio.fail_at(deadline):
+                    job = await receive.receive()
+                yield job
+        finally:
+            _unlisten(waiting, send.send_nowait)
+            send.close()
+            receive.close()
+
+    # -- cancelling ------------------------------------------------------------------------
+
+    async def cancel_all(self) -> None:
+        """Cancel every job that is not yet terminal, and return once all of them are."""
+        async with anyio.create_task_group() as tg:
+            for job in list(self._jobs.values()):
+                if not job.done:
+                    tg.start_soon(job.cancel)
+
+    async def _cancel_on_server(self) -> None:
+        """Send a cancel for every live job at once; used on the way out after an error."""
+
+        async def cancel_one(job: Job) -> None:
+            assert job.response_id is not None
+            try:
+                answer = await self._api.cancel(job.response_id, job._log)
+            except (Rejected, GaveUp) as exc:
+                job._log.warning("job.cancel_failed", error=str(exc))
+                return
+            job._update(answer.data)
+
+        async with anyio.create_task_group() as tg:
+            for job in list(self._jobs.values()):
+                if job.done:
+                    continue
+                if job.response_id is None:
+                    if not job._create_sent:
+                        job._finish(JobStatus.CANCELLED, "cancelled before it was sent")
+                    continue
+                job._log.info("job.cancel_sent", reason="manager exiting on an error")
+                tg.start_soon(cancel_one, job)
+
+    # -- statistics ------------------------------------------------------------------------
+
+    def statistics(self) -> ManagerStatistics:
+        """A frozen snapshot of this manager's counters."""
+        return ManagerStatistics(
+            submitted=len(self._jobs),
+            pending=self._by_status.get(JobStatus.PENDING.value, 0),
+            live=self._live,
+            by_status=dict(self._by_status),
+            requests=self._api.requests,
+            polls=self._polls,
+            retries=self._api.retries,
+            possible_duplicates=self._api.possible_duplicates,
+        )
+
+    # -- the runner: one task per job --------------------------------------------------------
+
+    async def _run(self, job: Job) -> None:
+        try:
+            with job._scope:
+                async with self._slots:
+                    if job.done:  # cancelled while pending
+                        return
+                    self._live += 1
+                    try:
+                        await self._drive(job)
+                    finally:
+                        self._live -= 1
+        except anyio.get_cancelled_exc_class():
+            if not job.done:
+                job._finish(
+                    JobStatus.CANCELLED,
+                    "abandoned: the manager exited before the job finished",
+                )
+            raise
+        except (Rejected, GaveUp) as exc:
+            job._finish(JobStatus.FAILED, _explain(exc))
+        except Exception as exc:  # a bug in asyncbg must fail one job, not the whole manager
+            job._log.exception("job.crashed")
+            job._finish(JobStatus.FAILED, f"asyncbg internal error: {exc!r}")
+
+    async def _drive(self, job: Job) -> None:
+        """Create the job's response, then poll it until it is terminal."""
+        params = job._params
+        job._create_sent = True
+        answer = await self._api.create(params, job._log)
+        job._update(answer.data)
+        if job.response_id is not None:
+            self._count(JobStatus.PENDING, -1)
+        else:
+            job._finish(JobStatus.FAILED, "the server's answer to create carried no response id")
+            return
+        job._log.info(
+            "job.submitted",
+            status=job.status.value,
+            elapsed=round(job.elapsed, 3),
+            **({"input": params.get("input")} if self.log_prompts else {}),
+        )
+        policy = self.poll_policy
+        scale = policy.scale_for(params)
+        created = anyio.current_time()
+        delay = (
+            answer.poll_after
+            if answer.poll_after is not None and policy.honor_poll_after
+            else policy.first(scale)
+        )
+        cancel_sent = False
+        while not job.done:
+            await job._nap(delay)
+            if job._cancel_requested and not cancel_sent:
+                cancel_sent = True
+                if await self._send_cancel(job):
+                    continue
+            self._polls += 1
+            answer = await self._api.retrieve(job.response_id, job._log)
+            job._update(answer.data)
+            if cancel_sent:
+                # A cancelled response settles fast; don't wait a long interval to see it.
+                delay = policy.min_interval
+            else:
+                delay = policy.next_interval(
+                    anyio.current_time() - created, scale=scale, poll_after=answer.poll_after
+                )
+
+    async def _send_cancel(self, job: Job) -> bool:
+        """Cancel on the server; True when the answer settled the job."""
+        assert job.response_id is not None
+        job._log.info("job.cancel_sent")
+        try:
+            answer = await self._api.cancel(job.response_id, job._log)
+        except Rejected as exc:
+            # The response finished before the cancel arrived. Servers answer that race
+            # differently (400, 409, or the final object); poll to learn the real outcome.
+            job._log.info("job.cancel_raced", status_code=exc.status, error=exc.message)
+            return False
+        job._update(answer.data)
+        return job.done
+
+    # -- bookkeeping -----------------------------------------------------------------------
+
+    def _next_seq(self) -> int:
+        return next(self._seq)
+
+    def _count(self, status: JobStatus, delta: int) -> None:
+        self._by_status[status.value] = self._by_status.get(status.value, 0) + delta
+
+    def _job_finished(self, job: Job) -> None:
+        if job.response_id is None:  # it never left "pending"
+            self._count(JobStatus.PENDING, -1)
+        self._count(job.status, +1)
+
+
+def _explain(exc: Rejected | GaveUp) -> str:
+    if isinstance(exc, Rejected):
+        code = f", {exc.code}" if exc.code else ""
+        return f"rejected by the server (HTTP {exc.status}{code}): {exc.message}"
+    return str(exc)
+
+
+def _unlisten(jobs: Iterable[Job], listener: Any) -> None:
+    for j in jobs:
+        try:
+            j._listeners.remove(listener)
+        except ValueError:
+            pass  # it already fired and the job dropped its listeners
+
+
+def _collapse(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one exception inside nested single-member groups, or the group itself."""
+    while isinstance(group, BaseExceptionGroup) and len(group.exceptions) == 1:
+        group = group.exceptions[0]  # type: ignore[assignment]
+    return group

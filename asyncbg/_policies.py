@@ -1,0 +1,155 @@
+"""The two policies that decide timing: when to poll a live job, and when to retry a request.
+
+Both are small frozen value objects (in the manner of ``httpx.Timeout``): build one, pass it to
+:class:`~asyncbg.BackgroundManager`, share it freely. Durations are seconds as floats.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from time import time as _wall
+
+__all__ = ["PollPolicy", "RetryPolicy"]
+
+#: Background results may be retrievable for only about ten minutes after they finish, so no
+#: interval, however scaled, may come near that: every policy is clamped to this.
+RETENTION_GUARD = 120.0
+
+
+@dataclass(frozen=True, slots=True)
+class PollPolicy:
+    """When to poll a live background response.
+
+    The interval grows in proportion to the job's age (``age * growth``), between ``min_interval``
+    and ``max_interval``. Checking a job that has run for ``t`` seconds about every
+    ``growth * t`` seconds keeps the *relative* detection delay bounded while the number of polls
+    grows only with the logarithm of the duration: a 10 s job and a 1 h job both cost a few dozen
+    polls, where a fixed interval is either slow for short jobs or wasteful for long ones.
+
+    * ``first_poll``: delay before the first status check after the create is accepted.
+    * ``min_interval`` / ``max_interval``: the bounds of every later interval. ``max_interval``
+      is clamped to 120 s, far below the server's ~10 minute result retention.
+    * ``growth``: interval as a fraction of the job's age.
+    * ``jitter``: each interval is scaled by a random factor in ``[1 - jitter, 1 + jitter]`` so
+      that jobs submitted together do not poll in lockstep.
+    * ``window_scale``: a multiplier on every interval for jobs created with
+      ``background_options={"completion_window": ...}``; discounted windows are served slowly,
+      so polling them at interactive rates only burns requests.
+    * ``honor_poll_after``: use a server's ``openai-poll-after-ms`` header as the next interval.
+    """
+
+    first_poll: float = 0.5
+    min_interval: float = 0.5
+    max_interval: float = 30.0
+    growth: float = 0.2
+    jitter: float = 0.1
+    window_scale: Mapping[str, float] = field(
+        default_factory=lambda: {"2h": 4.0, "8h": 8.0}
+    )
+    honor_poll_after: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("first_poll", "min_interval", "max_interval", "growth"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"PollPolicy.{name} must be a finite number >= 0, got {value!r}")
+        if self.min_interval > self.max_interval:
+            raise ValueError(
+                f"PollPolicy.min_interval ({self.min_interval}) exceeds max_interval "
+                f"({self.max_interval})"
+            )
+        if not 0 <= self.jitter < 1:
+            raise ValueError(f"PollPolicy.jitter must be in [0, 1), got {self.jitter!r}")
+
+    def scale_for(self, params: Mapping[str, object]) -> float:
+        """The interval multiplier for a job created with these ``responses.create`` params."""
+        options = params.get("background_options")
+        if isinstance(options, Mapping):
+            window = options.get("completion_window")
+            if isinstance(window, str):
+                return self.window_scale.get(window, 1.0)
+        return 1.0
+
+    def first(self, scale: float = 1.0) -> float:
+        """The delay before the first poll."""
+        return min(self.first_poll * scale, RETENTION_GUARD)
+
+    def next_interval(
+        self, age: float, *, scale: float = 1.0, poll_after: float | None = None
+    ) -> float:
+        """The delay before the next poll of a job that is ``age`` seconds old.
+
+        ``poll_after`` is the server's own hint in seconds, if it sent one.
+        """
+        if poll_after is not None and self.honor_poll_after:
+            return min(max(poll_after, 0.0), RETENTION_GUARD)
+        base = min(max(age * self.growth, self.min_interval), self.max_interval) * scale
+        if self.jitter:
+            base *= 1.0 + self.jitter * (2.0 * random.random() - 1.0)
+        return min(base, RETENTION_GUARD)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How asyncbg retries a request that met a 429, a 5xx, a timeout or a dropped connection.
+
+    asyncbg owns every retry: it calls the SDK with ``max_retries=0``. The SDK sends no
+    idempotency key, so its own retry of a create that reached the server could start a second
+    paid response; owning retries lets asyncbg treat creates, polls and cancels differently and
+    log each attempt.
+
+    Backoff is "full jitter": a random delay in ``[0, min(max_backoff, base * 2**attempt)]``. A
+    server's ``Retry-After`` (or ``retry-after-ms``) replaces that delay, up to ``max_retry_after``.
+    """
+
+    max_attempts: int = 8
+    base: float = 0.5
+    max_backoff: float = 30.0
+    max_retry_after: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"RetryPolicy.max_attempts must be >= 1, got {self.max_attempts!r}")
+        if self.base < 0 or self.max_backoff < 0:
+            raise ValueError("RetryPolicy.base and max_backoff must be >= 0")
+
+    def delay(self, attempt: int, retry_after: float | None = None) -> float:
+        """Seconds to wait before attempt ``attempt + 1`` (``attempt`` counts from 1)."""
+        if retry_after is not None:
+            return min(max(retry_after, 0.0), self.max_retry_after)
+        return random.uniform(0.0, min(self.max_backoff, self.base * 2.0 ** (attempt - 1)))
+
+
+def parse_retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds from ``retry-after-ms`` or ``retry-after`` (seconds or an HTTP date), if present."""
+    raw_ms = headers.get("retry-after-ms")
+    if raw_ms is not None:
+        try:
+            return float(raw_ms) / 1000.0
+        except ValueError:
+            pass
+    raw = headers.get("retry-after")
+    if raw is None:
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        try:
+            return parsedate_to_datetime(raw).timestamp() - _wall()
+        except (TypeError, ValueError):
+            return None
+
+
+def parse_poll_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds from a server's ``openai-poll-after-ms`` header, if present and valid."""
+    raw = headers.get("openai-poll-after-ms")
+    if raw is None:
+        return None
+    try:
+        return float(raw) / 1000.0
+    except ValueError:
+        return None

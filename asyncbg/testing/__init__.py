@@ -1,0 +1,30 @@
+"""asyncbg.testing: an offline, fault-injecting Responses API server for tests and demos.
+
+    server = FakeResponsesServer(latency=LatencyModel.fixed(0.05))
+    client = fake_client(server)          # AsyncOpenAI, in-process, no network or API key
+    ...
+    await client.close()
+
+It also runs as ASGI (``asgi_app(server)``; ``python -m asyncbg fake-server``) and as the pytest
+fixtures ``fake_server`` / ``fake_openai``.
+"""
+
+from ._faults import Fault, FaultRates
+from ._model import LatencyModel, Outcomes
+from ._plugin import FakeOpenAI
+from ._server import Counters, FakeAnswer, FakeResponsesServer
+from ._transport import FakeTransport, asgi_app, fake_client
+
+__all__ = [
+    "Counters",
+    "FakeAnswer",
+    "FakeOpenAI",
+    "FakeResponsesServer",
+    "FakeTransport",
+    "Fault",
+    "FaultRates",
+    "LatencyModel",
+    "Outcomes",
+    "asgi_app",
+    "fake_client",
+]

@@ -1,0 +1,85 @@
+"""How the fake server decides how long a response takes and how it ends."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["LatencyModel", "Outcomes"]
+
+Outcome = Literal["completed", "failed", "incomplete", "stuck"]
+OUTCOMES: tuple[Outcome, ...] = ("completed", "failed", "incomplete", "stuck")
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyModel:
+    """How long a response takes from create to terminal, in seconds.
+
+    ``kind`` is ``"fixed"`` (always ``median``), ``"uniform"`` (between ``low`` and ``high``) or
+    ``"lognormal"`` (median ``median``, shape ``sigma``, clamped to ``[low, high]``). A response
+    spends ``queue_fraction`` of its time ``queued`` and the rest ``in_progress``.
+
+    A request overrides the model through ``metadata``: ``fake_duration`` (seconds) and
+    ``fake_queue`` (seconds spent queued).
+    """
+
+    kind: Literal["fixed", "uniform", "lognormal"] = "fixed"
+    median: float = 0.05
+    low: float = 0.0
+    high: float = math.inf
+    sigma: float = 1.0
+    queue_fraction: float = 0.2
+
+    @classmethod
+    def fixed(cls, seconds: float, *, queue_fraction: float = 0.2) -> LatencyModel:
+        return cls("fixed", median=seconds, queue_fraction=queue_fraction)
+
+    @classmethod
+    def uniform(cls, low: float, high: float, *, queue_fraction: float = 0.2) -> LatencyModel:
+        return cls("uniform", median=(low + high) / 2, low=low, high=high,
+                   queue_fraction=queue_fraction)
+
+    @classmethod
+    def lognormal(
+        cls, median: float, sigma: float = 1.0, *, low: float = 0.0, high: float = math.inf,
+        queue_fraction: float = 0.2,
+    ) -> LatencyModel:
+        return cls("lognormal", median=median, sigma=sigma, low=low, high=high,
+                   queue_fraction=queue_fraction)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("fixed", "uniform", "lognormal"):
+            raise ValueError(f"LatencyModel.kind must be fixed, uniform or lognormal: {self.kind!r}")
+        if self.median < 0 or self.low < 0 or self.high < self.low:
+            raise ValueError("LatencyModel needs 0 <= low <= high and median >= 0")
+        if not 0 <= self.queue_fraction <= 1:
+            raise ValueError("LatencyModel.queue_fraction must be in [0, 1]")
+
+    def sample(self, rng: random.Random) -> float:
+        if self.kind == "fixed":
+            return self.median
+        if self.kind == "uniform":
+            return rng.uniform(self.low, self.high)
+        value = self.median * math.exp(rng.gauss(0.0, self.sigma))
+        return min(max(value, self.low), self.high)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcomes:
+    """Relative weights of how responses end; ``metadata["fake_outcome"]`` overrides per request.
+
+    ``stuck`` responses stay ``queued`` for ever (until cancelled).
+    """
+
+    completed: float = 1.0
+    failed: float = 0.0
+    incomplete: float = 0.0
+    stuck: float = 0.0
+
+    def sample(self, rng: random.Random) -> Outcome:
+        weights = (self.completed, self.failed, self.incomplete, self.stuck)
+        if weights[1:] == (0.0, 0.0, 0.0):
+            return "completed"
+        return rng.choices(OUTCOMES, weights)[0]

@@ -1,0 +1,107 @@
+"""Two ways to reach a FakeResponsesServer: an in-process httpx2 transport, and an ASGI app."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from typing import Any
+from urllib.parse import parse_qsl
+
+import anyio
+import httpx2
+import openai
+
+from ._server import FakeResponsesServer
+
+__all__ = ["FakeTransport", "asgi_app", "fake_client"]
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+
+class _Stream(httpx2.AsyncByteStream):
+    def __init__(self, chunks: AsyncIterator[bytes], request: httpx2.Request) -> None:
+        self._chunks = chunks
+        self._request = request
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._chunks:
+            yield chunk
+
+    async def aclose(self) -> None:
+        aclose = getattr(self._chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+class FakeTransport(httpx2.AsyncBaseTransport):
+    """Sends requests straight to a :class:`FakeResponsesServer`: no sockets, no ports."""
+
+    def __init__(self, server: FakeResponsesServer) -> None:
+        self.server = server
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        body = await request.aread()
+        query = dict(parse_qsl(request.url.query.decode()))
+        answer = await self.server.handle(request.method, request.url.path, query, body)
+        if answer.delay:
+            await anyio.sleep(answer.delay)
+        if answer.reset or answer.reset_after:
+            raise httpx2.ReadError("connection reset by the fake server", request=request)
+        if answer.stream is not None:
+            return httpx2.Response(
+                answer.status, headers=answer.headers, stream=_Stream(answer.stream, request)
+            )
+        return httpx2.Response(answer.status, headers=answer.headers, content=answer.body)
+
+
+def fake_client(server: FakeResponsesServer, **kwargs: Any) -> openai.AsyncOpenAI:
+    """An ``AsyncOpenAI`` wired to ``server`` in-process. Close it with ``await client.close()``."""
+    kwargs.setdefault("api_key", "sk-fake-asyncbg")
+    kwargs.setdefault("base_url", "http://fake-openai.invalid/v1")
+    kwargs.setdefault("webhook_secret", None)
+    return openai.AsyncOpenAI(
+        http_client=httpx2.AsyncClient(transport=FakeTransport(server)), **kwargs
+    )
+
+
+def asgi_app(server: FakeResponsesServer) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+    """The server as an ASGI application (``uvicorn`` serves it; see ``asyncbg fake-server``)."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        chunks = []
+        more = True
+        while more:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        query = dict(parse_qsl(scope.get("query_string", b"").decode()))
+        answer = await server.handle(scope["method"], scope["path"], query, b"".join(chunks))
+        if answer.delay:
+            await anyio.sleep(answer.delay)
+        if answer.reset or answer.reset_after:
+            # ASGI cannot drop a socket; announcing a body and then failing makes the server
+            # close the connection mid-answer, which the client sees as a dropped connection.
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-length", b"1000")]})
+            raise ConnectionResetError("fake server: injected connection reset")
+        headers = [(k.encode(), v.encode()) for k, v in answer.headers.items()]
+        await send({"type": "http.response.start", "status": answer.status, "headers": headers})
+        if answer.stream is None:
+            await send({"type": "http.response.body", "body": answer.body})
+            return
+        async for chunk in answer.stream:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    return app
