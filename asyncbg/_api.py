@@ -107,7 +107,7 @@ class Api:
                     self.possible_duplicates += 1
                 delay = self.retry.delay(attempt, retry_after)
                 self.retries += 1
-                log.warning(
+                log.info(
                     "request.retry",
                     request=what,
                     attempt=attempt,

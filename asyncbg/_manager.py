@@ -103,8 +103,8 @@ class BackgroundManager:
         assert self._tg is not None
         self._state = _State.CLOSING
         if exc is not None:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(self.cancel_timeout):
-                await self._cancel_on_server()
+            # Each job's runner, once cancelled, cancels its response on the server (shielded,
+            # within cancel_timeout); all of them do so at once.
             self._tg.cancel_scope.cancel()
         try:
             await self._tg.__aexit__(exc_type, exc, tb)
@@ -230,29 +230,6 @@ class BackgroundManager:
                 if not job.done:
                     tg.start_soon(job.cancel)
 
-    async def _cancel_on_server(self) -> None:
-        """Send a cancel for every live job at once; used on the way out after an error."""
-
-        async def cancel_one(job: Job) -> None:
-            assert job.response_id is not None
-            try:
-                answer = await self._api.cancel(job.response_id, job._log)
-            except (Rejected, GaveUp) as exc:
-                job._log.warning("job.cancel_failed", error=str(exc))
-                return
-            job._update(answer.data)
-
-        async with anyio.create_task_group() as tg:
-            for job in list(self._jobs.values()):
-                if job.done:
-                    continue
-                if job.response_id is None:
-                    if not job._create_sent:
-                        job._finish(JobStatus.CANCELLED, "cancelled before it was sent")
-                    continue
-                job._log.info("job.cancel_sent", reason="manager exiting on an error")
-                tg.start_soon(cancel_one, job)
-
     # -- statistics ------------------------------------------------------------------------
 
     def statistics(self) -> ManagerStatistics:
@@ -282,11 +259,8 @@ class BackgroundManager:
                     finally:
                         self._live -= 1
         except anyio.get_cancelled_exc_class():
-            if not job.done:
-                job._finish(
-                    JobStatus.CANCELLED,
-                    "abandoned: the manager exited before the job finished",
-                )
+            with anyio.CancelScope(shield=True):
+                await self._abandon(job)
             raise
         except (Rejected, GaveUp) as exc:
             job._finish(JobStatus.FAILED, _explain(exc))
@@ -336,6 +310,44 @@ class BackgroundManager:
                 delay = policy.next_interval(
                     anyio.current_time() - created, scale=scale, poll_after=answer.poll_after
                 )
+
+    async def _abandon(self, job: Job) -> None:
+        """The runner was cancelled (an error or a cancellation left the manager's block):
+        cancel the job's response on the server so that nobody pays for an orphan."""
+        if job.done:
+            return
+        if not job._create_sent:
+            job._finish(JobStatus.CANCELLED, "cancelled before it was sent")
+            return
+        if job.response_id is None:
+            job._finish(
+                JobStatus.CANCELLED,
+                "abandoned while its create was in flight; a response may exist on the server",
+            )
+            return
+        with anyio.move_on_after(self.cancel_timeout):
+            job._log.info("job.cancel_sent", reason="manager exiting")
+            try:
+                answer = await self._api.cancel(job.response_id, job._log)
+                if not JobStatus.from_server(answer.data.get("status")).terminal:
+                    answer = await self._api.retrieve(job.response_id, job._log)
+            except Rejected:
+                # Most likely it finished first (the cancel race): keep what the server says.
+                try:
+                    answer = await self._api.retrieve(job.response_id, job._log)
+                except (Rejected, GaveUp) as exc:
+                    job._log.warning("job.cancel_failed", error=str(exc))
+                else:
+                    job._update(answer.data)
+            except GaveUp as exc:
+                job._log.warning("job.cancel_failed", error=str(exc))
+            else:
+                job._update(answer.data)
+        job._finish(
+            JobStatus.CANCELLED,
+            "abandoned: the manager exited before the job finished and the server did not "
+            "confirm the cancel",
+        )
 
     async def _send_cancel(self, job: Job) -> bool:
         """Cancel on the server; True when the answer settled the job."""

@@ -249,8 +249,9 @@ class FakeResponsesServer:
         r.id = f"resp_{next(self._ids):06d}{secrets.token_hex(6)}"
         r.created = now
         r.created_wall = int(time.time())
-        r.start_at = now + queued
-        r.end_at = math.inf if outcome == "stuck" else now + duration
+        stuck = outcome == "stuck"
+        r.start_at = math.inf if stuck else now + queued
+        r.end_at = math.inf if stuck else now + duration
         r.outcome = outcome
         r.model = model
         r.background = background

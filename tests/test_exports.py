@@ -1,0 +1,21 @@
+import types
+
+import pytest
+
+import asyncbg
+import asyncbg.testing
+
+
+@pytest.mark.parametrize("module", [asyncbg, asyncbg.testing])
+def test_all_is_sorted_and_complete(module: types.ModuleType) -> None:
+    public = {
+        name for name, value in vars(module).items()
+        if not name.startswith("_") and not isinstance(value, types.ModuleType)
+    }
+    assert module.__all__ == sorted(module.__all__)
+    assert public - {"annotations"} <= set(module.__all__)
+    for name in module.__all__:
+        value = getattr(module, name)
+        if isinstance(value, type):
+            # users import asyncbg.X; the private module is an implementation detail
+            assert value.__module__.startswith(module.__name__)
