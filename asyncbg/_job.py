@@ -24,6 +24,7 @@ class Job:
     """
 
     __slots__ = (
+        "_accepted",
         "_cancel_requested",
         "_create_sent",
         "_data",
@@ -56,6 +57,7 @@ class Job:
         self._response: Response | None = None
         self._error: str | None = None
         self._done = anyio.Event()
+        self._accepted = anyio.Event()
         self._poke = anyio.Event()
         self._scope = anyio.CancelScope()
         self._listeners: list[Callable[[Job], object]] = []
@@ -106,6 +108,15 @@ class Job:
             await self._done.wait()
         return self
 
+    async def wait_accepted(self, timeout: float | None = None) -> str | None:
+        """Wait until the server has accepted the job (or it ended without being accepted).
+
+        Returns the response id, or None for a job that was rejected or cancelled while pending.
+        """
+        with anyio.fail_after(timeout):
+            await self._accepted.wait()
+        return self.response_id
+
     async def result(self, timeout: float | None = None) -> Response:
         """The final ``Response`` once completed; raises :class:`~asyncbg.JobFailed` otherwise."""
         await self.wait(timeout)
@@ -151,6 +162,7 @@ class Job:
             rid = data.get("id")
             self.response_id = rid if isinstance(rid, str) else None
             self._log = self._log.bind(response_id=self.response_id)
+            self._accepted.set()
         status = JobStatus.from_server(data.get("status"))
         if status is self._status:
             return
@@ -172,6 +184,7 @@ class Job:
         self._error = error
         self._finish_seq = self._manager._next_seq()
         self._done.set()
+        self._accepted.set()
         self._log.info(
             "job.terminal", status=status.value, elapsed=round(self.elapsed, 3), error=error
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import itertools
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -23,6 +24,8 @@ from ._status import JobStatus
 __all__ = ["BackgroundManager", "ManagerStatistics"]
 
 _log = structlog.get_logger("asyncbg")
+#: Seconds between polls of a job whose cancel was sent but not yet confirmed terminal.
+_AFTER_CANCEL = 0.25
 
 
 class _State(enum.Enum):
@@ -264,7 +267,7 @@ class BackgroundManager:
             raise
         except (Rejected, GaveUp) as exc:
             job._finish(JobStatus.FAILED, _explain(exc))
-        except Exception as exc:  # a bug in asyncbg must fail one job, not the whole manager
+        except Exception as exc:  # noqa: BLE001 - a bug must fail one job, not the manager
             job._log.exception("job.crashed")
             job._finish(JobStatus.FAILED, f"asyncbg internal error: {exc!r}")
 
@@ -304,8 +307,8 @@ class BackgroundManager:
             answer = await self._api.retrieve(job.response_id, job._log)
             job._update(answer.data)
             if cancel_sent:
-                # A cancelled response settles fast; don't wait a long interval to see it.
-                delay = policy.min_interval
+                # A cancelled response settles within moments; don't wait a long interval.
+                delay = min(policy.min_interval, _AFTER_CANCEL)
             else:
                 delay = policy.next_interval(
                     anyio.current_time() - created, scale=scale, poll_after=answer.poll_after
@@ -386,10 +389,9 @@ def _explain(exc: Rejected | GaveUp) -> str:
 
 def _unlisten(jobs: Iterable[Job], listener: Any) -> None:
     for j in jobs:
-        try:
+        # A listener that already fired was dropped by its job.
+        with contextlib.suppress(ValueError):
             j._listeners.remove(listener)
-        except ValueError:
-            pass  # it already fired and the job dropped its listeners
 
 
 def _collapse(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -7,7 +7,7 @@ import enum
 __all__ = ["JobStatus"]
 
 
-class JobStatus(str, enum.Enum):
+class JobStatus(enum.StrEnum):
     """Where a job is. ``PENDING`` is local (waiting for a slot); the rest are the API's values."""
 
     PENDING = "pending"
@@ -30,10 +30,9 @@ class JobStatus(str, enum.Enum):
         Servers add transitional statuses (e.g. ``cancelling``); treating them as live means we
         keep polling until a status we know is terminal arrives, which is always safe.
         """
-        return _FROM_SERVER.get(status, JobStatus.IN_PROGRESS)  # type: ignore[arg-type]
-
-    def __str__(self) -> str:
-        return self.value
+        if isinstance(status, str):
+            return _FROM_SERVER.get(status, JobStatus.IN_PROGRESS)
+        return JobStatus.IN_PROGRESS
 
 
 _TERMINAL = frozenset(

@@ -141,8 +141,7 @@ async def test_cancel_a_live_job_on_the_server(
 ) -> None:
     async with manager(client) as mgr:
         job = await mgr.submit(model="m", input="s", metadata=meta(outcome="stuck"))
-        while job.response_id is None:
-            await anyio.sleep(0.005)
+        await job.wait_accepted()
         await job.cancel()
         assert job.status is JobStatus.CANCELLED
         assert server.status_of(job.response_id) == "cancelled"
@@ -174,10 +173,9 @@ async def test_cancel_racing_completion_keeps_the_servers_terminal_status(
     slow_poll = asyncbg.PollPolicy(first_poll=60, min_interval=60, max_interval=60)
     async with manager(client, poll_policy=slow_poll) as mgr:
         job = await mgr.submit(model="m", input="x", metadata=meta(0.01))
-        while job.response_id is None:
-            await anyio.sleep(0.005)
-        while server.status_of(job.response_id) != "completed":
-            await anyio.sleep(0.005)
+        await job.wait_accepted()
+        await anyio.sleep(0.03)  # it ends on the server at 0.01 s; the client polls at 60 s
+        assert server.status_of(job.response_id) == "completed"  # type: ignore[arg-type]
         await job.cancel()
     assert job.status is JobStatus.COMPLETED
     assert (await job.result()).output_text == "echo: x"
@@ -204,8 +202,8 @@ async def test_cancel_all(client: AsyncOpenAI, server: FakeResponsesServer) -> N
     async with manager(client, max_concurrency=2) as mgr:
         jobs = [await mgr.submit(model="m", input="s", metadata=meta(outcome="stuck"))
                 for _ in range(4)]
-        while sum(j.response_id is not None for j in jobs) < 2:
-            await anyio.sleep(0.005)
+        await jobs[0].wait_accepted()
+        await jobs[1].wait_accepted()
         await mgr.cancel_all()
         assert all(j.status is JobStatus.CANCELLED for j in jobs)
     assert server.counters.cancels == 2 and server.live_count() == 0
@@ -229,8 +227,8 @@ async def test_an_exception_in_the_block_cancels_server_jobs_and_propagates_unch
         async with manager(client, max_concurrency=3) as mgr:
             jobs = [await mgr.submit(model="m", input="s", metadata=meta(outcome="stuck"))
                     for _ in range(5)]
-            while sum(j.response_id is not None for j in jobs) < 3:
-                await anyio.sleep(0.005)
+            for j in jobs[:3]:
+                await j.wait_accepted()
             raise boom
     assert info.value is boom  # not wrapped in an ExceptionGroup
     live = [j for j in jobs if j.response_id is not None]
@@ -246,8 +244,7 @@ async def test_a_cancelled_host_cancels_server_jobs(
     with anyio.CancelScope() as scope:
         async with manager(client) as mgr:
             job = await mgr.submit(model="m", input="s", metadata=meta(outcome="stuck"))
-            while job.response_id is None:
-                await anyio.sleep(0.005)
+            await job.wait_accepted()
             scope.cancel()
             await anyio.sleep(1)
     assert scope.cancelled_caught
@@ -258,14 +255,13 @@ async def test_a_cancelled_host_cancels_server_jobs(
 async def test_cleanup_on_error_is_bounded_in_time(
     client: AsyncOpenAI, server: FakeResponsesServer
 ) -> None:
-    with pytest.raises(Boom):
+    # the guard: cleanup gives up after ~cancel_timeout, not the 30 s the cancel would take
+    with anyio.fail_after(5), pytest.raises(Boom):
         async with manager(client, cancel_timeout=0.05) as mgr:
             job = await mgr.submit(model="m", input="s", metadata=meta(outcome="stuck"))
-            while job.response_id is None:
-                await anyio.sleep(0.005)
+            await job.wait_accepted()
             server.inject("slow", route="cancel", delay=30)
-            with anyio.fail_after(5):  # the guard: cleanup must give up after ~cancel_timeout
-                raise Boom
+            raise Boom
     assert job.done
 
 
@@ -309,8 +305,8 @@ async def test_storms_of_429_and_5xx_end_with_every_job_done_and_no_duplicate_cr
         # a cancel storm too
         stuck = [await mgr.submit(model="m", input="s", metadata=meta(outcome="stuck"))
                  for _ in range(5)]
-        while any(j.response_id is None for j in stuck):
-            await anyio.sleep(0.005)
+        for j in stuck:
+            await j.wait_accepted()
         await mgr.cancel_all()
     assert all(j.status is JobStatus.COMPLETED for j in jobs)
     assert all(j.status is JobStatus.CANCELLED for j in stuck)
@@ -356,13 +352,11 @@ async def test_a_restart_that_keeps_state_is_survived_and_one_that_loses_it_fail
 ) -> None:
     async with manager(client) as mgr:
         kept = await mgr.submit(model="m", input="x", metadata=meta(0.05))
-        while kept.response_id is None:
-            await anyio.sleep(0.002)
+        await kept.wait_accepted()
         server.restart(keep_state=True, downtime=0.03)
         await kept.wait()
         lost = await mgr.submit(model="m", input="x", metadata=meta(0.2))
-        while lost.response_id is None:
-            await anyio.sleep(0.002)
+        await lost.wait_accepted()
         server.restart(keep_state=False)
         await lost.wait()
     assert kept.status is JobStatus.COMPLETED
@@ -417,12 +411,10 @@ async def test_logging_events_carry_context_and_no_secrets(client: AsyncOpenAI) 
     with capture_logs() as logs:
         async with manager(client) as mgr:
             job = await mgr.submit(key="k1", model="m", input="top secret prompt")
-            while job.response_id is None:
-                await anyio.sleep(0.002)
+            await job.wait_accepted()
             await job.wait()
             stuck = await mgr.submit(key="k2", model="m", input="s", metadata=meta(outcome="stuck"))
-            while stuck.response_id is None:
-                await anyio.sleep(0.002)
+            await stuck.wait_accepted()
             await stuck.cancel()
     events = {e["event"] for e in logs}
     assert {"job.submitted", "job.status_changed", "job.terminal", "job.cancel_sent"} <= events

@@ -15,7 +15,8 @@ def test_interval_grows_with_age_and_is_capped() -> None:
 
 def test_every_interval_stays_far_below_retention() -> None:
     p = PollPolicy(max_interval=600, window_scale={"8h": 100.0}, jitter=0)
-    big = p.next_interval(10**6, scale=p.scale_for({"background_options": {"completion_window": "8h"}}))
+    scale = p.scale_for({"background_options": {"completion_window": "8h"}})
+    big = p.next_interval(10**6, scale=scale)
     assert big == RETENTION_GUARD < 600
     assert p.next_interval(1, poll_after=10**6) == RETENTION_GUARD
 

@@ -51,7 +51,9 @@ class LatencyModel:
 
     def __post_init__(self) -> None:
         if self.kind not in ("fixed", "uniform", "lognormal"):
-            raise ValueError(f"LatencyModel.kind must be fixed, uniform or lognormal: {self.kind!r}")
+            raise ValueError(
+                f"LatencyModel.kind must be fixed, uniform or lognormal: {self.kind!r}"
+            )
         if self.median < 0 or self.low < 0 or self.high < self.low:
             raise ValueError("LatencyModel needs 0 <= low <= high and median >= 0")
         if not 0 <= self.queue_fraction <= 1:

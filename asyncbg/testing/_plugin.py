@@ -37,21 +37,22 @@ def fake_server() -> FakeResponsesServer:
     return FakeResponsesServer()
 
 
+async def _fake_openai(fake_server: FakeResponsesServer) -> AsyncIterator[FakeOpenAI]:
+    """An ``AsyncOpenAI`` wired in-process to ``fake_server``, closed after the test."""
+    client = fake_client(fake_server)
+    try:
+        yield FakeOpenAI(client, fake_server)
+    finally:
+        await client.close()
+
+
 try:
     import pytest_asyncio
 except ImportError:  # pragma: no cover - the fixture needs an async plugin
 
-    @pytest.fixture
-    def fake_openai() -> None:
+    @pytest.fixture(name="fake_openai")
+    def _missing_plugin() -> None:
         pytest.fail("the fake_openai fixture needs pytest-asyncio: pip install pytest-asyncio")
 
 else:
-
-    @pytest_asyncio.fixture
-    async def fake_openai(fake_server: FakeResponsesServer) -> AsyncIterator[FakeOpenAI]:
-        """An ``AsyncOpenAI`` wired in-process to ``fake_server``, closed after the test."""
-        client = fake_client(fake_server)
-        try:
-            yield FakeOpenAI(client, fake_server)
-        finally:
-            await client.close()
+    fake_openai = pytest_asyncio.fixture(_fake_openai, name="fake_openai")

@@ -64,17 +64,25 @@ class Counters:
         self.in_flight = self.max_in_flight = in_flight
 
 
+@dataclass(slots=True, eq=False)
 class _Resp:
-    __slots__ = (
-        "background", "cancelled_at", "created", "created_wall", "end_at", "id", "in_heap",
-        "input_text", "metadata", "model", "outcome", "seen_terminal", "start_at", "store",
-        "extra",
-    )
+    """One response's script: its request, and when it leaves ``queued`` and ends."""
 
-    def __init__(self) -> None:
-        self.cancelled_at: float | None = None
-        self.seen_terminal = False
-        self.in_heap = False
+    id: str
+    created: float
+    created_wall: int
+    start_at: float
+    end_at: float
+    outcome: Outcome
+    model: str
+    background: bool
+    store: bool
+    metadata: dict[str, Any]
+    input_text: str
+    extra: dict[str, Any]
+    cancelled_at: float | None = None
+    seen_terminal: bool = False
+    in_heap: bool = False
 
 
 class FakeResponsesServer:
@@ -245,21 +253,22 @@ class FakeResponsesServer:
         except ValueError as exc:
             return self._reject(str(exc), "metadata", "invalid_value")
         now = self.clock()
-        r = _Resp()
-        r.id = f"resp_{next(self._ids):06d}{secrets.token_hex(6)}"
-        r.created = now
-        r.created_wall = int(time.time())
         stuck = outcome == "stuck"
-        r.start_at = math.inf if stuck else now + queued
-        r.end_at = math.inf if stuck else now + duration
-        r.outcome = outcome
-        r.model = model
-        r.background = background
-        r.store = req.get("store", True) is not False
-        r.metadata = metadata
-        r.input_text = _input_text(req.get("input"))
-        r.extra = {k: req[k] for k in ("reasoning", "instructions", "background_options")
-                   if k in req}
+        r = _Resp(
+            id=f"resp_{next(self._ids):06d}{secrets.token_hex(6)}",
+            created=now,
+            created_wall=int(time.time()),
+            start_at=math.inf if stuck else now + queued,
+            end_at=math.inf if stuck else now + duration,
+            outcome=outcome,
+            model=model,
+            background=background,
+            store=req.get("store", True) is not False,
+            metadata=metadata,
+            input_text=_input_text(req.get("input")),
+            extra={k: req[k] for k in ("reasoning", "instructions", "background_options")
+                   if k in req},
+        )
         self.counters.creates += 1
         self._responses[r.id] = r
         self._expire(now)
@@ -321,6 +330,8 @@ class FakeResponsesServer:
             return self._reject("Only responses created with background=true can be cancelled.",
                                 None)
         status = self._status(r, now)
+        if status == "cancelled":
+            return self._answer(r, now)  # cancel is idempotent
         if status not in LIVE:
             if self.cancel_finished == "return":
                 return self._answer(r, now)

@@ -1,0 +1,27 @@
+"""The README's example is real code: run it."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_readme_example_runs() -> None:
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    assert blocks, "README has no python example"
+    out = subprocess.run([sys.executable, "-c", blocks[0]], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "first: row-" in out.stdout
+    assert out.stdout.count("echo: Question") == 10
+
+
+def test_readme_quick_start_is_the_two_commands_ci_runs() -> None:
+    text = README.read_text()
+    quick = text.split("## Quick start", 1)[1].split("##", 1)[0]
+    commands = re.findall(r"^python3 dev\.py (\w+)", quick, re.M)
+    assert commands == ["demo", "test"]
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert "python3 dev.py test" in ci
