@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import anyio
 import structlog
@@ -13,6 +14,7 @@ import structlog
 from ._manager import BackgroundManager
 from ._policies import PollPolicy, RetryPolicy
 from ._progress import Progress
+from ._status import JobStatus
 
 __all__ = ["main"]
 
@@ -85,6 +87,72 @@ async def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _run(args: argparse.Namespace) -> int:
+    import openai
+
+    from ._batch import OutputFile, read_requests
+    from ._journal import JournalMismatchError
+
+    source = Path(args.input)
+    try:
+        parsed = read_requests(source)
+    except OSError as exc:
+        print(f"asyncbg: cannot read {source}: {exc.strerror}", file=sys.stderr)
+        return 2
+    except UnicodeDecodeError as exc:
+        print(f"asyncbg: {source} is not UTF-8 text: {exc}", file=sys.stderr)
+        return 2
+    if parsed.duplicates:
+        for problem in parsed.duplicates:
+            print(f"asyncbg: {source}: {problem}", file=sys.stderr)
+        print("asyncbg: duplicate custom_id values; nothing was sent", file=sys.stderr)
+        return 2
+    bad = len(parsed.bad)
+    for b in parsed.bad:
+        print(f"asyncbg: {source}:{b.line}: {b.reason}; line skipped", file=sys.stderr)
+    output = Path(args.output)
+    journal = Path(args.journal) if args.journal else output.with_name(output.name + ".journal")
+    try:
+        client = openai.AsyncOpenAI(
+            **({"base_url": args.base_url} if args.base_url else {}), max_retries=0
+        )
+    except openai.OpenAIError as exc:
+        print(f"asyncbg: {exc}", file=sys.stderr)
+        return 2
+    out = OutputFile(output)
+    out.open()
+    completed = 0
+    try:
+        async with BackgroundManager(
+            client, max_concurrency=args.concurrency, journal=journal
+        ) as mgr:
+            progress = Progress(mgr)
+            by_job = {}
+            for req in parsed.requests:
+                try:
+                    job = await mgr.submit(key=req.custom_id, **req.body)
+                except (JournalMismatchError, ValueError) as exc:
+                    print(f"asyncbg: {source}:{req.line}: {exc}; line skipped", file=sys.stderr)
+                    bad += 1
+                    continue
+                by_job[job] = req.custom_id
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(progress.run)
+                async for job in mgr.as_completed(list(by_job)):
+                    out.write(by_job[job], job)
+                    progress.add(job)
+                    completed += job.status is JobStatus.COMPLETED
+                tg.cancel_scope.cancel()
+        print(progress.summary(output=str(output), journal=str(journal),
+                               bad_lines=bad,
+                               possible_dups=mgr.statistics().possible_duplicates),
+              file=sys.stderr)
+    finally:
+        out.close()
+        await client.close()
+    return 0 if bad == 0 and completed == len(by_job) else 1
+
+
 def _fake_server(args: argparse.Namespace) -> int:
     try:
         import uvicorn
@@ -122,6 +190,27 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     _add_logging_options(demo)
 
+    run = sub.add_parser(
+        "run", help="run a Batch API input file (JSONL) as background responses",
+        description="Run every line of an OpenAI Batch API input file as a background response "
+        "and write Batch API output lines as each finishes. Rerunning the same command resumes "
+        "from the journal: nothing already done is sent again. The API key and base URL come "
+        "from OPENAI_API_KEY and OPENAI_BASE_URL. Exit status: 0 when every line completed, 1 "
+        "when a line was bad or a request did not complete, 2 when nothing could run.",
+    )
+    run.add_argument("input", metavar="INPUT.jsonl",
+                     help='Batch API request lines: {"custom_id", "method": "POST", '
+                          '"url": "/v1/responses", "body"}')
+    run.add_argument("-o", "--output", required=True, metavar="OUTPUT.jsonl",
+                     help="Batch API output lines, appended as each response finishes")
+    run.add_argument("--concurrency", type=int, default=16, metavar="N",
+                     help="most responses in flight at once (default: 16)")
+    run.add_argument("--journal", metavar="PATH",
+                     help="SQLite journal for resuming (default: OUTPUT.jsonl.journal)")
+    run.add_argument("--base-url", metavar="URL",
+                     help="API base URL (default: $OPENAI_BASE_URL, else OpenAI's)")
+    _add_logging_options(run)
+
     fake = sub.add_parser("fake-server", help="serve the fake Responses API over HTTP",
                           description="Serve the fake Responses API with uvicorn.")
     fake.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
@@ -141,7 +230,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "fake-server":
         return _fake_server(args)
     configure_logging(level=args.log_level, json=args.log_json)
+    if args.command == "run" and args.concurrency < 1:
+        print("asyncbg: --concurrency must be at least 1", file=sys.stderr)
+        return 2
     try:
-        return anyio.run(_demo, args)
+        return anyio.run(_run if args.command == "run" else _demo, args)
     except KeyboardInterrupt:
         return 130

@@ -177,6 +177,14 @@ class Job:
         else:
             self._status = status
 
+    def _reattach(self, response_id: str, status: JobStatus) -> None:
+        """Resume a job whose response the journal knows: no create will be sent."""
+        self.response_id = response_id
+        self._create_sent = True
+        self._status = status
+        self._log = self._log.bind(response_id=response_id)
+        self._accepted.set()
+
     def _finish(self, status: JobStatus, error: str | None = None) -> None:
         if self.done:
             return
@@ -191,7 +199,6 @@ class Job:
         listeners, self._listeners = self._listeners, []
         for listener in listeners:
             listener(self)
-        self._manager._job_finished(self)
 
     async def _nap(self, seconds: float) -> None:
         """Sleep until the next poll, or until something (a cancel, a push) pokes the job."""

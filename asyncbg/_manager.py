@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import enum
 import itertools
+import os
+from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -17,7 +19,8 @@ from anyio.abc import TaskGroup
 
 from ._api import Api, GaveUp, Rejected
 from ._errors import DuplicateKeyError, ManagerStateError
-from ._job import Job
+from ._job import Job, _reason
+from ._journal import Journal, JournalMismatchError, digest
 from ._policies import PollPolicy, RetryPolicy
 from ._status import JobStatus
 
@@ -67,6 +70,7 @@ class BackgroundManager:
         retry_policy: RetryPolicy | None = None,
         cancel_timeout: float = 10.0,
         log_prompts: bool = False,
+        journal: str | os.PathLike[str] | Journal | None = None,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency!r}")
@@ -76,12 +80,14 @@ class BackgroundManager:
         self.retry_policy = retry_policy or RetryPolicy()
         self.cancel_timeout = cancel_timeout
         self.log_prompts = log_prompts
+        self.journal = (
+            journal if isinstance(journal, Journal) or journal is None else Journal(journal)
+        )
         self._api = Api(client, self.retry_policy)
         self._slots = anyio.Semaphore(max_concurrency)
         self._jobs: dict[str, Job] = {}
         self._live = 0
         self._polls = 0
-        self._by_status: dict[str, int] = {}
         self._seq = itertools.count()
         self._auto_key = itertools.count(1)
         self._state = _State.UNOPENED
@@ -92,6 +98,8 @@ class BackgroundManager:
     async def __aenter__(self) -> BackgroundManager:
         if self._state is not _State.UNOPENED:
             raise ManagerStateError("a BackgroundManager can be entered only once")
+        if self.journal is not None:
+            await self.journal.open()
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         self._state = _State.OPENED
@@ -119,6 +127,9 @@ class BackgroundManager:
             raise _collapse(group) from None
         finally:
             self._state = _State.CLOSED
+            if self.journal is not None:
+                with anyio.CancelScope(shield=True):
+                    await self.journal.close()
         return False
 
     def _require_open(self) -> TaskGroup:
@@ -139,6 +150,10 @@ class BackgroundManager:
         The response is created when one of the ``max_concurrency`` slots is free. ``key``
         names the job and must be unique within this manager; one is made up when not given.
         ``store=True`` is sent unless you set ``store``.
+
+        With a journal, a key already there is never created again: a finished job is served
+        from the journal without a request, a live one resumes polling its response id, and a
+        different request under the same key raises :class:`JournalMismatchError`.
         """
         tg = self._require_open()
         if key is None:
@@ -153,9 +168,32 @@ class BackgroundManager:
         params.setdefault("store", True)
         log = _log.bind(key=key)
         job = Job(self, key, params, log)
+        resubmit = False
+        if self.journal is not None:
+            row = await self.journal.get(key)
+            if row is not None:
+                if row.digest != digest(params):
+                    raise JournalMismatchError(
+                        f"key {key!r} is already in the journal {self.journal.path} with a "
+                        "different request; give this request a new key, or use another journal"
+                    )
+                if row.state == "done" and row.response is not None:
+                    self._jobs[key] = job
+                    job._create_sent = True
+                    job._update(row.response)
+                    log.info("job.restored", response_id=job.response_id, status=job.status.value)
+                    return job
+                if row.state == "accepted" and row.response_id:
+                    job._reattach(row.response_id, JobStatus.from_server(row.status))
+                    log.info("job.reattached", response_id=row.response_id, status=row.status)
+                elif row.state == "sending":
+                    # Killed between sending the create and recording its id: the server may
+                    # hold a response we cannot find. Send again, and say so.
+                    resubmit = True
+                    self._api.possible_duplicates += 1
+                    log.warning("job.possible_duplicate", reason="create sent but never recorded")
         self._jobs[key] = job
-        self._count(JobStatus.PENDING, +1)
-        tg.start_soon(self._run, job, name=f"asyncbg job {key}")
+        tg.start_soon(self._run, job, resubmit, name=f"asyncbg job {key}")
         return job
 
     @property
@@ -237,11 +275,12 @@ class BackgroundManager:
 
     def statistics(self) -> ManagerStatistics:
         """A frozen snapshot of this manager's counters."""
+        by_status = Counter(job.status.value for job in self._jobs.values())
         return ManagerStatistics(
             submitted=len(self._jobs),
-            pending=self._by_status.get(JobStatus.PENDING.value, 0),
+            pending=by_status[JobStatus.PENDING.value],
             live=self._live,
-            by_status=dict(self._by_status),
+            by_status=dict(by_status),
             requests=self._api.requests,
             polls=self._polls,
             retries=self._api.retries,
@@ -250,7 +289,7 @@ class BackgroundManager:
 
     # -- the runner: one task per job --------------------------------------------------------
 
-    async def _run(self, job: Job) -> None:
+    async def _run(self, job: Job, resubmit: bool = False) -> None:
         try:
             with job._scope:
                 async with self._slots:
@@ -258,7 +297,7 @@ class BackgroundManager:
                         return
                     self._live += 1
                     try:
-                        await self._drive(job)
+                        await self._drive(job, resubmit)
                     finally:
                         self._live -= 1
         except anyio.get_cancelled_exc_class():
@@ -266,36 +305,59 @@ class BackgroundManager:
                 await self._abandon(job)
             raise
         except (Rejected, GaveUp) as exc:
-            job._finish(JobStatus.FAILED, _explain(exc))
+            await self._fail(job, _explain(exc))
         except Exception as exc:  # noqa: BLE001 - a bug must fail one job, not the manager
             job._log.exception("job.crashed")
-            job._finish(JobStatus.FAILED, f"asyncbg internal error: {exc!r}")
+            await self._fail(job, f"asyncbg internal error: {exc!r}")
 
-    async def _drive(self, job: Job) -> None:
-        """Create the job's response, then poll it until it is terminal."""
+    async def _fail(self, job: Job, error: str) -> None:
+        """Finish a job that failed on our side (rejected, retries exhausted), journal first."""
+        if self.journal is not None and job._create_sent:
+            await self.journal.status(job.key, job.response_id, JobStatus.FAILED.value, None,
+                                      terminal=True, error=error)
+        job._finish(JobStatus.FAILED, error)
+
+    async def _take(self, job: Job, data: dict[str, Any]) -> None:
+        """Apply a server answer to a job; with a journal, commit it first.
+
+        Committing before the job changes means a job is never reported done (and its result
+        never handed out) before its final JSON is on disk.
+        """
+        if self.journal is not None and not job.done:
+            status = JobStatus.from_server(data.get("status"))
+            if status is not job.status or job.response_id is None:
+                rid = job.response_id or data.get("id")
+                await self.journal.status(
+                    job.key, rid if isinstance(rid, str) else None, status.value, data,
+                    terminal=status.terminal,
+                    error=_reason(status, data) if status.terminal else None,
+                )
+        job._update(data)
+
+    async def _drive(self, job: Job, resubmit: bool) -> None:
+        """Create the job's response (unless re-attached), then poll it until it is terminal."""
         params = job._params
-        job._create_sent = True
-        answer = await self._api.create(params, job._log)
-        job._update(answer.data)
-        if job.response_id is not None:
-            self._count(JobStatus.PENDING, -1)
-        else:
-            job._finish(JobStatus.FAILED, "the server's answer to create carried no response id")
-            return
-        job._log.info(
-            "job.submitted",
-            status=job.status.value,
-            elapsed=round(job.elapsed, 3),
-            **({"input": params.get("input")} if self.log_prompts else {}),
-        )
         policy = self.poll_policy
         scale = policy.scale_for(params)
+        delay = policy.first(scale)
+        if job.response_id is None:
+            if self.journal is not None:
+                await self.journal.sending(job.key, digest(params), resubmit=resubmit)
+            job._create_sent = True
+            answer = await self._api.create(params, job._log)
+            await self._take(job, answer.data)
+            if job.response_id is None:
+                await self._fail(job, "the server's answer to create carried no response id")
+                return
+            job._log.info(
+                "job.submitted",
+                status=job.status.value,
+                elapsed=round(job.elapsed, 3),
+                **({"input": params.get("input")} if self.log_prompts else {}),
+            )
+            if answer.poll_after is not None and policy.honor_poll_after:
+                delay = answer.poll_after
         created = anyio.current_time()
-        delay = (
-            answer.poll_after
-            if answer.poll_after is not None and policy.honor_poll_after
-            else policy.first(scale)
-        )
         cancel_sent = False
         while not job.done:
             await job._nap(delay)
@@ -305,7 +367,7 @@ class BackgroundManager:
                     continue
             self._polls += 1
             answer = await self._api.retrieve(job.response_id, job._log)
-            job._update(answer.data)
+            await self._take(job, answer.data)
             if cancel_sent:
                 # A cancelled response settles within moments; don't wait a long interval.
                 delay = min(policy.min_interval, _AFTER_CANCEL)
@@ -341,11 +403,11 @@ class BackgroundManager:
                 except (Rejected, GaveUp) as exc:
                     job._log.warning("job.cancel_failed", error=str(exc))
                 else:
-                    job._update(answer.data)
+                    await self._take(job, answer.data)
             except GaveUp as exc:
                 job._log.warning("job.cancel_failed", error=str(exc))
             else:
-                job._update(answer.data)
+                await self._take(job, answer.data)
         job._finish(
             JobStatus.CANCELLED,
             "abandoned: the manager exited before the job finished and the server did not "
@@ -363,7 +425,7 @@ class BackgroundManager:
             # differently (400, 409, or the final object); poll to learn the real outcome.
             job._log.info("job.cancel_raced", status_code=exc.status, error=exc.message)
             return False
-        job._update(answer.data)
+        await self._take(job, answer.data)
         return job.done
 
     # -- bookkeeping -----------------------------------------------------------------------
@@ -371,13 +433,6 @@ class BackgroundManager:
     def _next_seq(self) -> int:
         return next(self._seq)
 
-    def _count(self, status: JobStatus, delta: int) -> None:
-        self._by_status[status.value] = self._by_status.get(status.value, 0) + delta
-
-    def _job_finished(self, job: Job) -> None:
-        if job.response_id is None:  # it never left "pending"
-            self._count(JobStatus.PENDING, -1)
-        self._count(job.status, +1)
 
 
 def _explain(exc: Rejected | GaveUp) -> str:

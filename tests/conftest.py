@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import pytest_asyncio
@@ -43,3 +43,38 @@ def meta(duration: float | None = None, outcome: str | None = None) -> dict[str,
     if outcome is not None:
         m["fake_outcome"] = outcome
     return m
+
+
+class HttpFake:
+    """A fake server served by uvicorn on 127.0.0.1 inside the test's event loop."""
+
+    def __init__(self, server: FakeResponsesServer, base_url: str) -> None:
+        self.server = server
+        self.base_url = base_url
+
+
+@pytest.fixture
+def http_fake() -> Iterator[HttpFake]:
+    """Served from its own thread and event loop: a pytest-asyncio fixture's setup and teardown
+    run in different tasks, so a task group cannot span its ``yield``."""
+    import asyncio
+    import socket
+    import threading
+
+    import uvicorn
+
+    from asyncbg.testing import asgi_app
+
+    server = FakeResponsesServer(latency=LatencyModel.uniform(0.05, 0.3))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(512)
+    web = uvicorn.Server(uvicorn.Config(asgi_app(server), log_level="error", lifespan="off"))
+    thread = threading.Thread(target=asyncio.run, args=(web.serve([sock]),), daemon=True)
+    thread.start()
+    try:
+        yield HttpFake(server, f"http://127.0.0.1:{sock.getsockname()[1]}/v1")
+    finally:
+        web.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
