@@ -14,9 +14,11 @@ from ._errors import (
     ManagerStateError,
 )
 from ._job import Job
+from ._journal import Journal, JournalMismatchError
 from ._manager import BackgroundManager, ManagerStatistics
 from ._policies import PollPolicy, RetryPolicy
 from ._status import JobStatus
+from ._webhooks import webhook_app
 
 __version__ = "0.1.0"
 
@@ -29,9 +31,12 @@ __all__ = [
     "JobFailed",
     "JobIncomplete",
     "JobStatus",
+    "Journal",
+    "JournalMismatchError",
     "ManagerStateError",
     "ManagerStatistics",
     "PollPolicy",
     "RetryPolicy",
     "__version__",
+    "webhook_app",
 ]

@@ -5,6 +5,7 @@
     │   ├── JobCancelled       it was cancelled, on the server or before it was sent
     │   └── JobIncomplete      the server stopped it early (see .job.response.incomplete_details)
     ├── DuplicateKeyError      a key was submitted twice to one manager
+    ├── JournalMismatchError   a key in the journal was submitted with a different request
     └── ManagerStateError      the manager was used outside its ``async with`` (also a RuntimeError)
 
 Timeouts raise the builtin :class:`TimeoutError`; the jobs keep running.

@@ -36,6 +36,7 @@ class Job:
         "_manager",
         "_params",
         "_poke",
+        "_policy",
         "_response",
         "_scope",
         "_started",
@@ -59,6 +60,7 @@ class Job:
         self._done = anyio.Event()
         self._accepted = anyio.Event()
         self._poke = anyio.Event()
+        self._policy = manager.poll_policy
         self._scope = anyio.CancelScope()
         self._listeners: list[Callable[[Job], object]] = []
         self._finish_seq = -1
@@ -162,6 +164,8 @@ class Job:
             rid = data.get("id")
             self.response_id = rid if isinstance(rid, str) else None
             self._log = self._log.bind(response_id=self.response_id)
+            if self.response_id is not None:
+                self._manager._known(self)
             self._accepted.set()
         status = JobStatus.from_server(data.get("status"))
         if status is self._status:
@@ -183,6 +187,7 @@ class Job:
         self._create_sent = True
         self._status = status
         self._log = self._log.bind(response_id=response_id)
+        self._manager._known(self)
         self._accepted.set()
 
     def _finish(self, status: JobStatus, error: str | None = None) -> None:

@@ -7,7 +7,7 @@ import enum
 import itertools
 import os
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -23,6 +23,7 @@ from ._job import Job, _reason
 from ._journal import Journal, JournalMismatchError, digest
 from ._policies import PollPolicy, RetryPolicy
 from ._status import JobStatus
+from ._webhooks import WebhookInbox
 
 __all__ = ["BackgroundManager", "ManagerStatistics"]
 
@@ -71,12 +72,22 @@ class BackgroundManager:
         cancel_timeout: float = 10.0,
         log_prompts: bool = False,
         journal: str | os.PathLike[str] | Journal | None = None,
+        webhooks: bool = False,
+        webhook_secret: str | None = None,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency!r}")
         self.client = client
         self.max_concurrency = max_concurrency
-        self.poll_policy = poll_policy or PollPolicy()
+        if webhooks and (webhook_secret or client.webhook_secret) is None:
+            raise ValueError(
+                "webhooks=True needs a webhook secret: pass webhook_secret=, set it on the "
+                "client, or set OPENAI_WEBHOOK_SECRET"
+            )
+        #: With webhooks on, polling is only a safety net for a lost delivery.
+        self.poll_policy = poll_policy or (PollPolicy.safety_net() if webhooks else PollPolicy())
+        self._inbox = WebhookInbox(self, webhook_secret)
+        self._by_response_id: dict[str, Job] = {}
         self.retry_policy = retry_policy or RetryPolicy()
         self.cancel_timeout = cancel_timeout
         self.log_prompts = log_prompts
@@ -144,12 +155,15 @@ class BackgroundManager:
 
     # -- submitting ------------------------------------------------------------------------
 
-    async def submit(self, *, key: str | None = None, **params: Any) -> Job:
+    async def submit(
+        self, *, key: str | None = None, poll_policy: PollPolicy | None = None, **params: Any
+    ) -> Job:
         """Queue one ``responses.create(**params, background=True)`` and return its job at once.
 
         The response is created when one of the ``max_concurrency`` slots is free. ``key``
         names the job and must be unique within this manager; one is made up when not given.
-        ``store=True`` is sent unless you set ``store``.
+        ``store=True`` is sent unless you set ``store``. ``poll_policy`` overrides the
+        manager's for this job.
 
         With a journal, a key already there is never created again: a finished job is served
         from the journal without a request, a live one resumes polling its response id, and a
@@ -168,6 +182,7 @@ class BackgroundManager:
         params.setdefault("store", True)
         log = _log.bind(key=key)
         job = Job(self, key, params, log)
+        job._policy = poll_policy or self.poll_policy
         resubmit = False
         if self.journal is not None:
             row = await self.journal.get(key)
@@ -271,6 +286,26 @@ class BackgroundManager:
                 if not job.done:
                     tg.start_soon(job.cancel)
 
+    # -- pushes ----------------------------------------------------------------------------
+
+    async def handle_webhook(self, body: bytes, headers: Mapping[str, str]) -> int:
+        """Receive one OpenAI webhook delivery; returns the HTTP status to answer with.
+
+        The delivery is verified with ``client.webhooks.unwrap`` (the secret comes from
+        ``webhook_secret=``, the client, or ``OPENAI_WEBHOOK_SECRET``). A forged or stale one
+        answers 400 and a replayed ``webhook-id`` 409; these are logged and change nothing. A
+        terminal event for one of this manager's jobs makes that job fetch its final Response at
+        once; an unknown response id is acknowledged and ignored.
+        """
+        return await self._inbox.handle(body, headers)
+
+    def _known(self, job: Job) -> None:
+        """Called when a job learns its response id."""
+        assert job.response_id is not None
+        self._by_response_id[job.response_id] = job
+        if self._inbox.claim_early(job.response_id):
+            job._poke.set()
+
     # -- statistics ------------------------------------------------------------------------
 
     def statistics(self) -> ManagerStatistics:
@@ -337,7 +372,7 @@ class BackgroundManager:
     async def _drive(self, job: Job, resubmit: bool) -> None:
         """Create the job's response (unless re-attached), then poll it until it is terminal."""
         params = job._params
-        policy = self.poll_policy
+        policy = job._policy
         scale = policy.scale_for(params)
         delay = policy.first(scale)
         if job.response_id is None:

@@ -65,6 +65,16 @@ class PollPolicy:
         if not 0 <= self.jitter < 1:
             raise ValueError(f"PollPolicy.jitter must be in [0, 1), got {self.jitter!r}")
 
+    @classmethod
+    def safety_net(cls, interval: float = 120.0) -> PollPolicy:
+        """A slow fixed schedule for jobs that expect a push (webhook or stream).
+
+        The poll exists only so that a lost delivery never strands a job; ``interval`` is
+        clamped, like every interval, to stay far below the server's result retention.
+        """
+        return cls(first_poll=interval, min_interval=interval, max_interval=interval,
+                   growth=0.0, jitter=0.1)
+
     def scale_for(self, params: Mapping[str, object]) -> float:
         """The interval multiplier for a job created with these ``responses.create`` params."""
         options = params.get("background_options")

@@ -14,6 +14,7 @@ from ._model import LatencyModel, Outcomes
 from ._plugin import FakeOpenAI
 from ._server import Counters, FakeAnswer, FakeResponsesServer
 from ._transport import FakeTransport, asgi_app, fake_client
+from ._webhooks import new_secret, sign, signed_delivery
 
 __all__ = [
     "Counters",
@@ -27,4 +28,7 @@ __all__ = [
     "Outcomes",
     "asgi_app",
     "fake_client",
+    "new_secret",
+    "sign",
+    "signed_delivery",
 ]

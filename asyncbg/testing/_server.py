@@ -8,6 +8,7 @@ times, O(log n)).
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import json
@@ -21,9 +22,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import anyio
+import httpx2
 
 from ._faults import Fault, FaultRates, Route
 from ._model import OUTCOMES, LatencyModel, Outcome, Outcomes
+from ._webhooks import WebhookTarget, signed_delivery
 
 __all__ = ["Counters", "FakeAnswer", "FakeResponsesServer"]
 
@@ -57,6 +60,9 @@ class Counters:
     max_in_flight: int = 0
     polls: dict[str, int] = field(default_factory=dict)
     detection_delays: dict[str, float] = field(default_factory=dict)
+    webhooks_sent: int = 0
+    webhooks_dropped: int = 0
+    webhooks_failed: int = 0
 
     def reset(self) -> None:
         in_flight = self.in_flight
@@ -83,6 +89,7 @@ class _Resp:
     cancelled_at: float | None = None
     seen_terminal: bool = False
     in_heap: bool = False
+    webhook_sent: bool = False
 
 
 class FakeResponsesServer:
@@ -118,6 +125,7 @@ class FakeResponsesServer:
         self._responses: dict[str, _Resp] = {}
         self._ends: list[tuple[float, str]] = []
         self._down_until = -math.inf
+        self._hooks: _Hooks | None = None
 
     # -- scripting -------------------------------------------------------------------------
 
@@ -141,6 +149,38 @@ class FakeResponsesServer:
             self._responses.clear()
             self._ends.clear()
             self.counters.in_flight = 0
+
+    @contextlib.asynccontextmanager
+    async def webhooks(
+        self,
+        target: WebhookTarget,
+        secret: str,
+        *,
+        drop_rate: float = 0.0,
+        duplicate_rate: float = 0.0,
+        delay: float = 0.0,
+    ) -> AsyncIterator[None]:
+        """Deliver ``response.completed/failed/cancelled/incomplete`` webhooks while inside.
+
+        ``target`` is a URL (POSTed with httpx2) or an async callable ``(body, headers)``.
+        ``drop_rate`` loses deliveries, ``duplicate_rate`` sends some twice with the same
+        ``webhook-id`` (delivery is at-least-once), ``delay`` postpones each one.
+        """
+        hooks = _Hooks(self, target, secret, drop_rate, duplicate_rate, delay)
+        for r in self._responses.values():
+            if r.background and not r.webhook_sent and math.isfinite(self._terminal_at(r)):
+                hooks.due(self._terminal_at(r), r.id)
+        self._hooks = hooks
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(hooks.run)
+                try:
+                    yield
+                finally:
+                    tg.cancel_scope.cancel()
+        finally:
+            self._hooks = None
+            await hooks.close()
 
     def status_of(self, response_id: str) -> str:
         """The status a retrieve would answer now, without counting as a poll."""
@@ -278,6 +318,8 @@ class FakeResponsesServer:
             c = self.counters
             c.in_flight += 1
             c.max_in_flight = max(c.max_in_flight, c.in_flight)
+        if self._hooks is not None and r.background and math.isfinite(r.end_at):
+            self._hooks.due(r.end_at, r.id)
         if req.get("stream"):
             self.counters.stream_requests += 1
             return FakeAnswer(200, {"content-type": "text/event-stream"},
@@ -337,6 +379,8 @@ class FakeResponsesServer:
                 return self._answer(r, now)
             return self._reject(f"Cannot cancel a response with status '{status}'.", None)
         r.cancelled_at = now
+        if self._hooks is not None:
+            self._hooks.due(now, r.id)
         if r.in_heap:
             r.in_heap = False
             self.counters.in_flight -= 1
@@ -429,6 +473,79 @@ class FakeResponsesServer:
         events.append((r.end_at, {"type": f"response.{final}",
                                   "response": self._body(r, final)}))
         return [(i, at, e) for i, (at, e) in enumerate(events)]
+
+
+class _Hooks:
+    """The webhook delivery loop: one timer for all responses, a heap of due times."""
+
+    def __init__(self, server: FakeResponsesServer, target: WebhookTarget, secret: str,
+                 drop_rate: float, duplicate_rate: float, delay: float) -> None:
+        self.server = server
+        self.target = target
+        self.secret = secret
+        self.drop_rate = drop_rate
+        self.duplicate_rate = duplicate_rate
+        self.delay = delay
+        self.heap: list[tuple[float, str]] = []
+        self.wake = anyio.Event()
+        self.http = httpx2.AsyncClient() if isinstance(target, str) else None
+
+    def due(self, at: float, rid: str) -> None:
+        heapq.heappush(self.heap, (at + self.delay, rid))
+        self.wake.set()
+
+    async def close(self) -> None:
+        if self.http is not None:
+            await self.http.aclose()
+
+    async def run(self) -> None:
+        server = self.server
+        while True:
+            if not self.heap:
+                await self.wake.wait()
+                self.wake = anyio.Event()
+                continue
+            at, rid = self.heap[0]
+            wait = at - server.clock()
+            if wait > 0:
+                with anyio.move_on_after(wait):
+                    await self.wake.wait()
+                if self.wake.is_set():
+                    self.wake = anyio.Event()
+                continue
+            heapq.heappop(self.heap)
+            r = server._responses.get(rid)
+            if r is None or r.webhook_sent:
+                continue
+            status = server._status(r, server.clock())
+            if status in LIVE:
+                continue  # a stale entry (it was rescheduled)
+            r.webhook_sent = True
+            if server._rng.random() < self.drop_rate:
+                server.counters.webhooks_dropped += 1
+                continue
+            body, headers = signed_delivery(self.secret, f"response.{status}", rid)
+            copies = 2 if server._rng.random() < self.duplicate_rate else 1
+            for _ in range(copies):
+                await self.send(body, headers)
+
+    async def send(self, body: bytes, headers: dict[str, str]) -> None:
+        counters = self.server.counters
+        try:
+            if self.http is not None:
+                assert isinstance(self.target, str)
+                answer = await self.http.post(self.target, content=body, headers=headers)
+                ok = answer.status_code < 300
+            else:
+                assert not isinstance(self.target, str)
+                result = await self.target(body, headers)
+                ok = not isinstance(result, int) or result < 300
+        except httpx2.HTTPError:
+            ok = False
+        if ok:
+            counters.webhooks_sent += 1
+        else:
+            counters.webhooks_failed += 1
 
 
 # -- helpers ---------------------------------------------------------------------------------
