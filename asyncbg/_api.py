@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 import anyio
 import openai
 import structlog
+from openai import AsyncStream
+from openai.types.responses import ResponseStreamEvent
 
 from ._policies import RetryPolicy, parse_poll_after, parse_retry_after
 
@@ -76,7 +78,9 @@ class Api:
     """The manager's view of the server: three requests, each with retries and logging."""
 
     def __init__(self, client: openai.AsyncOpenAI, retry: RetryPolicy) -> None:
-        self._responses = client.with_options(max_retries=0).responses.with_raw_response
+        plain = client.with_options(max_retries=0).responses
+        self._responses = plain.with_raw_response
+        self._streams = plain
         self.retry = retry
         self.requests = 0
         self.retries = 0
@@ -128,6 +132,28 @@ class Api:
     async def retrieve(self, response_id: str, log: Any) -> Answer:
         raw = await self._call("retrieve", lambda: self._responses.retrieve(response_id), log)
         return _answer(raw)
+
+    async def create_stream(
+        self, params: dict[str, Any], log: Any
+    ) -> AsyncStream[ResponseStreamEvent]:
+        """Create a background response as a stream of server-sent events."""
+        return await self._call(
+            "create", lambda: self._streams.create(**{**params, "stream": True}), log,
+            create=True,
+        )
+
+    async def resume_stream(
+        self, response_id: str, after: int | None, log: Any
+    ) -> AsyncStream[ResponseStreamEvent]:
+        """Resume a background stream after sequence number ``after``."""
+        starting_after: int | openai.Omit = openai.omit if after is None else after
+        return await self._call(
+            "resume",
+            lambda: self._streams.retrieve(
+                response_id, stream=True, starting_after=starting_after
+            ),
+            log,
+        )
 
     async def cancel(self, response_id: str, log: Any) -> Answer:
         raw = await self._call("cancel", lambda: self._responses.cancel(response_id), log)

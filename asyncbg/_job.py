@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
-from openai.types.responses import Response
+from openai.types.responses import Response, ResponseStreamEvent
 
 from ._errors import JobCancelled, JobFailed, JobIncomplete
 from ._status import JobStatus
@@ -30,6 +30,8 @@ class Job:
         "_data",
         "_done",
         "_error",
+        "_event_added",
+        "_events",
         "_finish_seq",
         "_listeners",
         "_log",
@@ -41,7 +43,11 @@ class Job:
         "_scope",
         "_started",
         "_status",
+        "_stream_dropped",
+        "_stream_scope",
+        "_text",
         "key",
+        "last_sequence",
         "response_id",
     )
 
@@ -67,6 +73,14 @@ class Job:
         self._started = anyio.current_time()
         self._create_sent = False
         self._cancel_requested = False
+        #: Background streams only: every event received, in order, and the text so far.
+        self._events: list[ResponseStreamEvent] = []
+        self._event_added = anyio.Event()
+        self._text: list[str] = []
+        self._stream_scope: anyio.CancelScope | None = None
+        self._stream_dropped = False
+        #: The ``sequence_number`` of the last stream event received (None before any).
+        self.last_sequence: int | None = None
 
     # -- state -----------------------------------------------------------------------------
 
@@ -92,6 +106,25 @@ class Job:
     def error(self) -> str | None:
         """Why the job did not complete: the server's message, or asyncbg's. None otherwise."""
         return self._error
+
+    @property
+    def text(self) -> str:
+        """For a stream job, the output text received so far."""
+        return "".join(self._text)
+
+    async def events(self) -> AsyncIterator[ResponseStreamEvent]:
+        """For a stream job, every event as it arrives (from the first), until the job ends.
+
+        Each caller gets the whole sequence; a resumed stream adds no duplicate and loses none.
+        """
+        index = 0
+        while True:
+            while index < len(self._events):
+                yield self._events[index]
+                index += 1
+            if self.done:
+                return
+            await self._event_added.wait()
 
     @property
     def elapsed(self) -> float:
@@ -150,6 +183,8 @@ class Job:
             return
         self._cancel_requested = True
         self._poke.set()
+        if self._stream_scope is not None:
+            self._stream_scope.cancel()  # no stream event exists for a cancel: stop reading
         await self._done.wait()
 
     # -- driven by the manager -------------------------------------------------------------
@@ -190,6 +225,19 @@ class Job:
         self._manager._known(self)
         self._accepted.set()
 
+    def _add_event(self, event: ResponseStreamEvent) -> bool:
+        """Keep one stream event; False for one already seen (a resume replays nothing twice)."""
+        seq = event.sequence_number
+        if self.last_sequence is not None and seq <= self.last_sequence:
+            return False
+        self.last_sequence = seq
+        self._events.append(event)
+        if event.type == "response.output_text.delta":
+            self._text.append(event.delta)
+        added, self._event_added = self._event_added, anyio.Event()
+        added.set()
+        return True
+
     def _finish(self, status: JobStatus, error: str | None = None) -> None:
         if self.done:
             return
@@ -198,6 +246,7 @@ class Job:
         self._finish_seq = self._manager._next_seq()
         self._done.set()
         self._accepted.set()
+        self._event_added.set()
         self._log.info(
             "job.terminal", status=status.value, elapsed=round(self.elapsed, 3), error=error
         )

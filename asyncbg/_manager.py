@@ -13,9 +13,12 @@ from types import TracebackType
 from typing import Any
 
 import anyio
+import httpx2
 import openai
 import structlog
 from anyio.abc import TaskGroup
+from openai import AsyncStream
+from openai.types.responses import ResponseStreamEvent
 
 from ._api import Api, GaveUp, Rejected
 from ._errors import DuplicateKeyError, ManagerStateError
@@ -74,6 +77,7 @@ class BackgroundManager:
         journal: str | os.PathLike[str] | Journal | None = None,
         webhooks: bool = False,
         webhook_secret: str | None = None,
+        stream: bool = False,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency!r}")
@@ -86,6 +90,7 @@ class BackgroundManager:
             )
         #: With webhooks on, polling is only a safety net for a lost delivery.
         self.poll_policy = poll_policy or (PollPolicy.safety_net() if webhooks else PollPolicy())
+        self.stream = stream
         self._inbox = WebhookInbox(self, webhook_secret)
         self._by_response_id: dict[str, Job] = {}
         self.retry_policy = retry_policy or RetryPolicy()
@@ -163,7 +168,10 @@ class BackgroundManager:
         The response is created when one of the ``max_concurrency`` slots is free. ``key``
         names the job and must be unique within this manager; one is made up when not given.
         ``store=True`` is sent unless you set ``store``. ``poll_policy`` overrides the
-        manager's for this job.
+        manager's for this job. With ``stream=True`` (or ``BackgroundManager(stream=True)``)
+        the job runs as a background stream: ``job.events()`` and ``job.text`` show it as it
+        arrives, a dropped connection resumes where it stopped, and a server that refuses
+        background streams is polled instead.
 
         With a journal, a key already there is never created again: a finished job is served
         from the journal without a request, a live one resumes polling its response id, and a
@@ -176,10 +184,12 @@ class BackgroundManager:
                 key = f"job-{next(self._auto_key)}"
         elif key in self._jobs:
             raise DuplicateKeyError(f"key {key!r} was already submitted to this manager")
-        if params.get("stream"):
-            raise ValueError("submit(stream=True) is not supported yet; omit `stream`")
         params = {**params, "background": True}
         params.setdefault("store", True)
+        if self.stream:
+            params.setdefault("stream", True)
+        if not params.get("stream"):
+            params.pop("stream", None)
         log = _log.bind(key=key)
         job = Job(self, key, params, log)
         job._policy = poll_policy or self.poll_policy
@@ -375,6 +385,13 @@ class BackgroundManager:
         policy = job._policy
         scale = policy.scale_for(params)
         delay = policy.first(scale)
+        if params.get("stream"):
+            if await self._stream(job, resubmit):
+                return
+            if job.done:
+                return
+            # The stream could not carry the job to its end: poll it from here.
+            params = job._params
         if job.response_id is None:
             if self.journal is not None:
                 await self.journal.sending(job.key, digest(params), resubmit=resubmit)
@@ -410,6 +427,78 @@ class BackgroundManager:
                 delay = policy.next_interval(
                     anyio.current_time() - created, scale=scale, poll_after=answer.poll_after
                 )
+
+    async def _stream(self, job: Job, resubmit: bool) -> bool:
+        """Run a job as a background stream; True when the stream carried it to its end.
+
+        False means: poll from here (the server refused streaming, refused to resume, or the
+        stream ended without a terminal event, as it does for a cancellation).
+        """
+        if job.response_id is None:
+            if self.journal is not None:
+                await self.journal.sending(job.key, digest(job._params), resubmit=resubmit)
+            job._create_sent = True
+            try:
+                stream = await self._api.create_stream(job._params, job._log)
+            except Rejected as exc:
+                if exc.status != 400 or "stream" not in exc.message.lower():
+                    raise
+                # Some servers refuse background together with stream: poll instead.
+                job._log.warning("job.stream_refused", error=exc.message,
+                                 fallback="polling")
+                job._params = {k: v for k, v in job._params.items() if k != "stream"}
+                return False
+            if await self._read(job, stream):
+                return True
+        resumes = 0
+        while not job.done and not job._cancel_requested:
+            assert job.response_id is not None
+            if resumes >= self.retry_policy.max_attempts:
+                job._log.warning("job.stream_gave_up", resumes=resumes, fallback="polling")
+                return False
+            resumes += 1
+            job._log.info("job.stream_resume", starting_after=job.last_sequence,
+                          attempt=resumes)
+            try:
+                stream = await self._api.resume_stream(
+                    job.response_id, job.last_sequence, job._log)
+            except (Rejected, GaveUp) as exc:
+                # e.g. the response is older than the server keeps streams resumable.
+                job._log.warning("job.stream_resume_refused", error=str(exc),
+                                 fallback="polling")
+                return False
+            if await self._read(job, stream):
+                return True
+            if not job._stream_dropped:
+                return False  # ended cleanly without a terminal event (e.g. cancelled)
+        return job.done
+
+    async def _read(self, job: Job, stream: AsyncStream[ResponseStreamEvent]) -> bool:
+        """Read a stream into the job; True once a terminal event settled it."""
+        job._stream_dropped = False
+        with anyio.CancelScope() as scope:
+            job._stream_scope = scope
+            try:
+                async for event in stream:
+                    if not job._add_event(event):
+                        continue
+                    response = getattr(event, "response", None)
+                    if response is None:
+                        continue
+                    status = JobStatus.from_server(response.status)
+                    if job.response_id is None or status.terminal:
+                        await self._take(job, response.to_dict())
+                    if job.done:
+                        return True
+            except (openai.APIError, httpx2.HTTPError, OSError) as exc:
+                job._stream_dropped = True
+                job._log.info("job.stream_dropped", error=repr(exc),
+                              last_sequence=job.last_sequence)
+            finally:
+                job._stream_scope = None
+                with anyio.CancelScope(shield=True):
+                    await stream.close()
+        return job.done
 
     async def _abandon(self, job: Job) -> None:
         """The runner was cancelled (an error or a cancellation left the manager's block):

@@ -441,9 +441,3 @@ async def test_prompts_are_logged_only_when_asked(client: AsyncOpenAI) -> None:
         async with manager(client, log_prompts=True) as mgr:
             await mgr.submit(model="m", input="visible prompt")
     assert any(e.get("input") == "visible prompt" for e in logs)
-
-
-async def test_stream_submission_is_refused_until_supported(client: AsyncOpenAI) -> None:
-    async with manager(client) as mgr:
-        with pytest.raises(ValueError, match="stream"):
-            await mgr.submit(model="m", input="x", stream=True)

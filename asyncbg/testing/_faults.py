@@ -8,7 +8,7 @@ from typing import Literal
 
 __all__ = ["Fault", "FaultRates"]
 
-FaultKind = Literal["429", "500", "503", "reset", "reset_after", "slow"]
+FaultKind = Literal["429", "500", "503", "reset", "reset_after", "slow", "drop"]
 Route = Literal["create", "retrieve", "cancel", "any"]
 
 
@@ -22,6 +22,7 @@ class Fault:
     * ``"reset_after"``: the request *is* processed, then the connection drops before the answer
       (the case where a retried create starts a second response).
     * ``"slow"``: the answer is delayed by ``delay`` seconds.
+    * ``"drop"``: a streamed answer (server-sent events) is cut after ``after`` events.
     """
 
     kind: FaultKind
@@ -29,6 +30,7 @@ class Fault:
     times: int = 1
     retry_after: float | None = None
     delay: float = 0.0
+    after: int = 0
 
 
 @dataclass(frozen=True, slots=True)

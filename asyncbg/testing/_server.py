@@ -31,6 +31,9 @@ from ._webhooks import WebhookTarget, signed_delivery
 __all__ = ["Counters", "FakeAnswer", "FakeResponsesServer"]
 
 LIVE = ("queued", "in_progress")
+_FINAL_EVENTS = frozenset(
+    {"response.completed", "response.failed", "response.incomplete", "response.cancelled"}
+)
 
 
 @dataclass(slots=True)
@@ -108,6 +111,8 @@ class FakeResponsesServer:
         poll_after_ms: int | None = None,
         cancel_finished: Literal["error", "return"] = "error",
         stream_events: int = 8,
+        refuse_background_stream: bool = False,
+        stream_resume_window: float = 300.0,
         seed: int = 0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -117,6 +122,8 @@ class FakeResponsesServer:
         self.poll_after_ms = poll_after_ms
         self.cancel_finished = cancel_finished
         self.stream_events = stream_events
+        self.refuse_background_stream = refuse_background_stream
+        self.stream_resume_window = stream_resume_window
         self.clock = clock
         self.counters = Counters()
         self._faults: deque[Fault] = deque()
@@ -137,9 +144,12 @@ class FakeResponsesServer:
         times: int = 1,
         retry_after: float | None = None,
         delay: float = 0.0,
+        after: int = 0,
     ) -> None:
         """Make the next ``times`` requests on ``route`` meet a fault (see :class:`Fault`)."""
-        self._faults.append(Fault(kind, route, times, retry_after, delay))  # type: ignore[arg-type]
+        self._faults.append(
+            Fault(kind, route, times, retry_after, delay, after)  # type: ignore[arg-type]
+        )
 
     def restart(self, *, keep_state: bool = True, downtime: float = 0.0) -> None:
         """Simulate a restart: connections are refused for ``downtime`` seconds, and with
@@ -254,6 +264,8 @@ class FakeResponsesServer:
         answer.delay = delay
         if fault is not None and fault.kind == "reset_after":
             answer.reset_after = True
+        if fault is not None and fault.kind == "drop" and answer.stream is not None:
+            answer.stream = _cut(answer.stream, fault.after)
         return answer
 
     def _next_fault(self, route: Route) -> Fault | None:
@@ -281,6 +293,11 @@ class FakeResponsesServer:
                 "Missing required parameter: 'model'.", "model", "missing_required_parameter"
             )
         background = bool(req.get("background"))
+        if background and req.get("stream") and self.refuse_background_stream:
+            return self._reject(
+                "Streaming is not supported for background responses on this server.", "stream",
+                "unsupported_parameter",
+            )
         if background and req.get("store") is False:
             return self._reject(
                 "Background responses require store=true.", "store", "invalid_value"
@@ -355,6 +372,11 @@ class FakeResponsesServer:
                 after = int(query.get("starting_after", "-1"))
             except ValueError:
                 return self._reject("starting_after must be an integer.", "starting_after")
+            if now - r.created > self.stream_resume_window:
+                return self._reject(
+                    "This response is too old to resume streaming; retrieve it instead.",
+                    "stream",
+                )
             return FakeAnswer(200, {"content-type": "text/event-stream"},
                               stream=self._events(r, after))
         c = self.counters
@@ -444,6 +466,10 @@ class FakeResponsesServer:
             if r.cancelled_at is not None and at > r.cancelled_at:
                 return  # no stream event exists for cancellation; the stream just ends
             event["sequence_number"] = seq
+            if event["type"] in _FINAL_EVENTS and not r.seen_terminal:
+                r.seen_terminal = True
+                self.counters.detection_delays[r.id] = max(
+                    self.clock() - self._terminal_at(r), 0.0)
             yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
 
     def _event_script(self, r: _Resp) -> list[tuple[int, float, dict[str, Any]]]:
@@ -549,6 +575,20 @@ class _Hooks:
 
 
 # -- helpers ---------------------------------------------------------------------------------
+
+
+async def _cut(stream: AsyncIterator[bytes], after: int) -> AsyncIterator[bytes]:
+    """A stream that drops its connection after ``after`` events."""
+    sent = 0
+    async for chunk in stream:
+        if sent >= after:
+            break
+        yield chunk
+        sent += 1
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        await aclose()
+    raise ConnectionResetError("fake server: stream dropped")
 
 
 def _route(method: str, path: str) -> tuple[Literal["create", "retrieve", "cancel"] | None, str]:

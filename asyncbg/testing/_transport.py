@@ -25,8 +25,11 @@ class _Stream(httpx2.AsyncByteStream):
         self._request = request
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for chunk in self._chunks:
-            yield chunk
+        try:
+            async for chunk in self._chunks:
+                yield chunk
+        except ConnectionResetError as exc:
+            raise httpx2.ReadError(str(exc), request=self._request) from exc
 
     async def aclose(self) -> None:
         aclose = getattr(self._chunks, "aclose", None)
