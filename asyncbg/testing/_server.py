@@ -192,6 +192,26 @@ class FakeResponsesServer:
             self._hooks = None
             await hooks.close()
 
+    def terminal_times(self) -> dict[str, float]:
+        """For each response that has ended: when it ended, on this server's clock."""
+        now = self.clock()
+        return {
+            rid: self._terminal_at(r) for rid, r in self._responses.items()
+            if self._terminal_at(r) <= now
+        }
+
+    def snapshot(self) -> dict[str, Any]:
+        """The counters as JSON-ready data (served at ``GET /_fake/counters``)."""
+        c = self.counters
+        return {
+            "creates": c.creates, "retrieves": c.retrieves, "cancels": c.cancels,
+            "stream_requests": c.stream_requests, "faults": c.faults, "rejected": c.rejected,
+            "in_flight": self.live_count(), "max_in_flight": c.max_in_flight,
+            "webhooks_sent": c.webhooks_sent, "webhooks_dropped": c.webhooks_dropped,
+            "webhooks_failed": c.webhooks_failed, "polls": c.polls,
+            "detection_delays": c.detection_delays, "terminal_at": self.terminal_times(),
+        }
+
     def status_of(self, response_id: str) -> str:
         """The status a retrieve would answer now, without counting as a poll."""
         return self._status(self._responses[response_id], self.clock())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 from urllib.parse import parse_qsl
@@ -88,6 +89,9 @@ def asgi_app(server: FakeResponsesServer) -> Callable[[Scope, Receive, Send], Aw
             message = await receive()
             chunks.append(message.get("body", b""))
             more = message.get("more_body", False)
+        if scope["path"].startswith("/_fake/"):
+            await _admin(server, scope, send)
+            return
         query = dict(parse_qsl(scope.get("query_string", b"").decode()))
         answer = await server.handle(scope["method"], scope["path"], query, b"".join(chunks))
         if answer.delay:
@@ -108,3 +112,18 @@ def asgi_app(server: FakeResponsesServer) -> Callable[[Scope, Receive, Send], Aw
         await send({"type": "http.response.body", "body": b""})
 
     return app
+
+
+async def _admin(server: FakeResponsesServer, scope: Scope, send: Send) -> None:
+    """``GET /_fake/counters`` and ``POST /_fake/reset``, for a server in another process."""
+    route = (scope["method"], scope["path"])
+    if route == ("GET", "/_fake/counters"):
+        status, body = 200, json.dumps(server.snapshot()).encode()
+    elif route == ("POST", "/_fake/reset"):
+        server.counters.reset()
+        status, body = 200, b"{}"
+    else:
+        status, body = 404, b'{"error": {"message": "unknown admin route"}}'
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": body})
