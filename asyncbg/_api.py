@@ -77,11 +77,17 @@ def _answer(raw: Any) -> Answer:
 class Api:
     """The manager's view of the server: three requests, each with retries and logging."""
 
-    def __init__(self, client: openai.AsyncOpenAI, retry: RetryPolicy) -> None:
+    def __init__(
+        self, client: openai.AsyncOpenAI, retry: RetryPolicy, max_requests: int = 64
+    ) -> None:
         plain = client.with_options(max_retries=0).responses
         self._responses = plain.with_raw_response
         self._streams = plain
         self.retry = retry
+        # Bounds the requests in flight at once. Without it, thousands of jobs submitted or
+        # due together all become ready in the same loop iteration, and every other task (a
+        # web server's, a progress bar's) waits behind all of their CPU work.
+        self._requests = anyio.CapacityLimiter(max_requests)
         self.requests = 0
         self.retries = 0
         self.possible_duplicates = 0
@@ -93,7 +99,8 @@ class Api:
         while True:
             self.requests += 1
             try:
-                return await send()
+                async with self._requests:
+                    return await send()
             except (openai.APIStatusError, openai.APIConnectionError) as exc:
                 retry, retry_after = _retryable(exc)
                 if not retry:

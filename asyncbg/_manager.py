@@ -59,10 +59,14 @@ class ManagerStatistics:
 class BackgroundManager:
     """Keeps at most ``max_concurrency`` background responses in flight and polls them.
 
-    Use it as ``async with BackgroundManager(client) as mgr:``. Leaving the block normally waits
-    for every job; leaving it by an exception or a cancellation first cancels every live job on
-    the server (shielded, within ``cancel_timeout`` seconds), then lets the exception through
-    unchanged.
+    Use it as ``async with BackgroundManager(client) as mgr:``. Leaving the block normally
+    waits for every job; leaving it by an exception or a cancellation first cancels every live
+    job on the server (shielded, within ``cancel_timeout`` seconds), then lets the exception
+    through unchanged.
+
+    ``max_requests`` bounds the HTTP requests in flight at once (creates, polls, cancels;
+    streams being read do not count), which keeps the event loop responsive when thousands of
+    jobs are due together.
     """
 
     def __init__(
@@ -78,6 +82,7 @@ class BackgroundManager:
         webhooks: bool = False,
         webhook_secret: str | None = None,
         stream: bool = False,
+        max_requests: int = 64,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency!r}")
@@ -99,7 +104,7 @@ class BackgroundManager:
         self.journal = (
             journal if isinstance(journal, Journal) or journal is None else Journal(journal)
         )
-        self._api = Api(client, self.retry_policy)
+        self._api = Api(client, self.retry_policy, max_requests)
         self._slots = anyio.Semaphore(max_concurrency)
         self._jobs: dict[str, Job] = {}
         self._live = 0

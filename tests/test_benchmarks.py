@@ -24,8 +24,12 @@ def test_benchmark_harness_smoke_run(tmp_path: Path) -> None:
     assert o["asyncbg"]["http_calls"] > o["jobs"]
     assert r["throughput"]["asyncbg"]["jobs_per_s"] > 0
     f = r["frontier"]
-    for name in ("asyncbg_default", "fixed_10s", "fixed_1s", "fixed_tuned"):
+    for name in ("asyncbg_default", "fixed_10s", "fixed_1s", "fixed_tuned",
+                 "fixed_tuned_relative"):
         assert f[name]["polls_per_job"] >= 1
+    # the tuned poller really was tuned to asyncbg's p95 delay (bisection, 8 steps)
+    assert abs(f["fixed_tuned"]["delay_p95_s"] - f["asyncbg_default"]["delay_p95_s"]) < max(
+        0.2 * f["asyncbg_default"]["delay_p95_s"], 1.0)
     assert r["push"]["stream"]["retrieves_per_job"] == 0  # streams never poll
     assert r["push"]["webhook"]["retrieves_per_job"] == 1  # one fetch of the final Response
     s = r["scale"]
