@@ -18,6 +18,7 @@ import structlog
 from openai import AsyncStream
 from openai.types.responses import ResponseStreamEvent
 
+from ._limiter import Limiter
 from ._policies import RetryPolicy, parse_poll_after, parse_retry_after
 
 __all__ = ["Answer", "Api", "Rejected"]
@@ -28,9 +29,15 @@ T = TypeVar("T")
 
 @dataclass(slots=True)
 class Answer:
-    """One server answer: the JSON body and the server's ``openai-poll-after-ms`` hint."""
+    """One server answer: the body as sent, its parsed JSON, and ``openai-poll-after-ms``.
+
+    Keep ``raw``, not ``data``: bytes are invisible to the cyclic garbage collector, while a
+    parsed dict kept between polls ages into its oldest generation and, across thousands of
+    jobs, sets off full collections that stall the event loop.
+    """
 
     data: dict[str, Any]
+    raw: bytes
     poll_after: float | None
 
 
@@ -71,7 +78,8 @@ def _retryable(exc: BaseException) -> tuple[bool, float | None]:
 
 def _answer(raw: Any) -> Answer:
     http = raw.http_response
-    return Answer(json.loads(http.content), parse_poll_after(http.headers))
+    raw = http.content
+    return Answer(json.loads(raw), raw, parse_poll_after(http.headers))
 
 
 class Api:
@@ -87,7 +95,7 @@ class Api:
         # Bounds the requests in flight at once. Without it, thousands of jobs submitted or
         # due together all become ready in the same loop iteration, and every other task (a
         # web server's, a progress bar's) waits behind all of their CPU work.
-        self._requests = anyio.CapacityLimiter(max_requests)
+        self._requests = Limiter(max_requests)
         self.requests = 0
         self.retries = 0
         self.possible_duplicates = 0

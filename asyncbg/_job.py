@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +28,6 @@ class Job:
         "_accepted",
         "_cancel_requested",
         "_create_sent",
-        "_data",
         "_done",
         "_error",
         "_event_added",
@@ -36,9 +36,11 @@ class Job:
         "_listeners",
         "_log",
         "_manager",
+        "_nap_scope",
         "_params",
-        "_poke",
+        "_poked",
         "_policy",
+        "_raw",
         "_response",
         "_scope",
         "_started",
@@ -60,12 +62,14 @@ class Job:
         self._params = params
         self._log = log
         self._status = JobStatus.PENDING
-        self._data: dict[str, Any] | None = None
+        #: The latest answer's body, as the server sent it (see ``_api.Answer``).
+        self._raw: bytes | None = None
         self._response: Response | None = None
         self._error: str | None = None
         self._done = anyio.Event()
         self._accepted = anyio.Event()
-        self._poke = anyio.Event()
+        self._poked = False
+        self._nap_scope: anyio.CancelScope | None = None
         self._policy = manager.poll_policy
         self._scope = anyio.CancelScope()
         self._listeners: list[Callable[[Job], object]] = []
@@ -97,10 +101,15 @@ class Job:
     @property
     def response(self) -> Response | None:
         """The latest ``Response`` the server sent, or None before the first answer."""
-        if self._response is None and self._data is not None:
+        if self._response is None and self._raw is not None:
             # Built on demand and leniently: real payloads omit fields strict validation wants.
-            self._response = Response.construct(**self._data)
+            self._response = Response.construct(**json.loads(self._raw))
         return self._response
+
+    @property
+    def _data(self) -> dict[str, Any] | None:
+        """The latest answer's JSON, parsed anew (for the rare reader that needs it)."""
+        return None if self._raw is None else dict(json.loads(self._raw))
 
     @property
     def error(self) -> str | None:
@@ -182,18 +191,18 @@ class Job:
             self._scope.cancel()
             return
         self._cancel_requested = True
-        self._poke.set()
+        self._wake()
         if self._stream_scope is not None:
             self._stream_scope.cancel()  # no stream event exists for a cancel: stop reading
         await self._done.wait()
 
     # -- driven by the manager -------------------------------------------------------------
 
-    def _update(self, data: dict[str, Any]) -> None:
-        """Take a server answer: keep the JSON, move the status, finish if terminal."""
+    def _update(self, data: dict[str, Any], raw: bytes | None = None) -> None:
+        """Take a server answer: keep its body, move the status, finish if terminal."""
         if self.done:
             return
-        self._data = data
+        self._raw = raw if raw is not None else json.dumps(data).encode()
         self._response = None
         if self.response_id is None:
             rid = data.get("id")
@@ -254,14 +263,27 @@ class Job:
         for listener in listeners:
             listener(self)
 
-    async def _nap(self, seconds: float) -> None:
-        """Sleep until the next poll, or until something (a cancel, a push) pokes the job."""
-        if not self._poke.is_set():
-            with anyio.move_on_after(seconds):
-                await self._poke.wait()
-        if self._poke.is_set():
-            self._poke = anyio.Event()
+    def _wake(self) -> None:
+        """Cut the job's current nap short (a cancel, a webhook): it polls at once."""
+        self._poked = True
+        if self._nap_scope is not None:
+            self._nap_scope.cancel()
 
+    async def _nap(self, seconds: float) -> None:
+        """Sleep until the next poll, unless :meth:`_wake` cuts it short.
+
+        A timed nap ends as a plain sleep, not as a cancelled timeout: a timeout ends by raising
+        inside the task, and each such exception leaves a traceback cycle that only the cyclic
+        garbage collector frees. At one per poll, across thousands of jobs, those collections
+        stall the event loop for hundreds of milliseconds. Only a wake-up, which is rare,
+        cancels.
+        """
+        if not self._poked:
+            with anyio.CancelScope() as scope:
+                self._nap_scope = scope
+                await anyio.sleep(seconds)
+            self._nap_scope = None
+        self._poked = False
 
 def _reason(status: JobStatus, data: dict[str, Any]) -> str | None:
     """The server's explanation for a terminal status other than completed."""

@@ -155,14 +155,17 @@ class Journal:
         )
 
     async def status(
-        self, key: str, response_id: str | None, status: str, data: dict[str, Any] | None,
+        self, key: str, response_id: str | None, status: str, raw: bytes | None,
         *, terminal: bool, error: str | None = None,
     ) -> None:
-        """Steps 2 and 3: commit the response id, a status change, or the final JSON."""
+        """Steps 2 and 3: commit the response id, a status change, or the final JSON.
+
+        ``raw`` is the final answer's body as the server sent it (kept only when terminal).
+        """
         db = self._conn()
         now = time.time()
         state = ("done" if response_id else "local") if terminal else "accepted"
-        body = json.dumps(data, separators=(",", ":")) if terminal and data is not None else None
+        body = raw.decode() if terminal and raw is not None else None
 
         def run() -> None:
             with db:

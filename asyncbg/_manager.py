@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import itertools
+import json
 import os
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
@@ -24,6 +25,7 @@ from ._api import Api, GaveUp, Rejected
 from ._errors import DuplicateKeyError, ManagerStateError
 from ._job import Job, _reason
 from ._journal import Journal, JournalMismatchError, digest
+from ._limiter import Limiter
 from ._policies import PollPolicy, RetryPolicy
 from ._status import JobStatus
 from ._webhooks import WebhookInbox
@@ -105,7 +107,7 @@ class BackgroundManager:
             journal if isinstance(journal, Journal) or journal is None else Journal(journal)
         )
         self._api = Api(client, self.retry_policy, max_requests)
-        self._slots = anyio.Semaphore(max_concurrency)
+        self._slots = Limiter(max_concurrency)
         self._jobs: dict[str, Job] = {}
         self._live = 0
         self._polls = 0
@@ -319,7 +321,7 @@ class BackgroundManager:
         assert job.response_id is not None
         self._by_response_id[job.response_id] = job
         if self._inbox.claim_early(job.response_id):
-            job._poke.set()
+            job._wake()
 
     # -- statistics ------------------------------------------------------------------------
 
@@ -367,7 +369,7 @@ class BackgroundManager:
                                       terminal=True, error=error)
         job._finish(JobStatus.FAILED, error)
 
-    async def _take(self, job: Job, data: dict[str, Any]) -> None:
+    async def _take(self, job: Job, data: dict[str, Any], raw: bytes | None = None) -> None:
         """Apply a server answer to a job; with a journal, commit it first.
 
         Committing before the job changes means a job is never reported done (and its result
@@ -377,12 +379,13 @@ class BackgroundManager:
             status = JobStatus.from_server(data.get("status"))
             if status is not job.status or job.response_id is None:
                 rid = job.response_id or data.get("id")
+                body = (raw or json.dumps(data).encode()) if status.terminal else None
                 await self.journal.status(
-                    job.key, rid if isinstance(rid, str) else None, status.value, data,
+                    job.key, rid if isinstance(rid, str) else None, status.value, body,
                     terminal=status.terminal,
                     error=_reason(status, data) if status.terminal else None,
                 )
-        job._update(data)
+        job._update(data, raw)
 
     async def _drive(self, job: Job, resubmit: bool) -> None:
         """Create the job's response (unless re-attached), then poll it until it is terminal."""
@@ -402,7 +405,7 @@ class BackgroundManager:
                 await self.journal.sending(job.key, digest(params), resubmit=resubmit)
             job._create_sent = True
             answer = await self._api.create(params, job._log)
-            await self._take(job, answer.data)
+            await self._take(job, answer.data, answer.raw)
             if job.response_id is None:
                 await self._fail(job, "the server's answer to create carried no response id")
                 return
@@ -424,7 +427,7 @@ class BackgroundManager:
                     continue
             self._polls += 1
             answer = await self._api.retrieve(job.response_id, job._log)
-            await self._take(job, answer.data)
+            await self._take(job, answer.data, answer.raw)
             if cancel_sent:
                 # A cancelled response settles within moments; don't wait a long interval.
                 delay = min(policy.min_interval, _AFTER_CANCEL)
@@ -532,11 +535,11 @@ class BackgroundManager:
                 except (Rejected, GaveUp) as exc:
                     job._log.warning("job.cancel_failed", error=str(exc))
                 else:
-                    await self._take(job, answer.data)
+                    await self._take(job, answer.data, answer.raw)
             except GaveUp as exc:
                 job._log.warning("job.cancel_failed", error=str(exc))
             else:
-                await self._take(job, answer.data)
+                await self._take(job, answer.data, answer.raw)
         job._finish(
             JobStatus.CANCELLED,
             "abandoned: the manager exited before the job finished and the server did not "
@@ -554,7 +557,7 @@ class BackgroundManager:
             # differently (400, 409, or the final object); poll to learn the real outcome.
             job._log.info("job.cancel_raced", status_code=exc.status, error=exc.message)
             return False
-        await self._take(job, answer.data)
+        await self._take(job, answer.data, answer.raw)
         return job.done
 
     # -- bookkeeping -----------------------------------------------------------------------

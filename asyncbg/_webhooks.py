@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import structlog
+
+from ._asgi import ASGIApp, Receive, Scope, Send, read_body
 
 if TYPE_CHECKING:
     from ._manager import BackgroundManager
@@ -72,7 +74,7 @@ class WebhookInbox:
             log.info("webhook.unknown_response", response_id=response_id, type=event_type)
             return 200
         log.info("webhook.received", key=job.key, response_id=response_id, type=event_type)
-        job._poke.set()  # the job's runner wakes and fetches the final Response once
+        job._wake()  # the job's runner wakes and fetches the final Response once
         return 200
 
     def claim_early(self, response_id: str) -> bool:
@@ -83,12 +85,8 @@ class WebhookInbox:
         return False
 
 
-Scope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
-
-def webhook_app(manager: BackgroundManager) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+def webhook_app(manager: BackgroundManager) -> ASGIApp:
     """An ASGI app that receives OpenAI webhooks for ``manager``.
 
     Mount it in Starlette/FastAPI (``app.mount("/openai-webhooks", webhook_app(mgr))``) or serve
@@ -98,20 +96,15 @@ def webhook_app(manager: BackgroundManager) -> Callable[[Scope, Receive, Send], 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        chunks = []
-        more = True
-        while more:
-            message = await receive()
-            chunks.append(message.get("body", b""))
-            more = message.get("more_body", False)
+        body = await read_body(receive)
         if scope["method"] != "POST":
             status = 405
         else:
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-            status = await manager.handle_webhook(b"".join(chunks), headers)
-        body = json.dumps({"ok": status == 200}).encode()
+            status = await manager.handle_webhook(body, headers)
+        reply = json.dumps({"ok": status == 200}).encode()
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json")]})
-        await send({"type": "http.response.body", "body": body})
+        await send({"type": "http.response.body", "body": reply})
 
     return app

@@ -60,7 +60,7 @@ async def _left_by_a_killed_process(
     await journal.sending(key, digest(full), resubmit=False)
     r = await client.responses.create(**full)  # type: ignore[call-overload]
     if recorded:
-        await journal.status(key, r.id, r.status, r.model_dump(), terminal=False)
+        await journal.status(key, r.id, r.status, None, terminal=False)
     await journal.close()
     return str(r.id)
 

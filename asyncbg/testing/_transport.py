@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -11,13 +11,10 @@ import anyio
 import httpx2
 import openai
 
+from .._asgi import ASGIApp, Receive, Scope, Send, read_body
 from ._server import FakeResponsesServer
 
 __all__ = ["FakeTransport", "asgi_app", "fake_client"]
-
-Scope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
 class _Stream(httpx2.AsyncByteStream):
@@ -69,7 +66,7 @@ def fake_client(server: FakeResponsesServer, **kwargs: Any) -> openai.AsyncOpenA
     )
 
 
-def asgi_app(server: FakeResponsesServer) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+def asgi_app(server: FakeResponsesServer) -> ASGIApp:
     """The server as an ASGI application (``uvicorn`` serves it; see ``asyncbg fake-server``)."""
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -83,17 +80,12 @@ def asgi_app(server: FakeResponsesServer) -> Callable[[Scope, Receive, Send], Aw
                     return
         if scope["type"] != "http":
             return
-        chunks = []
-        more = True
-        while more:
-            message = await receive()
-            chunks.append(message.get("body", b""))
-            more = message.get("more_body", False)
+        body = await read_body(receive)
         if scope["path"].startswith("/_fake/"):
             await _admin(server, scope, send)
             return
         query = dict(parse_qsl(scope.get("query_string", b"").decode()))
-        answer = await server.handle(scope["method"], scope["path"], query, b"".join(chunks))
+        answer = await server.handle(scope["method"], scope["path"], query, body)
         if answer.delay:
             await anyio.sleep(answer.delay)
         if answer.reset or answer.reset_after:
