@@ -136,7 +136,7 @@ async def test_json_logs(http_fake: HttpFake, tmp_path: Path) -> None:
 async def test_sigkill_at_random_points_then_rerun_loses_nothing_and_pays_once(
     http_fake: HttpFake, tmp_path: Path
 ) -> None:
-    http_fake.server.latency = LatencyModel.uniform(0.1, 0.6)
+    http_fake.server.latency = LatencyModel.uniform(0.3, 1.0)  # ~3 s of work: kills land
     n = 40
     write_input(tmp_path / "in.jsonl", [request(f"r{i}") for i in range(n)])
     env = {**os.environ, "OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": http_fake.base_url}
