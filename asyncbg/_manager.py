@@ -56,6 +56,8 @@ class ManagerStatistics:
     polls: int
     retries: int
     possible_duplicates: int
+    webhooks_accepted: int
+    webhooks_rejected: int
 
 
 class BackgroundManager:
@@ -337,6 +339,8 @@ class BackgroundManager:
             polls=self._polls,
             retries=self._api.retries,
             possible_duplicates=self._api.possible_duplicates,
+            webhooks_accepted=self._inbox.accepted,
+            webhooks_rejected=self._inbox.rejected,
         )
 
     # -- the runner: one task per job --------------------------------------------------------

@@ -328,6 +328,20 @@ async def push(n: int) -> dict[str, Any]:
                              "delay_p95_ms": round(pct(delays, 0.95), 1),
                              "retrieves_per_job": round(seen["retrieves"] / n, 2)}
             web.should_exit = True
+        # The seeds' loop (every 1 s here) for comparison; a poller's delay is its detection
+        # delay, which the server records.
+        await reset(base_url)
+        c = client(base_url)
+        try:
+            await baselines.seeds_loop(c, [job(i, d) for i, d in enumerate(durations)],
+                                       interval=1.0)
+        finally:
+            await c.close()
+        seen = await counters(base_url)
+        found = [v * 1000 for v in seen["detection_delays"].values()]
+        out["seeds_loop_1s"] = {"delay_p50_ms": round(pct(found, 0.5), 1),
+                                "delay_p95_ms": round(pct(found, 0.95), 1),
+                                "retrieves_per_job": round(seen["retrieves"] / n, 2)}
     sock.close()
     out["goal"] = "p95 <= 50 ms; webhook: 1 fetch of the final Response, no polls; stream: 0"
     return out
@@ -418,11 +432,11 @@ def table(r: dict[str, Any]) -> str:
                      f"delay p50 {v['delay_p50_s']} s p95 {v['delay_p95_s']} s, "
                      f"relative p95 {v['relative_delay_p95']}", *ratios.get(name, ("", ""))))
     pu = r["push"]
-    for mode in ("poll_default", "webhook", "stream"):
+    for mode in ("seeds_loop_1s", "poll_default", "webhook", "stream"):
         v = pu[mode]
         rows.append((f"5 push {mode}", f"delay p50 {v['delay_p50_ms']} ms "
                      f"p95 {v['delay_p95_ms']} ms", f"{v['retrieves_per_job']} retrieves/job",
-                     "", "p95<=50 ms" if mode != "poll_default" else ""))
+                     "", "p95<=50 ms" if mode in ("webhook", "stream") else ""))
     t = r["throughput"]
     rows.append(("6 submission", f"{t['asyncbg']['jobs_per_s']} jobs/s",
                  f"{t['baseline']['jobs_per_s']} jobs/s", str(t["ratio"]), t["goal"]))

@@ -31,6 +31,7 @@ def test_benchmark_harness_smoke_run(tmp_path: Path) -> None:
     assert abs(f["fixed_tuned"]["delay_p95_s"] - f["asyncbg_default"]["delay_p95_s"]) < max(
         0.2 * f["asyncbg_default"]["delay_p95_s"], 1.0)
     assert r["push"]["stream"]["retrieves_per_job"] == 0  # streams never poll
+    assert r["push"]["seeds_loop_1s"]["retrieves_per_job"] >= 1  # the baseline ran too
     assert r["push"]["webhook"]["retrieves_per_job"] == 1  # one fetch of the final Response
     s = r["scale"]
     assert s["completed"] == s["jobs"] == s["max_in_flight"]

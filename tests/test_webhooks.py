@@ -100,6 +100,8 @@ async def test_forged_stale_and_replayed_deliveries_are_rejected_and_change_noth
             assert await _deliver(mgr, body, headers) == 409  # replayed webhook-id
         rejected = [e for e in logs if e["event"] == "webhook.rejected"]
         assert len(rejected) == 5
+        stats = mgr.statistics()
+        assert (stats.webhooks_accepted, stats.webhooks_rejected) == (1, 5)
         assert any("too old" in e["reason"] for e in rejected)
         assert any("replay" in e["reason"] for e in rejected)
         await anyio.sleep(0.05)
