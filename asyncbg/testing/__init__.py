@@ -10,22 +10,28 @@ fixtures ``fake_server`` / ``fake_openai``.
 """
 
 from ._faults import Fault, FaultRates
+from ._limits import FakeRateLimit
 from ._model import LatencyModel, Outcomes
 from ._plugin import FakeOpenAI
-from ._server import Counters, FakeAnswer, FakeResponsesServer
+from ._server import FakeResponsesServer
+from ._state import Counters
 from ._transport import FakeTransport, asgi_app, fake_client
+from ._usage import UsageModel
 from ._webhooks import new_secret, sign, signed_delivery
+from ._wire import FakeAnswer
 
 __all__ = [
     "Counters",
     "FakeAnswer",
     "FakeOpenAI",
+    "FakeRateLimit",
     "FakeResponsesServer",
     "FakeTransport",
     "Fault",
     "FaultRates",
     "LatencyModel",
     "Outcomes",
+    "UsageModel",
     "asgi_app",
     "fake_client",
     "new_secret",

@@ -6,9 +6,11 @@ import random
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ._wire import ErrorStyle, FakeAnswer, error_answer, html_page, not_found
+
 __all__ = ["Fault", "FaultRates"]
 
-FaultKind = Literal["429", "500", "503", "reset", "reset_after", "slow", "drop"]
+FaultKind = Literal["429", "500", "503", "404", "html", "reset", "reset_after", "slow", "drop"]
 Route = Literal["create", "retrieve", "cancel", "any"]
 
 
@@ -16,8 +18,10 @@ Route = Literal["create", "retrieve", "cancel", "any"]
 class Fault:
     """A fault for the next ``times`` matching requests.
 
-    * ``"429"``, ``"500"``, ``"503"``: answered with that status before anything is done, so a
-      create that meets one creates nothing. ``retry_after`` sets the ``Retry-After`` header.
+    * ``"429"``, ``"500"``, ``"503"``, ``"404"``: answered with that status before anything is
+      done, so a create that meets one creates nothing. ``retry_after`` sets the
+      ``Retry-After`` header of a 429 or 5xx.
+    * ``"html"``: answered 200 with an HTML page, as a misconfigured proxy does.
     * ``"reset"``: the connection drops before the request is processed.
     * ``"reset_after"``: the request *is* processed, then the connection drops before the answer
       (the case where a retried create starts a second response).
@@ -61,3 +65,28 @@ class FaultRates:
                 return Fault(kind, route, retry_after=self.retry_after)  # type: ignore[arg-type]
             roll -= rate
         return None
+
+
+def fault_answer(fault: Fault, route: str, rid: str, style: ErrorStyle) -> FakeAnswer | None:
+    """The answer of a fault met before any work is done; ``None`` for the other kinds."""
+    kind = fault.kind
+    if kind == "reset":
+        return FakeAnswer(reset=True)
+    if kind == "html":
+        return html_page()
+    if kind == "404":
+        if route != "create":
+            return not_found(style, rid)
+        return error_answer(style, 404, "The model does not exist or you do not have access "
+                            "to it.", "invalid_request_error", "model", "model_not_found")
+    if kind not in ("429", "500", "503"):
+        return None
+    answer = error_answer(
+        style, int(kind),
+        "Rate limit reached; retry later." if kind == "429"
+        else "The server had an error while processing your request.",
+        "rate_limit_exceeded" if kind == "429" else "server_error",
+    )
+    if fault.retry_after is not None:
+        answer.headers["retry-after"] = f"{fault.retry_after:g}"
+    return answer

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 __all__ = ["LatencyModel", "Outcomes"]
 
@@ -85,3 +86,34 @@ class Outcomes:
         if weights[1:] == (0.0, 0.0, 0.0):
             return "completed"
         return rng.choices(OUTCOMES, weights)[0]
+
+
+def script(
+    latency: LatencyModel, outcomes: Outcomes, rng: random.Random, metadata: Mapping[str, Any]
+) -> tuple[float, float, Outcome]:
+    """One response's (duration, time queued, outcome): drawn, or set by its ``metadata``.
+    Raises ``ValueError`` on malformed metadata."""
+    duration = latency.sample(rng)
+    if "fake_duration" in metadata:
+        duration = _seconds(metadata["fake_duration"], "fake_duration")
+    queued = duration * latency.queue_fraction
+    if "fake_queue" in metadata:
+        queued = min(_seconds(metadata["fake_queue"], "fake_queue"), duration)
+    outcome = outcomes.sample(rng)
+    if "fake_outcome" in metadata:
+        outcome = metadata["fake_outcome"]
+        if outcome not in OUTCOMES:
+            raise ValueError(
+                f"metadata.fake_outcome must be one of {', '.join(OUTCOMES)}; got {outcome!r}"
+            )
+    return duration, queued, outcome
+
+
+def _seconds(value: object, name: str) -> float:
+    try:
+        seconds = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"metadata.{name} must be a number of seconds; got {value!r}") from None
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise ValueError(f"metadata.{name} must be a finite number >= 0; got {value!r}")
+    return seconds

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import openai
 import pytest
 
-from ._server import Counters, FakeResponsesServer
+from ._server import FakeResponsesServer
+from ._state import Counters
 from ._transport import fake_client
 
 __all__ = ["FakeOpenAI"]
