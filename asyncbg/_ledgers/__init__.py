@@ -1,0 +1,31 @@
+"""Ledgers: where asyncbg records what it sent and what the server said (see :mod:`._base`)."""
+
+from ._base import (
+    Claim,
+    ClaimOutcome,
+    Ledger,
+    LedgerError,
+    Outcome,
+    Record,
+    RecordState,
+    canonical,
+    digest,
+)
+from ._memory import MemoryLedger
+from ._open import open_ledger
+from ._sqlite import SQLiteLedger
+
+__all__ = [
+    "Claim",
+    "ClaimOutcome",
+    "Ledger",
+    "LedgerError",
+    "MemoryLedger",
+    "Outcome",
+    "Record",
+    "RecordState",
+    "SQLiteLedger",
+    "canonical",
+    "digest",
+    "open_ledger",
+]

@@ -1,0 +1,67 @@
+"""open_ledger: what a ``journal=`` argument names, as a :class:`Ledger`."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from urllib.parse import urlsplit, urlunsplit
+
+from ._base import Ledger, LedgerError
+from ._sqlite import SQLiteLedger
+
+__all__ = ["open_ledger"]
+
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)://")  # two letters at least: not C:// on Windows
+
+
+def open_ledger(
+    spec: str | os.PathLike[str] | Ledger, *, exclusive: bool = False
+) -> Ledger:
+    """The ledger ``spec`` names, not yet opened (the manager calls ``await ledger.open()``).
+
+    A :class:`Ledger` passes through as it is (its own settings apply, ``exclusive`` is not
+    used); a ``postgresql://`` URL names a PostgreSQL ledger; anything else is the path of an
+    SQLite journal. ``exclusive=True`` allows one run per journal at a time.
+    """
+    if isinstance(spec, str | os.PathLike):
+        text = os.fspath(spec)
+        match = _URL.match(text)
+        if match is None:
+            return SQLiteLedger(spec, exclusive=exclusive)
+        scheme = match.group(1).lower()
+        factory = _URL_SCHEMES.get(scheme)
+        if factory is None:
+            raise LedgerError(
+                f"{_redacted(text)}: {scheme}:// ledgers are not supported; pass a file path "
+                "(an SQLite journal) or a postgresql:// URL"
+            )
+        return factory(text, exclusive=exclusive)
+    if isinstance(spec, Ledger):
+        return spec
+    raise TypeError(
+        f"a ledger is a path, a postgresql:// URL or a Ledger, not {type(spec).__name__}"
+    )
+
+
+def _postgres(url: str, *, exclusive: bool) -> Ledger:
+    # The PostgreSQL ledger plugs in here: return PostgresLedger(url, exclusive=exclusive).
+    raise LedgerError(
+        f"PostgreSQL ledgers need a version of asyncbg that has them; this one does not yet "
+        f"({_redacted(url)}): pass the path of an SQLite journal instead"
+    )
+
+
+_URL_SCHEMES: dict[str, Callable[..., Ledger]] = {
+    "postgresql": _postgres,
+    "postgres": _postgres,
+}
+
+
+def _redacted(url: str) -> str:
+    """``url`` without its password, for messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{netloc[2]}"))

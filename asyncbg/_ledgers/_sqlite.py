@@ -1,0 +1,316 @@
+"""SQLiteLedger: the journal as one SQLite file, created and upgraded on first use.
+
+sqlite3 blocks, so every call runs in a worker thread, one at a time per ledger, and every
+write is one ``BEGIN IMMEDIATE`` transaction committed before the call returns. The statements
+live in :mod:`._sqlite_queries`, the error messages in :mod:`._sqlite_errors`.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+import anyio
+import anyio.to_thread
+
+from . import _sqlite_errors as errors
+from . import _sqlite_queries as q
+from ._base import Claim, ClaimOutcome, LedgerError, Outcome, Record
+from ._rules import claim_outcome, state_after, unclaimed
+
+if TYPE_CHECKING:
+    from ._lock import ExclusiveLock
+
+__all__ = ["SQLiteLedger"]
+
+T = TypeVar("T")
+
+#: How long a write waits for another connection's write transaction before giving up.
+_BUSY_TIMEOUT = 5.0
+#: ``PRAGMA quick_check`` reads the whole file (about 1.5 s per 100 MB from a cold disk), so on
+#: open it runs only up to this size; past it, corruption surfaces as a LedgerError on use.
+_QUICK_CHECK_MAX_BYTES = 32 << 20
+
+
+class SQLiteLedger:
+    """A :class:`Ledger` in an SQLite file at ``path``, created owner-only (0600) if missing.
+
+    An existing file is never truncated, overwritten or chmod-ed: a file that is not an asyncbg
+    journal is refused with a :class:`LedgerError`. ``exclusive=True`` allows one asyncbg run
+    per journal at a time (a ``flock`` on ``PATH.lock``, released when the process ends however
+    it ends); a ledger opened without it, e.g. to read a journal's status, takes no such lock.
+    """
+
+    __slots__ = ("_db", "_exclusive", "_limiter", "_lock", "_opens", "_path")
+
+    def __init__(self, path: str | os.PathLike[str], *, exclusive: bool = False) -> None:
+        if not os.fspath(path):
+            raise LedgerError("the journal path is empty; pass the path of a journal file")
+        self._path = Path(path)
+        self._exclusive = exclusive
+        self._db: sqlite3.Connection | None = None
+        self._lock: ExclusiveLock | None = None
+        self._limiter = anyio.CapacityLimiter(1)
+        self._opens = 0
+
+    def __repr__(self) -> str:
+        return f"SQLiteLedger({str(self._path)!r}, exclusive={self._exclusive})"
+
+    @property
+    def location(self) -> str:
+        return str(self._path)
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    async def open(self) -> None:
+        # Opens nest: a caller that opened the ledger (to hold its lock, or read it after a
+        # run) can hand it to a manager, which opens and closes it again around its block.
+        if self._db is not None:
+            self._opens += 1
+            return
+        await anyio.to_thread.run_sync(self._open_sync, limiter=self._limiter)
+        self._opens = 1
+
+    async def close(self) -> None:
+        if self._opens > 1:
+            self._opens -= 1
+            return
+        self._opens = 0
+        db, self._db = self._db, None
+        lock, self._lock = self._lock, None
+        try:
+            if db is not None:
+                await anyio.to_thread.run_sync(db.close, limiter=self._limiter)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    async def claim(self, key: str, digest: str, request: bytes) -> Claim:
+        return await self._call(lambda db: _claim(db, key, digest, bytes(request)))
+
+    async def sending(self, key: str, *, resubmit: bool) -> None:
+        args = (1 if resubmit else 0, time.time(), key)
+        await self._call(lambda db: self._update(db, key, q.SENDING, args))
+
+    async def record(self, key: str, outcome: Outcome) -> None:
+        state = state_after(outcome)
+        now = time.time()
+        o = outcome
+        args: tuple[Any, ...]
+        if state == "live":
+            sql, args = q.RECORD_LIVE, (o.response_id, o.status, now, key)
+        else:
+            sql = q.RECORD_TERMINAL
+            args = (state, o.response_id, o.status, o.body, o.error, o.error_code,
+                    o.http_status, o.request_id, now, key)
+        await self._call(lambda db: self._update(db, key, sql, args, event=(key, o.status, now)))
+
+    async def get(self, key: str) -> Record | None:
+        def get(db: sqlite3.Connection) -> Record | None:
+            row = db.execute(q.GET, (key,)).fetchone()
+            return None if row is None else _record(row)
+
+        return await self._call(get)
+
+    async def records(self) -> list[Record]:
+        return await self._call(lambda db: [_record(r) for r in db.execute(q.RECORDS)])
+
+    async def resubmits(self) -> int:
+        return await self._call(lambda db: int(db.execute(q.RESUBMITS).fetchone()[0]))
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        db = self._db
+        if db is None:
+            raise RuntimeError(
+                f"the ledger {self.location} is not open; call `await ledger.open()` first"
+            )
+
+        def run() -> T:
+            try:
+                return fn(db)
+            except sqlite3.DatabaseError as exc:
+                raise self._error(exc) from exc
+
+        return await anyio.to_thread.run_sync(run, limiter=self._limiter)
+
+    def _error(self, exc: sqlite3.Error) -> LedgerError:
+        return errors.from_sqlite(exc, self.location, busy_timeout=_BUSY_TIMEOUT)
+
+    def _update(
+        self, db: sqlite3.Connection, key: str, sql: str, args: tuple[Any, ...],
+        *, event: tuple[str, str, float] | None = None,
+    ) -> None:
+        with _transaction(db):
+            if db.execute(sql, args).rowcount == 0:
+                raise unclaimed(key, self.location)
+            if event is not None:
+                db.execute(q.EVENT, event)
+
+    def _open_sync(self) -> None:
+        try:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise errors.from_os(exc, self.location) from exc
+        lock = None
+        if self._exclusive:
+            from ._lock import ExclusiveLock  # fcntl: POSIX only, so imported when asked for
+
+            # Beside the real file: two paths to one journal (a symlink) share one lock.
+            lock_path = Path(os.path.realpath(self._path) + ".lock")
+            lock = ExclusiveLock.acquire(lock_path, self.location)
+        try:
+            created = self._make_file()
+            try:
+                db = sqlite3.connect(
+                    self._path, timeout=_BUSY_TIMEOUT, isolation_level=None,
+                    check_same_thread=False,
+                )
+            except sqlite3.DatabaseError as exc:
+                raise self._error(exc) from exc
+            try:
+                self._prepare(db, created)
+            except BaseException:
+                db.close()
+                raise
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        self._db, self._lock = db, lock
+
+    def _make_file(self) -> bool:
+        """Create the file owner-only before SQLite would (with the umask's mode); True if new."""
+        try:
+            try:
+                fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            except FileExistsError:
+                st = self._path.stat()
+            else:
+                try:
+                    os.fchmod(fd, 0o600)  # ours, just made: owner-only whatever the umask
+                finally:
+                    os.close(fd)
+                return True
+        except OSError as exc:
+            raise errors.from_os(exc, self.location) from exc
+        if not stat.S_ISREG(st.st_mode):
+            raise errors.not_a_file(self.location)
+        if st.st_size == 0:
+            raise errors.empty(self.location)
+        return False
+
+    def _prepare(self, db: sqlite3.Connection, created: bool) -> None:
+        """Check what the file is, then create or upgrade the schema in one transaction."""
+        try:
+            self._inspect(db)  # before anything is written: a foreign file stays untouched
+            if not created and self._path.stat().st_size <= _QUICK_CHECK_MAX_BYTES:
+                problems = [row[0] for row in db.execute(q.QUICK_CHECK)]
+                if problems != ["ok"]:
+                    raise self._error(sqlite3.DatabaseError(
+                        f"database disk image is malformed: {problems[0]}"
+                    ))
+            for pragma in q.CONNECTION_SETUP:
+                db.execute(pragma)
+            with _transaction(db):
+                kind = self._inspect(db)  # again, under the write lock: another opener may
+                if kind == "empty":  # have set it up in the meantime
+                    for sql in (*q.CREATE_V2, *q.V2_INDEXES):
+                        db.execute(sql)
+                elif kind == "v1":
+                    _upgrade_v1(db)
+                # Written even when already there: a real write, so that a read-only journal
+                # is refused now rather than at the first claim.
+                for sql in q.V2_MARK:
+                    db.execute(sql)
+        except sqlite3.DatabaseError as exc:
+            raise self._error(exc) from exc
+        except OSError as exc:
+            raise errors.from_os(exc, self.location) from exc
+
+    def _inspect(self, db: sqlite3.Connection) -> Literal["empty", "v1", "current"]:
+        application_id = int(db.execute(q.READ_APPLICATION_ID).fetchone()[0])
+        version = int(db.execute(q.READ_USER_VERSION).fetchone()[0])
+        tables = [row[0] for row in db.execute(q.READ_TABLES)]
+        if application_id == q.APPLICATION_ID:
+            if version > q.SCHEMA_VERSION:
+                raise errors.too_new(self.location, version, q.SCHEMA_VERSION)
+            if version == q.SCHEMA_VERSION:
+                return "current"
+        elif application_id == 0 and version == 0:
+            if not tables:
+                return "empty"
+            if sorted(tables) == ["events", "jobs"] and (
+                _columns(db, "jobs") == q.V1_JOBS_COLUMNS
+                and _columns(db, "events") == q.V1_EVENTS_COLUMNS
+            ):
+                return "v1"
+        raise errors.foreign(self.location, tables, application_id, version)
+
+
+@contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    db.execute(q.BEGIN)
+    try:
+        yield
+    except BaseException:
+        if db.in_transaction:
+            db.execute(q.ROLLBACK)
+        raise
+    db.execute(q.COMMIT)
+
+
+def _claim(db: sqlite3.Connection, key: str, digest: str, request: bytes) -> Claim:
+    now = time.time()
+    with _transaction(db):
+        if db.execute(q.CLAIM_INSERT, (key, digest, request, now, now)).rowcount == 1:
+            return Claim(ClaimOutcome.NEW, _record(db.execute(q.GET, (key,)).fetchone()))
+        old = _record(db.execute(q.GET, (key,)).fetchone())
+        outcome = claim_outcome(old.state, old.digest, digest)
+        if outcome is ClaimOutcome.NEW:
+            db.execute(q.CLAIM_RESET, (digest, request, now, key))
+        elif outcome is ClaimOutcome.RESEND:
+            db.execute(q.CLAIM_RESEND, (request, now, key))
+        elif outcome is not ClaimOutcome.MISMATCH and not old.request:
+            # A record upgraded from a version 1 journal has no request yet: fill it in.
+            db.execute(q.CLAIM_FILL_REQUEST, (request, key))
+        else:
+            return Claim(outcome, old)
+        return Claim(outcome, _record(db.execute(q.GET, (key,)).fetchone()))
+
+
+def _upgrade_v1(db: sqlite3.Connection) -> None:
+    for sql in (*q.ADD_V2_COLUMNS, q.BLOB_BODIES):
+        db.execute(sql)
+    keys = [row[0] for row in db.execute(q.KEYS_IN_CLAIM_ORDER)]
+    db.executemany(q.SET_SEQ, ((seq, key) for seq, key in enumerate(keys, 1)))
+    for sql in q.V2_INDEXES:
+        db.execute(sql)
+
+
+def _columns(db: sqlite3.Connection, table: str) -> frozenset[str]:
+    return frozenset(row[0] for row in db.execute(q.READ_COLUMNS, (table,)))
+
+
+def _blob(value: bytes | str | None) -> bytes | None:
+    return value.encode() if isinstance(value, str) else value
+
+
+def _record(row: tuple[Any, ...]) -> Record:
+    (key, digest, request, state, response_id, status, body, error, error_code, http_status,
+     request_id, resubmits, created, updated) = row
+    return Record(
+        key=key, digest=digest, request=_blob(request) or b"", state=state,
+        response_id=response_id, status=status, body=_blob(body), error=error,
+        error_code=error_code, http_status=http_status, request_id=request_id,
+        resubmits=resubmits, created=created, updated=updated,
+    )

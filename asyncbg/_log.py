@@ -1,0 +1,68 @@
+"""Where asyncbg's log events go: structlog when the application configured it, else stdlib.
+
+The library never configures logging and never writes to stdout. structlog's *default*
+configuration prints to stdout, so asyncbg emits through structlog only once the application has
+called ``structlog.configure`` (:func:`structlog.is_configured`); otherwise every event goes to
+the stdlib logger ``asyncbg``, where an unconfigured application sees only warnings and errors
+(on stderr, through Python's last-resort handler) and a configured one tunes it the usual way.
+
+Events are names with key-value context (``job.terminal key='q1' status='failed'``). Nothing is
+bound and kept per job: a bound logger per job would cost memory across 100,000 jobs, so callers
+pass the context (key, response_id, status, attempt) with each event.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import structlog
+
+__all__ = ["debug", "enabled", "error", "exception", "info", "warning"]
+
+_std = logging.getLogger("asyncbg")
+_structured = structlog.get_logger("asyncbg")
+_METHOD = {
+    logging.DEBUG: "debug",
+    logging.INFO: "info",
+    logging.WARNING: "warning",
+    logging.ERROR: "error",
+}
+
+
+def enabled(level: int) -> bool:
+    """Whether an event at ``level`` would go anywhere (skip building costly context if not)."""
+    return structlog.is_configured() or _std.isEnabledFor(level)
+
+
+def _emit(level: int, event: str, fields: dict[str, Any], exc_info: bool = False) -> None:
+    if structlog.is_configured():
+        method = getattr(_structured, "exception" if exc_info else _METHOD[level])
+        method(event, **fields)
+        return
+    if not _std.isEnabledFor(level):
+        return
+    context = " ".join(f"{k}={v!r}" for k, v in fields.items() if v is not None)
+    _std.log(level, "%s %s" if context else "%s%s", event, context, exc_info=exc_info,
+             stacklevel=3, extra={"asyncbg_event": event, "asyncbg_context": fields})
+
+
+def debug(event: str, **fields: Any) -> None:
+    _emit(logging.DEBUG, event, fields)
+
+
+def info(event: str, **fields: Any) -> None:
+    _emit(logging.INFO, event, fields)
+
+
+def warning(event: str, **fields: Any) -> None:
+    _emit(logging.WARNING, event, fields)
+
+
+def error(event: str, **fields: Any) -> None:
+    _emit(logging.ERROR, event, fields)
+
+
+def exception(event: str, **fields: Any) -> None:
+    """An error with the current exception's traceback (for asyncbg's own bugs only)."""
+    _emit(logging.ERROR, event, fields, exc_info=True)
