@@ -11,16 +11,20 @@ from ._errors import (
     JobCancelled,
     JobFailed,
     JobIncomplete,
+    JournalMismatchError,
     ManagerStateError,
 )
 from ._job import Job
-from ._journal import Journal, JournalMismatchError
+from ._ledgers import Ledger, LedgerError, MemoryLedger, Outcome, Record, SQLiteLedger
 from ._manager import BackgroundManager, ManagerStatistics
 from ._policies import PollPolicy, RetryPolicy
 from ._status import JobStatus
 from ._webhooks import webhook_app
 
-__version__ = "0.1.0"
+#: The SQLite journal of earlier versions: ``journal="run.db"`` makes one.
+Journal = SQLiteLedger
+
+__version__ = "0.2.0"
 
 __all__ = [
     "AsyncbgError",
@@ -33,10 +37,23 @@ __all__ = [
     "JobStatus",
     "Journal",
     "JournalMismatchError",
+    "Ledger",
+    "LedgerError",
     "ManagerStateError",
     "ManagerStatistics",
+    "MemoryLedger",
+    "Outcome",
     "PollPolicy",
+    "Record",
     "RetryPolicy",
+    "SQLiteLedger",
     "__version__",
     "webhook_app",
 ]
+
+# Users import asyncbg.X: say so in reprs, tracebacks and docs, not asyncbg._x.X.
+for _name in __all__:
+    _value = globals()[_name]
+    if getattr(_value, "__module__", "").startswith("asyncbg."):
+        _value.__module__ = __name__
+del _name, _value

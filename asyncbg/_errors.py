@@ -4,8 +4,9 @@
     ├── JobFailed              a job ended without a completed response (.job)
     │   ├── JobCancelled       it was cancelled, on the server or before it was sent
     │   └── JobIncomplete      the server stopped it early (see .job.response.incomplete_details)
-    ├── DuplicateKeyError      a key was submitted twice to one manager
+    ├── DuplicateKeyError      a key was submitted twice to one manager (also a ValueError)
     ├── JournalMismatchError   a key in the journal was submitted with a different request
+    ├── LedgerError            a journal/ledger cannot be used: corrupt, locked, unwritable
     └── ManagerStateError      the manager was used outside its ``async with`` (also a RuntimeError)
 
 Timeouts raise the builtin :class:`TimeoutError`; the jobs keep running.
@@ -13,10 +14,7 @@ Timeouts raise the builtin :class:`TimeoutError`; the jobs keep running.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from ._job import Job
+from typing import Any
 
 __all__ = [
     "AsyncbgError",
@@ -24,6 +22,7 @@ __all__ = [
     "JobCancelled",
     "JobFailed",
     "JobIncomplete",
+    "JournalMismatchError",
     "ManagerStateError",
 ]
 
@@ -35,8 +34,9 @@ class AsyncbgError(Exception):
 class JobFailed(AsyncbgError):
     """A job reached a terminal status other than ``completed``; ``.job`` is the job."""
 
-    def __init__(self, job: Job, message: str) -> None:
+    def __init__(self, job: Any, message: str) -> None:
         super().__init__(message)
+        #: The :class:`~asyncbg.Job` that failed.
         self.job = job
 
 
@@ -52,5 +52,9 @@ class DuplicateKeyError(AsyncbgError, ValueError):
     """A key was submitted twice to one manager; keys name jobs and must be unique."""
 
 
+class JournalMismatchError(AsyncbgError, ValueError):
+    """A key already in the journal was submitted with a different request."""
+
+
 class ManagerStateError(AsyncbgError, RuntimeError):
-    """The manager was used before ``async with`` or after it exited."""
+    """The manager was used before ``async with``, after it exited, or a detached job awaited."""

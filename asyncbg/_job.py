@@ -1,90 +1,103 @@
-"""The handle for one background response."""
+"""The handle for one background job, and the one door through which its state changes.
+
+A :class:`Job` is what users hold: status, result, wait, cancel. It never changes itself: its
+owner (the manager's scheduler) moves it through :class:`JobControl`, made once per job, so a
+reader finds every state change in one method, :meth:`JobControl.update`.
+"""
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import anyio
-from openai.types.responses import Response, ResponseStreamEvent
 
-from ._errors import JobCancelled, JobFailed, JobIncomplete
+from . import _log
+from ._errors import JobCancelled, JobFailed, JobIncomplete, ManagerStateError
 from ._status import JobStatus
 
-if TYPE_CHECKING:
-    from ._manager import BackgroundManager
+__all__ = ["Job", "JobControl", "JobOwner"]
 
-__all__ = ["Job"]
+#: Finish order across every manager in the process (``wait_any`` across managers needs it).
+_finish_order = itertools.count()
+
+
+class JobOwner(Protocol):
+    """What a job asks of whoever runs it."""
+
+    async def cancel_job(self, job: Job) -> None:
+        """Cancel ``job`` (locally if unsent, else on the server); return once it is terminal."""
+        ...
+
+    def parse_result(self, body: bytes) -> Any:
+        """Build the provider's result type (an OpenAI ``Response``) from a saved body."""
+        ...
+
+    def parse_event(self, data: dict[str, Any]) -> Any:
+        """Build the provider's stream event type from one event's JSON."""
+        ...
+
+
+class _Stream:
+    """A stream job's events as raw JSON dicts, and its text so far (models built on read)."""
+
+    __slots__ = ("added", "events", "last_sequence", "text")
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.text: list[str] = []
+        self.last_sequence: int | None = None
+        self.added: anyio.Event | None = None
 
 
 class Job:
-    """One background response managed by a :class:`~asyncbg.BackgroundManager`.
+    """One background job of a :class:`~asyncbg.BackgroundManager`.
 
-    Returned at once by ``submit``; the response is created on the server when a slot frees.
+    Returned at once by ``submit``; the request is sent when one of the manager's slots frees.
     """
 
     __slots__ = (
         "_accepted",
-        "_cancel_requested",
-        "_create_sent",
+        "_body",
+        "_callbacks",
+        "_detached",
         "_done",
         "_error",
-        "_event_added",
-        "_events",
+        "_error_code",
         "_finish_seq",
-        "_listeners",
-        "_log",
-        "_manager",
-        "_nap_scope",
-        "_params",
-        "_poked",
-        "_policy",
-        "_raw",
+        "_owner",
         "_response",
-        "_scope",
         "_started",
         "_status",
-        "_stream_dropped",
-        "_stream_scope",
-        "_text",
+        "_stream",
         "key",
-        "last_sequence",
+        "request_id",
         "response_id",
     )
 
-    def __init__(self, manager: BackgroundManager, key: str, params: dict[str, Any], log: Any):
-        #: The job's name, unique within its manager.
+    def __init__(self, owner: JobOwner, key: str) -> None:
+        #: The job's name, unique within its manager (the ``custom_id`` of a batch line).
         self.key = key
         #: The server's id for the response; None until the server has accepted the job.
         self.response_id: str | None = None
-        self._manager = manager
-        self._params = params
-        self._log = log
+        #: The server's ``x-request-id`` for the latest answer that changed this job.
+        self.request_id: str | None = None
+        self._owner = owner
         self._status = JobStatus.PENDING
-        #: The latest answer's body, as the server sent it (see ``_api.Answer``).
-        self._raw: bytes | None = None
-        self._response: Response | None = None
+        self._body: bytes | None = None
+        self._response: Any = None
         self._error: str | None = None
-        self._done = anyio.Event()
-        self._accepted = anyio.Event()
-        self._poked = False
-        self._nap_scope: anyio.CancelScope | None = None
-        self._policy = manager.poll_policy
-        self._scope = anyio.CancelScope()
-        self._listeners: list[Callable[[Job], object]] = []
+        self._error_code: str | None = None
+        # Events are made on first wait: most jobs of a large fan-out are never awaited alone.
+        self._done: anyio.Event | None = None
+        self._accepted: anyio.Event | None = None
+        self._callbacks: list[Callable[[Job], object]] | None = None
         self._finish_seq = -1
         self._started = anyio.current_time()
-        self._create_sent = False
-        self._cancel_requested = False
-        #: Background streams only: every event received, in order, and the text so far.
-        self._events: list[ResponseStreamEvent] = []
-        self._event_added = anyio.Event()
-        self._text: list[str] = []
-        self._stream_scope: anyio.CancelScope | None = None
-        self._stream_dropped = False
-        #: The ``sequence_number`` of the last stream event received (None before any).
-        self.last_sequence: int | None = None
+        self._stream: _Stream | None = None
+        self._detached = False
 
     # -- state -----------------------------------------------------------------------------
 
@@ -96,20 +109,20 @@ class Job:
     @property
     def done(self) -> bool:
         """True once the job is terminal (completed, failed, cancelled or incomplete)."""
-        return self._done.is_set()
+        return self._status.terminal
 
     @property
-    def response(self) -> Response | None:
-        """The latest ``Response`` the server sent, or None before the first answer."""
-        if self._response is None and self._raw is not None:
+    def response(self) -> Any:
+        """The latest result the server sent (an OpenAI ``Response``), or None before any."""
+        if self._response is None and self._body is not None:
             # Built on demand and leniently: real payloads omit fields strict validation wants.
-            self._response = Response.construct(**json.loads(self._raw))
+            self._response = self._owner.parse_result(self._body)
         return self._response
 
     @property
-    def _data(self) -> dict[str, Any] | None:
-        """The latest answer's JSON, parsed anew (for the rare reader that needs it)."""
-        return None if self._raw is None else dict(json.loads(self._raw))
+    def body(self) -> bytes | None:
+        """The latest answer's JSON exactly as the server sent it (None before any)."""
+        return self._body
 
     @property
     def error(self) -> str | None:
@@ -117,23 +130,42 @@ class Job:
         return self._error
 
     @property
+    def error_code(self) -> str | None:
+        """A short code for :attr:`error`: the server's, or asyncbg's own (e.g.
+        ``connection_error``, ``response_lost``, ``deadline_exceeded``, ``request_failed``)."""
+        return self._error_code
+
+    @property
     def text(self) -> str:
         """For a stream job, the output text received so far."""
-        return "".join(self._text)
+        return "".join(self._stream.text) if self._stream is not None else ""
 
-    async def events(self) -> AsyncIterator[ResponseStreamEvent]:
+    @property
+    def last_sequence(self) -> int | None:
+        """For a stream job, the ``sequence_number`` of the last event received."""
+        return self._stream.last_sequence if self._stream is not None else None
+
+    async def events(self) -> AsyncIterator[Any]:
         """For a stream job, every event as it arrives (from the first), until the job ends.
 
         Each caller gets the whole sequence; a resumed stream adds no duplicate and loses none.
+        Events are the SDK's ``ResponseStreamEvent`` models, built as they are read.
         """
         index = 0
         while True:
-            while index < len(self._events):
-                yield self._events[index]
-                index += 1
-            if self.done:
+            stream = self._stream
+            if stream is not None:
+                while index < len(stream.events):
+                    yield self._owner.parse_event(stream.events[index])
+                    index += 1
+            if self.done or self._detached:
                 return
-            await self._event_added.wait()
+            if stream is None:
+                await self._wait_done()
+                continue
+            if stream.added is None:
+                stream.added = anyio.Event()
+            await stream.added.wait()
 
     @property
     def elapsed(self) -> float:
@@ -146,10 +178,24 @@ class Job:
 
     # -- waiting ---------------------------------------------------------------------------
 
+    async def _wait_done(self) -> None:
+        if self.done:
+            return
+        if self._detached:
+            raise ManagerStateError(
+                f"job {self.key!r} was left running on the server when its manager exited "
+                "(cancel_on_exit=False); re-attach to it with a journal"
+            )
+        if self._done is None:
+            self._done = anyio.Event()
+        await self._done.wait()
+        if not self.done:
+            await self._wait_done()  # detached while waiting: raise as above
+
     async def wait(self, timeout: float | None = None) -> Job:
         """Wait until the job is terminal; raise ``TimeoutError`` after ``timeout`` seconds."""
         with anyio.fail_after(timeout):
-            await self._done.wait()
+            await self._wait_done()
         return self
 
     async def wait_accepted(self, timeout: float | None = None) -> str | None:
@@ -158,17 +204,18 @@ class Job:
         Returns the response id, or None for a job that was rejected or cancelled while pending.
         """
         with anyio.fail_after(timeout):
-            await self._accepted.wait()
+            if self.response_id is None and not self.done and not self._detached:
+                if self._accepted is None:
+                    self._accepted = anyio.Event()
+                await self._accepted.wait()
         return self.response_id
 
-    async def result(self, timeout: float | None = None) -> Response:
-        """The final ``Response`` once completed; raises :class:`~asyncbg.JobFailed` otherwise."""
+    async def result(self, timeout: float | None = None) -> Any:
+        """The final result once completed; raises :class:`~asyncbg.JobFailed` otherwise."""
         await self.wait(timeout)
         status = self._status
         if status is JobStatus.COMPLETED:
-            response = self.response
-            assert response is not None
-            return response
+            return self.response
         message = f"job {self.key!r}"
         if self.response_id:
             message += f" ({self.response_id})"
@@ -180,125 +227,135 @@ class Job:
         raise JobFailed(self, message)
 
     async def cancel(self) -> None:
-        """Cancel the job on the server and return once it is terminal.
+        """Cancel the job and return once it is terminal.
 
-        A pending job is cancelled locally and nothing is sent. A finished job is left as it is.
+        A job not yet sent is cancelled locally and nothing is sent. A finished job is left as
+        it is (a cancel racing the job's own end keeps the server's final status).
         """
+        if not self.done:
+            await self._owner.cancel_job(self)
+
+    def add_done_callback(self, fn: Callable[[Job], object]) -> None:
+        """Call ``fn(job)`` once the job is terminal (at once if it already is)."""
         if self.done:
+            fn(self)
             return
-        if not self._create_sent:
-            self._finish(JobStatus.CANCELLED, "cancelled before it was sent")
-            self._scope.cancel()
-            return
-        self._cancel_requested = True
-        self._wake()
-        if self._stream_scope is not None:
-            self._stream_scope.cancel()  # no stream event exists for a cancel: stop reading
-        await self._done.wait()
+        if self._callbacks is None:
+            self._callbacks = []
+        self._callbacks.append(fn)
 
-    # -- driven by the manager -------------------------------------------------------------
+    def remove_done_callback(self, fn: Callable[[Job], object]) -> None:
+        """Forget a callback added with :meth:`add_done_callback` (no error if it is gone)."""
+        if self._callbacks is not None and fn in self._callbacks:
+            self._callbacks.remove(fn)
 
-    def _update(self, data: dict[str, Any], raw: bytes | None = None) -> None:
-        """Take a server answer: keep its body, move the status, finish if terminal."""
-        if self.done:
-            return
-        self._raw = raw if raw is not None else json.dumps(data).encode()
-        self._response = None
-        if self.response_id is None:
-            rid = data.get("id")
-            self.response_id = rid if isinstance(rid, str) else None
-            self._log = self._log.bind(response_id=self.response_id)
-            if self.response_id is not None:
-                self._manager._known(self)
-            self._accepted.set()
-        status = JobStatus.from_server(data.get("status"))
-        if status is self._status:
-            return
-        self._log.debug(
-            "job.status_changed",
-            status=status.value,
-            previous=self._status.value,
-            elapsed=round(self.elapsed, 3),
-        )
-        if status.terminal:
-            self._finish(status, _reason(status, data))
-        else:
-            self._status = status
+    @property
+    def finish_order(self) -> int:
+        """A number that orders finished jobs by when they finished (-1 while live)."""
+        return self._finish_seq
 
-    def _reattach(self, response_id: str, status: JobStatus) -> None:
-        """Resume a job whose response the journal knows: no create will be sent."""
-        self.response_id = response_id
-        self._create_sent = True
-        self._status = status
-        self._log = self._log.bind(response_id=response_id)
-        self._manager._known(self)
-        self._accepted.set()
 
-    def _add_event(self, event: ResponseStreamEvent) -> bool:
-        """Keep one stream event; False for one already seen (a resume replays nothing twice)."""
-        seq = event.sequence_number
-        if self.last_sequence is not None and seq <= self.last_sequence:
+class JobControl:
+    """The owner's handle on a job: the only way its state changes."""
+
+    __slots__ = ("job",)
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+
+    def update(
+        self,
+        status: JobStatus,
+        *,
+        body: bytes | None = None,
+        response_id: str | None = None,
+        error: str | None = None,
+        error_code: str | None = None,
+        request_id: str | None = None,
+    ) -> bool:
+        """Move the job to ``status``; True when the status changed. A terminal job stays put."""
+        job = self.job
+        if job.done:
             return False
-        self.last_sequence = seq
-        self._events.append(event)
-        if event.type == "response.output_text.delta":
-            self._text.append(event.delta)
-        added, self._event_added = self._event_added, anyio.Event()
-        added.set()
+        if body is not None:
+            job._body = body
+            job._response = None
+        if request_id is not None:
+            job.request_id = request_id
+        if response_id is not None and job.response_id is None:
+            job.response_id = response_id
+            if job._accepted is not None:
+                job._accepted.set()
+        changed = status is not job._status
+        if not changed:
+            return False
+        previous = job._status
+        job._status = status
+        if not status.terminal:
+            _log.debug("job.status_changed", key=job.key, response_id=job.response_id,
+                       status=status.value, previous=previous.value,
+                       elapsed=round(job.elapsed, 3))
+            return True
+        job._error = error
+        job._error_code = error_code
+        job._finish_seq = next(_finish_order)
+        _log.debug("job.status_changed", key=job.key, response_id=job.response_id,
+                   status=status.value, previous=previous.value, elapsed=round(job.elapsed, 3))
+        _log.info("job.terminal", key=job.key, response_id=job.response_id,
+                  status=status.value, elapsed=round(job.elapsed, 3), error=error)
+        self._wake_all()
+        callbacks, job._callbacks = job._callbacks, None
+        for fn in callbacks or ():
+            try:
+                fn(job)
+            except Exception:  # noqa: BLE001 - one bad callback must not stop the others
+                _log.exception("job.callback_failed", key=job.key)
         return True
 
-    def _finish(self, status: JobStatus, error: str | None = None) -> None:
-        if self.done:
-            return
-        self._status = status
-        self._error = error
-        self._finish_seq = self._manager._next_seq()
-        self._done.set()
-        self._accepted.set()
-        self._event_added.set()
-        self._log.info(
-            "job.terminal", status=status.value, elapsed=round(self.elapsed, 3), error=error
-        )
-        listeners, self._listeners = self._listeners, []
-        for listener in listeners:
-            listener(self)
+    def start_stream(self) -> None:
+        """Mark the job as a stream job, so that :meth:`Job.events` waits for its events."""
+        if self.job._stream is None:
+            self.job._stream = _Stream()
 
-    def _wake(self) -> None:
-        """Cut the job's current nap short (a cancel, a webhook): it polls at once."""
-        self._poked = True
-        if self._nap_scope is not None:
-            self._nap_scope.cancel()
+    def add_event(self, data: dict[str, Any]) -> bool:
+        """Keep one stream event; False for one already seen (a resume replays nothing twice)."""
+        job = self.job
+        stream = job._stream
+        if stream is None:
+            stream = job._stream = _Stream()
+        seq = data.get("sequence_number")
+        if isinstance(seq, int):
+            if stream.last_sequence is not None and seq <= stream.last_sequence:
+                return False
+            stream.last_sequence = seq
+        stream.events.append(data)
+        if data.get("type") == "response.output_text.delta":
+            delta = data.get("delta")
+            if isinstance(delta, str):
+                stream.text.append(delta)
+        added, stream.added = stream.added, None
+        if added is not None:
+            added.set()
+        return True
 
-    async def _nap(self, seconds: float) -> None:
-        """Sleep until the next poll, unless :meth:`_wake` cuts it short.
+    def detach(self) -> None:
+        """The manager exited leaving this live job running on the server: wake its waiters."""
+        job = self.job
+        if not job.done:
+            job._detached = True
+            self._wake_all()
 
-        A timed nap ends as a plain sleep, not as a cancelled timeout: a timeout ends by raising
-        inside the task, and each such exception leaves a traceback cycle that only the cyclic
-        garbage collector frees. At one per poll, across thousands of jobs, those collections
-        stall the event loop for hundreds of milliseconds. Only a wake-up, which is rare,
-        cancels.
-        """
-        if not self._poked:
-            with anyio.CancelScope() as scope:
-                self._nap_scope = scope
-                await anyio.sleep(seconds)
-            self._nap_scope = None
-        self._poked = False
+    def _wake_all(self) -> None:
+        job = self.job
+        for event in (job._done, job._accepted):
+            if event is not None:
+                event.set()
+        if job._stream is not None and job._stream.added is not None:
+            job._stream.added.set()
+            job._stream.added = None
 
-def _reason(status: JobStatus, data: dict[str, Any]) -> str | None:
-    """The server's explanation for a terminal status other than completed."""
-    if status is JobStatus.FAILED:
-        err = data.get("error")
-        if isinstance(err, dict):
-            code = err.get("code")
-            message = str(err.get("message") or "the server gave no message")
-            return f"{message} ({code})" if code else message
-        return "the server reported failure without an error object"
-    if status is JobStatus.INCOMPLETE:
-        details = data.get("incomplete_details")
-        if isinstance(details, dict) and details.get("reason"):
-            return f"incomplete: {details['reason']}"
-        return "incomplete: the server gave no reason"
-    if status is JobStatus.CANCELLED:
-        return "cancelled on the server"
-    return None
+
+def decode(body: bytes) -> dict[str, Any]:
+    """A saved body as a dict (an empty one if it is not a JSON object)."""
+    data = json.loads(body)
+    return data if isinstance(data, dict) else {}

@@ -47,8 +47,9 @@ class PollPolicy:
     max_interval: float = 30.0
     growth: float = 0.2
     jitter: float = 0.1
+    # Left out of the hash (a dict has none) so that policies stay hashable.
     window_scale: Mapping[str, float] = field(
-        default_factory=lambda: {"2h": 4.0, "8h": 8.0}
+        default_factory=lambda: {"2h": 4.0, "8h": 8.0}, hash=False
     )
     honor_poll_after: bool = True
 

@@ -2,40 +2,40 @@
 
 from __future__ import annotations
 
+import binascii
 import json
 from collections import OrderedDict
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Protocol
 
-import structlog
-
-from ._asgi import ASGIApp, Receive, Scope, Send, read_body
-
-if TYPE_CHECKING:
-    from ._manager import BackgroundManager
+from . import _log
+from ._asgi import ASGIApp, Receive, Scope, Send
+from ._providers._base import WebhookEvent
 
 __all__ = ["WebhookInbox", "webhook_app"]
 
-_log = structlog.get_logger("asyncbg")
-
-TERMINAL_EVENTS = frozenset(
-    {"response.completed", "response.failed", "response.cancelled", "response.incomplete"}
-)
 #: How many webhook ids are remembered for deduplication. The SDK refuses deliveries older than
 #: 300 s, so an id only needs remembering for that long; this bound is generous for that.
 SEEN_LIMIT = 100_000
-#: Terminal events whose response id is not known yet (the webhook beat the create's answer).
-EARLY_LIMIT = 10_000
+#: The largest delivery accepted: OpenAI's payloads carry only an id and a few fields.
+MAX_BODY = 1024 * 1024
+
+
+class Verifier(Protocol):
+    def verify_webhook(
+        self, body: bytes, headers: Mapping[str, str], secret: str | None
+    ) -> WebhookEvent: ...
 
 
 class WebhookInbox:
-    """A manager's webhook state: the ids already seen and the events that arrived early."""
+    """A manager's webhook state: verification, the ids already seen, counters."""
 
-    def __init__(self, manager: BackgroundManager, secret: str | None) -> None:
-        self.manager = manager
+    def __init__(self, verifier: Verifier, secret: str | None,
+                 wake: Callable[[str], bool]) -> None:
+        self.verifier = verifier
         self.secret = secret
+        self.wake = wake
         self.seen: OrderedDict[str, None] = OrderedDict()
-        self.early: OrderedDict[str, None] = OrderedDict()
         self.accepted = 0
         self.rejected = 0
 
@@ -43,68 +43,83 @@ class WebhookInbox:
         """Verify and apply one delivery; returns the HTTP status to answer with."""
         headers = {k.lower(): v for k, v in headers.items()}
         webhook_id = headers.get("webhook-id", "")
-        log = _log.bind(webhook_id=webhook_id)
         try:
-            # Synchronous even on AsyncOpenAI: an HMAC over a small body, cheap enough inline.
-            event = self.manager.client.webhooks.unwrap(body, headers, secret=self.secret)
-        except ValueError as exc:  # InvalidWebhookSignatureError, stale, missing headers
+            event = self.verifier.verify_webhook(body, headers, self.secret)
+        except (ValueError, TypeError, UnicodeError, binascii.Error) as exc:
+            # InvalidWebhookSignatureError (a ValueError), stale, missing or malformed headers
             self.rejected += 1
-            log.warning("webhook.rejected", reason=str(exc))
+            _log.warning("webhook.rejected", webhook_id=webhook_id, reason=str(exc))
             return 400
         if webhook_id in self.seen:
             self.rejected += 1
-            log.warning("webhook.rejected", reason="replay: this webhook-id was already handled")
+            _log.warning("webhook.rejected", webhook_id=webhook_id,
+                         reason="replay: this webhook-id was already handled")
             return 409
         self.seen[webhook_id] = None
         if len(self.seen) > SEEN_LIMIT:
             self.seen.popitem(last=False)
         self.accepted += 1
-        event_type = getattr(event, "type", None)
-        data = getattr(event, "data", None)
-        response_id = getattr(data, "id", None)
-        if event_type not in TERMINAL_EVENTS or not isinstance(response_id, str):
-            log.info("webhook.ignored", type=event_type)
+        if not event.terminal or event.response_id is None:
+            _log.info("webhook.ignored", webhook_id=webhook_id, type=event.type)
             return 200
-        job = self.manager._by_response_id.get(response_id)
-        if job is None:
-            # Perhaps ours, and faster than the create's answer: remember it.
-            self.early[response_id] = None
-            if len(self.early) > EARLY_LIMIT:
-                self.early.popitem(last=False)
-            log.info("webhook.unknown_response", response_id=response_id, type=event_type)
-            return 200
-        log.info("webhook.received", key=job.key, response_id=response_id, type=event_type)
-        job._wake()  # the job's runner wakes and fetches the final Response once
+        if self.wake(event.response_id):
+            _log.info("webhook.received", webhook_id=webhook_id,
+                      response_id=event.response_id, type=event.type)
+        else:
+            _log.info("webhook.unknown_response", webhook_id=webhook_id,
+                      response_id=event.response_id, type=event.type)
         return 200
 
-    def claim_early(self, response_id: str) -> bool:
-        """True (once) when a terminal webhook for this id arrived before the id was known."""
-        if response_id in self.early:
-            del self.early[response_id]
-            return True
-        return False
+
+class _Handler(Protocol):
+    def handle_webhook(
+        self, body: bytes, headers: Mapping[str, str]
+    ) -> Awaitable[int]: ...
 
 
-
-def webhook_app(manager: BackgroundManager) -> ASGIApp:
+def webhook_app(manager: _Handler, *, max_body: int = MAX_BODY) -> ASGIApp:
     """An ASGI app that receives OpenAI webhooks for ``manager``.
 
     Mount it in Starlette/FastAPI (``app.mount("/openai-webhooks", webhook_app(mgr))``) or serve
-    it with uvicorn. Each POST answers 200, or 4xx for a forged, stale or replayed delivery.
+    it with uvicorn. Each POST answers 200, or 4xx for a forged, stale or replayed delivery, and
+    413 for a body over ``max_body`` bytes (refused before it is read whole).
     """
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        body = await read_body(receive)
+        headers: dict[str, str] = {}
+        for k, v in scope["headers"]:
+            headers[k.decode("latin-1").lower()] = v.decode("latin-1")
         if scope["method"] != "POST":
             status = 405
         else:
-            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-            status = await manager.handle_webhook(body, headers)
+            body = await _read_limited(receive, headers, max_body)
+            status = 413 if body is None else await manager.handle_webhook(body, headers)
         reply = json.dumps({"ok": status == 200}).encode()
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json")]})
         await send({"type": "http.response.body", "body": reply})
 
     return app
+
+
+async def _read_limited(
+    receive: Receive, headers: Mapping[str, str], limit: int
+) -> bytes | None:
+    """The request body, or None once it is known to exceed ``limit`` bytes."""
+    declared = headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    more = True
+    while more:
+        message = await receive()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        more = message.get("more_body", False)
+    return b"".join(chunks)

@@ -11,8 +11,8 @@ import pytest
 from openai import AsyncOpenAI
 
 import asyncbg
-from asyncbg import JobStatus
-from asyncbg._journal import Journal, JournalMismatchError, digest
+from asyncbg import JobStatus, Journal, JournalMismatchError, Outcome
+from asyncbg._ledgers import canonical, digest
 from asyncbg.testing import FakeResponsesServer
 
 from .conftest import manager, meta
@@ -57,10 +57,11 @@ async def _left_by_a_killed_process(
     journal = Journal(db)
     await journal.open()
     full = {**p, "background": True, "store": True}
-    await journal.sending(key, digest(full), resubmit=False)
+    await journal.claim(key, digest(full), canonical(full))
+    await journal.sending(key, resubmit=False)
     r = await client.responses.create(**full)  # type: ignore[call-overload]
     if recorded:
-        await journal.status(key, r.id, r.status, None, terminal=False)
+        await journal.record(key, Outcome(r.status, r.id))  # type: ignore[arg-type]
     await journal.close()
     return str(r.id)
 

@@ -48,7 +48,7 @@ async def test_a_dropped_stream_resumes_with_identical_text_and_no_duplicate_eve
             early = [e.sequence_number async for e in dropped.events()]
     late = [e.sequence_number async for e in dropped.events()]  # a late reader sees all too
     assert early == late == list(range(len(early)))  # none lost, none twice
-    assert [e.type for e in dropped._events] == [e.type for e in clean._events]
+    assert [e.type async for e in dropped.events()] == [e.type async for e in clean.events()]
     assert dropped.text == clean.text == f"echo: {TEXT}"
     assert dropped.status is JobStatus.COMPLETED
     resumes = [e for e in logs if e["event"] == "job.stream_resume"]

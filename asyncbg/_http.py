@@ -1,0 +1,134 @@
+"""What one HTTP request's failure means, and the text of any server's error body.
+
+Every provider call makes one attempt; the scheduler decides about retries. The errors here
+sort a failure into what the scheduler must know: could the request have reached the server
+(a create sent again might be paid twice), may it be retried, when, and what did the server say,
+whatever shape its error body has (OpenAI's ``{"error": {"message"}}``, FastAPI's
+``{"detail": ...}``, ``{"errors": [...]}``, ``{"message"}``, or plain text).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from ._policies import parse_retry_after
+
+__all__ = [
+    "BadAnswer",
+    "NotFound",
+    "Rejected",
+    "RequestError",
+    "Transient",
+    "Unreachable",
+    "error_text",
+]
+
+
+class RequestError(Exception):
+    """One attempt at a request failed; ``message`` says how, in words for a user."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        http_status: int | None = None,
+        code: str | None = None,
+        request_id: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.http_status = http_status
+        self.code = code
+        self.request_id = request_id
+        self.retry_after = retry_after
+
+
+class Rejected(RequestError):
+    """The server refused the request for good (a 4xx other than 404, 408 and 429)."""
+
+
+class NotFound(Rejected):
+    """404: the server does not know this id (for a response we created: it is lost)."""
+
+
+class Transient(RequestError):
+    """Worth retrying: 408, 429, 5xx, a timeout, or a connection dropped after sending.
+
+    ``maybe_sent`` is True when the request may have reached the server (the connection broke
+    after it was written): a create retried then may start a second, paid response.
+    """
+
+    def __init__(self, message: str, *, maybe_sent: bool = False, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.maybe_sent = maybe_sent
+
+
+class Unreachable(RequestError):
+    """No connection could be made (refused, DNS, TLS): the request never left this machine."""
+
+
+class BadAnswer(RequestError):
+    """The server answered something that is not a JSON object (an HTML page, say)."""
+
+
+def error_text(body: bytes | str | Any, *, limit: int = 500) -> tuple[str | None, str | None]:
+    """The message and code of an error body, whatever its shape; (None, None) if empty."""
+    data: Any = body
+    if isinstance(body, bytes | str):
+        text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+        text = text.strip()
+        if not text:
+            return None, None
+        try:
+            data = json.loads(text)
+        except ValueError:
+            return _clip(text, limit), None
+    return _from_json(data, limit)
+
+
+def _from_json(data: Any, limit: int) -> tuple[str | None, str | None]:
+    if isinstance(data, str):
+        return _clip(data, limit), None
+    if isinstance(data, list):
+        parts = [m for m in (_from_json(item, limit)[0] for item in data) if m]
+        return (_clip("; ".join(parts), limit) if parts else None), None
+    if not isinstance(data, Mapping):
+        return (_clip(json.dumps(data), limit) if data is not None else None), None
+    code = data.get("code")
+    code = code if isinstance(code, str) else None
+    for name in ("error", "detail", "errors"):
+        if name in data and data[name] not in (None, "", [], {}):
+            message, inner = _from_json(data[name], limit)
+            if message:
+                return message, inner or code
+    for name in ("message", "msg", "error_description", "title"):
+        value = data.get(name)
+        if isinstance(value, str) and value:
+            where = data.get("loc")
+            if isinstance(where, list) and where:
+                value = f"{'.'.join(str(p) for p in where)}: {value}"
+            return _clip(value, limit), code
+    return _clip(json.dumps(data), limit), code
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def classify_status(
+    http_status: int, headers: Mapping[str, str], body: bytes | Any, what: str
+) -> RequestError:
+    """The error for an HTTP answer with a non-2xx status."""
+    message, code = error_text(body)
+    request_id = headers.get("x-request-id")
+    text = message or f"HTTP {http_status} with no message"
+    if http_status == 429 or http_status == 408 or http_status >= 500:
+        return Transient(
+            f"{what}: HTTP {http_status}: {text}", http_status=http_status, code=code,
+            request_id=request_id, retry_after=parse_retry_after(headers),
+        )
+    kind = NotFound if http_status == 404 else Rejected
+    return kind(text, http_status=http_status, code=code, request_id=request_id)

@@ -1,0 +1,79 @@
+"""Waiting on many jobs: the first to finish, all of them, or each as it finishes.
+
+These work on any jobs, of one manager or several (of different providers too): they only use
+the public surface of :class:`~asyncbg.Job` (``done``, ``finish_order``, done callbacks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+
+import anyio
+
+from ._job import Job
+
+__all__ = ["as_completed", "wait_all", "wait_any"]
+
+
+async def wait_any(jobs: Iterable[Job], *, timeout: float | None = None) -> Job:
+    """The first of ``jobs`` to reach a terminal status (the earliest, if several have)."""
+    jobs = list(jobs)
+    if not jobs:
+        raise ValueError("wait_any needs at least one job")
+    done = [j for j in jobs if j.done]
+    if done:
+        return min(done, key=lambda j: j.finish_order)
+    first: list[Job] = []
+    woken = anyio.Event()
+
+    def on_done(job: Job) -> None:
+        if not first:
+            first.append(job)
+            woken.set()
+
+    for j in jobs:
+        j.add_done_callback(on_done)
+    try:
+        with anyio.fail_after(timeout):
+            await woken.wait()
+    finally:
+        for j in jobs:
+            j.remove_done_callback(on_done)
+    return first[0]
+
+
+async def wait_all(jobs: Iterable[Job], *, timeout: float | None = None) -> list[Job]:
+    """Wait until every one of ``jobs`` is terminal; returns them in the order given."""
+    jobs = list(jobs)
+    with anyio.fail_after(timeout):
+        for j in jobs:
+            await j.wait()
+    return jobs
+
+
+async def as_completed(
+    jobs: Iterable[Job], *, timeout: float | None = None
+) -> AsyncIterator[Job]:
+    """Yield ``jobs`` in the order they reach a terminal status.
+
+    ``timeout`` bounds the whole iteration: ``TimeoutError`` is raised when it runs out.
+    """
+    jobs = list(dict.fromkeys(jobs))
+    deadline = anyio.current_time() + timeout if timeout is not None else float("inf")
+    finished = sorted((j for j in jobs if j.done), key=lambda j: j.finish_order)
+    waiting = [j for j in jobs if not j.done]
+    send, receive = anyio.create_memory_object_stream[Job](len(waiting) or 1)
+    for j in waiting:
+        j.add_done_callback(send.send_nowait)
+    try:
+        for j in finished:
+            yield j
+        for _ in waiting:
+            with anyio.fail_at(deadline):
+                job = await receive.receive()
+            yield job
+    finally:
+        for j in waiting:
+            j.remove_done_callback(send.send_nowait)
+        send.close()
+        receive.close()
