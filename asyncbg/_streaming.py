@@ -10,17 +10,31 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import anyio
 
 from . import _log
+from ._entry import Entry
 from ._http import Rejected, RequestError, Transient
-
-if TYPE_CHECKING:
-    from ._scheduler import Entry, Scheduler
+from ._ledgers._base import Ledger
+from ._limiter import Limiter
+from ._policies import RetryPolicy
+from ._providers._base import Answer, Provider
 
 __all__ = ["run_stream"]
+
+
+class Scheduler(Protocol):
+    """What running a stream needs of the scheduler."""
+
+    provider: Provider
+    ledger: Ledger | None
+    retry: RetryPolicy
+    requests_limiter: Limiter
+    requests: int
+
+    async def take(self, entry: Entry, answer: Answer) -> None: ...
 
 
 async def run_stream(s: Scheduler, entry: Entry) -> bool:

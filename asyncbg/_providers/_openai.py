@@ -9,13 +9,15 @@ read as raw server-sent events; SDK models are built only when ``job.events()`` 
 
 from __future__ import annotations
 
+import inspect
 import json
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from contextlib import aclosing, asynccontextmanager
+from typing import Any, cast
 
 import httpx2
 import openai
+from openai.resources.responses import AsyncResponses
 from openai.types.responses import Response
 
 from .. import _log
@@ -32,6 +34,13 @@ from ._base import Answer, WebhookEvent
 from ._sse import iter_events
 
 __all__ = ["OpenAIResponses"]
+
+#: The body fields the SDK's typed ``responses.create`` takes by name. Any other field of a
+#: request (a newer API field, or one named like an SDK option such as ``timeout``) goes out
+#: verbatim in ``extra_body``, so that a request is sent exactly as the user wrote it.
+_CREATE_FIELDS = frozenset(inspect.signature(AsyncResponses.create).parameters) - {
+    "self", "extra_headers", "extra_query", "extra_body", "timeout",
+}
 
 TERMINAL_EVENTS = frozenset(
     {"response.completed", "response.failed", "response.cancelled", "response.incomplete"}
@@ -72,7 +81,7 @@ class OpenAIResponses:
 
     async def create(self, params: Mapping[str, Any]) -> Answer:
         try:
-            raw = await self._raw.create(**{k: v for k, v in params.items() if k != "stream"})
+            raw = await self._raw.create(**_sdk_kwargs(params, stream=False))
         except openai.APIStatusError as exc:
             error = self._status_error(exc, "create")
             if params.get("store") is False and "store" in error.message.lower():
@@ -99,7 +108,9 @@ class OpenAIResponses:
             raise Unreachable(f"cannot connect to {self.base_url}: {exc}") from exc
         except LeanError as exc:
             raise Transient(f"retrieve: {exc}", maybe_sent=True) from exc
-        if got.status >= 300:
+        if 300 <= got.status < 400:
+            return await self.fetch(response_id)  # a redirect: the SDK's client follows it
+        if got.status >= 400:
             raise classify_status(got.status, got.headers, got.body, "retrieve")
         return self._parse(got.body, got.status, got.headers, f"responses/{response_id}")
 
@@ -130,7 +141,7 @@ class OpenAIResponses:
         try:
             if response_id is None:
                 assert params is not None
-                raw: Any = await self._raw.create(**{**params, "stream": True})
+                raw: Any = await self._raw.create(**_sdk_kwargs(params, stream=True))
             else:
                 raw = await self._raw.retrieve(
                     response_id, stream=True,
@@ -145,19 +156,22 @@ class OpenAIResponses:
             if http.status_code >= 300:
                 await http.aread()
                 raise classify_status(http.status_code, http.headers, http.content, what)
-            yield self._events(http)
+            async with aclosing(self._events(http)) as events:
+                yield events
         finally:
             await http.aclose()
 
-    async def _events(self, http: httpx2.Response) -> AsyncIterator[dict[str, Any]]:
+    async def _events(self, http: httpx2.Response) -> AsyncGenerator[dict[str, Any], None]:
         try:
-            async for _event_type, data in iter_events(http.aiter_bytes()):
-                try:
-                    event = json.loads(data)
-                except ValueError:
-                    continue  # a keep-alive or a line we do not know: skip it
-                if isinstance(event, dict):
-                    yield event
+            async with aclosing(http.aiter_bytes()) as chunks, \
+                    aclosing(cast(AsyncGenerator[Any, None], iter_events(chunks))) as sse:
+                async for _event_type, data in sse:
+                    try:
+                        event = json.loads(data)
+                    except ValueError:
+                        continue  # a keep-alive or a line we do not know: skip it
+                    if isinstance(event, dict):
+                        yield event
         except (httpx2.HTTPError, OSError) as exc:
             raise Transient(f"stream dropped: {exc!r}", maybe_sent=True) from exc
 
@@ -257,6 +271,22 @@ class OpenAIResponses:
             return Unreachable(f"cannot connect to {self.base_url}: {reason}")
         _log.debug("request.connection_lost", request=what, error=repr(cause or exc))
         return Transient(f"{what}: connection lost: {reason}", maybe_sent=True)
+
+
+def _sdk_kwargs(params: Mapping[str, Any], *, stream: bool) -> dict[str, Any]:
+    """``params`` as keyword arguments of ``responses.create``: the fields it does not know by
+    name travel in ``extra_body``, untouched."""
+    known: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    for name, value in params.items():
+        if name == "stream":
+            continue
+        (known if name in _CREATE_FIELDS else extra)[name] = value
+    if stream:
+        known["stream"] = True
+    if extra:
+        known["extra_body"] = extra
+    return known
 
 
 def _reason(status: JobStatus, data: Mapping[str, Any]) -> tuple[str | None, str | None]:
