@@ -23,6 +23,7 @@ __all__ = [
     "Transient",
     "Unreachable",
     "error_text",
+    "rate_limit_headers",
 ]
 
 
@@ -37,6 +38,7 @@ class RequestError(Exception):
         code: str | None = None,
         request_id: str | None = None,
         retry_after: float | None = None,
+        limits: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -44,6 +46,8 @@ class RequestError(Exception):
         self.code = code
         self.request_id = request_id
         self.retry_after = retry_after
+        #: The answer's rate-limit headers, for pacing (see :func:`rate_limit_headers`).
+        self.limits = limits
 
 
 class Rejected(RequestError):
@@ -118,6 +122,15 @@ def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def rate_limit_headers(headers: Mapping[str, str]) -> dict[str, str] | None:
+    """The headers that say how much of a rate limit is left (``x-ratelimit-*``, Retry-After)."""
+    found = {
+        k.lower(): v for k, v in headers.items()
+        if k.lower().startswith("x-ratelimit-") or k.lower() in ("retry-after", "retry-after-ms")
+    }
+    return found or None
+
+
 def classify_status(
     http_status: int, headers: Mapping[str, str], body: bytes | Any, what: str
 ) -> RequestError:
@@ -129,6 +142,7 @@ def classify_status(
         return Transient(
             f"{what}: HTTP {http_status}: {text}", http_status=http_status, code=code,
             request_id=request_id, retry_after=parse_retry_after(headers),
+            limits=rate_limit_headers(headers) if http_status == 429 else None,
         )
     kind = NotFound if http_status == 404 else Rejected
     return kind(text, http_status=http_status, code=code, request_id=request_id)

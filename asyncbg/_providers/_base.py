@@ -35,6 +35,8 @@ class Answer:
     #: For a terminal status other than completed: the server's reason, and its code.
     error: str | None = None
     error_code: str | None = None
+    #: A create's rate-limit headers (``x-ratelimit-*``), for pacing; None on polls.
+    limits: Mapping[str, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ import inspect
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import aclosing, asynccontextmanager
+from dataclasses import replace
 from typing import Any, cast
 
 import httpx2
@@ -27,6 +28,7 @@ from .._http import (
     Transient,
     Unreachable,
     classify_status,
+    rate_limit_headers,
 )
 from .._policies import PollPolicy, parse_poll_after
 from .._status import JobStatus
@@ -94,7 +96,9 @@ class OpenAIResponses:
             raise error from exc
         except openai.APIConnectionError as exc:
             raise self._connection_error(exc, "create") from exc
-        return self._answer(raw.http_response)
+        answer = self._answer(raw.http_response)
+        limits = rate_limit_headers(raw.http_response.headers)
+        return answer if limits is None else replace(answer, limits=limits)
 
     async def check(self, response_id: str) -> Answer:
         lean = self._lean_poller()
