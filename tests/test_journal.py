@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import stat
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -13,11 +14,26 @@ from openai import AsyncOpenAI
 import asyncbg
 from asyncbg import JobStatus, Journal, JournalMismatchError, Outcome
 from asyncbg._ledgers import canonical, digest
-from asyncbg.testing import FakeResponsesServer
+from asyncbg.testing import FakeResponsesServer, fake_client
 
 from .conftest import manager, meta
 
-pytestmark = pytest.mark.asyncio
+# The core suite runs on both of anyio's backends (on trio, polls take the SDK path).
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+async def client(server: FakeResponsesServer) -> AsyncIterator[AsyncOpenAI]:
+    c = fake_client(server)
+    try:
+        yield c
+    finally:
+        await c.close()
 
 
 def params(**kw: object) -> dict[str, object]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import anyio
 import pytest
 from openai import AsyncOpenAI
@@ -13,7 +15,22 @@ from asyncbg.testing import FakeResponsesServer, FaultRates, LatencyModel, fake_
 
 from .conftest import manager, meta
 
-pytestmark = pytest.mark.asyncio
+# The core suite runs on both of anyio's backends (on trio, polls take the SDK path).
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+async def client(server: FakeResponsesServer) -> AsyncIterator[AsyncOpenAI]:
+    c = fake_client(server)
+    try:
+        yield c
+    finally:
+        await c.close()
 
 
 async def test_fan_out_reaches_but_never_exceeds_max_concurrency(
@@ -369,6 +386,7 @@ async def test_slow_answers_do_not_block_other_jobs(
     server.inject("slow", route="create", delay=0.3)
     async with manager(client) as mgr:
         slow = await mgr.submit(model="m", input="slow")
+        await anyio.wait_all_tasks_blocked()  # its create is on the wire, meeting the slow answer
         fast = await mgr.submit(model="m", input="fast")
         first = await mgr.wait_any([slow, fast])
     assert first is fast and slow.status is JobStatus.COMPLETED
