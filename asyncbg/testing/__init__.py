@@ -38,3 +38,10 @@ __all__ = [
     "sign",
     "signed_delivery",
 ]
+
+# Users import asyncbg.testing.X: say so in reprs and docs, not asyncbg.testing._x.X.
+for _name in __all__:
+    _value = globals()[_name]
+    if getattr(_value, "__module__", "").startswith(__name__ + "."):
+        _value.__module__ = __name__
+del _name, _value
