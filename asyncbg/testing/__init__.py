@@ -6,9 +6,15 @@
     await client.close()
 
 It also runs as ASGI (``asgi_app(server)``; ``python -m asyncbg fake-server``) and as the pytest
-fixtures ``fake_server`` / ``fake_openai``.
+fixtures ``fake_server`` / ``fake_openai``. The same server serves the batch APIs of OpenAI
+(``/v1/files``, ``/v1/batches``), Anthropic (``/v1/messages/batches``) and Gemini
+(``batchGenerateContent``, ``/v1beta/batches``): see :class:`FakeBatches`,
+:func:`fake_anthropic_client` and :func:`fake_genai_client`.
 """
 
+from ._batch_core import BatchTiming
+from ._batches import FakeBatches
+from ._clients import fake_anthropic_client, fake_genai_client
 from ._faults import Fault, FaultRates
 from ._limits import FakeRateLimit
 from ._model import LatencyModel, Outcomes
@@ -21,8 +27,10 @@ from ._webhooks import new_secret, sign, signed_delivery
 from ._wire import FakeAnswer
 
 __all__ = [
+    "BatchTiming",
     "Counters",
     "FakeAnswer",
+    "FakeBatches",
     "FakeOpenAI",
     "FakeRateLimit",
     "FakeResponsesServer",
@@ -33,7 +41,9 @@ __all__ = [
     "Outcomes",
     "UsageModel",
     "asgi_app",
+    "fake_anthropic_client",
     "fake_client",
+    "fake_genai_client",
     "new_secret",
     "sign",
     "signed_delivery",
@@ -43,5 +53,12 @@ __all__ = [
 for _name in __all__:
     _value = globals()[_name]
     if getattr(_value, "__module__", "").startswith(__name__ + "."):
+        _value.__module__ = __name__
+del _name, _value
+
+# Users import asyncbg.testing.X: say so in reprs, tracebacks and docs, not asyncbg.testing._x.X.
+for _name in __all__:
+    _value = globals()[_name]
+    if getattr(_value, "__module__", "").startswith("asyncbg.testing."):
         _value.__module__ = __name__
 del _name, _value

@@ -11,7 +11,12 @@ from ._wire import ErrorStyle, FakeAnswer, error_answer, html_page, not_found
 __all__ = ["Fault", "FaultRates"]
 
 FaultKind = Literal["429", "500", "503", "404", "html", "reset", "reset_after", "slow", "drop"]
-Route = Literal["create", "retrieve", "cancel", "any"]
+#: The Responses routes, and the batch APIs' (every provider's): ``batch_retrieve`` is a get or
+#: a list of batches, ``batch_results`` a download of results, ``files`` OpenAI's file routes.
+Route = Literal[
+    "create", "retrieve", "cancel", "batch_create", "batch_retrieve", "batch_cancel",
+    "batch_results", "files", "any",
+]
 
 
 @dataclass(slots=True)

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import anyio
 
+from ._batches import FakeBatches
 from ._bodies import events, response_body
 from ._faults import Fault, FaultRates, Route, fault_answer
 from ._hooks import WebhookSender
@@ -44,7 +45,8 @@ class FakeResponsesServer:
     ``latency`` and ``outcomes`` script what responses do and ``usage`` what they cost;
     ``faults`` (scripted) and ``fault_rates`` (random) script what requests meet;
     ``rate_limit`` and ``max_live`` (a cap on live responses) answer 429 beyond them;
-    ``error_style`` shapes error bodies; ``counters`` records what happened.
+    ``error_style`` shapes error bodies; ``counters`` records what happened. ``batches`` serves
+    the batch APIs of OpenAI, Anthropic and Gemini from the same routes, faults and counters.
     """
 
     def __init__(
@@ -88,6 +90,7 @@ class FakeResponsesServer:
         self._responses = self._timeline.responses
         self._down_until = -math.inf
         self._hooks: WebhookSender | None = None
+        self.batches = FakeBatches(self)  # the batch APIs (OpenAI, Anthropic, Gemini)
 
     @property
     def usage(self) -> UsageModel:
@@ -127,10 +130,12 @@ class FakeResponsesServer:
 
     def restart(self, *, keep_state: bool = True, downtime: float = 0.0) -> None:
         """Simulate a restart: connections are refused for ``downtime`` seconds, and with
-        ``keep_state=False`` every response is forgotten (later retrieves answer 404)."""
+        ``keep_state=False`` every response, batch and file is forgotten (later retrieves answer
+        404)."""
         self._down_until = self.clock() + downtime
         if not keep_state:
             self._timeline.clear()
+            self.batches.clear()
 
     @contextlib.asynccontextmanager
     async def webhooks(
@@ -186,6 +191,9 @@ class FakeResponsesServer:
             "webhooks_sent": c.webhooks_sent, "webhooks_dropped": c.webhooks_dropped,
             "webhooks_failed": c.webhooks_failed, "polls": c.polls,
             "detection_delays": c.detection_delays, "terminal_at": self.terminal_times(),
+            "batch_creates": c.batch_creates, "batch_polls": c.batch_polls,
+            "batch_cancels": c.batch_cancels, "result_fetches": c.result_fetches,
+            "file_uploads": c.file_uploads, "batch_requests": c.batch_requests,
         }
 
     def status_of(self, response_id: str) -> str:
@@ -211,6 +219,9 @@ class FakeResponsesServer:
     ) -> FakeAnswer:
         name, rid = route(method, path)
         if name is None:
+            batch_answer = await self.batches.handle(method, path, query, body)
+            if batch_answer is not None:
+                return batch_answer
             return self._error(404, f"Unknown route {method} {path}", "invalid_request_error")
         if self.clock() < self._down_until:
             self.counters.faults += 1

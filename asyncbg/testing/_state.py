@@ -19,7 +19,9 @@ class Counters:
     """What the server saw. Read them in tests and benchmarks; ``reset()`` zeroes them.
 
     ``rate_limited`` counts the 429s of ``rate_limit``; ``max_live_rejected`` those of
-    ``max_live``. Injected faults count in ``faults``.
+    ``max_live``. Injected faults count in ``faults``. The ``batch_*`` counters are the batch
+    APIs' (OpenAI, Anthropic, Gemini): ``batch_polls`` counts retrieves of one batch,
+    ``result_fetches`` downloads of results, ``batch_requests`` the requests in each batch.
     """
 
     creates: int = 0
@@ -37,6 +39,12 @@ class Counters:
     webhooks_sent: int = 0
     webhooks_dropped: int = 0
     webhooks_failed: int = 0
+    batch_creates: int = 0
+    batch_polls: int = 0
+    batch_cancels: int = 0
+    result_fetches: int = 0
+    file_uploads: int = 0
+    batch_requests: dict[str, int] = field(default_factory=dict)
 
     def reset(self) -> None:
         in_flight = self.in_flight

@@ -1,0 +1,214 @@
+"""The batch APIs a FakeResponsesServer also serves, behind its one ``handle()``.
+
+OpenAI's Batch API (``/v1/files``, ``/v1/batches``), Anthropic's Message Batches
+(``/v1/messages/batches``) and Gemini's Batch Mode (``/v1/models/{m}:batchGenerateContent``,
+``/v1/batches``; ``/v1beta`` too) meet the server's restarts, injected faults (in each API's own
+error shape) and counters, and script their requests with its latency, outcome and usage models.
+The server's ``rate_limit`` and ``max_live`` apply to responses only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Literal
+
+from ._batch_core import Batch, BatchApi, BatchTiming, Fate
+from ._batches_anthropic import AnthropicBatches
+from ._batches_gemini import GeminiBatches
+from ._batches_openai import OpenAIBatches
+from ._faults import Fault
+from ._model import Outcome, script
+from ._usage import TokenPlan
+from ._wire import ErrorStyle, FakeAnswer, html_page, json_answer
+
+if TYPE_CHECKING:
+    from ._server import FakeResponsesServer
+
+__all__ = ["FakeBatches"]
+
+_FAULTS = {
+    "429": (429, "Rate limit reached; retry later.", "rate_limit_exceeded"),
+    "500": (500, "The server had an error while processing your request.", "server_error"),
+    "503": (503, "The server is overloaded; retry later.", "server_error"),
+    "404": (404, "Not found.", "invalid_request_error"),
+}
+
+
+class FakeBatches:
+    """The batch APIs of a :class:`FakeResponsesServer`; reach them as ``server.batches``.
+
+    Each request of a batch is scripted like a response: its duration by the server's
+    ``latency``, its ending by ``outcomes`` (``failed`` is a per-request error, ``incomplete``
+    a truncated answer, ``stuck`` a request that never ends, so that its batch expires or is
+    cancelled) and its tokens by ``usage``. A request overrides them through
+    :meth:`script`, or through its own metadata where its API has free-form metadata
+    (``fake_duration``, ``fake_outcome``, ``fake_*_tokens`` in an OpenAI body's ``metadata`` or
+    a Gemini inlined request's ``metadata``). ``timing`` sets the time a batch spends
+    validating, finalizing and cancelling, and its expiry window.
+
+    A batch ends when its last request does (plus ``timing.finalizing``); results exist only
+    once it has ended, and a cancelled batch keeps the results of the requests that ended
+    before the cancel took effect.
+    """
+
+    def __init__(self, server: FakeResponsesServer) -> None:
+        self._server = server
+        self.timing = BatchTiming()
+        self._scripts: dict[str, dict[str, Any]] = {}
+        self._gemini = GeminiBatches(self)
+        self._apis: dict[str, BatchApi] = {
+            "openai": OpenAIBatches(self), "anthropic": AnthropicBatches(self),
+            "gemini": self._gemini,
+        }
+
+    # -- scripting -------------------------------------------------------------------------
+
+    def script(
+        self,
+        custom_id: str,
+        *,
+        duration: float | None = None,
+        outcome: Outcome | None = None,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
+        reasoning_tokens: int | None = None,
+        cached_tokens: int | None = None,
+    ) -> None:
+        """Script every later batch request keyed ``custom_id`` (a Gemini request's key is
+        its ``metadata["key"]``, else its index): how long it takes from the end of
+        validation, how it ends, what it uses. Overrides the request's own ``fake_*``
+        metadata; calling it again replaces the script."""
+        values = {"fake_duration": duration, "fake_outcome": outcome,
+                  "fake_input_tokens": input_tokens, "fake_output_tokens": output_tokens,
+                  "fake_reasoning_tokens": reasoning_tokens, "fake_cached_tokens": cached_tokens}
+        self._scripts[custom_id] = {k: v for k, v in values.items() if v is not None}
+
+    def clear(self) -> None:
+        """Forget every batch and file (scripts stay)."""
+        for api in self._apis.values():
+            api.clear()
+
+    # -- what the API modules ask of the server (batch_core.Context) -----------------------
+
+    @property
+    def cancel_finished(self) -> Literal["error", "return"]:
+        return self._server.cancel_finished
+
+    @property
+    def error_style(self) -> ErrorStyle:
+        return self._server.error_style
+
+    def now(self) -> float:
+        return self._server.clock()
+
+    def wall(self) -> float:
+        return time.time()
+
+    def plan(self, key: str, metadata: Mapping[str, Any], input_chars: int,
+             start: float) -> tuple[float, Fate, TokenPlan]:
+        """When request ``key`` ends, how, and its tokens. Raises ``ValueError`` on a
+        malformed ``fake_*`` value."""
+        s = self._server
+        meta = {**metadata, **self._scripts.get(key, {})}
+        duration, _, outcome = script(s.latency, s.outcomes, s._rng, meta)
+        tokens = s.usage.plan(s._usage_rng, input_chars, meta)
+        return (math.inf if outcome == "stuck" else start + duration), outcome, tokens
+
+    def created(self, batch: Batch) -> None:
+        c = self._server.counters
+        c.batch_creates += 1
+        c.batch_requests[batch.id] = len(batch.items)
+
+    def polled(self) -> None:
+        self._server.counters.batch_polls += 1
+
+    def cancelled(self) -> None:
+        self._server.counters.batch_cancels += 1
+
+    def fetched(self) -> None:
+        self._server.counters.result_fetches += 1
+
+    def uploaded(self) -> None:
+        self._server.counters.file_uploads += 1
+
+    # -- requests --------------------------------------------------------------------------
+
+    async def handle(
+        self, method: str, path: str, query: Mapping[str, str], body: bytes
+    ) -> FakeAnswer | None:
+        """Answer a request on a batch route; ``None`` if ``path`` is none of them."""
+        parts = [p for p in path.split("/") if p]
+        version = parts.pop(0) if parts[:1] in (["v1"], ["v1beta"], ["v1alpha"]) else "v1"
+        name = self._api_of(version, method, parts, query)
+        api = self._apis["openai" if name == "both" else name]
+        hit = api.match(method, parts)
+        if hit is None:
+            return None
+        route, handler, ids = hit
+        if name == "both":
+            handler = self._list_both
+        s = self._server
+        if s.clock() < s._down_until:
+            s.counters.faults += 1
+            return FakeAnswer(reset=True)
+        fault = s._next_fault(route)
+        if fault is not None:
+            s.counters.faults += 1
+            if (early := _fault_answer(api, fault)) is not None:
+                return early
+        answer = handler(*ids, query=query, body=body)
+        if fault is not None:
+            if fault.kind == "slow":
+                answer.delay = fault.delay
+            elif fault.kind == "reset_after":
+                answer.reset_after = True
+        return answer
+
+    def _api_of(self, version: str, method: str, parts: list[str],
+                query: Mapping[str, str]) -> str:
+        """Which API a path is. google-genai calls the Gemini API's ``v1`` by default, where
+        ``/batches`` is OpenAI's too: Gemini's are told apart by their ``:verb`` suffixes, their
+        ids, and their list's page parameters; a bare ``GET /v1/batches`` answers both."""
+        if version != "v1":
+            return "gemini"
+        if parts[:1] == ["messages"]:
+            return "anthropic"
+        if parts[-1:] and parts[-1].endswith((":batchGenerateContent", ":cancel")):
+            return "gemini"
+        if parts[:1] == ["batches"] and len(parts) == 2 and (
+            self._gemini.owns(parts[1]) or not parts[1].startswith("batch_")
+        ):
+            return "gemini"  # OpenAI's batch ids start with batch_
+        if parts == ["batches"] and method == "GET":
+            if query.keys() & {"pageSize", "pageToken"}:
+                return "gemini"
+            if not query.keys() & {"after", "limit"}:
+                return "both"
+        return "openai"
+
+    def _list_both(self, *, query: Mapping[str, str], body: bytes) -> FakeAnswer:
+        """OpenAI's list and Gemini's in one body: each SDK reads its own fields."""
+        merged: dict[str, Any] = {}
+        for name in ("openai", "gemini"):
+            hit = self._apis[name].match("GET", ["batches"])
+            assert hit is not None
+            merged.update(json.loads(hit[1](query=query, body=body).body))
+        return json_answer(200, merged)
+
+
+def _fault_answer(api: BatchApi, fault: Fault) -> FakeAnswer | None:
+    """The answer of a fault met before any work is done, in ``api``'s error shape."""
+    if fault.kind == "reset":
+        return FakeAnswer(reset=True)
+    if fault.kind == "html":
+        return html_page()
+    if fault.kind not in _FAULTS:
+        return None  # slow, reset_after (applied to the answer) and drop (streams only)
+    status, message, kind = _FAULTS[fault.kind]
+    answer = api.fault(status, message, kind)
+    if fault.retry_after is not None:
+        answer.headers["retry-after"] = f"{fault.retry_after:g}"
+    return answer
