@@ -55,10 +55,3 @@ for _name in __all__:
     if getattr(_value, "__module__", "").startswith(__name__ + "."):
         _value.__module__ = __name__
 del _name, _value
-
-# Users import asyncbg.testing.X: say so in reprs, tracebacks and docs, not asyncbg.testing._x.X.
-for _name in __all__:
-    _value = globals()[_name]
-    if getattr(_value, "__module__", "").startswith("asyncbg.testing."):
-        _value.__module__ = __name__
-del _name, _value
