@@ -67,7 +67,8 @@ def usage_of(response: Any) -> dict[str, Any] | None:
 
 
 def usage(inp: int, out: int, reasoning: int, cached: int = 0) -> dict[str, Any]:
-    return {"input_tokens": inp, "input_tokens_details": {"cached_tokens": cached},
+    return {"input_tokens": inp,
+            "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
             "output_tokens": out, "output_tokens_details": {"reasoning_tokens": reasoning},
             "total_tokens": inp + out}
 

@@ -79,7 +79,7 @@ class TokenPlan:
         reasoning = round(self.reasoning * produced / planned) if planned else 0
         return {
             "input_tokens": self.input,
-            "input_tokens_details": {"cached_tokens": self.cached},
+            "input_tokens_details": {"cached_tokens": self.cached, "cache_write_tokens": 0},
             "output_tokens": produced,
             "output_tokens_details": {"reasoning_tokens": reasoning},
             "total_tokens": self.input + produced,
