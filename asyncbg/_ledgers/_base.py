@@ -129,6 +129,10 @@ class ClaimOutcome(enum.Enum):
     DONE = "done"
     #: The key is there with a different request (and something was sent for it).
     MISMATCH = "mismatch"
+    #: Shared ledgers only: another live process holds the key's lease and runs it. Do not
+    #: create or poll: follow the record until it is terminal, or until that lease runs out and
+    #: a later claim takes the key over.
+    FOLLOW = "follow"
 
 
 @dataclass(frozen=True, slots=True)

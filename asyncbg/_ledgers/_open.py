@@ -45,11 +45,16 @@ def open_ledger(
 
 
 def _postgres(url: str, *, exclusive: bool) -> Ledger:
-    # The PostgreSQL ledger plugs in here: return PostgresLedger(url, exclusive=exclusive).
-    raise LedgerError(
-        f"PostgreSQL ledgers need a version of asyncbg that has them; this one does not yet "
-        f"({_redacted(url)}): pass the path of an SQLite journal instead"
-    )
+    # Imported here: psycopg is an optional dependency (the `postgres` extra).
+    try:
+        from ._postgres import PostgresLedger
+    except ImportError as exc:
+        if exc.name is None or not exc.name.startswith("psycopg"):
+            raise
+        raise LedgerError(
+            "PostgreSQL ledgers need psycopg: pip install 'asyncbg[postgres]'"
+        ) from exc
+    return PostgresLedger(url, exclusive=exclusive)
 
 
 _URL_SCHEMES: dict[str, Callable[..., Ledger]] = {

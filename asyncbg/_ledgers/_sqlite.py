@@ -228,6 +228,9 @@ class SQLiteLedger:
                         db.execute(sql)
                 elif kind == "v1":
                     _upgrade_v1(db)
+                if kind != "current":  # empty, v1 (now v2) or v2: add the leases
+                    for sql in q.UPGRADE_V3:
+                        db.execute(sql)
                 # Written even when already there: a real write, so that a read-only journal
                 # is refused now rather than at the first claim.
                 for sql in q.V2_MARK:
@@ -237,7 +240,7 @@ class SQLiteLedger:
         except OSError as exc:
             raise errors.from_os(exc, self.location) from exc
 
-    def _inspect(self, db: sqlite3.Connection) -> Literal["empty", "v1", "current"]:
+    def _inspect(self, db: sqlite3.Connection) -> Literal["empty", "v1", "v2", "current"]:
         application_id = int(db.execute(q.READ_APPLICATION_ID).fetchone()[0])
         version = int(db.execute(q.READ_USER_VERSION).fetchone()[0])
         tables = [row[0] for row in db.execute(q.READ_TABLES)]
@@ -246,6 +249,8 @@ class SQLiteLedger:
                 raise errors.too_new(self.location, version, q.SCHEMA_VERSION)
             if version == q.SCHEMA_VERSION:
                 return "current"
+            if version == 2:
+                return "v2"
         elif application_id == 0 and version == 0:
             if not tables:
                 return "empty"

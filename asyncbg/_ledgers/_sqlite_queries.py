@@ -7,6 +7,9 @@ Schema history (``PRAGMA user_version``; ``PRAGMA application_id`` marks the fil
 - version 2: adds ``seq`` (claim order), ``request``, ``error_code``, ``http_status`` and
   ``request_id``; ``accepted`` becomes ``live``; bodies are BLOBs. The column holding the body
   keeps its old name, ``response``.
+- version 3: leases, for several processes sharing one journal (:mod:`._sqlite_shared`):
+  ``owner``, ``epoch`` and ``lease_until`` on ``jobs``, and a ``workers`` table. A plain
+  :class:`SQLiteLedger` leaves them empty.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 #: ``PRAGMA application_id`` of an asyncbg journal: "abgj" in ASCII.
 APPLICATION_ID = 0x6162676A
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: The columns of the version 1 tables, to recognise a journal that predates the pragmas.
 V1_JOBS_COLUMNS = frozenset({
@@ -69,6 +72,22 @@ SET_SEQ = "UPDATE jobs SET seq = ? WHERE key = ?"
 V2_INDEXES = (
     "CREATE UNIQUE INDEX jobs_seq ON jobs (seq)",
     "CREATE INDEX events_key ON events (key, at)",
+)
+UPGRADE_V3 = (
+    "ALTER TABLE jobs ADD COLUMN owner TEXT",  # the lease holder
+    "ALTER TABLE jobs ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0",  # bumped by every takeover
+    "ALTER TABLE jobs ADD COLUMN lease_until REAL",  # NULL: nobody holds it
+    "CREATE INDEX jobs_open ON jobs (seq) WHERE state IN ('new', 'sending', 'live')",
+    """
+    CREATE TABLE workers (
+        owner   TEXT PRIMARY KEY,
+        host    TEXT NOT NULL,
+        pid     INTEGER NOT NULL,
+        started REAL NOT NULL,
+        seen    REAL NOT NULL,
+        lease   REAL NOT NULL
+    )
+    """,
 )
 # Pragmas take no parameters; both values are constants of this module.
 V2_MARK = (
@@ -130,3 +149,74 @@ QUICK_CHECK = "PRAGMA quick_check"
 # NORMAL survives a killed process (the WAL is in the OS's hands once written); only a power
 # loss could drop the last commits.
 CONNECTION_SETUP = ("PRAGMA journal_mode = WAL", "PRAGMA synchronous = NORMAL")
+
+# -- shared journals: leases (version 3; see _sqlite_shared.py) ----------------------------------
+# Times are time.time() of the processes sharing the file: one machine, one clock.
+
+SHARED_CLAIM_INSERT = """
+    INSERT INTO jobs (key, seq, digest, request, state, status, created, updated, owner, epoch,
+                      lease_until)
+    VALUES (?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs), ?, ?, 'new', 'pending', ?, ?, ?, 1,
+            ?)
+    ON CONFLICT (key) DO NOTHING
+"""
+LEASE_OF = "SELECT owner, epoch, lease_until FROM jobs WHERE key = ?"
+# Params: owner, lease_until, key. Every takeover bumps the epoch.
+TAKE_LEASE = "UPDATE jobs SET owner = ?, epoch = epoch + 1, lease_until = ? WHERE key = ? " \
+    "RETURNING epoch"
+_FENCE = " AND owner = ? AND epoch = ?"
+SHARED_SENDING = SENDING.rstrip() + _FENCE
+SHARED_RECORD_LIVE = RECORD_LIVE.rstrip() + _FENCE
+# A finished key needs no lease any more.
+SHARED_RECORD_TERMINAL = """
+    UPDATE jobs SET state = ?, response_id = COALESCE(?, response_id), status = ?,
+        response = ?, error = ?, error_code = ?, http_status = ?, request_id = ?, updated = ?,
+        lease_until = NULL
+    WHERE key = ?""" + _FENCE
+EXISTS = "SELECT 1 FROM jobs WHERE key = ?"
+
+# Waiting jobs: no owner.
+ENQUEUE = """
+    INSERT INTO jobs (key, seq, digest, request, state, status, created, updated)
+    VALUES (?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs), ?, ?, 'new', 'pending', ?, ?)
+    ON CONFLICT (key) DO NOTHING
+"""
+DIGEST_OF = "SELECT digest FROM jobs WHERE key = ?"
+# Params: live_only (0/1), now, limit. Run under BEGIN IMMEDIATE: no other writer between the
+# pick and the take.
+ACQUIRE = """
+    SELECT key FROM jobs
+    WHERE state IN ('new', 'sending', 'live') AND (? = 0 OR state = 'live')
+      AND (lease_until IS NULL OR lease_until <= ?)
+    ORDER BY seq LIMIT ?
+"""
+# Params: lease_until, key, epoch, owner.
+RENEW = """
+    UPDATE jobs SET lease_until = ?
+    WHERE key = ? AND epoch = ? AND owner = ? AND state IN ('new', 'sending', 'live')
+"""
+# Params: owner, host, pid, started, seen, lease.
+HEARTBEAT = """
+    INSERT INTO workers (owner, host, pid, started, seen, lease) VALUES (?, ?, ?, ?, ?, ?)
+    ON CONFLICT (owner) DO UPDATE SET seen = excluded.seen, lease = excluded.lease
+"""
+# Params: key, epoch, owner. The epoch stays: the next taker bumps it.
+RELEASE = "UPDATE jobs SET owner = NULL, lease_until = NULL WHERE key = ? AND epoch = ? " \
+    "AND owner = ?"
+# Params: now, key, owner. Back to waiting: only what this owner ended locally (nothing paid).
+REQUEUE = """
+    UPDATE jobs SET state = 'new', response_id = NULL, status = 'pending', response = NULL,
+        error = NULL, error_code = NULL, http_status = NULL, request_id = NULL, owner = NULL,
+        lease_until = NULL, updated = ?
+    WHERE key = ? AND owner = ? AND state = 'local'
+"""
+# Params: now, now.
+WORKERS = """
+    SELECT w.owner, w.host, w.pid, w.started, w.seen, w.lease,
+           (SELECT count(*) FROM jobs j WHERE j.owner = w.owner AND j.lease_until > ?
+              AND j.state IN ('new', 'sending', 'live'))
+    FROM workers w WHERE w.seen + w.lease > ? ORDER BY w.started, w.owner
+"""
+FORGET_WORKER = "DELETE FROM workers WHERE owner = ?"
+FORGET_OLD_WORKERS = "DELETE FROM workers WHERE seen < ?"
+UNFINISHED = "SELECT count(*) FROM jobs WHERE state IN ('new', 'sending', 'live')"

@@ -1,0 +1,274 @@
+"""Fleet workers: many processes, one shared ledger, each job run by one of them at a time.
+
+``asyncbg submit`` enqueues jobs (:func:`enqueue_requests`); each ``asyncbg worker`` runs
+:func:`run_worker`: it takes the leases of waiting jobs (and of live ones whose owner died) up
+to its free slots, runs them with the usual engine (a :class:`~asyncbg.BackgroundManager` on
+the shared ledger, which renews the leases in batches), and on a stop hands its leases back at
+once, leaving every live response running on the server for another worker to poll.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import anyio
+
+from . import _log
+from ._errors import DuplicateKeyError, JournalMismatchError
+from ._job import Job
+from ._ledgers._base import Outcome, canonical, digest
+from ._ledgers._open import open_ledger
+from ._ledgers._shared import DEFAULT_LEASE, SharedLedger
+from ._ledgers._sqlite import SQLiteLedger
+from ._ledgers._sqlite_shared import SharedSQLiteLedger
+from ._manager import BackgroundManager
+from ._policies import PollPolicy, RetryPolicy
+
+__all__ = [
+    "ServerUnreachable",
+    "enqueue_requests",
+    "fleet_status",
+    "fleet_status_text",
+    "prepared",
+    "run_worker",
+    "shared_ledger",
+]
+
+#: The metadata key that names a job on the server, so that a response left behind by a create
+#: whose answer was lost (the one ambiguous case) can be matched to its job later.
+METADATA_KEY = "asyncbg_custom_id"
+#: The API's limits on ``metadata``: 16 pairs, values up to 512 characters.
+_METADATA_PAIRS, _METADATA_VALUE = 16, 512
+
+
+class ServerUnreachable(Exception):
+    """No request of this worker reached the server (a wrong base URL, say)."""
+
+
+def shared_ledger(spec: str | os.PathLike[str], *, lease: float = DEFAULT_LEASE) -> SharedLedger:
+    """The shared ledger ``spec`` names, not yet opened: a ``postgresql://`` URL, or the path
+    of an SQLite journal that processes on this machine share."""
+    ledger = open_ledger(spec)
+    if isinstance(ledger, SQLiteLedger):
+        return SharedSQLiteLedger(ledger.path, lease=lease)
+    assert isinstance(ledger, SharedLedger)
+    ledger.lease = lease
+    return ledger
+
+
+def prepared(body: Mapping[str, Any], custom_id: str) -> dict[str, Any]:
+    """A Batch API line's body as a worker's manager sends it (what ``OpenAIResponses.prepare``
+    makes of it, so that its digest is the one the worker's claim compares), with the job's
+    ``custom_id`` in its metadata when there is room."""
+    request: dict[str, Any] = {**body, "background": True}
+    request.setdefault("store", True)
+    if not request.get("stream"):
+        request.pop("stream", None)
+    metadata = request.get("metadata")
+    if metadata is None:
+        metadata = {}
+    if (isinstance(metadata, dict) and METADATA_KEY not in metadata
+            and len(metadata) < _METADATA_PAIRS and len(custom_id) <= _METADATA_VALUE):
+        request["metadata"] = {**metadata, METADATA_KEY: custom_id}
+    return request
+
+
+async def enqueue_requests(
+    ledger: SharedLedger, requests: Iterable[tuple[str, Mapping[str, Any]]]
+) -> int:
+    """Enqueue ``(custom_id, body)`` pairs as waiting jobs; returns how many were new.
+
+    Idempotent, all or nothing: see :meth:`SharedLedger.enqueue`.
+    """
+    items = []
+    for custom_id, body in requests:
+        request = prepared(body, custom_id)
+        items.append((custom_id, digest(request), canonical(request)))
+    return await ledger.enqueue(items)
+
+
+async def run_worker(
+    client: Any,
+    ledger: SharedLedger,
+    *,
+    concurrency: int,
+    lease: float,
+    exit_when_idle: bool,
+    stop: anyio.Event,
+    poll_policy: PollPolicy | None = None,
+    retry_policy: RetryPolicy | None = None,
+    idle: float | None = None,
+) -> int:
+    """Run the jobs of ``ledger`` until ``stop`` is set (or, with ``exit_when_idle``, until
+    nothing is waiting or live in it); returns 0.
+
+    It takes work while it runs fewer than ``concurrency`` jobs; when full, it still adopts
+    live responses whose owner died, up to twice ``concurrency``, so that they are polled within
+    a lease (plus ``idle``) whatever the load. Leases last ``lease`` seconds and are renewed
+    every ``lease / 3``. The ledger is polled for work every ``idle`` seconds (default:
+    ``min(1, lease / 4)``) and whenever a job ends. On ``stop`` it takes nothing more, leaves
+    its live responses running on the server and hands every lease back at once. Raises
+    :class:`ServerUnreachable` when no request reached the server, and
+    :class:`~asyncbg.LedgerError` when the ledger cannot be used.
+    """
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency!r}")
+    ledger.lease = lease
+    worker = _Worker(ledger, concurrency=concurrency, lease=lease, stop=stop,
+                     idle=min(1.0, lease / 4) if idle is None else idle,
+                     exit_when_idle=exit_when_idle)
+    await ledger.open()
+    try:
+        error: Exception | None = None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker.relay_stop)
+            try:
+                async with BackgroundManager(
+                    client, journal=ledger, cancel_on_exit=False,
+                    max_concurrency=2 * concurrency,  # room for adopted responses (see run)
+                    poll_policy=poll_policy, retry_policy=retry_policy,
+                ) as mgr:
+                    await worker.run(mgr)
+            except _Stopped:
+                pass
+            except Exception as exc:  # noqa: BLE001 - raised below, as itself, not in a group
+                error = exc
+            finally:
+                tg.cancel_scope.cancel()
+        if error is not None:
+            raise error
+        return 0
+    finally:
+        with anyio.CancelScope(shield=True):
+            try:
+                await worker.requeue_unreached()
+                await ledger.release(list(ledger.held()))  # at once, not after the lease
+            finally:
+                await ledger.close()
+
+
+class _Stopped(Exception):
+    """Leaves the manager's block by an exception: live jobs are detached, not awaited."""
+
+
+class _Worker:
+    def __init__(self, ledger: SharedLedger, *, concurrency: int, lease: float,
+                 stop: anyio.Event, idle: float, exit_when_idle: bool) -> None:
+        self.ledger = ledger
+        self.exit_when_idle = exit_when_idle
+        self.concurrency = concurrency
+        self.lease = lease
+        self.stop = stop
+        self.idle = idle
+        self.jobs: dict[str, Job] = {}
+        self.wake = anyio.Event()
+        self.next_adoption = 0.0
+
+    async def relay_stop(self) -> None:
+        await self.stop.wait()
+        self.wake.set()
+
+    def _woken(self, _job: Job) -> None:
+        self.wake.set()
+
+    async def run(self, mgr: BackgroundManager) -> None:
+        while True:
+            self.wake = anyio.Event()
+            await self._settle(mgr)
+            if self.stop.is_set():
+                raise _Stopped
+            free = self.concurrency - len(self.jobs)
+            records = []
+            if free > 0:
+                records = await self.ledger.acquire(free, self.lease)
+            elif anyio.current_time() >= self.next_adoption:
+                # Full, but a dead worker's live responses are adopted all the same: they need
+                # polls, not a slot for a create, and the server keeps a result only a while.
+                self.next_adoption = anyio.current_time() + self.idle
+                records = await self.ledger.acquire(2 * self.concurrency - len(self.jobs),
+                                                    self.lease, live_only=True)
+            for record in records:
+                await self._start(mgr, record.key, record.request)
+            if (self.exit_when_idle and not self.jobs and not records
+                    and await self.ledger.unfinished() == 0):
+                return  # nothing waiting or live anywhere: the manager's exit has nothing to do
+            with anyio.move_on_after(self.idle):
+                await self.wake.wait()
+
+    async def _start(self, mgr: BackgroundManager, key: str, request: bytes) -> None:
+        try:
+            job = await mgr.submit_request(json.loads(request), key=key)
+        except (JournalMismatchError, DuplicateKeyError, ValueError) as exc:
+            # A record this worker cannot run as it is: end it, so that no worker loops on it.
+            _log.error("job.unrunnable", key=key, error=str(exc))
+            await self.ledger.record(key, Outcome(
+                "failed", error=f"cannot run this job: {exc}", error_code="invalid_request"))
+            return
+        self.jobs[key] = job
+        job.add_done_callback(self._woken)
+
+    async def requeue_unreached(self) -> None:
+        """On the way out: what ended because the server could not be reached goes back to
+        waiting (nothing was paid for)."""
+        held = self.ledger.held()  # unrecorded ones: their leases are released
+        keys = [key for key, job in self.jobs.items() if _unreached(job) and key not in held]
+        if keys:
+            await self.ledger.requeue(keys)
+
+    async def _settle(self, mgr: BackgroundManager) -> None:
+        """Forget jobs that ended or were lost. Those that ended without reaching the server
+        go back to waiting, for another worker or a later run: the leases of those that
+        ended unrecorded are handed back, those recorded ``local`` are requeued."""
+        held = self.ledger.held()
+        unsent: list[str] = []
+        unreached: list[str] = []
+        unreachable = None
+        for key, job in list(self.jobs.items()):
+            if not job.done and key in held:
+                continue
+            del self.jobs[key]
+            mgr._forget(key)
+            if job.done and key in held:
+                unsent.append(key)
+                if job.error_code == "connection_error":
+                    unreachable = job.error  # the server was never reached: stop
+            elif _unreached(job):
+                unreached.append(key)
+        if unreached:
+            _log.warning("jobs.requeued", count=len(unreached), reason="server unreachable")
+            await self.ledger.requeue(unreached)
+        if unsent:
+            await self.ledger.release(unsent)
+        if unreachable is not None:
+            raise ServerUnreachable(unreachable)
+
+
+def _unreached(job: Job) -> bool:
+    return job.done and job.error_code == "connection_error" and job.response_id is None
+
+
+async def fleet_status(ledger: SharedLedger) -> dict[str, Any]:
+    """What ``asyncbg status`` adds for a shared ledger: the workers alive, with how many
+    leases each holds, and how many jobs are not finished (waiting, being sent or live)."""
+    workers = await ledger.workers()
+    return {
+        "unfinished": await ledger.unfinished(),
+        "workers_alive": len(workers),
+        "workers": [
+            {"owner": w.owner, "host": w.host, "pid": w.pid, "held": w.held,
+             "last_seen": w.seen, "lease": w.lease}
+            for w in workers
+        ],
+    }
+
+
+def fleet_status_text(status: Mapping[str, Any]) -> str:
+    """``fleet_status`` as lines for ``asyncbg status``."""
+    lines = [f"workers alive: {status['workers_alive']}"]
+    for w in status["workers"]:
+        lines.append(f"  {w['owner']}  pid {w['pid']} on {w['host']}  holding {w['held']}")
+    return "\n".join(lines)
+

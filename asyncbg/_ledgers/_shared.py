@@ -1,0 +1,182 @@
+"""Shared ledgers: one ledger, many processes, each key run by one lease holder at a time.
+
+A :class:`SharedLedger` is a :class:`~asyncbg.Ledger` that several processes (fleet workers,
+replicas of a service) use at once. Each non-terminal key has at most one *owner*, whose *lease*
+runs until ``lease_until``; the owner renews its leases in batches (:func:`keep_leases`), and
+when it dies they run out and another process takes the key over. Every takeover bumps the key's
+*epoch*, and every write (:meth:`~asyncbg.Ledger.sending`, :meth:`~asyncbg.Ledger.record`) is
+checked against the owner and the epoch it was taken with: a process whose lease was taken over
+gets :class:`LeaseLost` and writes nothing, so it can neither record a result nor go on as if the
+key were its own.
+
+:meth:`~asyncbg.Ledger.claim` takes the lease too: a key that another live owner holds comes
+back as :attr:`~asyncbg.ClaimOutcome.FOLLOW` (the caller follows the record); a key whose lease
+ran out is taken over (epoch + 1) and claimed by the usual rules.
+
+Implementations: :class:`~asyncbg._ledgers._postgres.PostgresLedger` (many machines) and
+:class:`~asyncbg._ledgers._sqlite_shared.SharedSQLiteLedger` (processes on one machine).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass
+from typing import NoReturn, Protocol, runtime_checkable
+
+import anyio
+
+from .. import _log
+from .._errors import JournalMismatchError
+from ._base import ClaimOutcome, Ledger, LedgerError, Record, RecordState
+from ._rules import claim_outcome
+
+__all__ = [
+    "DEFAULT_LEASE",
+    "OPEN_STATES",
+    "EnqueueMismatch",
+    "Item",
+    "LeaseLost",
+    "SharedLedger",
+    "WorkerInfo",
+    "keep_leases",
+    "new_owner",
+    "shared_claim_outcome",
+]
+
+#: Seconds a lease lasts unless told otherwise: a dead owner's keys are taken over after this.
+DEFAULT_LEASE = 30.0
+#: The states a lease matters for: the job is not finished.
+OPEN_STATES: tuple[RecordState, ...] = ("new", "sending", "live")
+
+#: One job to enqueue: ``(key, digest, request)``, as :meth:`~asyncbg.Ledger.claim` takes them.
+Item = tuple[str, str, bytes]
+
+
+class LeaseLost(LedgerError):
+    """This process no longer holds the key's lease: another process took it over.
+
+    Nothing was written. The job is someone else's now: stop running it here, without any
+    request to the server.
+    """
+
+
+class EnqueueMismatch(JournalMismatchError):
+    """:meth:`SharedLedger.enqueue` found ``key`` already there with another request; nothing
+    was enqueued."""
+
+    def __init__(self, key: str, location: str) -> None:
+        super().__init__(f"key {key!r} is already in the ledger {location} with a different "
+                         "request; nothing was enqueued")
+        self.key = key
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    """A process that renewed its leases within its lease period (one that is alive)."""
+
+    owner: str
+    host: str
+    pid: int
+    #: When it first renewed, and when it last did (seconds since the epoch, the ledger's clock).
+    started: float
+    seen: float
+    lease: float
+    #: How many unfinished keys it holds a running lease on.
+    held: int
+
+
+@runtime_checkable
+class SharedLedger(Ledger, Protocol):
+    """A :class:`~asyncbg.Ledger` that many processes share (see the module docstring)."""
+
+    #: Seconds a lease taken by :meth:`claim` lasts, and the renewal period (``lease / 3``) of
+    #: :func:`keep_leases`.
+    lease: float
+
+    @property
+    def owner(self) -> str:
+        """This ledger's identity as a lease holder: ``host:pid:random``, unique per instance."""
+        ...
+
+    def held(self) -> dict[str, int]:
+        """The keys whose lease this instance holds, each with the epoch it took it at."""
+        ...
+
+    async def enqueue(self, items: Iterable[Item]) -> int:
+        """Add waiting jobs (state ``new``, no owner); returns how many keys were new.
+
+        Idempotent: a key already there with the same digest is left as it is. All or nothing:
+        a key already there with another digest raises :class:`EnqueueMismatch` (a
+        :class:`~asyncbg.JournalMismatchError`) naming it, and nothing is added.
+        """
+        ...
+
+    async def acquire(self, limit: int, lease: float, *, live_only: bool = False
+                      ) -> list[Record]:
+        """Take the leases of up to ``limit`` unfinished keys nobody holds (waiting ones, and
+        ones whose lease ran out), oldest first, skipping rows other processes are taking at
+        the same moment; each gets this owner, ``lease`` seconds and a new epoch.
+
+        ``live_only``: only responses the server already runs (a dead owner's), which need
+        polling rather than a slot for their create."""
+        ...
+
+    async def renew(self, keys: Collection[str], lease: float) -> set[str]:
+        """Extend the leases on ``keys`` to ``lease`` seconds from now, in one batch, and say
+        this process is alive; returns the keys whose lease was lost (they are forgotten)."""
+        ...
+
+    async def release(self, keys: Collection[str]) -> None:
+        """Hand the leases on ``keys`` back at once, for another process to take now."""
+        ...
+
+    async def requeue(self, keys: Collection[str]) -> None:
+        """Put ``keys`` that this process ended locally (state ``local``: nothing was paid
+        for, e.g. the server could not be reached) back to waiting, for any process to run."""
+        ...
+
+    async def workers(self) -> list[WorkerInfo]:
+        """The processes alive: those that renewed within their lease period."""
+        ...
+
+    async def unfinished(self) -> int:
+        """How many keys are waiting, being sent or live, whoever holds them."""
+        ...
+
+
+def new_owner() -> str:
+    """A fresh lease-holder identity: host, pid and a random part (pids are reused)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+def shared_claim_outcome(
+    state: RecordState, stored_digest: str, digest: str, *, held_elsewhere: bool
+) -> ClaimOutcome:
+    """What a claim finds in a shared ledger: the usual rules, unless another live owner
+    holds an unfinished key, which is followed (or a mismatch, for another request)."""
+    if held_elsewhere and state in OPEN_STATES:
+        return ClaimOutcome.MISMATCH if stored_digest != digest else ClaimOutcome.FOLLOW
+    return claim_outcome(state, stored_digest, digest)
+
+
+async def keep_leases(ledger: SharedLedger, on_lost: Callable[[str], object]) -> NoReturn:
+    """Renew every lease ``ledger`` holds every ``ledger.lease / 3`` seconds, in one batch.
+
+    The first renewal happens at once, so that the process shows up among the workers. A key
+    whose lease was lost goes to ``on_lost`` (stop running it here). A failed renewal is
+    logged and retried at the next period: the leases then run out only if it keeps failing.
+    """
+    while True:
+        try:
+            lost = await ledger.renew(list(ledger.held()), ledger.lease)
+        except LedgerError as exc:
+            _log.warning("ledger.renew_failed", ledger=ledger.location, error=str(exc))
+        else:
+            for key in sorted(lost):
+                _log.warning("job.lease_lost", key=key, owner=ledger.owner,
+                             reason="another process took the lease over")
+                on_lost(key)
+        await anyio.sleep(ledger.lease / 3)

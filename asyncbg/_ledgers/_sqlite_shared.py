@@ -1,0 +1,286 @@
+"""SharedSQLiteLedger: one SQLite journal that several processes on one machine share.
+
+The same leases, epochs and rules as the PostgreSQL ledger (see :mod:`._shared`), kept in the
+version 3 columns of the journal. SQLite has no row locks: a whole-file write lock taken with
+``BEGIN IMMEDIATE`` serialises acquires (and every other write), which for processes on one
+machine costs microseconds. The statements are in :mod:`._sqlite_queries`.
+
+Why not on :class:`SQLiteLedger` itself: with leases, a key claimed by a process that was just
+killed is another owner's until the lease runs out, so an ``asyncbg run`` restarted at once would
+follow its own dead predecessor for 30 s instead of resuming at once. One run per journal needs
+no leases; a fleet does.
+
+The sets of held keys live on the event loop's side: the functions run in a worker thread and
+return what they did; the coroutines update the sets.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sqlite3
+import time
+from collections.abc import Collection, Iterable
+from typing import Any
+
+import anyio
+
+from .. import _log
+from . import _sqlite_queries as q
+from ._base import Claim, ClaimOutcome, LedgerError, Outcome, Record
+from ._rules import claim_outcome, state_after, unclaimed
+from ._shared import (
+    DEFAULT_LEASE,
+    EnqueueMismatch,
+    Item,
+    LeaseLost,
+    WorkerInfo,
+    new_owner,
+    shared_claim_outcome,
+)
+from ._sqlite import SQLiteLedger, _record, _transaction
+
+__all__ = ["SharedSQLiteLedger"]
+
+#: Workers not seen for this long are deleted from the table when a process registers.
+_FORGET_AFTER = 86400.0
+
+
+class SharedSQLiteLedger(SQLiteLedger):
+    """A :class:`~asyncbg._ledgers._shared.SharedLedger` in the SQLite journal at ``path``.
+
+    ``lease`` is how long the leases it takes last (seconds). Everything else is as for
+    :class:`SQLiteLedger`; the file is the same kind of journal, and a plain ``SQLiteLedger``
+    (``asyncbg status``, say) can read it.
+    """
+
+    __slots__ = ("_acquired", "_held", "_owner", "_registered", "lease")
+
+    def __init__(self, path: str | os.PathLike[str], *, exclusive: bool = False,
+                 lease: float = DEFAULT_LEASE, owner: str | None = None) -> None:
+        if not lease > 0:
+            raise ValueError(f"lease must be a positive number of seconds, got {lease!r}")
+        super().__init__(path, exclusive=exclusive)
+        self.lease = lease
+        self._owner = owner or new_owner()
+        self._registered = False
+        self._held: dict[str, int] = {}
+        self._acquired: dict[str, Record] = {}
+
+    def __repr__(self) -> str:
+        return f"SharedSQLiteLedger({str(self._path)!r}, exclusive={self._exclusive})"
+
+    @property
+    def owner(self) -> str:
+        return self._owner
+
+    def held(self) -> dict[str, int]:
+        return dict(self._held)
+
+    async def close(self) -> None:
+        if self._opens == 1 and self._db is not None:
+            # Hand back what is still held: another process takes it now, not after the lease.
+            with anyio.move_on_after(5.0, shield=True):
+                try:
+                    await self.release(list(self._held))
+                    if self._registered:
+                        await self._call(lambda db: self._write(db, q.FORGET_WORKER,
+                                                                (self._owner,)))
+                except LedgerError as exc:
+                    _log.warning("ledger.release_failed", ledger=self.location, error=str(exc))
+            self._held.clear()
+            self._acquired.clear()
+            self._registered = False
+        await super().close()
+
+    # -- the Ledger protocol, with leases -----------------------------------------------------
+
+    async def claim(self, key: str, digest: str, request: bytes) -> Claim:
+        acquired = self._acquired.pop(key, None)
+        if acquired is not None and key in self._held and acquired.digest == digest:
+            # Ours since acquire(): nobody else wrote it, so the rules need no transaction.
+            outcome = claim_outcome(acquired.state, acquired.digest, digest)
+            if outcome in (ClaimOutcome.NEW, ClaimOutcome.RESEND, ClaimOutcome.RESUME):
+                return Claim(outcome, acquired)
+        claim, epoch = await self._call(lambda db: self._claim(db, key, digest, bytes(request)))
+        if epoch is not None:
+            self._held[key] = epoch
+        return claim
+
+    def _claim(self, db: sqlite3.Connection, key: str, digest: str,
+               request: bytes) -> tuple[Claim, int | None]:
+        now = time.time()
+        until = now + self.lease
+        with _transaction(db):
+            if db.execute(q.SHARED_CLAIM_INSERT,
+                          (key, digest, request, now, now, self._owner, until)).rowcount == 1:
+                return Claim(ClaimOutcome.NEW, _get(db, key)), 1
+            old = _get(db, key)
+            owner, _, lease_until = db.execute(q.LEASE_OF, (key,)).fetchone()
+            elsewhere = owner not in (None, self._owner) and (lease_until or 0) > now
+            outcome = shared_claim_outcome(old.state, old.digest, digest,
+                                           held_elsewhere=elsewhere)
+            if outcome is ClaimOutcome.NEW:
+                db.execute(q.CLAIM_RESET, (digest, request, now, key))
+            elif outcome is ClaimOutcome.RESEND:
+                db.execute(q.CLAIM_RESEND, (request, now, key))
+            elif outcome is ClaimOutcome.RESUME:
+                db.execute(q.CLAIM_FILL_REQUEST, (request, key))
+            else:  # DONE, MISMATCH, FOLLOW: nothing changes
+                return Claim(outcome, old), None
+            epoch = int(db.execute(q.TAKE_LEASE, (self._owner, until, key)).fetchone()[0])
+            return Claim(outcome, _get(db, key)), epoch
+
+    async def sending(self, key: str, *, resubmit: bool) -> None:
+        await self._fenced(key, q.SHARED_SENDING, (1 if resubmit else 0, time.time(), key))
+
+    async def record(self, key: str, outcome: Outcome) -> None:
+        state = state_after(outcome)
+        o, now = outcome, time.time()
+        if state == "live":
+            await self._fenced(key, q.SHARED_RECORD_LIVE, (o.response_id, o.status, now, key),
+                               event=(key, o.status, now))
+            return
+        await self._fenced(key, q.SHARED_RECORD_TERMINAL, (
+            state, o.response_id, o.status, o.body, o.error, o.error_code, o.http_status,
+            o.request_id, now, key), event=(key, o.status, now))
+        self._held.pop(key, None)  # finished: no lease to keep
+
+    async def _fenced(self, key: str, sql: str, args: tuple[Any, ...], *,
+                      event: tuple[str, str, float] | None = None) -> None:
+        """A write checked against this instance's owner and epoch for ``key``."""
+        epoch = self._held.get(key)
+
+        def write(db: sqlite3.Connection) -> bool | None:
+            """True when written; False when the lease is elsewhere; None when unclaimed."""
+            with _transaction(db):
+                if epoch is not None and db.execute(
+                        sql, (*args, self._owner, epoch)).rowcount == 1:
+                    if event is not None:
+                        db.execute(q.EVENT, event)
+                    return True
+                return False if db.execute(q.EXISTS, (key,)).fetchone() else None
+
+        written = await self._call(write)
+        if written:
+            return
+        if written is None:
+            raise unclaimed(key, self.location)
+        self._forget((key,))
+        raise LeaseLost(
+            f"the lease on key {key!r} in {self.location} is held by another process now; this "
+            "one wrote nothing and stops running it"
+        )
+
+    # -- the SharedLedger protocol ----------------------------------------------------------
+
+    async def enqueue(self, items: Iterable[Item]) -> int:
+        batch = [(key, digest, bytes(request)) for key, digest, request in items]
+
+        def enqueue(db: sqlite3.Connection) -> int:
+            now = time.time()
+            new = 0
+            with _transaction(db):
+                for key, digest, request in batch:
+                    if db.execute(q.ENQUEUE, (key, digest, request, now, now)).rowcount == 1:
+                        new += 1
+                        continue
+                    if db.execute(q.DIGEST_OF, (key,)).fetchone()[0] != digest:
+                        # Raised inside the transaction: everything is rolled back.
+                        raise EnqueueMismatch(key, self.location)
+            return new
+
+        return await self._call(enqueue)
+
+    async def acquire(self, limit: int, lease: float, *, live_only: bool = False
+                      ) -> list[Record]:
+        if limit < 1:
+            return []
+
+        def acquire(db: sqlite3.Connection) -> list[tuple[Record, int]]:
+            now = time.time()
+            taken = []
+            with _transaction(db):  # BEGIN IMMEDIATE: the pick and the take are one step
+                keys = [row[0] for row in db.execute(
+                    q.ACQUIRE, (1 if live_only else 0, now, limit)).fetchall()]
+                for key in keys:
+                    epoch = int(db.execute(q.TAKE_LEASE,
+                                           (self._owner, now + lease, key)).fetchone()[0])
+                    taken.append((_get(db, key), epoch))
+            return taken
+
+        records = []
+        for record, epoch in await self._call(acquire):
+            self._held[record.key] = epoch
+            self._acquired[record.key] = record
+            records.append(record)
+        return records
+
+    async def renew(self, keys: Collection[str], lease: float) -> set[str]:
+        held = {key: self._held[key] for key in keys if key in self._held}
+        first = not self._registered
+
+        def renew(db: sqlite3.Connection) -> set[str]:
+            now = time.time()
+            kept = set()
+            with _transaction(db):
+                if first:
+                    db.execute(q.FORGET_OLD_WORKERS, (now - _FORGET_AFTER,))
+                db.execute(q.HEARTBEAT, (self._owner, socket.gethostname(), os.getpid(), now,
+                                         now, lease))
+                for key, epoch in held.items():
+                    if db.execute(q.RENEW, (now + lease, key, epoch, self._owner)).rowcount:
+                        kept.add(key)
+            return kept
+
+        kept = await self._call(renew)
+        self._registered = True
+        # Only keys still held at the same epoch: one recorded finished meanwhile is not lost.
+        lost = {key for key in set(held) - kept if self._held.get(key) == held[key]}
+        self._forget(lost)
+        return lost
+
+    async def release(self, keys: Collection[str]) -> None:
+        held = {key: self._held[key] for key in keys if key in self._held}
+        if held:
+            def release(db: sqlite3.Connection) -> None:
+                with _transaction(db):
+                    db.executemany(q.RELEASE, [(key, epoch, self._owner)
+                                               for key, epoch in held.items()])
+
+            await self._call(release)
+        self._forget(held)
+
+    async def requeue(self, keys: Collection[str]) -> None:
+        if keys:
+            def requeue(db: sqlite3.Connection) -> None:
+                now = time.time()
+                with _transaction(db):
+                    db.executemany(q.REQUEUE, [(now, key, self._owner) for key in keys])
+
+            await self._call(requeue)
+
+    async def workers(self) -> list[WorkerInfo]:
+        def workers(db: sqlite3.Connection) -> list[WorkerInfo]:
+            now = time.time()
+            return [WorkerInfo(*row) for row in db.execute(q.WORKERS, (now, now))]
+
+        return await self._call(workers)
+
+    async def unfinished(self) -> int:
+        return await self._call(lambda db: int(db.execute(q.UNFINISHED).fetchone()[0]))
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def _forget(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            self._held.pop(key, None)
+            self._acquired.pop(key, None)
+
+    def _write(self, db: sqlite3.Connection, sql: str, args: tuple[Any, ...]) -> None:
+        with _transaction(db):
+            db.execute(sql, args)
+
+
+def _get(db: sqlite3.Connection, key: str) -> Record:
+    return _record(db.execute(q.GET, (key,)).fetchone())

@@ -1,0 +1,447 @@
+"""Shared ledgers against a real PostgreSQL (and the shared SQLite journal): the Ledger rules of
+tests/test_ledgers.py, then leases, epochs, SKIP LOCKED, enqueue and the schema."""
+
+from __future__ import annotations
+
+import sqlite3
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import anyio
+import psycopg
+import pytest
+import pytest_asyncio
+
+from asyncbg import JournalMismatchError
+from asyncbg._ledgers import ClaimOutcome, LedgerError, Outcome, canonical, digest, open_ledger
+from asyncbg._ledgers._postgres import PostgresLedger
+from asyncbg._ledgers._shared import EnqueueMismatch, LeaseLost, SharedLedger
+from asyncbg._ledgers._sqlite_shared import SharedSQLiteLedger
+
+
+def req(**kw: object) -> tuple[str, bytes]:
+    params = {"model": "m", "input": "x", **kw}
+    return digest(params), canonical(params)
+
+
+A, A_BYTES = req()
+B, B_BYTES = req(input="other")
+DONE = Outcome("completed", "resp_1", body=b'{"id":"resp_1"}', http_status=200, request_id="rq")
+#: Short enough to let a lease run out within a test, long enough for a few statements.
+LEASE = 0.4
+
+Factory = Callable[..., SharedLedger]
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def make(request: pytest.FixtureRequest, tmp_path: Path) -> Factory:
+    """Makes ledgers on one shared store: a PostgreSQL database of its own, or one journal."""
+    if request.param == "postgres":
+        dsn = request.getfixturevalue("pg_dsn")
+        return lambda **kw: PostgresLedger(dsn, **kw)
+    return lambda **kw: SharedSQLiteLedger(tmp_path / "j.db", **kw)
+
+
+@pytest_asyncio.fixture
+async def ledger(make: Factory) -> AsyncIterator[SharedLedger]:
+    led = make(lease=LEASE)
+    await led.open()
+    try:
+        yield led
+    finally:
+        await led.close()
+
+
+@pytest_asyncio.fixture
+async def other(make: Factory) -> AsyncIterator[SharedLedger]:
+    """A second process's ledger on the same store."""
+    led = make(lease=LEASE)
+    await led.open()
+    try:
+        yield led
+    finally:
+        await led.close()
+
+
+async def run_out() -> None:
+    """Wait until a lease taken now has run out."""
+    await anyio.sleep(LEASE + 0.1)
+
+
+# -- the Ledger rules, as for every ledger ----------------------------------------------------
+
+@pytest.mark.asyncio
+async def test_the_ledger_rules_hold(ledger: SharedLedger) -> None:
+    assert isinstance(ledger, SharedLedger)
+    first = await ledger.claim("k", A, A_BYTES)
+    assert first.outcome is ClaimOutcome.NEW
+    r = first.record
+    assert (r.key, r.digest, r.request, r.state, r.status) == ("k", A, A_BYTES, "new", "pending")
+    assert await ledger.get("k") == r and await ledger.get("missing") is None
+    again = await ledger.claim("k", B, B_BYTES)  # claimed, never sent: the newer one wins
+    assert again.outcome is ClaimOutcome.NEW and again.record.digest == B
+    assert again.record.created == r.created
+    await ledger.sending("k", resubmit=False)
+    assert (await ledger.claim("k", A, A_BYTES)).outcome is ClaimOutcome.MISMATCH
+    resend = await ledger.claim("k", B, B_BYTES)
+    assert resend.outcome is ClaimOutcome.RESEND and resend.record.state == "sending"
+    await ledger.sending("k", resubmit=True)
+    assert await ledger.resubmits() == 1
+    await ledger.record("k", Outcome("queued", "resp_1", body=b"{}", http_status=200))
+    await ledger.record("k", Outcome("in_progress"))  # no id: the known one stays
+    live = await ledger.claim("k", B, B_BYTES)
+    assert live.outcome is ClaimOutcome.RESUME
+    assert (live.record.state, live.record.response_id, live.record.status, live.record.body) == (
+        "live", "resp_1", "in_progress", None)
+    await ledger.record("k", DONE)
+    done = await ledger.claim("k", B, B_BYTES)
+    assert done.outcome is ClaimOutcome.DONE
+    assert (done.record.state, done.record.body, done.record.http_status, done.record.request_id
+            ) == ("done", DONE.body, 200, "rq")
+    assert (await ledger.claim("k", A, A_BYTES)).outcome is ClaimOutcome.MISMATCH
+
+
+@pytest.mark.asyncio
+async def test_local_endings_are_claimed_afresh_and_order_is_claim_order(
+    ledger: SharedLedger,
+) -> None:
+    for key in ("c", "a", "b"):
+        await ledger.claim(key, A, A_BYTES)
+    await ledger.sending("a", resubmit=False)
+    await ledger.record("a", Outcome("in_progress", "resp_a"))
+    await ledger.record("a", Outcome("failed", error="gone", error_code="response_lost"))
+    local = await ledger.get("a")
+    assert local is not None and (local.state, local.response_id) == ("local", "resp_a")
+    fresh = await ledger.claim("a", B, B_BYTES)
+    assert fresh.outcome is ClaimOutcome.NEW
+    assert (fresh.record.state, fresh.record.error, fresh.record.digest) == ("new", None, B)
+    assert [r.key for r in await ledger.records()] == ["c", "a", "b"]
+
+
+@pytest.mark.asyncio
+async def test_bugs_are_clear_errors(make: Factory) -> None:
+    led = make()
+    with pytest.raises(RuntimeError, match="not open"):
+        await led.get("k")
+    await led.open()
+    await led.open()  # opens nest
+    await led.close()
+    with pytest.raises(KeyError, match="never claimed"):
+        await led.sending("nope", resubmit=False)
+    with pytest.raises(KeyError, match="never claimed"):
+        await led.record("nope", DONE)
+    await led.claim("k", A, A_BYTES)
+    with pytest.raises(ValueError, match="JobStatus value, not 'finished'"):
+        await led.record("k", Outcome("finished"))
+    await led.close()
+    await led.close()
+    with pytest.raises(RuntimeError, match="not open"):
+        await led.records()
+
+
+# -- leases and epochs -------------------------------------------------------------------------
+
+@pytest.mark.asyncio
+async def test_a_key_another_live_owner_holds_is_followed_then_taken_over(
+    ledger: SharedLedger, other: SharedLedger
+) -> None:
+    assert ledger.owner != other.owner
+    await ledger.claim("k", A, A_BYTES)
+    await ledger.sending("k", resubmit=False)
+    await ledger.record("k", Outcome("queued", "resp_1"))
+    follow = await other.claim("k", A, A_BYTES)
+    assert follow.outcome is ClaimOutcome.FOLLOW and follow.record.response_id == "resp_1"
+    assert (await other.claim("k", B, B_BYTES)).outcome is ClaimOutcome.MISMATCH
+    assert "k" not in other.held()
+    assert await ledger.renew(list(ledger.held()), LEASE) == set()  # renewed: still followed
+    await anyio.sleep(LEASE * 0.6)
+    assert (await other.claim("k", A, A_BYTES)).outcome is ClaimOutcome.FOLLOW
+    await run_out()
+    takeover = await other.claim("k", A, A_BYTES)
+    assert takeover.outcome is ClaimOutcome.RESUME and takeover.record.response_id == "resp_1"
+    assert other.held()["k"] == ledger.held()["k"] + 1  # a new epoch
+    # The old owner can write nothing more, and learns it.
+    with pytest.raises(LeaseLost, match="held by another process"):
+        await ledger.record("k", DONE)
+    assert "k" not in ledger.held()
+    record = await other.get("k")
+    assert record is not None and record.state == "live"
+    await other.record("k", DONE)
+    finished = await ledger.claim("k", A, A_BYTES)  # a finished key is served to anyone
+    assert finished.outcome is ClaimOutcome.DONE and finished.record.body == DONE.body
+
+
+@pytest.mark.asyncio
+async def test_a_renewal_reports_the_leases_taken_over(
+    ledger: SharedLedger, other: SharedLedger
+) -> None:
+    for key in ("a", "b"):
+        await ledger.claim(key, A, A_BYTES)
+    await run_out()
+    await other.claim("a", A, A_BYTES)  # taken over: a lease that ran out
+    assert await ledger.renew(["a", "b", "unknown"], LEASE) == {"a"}
+    assert set(ledger.held()) == {"b"}
+    with pytest.raises(LeaseLost):
+        await ledger.sending("a", resubmit=False)
+    await ledger.sending("b", resubmit=False)  # the renewed one is still ours
+
+
+@pytest.mark.asyncio
+async def test_a_sending_key_taken_over_is_resent_and_counted(
+    ledger: SharedLedger, other: SharedLedger
+) -> None:
+    await ledger.claim("k", A, A_BYTES)
+    await ledger.sending("k", resubmit=False)
+    await run_out()
+    claim = await other.claim("k", A, A_BYTES)
+    assert claim.outcome is ClaimOutcome.RESEND
+    await other.sending("k", resubmit=True)
+    assert await other.resubmits() == 1
+
+
+# -- the fleet: enqueue, acquire, renew, release -------------------------------------------------
+
+@pytest.mark.asyncio
+async def test_enqueue_is_idempotent_and_all_or_nothing(ledger: SharedLedger) -> None:
+    items = [(f"k{i}", *req(i=i)) for i in range(5)]
+    assert await ledger.enqueue(items) == 5
+    assert await ledger.enqueue(items) == 0
+    assert await ledger.enqueue([*items, ("k5", *req(i=5))]) == 1
+    bad = [("new-1", *req(i=100)), ("k2", *req(i=999)), ("new-2", *req(i=101))]
+    with pytest.raises(EnqueueMismatch, match="key 'k2' is already in the ledger") as info:
+        await ledger.enqueue(bad)
+    assert isinstance(info.value, JournalMismatchError) and info.value.key == "k2"
+    assert [r.key for r in await ledger.records()] == [f"k{i}" for i in range(6)]
+    records = await ledger.records()
+    assert {(r.state, r.status) for r in records} == {("new", "pending")}
+    assert await ledger.unfinished() == 6 and ledger.held() == {}
+
+
+@pytest.mark.asyncio
+async def test_acquire_takes_waiting_and_expired_keys_oldest_first(
+    ledger: SharedLedger, other: SharedLedger
+) -> None:
+    await ledger.enqueue([(f"k{i}", *req(i=i)) for i in range(5)])
+    got = await ledger.acquire(3, LEASE)
+    assert [r.key for r in got] == ["k0", "k1", "k2"]
+    assert [r.key for r in await other.acquire(10, LEASE)] == ["k3", "k4"]
+    assert await other.acquire(10, LEASE) == []
+    # The worker's claim of a key it acquired needs no round trip and takes it as it is.
+    claim = await ledger.claim("k0", *req(i=0))
+    assert claim.outcome is ClaimOutcome.NEW and claim.record == got[0]
+    await ledger.sending("k0", resubmit=False)
+    await ledger.record("k0", DONE)
+    await run_out()
+    again = await other.acquire(10, LEASE)  # k1, k2 ran out; k0 is finished
+    assert [r.key for r in again] == ["k1", "k2", "k3", "k4"]
+    assert await ledger.renew(list(ledger.held()), LEASE) == {"k1", "k2"}
+
+
+@pytest.mark.asyncio
+async def test_a_full_worker_can_adopt_only_live_responses(
+    ledger: SharedLedger, other: SharedLedger
+) -> None:
+    await ledger.enqueue([(f"k{i}", *req(i=i)) for i in range(3)])
+    await ledger.acquire(2, LEASE)
+    for key in ("k0", "k1"):
+        await ledger.claim(key, *req(i=int(key[1])))
+        await ledger.sending(key, resubmit=False)
+    await ledger.record("k1", Outcome("queued", "resp_1"))
+    await run_out()
+    adopted = await other.acquire(10, LEASE, live_only=True)
+    assert [(r.key, r.response_id) for r in adopted] == [("k1", "resp_1")]
+    assert [r.key for r in await other.acquire(10, LEASE)] == ["k0", "k2"]
+
+
+@pytest.mark.asyncio
+async def test_released_keys_are_taken_at_once_with_a_new_epoch(
+    ledger: SharedLedger, other: SharedLedger
+) -> None:
+    await ledger.enqueue([("k", A, A_BYTES)])
+    assert len(await ledger.acquire(1, 30.0)) == 1  # a long lease
+    await ledger.claim("k", A, A_BYTES)
+    await ledger.sending("k", resubmit=False)
+    await ledger.record("k", Outcome("queued", "resp_1"))
+    epoch = ledger.held()["k"]
+    assert await other.acquire(1, 30.0) == []
+    await ledger.release(["k"])
+    assert ledger.held() == {}
+    [taken] = await other.acquire(1, 30.0)
+    assert (taken.state, taken.response_id) == ("live", "resp_1")
+    assert other.held() == {"k": epoch + 1}
+    assert (await other.claim("k", A, A_BYTES)).outcome is ClaimOutcome.RESUME
+
+
+@pytest.mark.asyncio
+async def test_local_endings_can_be_requeued_by_their_owner(
+    ledger: SharedLedger, other: SharedLedger
+) -> None:
+    await ledger.enqueue([("k", A, A_BYTES)])
+    await ledger.acquire(1, LEASE)
+    await ledger.sending("k", resubmit=False)
+    await ledger.record("k", Outcome("failed", error="unreachable",
+                                     error_code="connection_error"))
+    await other.requeue(["k"])  # not its own: nothing changes
+    assert await other.acquire(1, LEASE) == []
+    await ledger.requeue(["k"])
+    [again] = await other.acquire(1, LEASE)
+    assert (again.state, again.status, again.error, again.error_code) == (
+        "new", "pending", None, None)
+
+
+@pytest.mark.asyncio
+async def test_workers_alive_are_those_that_renewed(
+    ledger: SharedLedger, other: SharedLedger
+) -> None:
+    assert await ledger.workers() == []
+    await ledger.enqueue([(f"k{i}", *req(i=i)) for i in range(3)])
+    await ledger.acquire(2, LEASE)
+    await ledger.renew(list(ledger.held()), LEASE)
+    await other.renew([], LEASE)
+    workers = {w.owner: w for w in await ledger.workers()}
+    assert set(workers) == {ledger.owner, other.owner}
+    assert (workers[ledger.owner].held, workers[other.owner].held) == (2, 0)
+    await other.close()
+    await other.open()  # a closed ledger is gone from the list at once
+    assert [w.owner for w in await ledger.workers()] == [ledger.owner]
+    await run_out()
+    assert await ledger.workers() == []  # not renewed within its lease: not alive
+
+
+@pytest.mark.asyncio
+async def test_concurrent_acquires_take_each_key_once(make: Factory) -> None:
+    """SKIP LOCKED (PostgreSQL) and BEGIN IMMEDIATE (SQLite): eight processes, each key once."""
+    ledgers = [make(lease=30.0) for _ in range(8)]
+    for led in ledgers:
+        await led.open()
+    try:
+        await ledgers[0].enqueue([(f"k{i}", *req(i=i)) for i in range(400)])
+        taken: list[str] = []
+
+        async def drain(led: SharedLedger) -> None:
+            while got := await led.acquire(7, 30.0):
+                taken.extend(r.key for r in got)
+
+        async with anyio.create_task_group() as tg:
+            for led in ledgers:
+                tg.start_soon(drain, led)
+        assert sorted(taken) == sorted(f"k{i}" for i in range(400))
+        assert sum(len(led.held()) for led in ledgers) == 400
+    finally:
+        for led in ledgers:
+            await led.close()
+
+
+# -- PostgreSQL only --------------------------------------------------------------------------
+
+@pytest.mark.asyncio
+async def test_renewal_is_one_round_trip_for_any_number_of_keys(pg_dsn: str) -> None:
+    led = PostgresLedger(pg_dsn)
+    await led.open()
+    try:
+        await led.enqueue([(f"k{i}", *req(i=i)) for i in range(500)])
+        await led.acquire(500, 30.0)
+        await led.renew([], 30.0)  # the first one also tidies the workers table
+        before = led.round_trips
+        assert await led.renew(list(led.held()), 30.0) == set()
+        assert led.round_trips - before == 1
+    finally:
+        await led.close()
+
+
+@pytest.mark.asyncio
+async def test_workers_starting_together_make_the_schema_once(pg_dsn: str) -> None:
+    ledgers = [PostgresLedger(pg_dsn) for _ in range(6)]
+    async with anyio.create_task_group() as tg:
+        for led in ledgers:
+            tg.start_soon(led.open)
+    try:
+        for i, led in enumerate(ledgers):
+            assert (await led.claim(f"k{i}", A, A_BYTES)).outcome is ClaimOutcome.NEW
+        assert len(await ledgers[0].records()) == 6
+    finally:
+        for led in ledgers:
+            await led.close()
+    with psycopg.connect(pg_dsn) as conn:
+        assert conn.execute("SELECT value FROM asyncbg_meta").fetchall() == [("1",)]
+
+
+@pytest.mark.asyncio
+async def test_foreign_and_newer_schemas_are_refused(pg_dsn: str) -> None:
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE asyncbg_jobs (id int)")
+    with pytest.raises(LedgerError, match="asyncbg_jobs table that asyncbg did not make"):
+        await PostgresLedger(pg_dsn).open()
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("DROP TABLE asyncbg_jobs")
+    led = PostgresLedger(pg_dsn)
+    await led.open()
+    await led.close()
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("UPDATE asyncbg_meta SET value = '7'")
+    with pytest.raises(LedgerError, match=r"newer asyncbg .*version 7; this one knows up to 1"):
+        await PostgresLedger(pg_dsn).open()
+
+
+@pytest.mark.asyncio
+async def test_exclusive_ledgers_exclude_each_other(pg_dsn: str) -> None:
+    first = PostgresLedger(pg_dsn, exclusive=True)
+    await first.open()
+    try:
+        with pytest.raises(LedgerError, match="in use by another asyncbg run"):
+            await PostgresLedger(pg_dsn, exclusive=True).open()
+        reader = PostgresLedger(pg_dsn)
+        await reader.open()
+        await reader.close()
+    finally:
+        await first.close()
+
+
+@pytest.mark.asyncio
+async def test_unreachable_server_and_password_are_handled(pg_dsn: str) -> None:
+    url = "postgresql://u:secret@127.0.0.1:1/db"
+    led = open_ledger(url)
+    assert isinstance(led, PostgresLedger) and "secret" not in repr(led)
+    with pytest.raises(LedgerError, match="cannot use the PostgreSQL server") as info:
+        await led.open()
+    assert "secret" not in str(info.value)
+
+
+def test_without_psycopg_the_message_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "psycopg", None)
+    monkeypatch.delitem(sys.modules, "asyncbg._ledgers._postgres", raising=False)
+    with pytest.raises(LedgerError, match=r"^PostgreSQL ledgers need psycopg: pip install "
+                                          r"'asyncbg\[postgres\]'$"):
+        open_ledger("postgres://db/x")
+
+
+# -- SQLite only ---------------------------------------------------------------------------
+
+@pytest.mark.asyncio
+async def test_a_version_2_journal_gains_leases(tmp_path: Path) -> None:
+    path = tmp_path / "j.db"
+    with sqlite3.connect(path) as db:  # a version 2 journal, as asyncbg wrote it before
+        from asyncbg._ledgers import _sqlite_queries as q
+
+        for sql in (*q.CREATE_V2, *q.V2_INDEXES):
+            db.execute(sql)
+        db.execute("INSERT INTO jobs (key, seq, digest, request, state, response_id, status, "
+                   "created, updated) VALUES ('k', 1, ?, ?, 'live', 'resp_1', 'queued', 1, 1)",
+                   (A, A_BYTES))
+        db.execute(f"PRAGMA application_id = {q.APPLICATION_ID}")
+        db.execute("PRAGMA user_version = 2")
+    db.close()
+    led = SharedSQLiteLedger(path, lease=LEASE)
+    await led.open()
+    try:
+        [record] = await led.acquire(5, LEASE)
+        assert (record.key, record.state, record.response_id) == ("k", "live", "resp_1")
+        assert (await led.claim("k", A, A_BYTES)).outcome is ClaimOutcome.RESUME
+    finally:
+        await led.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (3,)
+    db.close()
