@@ -7,6 +7,7 @@
 
 from ._errors import (
     AsyncbgError,
+    BudgetExceeded,
     DuplicateKeyError,
     JobCancelled,
     JobFailed,
@@ -17,7 +18,9 @@ from ._errors import (
 from ._job import Job
 from ._ledgers import Ledger, LedgerError, MemoryLedger, Outcome, Record, SQLiteLedger
 from ._manager import BackgroundManager, ManagerStatistics
+from ._pacing import RateLimit
 from ._policies import PollPolicy, RetryPolicy
+from ._pricing import Price
 from ._status import JobStatus
 from ._webhooks import webhook_app
 
@@ -29,6 +32,7 @@ __version__ = "0.2.0"
 __all__ = [
     "AsyncbgError",
     "BackgroundManager",
+    "BudgetExceeded",
     "DuplicateKeyError",
     "Job",
     "JobCancelled",
@@ -44,6 +48,8 @@ __all__ = [
     "MemoryLedger",
     "Outcome",
     "PollPolicy",
+    "Price",
+    "RateLimit",
     "Record",
     "RetryPolicy",
     "SQLiteLedger",

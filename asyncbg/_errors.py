@@ -3,7 +3,8 @@
     AsyncbgError
     ├── JobFailed              a job ended without a completed response (.job)
     │   ├── JobCancelled       it was cancelled, on the server or before it was sent
-    │   └── JobIncomplete      the server stopped it early (see .job.response.incomplete_details)
+    │   ├── JobIncomplete      the server stopped it early (see .job.response.incomplete_details)
+    │   └── BudgetExceeded     not run (or cancelled) because max_cost was reached
     ├── DuplicateKeyError      a key was submitted twice to one manager (also a ValueError)
     ├── JournalMismatchError   a key in the journal was submitted with a different request
     ├── LedgerError            a journal/ledger cannot be used: corrupt, locked, unwritable
@@ -18,6 +19,7 @@ from typing import Any
 
 __all__ = [
     "AsyncbgError",
+    "BudgetExceeded",
     "DuplicateKeyError",
     "JobCancelled",
     "JobFailed",
@@ -46,6 +48,11 @@ class JobCancelled(JobFailed):
 
 class JobIncomplete(JobFailed):
     """The server ended the job early, e.g. at ``max_output_tokens``."""
+
+
+class BudgetExceeded(JobFailed):
+    """The job did not fit in ``max_cost`` (nothing was sent), or was cancelled on the server
+    when real spend passed it. The message says the budget, the spend and what was not run."""
 
 
 class DuplicateKeyError(AsyncbgError, ValueError):

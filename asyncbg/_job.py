@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import anyio
 
 from . import _log
-from ._errors import JobCancelled, JobFailed, JobIncomplete, ManagerStateError
+from ._errors import BudgetExceeded, JobCancelled, JobFailed, JobIncomplete, ManagerStateError
 from ._status import JobStatus
 
 __all__ = ["Job", "JobControl", "JobOwner"]
@@ -62,6 +62,7 @@ class Job:
         "_accepted",
         "_body",
         "_callbacks",
+        "_cost",
         "_detached",
         "_done",
         "_error",
@@ -90,6 +91,7 @@ class Job:
         self._response: Any = None
         self._error: str | None = None
         self._error_code: str | None = None
+        self._cost: float | None = None
         # Events are made on first wait: most jobs of a large fan-out are never awaited alone.
         self._done: anyio.Event | None = None
         self._accepted: anyio.Event | None = None
@@ -134,6 +136,16 @@ class Job:
         """A short code for :attr:`error`: the server's, or asyncbg's own (e.g.
         ``connection_error``, ``response_lost``, ``deadline_exceeded``, ``request_failed``)."""
         return self._error_code
+
+    @property
+    def usage(self) -> Any:
+        """The response's usage once known (an OpenAI ``ResponseUsage``), else None."""
+        return getattr(self.response, "usage", None) if self._body is not None else None
+
+    @property
+    def cost(self) -> float | None:
+        """US dollars this job cost, once it is terminal with a known usage and price."""
+        return self._cost
 
     @property
     def text(self) -> str:
@@ -220,6 +232,8 @@ class Job:
         if self.response_id:
             message += f" ({self.response_id})"
         message += f" {status.value}: {self._error or 'no reason given'}"
+        if self._error_code == "budget_exceeded":
+            raise BudgetExceeded(self, message)
         if status is JobStatus.CANCELLED:
             raise JobCancelled(self, message)
         if status is JobStatus.INCOMPLETE:
@@ -272,6 +286,7 @@ class JobControl:
         error: str | None = None,
         error_code: str | None = None,
         request_id: str | None = None,
+        cost: float | None = None,
     ) -> bool:
         """Move the job to ``status``; True when the status changed. A terminal job stays put."""
         job = self.job
@@ -298,6 +313,7 @@ class JobControl:
             return True
         job._error = error
         job._error_code = error_code
+        job._cost = cost
         job._finish_seq = next(_finish_order)
         _log.debug("job.status_changed", key=job.key, response_id=job.response_id,
                    status=status.value, previous=previous.value, elapsed=round(job.elapsed, 3))

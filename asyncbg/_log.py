@@ -21,7 +21,6 @@ import structlog
 __all__ = ["debug", "enabled", "error", "exception", "info", "warning"]
 
 _std = logging.getLogger("asyncbg")
-_structured = structlog.get_logger("asyncbg")
 _METHOD = {
     logging.DEBUG: "debug",
     logging.INFO: "info",
@@ -37,7 +36,10 @@ def enabled(level: int) -> bool:
 
 def _emit(level: int, event: str, fields: dict[str, Any], exc_info: bool = False) -> None:
     if structlog.is_configured():
-        method = getattr(_structured, "exception" if exc_info else _METHOD[level])
+        # A fresh proxy each time: one kept here would, under cache_logger_on_first_use, keep
+        # the configuration of its first use for ever, whatever the application sets later.
+        logger = structlog.get_logger("asyncbg")
+        method = getattr(logger, "exception" if exc_info else _METHOD[level])
         method(event, **fields)
         return
     if not _std.isEnabledFor(level):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import enum
 import itertools
-import json
 import os
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
@@ -22,12 +21,16 @@ from anyio.abc import TaskGroup
 
 from . import _log, _waiting
 from ._errors import DuplicateKeyError, JournalMismatchError, ManagerStateError
+from ._following import answer_of as _answer_of
 from ._job import Job
 from ._ledgers import Ledger, open_ledger
-from ._ledgers._base import ClaimOutcome, Record, canonical, digest
+from ._ledgers._base import ClaimOutcome, canonical, digest
+from ._ledgers._shared import SharedLedger, keep_leases
+from ._meter import Meter
+from ._pacing import RateLimit
 from ._policies import PollPolicy, RetryPolicy
+from ._pricing import Price
 from ._providers import OpenAIResponses, Provider
-from ._providers._base import Answer
 from ._scheduler import Scheduler
 from ._status import JobStatus
 from ._webhooks import WebhookInbox
@@ -56,6 +59,15 @@ class ManagerStatistics:
     possible_duplicates: int
     webhooks_accepted: int
     webhooks_rejected: int
+    #: US dollars spent by finished jobs with a known price (jobs served from a journal too).
+    cost: float = 0.0
+    input_tokens: int = 0
+    cached_input_tokens: int = 0
+    #: Output tokens, reasoning tokens included.
+    output_tokens: int = 0
+    reasoning_tokens: int = 0
+    #: Creates answered 429 (pacing keeps this near zero).
+    rate_limited: int = 0
 
 
 class BackgroundManager:
@@ -72,6 +84,16 @@ class BackgroundManager:
     ``max_requests`` bounds the HTTP requests in flight at once (creates, polls, cancels,
     stream opens), which keeps the event loop responsive when thousands of jobs are due
     together.
+
+    ``max_cost`` (US dollars) is a budget over every job: a create is sent only while the spend
+    so far plus what the live jobs are expected to cost leaves room for it (a job that cannot fit
+    ends :class:`~asyncbg.BudgetExceeded` with nothing sent), and if real spend still passes it,
+    every live job is cancelled on the server at once. ``prices`` overrides the built-in price
+    table (from the genai-prices dataset) per model name. Creates are paced below the server's
+    rate limits: a 429 holds every create back until its ``Retry-After``, the
+    ``x-ratelimit-*`` headers spread the remaining headroom, the number of creates in flight
+    starts small and grows as answers come back, and ``rate_limit`` caps requests and tokens
+    per minute when you know your limits.
     """
 
     def __init__(
@@ -89,6 +111,10 @@ class BackgroundManager:
         webhook_secret: str | None = None,
         stream: bool = False,
         max_requests: int = 64,
+        max_cost: float | None = None,
+        prices: Mapping[str, Price] | None = None,
+        rate_limit: RateLimit | None = None,
+        journal_bodies: bool = True,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency!r}")
@@ -115,10 +141,18 @@ class BackgroundManager:
             None if journal is None else
             journal if isinstance(journal, Ledger) else open_ledger(journal)
         )
+        #: Prices, the budget and the pace of creates (see ``statistics().cost``).
+        self.meter = Meter(prices=prices, max_cost=max_cost, rate_limit=rate_limit,
+                           max_concurrency=max_concurrency,
+                           batch=bool(getattr(self.provider, "batch", False)),
+                           max_hold=self.retry_policy.max_retry_after)
         self._scheduler = Scheduler(
             self.provider, self.journal, max_concurrency=max_concurrency,
-            max_requests=max_requests, retry=self.retry_policy, log_prompts=log_prompts,
+            max_requests=max_requests, retry=self.retry_policy, meter=self.meter,
+            log_prompts=log_prompts,
         )
+        # journal_bodies=False: results go only to the caller; the journal keeps no bodies.
+        self._scheduler.journal_bodies = journal_bodies
         self._inbox = WebhookInbox(self.provider, webhook_secret, self._scheduler.wake)
         self._jobs: dict[str, Job] = {}
         self._auto_key = itertools.count(1)
@@ -135,6 +169,10 @@ class BackgroundManager:
         tg = anyio.create_task_group()
         await tg.__aenter__()
         tg.start_soon(self._scheduler.run, name="asyncbg scheduler")
+        if isinstance(self.journal, SharedLedger):
+            # A ledger shared by several processes: renew this one's leases in batches, and
+            # stop running a job whose lease another process took over.
+            tg.start_soon(keep_leases, self.journal, self._scheduler.drop, name="asyncbg leases")
         self._tg = tg
         self._state = _State.OPENED
         return self
@@ -256,6 +294,12 @@ class BackgroundManager:
                                 status=JobStatus.from_server(record.status))
             _log.info("job.reattached", key=key, response_id=record.response_id,
                       status=record.status)
+        elif claim.outcome is ClaimOutcome.FOLLOW:
+            # A shared ledger: another live process runs this key. Follow its record; take
+            # the job over if that process's lease runs out (see asyncbg/_following.py).
+            self._scheduler.follow(job, prepared, policy, deadline=at)
+            _log.info("job.following", key=key, response_id=record.response_id,
+                      status=record.status)
         else:
             resend = claim.outcome is ClaimOutcome.RESEND
             if resend:
@@ -293,6 +337,14 @@ class BackgroundManager:
     def jobs(self) -> Sequence[Job]:
         """Every job submitted so far, in submission order."""
         return list(self._jobs.values())
+
+    def _forget(self, key: str) -> None:
+        """For fleet workers (asyncbg/_fleet.py): forget ``key``, so that a worker running for
+        days does not keep every result, and may take the key again later. A job still running
+        here is detached first, without any request (its lease went to another process)."""
+        job = self._jobs.pop(key, None)
+        if job is not None and not job.done:
+            self._scheduler.drop(key)
 
     # -- waiting ---------------------------------------------------------------------------
 
@@ -341,6 +393,7 @@ class BackgroundManager:
         """A frozen snapshot of this manager's counters."""
         by_status = Counter(job.status.value for job in self._jobs.values())
         s = self._scheduler
+        spend = self.meter.spend
         return ManagerStatistics(
             submitted=len(self._jobs),
             pending=by_status[JobStatus.PENDING.value],
@@ -352,16 +405,13 @@ class BackgroundManager:
             possible_duplicates=s.possible_duplicates,
             webhooks_accepted=self._inbox.accepted,
             webhooks_rejected=self._inbox.rejected,
+            cost=spend.cost,
+            input_tokens=spend.input_tokens,
+            cached_input_tokens=spend.cached_input_tokens,
+            output_tokens=spend.output_tokens,
+            reasoning_tokens=spend.reasoning_tokens,
+            rate_limited=self.meter.pacer.statistics().rate_limited,
         )
-
-
-def _answer_of(record: Record) -> Answer:
-    """A ledger record as the answer it stands for (a job served without a request)."""
-    body = record.body if record.body is not None else json.dumps(
-        {"id": record.response_id, "status": record.status}).encode()
-    return Answer(JobStatus.from_server(record.status), record.response_id, body,
-                  record.http_status or 200, record.request_id, None, record.error,
-                  record.error_code)
 
 
 def _collapse(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -23,14 +23,16 @@ from anyio.abc import TaskGroup
 
 from . import _log
 from ._entry import CREATING, ENDED, LIVE, PENDING, STREAMING, Entry
+from ._following import FOLLOWING, Following
 from ._http import Rejected, RequestError
 from ._job import Job, JobControl
-from ._ledgers._base import Ledger
+from ._ledgers._base import Ledger, LedgerError
+from ._ledgers._shared import LeaseLost, SharedLedger
 from ._limiter import Limiter
+from ._meter import Meter
 from ._policies import PollPolicy, RetryPolicy
 from ._providers._base import Answer, Provider
 from ._status import JobStatus
-from ._steps import Steps
 from ._streaming import run_stream
 
 __all__ = ["Entry", "Scheduler"]
@@ -39,14 +41,18 @@ __all__ = ["Entry", "Scheduler"]
 EARLY_LIMIT = 10_000
 
 
-class Scheduler(Steps):
+class Scheduler(Following):
     """Runs every job of one manager; see the module docstring."""
 
     def __init__(
         self, provider: Provider, ledger: Ledger | None, *, max_concurrency: int,
-        max_requests: int, retry: RetryPolicy, log_prompts: bool = False,
+        max_requests: int, retry: RetryPolicy, meter: Meter, log_prompts: bool = False,
     ) -> None:
         self.provider = provider
+        self.meter = meter
+        self._budget_tripped = False
+        self._paced: deque[Entry] = deque()
+        self._budget_parked: deque[Entry] = deque()
         self.ledger = ledger
         self.retry = retry
         self.max_concurrency = max_concurrency
@@ -64,6 +70,9 @@ class Scheduler(Steps):
         self._tg: TaskGroup | None = None
         self._reached_server = False
         self._unreachable: str | None = None
+        #: Keys whose claim said FOLLOW (shared ledgers), until they end or are taken over.
+        self._following: set[str] = set()
+        self._shared = isinstance(ledger, SharedLedger)
         # counters, read by statistics()
         self.requests = 0
         self.polls = 0
@@ -109,7 +118,10 @@ class Scheduler(Steps):
                 continue
             self._active += 1
             entry.started = anyio.current_time()
-            if entry.params is not None and self.provider.is_stream(entry.params):
+            if entry.job.key in self._following:
+                entry.stage = FOLLOWING  # read the ledger, not the server (see _follow)
+                self._schedule(entry, entry.policy.first(entry.scale))
+            elif entry.params is not None and self.provider.is_stream(entry.params):
                 entry.stage = STREAMING
                 tg.start_soon(self._stream, entry)
             elif entry.job.response_id is not None:
@@ -196,6 +208,9 @@ class Scheduler(Steps):
     async def _stream(self, entry: Entry) -> None:
         try:
             polled = await run_stream(self, entry)
+        except LeaseLost as exc:  # another process took the job over (see _lease_lost)
+            self._lease_lost(entry, exc)
+            return
         except Exception as exc:  # noqa: BLE001 - a bug must fail one job, not the manager
             _log.exception("job.crashed", key=entry.job.key)
             await self._end_recorded(entry, JobStatus.FAILED,
@@ -224,10 +239,14 @@ class Scheduler(Steps):
         await self._end_recorded(entry, status, error, code, http_status=http_status)
 
     def serve(self, job: Job, answer: Answer) -> None:
-        """A job the ledger already holds the outcome of: finish it without any request."""
+        """A job the ledger already holds the outcome of: finish it without any request.
+
+        What it cost counts against the budget: a rerun's ``max_cost`` bounds the whole run.
+        """
+        _usage, cost = self.meter.settle(job.key, None, answer.body)
         JobControl(job).update(answer.status, body=answer.body, response_id=answer.response_id,
                                error=answer.error, error_code=answer.error_code,
-                               request_id=answer.request_id)
+                               request_id=answer.request_id, cost=cost)
 
     def jobs_left(self) -> int:
         return len(self._entries)
@@ -264,6 +283,8 @@ class Scheduler(Steps):
                     message = ("cancelled before it was sent" if cancel
                                else "not sent: the manager exited first")
                 self._end(entry, JobStatus.CANCELLED, message, "cancelled")
+            elif entry.stage == FOLLOWING:
+                entry.control.detach()  # another process's job: never cancelled from here
             elif cancel:
                 live.append(entry)
             else:
@@ -284,6 +305,12 @@ class Scheduler(Steps):
         rid = entry.job.response_id
         assert rid is not None
         async with self.requests_limiter:
+            try:
+                if not await self._still_ours(entry):
+                    return
+            except LedgerError as exc:
+                _log.warning("job.cancel_failed", key=entry.job.key, error=str(exc))
+                return
             _log.info("job.cancel_sent", key=entry.job.key, response_id=rid,
                       reason="manager exiting")
             self.requests += 1

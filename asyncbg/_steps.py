@@ -8,15 +8,17 @@ polls of a live response never do). :class:`Steps` is mixed into
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 import anyio
 
 from . import _log
-from ._entry import CREATING, ENDED, LIVE, PENDING, Entry
+from ._entry import CREATING, ENDED, LIVE, PENDING, STREAMING, Entry
 from ._http import BadAnswer, NotFound, Rejected, RequestError, Transient, Unreachable
 from ._ledgers._base import Ledger, Outcome
+from ._ledgers._shared import LeaseLost
 from ._limiter import Limiter
+from ._meter import PARK, Meter
 from ._policies import RetryPolicy
 from ._providers._base import Answer, Provider
 from ._status import JobStatus
@@ -52,11 +54,21 @@ class Steps:
     _idle: anyio.Event | None
     _reached_server: bool
     _unreachable: str | None
+    meter: Meter
+    #: False: the ledger keeps ids, statuses and errors but no response bodies (see the
+    #: manager's ``journal_bodies``).
+    journal_bodies: bool = True
+    _budget_tripped: bool
+    _paced: deque[Entry]
+    _budget_parked: deque[Entry]
 
     def _schedule(self, entry: Entry, delay: float) -> None:
         raise NotImplementedError
 
     def _known(self, entry: Entry) -> None:
+        raise NotImplementedError
+
+    def _lease_lost(self, entry: Entry, exc: LeaseLost) -> None:
         raise NotImplementedError
 
     # -- one request ---------------------------------------------------------------------------
@@ -74,6 +86,10 @@ class Steps:
                     await self._cancel(entry)
                 else:
                     await self._poll(entry)
+        except LeaseLost as exc:
+            # A shared ledger refused a write: another process took the job over. It is theirs
+            # now: stop here, record nothing, send nothing (see asyncbg/_following.py).
+            self._lease_lost(entry, exc)
         except Exception as exc:  # noqa: BLE001 - a bug must fail one job, not the manager
             _log.exception("job.crashed", key=entry.job.key)
             await self._end_recorded(entry, JobStatus.FAILED,
@@ -92,25 +108,69 @@ class Steps:
             await self._end_recorded(entry, JobStatus.FAILED, self._unreachable,
                                      "connection_error")
             return
+        meter = self.meter
+        wait = meter.admit(job.key, entry.params)
+        if wait is None:
+            # Nothing is sent; the record stays unsent, so a rerun with a larger budget runs it.
+            self._end(entry, JobStatus.FAILED, meter.budget_message(), "budget_exceeded")
+            return
+        if wait == PARK:
+            self._budget_parked.append(entry)  # woken when a live job settles
+            return
+        if wait > 0:  # paced: not an attempt, nothing sent
+            if meter.window_full():
+                self._paced.append(entry)  # woken by the next create's answer
+            else:
+                self._schedule(entry, wait)
+            return
         if self.ledger is not None:
             await self.ledger.sending(job.key, resubmit=entry.resubmit)
         entry.resubmit = False
         entry.sent = True
         self.requests += 1
         try:
-            answer = await self.provider.create(entry.params)
-        except (Rejected, BadAnswer) as exc:
+            answer = await self.provider.create(entry.params, key=job.key)
+        except RequestError as exc:
+            meter.answered(exc.http_status or 0, exc.limits)
+            self._wake_paced()
+            if not isinstance(exc, Transient) or not exc.maybe_sent:
+                meter.unsent(job.key)
+            await self._create_failed(entry, exc)
+            return
+        meter.answered(answer.http_status, answer.limits)
+        self._wake_paced()
+        self._reached_server = True
+        self._unreachable = None
+        await self._accepted(entry, answer)
+
+    def _wake_budget(self) -> None:
+        """A job settled: the jobs parked for the budget may fit now; each asks again."""
+        parked, self._budget_parked = self._budget_parked, deque()
+        for entry in parked:
+            if entry.stage == CREATING and not entry.in_flight:
+                self._schedule(entry, 0.0)
+
+    def _wake_paced(self) -> None:
+        """A create came back, so one more may go: wake the longest-waiting paced job."""
+        while self._paced:
+            entry = self._paced.popleft()
+            if entry.stage == CREATING and not entry.in_flight:
+                self._schedule(entry, 0.0)
+                return
+
+    async def _create_failed(self, entry: Entry, exc: RequestError) -> None:
+        job = entry.job
+        if isinstance(exc, Rejected | BadAnswer):
             self._reached_server = True
             await self._end_recorded(
                 entry, JobStatus.FAILED, _explain(exc),
                 exc.code or ("invalid_response" if isinstance(exc, BadAnswer)
                              else "request_failed"),
                 http_status=exc.http_status, request_id=exc.request_id)
-            return
-        except Unreachable as exc:
+        elif isinstance(exc, Unreachable):
             await self._create_unreachable(entry, exc)
-            return
-        except Transient as exc:
+        else:
+            assert isinstance(exc, Transient)
             self._reached_server = self._reached_server or exc.http_status is not None
             if exc.maybe_sent:
                 # The request may have reached the server and started a paid response; with no
@@ -119,10 +179,6 @@ class Steps:
                 _log.warning("job.possible_duplicate", key=job.key,
                              reason="a create's answer was lost; it is sent again")
             await self._retry_or_fail(entry, exc, "create")
-            return
-        self._reached_server = True
-        self._unreachable = None
-        await self._accepted(entry, answer)
 
     async def _create_unreachable(self, entry: Entry, exc: Unreachable) -> None:
         if self._reached_server:
@@ -134,8 +190,9 @@ class Steps:
             self._schedule(entry, 0.25 * 2 ** (entry.attempt - 1))
             return
         # Nothing has ever reached the server: fail fast, every create not yet sent with it.
+        if self._unreachable is None:  # said once, not once per create failing with it
+            _log.error("server.unreachable", base_url=self.provider.base_url, error=exc.message)
         self._unreachable = exc.message
-        _log.error("server.unreachable", base_url=self.provider.base_url, error=exc.message)
         await self._end_recorded(entry, JobStatus.FAILED, exc.message, "connection_error")
 
     async def _retry_or_fail(self, entry: Entry, exc: RequestError, what: str) -> None:
@@ -207,8 +264,11 @@ class Steps:
             # off up to the policy's longest interval and go on; only a deadline ends the wait.
             entry.attempt += 1
             entry.fetch_wanted = fetch
+            if exc.http_status == 429:
+                self.meter.poll_limited(exc.retry_after)  # one hold-off for every poll
             delay = min(self.retry.delay(entry.attempt, exc.retry_after),
                         max(entry.policy.max_interval, 1.0) * entry.scale)
+            delay = max(delay, self.meter.poll_delay())
             self._note_retry(entry, exc, "retrieve", delay)
             if entry.attempt % 10 == 0:
                 _log.warning("job.poll_failing", key=job.key, response_id=rid,
@@ -218,7 +278,7 @@ class Steps:
         entry.attempt = 0
         await self._take(entry, answer)
         if not job.done:
-            self._schedule(entry, self._next_delay(entry, answer))
+            self._schedule(entry, max(self._next_delay(entry, answer), self.meter.poll_delay()))
 
     def _next_delay(self, entry: Entry, answer: Answer) -> float:
         if entry.cancel_sent:
@@ -286,20 +346,50 @@ class Steps:
             terminal = status.terminal
             await self.ledger.record(job.key, Outcome(
                 status.value, job.response_id or answer.response_id,
-                answer.body if terminal else None, error if terminal else None,
+                answer.body if terminal and self.journal_bodies else None,
+                error if terminal else None,
                 code if terminal else None, answer.http_status, answer.request_id))
+        cost = None
+        if status.terminal:
+            _usage, cost = self.meter.settle(job.key, entry.params, answer.body)
+            self._wake_budget()
         entry.control.update(status, body=answer.body, response_id=answer.response_id,
-                             error=error, error_code=code, request_id=answer.request_id)
+                             error=error, error_code=code, request_id=answer.request_id,
+                             cost=cost)
         if first:
             self._known(entry)
         if job.done:
             self._finished(entry)
+            if self.meter.over_budget:
+                self._budget_spent()
+
+    def _budget_spent(self) -> None:
+        """Real spend passed ``max_cost``: cancel every live job on the server at once."""
+        if self._budget_tripped:
+            return
+        self._budget_tripped = True
+        reason = (self.meter.budget_message(), "budget_exceeded")
+        _log.warning("budget.spent", message=reason[0])
+        for entry in list(self._entries.values()):
+            if entry.stage not in (LIVE, STREAMING) or entry.cancel_wanted:
+                continue  # jobs not yet sent are refused by the budget before their create
+            entry.cancel_wanted = True
+            entry.cancel_reason = reason
+            if entry.stream_scope is not None:
+                entry.stream_scope.cancel()
+            elif entry.stage == LIVE and not entry.in_flight:
+                self._schedule(entry, 0.0)
 
     async def _end_recorded(
         self, entry: Entry, status: JobStatus, error: str, code: str, *,
         http_status: int | None = None, request_id: str | None = None,
     ) -> None:
         """End a job on our side (rejected, unreachable, lost), ledger first."""
+        if entry.job.response_id is not None:
+            self.meter.settle(entry.job.key, entry.params, None)  # paid for, usage unknown
+        else:
+            self.meter.unsent(entry.job.key)
+        self._wake_budget()
         if self.ledger is not None and (entry.sent or entry.job.response_id is not None):
             await self.ledger.record(entry.job.key, Outcome(
                 status.value, entry.job.response_id, None, error, code, http_status, request_id))

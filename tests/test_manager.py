@@ -386,7 +386,10 @@ async def test_slow_answers_do_not_block_other_jobs(
     server.inject("slow", route="create", delay=0.3)
     async with manager(client) as mgr:
         slow = await mgr.submit(model="m", input="slow")
-        await anyio.wait_all_tasks_blocked()  # its create is on the wire, meeting the slow answer
+        # Wait until its create is on the wire, meeting the slow answer (the SDK's first request
+        # may go through a worker thread first, so "all tasks blocked" is not enough).
+        while not server.counters.faults:  # noqa: ASYNC110 - the fake has no event for this
+            await anyio.sleep(0.001)
         fast = await mgr.submit(model="m", input="fast")
         first = await mgr.wait_any([slow, fast])
     assert first is fast and slow.status is JobStatus.COMPLETED

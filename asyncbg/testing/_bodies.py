@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 from collections.abc import AsyncIterator, Callable
@@ -9,6 +10,7 @@ from typing import Any
 
 import anyio
 
+from ._research import research_output, weave
 from ._state import Resp
 
 _FINAL_EVENTS = frozenset(
@@ -43,6 +45,13 @@ def response_body(r: Resp, status: str) -> dict[str, Any]:
             text = text[: max(len(text) // 2, 1)]
             body["incomplete_details"] = {"reason": "max_output_tokens"}
         body["output"] = [_message(r.id, text, status)]
+        if "reasoning.encrypted_content" in (r.extra.get("include") or ()):
+            # What a zero-data-retention caller asks for: the reasoning, opaque, to pass back.
+            body["output"].insert(0, {
+                "type": "reasoning", "id": f"rs_{r.id[5:]}", "summary": [],
+                "encrypted_content": base64.b64encode(f"enc:{r.id}".encode()).decode(),
+            })
+        research_output(r, body)  # a request with a web search tool: its searches first
     elif status == "failed":
         body["error"] = {"code": "server_error",
                          "message": "The model failed to generate a response."}
@@ -113,6 +122,7 @@ def event_script(r: Resp, n_deltas: int) -> list[tuple[int, float, dict[str, Any
                                   "output_index": 0, "content_index": 0, "text": text,
                                   "logprobs": []}))
     events.append((r.end_at, {"type": f"response.{final}", "response": response_body(r, final)}))
+    events = weave(r, events)  # a request with a web search tool: its searches' events
     return [(i, at, e) for i, (at, e) in enumerate(events)]
 
 
