@@ -125,8 +125,10 @@ class Scheduler(Following):
                 entry.stage = STREAMING
                 tg.start_soon(self._stream, entry)
             elif entry.job.response_id is not None:
-                entry.stage = LIVE  # re-attached: poll soon
-                self._schedule(entry, entry.policy.first(entry.scale))
+                # Re-attached (a rerun, or a dead worker's job taken over): it has been
+                # running all along, and its result may be retrievable for only minutes.
+                entry.stage = LIVE
+                self._schedule(entry, 0.0)
             else:
                 entry.stage = CREATING
                 self._schedule(entry, 0.0)

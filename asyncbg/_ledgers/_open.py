@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable
-from urllib.parse import urlsplit, urlunsplit
 
 from ._base import Ledger, LedgerError
 from ._sqlite import SQLiteLedger
+from ._urls import redacted as _redacted
 
 __all__ = ["open_ledger"]
 
@@ -61,12 +61,3 @@ _URL_SCHEMES: dict[str, Callable[..., Ledger]] = {
     "postgresql": _postgres,
     "postgres": _postgres,
 }
-
-
-def _redacted(url: str) -> str:
-    """``url`` without its password, for messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rpartition("@")
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{netloc[2]}"))

@@ -25,7 +25,6 @@ import psycopg
 from .. import _log
 from . import _pg_queries as q
 from ._base import Claim, ClaimOutcome, LedgerError, Outcome, Record
-from ._open import _redacted
 from ._rules import claim_outcome, state_after, unclaimed
 from ._shared import (
     DEFAULT_LEASE,
@@ -36,6 +35,7 @@ from ._shared import (
     new_owner,
     shared_claim_outcome,
 )
+from ._urls import redacted as _redacted
 
 __all__ = ["PostgresLedger"]
 

@@ -12,20 +12,28 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, Protocol, cast
 
 from ._batch_core import Batch, BatchApi, BatchTiming, Fate
 from ._batches_anthropic import AnthropicBatches
 from ._batches_gemini import GeminiBatches
 from ._batches_openai import OpenAIBatches
 from ._faults import Fault
-from ._model import Outcome, script
+from ._model import Outcome
+from ._state import Counters
 from ._usage import TokenPlan
 from ._wire import ErrorStyle, FakeAnswer, html_page, json_answer
 
-if TYPE_CHECKING:
-    from ._server import FakeResponsesServer
+
+class Host(Protocol):
+    """What the batch APIs use of the server that serves them."""
+
+    cancel_finished: Literal["error", "return"]
+    error_style: ErrorStyle
+    counters: Counters
+
+    def clock(self) -> float: ...
 
 __all__ = ["FakeBatches"]
 
@@ -54,8 +62,14 @@ class FakeBatches:
     before the cancel took effect.
     """
 
-    def __init__(self, server: FakeResponsesServer) -> None:
+    def __init__(
+        self, server: Host, *,
+        draw: Callable[[Mapping[str, Any], int], tuple[float, str, Any]],
+        gate: Callable[[Any], tuple[bool, Fault | None]],
+    ) -> None:
         self._server = server
+        self._draw = draw
+        self._gate = gate
         self.timing = BatchTiming()
         self._scripts: dict[str, dict[str, Any]] = {}
         self._gemini = GeminiBatches(self)
@@ -111,11 +125,10 @@ class FakeBatches:
              start: float) -> tuple[float, Fate, TokenPlan]:
         """When request ``key`` ends, how, and its tokens. Raises ``ValueError`` on a
         malformed ``fake_*`` value."""
-        s = self._server
         meta = {**metadata, **self._scripts.get(key, {})}
-        duration, _, outcome = script(s.latency, s.outcomes, s._rng, meta)
-        tokens = s.usage.plan(s._usage_rng, input_chars, meta)
-        return (math.inf if outcome == "stuck" else start + duration), outcome, tokens
+        duration, outcome, tokens = self._draw(meta, input_chars)
+        return ((math.inf if outcome == "stuck" else start + duration),
+                cast(Fate, outcome), tokens)
 
     def created(self, batch: Batch) -> None:
         c = self._server.counters
@@ -150,15 +163,11 @@ class FakeBatches:
         route, handler, ids = hit
         if name == "both":
             handler = self._list_both
-        s = self._server
-        if s.clock() < s._down_until:
-            s.counters.faults += 1
+        down, fault = self._gate(route)
+        if down:
             return FakeAnswer(reset=True)
-        fault = s._next_fault(route)
-        if fault is not None:
-            s.counters.faults += 1
-            if (early := _fault_answer(api, fault)) is not None:
-                return early
+        if fault is not None and (early := _fault_answer(api, fault)) is not None:
+            return early
         answer = handler(*ids, query=query, body=body)
         if fault is not None:
             if fault.kind == "slow":

@@ -90,7 +90,8 @@ class FakeResponsesServer:
         self._responses = self._timeline.responses
         self._down_until = -math.inf
         self._hooks: WebhookSender | None = None
-        self.batches = FakeBatches(self)  # the batch APIs (OpenAI, Anthropic, Gemini)
+        # the batch APIs (OpenAI, Anthropic, Gemini), handed what they may use of this server
+        self.batches = FakeBatches(self, draw=self._draw, gate=self._gate)
 
     @property
     def usage(self) -> UsageModel:
@@ -223,14 +224,12 @@ class FakeResponsesServer:
             if batch_answer is not None:
                 return batch_answer
             return self._error(404, f"Unknown route {method} {path}", "invalid_request_error")
-        if self.clock() < self._down_until:
-            self.counters.faults += 1
+        down, fault = self._gate(name)
+        if down:
             return FakeAnswer(reset=True)
-        fault = self._next_fault(name)
-        if fault is not None:
-            self.counters.faults += 1
-            if (early := fault_answer(fault, name, rid, self.error_style)) is not None:
-                return early
+        if fault is not None and (
+                early := fault_answer(fault, name, rid, self.error_style)) is not None:
+            return early
         if name != "create" and self._limiter is not None:
             refusal = self._limiter.poll(self.clock())
             if refusal is not None:
@@ -249,6 +248,21 @@ class FakeResponsesServer:
             elif fault.kind == "drop" and answer.stream is not None:
                 answer.stream = cut(answer.stream, fault.after)
         return answer
+
+    def _gate(self, route: Route) -> tuple[bool, Fault | None]:
+        """Whether the server is down (the connection drops), and the fault a request meets."""
+        if self.clock() < self._down_until:
+            self.counters.faults += 1
+            return True, None
+        fault = self._next_fault(route)
+        if fault is not None:
+            self.counters.faults += 1
+        return False, fault
+
+    def _draw(self, metadata: Mapping[str, Any], input_chars: int) -> tuple[float, str, Any]:
+        """A batch request's duration, outcome and token plan (metadata overrides apply)."""
+        duration, _, outcome = script(self.latency, self.outcomes, self._rng, metadata)
+        return duration, outcome, self.usage.plan(self._usage_rng, input_chars, metadata)
 
     def _next_fault(self, route: Route) -> Fault | None:
         faults = self._faults
