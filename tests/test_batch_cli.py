@@ -163,6 +163,7 @@ async def test_sigkill_at_random_points_then_rerun_loses_nothing_and_pays_once(
     resubmits = con.execute("SELECT COALESCE(SUM(resubmits), 0) FROM jobs").fetchone()[0]
     con.close()
     # Every create beyond one per line is one the journal counted as a possible duplicate
-    # (a kill inside the send-to-record window); none is silent.
+    # (a kill inside the send-to-record window); none is silent. A counted one may also be a
+    # false alarm: the kill came after the journal said "sending" but before the create left.
     print(f"kills={kills} creates={http_fake.server.counters.creates} resubmits={resubmits}")
-    assert http_fake.server.counters.creates == n + resubmits
+    assert n <= http_fake.server.counters.creates <= n + resubmits

@@ -1,17 +1,13 @@
-"""The OpenAI Batch API file format: read request lines, write output lines."""
+"""The OpenAI Batch API input file: one request a line, checked before anything is sent."""
 
 from __future__ import annotations
 
 import json
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
-from ._job import Job
-from ._status import JobStatus
-
-__all__ = ["BadLine", "BatchRequest", "OutputFile", "read_requests"]
+__all__ = ["BadLine", "BatchRequest", "Parsed", "read_requests"]
 
 URL = "/v1/responses"
 
@@ -41,7 +37,11 @@ class Parsed:
 
 
 def read_requests(path: Path) -> Parsed:
-    """Parse a Batch API input file; bad lines are collected with their line numbers."""
+    """Parse a Batch API input file; bad lines are collected with their line numbers.
+
+    Raises ``OSError`` when the file cannot be read and ``UnicodeDecodeError`` when it is not
+    UTF-8 text.
+    """
     parsed = Parsed()
     first_seen: dict[str, int] = {}
     with path.open(encoding="utf-8") as f:
@@ -91,64 +91,3 @@ def _check(item: object) -> str | None:
         if name in item["body"] and item["body"][name] not in (True, False, None):
             return f"field 'body.{name}' must be a boolean"
     return None
-
-
-def output_line(custom_id: str, job: Job) -> dict[str, Any]:
-    """A Batch API output line for a finished job."""
-    data = job._data
-    line: dict[str, Any] = {
-        "id": f"batch_req_{secrets.token_hex(12)}",
-        "custom_id": custom_id,
-        "response": None,
-        "error": None,
-    }
-    if data is not None and job.response_id is not None:
-        line["response"] = {"status_code": 200, "request_id": None, "body": data}
-    else:
-        code = "cancelled" if job.status is JobStatus.CANCELLED else "request_failed"
-        line["error"] = {"code": code, "message": job.error or "no reason given"}
-    return line
-
-
-class OutputFile:
-    """The output JSONL, append-only, one line per custom_id, flushed as each job ends.
-
-    Reopening it after a crash keeps every complete line, drops a half-written last line,
-    and remembers which custom_ids are already written, so a resumed run writes each once.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.written: set[str] = set()
-        self._f: TextIO | None = None
-
-    def open(self) -> None:
-        keep = 0
-        if self.path.exists():
-            with self.path.open("rb") as f:
-                for raw in f:
-                    if not raw.endswith(b"\n"):
-                        break  # the run died mid-write
-                    try:
-                        self.written.add(json.loads(raw)["custom_id"])
-                    except (ValueError, KeyError, TypeError):
-                        break
-                    keep += len(raw)
-            with self.path.open("r+b") as f:
-                f.truncate(keep)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = self.path.open("a", encoding="utf-8")
-
-    def write(self, custom_id: str, job: Job) -> None:
-        if custom_id in self.written:
-            return
-        assert self._f is not None
-        self._f.write(json.dumps(output_line(custom_id, job), separators=(",", ":")) + "\n")
-        # flush, not fsync: a killed process loses nothing the OS already has.
-        self._f.flush()
-        self.written.add(custom_id)
-
-    def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
-            self._f = None

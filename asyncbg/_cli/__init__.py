@@ -1,0 +1,175 @@
+"""The command line: ``asyncbg run``, ``status``, ``cancel``, ``demo`` and ``fake-server``.
+
+One module per verb: ``_run`` (a Batch API file, with ``_input`` reading it, ``_output`` the
+output view of the journal and ``_signals`` the interrupts), ``_ops`` (``status`` and
+``cancel``), ``_demo`` (``demo`` and ``fake-server``); ``_progress`` and ``_logging`` are shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+import anyio
+
+from . import _fleet
+from ._logging import LEVELS, configure_logging
+
+__all__ = ["build_parser", "main"]
+
+_RUN = """\
+Run every line of an OpenAI Batch API input file as a background response and write Batch API
+output lines. The journal (SQLite) is the truth: the output file is rebuilt from it at the start
+and at the end of every run, with one line per finished input line, its latest outcome. Running
+the same command again resumes: nothing finished is sent again, live responses are collected,
+lines that did not complete are sent again. One run at a time per journal.
+
+Ctrl-C (or SIGTERM) stops creating, leaves live responses running on the server, rewrites the
+output and says how to go on (run again to collect them, or `asyncbg cancel --ledger JOURNAL`);
+a second Ctrl-C, or --cancel-on-interrupt, cancels them on the server first.
+
+The API key and base URL come from OPENAI_API_KEY and OPENAI_BASE_URL (or --base-url).
+Exit status: 0 when every line completed; 1 when a line was bad or did not complete; 2 when
+nothing could run (unreadable input, duplicate custom_id, a refused output or journal, no API
+key, no connection); 130 after SIGINT, 143 after SIGTERM.
+"""
+
+
+def _add_logging_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-level", default="warning", choices=LEVELS,
+                   help="lowest log level shown on stderr (default: warning)")
+    p.add_argument("--log-json", action="store_true",
+                   help="log one JSON object per line instead of readable text")
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    return value
+
+
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="asyncbg", description="Run many OpenAI background-mode Responses at once.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run", help="run a Batch API input file (JSONL) as background responses",
+        description=_RUN, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("input", metavar="INPUT.jsonl",
+                     help='Batch API request lines: {"custom_id", "method": "POST", '
+                          '"url": "/v1/responses", "body"}')
+    run.add_argument("-o", "--output", required=True, metavar="OUTPUT.jsonl",
+                     help="Batch API output lines, appended as each response finishes and "
+                          "rebuilt from the journal at the end")
+    run.add_argument("--concurrency", type=_at_least_one, default=None, metavar="N",
+                     help="most responses in flight at once (default: 16; 10000 for the "
+                          "batch providers, whose batches the server runs)")
+    run.add_argument("--provider", default="openai",
+                     choices=("openai", "openai-batch", "anthropic", "gemini"),
+                     help="openai: background Responses (default); openai-batch: the OpenAI "
+                          "Batch API; anthropic: Message Batches, {custom_id, params} lines; "
+                          "gemini: Batch Mode, {key, request} lines. Each reads and writes its "
+                          "API's own batch file format, and its key from its SDK's variable "
+                          "(ANTHROPIC_API_KEY, GEMINI_API_KEY)")
+    run.add_argument("--model", metavar="NAME",
+                     help="gemini: the model for lines whose request names none")
+    run.add_argument("--journal", metavar="PATH",
+                     help="SQLite journal for resuming (default: OUTPUT.jsonl.journal)")
+    run.add_argument("--base-url", metavar="URL",
+                     help="API base URL (default: $OPENAI_BASE_URL, $ANTHROPIC_BASE_URL or "
+                          "$GOOGLE_GEMINI_BASE_URL, else the provider's)")
+    run.add_argument("--deadline", type=_positive, metavar="SECONDS",
+                     help="cancel a response on the server when it has not finished this many "
+                          "seconds after it was submitted (default: no deadline)")
+    run.add_argument("--cancel-on-interrupt", action="store_true",
+                     help="on Ctrl-C or SIGTERM, cancel live responses on the server instead "
+                          "of leaving them running for a rerun to collect")
+    run.add_argument("--progress", action="store_true",
+                     help="when stderr is not a terminal, print a progress line every 30 s "
+                          "(on a terminal a progress bar is always shown)")
+    run.add_argument("--progress-every", type=_positive, default=30.0, help=argparse.SUPPRESS)
+    _add_logging_options(run)
+
+    status = sub.add_parser(
+        "status", help="what a run's journal holds: counts, live responses, tokens",
+        description="Summarize a run's journal: jobs by status, the responses still live on "
+                    "the server, tokens used. Sends no request and needs no API key; works "
+                    "while the run goes on.")
+    status.add_argument("--ledger", required=True, metavar="PATH",
+                        help="the run's journal (by default OUTPUT.jsonl.journal)")
+    status.add_argument("--json", action="store_true",
+                        help="print one JSON object (by_status, live_response_ids, tokens, ...)")
+
+    cancel = sub.add_parser(
+        "cancel", help="cancel on the server every response a journal has as live",
+        description="Cancel on the server every response still live in a run's journal, "
+                    "record each outcome there, and say what happened. Exit status 0 when "
+                    "none is left live, 1 otherwise, 2 when the journal cannot be used. The "
+                    "API key and base URL come from OPENAI_API_KEY and OPENAI_BASE_URL.")
+    cancel.add_argument("--ledger", required=True, metavar="PATH",
+                        help="the run's journal (by default OUTPUT.jsonl.journal)")
+    cancel.add_argument("--base-url", metavar="URL",
+                        help="API base URL (default: $OPENAI_BASE_URL, else OpenAI's)")
+    cancel.add_argument("--timeout", type=_positive, default=60.0, metavar="SECONDS",
+                        help="give up waiting for the server's confirmations after this long "
+                             "(default: 60)")
+    _add_logging_options(cancel)
+
+    demo = sub.add_parser("demo", help="fan out ~200 responses against the built-in fake server",
+                          description="Fan out background responses against the in-process "
+                          "fake server and show live progress and a summary. Needs no API key.")
+    demo.add_argument("--jobs", type=int, default=200, help="how many responses (default: 200)")
+    demo.add_argument("--concurrency", type=_at_least_one, default=32,
+                      help="most responses in flight at once (default: 32)")
+    demo.add_argument("--median", type=float, default=0.7,
+                      help="median response time in seconds (default: 0.7)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    _add_logging_options(demo)
+
+    fake = sub.add_parser("fake-server", help="serve the fake Responses API over HTTP",
+                          description="Serve the fake Responses API with uvicorn.")
+    fake.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    fake.add_argument("--port", type=int, default=8080, help="port (default: 8080)")
+    fake.add_argument("--median", type=float, default=2.0,
+                      help="median response time in seconds (default: 2.0)")
+    fake.add_argument("--sigma", type=float, default=0.0,
+                      help="lognormal spread; 0 means every response takes --median (default)")
+    fake.add_argument("--poll-after-ms", type=int, default=None,
+                      help="send this openai-poll-after-ms header on live answers")
+    _fleet.add_commands(sub)  # submit, worker, results: a fleet sharing one ledger
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m asyncbg`` and the ``asyncbg`` script."""
+    args = build_parser().parse_args(argv)
+    if args.command == "fake-server":
+        from ._demo import fake_server
+
+        return fake_server(args)
+    if args.command == "status":
+        from ._ops import status
+
+        return anyio.run(status, args)
+    configure_logging(level=args.log_level, json=args.log_json)
+    if args.command in _fleet.COMMANDS:
+        return anyio.run(_fleet.COMMANDS[args.command], args)
+    from ._demo import demo
+    from ._ops import cancel
+    from ._run import run
+
+    command = {"run": run, "cancel": cancel, "demo": demo}[args.command]
+    try:
+        return anyio.run(command, args)
+    except KeyboardInterrupt:
+        # A Ctrl-C before a command's own handling started (``run`` handles its own).
+        return 130

@@ -1,0 +1,237 @@
+"""``asyncbg submit``, ``worker`` and ``results``: a fleet of workers sharing one ledger.
+
+The ledger is a ``postgresql://`` URL (workers on many machines) or the path of an SQLite
+journal (workers on this machine). ``submit`` enqueues a Batch API file, every ``worker`` runs
+jobs from it (:func:`asyncbg._fleet.run_worker`), ``results`` writes the output lines of every
+finished job, in the ``asyncbg run`` output format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import anyio
+from anyio.abc import TaskStatus
+
+from .._fleet import ServerUnreachable, enqueue_requests, run_worker, shared_ledger
+from .._ledgers import Ledger, LedgerError, SQLiteLedger, open_ledger
+from .._ledgers._shared import DEFAULT_LEASE, EnqueueMismatch
+from ._input import read_requests
+from ._ops import open_client, say
+from ._output import output_line, write_atomic
+
+__all__ = ["COMMANDS", "add_commands", "results", "submit", "worker"]
+
+_LEDGER_HELP = "a postgresql:// URL, or the path of an SQLite journal shared on this machine"
+
+_WORKER = """\
+Run jobs from a shared ledger: take the leases of waiting jobs, and of live ones whose worker
+died (its lease ran out), up to --concurrency at a time; create or poll them as `asyncbg run`
+does; renew the leases in batches every LEASE/3 seconds.
+
+SIGTERM or SIGINT: take nothing more, leave the live responses running on the server, hand every
+lease back at once (another worker goes on at once) and exit 143 or 130. The API key and base
+URL come from OPENAI_API_KEY and OPENAI_BASE_URL (or --base-url).
+Exit status: 0 after --exit-when-idle found nothing waiting or live; 2 when the ledger or the
+server cannot be used.
+"""
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    return value
+
+
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {text}")
+    return value
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``submit``, ``worker`` and ``results`` to the ``asyncbg`` parser."""
+    p = sub.add_parser(
+        "submit", help="enqueue a Batch API input file in a shared ledger",
+        description="Enqueue every line of a Batch API input file as a waiting job and print "
+                    "how many were new. Submitting the same file again adds nothing; a "
+                    "custom_id already there with a different body is an error naming its "
+                    "line, and then nothing from the file is enqueued. Needs no API key.")
+    p.add_argument("input", metavar="INPUT.jsonl", help="Batch API request lines")
+    p.add_argument("--ledger", required=True, metavar="LEDGER", help=_LEDGER_HELP)
+    _logging_options(p)
+
+    p = sub.add_parser("worker", help="run jobs from a shared ledger until stopped",
+                       description=_WORKER, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ledger", required=True, metavar="LEDGER", help=_LEDGER_HELP)
+    p.add_argument("--concurrency", type=_at_least_one, default=16, metavar="N",
+                   help="most responses in flight at once in this worker (default: 16)")
+    p.add_argument("--lease", type=_positive, default=DEFAULT_LEASE, metavar="SECONDS",
+                   help="how long a lease lasts: a dead worker's jobs are taken over after "
+                        f"this (default: {DEFAULT_LEASE:g})")
+    p.add_argument("--exit-when-idle", action="store_true",
+                   help="exit 0 once nothing is waiting or live in the ledger")
+    p.add_argument("--base-url", metavar="URL",
+                   help="API base URL (default: $OPENAI_BASE_URL, else OpenAI's)")
+    _logging_options(p)
+
+    p = sub.add_parser(
+        "results", help="write the output lines of every finished job of a shared ledger",
+        description="Write one Batch API output line per finished custom_id (the `asyncbg run` "
+                    "output format), in submission order, replacing OUTPUT atomically. Sends "
+                    "no request and needs no API key; works while workers run.")
+    p.add_argument("--ledger", required=True, metavar="LEDGER", help=_LEDGER_HELP)
+    p.add_argument("-o", "--output", required=True, metavar="OUTPUT.jsonl",
+                   help="the file to write")
+    _logging_options(p)
+
+
+def _logging_options(p: argparse.ArgumentParser) -> None:
+    from ._logging import LEVELS
+
+    p.add_argument("--log-level", default="warning", choices=LEVELS,
+                   help="lowest log level shown on stderr (default: warning)")
+    p.add_argument("--log-json", action="store_true",
+                   help="log one JSON object per line instead of readable text")
+
+
+# -- submit --------------------------------------------------------------------------------------
+
+
+async def submit(args: argparse.Namespace) -> int:
+    """``asyncbg submit INPUT --ledger LEDGER``: enqueue; print how many lines were new."""
+    source = Path(args.input)
+    try:
+        parsed = read_requests(source)
+    except OSError as exc:
+        say(f"cannot read {source}: {exc.strerror or exc}")
+        return 2
+    except UnicodeDecodeError as exc:
+        say(f"{source} is not UTF-8 text: {exc}")
+        return 2
+    problems = [f"{source}:{bad.line}: {bad.reason}" for bad in parsed.bad]
+    problems += [f"{source}: {dup}" for dup in parsed.duplicates]
+    if problems:
+        for problem in problems:
+            say(problem)
+        say(f"nothing from {source} was enqueued")
+        return 2
+    try:
+        ledger = shared_ledger(args.ledger)
+        await ledger.open()
+    except LedgerError as exc:
+        say(f"{exc}; nothing was enqueued")
+        return 2
+    try:
+        new = await enqueue_requests(ledger, ((r.custom_id, r.body) for r in parsed.requests))
+    except EnqueueMismatch as exc:
+        line = next(r.line for r in parsed.requests if r.custom_id == exc.key)
+        say(f"{source}:{line}: custom_id {exc.key!r} is already in the ledger with a different "
+            f"body; nothing from {source} was enqueued (give the line a new custom_id)")
+        return 2
+    except LedgerError as exc:
+        say(f"{exc}; nothing was enqueued")
+        return 2
+    finally:
+        with anyio.CancelScope(shield=True):
+            await ledger.close()
+    total = len(parsed.requests)
+    print(f"{new} new of {total} lines ({total - new} already in the ledger)", flush=True)
+    return 0
+
+
+# -- worker --------------------------------------------------------------------------------------
+
+
+async def worker(args: argparse.Namespace) -> int:
+    """``asyncbg worker --ledger LEDGER``: run jobs until stopped or, if asked, idle."""
+    client = open_client(args.base_url)
+    if client is None:
+        return 2
+    stop = anyio.Event()
+    received: list[signal.Signals] = []
+    code = 0
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(_watch_signals, stop, received, tg.cancel_scope)
+            try:
+                await run_worker(client, shared_ledger(args.ledger, lease=args.lease),
+                                 concurrency=args.concurrency, lease=args.lease,
+                                 exit_when_idle=args.exit_when_idle, stop=stop)
+            except LedgerError as exc:
+                say(str(exc))
+                code = 2
+            except ServerUnreachable as exc:
+                say(f"{exc}; the jobs this worker took are handed back")
+                code = 2
+            finally:
+                tg.cancel_scope.cancel()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await client.close()
+    return 128 + int(received[0]) if received else code
+
+
+async def _watch_signals(stop: anyio.Event, received: list[signal.Signals],
+                         scope: anyio.CancelScope, *,
+                         task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+                         ) -> None:
+    """The first SIGINT/SIGTERM stops the worker gently; a second one stops it at once."""
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()
+        async for number in signals:
+            received.append(signal.Signals(number))
+            if len(received) == 1:
+                say(f"{received[0].name}: stopping; live responses keep running on the server "
+                    "and their leases are handed back to the other workers")
+                stop.set()
+            else:
+                scope.cancel()
+
+
+# -- results -------------------------------------------------------------------------------------
+
+
+async def results(args: argparse.Namespace) -> int:
+    """``asyncbg results --ledger LEDGER -o OUTPUT``: one line per finished custom_id."""
+    output = Path(args.output)
+    ledger: Ledger
+    try:
+        ledger = open_ledger(args.ledger)
+        if isinstance(ledger, SQLiteLedger) and not await anyio.Path(ledger.path).exists():
+            say(f"no ledger at {ledger.path} (pass the --ledger the jobs were submitted to)")
+            return 2
+        await ledger.open()
+    except LedgerError as exc:
+        say(str(exc))
+        return 2
+    try:
+        records = await ledger.records()
+    except LedgerError as exc:
+        say(str(exc))
+        return 2
+    finally:
+        with anyio.CancelScope(shield=True):
+            await ledger.close()
+    lines = [line for record in records if (line := output_line(record)) is not None]
+    try:
+        write_atomic(output, lines)
+    except OSError as exc:
+        say(f"cannot write {output}: {exc.strerror or exc}")
+        return 2
+    unfinished = len(records) - len(lines)
+    say(f"wrote {len(lines)} lines to {output}"
+        + (f"; {unfinished} jobs are not finished yet" if unfinished else ""))
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], Awaitable[int]]] = {
+    "submit": submit,
+    "worker": worker,
+    "results": results,
+}

@@ -1,0 +1,255 @@
+"""The ``asyncbg run`` output file: Batch API output lines, a view of the journal.
+
+The journal (a :class:`~asyncbg._ledgers.Ledger`) is the truth. The output file is rebuilt from
+it at the start and at the end of every run, atomically, so that each finished line has exactly
+one output line with its latest outcome; in between, lines are appended as jobs end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from .._ledgers import Record
+from .._tokens import usage_tokens
+
+__all__ = [
+    "Existing",
+    "NotOurs",
+    "OutputFile",
+    "body_of",
+    "error_of",
+    "line_id",
+    "output_line",
+    "read_existing",
+    "same_path",
+    "tokens_of",
+    "write_atomic",
+]
+
+#: The error code of a line whose status says why, when the journal recorded no code.
+_STATUS_CODES = {
+    "failed": "response_failed",
+    "incomplete": "response_incomplete",
+    "cancelled": "cancelled",
+}
+
+
+def line_id(record: Record) -> str:
+    """The output line's ``id``: the same for a record on every rewrite, new for a new claim."""
+    seed = f"{record.key}\0{record.created!r}".encode()
+    return "batch_req_" + hashlib.sha256(seed).hexdigest()[:32]
+
+
+def body_of(record: Record) -> dict[str, Any] | None:
+    if record.body is None:
+        return None
+    try:
+        body = json.loads(record.body)
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def error_of(record: Record, body: Mapping[str, Any] | None = None) -> dict[str, str] | None:
+    """The Batch API ``error`` of a finished record: None when it completed."""
+    if record.status == "completed" and record.state == "done":
+        return None
+    body = body_of(record) if body is None else body
+    code = record.error_code
+    if code is None and body is not None:
+        err = body.get("error")
+        if isinstance(err, dict) and isinstance(err.get("code"), str):
+            code = err["code"]
+    if code is None:
+        code = _STATUS_CODES.get(record.status, "request_failed")
+    message = record.error
+    if not message:
+        message = (f"the response ended {record.status}" if record.state == "done"
+                   else "the request was not completed")
+    return {"code": code, "message": message}
+
+
+def output_line(record: Record) -> dict[str, Any] | None:
+    """The Batch API output line of a finished record; None while it is not finished.
+
+    ``response`` carries the server's final body (with the HTTP status it came with) whenever
+    the server created a response; ``error`` is set on every line that did not complete.
+    """
+    if not record.terminal:
+        return None
+    body = body_of(record)
+    response = None
+    if record.state == "done" and body is not None:
+        response = {
+            "status_code": record.http_status or 200,
+            "request_id": record.request_id,
+            "body": body,
+        }
+    return {
+        "id": line_id(record),
+        "custom_id": record.key,
+        "response": response,
+        "error": error_of(record, body),
+    }
+
+
+def tokens_of(body: Mapping[str, Any] | None) -> dict[str, int]:
+    """The token counts of a final body, whichever provider's (zeros when it reported none)."""
+    usage = None
+    if body is not None:
+        usage = body.get("usage") or body.get("usageMetadata") or body.get("usage_metadata")
+    if not isinstance(usage, dict):
+        return {"input": 0, "output": 0, "total": 0}
+    t = usage_tokens(usage)
+    return {"input": t.input, "output": t.output, "total": t.input + t.output}
+
+
+# -- the existing file -------------------------------------------------------------------------
+
+
+class NotOurs(Exception):
+    """The existing output file holds something that is not a Batch API output line."""
+
+    def __init__(self, line: int, reason: str) -> None:
+        super().__init__(f"line {line}: {reason}")
+        self.line = line
+        self.reason = reason
+
+
+@dataclass(slots=True)
+class Existing:
+    """What an existing output file holds: the custom_ids of its lines, in file order."""
+
+    custom_ids: list[str] = field(default_factory=list)
+
+
+def read_existing(path: Path) -> Existing:
+    """Read an existing output file, or raise :class:`NotOurs` if any line is not an output line.
+
+    Blank lines are ignored. A last line cut short (no newline, not JSON) is what a killed run
+    leaves behind: it is dropped, not a reason to refuse. A missing file is empty.
+    """
+    found = Existing()
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return found
+    lines = data.split(b"\n")
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            item = json.loads(raw)
+        except ValueError:
+            if number == len(lines):  # the last line, without its newline: a killed run's
+                break
+            raise NotOurs(number, "not JSON") from None
+        if not (isinstance(item, dict) and isinstance(item.get("custom_id"), str)
+                and "response" in item and "error" in item):
+            raise NotOurs(number, "not a Batch API output line (custom_id, response, error)")
+        if item["custom_id"] not in found.custom_ids:
+            found.custom_ids.append(item["custom_id"])
+    return found
+
+
+def same_path(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (the same resolved path, or the same inode)."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+# -- writing -----------------------------------------------------------------------------------
+
+
+def _dumps(line: Mapping[str, Any]) -> str:
+    return json.dumps(line, separators=(",", ":"), ensure_ascii=False) + "\n"
+
+
+def _mode_for(path: Path) -> int:
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def write_atomic(path: Path, lines: Iterable[Mapping[str, Any]]) -> None:
+    """Replace ``path`` with ``lines``: a temporary file beside it, fsync, then a rename.
+
+    A reader (or a crash) sees either the old file or the new one, never a mix. The file keeps
+    its permissions.
+    """
+    mode = _mode_for(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for line in lines:
+                f.write(_dumps(line))
+            f.flush()
+            os.fchmod(f.fileno(), mode)
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable, where supported
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+class OutputFile:
+    """The output file of one run: rewritten from the journal, appended to as jobs end."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        #: custom_id -> the line last written for it.
+        self.written: dict[str, dict[str, Any]] = {}
+        self._f: TextIO | None = None
+
+    def rewrite(self, records: Mapping[str, Record], order: Iterable[str]) -> None:
+        """Rewrite the whole file from ``records``: one line per finished key, in ``order``."""
+        self.close()
+        lines: dict[str, dict[str, Any]] = {}
+        for key in order:
+            record = records.get(key)
+            line = output_line(record) if record is not None and key not in lines else None
+            if line is not None:
+                lines[key] = line
+        write_atomic(self.path, lines.values())
+        self.written = lines
+
+    def append(self, record: Record) -> dict[str, Any] | None:
+        """Append a finished record's line, unless that exact outcome is already written."""
+        line = output_line(record)
+        if line is None or self.written.get(record.key) == line:
+            return line
+        if self._f is None:
+            self._f = self.path.open("a", encoding="utf-8")
+        self._f.write(_dumps(line))
+        # flush, not fsync: a killed process loses nothing the OS already has, and the next
+        # run rebuilds the file from the journal anyway.
+        self._f.flush()
+        self.written[record.key] = line
+        return line
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
