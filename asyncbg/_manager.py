@@ -124,6 +124,10 @@ class BackgroundManager:
         self.provider: Provider = (
             client if isinstance(client, Provider) else OpenAIResponses(client)
         )
+        if getattr(self.provider, "batch", False):
+            # Each create of a batch provider waits for its group to be sent, holding a request
+            # slot meanwhile: leave room for a whole batch to gather.
+            max_requests = max(max_requests, int(getattr(self.provider, "max_batch_size", 1)))
         self.max_concurrency = max_concurrency
         secret = webhook_secret or getattr(client, "webhook_secret", None)
         if webhooks and secret is None:

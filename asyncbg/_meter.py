@@ -67,6 +67,10 @@ class Meter:
             model = str(params.get("model") or "")
             if self.budget.reserve(key, model, params, tokens=tokens, batch=self.batch) is None:
                 return PARK if self.budget.deferred else None
+        if self.batch:
+            # A batch provider's create only adds the job to a group sent as one request:
+            # there is no per-job rate to pace (the remote batch is the unit).
+            return 0.0
         delay = self.pacer.create_delay(tokens[0] + tokens[1])
         if delay > 0 and self.budget is not None:
             self.budget.release(key)  # reserved again when it is admitted
@@ -79,6 +83,8 @@ class Meter:
 
     def answered(self, http_status: int, limits: Mapping[str, str] | None) -> None:
         """A create came back (``http_status`` 0 when no answer came at all)."""
+        if self.batch:
+            return  # not paced (see admit)
         headers = dict(limits or {})
         wait = parse_retry_after(headers) if http_status == 429 else None
         if wait is not None:
@@ -120,11 +126,15 @@ class Meter:
             data = json.loads(body)
         except ValueError:
             return None, None
-        usage = data.get("usage") if isinstance(data, dict) else None
+        if not isinstance(data, dict):
+            return None, None
+        # OpenAI and Anthropic say "usage" and "model"; Gemini "usageMetadata", "modelVersion".
+        usage = data.get("usage") or data.get("usageMetadata") or data.get("usage_metadata")
         if not isinstance(usage, dict):
             return None, None
         params = params or {}
-        model = data.get("model") or params.get("model")
+        model = (data.get("model") or data.get("modelVersion") or data.get("model_version")
+                 or params.get("model"))
         if not isinstance(model, str):
             return usage, None
         tier = data.get("service_tier") or params.get("service_tier")

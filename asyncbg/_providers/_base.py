@@ -69,7 +69,9 @@ class Provider(Protocol):
         """A multiplier on the poll intervals of this request (slow, discounted windows)."""
         ...
 
-    async def create(self, params: Mapping[str, Any]) -> Answer: ...
+    async def create(self, params: Mapping[str, Any], *, key: str | None = None) -> Answer:
+        """Start one job; ``key`` is its key (a batch API's custom id), which others ignore."""
+        ...
 
     async def check(self, response_id: str) -> Answer:
         """A status check of a live job (the cheap path; the answer may be the final body)."""

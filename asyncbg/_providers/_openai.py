@@ -81,7 +81,7 @@ class OpenAIResponses:
     def poll_scale(self, params: Mapping[str, Any], policy: PollPolicy) -> float:
         return policy.scale_for(params)
 
-    async def create(self, params: Mapping[str, Any]) -> Answer:
+    async def create(self, params: Mapping[str, Any], *, key: str | None = None) -> Answer:
         try:
             raw = await self._raw.create(**_sdk_kwargs(params, stream=False))
         except openai.APIStatusError as exc:

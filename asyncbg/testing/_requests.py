@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 
 #: Request fields a response echoes back when the request set them.
-_ECHOED = ("background_options", "include", "instructions", "reasoning")
+_ECHOED = ("background_options", "include", "instructions", "max_tool_calls", "reasoning",
+           "tools")
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,82 @@
+"""What the batch providers share besides the engine (:mod:`._batching`): the engine's view of
+a poll of a batch and of one request's outcome, the body of an answer without a result, SDK
+errors in asyncbg's terms, and requests as plain JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx2
+
+from .._http import RequestError, Transient, Unreachable, classify_status
+from .._status import JobStatus
+
+__all__ = ["Remote", "Result", "plain", "sdk_error", "status_body"]
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """How one request of an ended batch ended: its status, body and the API's reason."""
+
+    status: JobStatus
+    body: bytes
+    error: str | None = None
+    error_code: str | None = None
+    #: The HTTP status the API reports for this request (OpenAI's output lines), else 200.
+    http_status: int = 200
+
+
+@dataclass(frozen=True, slots=True)
+class Remote:
+    """One poll of a batch: where it stands, in the engine's terms."""
+
+    #: The jobs' status while the batch runs (QUEUED, IN_PROGRESS); any once it has ended.
+    status: JobStatus
+    ended: bool
+    #: The API's own status word, for messages and bodies (``in_progress``, ``canceling``...).
+    raw_status: str
+    #: How many requests the batch holds, when the API says.
+    total: int | None = None
+    #: What the API module needs to read the results (file ids, inlined responses...).
+    handle: Any = None
+
+
+def status_body(rid: str, batch_id: str, cid: str, status: str) -> bytes:
+    """The body of an answer that carries no result: which batch, which request, what state."""
+    return json.dumps({"id": rid, "object": "batch.request", "batch_id": batch_id,
+                       "custom_id": cid, "status": status}).encode()
+
+
+def plain(value: Any) -> Any:
+    """``value`` with SDK models turned into plain JSON data, so requests journal and digest
+    stably whichever form the caller used."""
+    dump = getattr(value, "model_dump", None)
+    if callable(dump):
+        return dump(mode="json", exclude_none=True)
+    if isinstance(value, Mapping):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    return value
+
+
+def sdk_error(exc: Exception, what: str, base_url: str) -> RequestError:
+    """The :mod:`asyncbg._http` error for an ``APIStatusError`` or ``APIConnectionError`` of a
+    Stainless-built SDK (``openai``, ``anthropic``: their exceptions have the same shape)."""
+    status = getattr(exc, "status_code", None)
+    response = getattr(exc, "response", None)
+    if isinstance(status, int) and response is not None:
+        try:
+            content: Any = response.content
+        except httpx2.ResponseNotRead:  # a streamed answer: the SDK parsed its body
+            content = getattr(exc, "body", None)
+        return classify_status(status, response.headers, content, what)
+    cause = exc.__cause__
+    reason = str(cause or exc) or type(cause or exc).__name__
+    if type(cause).__name__ in ("ConnectError", "ConnectTimeout"):
+        return Unreachable(f"cannot connect to {base_url}: {reason}")
+    return Transient(f"{what}: connection lost: {reason}", maybe_sent=True)

@@ -1,0 +1,227 @@
+"""Gemini's Batch Mode (the Gemini Developer API) behind the Provider seam, with inlined requests.
+
+A group of jobs of one model (the API takes one model per batch) becomes one batch of inlined
+requests, each tagged ``metadata={"key": <custom id>}``; once the batch has ended, its inlined
+responses come with the batch itself and are handed to the jobs by that key (see
+:mod:`asyncbg._providers._batching`). ``google-genai`` is an optional extra, imported when a
+provider is made; calls go through ``client.aio``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import httpx2
+
+from .._http import Rejected, RequestError, Transient, Unreachable, classify_status
+from .._status import JobStatus
+from ._batch_common import Remote, Result
+from ._batching import BatchApi
+
+if TYPE_CHECKING:
+    from google import genai
+    from google.genai import types
+
+__all__ = ["GeminiBatches"]
+
+_FIELDS = frozenset({"model", "contents", "config"})
+_QUEUED = frozenset({"JOB_STATE_QUEUED", "JOB_STATE_PENDING", "JOB_STATE_UNSPECIFIED"})
+_ENDED = frozenset({"JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED",
+                    "JOB_STATE_EXPIRED", "JOB_STATE_PARTIALLY_SUCCEEDED"})
+#: google.rpc.Code names, for a request's error code.
+_RPC = {1: "CANCELLED", 2: "UNKNOWN", 3: "INVALID_ARGUMENT", 4: "DEADLINE_EXCEEDED",
+        5: "NOT_FOUND", 7: "PERMISSION_DENIED", 8: "RESOURCE_EXHAUSTED",
+        9: "FAILED_PRECONDITION", 13: "INTERNAL", 14: "UNAVAILABLE"}
+
+
+class GeminiBatches(BatchApi):
+    """Gemini Batch Mode on a ``google.genai.Client`` (Gemini Developer API), at half the price.
+
+    ``submit(model=..., contents=..., config=...)`` takes ``generate_content``'s parameters;
+    ``job.result()`` is a ``google.genai.types.GenerateContentResponse``. Jobs of one model are
+    gathered into one batch of inlined requests until ``max_batch_size`` of them wait or
+    ``batch_delay`` seconds have passed since the first, within the API's documented limit for
+    inlined requests (20 MB per batch; no request count is documented).
+
+    The defaults suit production. ``max_batch_size=1000``: a batch's responses come only once
+    all of it has ended, so a smaller batch hands back finished work sooner, holds fewer jobs
+    behind a straggler or an expiry, and keeps the responses held in memory small, while still
+    settling a thousand jobs with each poll. ``batch_delay=2.0``: a batch takes minutes to hours,
+    so two seconds to gather a burst of submits costs nothing. Batches are polled under the
+    manager's ``poll_policy``; for batches expected to take hours, pass a slower one such as
+    ``PollPolicy(first_poll=30, min_interval=30, max_interval=120)``.
+    """
+
+    api_max_requests = 1_000_000
+    api_max_bytes = 20_000_000
+    api_name = "Gemini Batch API"
+
+    def __init__(self, client: genai.Client, *, max_batch_size: int = 1000,
+                 batch_delay: float = 2.0) -> None:
+        try:
+            from google.genai import types  # noqa: F401 - the SDK is an optional extra
+        except ImportError as exc:  # pragma: no cover - the test extra installs it
+            raise ImportError("GeminiBatches needs the google-genai SDK: "
+                              "pip install 'asyncbg[gemini]'") from exc
+        super().__init__(max_batch_size=max_batch_size, batch_delay=batch_delay)
+        self.client = client
+        self._aio = client.aio
+
+    @property
+    def base_url(self) -> str:
+        options = getattr(getattr(self.client, "_api_client", None), "_http_options", None)
+        url = getattr(options, "base_url", None) or "https://generativelanguage.googleapis.com"
+        return str(url).rstrip("/")
+
+    def prepare(self, params: Mapping[str, Any], *, stream: bool) -> dict[str, Any]:
+        unknown = sorted(set(params) - _FIELDS)
+        if unknown:
+            raise ValueError(f"a Gemini batch request takes model, contents and config; not "
+                             f"{', '.join(unknown)} (put generation settings in config)")
+        if not params.get("model") or not params.get("contents"):
+            raise ValueError("a Gemini batch request needs model= and contents=")
+        return super().prepare(params, stream=stream)
+
+    def parse_result(self, body: bytes) -> types.GenerateContentResponse:
+        import pydantic
+        from google.genai import types
+
+        data = json.loads(body)
+        try:
+            return types.GenerateContentResponse.model_validate(data)
+        except pydantic.ValidationError:  # a field this SDK does not know: keep what it does
+            return types.GenerateContentResponse.model_construct(**data)
+
+    # -- the API ---------------------------------------------------------------------------
+
+    def _bucket(self, params: Mapping[str, Any]) -> str:
+        return str(params.get("model") or "")
+
+    def _encode(self, cid: str, params: Mapping[str, Any]) -> tuple[Any, int]:
+        import pydantic
+        from google.genai import types
+
+        item: dict[str, Any] = {"contents": params.get("contents"), "metadata": {"key": cid}}
+        if params.get("config") is not None:
+            item["config"] = params["config"]
+        try:
+            types.InlinedRequest.model_validate(item)  # one bad request must not sink a batch
+        except pydantic.ValidationError as exc:
+            raise Rejected(f"google-genai refused this request: {exc}",
+                           code="invalid_request") from exc
+        return item, len(json.dumps(item, default=str).encode()) + 1
+
+    async def _submit(self, bucket: str, order: list[str], items: list[Any]) -> str:
+        from google.genai import types
+
+        config = types.CreateBatchJobConfig(http_options=_one_attempt(),
+                                            display_name=f"asyncbg-{len(items)}-requests")
+        job = await self._call("create", self._aio.batches.create(model=bucket, src=items,
+                                                                  config=config))
+        if not job.name:
+            raise Transient("create: the batch came back without a name", maybe_sent=True)
+        return str(job.name)
+
+    async def _poll(self, batch_id: str) -> Remote:
+        from google.genai import types
+
+        config = types.GetBatchJobConfig(http_options=_one_attempt())
+        job = await self._call("retrieve", self._aio.batches.get(name=batch_id, config=config))
+        state = str(getattr(job.state, "value", job.state) or "JOB_STATE_UNSPECIFIED")
+        live = JobStatus.QUEUED if state in _QUEUED else JobStatus.IN_PROGRESS
+        return Remote(live, state in _ENDED, state, None, job)
+
+    async def _cancel_batch(self, batch_id: str) -> Remote | None:
+        from google.genai import types
+
+        config = types.CancelBatchJobConfig(http_options=_one_attempt())
+        await self._call("cancel", self._aio.batches.cancel(name=batch_id, config=config))
+        return None
+
+    async def _results(self, batch_id: str, remote: Remote,
+                       order: list[str] | None) -> dict[str, Result]:
+        job: types.BatchJob = remote.handle
+        responses = job.dest.inlined_responses if job.dest is not None else None
+        results: dict[str, Result] = {}
+        for n, r in enumerate(responses or []):
+            cid = (r.metadata or {}).get("key")
+            if cid is None:  # responses come in request order
+                cid = order[n] if order is not None and n < len(order) else str(n)
+            results[cid] = _result(batch_id, remote.raw_status, r)
+        return results
+
+    def _no_result(self, batch_id: str, remote: Remote, cid: str) -> Result:
+        job: types.BatchJob = remote.handle
+        state = remote.raw_status
+        body = json.dumps({"batch": batch_id, "state": state}).encode()
+        if state == "JOB_STATE_CANCELLED":
+            return Result(JobStatus.CANCELLED, body,
+                          f"cancelled on the server with its batch {batch_id}", "cancelled")
+        if state == "JOB_STATE_EXPIRED":
+            return Result(JobStatus.FAILED, body, f"expired: batch {batch_id} reached the end "
+                          "of its window before this request ran", "expired")
+        if state == "JOB_STATE_FAILED":
+            reason = job.error.message if job.error is not None else None
+            return Result(JobStatus.FAILED, body,
+                          f"batch {batch_id} failed: {reason or 'no reason given'}",
+                          "batch_failed")
+        return super()._no_result(batch_id, remote, cid)
+
+    async def _call(self, what: str, request: Any) -> Any:
+        from google.genai import errors
+
+        try:
+            return await request
+        except errors.APIError as exc:
+            headers = getattr(exc.response, "headers", None) or {}
+            raise classify_status(exc.code, headers, exc.details, what) from exc
+        except (httpx2.ConnectError, httpx2.ConnectTimeout) as exc:
+            raise Unreachable(f"cannot connect to {self.base_url}: {exc}") from exc
+        except (httpx2.TransportError, TimeoutError) as exc:
+            raise Transient(f"{what}: connection lost: {exc!r}", maybe_sent=True) from exc
+        except Exception as exc:
+            error = _aiohttp_error(exc, what, self.base_url)
+            if error is None:
+                raise
+            raise error from exc
+
+
+def _one_attempt() -> types.HttpOptions:
+    """One attempt per call: the scheduler owns retries (the SDK's own would hide them)."""
+    from google.genai import types
+
+    return types.HttpOptions(retry_options=types.HttpRetryOptions(attempts=1))
+
+
+def _aiohttp_error(exc: Exception, what: str, base_url: str) -> RequestError | None:
+    """google-genai sends through aiohttp when it is installed and no transport was given."""
+    import aiohttp
+
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return Unreachable(f"cannot connect to {base_url}: {exc}")
+    if isinstance(exc, aiohttp.ClientError):
+        return Transient(f"{what}: connection lost: {exc!r}", maybe_sent=True)
+    return None
+
+
+def _result(batch_id: str, state: str, r: types.InlinedResponse) -> Result:
+    """One inlined response as a job's outcome; the body is the GenerateContentResponse (as
+    the API writes it, camelCase) or the error."""
+    if r.error is None and r.response is not None:
+        data = r.response.model_dump(mode="json", by_alias=True, exclude_none=True)
+        return Result(JobStatus.COMPLETED, json.dumps(data).encode())
+    error = r.error
+    code = error.code if error is not None else None
+    message = (error.message if error is not None else None) or "no response and no error"
+    body = json.dumps({"error": error.model_dump(mode="json", exclude_none=True)
+                       if error is not None else None}).encode()
+    if code == 1 or (state == "JOB_STATE_CANCELLED" and code is None):
+        return Result(JobStatus.CANCELLED, body,
+                      f"cancelled on the server with its batch {batch_id}: {message}",
+                      "cancelled")
+    if state == "JOB_STATE_EXPIRED" and code in (4, None):
+        return Result(JobStatus.FAILED, body, f"expired: {message}", "expired")
+    name = _RPC.get(code, f"code_{code}") if code is not None else "request_failed"
+    return Result(JobStatus.FAILED, body, f"{message} ({name})", name)
