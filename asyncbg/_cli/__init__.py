@@ -49,6 +49,23 @@ def _positive(text: str) -> float:
     return value
 
 
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, not {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, not {text}")
+    return value
+
+
+def _rate(text: str) -> float:
+    value = _non_negative(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return value
+
+
 def _at_least_one(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -90,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--deadline", type=_positive, metavar="SECONDS",
                      help="cancel a response on the server when it has not finished this many "
                           "seconds after it was submitted (default: no deadline)")
+    run.add_argument("--max-cost", type=_non_negative, metavar="DOLLARS",
+                     help="a budget in US dollars for the whole run (journal included): lines "
+                          "that cannot fit are not sent; a rerun with a larger budget runs them")
+    run.add_argument("--rpm", type=_rate, metavar="N",
+                     help="at most N creates per minute (your rate limit, if you know it)")
+    run.add_argument("--tpm", type=_rate, metavar="N",
+                     help="at most N tokens per minute, estimated from each request")
     run.add_argument("--cancel-on-interrupt", action="store_true",
                      help="on Ctrl-C or SIGTERM, cancel live responses on the server instead "
                           "of leaving them running for a rerun to collect")

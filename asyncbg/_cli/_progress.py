@@ -42,6 +42,14 @@ class Live:
 
     in_flight: int = 0
     retries: int = 0
+    #: US dollars spent so far, and the budget (None: no --max-cost).
+    cost: float = 0.0
+    budget: float | None = None
+
+    def dollars(self) -> str:
+        """``$1.23``, or ``$1.23 of $25.00`` with a budget."""
+        spent = f"${self.cost:,.2f}"
+        return spent if self.budget is None else f"{spent} of ${self.budget:,.2f}"
 
 
 @dataclass(slots=True)
@@ -90,7 +98,7 @@ def plain_line(tally: Tally, live: Live, elapsed: float) -> str:
     return (
         f"asyncbg: {tally.done}/{tally.total} done" + (f" ({counts})" if counts else "")
         + f", {live.in_flight} in flight, {rate:.1f}/s, ETA {eta}, retries {live.retries}, "
-        f"tokens {tally.tokens:,}, {_duration(elapsed)} elapsed"
+        f"tokens {tally.tokens:,}, {live.dollars()}, {_duration(elapsed)} elapsed"
     )
 
 
@@ -109,7 +117,7 @@ def _bar(console: Console) -> Progress:
         TextColumn("ETA"),
         TimeRemainingColumn(),
         TextColumn("{task.fields[in_flight]} in flight  retries {task.fields[retries]}  "
-                   "tokens {task.fields[tokens]:,}"),
+                   "tokens {task.fields[tokens]:,}  {task.fields[dollars]}"),
         console=console,
         auto_refresh=False,  # refreshed from the event loop below: no thread of its own
         redirect_stderr=True,
@@ -166,7 +174,7 @@ class Display:
         bar = _bar(console)
         with bar:
             task = bar.add_task(self.label, total=self.tally.total, in_flight=0, retries=0,
-                                tokens=0)
+                                tokens=0, dollars="$0.00")
             try:
                 while True:
                     self._update(bar, task)
@@ -177,7 +185,8 @@ class Display:
     def _update(self, bar: Progress, task: TaskID) -> None:
         live = self.live()
         bar.update(task, total=self.tally.total, completed=self.tally.done,
-                   in_flight=live.in_flight, retries=live.retries, tokens=self.tally.tokens)
+                   in_flight=live.in_flight, retries=live.retries, tokens=self.tally.tokens,
+                   dollars=live.dollars())
         bar.refresh()
 
 

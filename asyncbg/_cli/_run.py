@@ -15,7 +15,7 @@ from typing import Any
 import anyio
 from rich.console import Console
 
-from .. import BackgroundManager, Job, JournalMismatchError
+from .. import BackgroundManager, Job, JournalMismatchError, RateLimit
 from .._ledgers import Ledger, LedgerError, Record, SQLiteLedger
 from ._formats import FORMATS, close
 from ._input import BatchRequest, Parsed
@@ -171,13 +171,19 @@ class _Run:
                     interrupts: Interrupts) -> None:
         args = self.args
         options = FORMATS[args.provider].manager_options(args, client)
+        if args.max_cost is not None:
+            options["max_cost"] = args.max_cost
+        if args.rpm is not None or args.tpm is not None:
+            options["rate_limit"] = RateLimit(requests_per_minute=args.rpm,
+                                              tokens_per_minute=args.tpm)
         async with BackgroundManager(client, journal=ledger, **options,
                                      cancel_on_exit=False) as mgr:
             interrupts.on_cancel = mgr.cancel_all
 
             def live() -> Live:
                 stats = mgr.statistics()
-                self.stats = Live(in_flight=stats.live, retries=stats.retries)
+                self.stats = Live(in_flight=stats.live, retries=stats.retries,
+                                  cost=stats.cost, budget=args.max_cost)
                 self.requests, self.polls = stats.requests, stats.polls
                 self.possible_duplicates = stats.possible_duplicates
                 return self.stats
@@ -275,6 +281,13 @@ class _Run:
         ]
         if self.possible_duplicates:
             extra.append(("possible duplicates", self.possible_duplicates))
+        extra.append(("cost", f"{self.stats.dollars()} (priced jobs, this run and earlier ones)"
+                      if self.args.max_cost is not None else self.stats.dollars()))
+        not_run = sum(j.error_code == "budget_exceeded" and j.response_id is None
+                      for j in self.jobs)
+        if not_run:
+            extra.append(("not run", f"{not_run} lines, for the budget: rerun with a larger "
+                                      "--max-cost to run exactly those"))
         extra += [("wall time", f"{self.tally.elapsed():.1f}s"), ("output", self.out.path),
                   ("journal", self.journal)]
         print(summary(self._lines(), records, extra=extra), file=sys.stderr)
