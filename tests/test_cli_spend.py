@@ -1,4 +1,4 @@
-"""``asyncbg run --max-cost/--rpm``: the budget from the command line, and a rerun that raises it."""
+"""``asyncbg run --max-cost/--rpm``: a budget from the command line, and a rerun raising it."""
 
 from __future__ import annotations
 
