@@ -1,13 +1,28 @@
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import pytest_asyncio
+import structlog
 from openai import AsyncOpenAI
 
 import asyncbg
 from asyncbg.testing import FakeResponsesServer, LatencyModel, fake_client
+
+
+@pytest.fixture(autouse=True)
+def _isolated_logging() -> Iterator[None]:
+    """Undo what a test (the CLI's in-process ones, capture_logs) did to logging set-up."""
+    std = logging.getLogger("asyncbg")
+    level, propagate, handlers = std.level, std.propagate, list(std.handlers)
+    yield
+    std.setLevel(level)
+    std.propagate = propagate
+    std.handlers[:] = handlers
+    structlog.reset_defaults()
+
 
 #: A real, throwaway PostgreSQL (started by dev.py, or by the fixtures themselves).
 pytest_plugins = ["tests.pg_fixtures"]

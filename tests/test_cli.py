@@ -88,7 +88,9 @@ def test_fake_server_command_serves_the_api(tmp_path: object) -> None:
             except httpx.ConnectError:
                 assert time.monotonic() < deadline, "fake-server did not start"
                 time.sleep(0.1)
-        assert created.status_code == 200 and created.json()["status"] == "queued"
+        # 10 ms responses: under load the answer may already show a later status
+        assert created.status_code == 200
+        assert created.json()["status"] in ("queued", "in_progress", "completed")
         counters = httpx.get(f"http://127.0.0.1:{port}/_fake/counters").json()
         assert counters["creates"] == 1
     finally:
@@ -204,7 +206,7 @@ def test_plain_progress_line() -> None:
         tally.add(status, tokens=1000)
     line = plain_line(tally, Live(in_flight=3, retries=2), elapsed=8.0)
     assert line == ("asyncbg: 4/10 done (completed 3, failed 1), 3 in flight, 0.5/s, ETA 12s, "
-                    "retries 2, tokens 4,000, 8s elapsed")
+                    "retries 2, tokens 4,000, $0.00, 8s elapsed")
     assert "ETA -" in plain_line(Tally(total=5, started=0.0), Live(), elapsed=1.0)
 
 
