@@ -18,6 +18,7 @@ from ._errors import (
 from ._job import Job
 from ._ledgers import Ledger, LedgerError, MemoryLedger, Outcome, Record, SQLiteLedger
 from ._manager import BackgroundManager, ManagerStatistics
+from ._notify import Notify
 from ._pacing import RateLimit
 from ._policies import PollPolicy, RetryPolicy
 from ._pricing import Price
@@ -46,6 +47,7 @@ __all__ = [
     "ManagerStateError",
     "ManagerStatistics",
     "MemoryLedger",
+    "Notify",
     "Outcome",
     "PollPolicy",
     "Price",

@@ -25,6 +25,7 @@ from ._ledgers._shared import DEFAULT_LEASE, SharedLedger
 from ._ledgers._sqlite import SQLiteLedger
 from ._ledgers._sqlite_shared import SharedSQLiteLedger
 from ._manager import BackgroundManager
+from ._notify import Notify
 from ._policies import PollPolicy, RetryPolicy
 
 __all__ = [
@@ -101,6 +102,7 @@ async def run_worker(
     poll_policy: PollPolicy | None = None,
     retry_policy: RetryPolicy | None = None,
     idle: float | None = None,
+    notify: Notify | None = None,
 ) -> int:
     """Run the jobs of ``ledger`` until ``stop`` is set (or, with ``exit_when_idle``, until
     nothing is waiting or live in it); returns 0.
@@ -112,7 +114,9 @@ async def run_worker(
     ``min(1, lease / 4)``) and whenever a job ends. On ``stop`` it takes nothing more, leaves
     its live responses running on the server and hands every lease back at once. Raises
     :class:`ServerUnreachable` when no request reached the server, and
-    :class:`~asyncbg.LedgerError` when the ledger cannot be used.
+    :class:`~asyncbg.LedgerError` when the ledger cannot be used. ``notify`` posts a webhook
+    for every job this worker ends (and delivers what other workers left pending for its URL);
+    with ``exit_when_idle`` it waits up to ``notify.wait_on_exit`` for them before returning.
     """
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency!r}")
@@ -129,7 +133,7 @@ async def run_worker(
                 async with BackgroundManager(
                     client, journal=ledger, cancel_on_exit=False,
                     max_concurrency=2 * concurrency,  # room for adopted responses (see run)
-                    poll_policy=poll_policy, retry_policy=retry_policy,
+                    poll_policy=poll_policy, retry_policy=retry_policy, notify=notify,
                 ) as mgr:
                     await worker.run(mgr)
             except _Stopped:
@@ -204,11 +208,16 @@ class _Worker:
         except (JournalMismatchError, DuplicateKeyError, ValueError) as exc:
             # A record this worker cannot run as it is: end it, so that no worker loops on it.
             _log.error("job.unrunnable", key=key, error=str(exc))
-            await self.ledger.record(key, Outcome(
-                "failed", error=f"cannot run this job: {exc}", error_code="invalid_request"))
+            outcome = Outcome("failed", error=f"cannot run this job: {exc}",
+                              error_code="invalid_request")
+            notices = mgr._scheduler.notices  # with notify=: say so, with the outcome
+            await self.ledger.record(key, outcome if notices is None else
+                                     notices.attach(key, None, outcome, None))
+            if notices is not None:
+                notices.written()
             return
         self.jobs[key] = job
-        job.add_done_callback(self._woken)
+        job.add_listener(self._woken)
 
     async def requeue_unreached(self) -> None:
         """On the way out: what ended because the server could not be reached goes back to
@@ -230,7 +239,7 @@ class _Worker:
             if not job.done and key in held:
                 continue
             del self.jobs[key]
-            mgr._forget(key)
+            mgr.forget(key)
             if job.done and key in held:
                 unsent.append(key)
                 if job.error_code == "connection_error":

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, Protocol
 
 import anyio
@@ -24,8 +24,21 @@ __all__ = ["Job", "JobControl", "JobOwner"]
 _finish_order = itertools.count()
 
 
+class CallbackRunner(Protocol):
+    """Where a job's done callbacks run (asyncbg/_callbacks.py)."""
+
+    def finished(self, job: Job, callbacks: Iterable[Callable[[Job], object]]) -> None: ...
+
+    def late(self, job: Job, fn: Callable[[Job], object]) -> None: ...
+
+
 class JobOwner(Protocol):
     """What a job asks of whoever runs it."""
+
+    @property
+    def callbacks(self) -> CallbackRunner:
+        """Where the job's done callbacks run."""
+        ...
 
     async def cancel_job(self, job: Job) -> None:
         """Cancel ``job`` (locally if unsent, else on the server); return once it is terminal."""
@@ -68,6 +81,7 @@ class Job:
         "_error",
         "_error_code",
         "_finish_seq",
+        "_listeners",
         "_owner",
         "_response",
         "_started",
@@ -96,6 +110,7 @@ class Job:
         self._done: anyio.Event | None = None
         self._accepted: anyio.Event | None = None
         self._callbacks: list[Callable[[Job], object]] | None = None
+        self._listeners: list[Callable[[Job], object]] | None = None
         self._finish_seq = -1
         self._started = anyio.current_time()
         self._stream: _Stream | None = None
@@ -250,9 +265,14 @@ class Job:
             await self._owner.cancel_job(self)
 
     def add_done_callback(self, fn: Callable[[Job], object]) -> None:
-        """Call ``fn(job)`` once the job is terminal (at once if it already is)."""
+        """Call ``fn(job)`` once, after the job's outcome is recorded; ``fn`` may be async.
+
+        Callbacks run in the manager's task group, one at a time, in the order the jobs
+        finished; one that raises is logged with the job's key and stops nothing. Added to a
+        job already terminal, ``fn`` runs at once (an async one is scheduled).
+        """
         if self.done:
-            fn(self)
+            self._owner.callbacks.late(self, fn)
             return
         if self._callbacks is None:
             self._callbacks = []
@@ -262,6 +282,24 @@ class Job:
         """Forget a callback added with :meth:`add_done_callback` (no error if it is gone)."""
         if self._callbacks is not None and fn in self._callbacks:
             self._callbacks.remove(fn)
+
+    def add_listener(self, fn: Callable[[Job], object]) -> None:
+        """Call ``fn(job)`` synchronously the moment the job ends (at once if it has ended).
+
+        For waiting on jobs (``wait_any``, ``as_completed`` use it): unlike
+        :meth:`add_done_callback`, it runs inline, before the job's callbacks, and must be quick.
+        """
+        if self.done:
+            fn(self)
+            return
+        if self._listeners is None:
+            self._listeners = []
+        self._listeners.append(fn)
+
+    def remove_listener(self, fn: Callable[[Job], object]) -> None:
+        """Forget a listener added with :meth:`add_listener` (no error if it is gone)."""
+        if self._listeners is not None and fn in self._listeners:
+            self._listeners.remove(fn)
 
     @property
     def finish_order(self) -> int:
@@ -320,12 +358,14 @@ class JobControl:
         _log.info("job.terminal", key=job.key, response_id=job.response_id,
                   status=status.value, elapsed=round(job.elapsed, 3), error=error)
         self._wake_all()
-        callbacks, job._callbacks = job._callbacks, None
-        for fn in callbacks or ():
+        listeners, job._listeners = job._listeners, None
+        for fn in listeners or ():
             try:
                 fn(job)
-            except Exception:  # noqa: BLE001 - one bad callback must not stop the others
+            except Exception:  # noqa: BLE001 - one bad listener must not stop the others
                 _log.exception("job.callback_failed", key=job.key)
+        callbacks, job._callbacks = job._callbacks, None
+        job._owner.callbacks.finished(job, callbacks or ())
         return True
 
     def start_stream(self) -> None:

@@ -11,10 +11,10 @@ import enum
 import itertools
 import os
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import TaskGroup
@@ -23,10 +23,11 @@ from . import _log, _waiting
 from ._errors import DuplicateKeyError, JournalMismatchError, ManagerStateError
 from ._following import answer_of as _answer_of
 from ._job import Job
-from ._ledgers import Ledger, open_ledger
+from ._ledgers import Ledger, MemoryLedger, open_ledger
 from ._ledgers._base import ClaimOutcome, canonical, digest
 from ._ledgers._shared import SharedLedger, keep_leases
 from ._meter import Meter
+from ._notify import Notify
 from ._pacing import RateLimit
 from ._policies import PollPolicy, RetryPolicy
 from ._pricing import Price
@@ -34,6 +35,9 @@ from ._providers import OpenAIResponses, Provider
 from ._scheduler import Scheduler
 from ._status import JobStatus
 from ._webhooks import WebhookInbox
+
+if TYPE_CHECKING:
+    from ._notify_send import Sender
 
 __all__ = ["BackgroundManager", "ManagerStatistics"]
 
@@ -68,6 +72,11 @@ class ManagerStatistics:
     reasoning_tokens: int = 0
     #: Creates answered 429 (pacing keeps this near zero).
     rate_limited: int = 0
+    #: ``notify=``: notifications answered 2xx, attempts that failed, and notifications marked
+    #: failed (given up, or the endpoint answered 410).
+    notifications_delivered: int = 0
+    notification_failures: int = 0
+    notifications_given_up: int = 0
 
 
 class BackgroundManager:
@@ -94,6 +103,11 @@ class BackgroundManager:
     ``x-ratelimit-*`` headers spread the remaining headroom, the number of creates in flight
     starts small and grows as answers come back, and ``rate_limit`` caps requests and tokens
     per minute when you know your limits.
+
+    ``on_done`` is called with every job once it is terminal and recorded, as a done callback
+    of each (sync or async; see :meth:`Job.add_done_callback`). ``notify`` posts a signed
+    webhook for every job outcome (:class:`~asyncbg.Notify`), written to the journal with the
+    outcome and kept there until a receiver took it; without a journal the outbox is in memory.
     """
 
     def __init__(
@@ -115,6 +129,8 @@ class BackgroundManager:
         prices: Mapping[str, Price] | None = None,
         rate_limit: RateLimit | None = None,
         journal_bodies: bool = True,
+        on_done: Callable[[Job], object] | None = None,
+        notify: Notify | None = None,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency!r}")
@@ -141,6 +157,8 @@ class BackgroundManager:
         self.cancel_timeout = cancel_timeout
         self.cancel_on_exit = cancel_on_exit
         self.stream = stream
+        if notify is not None and journal is None:
+            journal = MemoryLedger()  # the outbox: as lasting as the manager, and no more
         self.journal: Ledger | None = (
             None if journal is None else
             journal if isinstance(journal, Ledger) else open_ledger(journal)
@@ -157,6 +175,14 @@ class BackgroundManager:
         )
         # journal_bodies=False: results go only to the caller; the journal keeps no bodies.
         self._scheduler.journal_bodies = journal_bodies
+        self._scheduler.callbacks.on_done = on_done
+        #: Outbound webhooks (None without ``notify=``); see asyncbg/_notify.py.
+        self.notify = notify
+        self._sender: Sender | None = None
+        if notify is not None:
+            from ._notify_send import notifying  # aiohttp: imported when asked for
+
+            self._sender = notifying(notify, self.journal, self._scheduler)
         self._inbox = WebhookInbox(self.provider, webhook_secret, self._scheduler.wake)
         self._jobs: dict[str, Job] = {}
         self._auto_key = itertools.count(1)
@@ -173,6 +199,9 @@ class BackgroundManager:
         tg = anyio.create_task_group()
         await tg.__aenter__()
         tg.start_soon(self._scheduler.run, name="asyncbg scheduler")
+        tg.start_soon(self._scheduler.callbacks.run, name="asyncbg callbacks")
+        if self._sender is not None:
+            tg.start_soon(self._sender.run, name="asyncbg notify")
         if isinstance(self.journal, SharedLedger):
             # A ledger shared by several processes: renew this one's leases in batches, and
             # stop running a job whose lease another process took over.
@@ -191,7 +220,7 @@ class BackgroundManager:
         try:
             if exc is None:
                 try:
-                    await self._scheduler.wait_idle()
+                    await self._settle()
                 except BaseException as inner:  # noqa: BLE001 - re-raised below, after the sweep
                     exc = inner
             self._state = _State.CLOSING
@@ -208,6 +237,7 @@ class BackgroundManager:
                 with anyio.CancelScope(shield=True):
                     await self._scheduler.shutdown(
                         cancel=self.cancel_on_exit, cancel_timeout=self.cancel_timeout)
+                await self._scheduler.callbacks.run_rest(self.cancel_timeout)
         finally:
             self._state = _State.CLOSED
             with anyio.CancelScope(shield=True):
@@ -219,6 +249,17 @@ class BackgroundManager:
         if exc is not None and exc_type is None:
             raise exc  # the block ended normally but waiting for the jobs was cancelled
         return False
+
+    async def _settle(self) -> None:
+        """Leaving normally: every job terminal and its callbacks run (they may submit more),
+        then the notifications delivered, for up to ``notify.wait_on_exit`` seconds."""
+        while True:
+            await self._scheduler.wait_idle()
+            await self._scheduler.callbacks.wait_drained()
+            if not self._scheduler.jobs_left():
+                break
+        if self._sender is not None:
+            await self._sender.finish()
 
     def _require_open(self) -> None:
         if self._state is not _State.OPENED:
@@ -342,7 +383,7 @@ class BackgroundManager:
         """Every job submitted so far, in submission order."""
         return list(self._jobs.values())
 
-    def _forget(self, key: str) -> None:
+    def forget(self, key: str) -> None:
         """For fleet workers (asyncbg/_fleet.py): forget ``key``, so that a worker running for
         days does not keep every result, and may take the key again later. A job still running
         here is detached first, without any request (its lease went to another process)."""
@@ -415,6 +456,7 @@ class BackgroundManager:
             output_tokens=spend.output_tokens,
             reasoning_tokens=spend.reasoning_tokens,
             rate_limited=self.meter.pacer.statistics().rate_limited,
+            **(self._sender.counters() if self._sender is not None else {}),
         )
 
 

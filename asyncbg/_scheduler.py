@@ -22,14 +22,16 @@ import anyio
 from anyio.abc import TaskGroup
 
 from . import _log
+from ._callbacks import Callbacks
 from ._entry import CREATING, ENDED, LIVE, PENDING, STREAMING, Entry
 from ._following import FOLLOWING, Following
 from ._http import Rejected, RequestError
 from ._job import Job, JobControl
-from ._ledgers._base import Ledger, LedgerError
+from ._ledgers._base import Ledger, LedgerError, Outcome
 from ._ledgers._shared import LeaseLost, SharedLedger
 from ._limiter import Limiter
 from ._meter import Meter
+from ._notify import Notices
 from ._policies import PollPolicy, RetryPolicy
 from ._providers._base import Answer, Provider
 from ._status import JobStatus
@@ -73,6 +75,10 @@ class Scheduler(Following):
         #: Keys whose claim said FOLLOW (shared ledgers), until they end or are taken over.
         self._following: set[str] = set()
         self._shared = isinstance(ledger, SharedLedger)
+        #: Where the jobs' done callbacks run (the manager runs its task).
+        self.callbacks = Callbacks()
+        #: With ``notify=``: builds the notification written with each terminal outcome.
+        self.notices: Notices | None = None
         # counters, read by statistics()
         self.requests = 0
         self.polls = 0
@@ -179,6 +185,18 @@ class Scheduler(Following):
         if entry.stage == LIVE and not entry.in_flight:
             self._schedule(entry, 0.0)
         return True
+
+    async def _record(self, entry: Entry, outcome: Outcome, body: bytes | None = None) -> None:
+        """Commit ``outcome``; a terminal one carries its webhook notification (``notify=``),
+        written in the same transaction, and the sender is woken once it is committed."""
+        assert self.ledger is not None
+        notices = self.notices
+        if notices is None or not JobStatus(outcome.status).terminal:
+            await self.ledger.record(entry.job.key, outcome)
+            return
+        key = entry.job.key
+        await self.ledger.record(key, notices.attach(key, entry.params, outcome, body))
+        notices.written()
 
     def _known(self, entry: Entry) -> None:
         rid = entry.job.response_id

@@ -71,6 +71,9 @@ class Steps:
     def _lease_lost(self, entry: Entry, exc: LeaseLost) -> None:
         raise NotImplementedError
 
+    async def _record(self, entry: Entry, outcome: Outcome, body: bytes | None = None) -> None:
+        raise NotImplementedError  # the Scheduler's: the outcome, with its notification
+
     # -- one request ---------------------------------------------------------------------------
 
     async def _io(self, entry: Entry) -> None:
@@ -344,11 +347,11 @@ class Steps:
             error, code = f"cancelled: {entry.cancel_reason[0]}", entry.cancel_reason[1]
         if self.ledger is not None and (first or status is not job.status):
             terminal = status.terminal
-            await self.ledger.record(job.key, Outcome(
+            await self._record(entry, Outcome(
                 status.value, job.response_id or answer.response_id,
                 answer.body if terminal and self.journal_bodies else None,
                 error if terminal else None,
-                code if terminal else None, answer.http_status, answer.request_id))
+                code if terminal else None, answer.http_status, answer.request_id), answer.body)
         cost = None
         if status.terminal:
             _usage, cost = self.meter.settle(job.key, entry.params, answer.body)
@@ -391,7 +394,7 @@ class Steps:
             self.meter.unsent(entry.job.key)
         self._wake_budget()
         if self.ledger is not None and (entry.sent or entry.job.response_id is not None):
-            await self.ledger.record(entry.job.key, Outcome(
+            await self._record(entry, Outcome(
                 status.value, entry.job.response_id, None, error, code, http_status, request_id))
         self._end(entry, status, error, code)
 

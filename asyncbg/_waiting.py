@@ -1,7 +1,8 @@
 """Waiting on many jobs: the first to finish, all of them, or each as it finishes.
 
 These work on any jobs, of one manager or several (of different providers too): they only use
-the public surface of :class:`~asyncbg.Job` (``done``, ``finish_order``, done callbacks).
+the surface of :class:`~asyncbg.Job` (``done``, ``finish_order``, its listeners: synchronous
+and immediate, unlike the done callbacks of users).
 """
 
 from __future__ import annotations
@@ -32,13 +33,13 @@ async def wait_any(jobs: Iterable[Job], *, timeout: float | None = None) -> Job:
             woken.set()
 
     for j in jobs:
-        j.add_done_callback(on_done)
+        j.add_listener(on_done)
     try:
         with anyio.fail_after(timeout):
             await woken.wait()
     finally:
         for j in jobs:
-            j.remove_done_callback(on_done)
+            j.remove_listener(on_done)
     return first[0]
 
 
@@ -64,7 +65,7 @@ async def as_completed(
     waiting = [j for j in jobs if not j.done]
     send, receive = anyio.create_memory_object_stream[Job](len(waiting) or 1)
     for j in waiting:
-        j.add_done_callback(send.send_nowait)
+        j.add_listener(send.send_nowait)
     try:
         for j in finished:
             yield j
@@ -74,6 +75,6 @@ async def as_completed(
             yield job
     finally:
         for j in waiting:
-            j.remove_done_callback(send.send_nowait)
+            j.remove_listener(send.send_nowait)
         send.close()
         receive.close()

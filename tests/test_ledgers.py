@@ -321,7 +321,7 @@ async def test_a_version_1_journal_is_upgraded_in_place(tmp_path: Path) -> None:
         await led.close()
     assert mode(path) == 0o644
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone() == (3,)
+        assert db.execute("PRAGMA user_version").fetchone() == (4,)
         assert db.execute("SELECT count(*) FROM events").fetchone() == (4,)
     again = SQLiteLedger(path)  # and it opens again as a current journal
     await again.open()
@@ -348,10 +348,10 @@ def foreign_db(path: Path) -> None:
     sqlite3.connect(path).close()
 
 
-def v4_journal(path: Path) -> None:
+def v5_journal(path: Path) -> None:
     with sqlite3.connect(path) as db:
         db.execute("PRAGMA application_id = 1633838954")
-        db.execute("PRAGMA user_version = 4")
+        db.execute("PRAGMA user_version = 5")
         db.execute("CREATE TABLE jobs (key TEXT)")
     sqlite3.connect(path).close()
 
@@ -361,7 +361,7 @@ def v4_journal(path: Path) -> None:
     (lambda p: p.write_text("key,value\nk,1\n"), "is not an SQLite database"),
     (foreign_db, r"is an SQLite database but not an asyncbg journal \(tables: invoices\)"),
     (lambda p: p.touch(), r"is empty \(0 bytes\), maybe truncated; delete it to start over"),
-    (v4_journal, "written by a newer asyncbg .*version 4; this one knows up to 3"),
+    (v5_journal, "written by a newer asyncbg .*version 5; this one knows up to 4"),
     (lambda p: p.mkdir(), "is a directory"),
 ], ids=["text", "foreign", "empty", "too-new", "directory"])
 async def test_a_file_that_is_not_a_journal_is_refused_and_left_alone(

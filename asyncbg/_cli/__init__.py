@@ -2,7 +2,9 @@
 
 One module per verb: ``_run`` (a Batch API file, with ``_input`` reading it, ``_output`` the
 output view of the journal and ``_signals`` the interrupts), ``_ops`` (``status`` and
-``cancel``), ``_demo`` (``demo`` and ``fake-server``); ``_progress`` and ``_logging`` are shared.
+``cancel``), ``_demo`` (``demo`` and ``fake-server``), ``_fleet`` (``submit``, ``worker``,
+``results``), ``_notify`` (``notify``, and ``--notify``); ``_progress`` and ``_logging`` are
+shared.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections.abc import Sequence
 
 import anyio
 
-from . import _fleet
+from . import _fleet, _notify
 from ._logging import LEVELS, configure_logging
 
 __all__ = ["build_parser", "main"]
@@ -121,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="when stderr is not a terminal, print a progress line every 30 s "
                           "(on a terminal a progress bar is always shown)")
     run.add_argument("--progress-every", type=_positive, default=30.0, help=argparse.SUPPRESS)
+    _notify.add_options(run)
     _add_logging_options(run)
 
     status = sub.add_parser(
@@ -170,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     fake.add_argument("--poll-after-ms", type=int, default=None,
                       help="send this openai-poll-after-ms header on live answers")
     _fleet.add_commands(sub)  # submit, worker, results: a fleet sharing one ledger
+    _notify.add_command(sub)  # notify: send what a ledger's outbox holds
     return parser
 
 
@@ -187,6 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(level=args.log_level, json=args.log_json)
     if args.command in _fleet.COMMANDS:
         return anyio.run(_fleet.COMMANDS[args.command], args)
+    if args.command == "notify":
+        return anyio.run(_notify.notify, args)
     from ._demo import demo
     from ._ops import cancel
     from ._run import run

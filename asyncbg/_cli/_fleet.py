@@ -78,6 +78,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                    help="exit 0 once nothing is waiting or live in the ledger")
     p.add_argument("--base-url", metavar="URL",
                    help="API base URL (default: $OPENAI_BASE_URL, else OpenAI's)")
+    from ._notify import add_options as add_notify_options
+
+    add_notify_options(p)  # --notify URL, --notify-wait SECONDS
     _logging_options(p)
 
     p = sub.add_parser(
@@ -150,6 +153,13 @@ async def submit(args: argparse.Namespace) -> int:
 
 async def worker(args: argparse.Namespace) -> int:
     """``asyncbg worker --ledger LEDGER``: run jobs until stopped or, if asked, idle."""
+    from ._notify import notify_option
+
+    try:
+        notify = notify_option(args)
+    except ValueError as exc:
+        say(str(exc))
+        return 2
     client = open_client(args.base_url)
     if client is None:
         return 2
@@ -162,7 +172,8 @@ async def worker(args: argparse.Namespace) -> int:
             try:
                 await run_worker(client, shared_ledger(args.ledger, lease=args.lease),
                                  concurrency=args.concurrency, lease=args.lease,
-                                 exit_when_idle=args.exit_when_idle, stop=stop)
+                                 exit_when_idle=args.exit_when_idle, stop=stop,
+                                 notify=notify)
             except LedgerError as exc:
                 say(str(exc))
                 code = 2

@@ -17,8 +17,11 @@ import openai
 from .. import BackgroundManager, Job
 from .._fleet import fleet_status, fleet_status_text, shared_ledger
 from .._ledgers import Ledger, LedgerError, Record, SQLiteLedger
+from .._ledgers._outbox import Outbox
 from .._ledgers._shared import SharedLedger
 from .._ledgers._sqlite_shared import SharedSQLiteLedger
+from ._deliveries import summary as delivery_summary
+from ._deliveries import summary_text as delivery_text
 from ._output import body_of, tokens_of
 from ._progress import ORDER, counts_text, rows
 
@@ -132,6 +135,8 @@ async def status(args: argparse.Namespace) -> int:
         records = await ledger.records()
         if isinstance(ledger, SharedLedger):
             fleet = await fleet_status(ledger)
+        # Pending and failed webhook notifications (an outbox: SQLite and PostgreSQL ledgers).
+        notes = delivery_summary(await ledger.deliveries() if isinstance(ledger, Outbox) else [])
     except LedgerError as exc:
         say(str(exc))
         return 2
@@ -140,6 +145,7 @@ async def status(args: argparse.Namespace) -> int:
     summary = summarize(records, args.ledger)
     if fleet is not None and (fleet["workers_alive"] or "://" in args.ledger):
         summary["fleet"] = fleet
+    summary["notifications"] = notes
     if args.json:
         del summary["live"]
         print(json.dumps(summary, indent=2))
@@ -147,6 +153,8 @@ async def status(args: argparse.Namespace) -> int:
         print(status_text(summary))
         if "fleet" in summary:
             print(fleet_status_text(summary["fleet"]))
+        if notes["pending"] or notes["failed"]:
+            print(delivery_text(notes, ledger=args.ledger))
     return 0
 
 

@@ -19,6 +19,7 @@ from .. import BackgroundManager, Job, JournalMismatchError, RateLimit
 from .._ledgers import Ledger, LedgerError, Record, SQLiteLedger
 from ._formats import FORMATS, close
 from ._input import BatchRequest, Parsed
+from ._notify import notify_option
 from ._ops import cancel_live, say
 from ._output import Existing, NotOurs, body_of, same_path, tokens_of
 from ._progress import Display, Live, Tally
@@ -65,6 +66,11 @@ async def run(args: argparse.Namespace) -> int:
         return 2
     except OSError as exc:
         say(f"cannot read {output}: {exc.strerror or exc}; nothing was sent")
+        return 2
+    try:
+        notify_option(args)  # --notify: its secret is checked before anything is sent
+    except ValueError as exc:
+        say(f"{exc}; nothing was sent")
         return 2
     client = FORMATS[args.provider].open(args)
     if client is None:
@@ -176,6 +182,8 @@ class _Run:
         if args.rpm is not None or args.tpm is not None:
             options["rate_limit"] = RateLimit(requests_per_minute=args.rpm,
                                               tokens_per_minute=args.tpm)
+        if (notify := notify_option(args)) is not None:  # --notify URL: see _notify.py
+            options["notify"] = notify
         async with BackgroundManager(client, journal=ledger, **options,
                                      cancel_on_exit=False) as mgr:
             interrupts.on_cancel = mgr.cancel_all

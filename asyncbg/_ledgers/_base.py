@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from .._errors import AsyncbgError
+from ._outbox import Notice
 
 __all__ = [
     "Claim",
@@ -105,6 +106,9 @@ class Outcome:
     ``status`` is a :class:`~asyncbg.JobStatus` value; a terminal status with a
     ``response_id`` makes the record ``done``, a terminal one without makes it ``local``, any
     other makes it ``live``.
+
+    ``notification``, on a terminal outcome, is a webhook notification that a ledger keeping an
+    outbox (:class:`~asyncbg._ledgers._outbox.Outbox`) writes in the same transaction.
     """
 
     status: str
@@ -114,6 +118,7 @@ class Outcome:
     error_code: str | None = None
     http_status: int | None = None
     request_id: str | None = None
+    notification: Notice | None = None
 
 
 class ClaimOutcome(enum.Enum):

@@ -9,6 +9,8 @@ disagree still agree on when a lease runs out.
 Schema history (``asyncbg_meta.schema_version``):
 
 - version 1: the tables below.
+- version 2: ``asyncbg_outbox``, the webhook notifications (see :mod:`._outbox`), each written by
+  the statement that records the outcome it announces, deleted once a receiver answered 2xx.
 
 Creation and upgrades run in one transaction under ``pg_advisory_xact_lock``, so that workers
 starting together neither race nor see a half-made schema.
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 # No __all__: the module is a namespace, imported as `q` by _postgres.py.
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: The key of the transaction-level advisory lock held while the schema is made or upgraded
 #: ("abgj" and 1), and of the session-level lock an ``exclusive=True`` ledger holds ("abgj", 2).
 SCHEMA_LOCK = 0x6162676A_00000001
@@ -84,8 +86,29 @@ CREATE_V1 = (
     )
     """,
 )
-#: Each entry upgrades the schema from version ``n`` to ``n + 1`` (none yet).
-UPGRADES: dict[int, tuple[str, ...]] = {}
+#: Each entry upgrades the schema from version ``n`` to ``n + 1``.
+UPGRADES: dict[int, tuple[str, ...]] = {
+    1: (
+        """
+        CREATE TABLE asyncbg_outbox (
+            id          text PRIMARY KEY,   -- the webhook-id
+            key         text NOT NULL,
+            url         text NOT NULL,
+            body        bytea NOT NULL,     -- posted and signed as it is, on every attempt
+            state       text NOT NULL DEFAULT 'pending',  -- pending | failed
+            attempts    integer NOT NULL DEFAULT 0,
+            created     double precision NOT NULL,
+            next_at     double precision NOT NULL,  -- due time of the next attempt
+            owner       text,               -- the sender posting it now, until lease_until
+            lease_until double precision,
+            error       text,               -- why the last attempt failed
+            http_status integer
+        )
+        """,
+        "CREATE INDEX asyncbg_outbox_pending ON asyncbg_outbox (url, next_at) "
+        "WHERE state = 'pending'",
+    ),
+}
 WRITE_SCHEMA_VERSION = """
     INSERT INTO asyncbg_meta (name, value) VALUES ('schema_version', %s)
     ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value
@@ -159,6 +182,25 @@ RECORD_TERMINAL = f"""
         body = %s, error = %s, error_code = %s, http_status = %s, request_id = %s,
         updated = {_NOW}, lease_until = NULL
     WHERE key = %s AND owner = %s AND epoch = %s
+"""
+# Params: id, url, body (the notification), then RECORD_TERMINAL's. One statement, so one
+# transaction: the outcome and its notification are written together or not at all. It returns
+# the key when the fenced update matched.
+RECORD_TERMINAL_NOTIFY = f"""
+    WITH notice AS (SELECT %s::text AS id, %s::text AS url, %s::bytea AS body),
+    done AS (
+        UPDATE asyncbg_jobs SET state = %s, response_id = COALESCE(%s, response_id),
+            status = %s, body = %s, error = %s, error_code = %s, http_status = %s,
+            request_id = %s, updated = {_NOW}, lease_until = NULL
+        WHERE key = %s AND owner = %s AND epoch = %s
+        RETURNING key
+    ),
+    added AS (
+        INSERT INTO asyncbg_outbox (id, key, url, body, created, next_at)
+        SELECT notice.id, done.key, notice.url, notice.body, {_NOW}, {_NOW} FROM notice, done
+        ON CONFLICT (id) DO NOTHING
+    )
+    SELECT key FROM done
 """
 #: Why a fenced write changed nothing: the key is missing (a bug) or its lease is elsewhere.
 EXISTS = "SELECT 1 FROM asyncbg_jobs WHERE key = %s"
@@ -234,3 +276,70 @@ WORKERS = f"""
 FORGET_WORKER = "DELETE FROM asyncbg_workers WHERE owner = %s"
 #: Rows of workers not seen for a day: tidiness, on open.
 FORGET_OLD_WORKERS = f"DELETE FROM asyncbg_workers WHERE seen < {_NOW} - 86400"
+
+# -- the outbox (version 2; see _pg_outbox.py) ----------------------------------------------------
+
+_DELIVERY = f"o.id, o.key, o.url, o.body, o.state, o.attempts, {_NOW} - o.created, o.error, " \
+    "o.http_status"
+_URL = "(%(url)s::text IS NULL OR o.url = %(url)s)"
+# Params: done, url, limit, owner, lease. Deletes ``done`` (answered 2xx) and takes more, in
+# one statement. Rows another sender is taking right now are skipped. One endpoint's (the
+# sender's case: the url is spelled out, so that even a generic plan walks the index in due
+# order) or any endpoint's (``asyncbg notify``).
+_TAKE = f"""
+    WITH gone AS (DELETE FROM asyncbg_outbox WHERE id = ANY(%(done)s::text[])),
+    picked AS (
+        SELECT o.id FROM asyncbg_outbox o
+        WHERE o.state = 'pending' AND {{url}} AND o.next_at <= {_NOW}
+          AND (o.lease_until IS NULL OR o.lease_until <= {_NOW})
+        ORDER BY o.next_at
+        LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED
+    )
+    UPDATE asyncbg_outbox o SET owner = %(owner)s, lease_until = {_NOW} + %(lease)s
+    FROM picked WHERE o.id = picked.id
+    RETURNING {_DELIVERY}, o.next_at
+"""
+OUTBOX_TAKE = _TAKE.format(url="o.url = %(url)s")
+OUTBOX_TAKE_ANY = _TAKE.format(url="%(url)s::text IS NULL")
+# Params: ids.
+OUTBOX_DONE = "DELETE FROM asyncbg_outbox WHERE id = ANY(%s::text[])"
+# Params: ids, owner.
+OUTBOX_RELEASE = """
+    UPDATE asyncbg_outbox SET owner = NULL, lease_until = NULL
+    WHERE id = ANY(%s::text[]) AND owner = %s
+"""
+# Params: state, retry_in, error, http_status, id, owner.
+OUTBOX_FAILED = f"""
+    UPDATE asyncbg_outbox SET state = %(state)s, next_at = {_NOW} + %(retry_in)s,
+        error = %(error)s, http_status = %(http_status)s, attempts = attempts + 1,
+        owner = NULL, lease_until = NULL
+    WHERE id = %(id)s AND owner = %(owner)s AND state = 'pending'
+"""
+# Params: url.
+OUTBOX_DELIVER_NOW = f"""
+    UPDATE asyncbg_outbox SET next_at = {_NOW}
+    WHERE state = 'pending' AND url = %(url)s AND next_at > {_NOW}
+      AND (lease_until IS NULL OR lease_until <= {_NOW})
+"""
+# Params: error, url, older_than (NULL: all).
+OUTBOX_FAIL_ALL = f"""
+    UPDATE asyncbg_outbox SET state = 'failed', error = %(error)s
+    WHERE state = 'pending' AND url = %(url)s
+      AND (%(older_than)s::float8 IS NULL OR created < {_NOW} - %(older_than)s::float8)
+"""
+# Params: url (NULL: any).
+OUTBOX_RETRY_FAILED = f"""
+    UPDATE asyncbg_outbox o SET state = 'pending', created = {_NOW}, next_at = {_NOW},
+        owner = NULL, lease_until = NULL
+    WHERE o.state = 'failed' AND {_URL}
+"""
+# Params: url, held (count leased ones too).
+_NEXT = f"""
+    SELECT min(greatest(o.next_at, COALESCE(o.lease_until, 0))) - {_NOW} FROM asyncbg_outbox o
+    WHERE o.state = 'pending' AND {{url}}
+      AND (%(held)s OR o.lease_until IS NULL OR o.lease_until <= {_NOW})
+"""
+OUTBOX_NEXT = _NEXT.format(url="o.url = %(url)s")
+OUTBOX_NEXT_ANY = _NEXT.format(url="%(url)s::text IS NULL")
+OUTBOX_ALL = f"SELECT {_DELIVERY} FROM asyncbg_outbox o ORDER BY o.created, o.id"

@@ -25,6 +25,7 @@ import psycopg
 from .. import _log
 from . import _pg_queries as q
 from ._base import Claim, ClaimOutcome, LedgerError, Outcome, Record
+from ._pg_outbox import PostgresOutbox
 from ._rules import claim_outcome, state_after, unclaimed
 from ._shared import (
     DEFAULT_LEASE,
@@ -53,7 +54,7 @@ _CLAIM_UPDATES = {
 }
 
 
-class PostgresLedger:
+class PostgresLedger(PostgresOutbox):
     """A :class:`~asyncbg._ledgers._shared.SharedLedger` in the PostgreSQL database at ``url``.
 
     The tables are created (or upgraded) on first use. ``lease`` is how long the leases it
@@ -263,9 +264,13 @@ class PostgresLedger:
         if state == "live":
             await self._fenced(key, q.RECORD_LIVE, (o.response_id, o.status, key))
             return
-        await self._fenced(key, q.RECORD_TERMINAL, (
-            state, o.response_id, o.status, o.body, o.error, o.error_code, o.http_status,
-            o.request_id, key))
+        args = (state, o.response_id, o.status, o.body, o.error, o.error_code, o.http_status,
+                o.request_id, key)
+        n = o.notification
+        if n is None:
+            await self._fenced(key, q.RECORD_TERMINAL, args)
+        else:  # one statement: the outcome and its notification in one transaction
+            await self._fenced(key, q.RECORD_TERMINAL_NOTIFY, (n.id, n.url, n.body, *args))
         self._held.pop(key, None)  # finished: no lease to keep
 
     async def get(self, key: str) -> Record | None:
@@ -331,7 +336,7 @@ class PostgresLedger:
                 "lease": lease, "keys": list(held), "epochs": list(held.values())})
             self._registered = True
             lost = set(held) - {row[0] for row in rows}
-            self._forget(lost)
+            self.forget(lost)
             return lost
 
         return await self._run(renew)
@@ -342,7 +347,7 @@ class PostgresLedger:
             if held:
                 await self._execute(conn, q.RELEASE, {
                     "keys": list(held), "epochs": list(held.values()), "owner": self._owner})
-            self._forget(held)
+            self.forget(held)
 
         await self._run(release)
 
@@ -361,7 +366,7 @@ class PostgresLedger:
 
     # -- plumbing ------------------------------------------------------------------------------
 
-    def _forget(self, keys: Iterable[str]) -> None:
+    def forget(self, keys: Iterable[str]) -> None:
         for key in keys:
             self._held.pop(key, None)
             self._acquired.pop(key, None)
@@ -376,7 +381,7 @@ class PostgresLedger:
                     return
             if await self._fetchone(conn, q.EXISTS, (key,)) is None:
                 raise unclaimed(key, self.location)
-            self._forget((key,))
+            self.forget((key,))
             raise LeaseLost(
                 f"the lease on key {key!r} in {self.location} is held by another process "
                 "now; this one wrote nothing and stops running it"

@@ -22,7 +22,9 @@ import anyio.to_thread
 from . import _sqlite_errors as errors
 from . import _sqlite_queries as q
 from ._base import Claim, ClaimOutcome, LedgerError, Outcome, Record
+from ._outbox import Notice
 from ._rules import claim_outcome, state_after, unclaimed
+from ._sqlite_outbox import SQLiteOutbox, add_notice
 
 if TYPE_CHECKING:
     from ._lock import ExclusiveLock
@@ -38,7 +40,7 @@ _BUSY_TIMEOUT = 5.0
 _QUICK_CHECK_MAX_BYTES = 32 << 20
 
 
-class SQLiteLedger:
+class SQLiteLedger(SQLiteOutbox):
     """A :class:`Ledger` in an SQLite file at ``path``, created owner-only (0600) if missing.
 
     An existing file is never truncated, overwritten or chmod-ed: a file that is not an asyncbg
@@ -111,7 +113,8 @@ class SQLiteLedger:
             sql = q.RECORD_TERMINAL
             args = (state, o.response_id, o.status, o.body, o.error, o.error_code,
                     o.http_status, o.request_id, now, key)
-        await self._call(lambda db: self._update(db, key, sql, args, event=(key, o.status, now)))
+        await self._call(lambda db: self._update(db, key, sql, args, event=(key, o.status, now),
+                                                 notice=o.notification))
 
     async def get(self, key: str) -> Record | None:
         def get(db: sqlite3.Connection) -> Record | None:
@@ -148,13 +151,15 @@ class SQLiteLedger:
 
     def _update(
         self, db: sqlite3.Connection, key: str, sql: str, args: tuple[Any, ...],
-        *, event: tuple[str, str, float] | None = None,
+        *, event: tuple[str, str, float] | None = None, notice: Notice | None = None,
     ) -> None:
         with _transaction(db):
             if db.execute(sql, args).rowcount == 0:
                 raise unclaimed(key, self.location)
             if event is not None:
                 db.execute(q.EVENT, event)
+            if notice is not None:  # the outcome and its notification: one transaction
+                add_notice(db, key, notice, event[2] if event else time.time())
 
     def _open_sync(self) -> None:
         try:
@@ -228,8 +233,11 @@ class SQLiteLedger:
                         db.execute(sql)
                 elif kind == "v1":
                     _upgrade_v1(db)
-                if kind != "current":  # empty, v1 (now v2) or v2: add the leases
+                if kind in ("empty", "v1", "v2"):  # v1 is v2 by now: add the leases
                     for sql in q.UPGRADE_V3:
+                        db.execute(sql)
+                if kind != "current":  # and the outbox
+                    for sql in q.UPGRADE_V4:
                         db.execute(sql)
                 # Written even when already there: a real write, so that a read-only journal
                 # is refused now rather than at the first claim.
@@ -240,7 +248,8 @@ class SQLiteLedger:
         except OSError as exc:
             raise errors.from_os(exc, self.location) from exc
 
-    def _inspect(self, db: sqlite3.Connection) -> Literal["empty", "v1", "v2", "current"]:
+    def _inspect(self, db: sqlite3.Connection
+                 ) -> Literal["empty", "v1", "v2", "v3", "current"]:
         application_id = int(db.execute(q.READ_APPLICATION_ID).fetchone()[0])
         version = int(db.execute(q.READ_USER_VERSION).fetchone()[0])
         tables = [row[0] for row in db.execute(q.READ_TABLES)]
@@ -249,8 +258,8 @@ class SQLiteLedger:
                 raise errors.too_new(self.location, version, q.SCHEMA_VERSION)
             if version == q.SCHEMA_VERSION:
                 return "current"
-            if version == 2:
-                return "v2"
+            if version in (2, 3):
+                return "v2" if version == 2 else "v3"
         elif application_id == 0 and version == 0:
             if not tables:
                 return "empty"

@@ -10,6 +10,8 @@ Schema history (``PRAGMA user_version``; ``PRAGMA application_id`` marks the fil
 - version 3: leases, for several processes sharing one journal (:mod:`._sqlite_shared`):
   ``owner``, ``epoch`` and ``lease_until`` on ``jobs``, and a ``workers`` table. A plain
   :class:`SQLiteLedger` leaves them empty.
+- version 4: the ``outbox`` table of webhook notifications (see :mod:`._outbox`), each written
+  in the transaction of the outcome it announces and deleted once a receiver answered 2xx.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 #: ``PRAGMA application_id`` of an asyncbg journal: "abgj" in ASCII.
 APPLICATION_ID = 0x6162676A
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 #: The columns of the version 1 tables, to recognise a journal that predates the pragmas.
 V1_JOBS_COLUMNS = frozenset({
@@ -88,6 +90,25 @@ UPGRADE_V3 = (
         lease   REAL NOT NULL
     )
     """,
+)
+UPGRADE_V4 = (
+    """
+    CREATE TABLE outbox (
+        id          TEXT PRIMARY KEY,   -- the webhook-id
+        key         TEXT NOT NULL,
+        url         TEXT NOT NULL,
+        body        BLOB NOT NULL,      -- posted and signed as it is, on every attempt
+        state       TEXT NOT NULL DEFAULT 'pending',  -- pending | failed
+        attempts    INTEGER NOT NULL DEFAULT 0,
+        created     REAL NOT NULL,
+        next_at     REAL NOT NULL,      -- due time of the next attempt
+        owner       TEXT,               -- the sender posting it now, until lease_until
+        lease_until REAL,
+        error       TEXT,               -- why the last attempt failed
+        http_status INTEGER
+    )
+    """,
+    "CREATE INDEX outbox_pending ON outbox (url, next_at) WHERE state = 'pending'",
 )
 # Pragmas take no parameters; both values are constants of this module.
 V2_MARK = (
@@ -220,3 +241,66 @@ WORKERS = """
 FORGET_WORKER = "DELETE FROM workers WHERE owner = ?"
 FORGET_OLD_WORKERS = "DELETE FROM workers WHERE seen < ?"
 UNFINISHED = "SELECT count(*) FROM jobs WHERE state IN ('new', 'sending', 'live')"
+
+# -- the outbox (version 4; see _sqlite_outbox.py) ------------------------------------------------
+
+# Params: id, key, url, body, created, next_at. Inside the outcome's own transaction.
+OUTBOX_ADD = """
+    INSERT INTO outbox (id, key, url, body, created, next_at) VALUES (?, ?, ?, ?, ?, ?)
+    ON CONFLICT (id) DO NOTHING
+"""
+# Params: now, url, owner, lease, limit. One statement picks and leases (SQLite holds the write
+# lock for it): no other sender between the two. RETURNING comes in no order: the caller sorts
+# by the last column, next_at. One endpoint's (the sender's case) walks the index in due
+# order; any endpoint's (``asyncbg notify``) scans.
+_TAKE = """
+    UPDATE outbox SET owner = ?3, lease_until = ?1 + ?4
+    WHERE id IN (
+        SELECT id FROM outbox
+        WHERE state = 'pending' AND {url} AND next_at <= ?1
+          AND (lease_until IS NULL OR lease_until <= ?1)
+        ORDER BY next_at LIMIT ?5)
+    RETURNING id, key, url, body, state, attempts, ?1 - created, error, http_status, next_at
+"""
+OUTBOX_TAKE = _TAKE.format(url="url = ?2")
+OUTBOX_TAKE_ANY = _TAKE.format(url="?2 IS NULL")
+_DELIVERY = "id, key, url, body, state, attempts, ? - created, error, http_status"
+# Params: ids, as a JSON array (one statement, however many).
+OUTBOX_DONE = "DELETE FROM outbox WHERE id IN (SELECT value FROM json_each(?))"
+# Params: ids (a JSON array), owner.
+OUTBOX_RELEASE = """
+    UPDATE outbox SET owner = NULL, lease_until = NULL
+    WHERE id IN (SELECT value FROM json_each(?)) AND owner = ?
+"""
+# Params: state, next_at, error, http_status, id, owner.
+OUTBOX_FAILED = """
+    UPDATE outbox SET state = ?, next_at = ?, error = ?, http_status = ?,
+        attempts = attempts + 1, owner = NULL, lease_until = NULL
+    WHERE id = ? AND owner = ? AND state = 'pending'
+"""
+# Params: now, url.
+OUTBOX_DELIVER_NOW = """
+    UPDATE outbox SET next_at = ?1
+    WHERE state = 'pending' AND url = ?2 AND next_at > ?1
+      AND (lease_until IS NULL OR lease_until <= ?1)
+"""
+# Params: error, url, cutoff (created before it; NULL: all).
+OUTBOX_FAIL_ALL = """
+    UPDATE outbox SET state = 'failed', error = ?
+    WHERE state = 'pending' AND url = ? AND (?3 IS NULL OR created < ?3)
+"""
+# Params: now, now, url (NULL: any).
+OUTBOX_RETRY_FAILED = """
+    UPDATE outbox SET state = 'pending', created = ?, next_at = ?, owner = NULL,
+        lease_until = NULL
+    WHERE state = 'failed' AND (?3 IS NULL OR url = ?3)
+"""
+# Params: url, held (1: count leased ones too), now.
+_NEXT = """
+    SELECT min(max(next_at, COALESCE(lease_until, 0))) FROM outbox
+    WHERE state = 'pending' AND {url} AND (?2 OR lease_until IS NULL OR lease_until <= ?3)
+"""
+OUTBOX_NEXT = _NEXT.format(url="url = ?1")
+OUTBOX_NEXT_ANY = _NEXT.format(url="?1 IS NULL")
+# Params: now.
+OUTBOX_ALL = f"SELECT {_DELIVERY} FROM outbox ORDER BY created, rowid"

@@ -28,6 +28,7 @@ import anyio
 from .. import _log
 from . import _sqlite_queries as q
 from ._base import Claim, ClaimOutcome, LedgerError, Outcome, Record
+from ._outbox import Notice
 from ._rules import claim_outcome, state_after, unclaimed
 from ._shared import (
     DEFAULT_LEASE,
@@ -39,6 +40,7 @@ from ._shared import (
     shared_claim_outcome,
 )
 from ._sqlite import SQLiteLedger, _record, _transaction
+from ._sqlite_outbox import add_notice
 
 __all__ = ["SharedSQLiteLedger"]
 
@@ -143,11 +145,12 @@ class SharedSQLiteLedger(SQLiteLedger):
             return
         await self._fenced(key, q.SHARED_RECORD_TERMINAL, (
             state, o.response_id, o.status, o.body, o.error, o.error_code, o.http_status,
-            o.request_id, now, key), event=(key, o.status, now))
+            o.request_id, now, key), event=(key, o.status, now), notice=o.notification)
         self._held.pop(key, None)  # finished: no lease to keep
 
     async def _fenced(self, key: str, sql: str, args: tuple[Any, ...], *,
-                      event: tuple[str, str, float] | None = None) -> None:
+                      event: tuple[str, str, float] | None = None,
+                      notice: Notice | None = None) -> None:
         """A write checked against this instance's owner and epoch for ``key``."""
         epoch = self._held.get(key)
 
@@ -158,6 +161,8 @@ class SharedSQLiteLedger(SQLiteLedger):
                         sql, (*args, self._owner, epoch)).rowcount == 1:
                     if event is not None:
                         db.execute(q.EVENT, event)
+                    if notice is not None:  # with its outcome, in one transaction
+                        add_notice(db, key, notice, time.time())
                     return True
                 return False if db.execute(q.EXISTS, (key,)).fetchone() else None
 
@@ -166,7 +171,7 @@ class SharedSQLiteLedger(SQLiteLedger):
             return
         if written is None:
             raise unclaimed(key, self.location)
-        self._forget((key,))
+        self.forget((key,))
         raise LeaseLost(
             f"the lease on key {key!r} in {self.location} is held by another process now; this "
             "one wrote nothing and stops running it"
@@ -237,7 +242,7 @@ class SharedSQLiteLedger(SQLiteLedger):
         self._registered = True
         # Only keys still held at the same epoch: one recorded finished meanwhile is not lost.
         lost = {key for key in set(held) - kept if self._held.get(key) == held[key]}
-        self._forget(lost)
+        self.forget(lost)
         return lost
 
     async def release(self, keys: Collection[str]) -> None:
@@ -249,7 +254,7 @@ class SharedSQLiteLedger(SQLiteLedger):
                                                for key, epoch in held.items()])
 
             await self._call(release)
-        self._forget(held)
+        self.forget(held)
 
     async def requeue(self, keys: Collection[str]) -> None:
         if keys:
@@ -272,7 +277,7 @@ class SharedSQLiteLedger(SQLiteLedger):
 
     # -- plumbing ------------------------------------------------------------------------------
 
-    def _forget(self, keys: Iterable[str]) -> None:
+    def forget(self, keys: Iterable[str]) -> None:
         for key in keys:
             self._held.pop(key, None)
             self._acquired.pop(key, None)

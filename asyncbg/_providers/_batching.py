@@ -180,7 +180,7 @@ class BatchApi:
             return await self._answer(response_id, fresh_ok=True)  # it ended first
         others = b.live - {cid}
         if others or not b.may_cancel_remote():
-            self._forget(b, cid, drop=True)
+            self.forget(b, cid, drop=True)
             reason = ("keeps running for other jobs" if others else
                       "may hold jobs not attached here, so it keeps running")
             return Answer(JobStatus.CANCELLED, response_id,
@@ -232,7 +232,7 @@ class BatchApi:
                                           [item for item, _ in group.items.values()])
             b = self._batches[batch_id] = _Batch(batch_id, order)
             for cid in group.gone:  # cancelled while the batch was being submitted
-                self._forget(b, cid, drop=True)
+                self.forget(b, cid, drop=True)
             group.batch_id = batch_id
         except RequestError as exc:
             group.error = exc
@@ -259,7 +259,7 @@ class BatchApi:
             elif group.batch_id is None:
                 group.gone.add(cid)
             elif (b := self._batches.get(group.batch_id)) is not None:
-                self._forget(b, cid, drop=True)  # nobody will follow this job
+                self.forget(b, cid, drop=True)  # nobody will follow this job
             raise
         if group.error is not None:
             raise copy.copy(group.error) from group.error  # one error, raised in every create
@@ -283,7 +283,7 @@ class BatchApi:
     async def _answer(self, response_id: str, *, fresh_ok: bool) -> Answer:
         b, cid = self._track(response_id)
         if cid in b.dropped:
-            self._forget(b, cid, drop=False)
+            self.forget(b, cid, drop=False)
             return Answer(JobStatus.CANCELLED, response_id,
                           status_body(response_id, b.id, cid, "cancelled"),
                           error=f"cancelled locally; its batch {b.id} keeps running",
@@ -298,7 +298,7 @@ class BatchApi:
         if result is None:
             assert b.remote is not None
             result = self._no_result(b.id, b.remote, cid)
-        self._forget(b, cid, drop=False)
+        self.forget(b, cid, drop=False)
         return Answer(result.status, response_id, result.body, result.http_status,
                       error=result.error, error_code=result.error_code)
 
@@ -330,7 +330,7 @@ class BatchApi:
             b.inflight = None
             done.set()
 
-    def _forget(self, b: _Batch, cid: str, *, drop: bool) -> None:
+    def forget(self, b: _Batch, cid: str, *, drop: bool) -> None:
         """``cid`` has had its final answer (or is dropped): free what is kept for it."""
         b.live.discard(cid)
         if drop:

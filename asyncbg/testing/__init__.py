@@ -9,7 +9,8 @@ It also runs as ASGI (``asgi_app(server)``; ``python -m asyncbg fake-server``) a
 fixtures ``fake_server`` / ``fake_openai``. The same server serves the batch APIs of OpenAI
 (``/v1/files``, ``/v1/batches``), Anthropic (``/v1/messages/batches``) and Gemini
 (``batchGenerateContent``, ``/v1beta/batches``): see :class:`FakeBatches`,
-:func:`fake_anthropic_client` and :func:`fake_genai_client`.
+:func:`fake_anthropic_client` and :func:`fake_genai_client`. :class:`WebhookReceiver` is the
+other end of ``BackgroundManager(notify=...)``: it verifies and records signed notifications.
 """
 
 from ._batch_core import BatchTiming
@@ -19,6 +20,7 @@ from ._faults import Fault, FaultRates
 from ._limits import FakeRateLimit
 from ._model import LatencyModel, Outcomes
 from ._plugin import FakeOpenAI
+from ._receiver import ReceivedWebhook, WebhookReceiver
 from ._server import FakeResponsesServer
 from ._state import Counters
 from ._transport import FakeTransport, asgi_app, fake_client
@@ -39,7 +41,9 @@ __all__ = [
     "FaultRates",
     "LatencyModel",
     "Outcomes",
+    "ReceivedWebhook",
     "UsageModel",
+    "WebhookReceiver",
     "asgi_app",
     "fake_anthropic_client",
     "fake_client",
