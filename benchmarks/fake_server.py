@@ -48,7 +48,10 @@ def main() -> None:
     p.add_argument("--webhook-secret")
     args = p.parse_args()
     uvicorn.run(build(args), host="127.0.0.1", port=args.port, log_level="error",
-                lifespan="on", backlog=4096, limit_concurrency=None)
+                lifespan="on", backlog=4096, limit_concurrency=None,
+                # Clients keep idle connections 5 s (the SDK) or longer: outlive them, so that
+                # no request races the server closing its connection.
+                timeout_keep_alive=120)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,17 @@
 #!/usr/bin/env python3
 """The asyncbg benchmark harness. It reports; it does not pass or fail.
 
-    python3 dev.py bench            # the full run (about 10 minutes on 2 cores)
-    python3 dev.py bench --quick    # a smaller run
+    python3 dev.py bench                      # the full run (about 25 minutes on 2 cores)
+    python3 dev.py bench --quick              # a smaller run
     python benchmarks/run.py --smoke --json out.json   # seconds; what the test suite runs
+    python benchmarks/run.py --only scale,push --repeat 3   # heavy sections again, for spreads
 
 The fake server runs in its own process (uvicorn on 127.0.0.1), so the client CPU measured here
-is asyncbg's or the baseline's alone. Every comparison runs both sides in this same run.
+is asyncbg's or the baseline's alone; except for the frontier, which runs in virtual time
+against the in-process fake. Every comparison runs both sides in this same run. Sections:
+``poll_cost`` (benchmarks/poll_cost.py), ``overhead`` and ``throughput``
+(benchmarks/overhead.py), ``frontier`` (benchmarks/frontier.py), ``push``
+(benchmarks/push.py), ``scale`` and ``scale_100k`` (benchmarks/scale.py, each a fresh process).
 """
 
 from __future__ import annotations
@@ -14,484 +19,274 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import json
-import math
 import os
 import platform
-import random
 import socket
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import anyio
-import httpx2
-import openai
-import structlog
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-import asyncbg  # noqa: E402
-from asyncbg._api import Api  # noqa: E402
-from benchmarks import baselines  # noqa: E402
+from benchmarks import frontier, overhead, poll_cost, push, scale  # noqa: E402
+from benchmarks.common import quiet_logs, server_process, wait_ready  # noqa: E402
 
-SIZES = {
-    # polls, overhead jobs, submissions, frontier (jobs, seed), push jobs, scale (jobs, s)
-    "full":  dict(polls=2000, jobs=2000, submit=2000, frontier=(500, 1), push=300,
-                  scale=(10_000, 40.0)),
-    "quick": dict(polls=500, jobs=400, submit=500, frontier=(200, 1), push=100,
-                  scale=(2_000, 15.0)),
-    "smoke": dict(polls=30, jobs=20, submit=20, frontier=(20, 1), push=8, scale=(50, 1.0)),
+SECTIONS = ("poll_cost", "overhead", "throughput", "frontier", "push", "scale", "scale_100k")
+
+SIZES: dict[str, dict[str, Any]] = {
+    "full": {
+        "poll_cost": {"n": 1000, "rounds": 5},
+        "overhead": {"n": 2000, "interval": 1.5, "live_polls": 3, "concurrency": 200},
+        "throughput": {"n": 2000},
+        "frontier": {"n": 500, "seed": 1, "median": 120.0, "longest": 3600.0},
+        "push": {"n": 300, "shortest": 1.0, "longest": 6.0},
+        # 120 s jobs: creates are paced and share the request slots with polls, so sending
+        # 10,000 takes about a minute; every job must still be live when the last is sent.
+        "scale": {"n": 10_000, "duration": 120.0, "interval": None},
+        # Every job lives long enough that all are live at once after the ~3 minute submit;
+        # polled every ~120 s (the longest interval asyncbg allows) the server sees under
+        # 1,000 polls/s, which it can answer.
+        "scale_100k": {"n": 100_000, "duration": 300.0, "interval": 120.0},
+    },
+    "quick": {
+        "poll_cost": {"n": 500, "rounds": 3},
+        "overhead": {"n": 400, "interval": 1.5, "live_polls": 3, "concurrency": 200},
+        "throughput": {"n": 500},
+        "frontier": {"n": 200, "seed": 1, "median": 120.0, "longest": 3600.0},
+        "push": {"n": 100, "shortest": 1.0, "longest": 6.0},
+        "scale": {"n": 2_000, "duration": 15.0, "interval": None},
+        "scale_100k": {"n": 20_000, "duration": 60.0, "interval": 30.0},
+    },
+    "smoke": {
+        "poll_cost": {"n": 10, "rounds": 2},
+        "overhead": {"n": 10, "interval": 0.3, "live_polls": 1, "concurrency": 10},
+        "throughput": {"n": 20},
+        "frontier": {"n": 8, "seed": 1, "median": 5.0, "longest": 20.0},
+        "push": {"n": 8, "shortest": 0.1, "longest": 0.4},
+        "scale": {"n": 50, "duration": 0.7, "interval": None},
+        "scale_100k": {"n": 100, "duration": 0.9, "interval": 0.3},
+    },
 }
 
-
-# -- the server process ----------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def server_process(*extra: str) -> Iterator[str]:
-    """Start benchmarks/fake_server.py and yield its base URL once it accepts connections."""
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, str(HERE / "fake_server.py"), "--port", str(port),
-                             *extra])
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-                break
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("the fake server did not start")
-            time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+# The figures whose spread across repeats is reported: (section, label, path into the result).
+SPREAD = (
+    ("poll_cost", "check/SDK", ("ratio",)),
+    ("overhead", "CPU ratio", ("cpu_ratio",)),
+    ("overhead", "per-call ratio", ("per_call_ratio",)),
+    ("throughput", "ratio", ("ratio",)),
+    ("push", "stream p95 ms", ("stream", "delay_p95_ms")),
+    ("push", "webhook p95 ms", ("webhook", "delay_p95_ms")),
+    ("scale", "lag p99 ms", ("loop_lag_p99_ms",)),
+    ("scale", "RSS peak MB", ("rss_peak_mb",)),
+    ("scale_100k", "lag p99 ms", ("loop_lag_p99_ms",)),
+    ("scale_100k", "RSS peak MB", ("rss_peak_mb",)),
+)
 
 
-async def counters(base_url: str) -> dict[str, Any]:
-    async with httpx2.AsyncClient() as http:
-        answer = await http.get(base_url.removesuffix("/v1") + "/_fake/counters", timeout=60)
-        return dict(answer.json())
+#: Sections that share one fake server process (started once per run, reset between runs).
+SHARED_SERVER = ("poll_cost", "overhead", "throughput")
 
 
-async def reset(base_url: str) -> None:
-    async with httpx2.AsyncClient() as http:
-        await http.post(base_url.removesuffix("/v1") + "/_fake/reset")
+def run_section(name: str, size: dict[str, Any], smoke: bool, base_url: str | None = None,
+                push_server: tuple[str, socket.socket] | None = None) -> dict[str, Any]:
+    p = size[name]
+    if name in SHARED_SERVER:
+        assert base_url is not None
+        if name == "poll_cost":
+            return anyio.run(poll_cost.measure, base_url, p["n"], p["rounds"])
+        if name == "overhead":
+            return anyio.run(functools.partial(
+                overhead.overhead, base_url, p["n"], interval=p["interval"],
+                live_polls=p["live_polls"], concurrency=p["concurrency"]))
+        return anyio.run(overhead.throughput, base_url, p["n"])
+    if name == "frontier":
+        return frontier.frontier(p["n"], p["seed"], median=p["median"], longest=p["longest"])
+    if name == "push":
+        return anyio.run(functools.partial(push.push, p["n"], shortest=p["shortest"],
+                                           longest=p["longest"], server=push_server,
+                                           seeds_interval=0.2 if smoke else 1.0))
+    return scale.scale(p["n"], p["duration"], p["interval"])
 
 
-def client(base_url: str, **kw: Any) -> openai.AsyncOpenAI:
-    limits = httpx2.Limits(max_connections=256, max_keepalive_connections=256)
-    return openai.AsyncOpenAI(api_key="sk-bench", base_url=base_url, max_retries=0,
-                              http_client=httpx2.AsyncClient(limits=limits, timeout=120), **kw)
-
-
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
-
-
-def job(i: int, duration: float, **extra: Any) -> dict[str, Any]:
-    return {"model": "bench", "input": f"request {i}",
-            "metadata": {"fake_duration": f"{duration:.6f}", "fake_queue": "0"}, **extra}
-
-
-def fixed(interval: float) -> asyncbg.PollPolicy:
-    return asyncbg.PollPolicy(first_poll=interval, min_interval=interval, max_interval=interval,
-                              growth=0.0, jitter=0.0)
-
-
-# -- 1. the cost of one status check ---------------------------------------------------------
-
-
-async def poll_cost(base_url: str, n: int) -> dict[str, Any]:
-    c = client(base_url)
-    try:
-        r = await c.responses.create(**job(0, 3600.0), background=True)
-        api = Api(c, asyncbg.RetryPolicy())
-        log = structlog.get_logger("bench")
-        sides = {"sdk_retrieve": lambda: c.responses.retrieve(r.id),
-                 "asyncbg_poll": lambda: api.retrieve(r.id, log)}
-        rounds: dict[str, list[float]] = {k: [] for k in sides}
-        for _ in range(3):  # interleaved rounds, median of each side
-            for name, call in sides.items():
-                for _ in range(max(n // 10, 5)):
-                    await call()
-                t = time.process_time()
-                for _ in range(n):
-                    await call()
-                rounds[name].append((time.process_time() - t) / n * 1e6)
-    finally:
-        await c.close()
-    sdk = statistics.median(rounds["sdk_retrieve"])
-    ours = statistics.median(rounds["asyncbg_poll"])
-    return {"sdk_us": round(sdk), "asyncbg_us": round(ours), "ratio": round(ours / sdk, 3),
-            "goal": "<= 0.333"}
-
-
-# -- 2. orchestration overhead -------------------------------------------------------------
-
-
-async def overhead(base_url: str, n: int) -> dict[str, Any]:
-    interval, duration, concurrency = 0.25, 1.0, 200
-    requests = [job(i, duration) for i in range(n)]
-    out: dict[str, Any] = {"jobs": n, "interval_s": interval, "duration_s": duration,
-                           "concurrency": concurrency}
-    for side in ("baseline", "asyncbg"):
-        await reset(base_url)
-        c = client(base_url)
-        t = time.process_time()
-        wall = time.monotonic()
-        try:
-            if side == "baseline":
-                statuses = await baselines.careful_loop(c, requests, interval=interval,
-                                                        concurrency=concurrency)
-            else:
-                async with asyncbg.BackgroundManager(
-                    c, max_concurrency=concurrency, poll_policy=fixed(interval)
-                ) as mgr:
-                    jobs = [await mgr.submit(**r) for r in requests]
-                statuses = [j.status.value for j in jobs]
-        finally:
-            await c.close()
-        cpu = time.process_time() - t
-        seen = await counters(base_url)
-        calls = seen["creates"] + seen["retrieves"]
-        out[side] = {"cpu_s": round(cpu, 3), "wall_s": round(time.monotonic() - wall, 2),
-                     "http_calls": calls, "cpu_us_per_call": round(cpu / calls * 1e6),
-                     "completed": statuses.count("completed")}
-    out["cpu_ratio"] = round(out["asyncbg"]["cpu_s"] / out["baseline"]["cpu_s"], 3)
-    out["per_call_ratio"] = round(
-        out["asyncbg"]["cpu_us_per_call"] / out["baseline"]["cpu_us_per_call"], 3)
-    out["goal"] = "<= 1.2"
+def _shared_scale(names: list[str], size: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    with server_process(wait=False) as base_url:
+        for name in names:
+            start = time.monotonic()
+            result = scale.scale(size[name]["n"], size[name]["duration"], size[name]["interval"],
+                                 base_url=base_url)
+            result["section_wall_s"] = round(time.monotonic() - start, 1)
+            out.append((name, result))
     return out
 
 
-# -- 6. submission throughput -----------------------------------------------------------------
+def _dig(result: dict[str, Any], path: tuple[str, ...]) -> Any:
+    for key in path:
+        result = result[key]
+    return result
 
 
-async def throughput(base_url: str, n: int) -> dict[str, Any]:
-    concurrency = 64
-    requests = [job(i, 0.0) for i in range(n)]  # done at create: creates are all there is
-    out: dict[str, Any] = {"jobs": n, "concurrency": concurrency}
-    for side in ("baseline", "asyncbg"):
-        c = client(base_url)
-        start = time.monotonic()
-        try:
-            if side == "baseline":
-                await baselines.gather_creates(c, requests, concurrency=concurrency)
-            else:
-                async with asyncbg.BackgroundManager(c, max_concurrency=concurrency) as mgr:
-                    for r in requests:
-                        await mgr.submit(**r)
-        finally:
-            await c.close()
-        out[side] = {"jobs_per_s": round(n / (time.monotonic() - start), 1)}
-    out["ratio"] = round(out["asyncbg"]["jobs_per_s"] / out["baseline"]["jobs_per_s"], 3)
-    out["goal"] = ">= 0.9"
+def spreads(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for section, label, path in SPREAD:
+        values = [_dig(r, path) for r in runs.get(section, [])]
+        if len(values) > 1:
+            out[f"{section}: {label}"] = {"values": values, "min": min(values),
+                                          "median": statistics.median(values),
+                                          "max": max(values)}
     return out
-
-
-# -- 4. the polling frontier -----------------------------------------------------------------
-
-
-def frontier(n: int, seed: int) -> dict[str, Any]:
-    """Polls per job against detection delay, for job durations from 1 s to 1 h.
-
-    Runs in virtual time (trio's MockClock, which jumps ahead whenever every task is waiting)
-    against the in-process fake server, so durations are real, uncompressed seconds and a run
-    of hours takes seconds of CPU. Compressing real time instead would have the fake server
-    answer thousands of polls a second, and measure its saturation rather than the policies.
-    A fixed poller is the manager with a fixed interval: create, then poll every T seconds,
-    which is what the seeds' loop does.
-    """
-    import trio
-    import trio.testing
-
-    from asyncbg.testing import FakeResponsesServer, fake_client
-
-    rng = random.Random(seed)
-    # Lognormal, median 2 min, clamped to [1 s, 1 h].
-    real = [min(max(120 * math.exp(rng.gauss(0, 1.6)), 1.0), 3600.0) for _ in range(n)]
-
-    async def run(policy: asyncbg.PollPolicy) -> dict[str, float]:
-        random.seed(seed)  # the same jitter for every run
-        server = FakeResponsesServer(clock=trio.current_time)
-        c = fake_client(server)
-        try:
-            async with asyncbg.BackgroundManager(c, max_concurrency=n,
-                                                 poll_policy=policy) as mgr:
-                jobs = [await mgr.submit(**job(i, d)) for i, d in enumerate(real)]
-        finally:
-            await c.close()
-        delays = {j.response_id: server.counters.detection_delays[j.response_id or ""]
-                  for j in jobs}
-        relative = [delays[j.response_id] / d for j, d in zip(jobs, real, strict=True)]
-        return {"polls_per_job": round(server.counters.retrieves / n, 1),
-                "delay_p50_s": round(pct(list(delays.values()), 0.5), 2),
-                "delay_p95_s": round(pct(list(delays.values()), 0.95), 2),
-                "relative_delay_p95": round(pct(relative, 0.95), 3)}
-
-    def virtual(policy: asyncbg.PollPolicy) -> dict[str, float]:
-        return trio.run(run, policy, clock=trio.testing.MockClock(autojump_threshold=0))
-
-    out: dict[str, Any] = {"jobs": n, "durations_s": {"p50": round(pct(real, 0.5)),
-                                                      "p95": round(pct(real, 0.95)),
-                                                      "max": round(max(real))},
-                           "time": "virtual"}
-    out["asyncbg_default"] = virtual(asyncbg.PollPolicy())
-    out["fixed_10s"] = virtual(fixed(10.0))
-    out["fixed_1s"] = virtual(fixed(1.0))
-    ours = out["asyncbg_default"]
-
-    def tuned(measure: str) -> dict[str, float]:
-        """The fixed interval whose p95 ``measure`` matches asyncbg's, by bisection."""
-        low, high = 0.25, 120.0
-        for _ in range(8):
-            mid = (low + high) / 2
-            if virtual(fixed(mid))[measure] < ours[measure]:
-                low = mid
-            else:
-                high = mid
-        return {**virtual(fixed(low)), "interval_s": round(low, 2)}
-
-    out["fixed_tuned"] = tuned("delay_p95_s")
-    out["fixed_tuned_relative"] = tuned("relative_delay_p95")
-    out["polls_ratio_vs_tuned"] = round(
-        ours["polls_per_job"] / out["fixed_tuned"]["polls_per_job"], 3)
-    out["polls_ratio_vs_tuned_relative"] = round(
-        ours["polls_per_job"] / out["fixed_tuned_relative"]["polls_per_job"], 3)
-    out["goal"] = "<= 0.333 of fixed_tuned's polls at the same p95 delay"
-    return out
-
-
-# -- 5. push modes ----------------------------------------------------------------------------
-
-
-async def push(n: int) -> dict[str, Any]:
-    import uvicorn
-
-    secret = "whsec_" + "YmVuY2htYXJrLXNlY3JldC1iZW5jaG1hcmstc2VjcmV0"
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(1024)
-    hook_url = f"http://127.0.0.1:{sock.getsockname()[1]}/"
-    rng = random.Random(7)
-    # Completions spread over seconds (steady state, ~60/s at 300 jobs): a burst of hundreds in
-    # a few hundred milliseconds would measure the two shared cores' queue, not the push path.
-    durations = [rng.uniform(1.0, 6.0) for _ in range(n)]
-    out: dict[str, Any] = {"jobs": n, "durations_s": "uniform 1-6",
-                           "completions_per_s": round(n / 5.0, 1)}
-    current: list[asyncbg.BackgroundManager] = []
-
-    async def hooks(scope: Any, receive: Any, send: Any) -> None:
-        await asyncbg.webhook_app(current[-1])(scope, receive, send)
-
-    web = uvicorn.Server(uvicorn.Config(hooks, log_level="error", lifespan="off"))
-    with server_process("--webhook-url", hook_url, "--webhook-secret", secret) as base_url:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(web.serve, [sock])
-            for mode in ("poll_default", "webhook", "stream"):
-                await reset(base_url)
-                c = client(base_url, webhook_secret=secret)
-                done_at: dict[str, float] = {}
-                try:
-                    mgr = asyncbg.BackgroundManager(
-                        c, max_concurrency=n, webhooks=mode == "webhook",
-                        poll_policy=asyncbg.PollPolicy.safety_net() if mode != "poll_default"
-                        else None,
-                    )
-                    current.append(mgr)
-                    async with mgr:
-                        jobs = [await mgr.submit(**job(i, d), stream=mode == "stream")
-                                for i, d in enumerate(durations)]
-                        async for j in mgr.as_completed(jobs):
-                            done_at[j.response_id or ""] = time.monotonic()
-                finally:
-                    await c.close()
-                seen = await counters(base_url)
-                delays = [(done_at[rid] - t) * 1000 for rid, t in seen["terminal_at"].items()
-                          if rid in done_at]
-                out[mode] = {"delay_p50_ms": round(pct(delays, 0.5), 1),
-                             "delay_p95_ms": round(pct(delays, 0.95), 1),
-                             "retrieves_per_job": round(seen["retrieves"] / n, 2)}
-            web.should_exit = True
-        # The seeds' loop (every 1 s here) for comparison; a poller's delay is its detection
-        # delay, which the server records.
-        await reset(base_url)
-        c = client(base_url)
-        try:
-            await baselines.seeds_loop(c, [job(i, d) for i, d in enumerate(durations)],
-                                       interval=1.0)
-        finally:
-            await c.close()
-        seen = await counters(base_url)
-        found = [v * 1000 for v in seen["detection_delays"].values()]
-        out["seeds_loop_1s"] = {"delay_p50_ms": round(pct(found, 0.5), 1),
-                                "delay_p95_ms": round(pct(found, 0.95), 1),
-                                "retrieves_per_job": round(seen["retrieves"] / n, 2)}
-    sock.close()
-    out["goal"] = "p95 <= 50 ms; webhook: 1 fetch of the final Response, no polls; stream: 0"
-    return out
-
-
-# -- 3. scale ---------------------------------------------------------------------------------
-
-
-def _rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
-async def scale_phase(base_url: str, n: int, duration: float) -> dict[str, Any]:
-    """Runs in a fresh process (see --phase scale) so its RSS is its own."""
-    lags: list[float] = []
-
-    async def ticker() -> None:
-        while True:
-            t = time.monotonic()
-            await anyio.sleep(0.01)
-            lags.append(time.monotonic() - t - 0.01)
-
-    base_rss = _rss_kib("VmRSS")
-    c = client(base_url)
-    start = time.monotonic()
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(ticker)
-            async with asyncbg.BackgroundManager(c, max_concurrency=n) as mgr:
-                for i in range(n):
-                    await mgr.submit(**job(i, duration))
-                submitted = time.monotonic() - start
-            tg.cancel_scope.cancel()
-    finally:
-        await c.close()
-    wall = time.monotonic() - start
-    seen = await counters(base_url)
-    peak = _rss_kib("VmHWM")
-    return {"jobs": n, "duration_s": duration, "max_in_flight": seen["max_in_flight"],
-            "submit_s": round(submitted, 1), "wall_s": round(wall, 1),
-            "rss_base_mb": round(base_rss / 1024, 1), "rss_peak_mb": round(peak / 1024, 1),
-            "rss_per_job_kb": round((peak - base_rss) / n, 1),
-            "loop_lag_p99_ms": round(pct(lags, 0.99) * 1000, 1),
-            "polls_per_s": round(seen["retrieves"] / wall, 1),
-            "completed": mgr.statistics().by_status.get("completed", 0),
-            "goal": "RSS peak <= 300 MB; lag p99 <= 100 ms"}
-
-
-def scale(n: int, duration: float) -> dict[str, Any]:
-    with server_process() as base_url:
-        done = subprocess.run(
-            [sys.executable, __file__, "--phase", "scale", "--base-url", base_url,
-             "--jobs", str(n), "--duration", str(duration)],
-            capture_output=True, text=True, check=True)
-    return dict(json.loads(done.stdout))
-
-
-# -- the report -------------------------------------------------------------------------------
 
 
 def table(r: dict[str, Any]) -> str:
     rows = [("measure", "asyncbg", "baseline", "ratio", "goal")]
-    p = r["poll_cost"]
-    rows.append(("1 CPU per status check", f"{p['asyncbg_us']} us", f"{p['sdk_us']} us",
-                 str(p["ratio"]), p["goal"]))
-    o = r["overhead"]
-    rows.append((f"2 CPU for {o['jobs']} jobs", f"{o['asyncbg']['cpu_s']} s "
-                 f"({o['asyncbg']['http_calls']} calls, {o['asyncbg']['cpu_us_per_call']} us/call)",
-                 f"{o['baseline']['cpu_s']} s ({o['baseline']['http_calls']} calls, "
-                 f"{o['baseline']['cpu_us_per_call']} us/call)",
-                 f"{o['cpu_ratio']} ({o['per_call_ratio']}/call)", o["goal"]))
-    s = r["scale"]
-    rows.append((f"3 scale, {s['jobs']} in flight",
-                 f"peak {s['rss_peak_mb']} MB, {s['rss_per_job_kb']} KB/job, "
-                 f"lag p99 {s['loop_lag_p99_ms']} ms, {s['polls_per_s']} polls/s",
-                 "", "", "<=300 MB, <=100 ms"))
-    f = r["frontier"]
-    ratios = {"fixed_tuned": (str(f["polls_ratio_vs_tuned"]), "<=0.333"),
-              "fixed_tuned_relative": (str(f["polls_ratio_vs_tuned_relative"]), "")}
-    for name in ("asyncbg_default", "fixed_10s", "fixed_1s", "fixed_tuned",
-                 "fixed_tuned_relative"):
-        v = f[name]
-        every = f" (every {v['interval_s']} s)" if "interval_s" in v else ""
-        rows.append((f"4 frontier {name}", f"{v['polls_per_job']} polls/job{every}",
-                     f"delay p50 {v['delay_p50_s']} s p95 {v['delay_p95_s']} s, "
-                     f"relative p95 {v['relative_delay_p95']}", *ratios.get(name, ("", ""))))
-    pu = r["push"]
-    for mode in ("seeds_loop_1s", "poll_default", "webhook", "stream"):
-        v = pu[mode]
-        rows.append((f"5 push {mode}", f"delay p50 {v['delay_p50_ms']} ms "
-                     f"p95 {v['delay_p95_ms']} ms", f"{v['retrieves_per_job']} retrieves/job",
-                     "", "p95<=50 ms" if mode in ("webhook", "stream") else ""))
-    t = r["throughput"]
-    rows.append(("6 submission", f"{t['asyncbg']['jobs_per_s']} jobs/s",
-                 f"{t['baseline']['jobs_per_s']} jobs/s", str(t["ratio"]), t["goal"]))
+    if "poll_cost" in r:
+        p = r["poll_cost"]
+        rows.append(("1 CPU per status check", f"{p['asyncbg_us']} us",
+                     f"{p['sdk_us']} us (retrieve)", str(p["ratio"]), p["goal"]))
+        us = p["us_per_check"]
+        rows.append(("  layers", f"lean GET+json {us['lean_get+json']} us",
+                     f"httpx2 GET+json {us['httpx2_get+json']} us", "", ""))
+    if "overhead" in r:
+        o = r["overhead"]
+        a, b = o["asyncbg"], o["baseline"]
+        rows.append((f"2 CPU for {o['jobs']} jobs",
+                     f"{a['cpu_s']} s ({a['http_calls']} calls, {a['cpu_us_per_call']} us/call)",
+                     f"{b['cpu_s']} s ({b['http_calls']} calls, {b['cpu_us_per_call']} us/call)",
+                     f"{o['cpu_ratio']} ({o['per_call_ratio']}/call)", o["goal"]))
+    for name in ("scale", "scale_100k"):
+        if name in r:
+            s = r[name]
+            rows.append((f"3 scale, {s['jobs']} jobs ({s['max_in_flight']} live at once)",
+                         f"RSS peak {s['rss_peak_mb']} MB ({s['rss_per_job_kb']} KB/job); "
+                         f"lag p99 {s['loop_lag_p99_ms']} ms, max {s['loop_lag_max_ms']} ms; "
+                         f"{s['polls_per_s']} polls/s", f"polls {s['poll_policy']}", "",
+                         "<= 150 MB, <= 50 ms" if name == "scale" else "runs"))
+    if "frontier" in r:
+        f = r["frontier"]
+        ratios = {"fixed_tuned": (str(f["polls_ratio_vs_tuned"]), "<=0.333"),
+                  "fixed_tuned_relative": (str(f["polls_ratio_vs_tuned_relative"]), "")}
+        for name in ("asyncbg_default", "fixed_10s", "fixed_1s", "fixed_tuned",
+                     "fixed_tuned_relative"):
+            v = f[name]
+            every = f" (every {v['interval_s']} s)" if "interval_s" in v else ""
+            rows.append((f"4 frontier {name}", f"{v['polls_per_job']} polls/job{every}",
+                         f"delay p50 {v['delay_p50_s']} s p95 {v['delay_p95_s']} s, "
+                         f"relative p95 {v['relative_delay_p95']}",
+                         *ratios.get(name, ("", ""))))
+    if "push" in r:
+        pu = r["push"]
+        for mode in ("seeds_loop", "poll_default", "webhook", "stream"):
+            v = pu[mode]
+            every = f" every {v['interval_s']} s" if "interval_s" in v else ""
+            rows.append((f"5 push {mode}{every}", f"delay p50 {v['delay_p50_ms']} ms "
+                         f"p95 {v['delay_p95_ms']} ms", f"{v['retrieves_per_job']} retrieves/job",
+                         "", "p95<=50 ms" if mode in ("webhook", "stream") else ""))
+    if "throughput" in r:
+        t = r["throughput"]
+        rows.append(("6 submission", f"{t['asyncbg']['jobs_per_s']} jobs/s",
+                     f"{t['baseline']['jobs_per_s']} jobs/s", str(t["ratio"]), t["goal"]))
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True))
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
                      for row in rows)
 
 
-async def measure(size: dict[str, Any], base_url: str) -> dict[str, Any]:
-    results: dict[str, Any] = {}
-    print("1/6 poll cost", file=sys.stderr)
-    results["poll_cost"] = await poll_cost(base_url, size["polls"])
-    print("2/6 orchestration overhead", file=sys.stderr)
-    results["overhead"] = await overhead(base_url, size["jobs"])
-    print("3/6 submission throughput", file=sys.stderr)
-    results["throughput"] = await throughput(base_url, size["submit"])
-    return results
+def _revision() -> dict[str, Any]:
+    """The commit measured, and whether asyncbg/ had uncommitted changes (read-only git)."""
+    def git(*argv: str) -> str:
+        done = subprocess.run(["git", "-C", str(HERE.parent), *argv], capture_output=True,
+                              text=True, check=False)
+        return done.stdout.strip()
+
+    return {"commit": git("rev-parse", "--short", "HEAD"),
+            "asyncbg_dirty": bool(git("status", "--porcelain", "--", "asyncbg"))}
+
+
+def _load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a smaller, faster run")
-    p.add_argument("--smoke", action="store_true", help="a tiny run for the test suite")
+    size_group = p.add_mutually_exclusive_group()
+    size_group.add_argument("--quick", action="store_true", help="a smaller, faster run")
+    size_group.add_argument("--smoke", action="store_true", help="a tiny run for the test suite")
+    p.add_argument("--only", help=f"comma-separated sections (default: all of {SECTIONS})")
+    p.add_argument("--repeat", type=int, default=1, help="run each section this many times")
     p.add_argument("--json", default=str(HERE / "results" / "latest.json"),
                    help="where to write the results (default: benchmarks/results/latest.json)")
-    p.add_argument("--phase", help=argparse.SUPPRESS)
-    p.add_argument("--base-url", help=argparse.SUPPRESS)
-    p.add_argument("--jobs", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--duration", type=float, help=argparse.SUPPRESS)
     args = p.parse_args()
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
-    if args.phase == "scale":
-        print(json.dumps(anyio.run(scale_phase, args.base_url, args.jobs, args.duration)))
-        return
+    quiet_logs()
     kind = "smoke" if args.smoke else "quick" if args.quick else "full"
     size = SIZES[kind]
+    chosen = SECTIONS if not args.only else tuple(s.strip() for s in args.only.split(","))
+    unknown = set(chosen) - set(SECTIONS)
+    if unknown:
+        p.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
+    argv = " ".join(sys.argv[1:])
     results: dict[str, Any] = {
         "date": datetime.date.today().isoformat(), "size": kind,
         "machine": {"cores": os.cpu_count(), "python": platform.python_version(),
                     "platform": platform.platform()},
-        "command": "python3 dev.py bench" + {"full": "", "quick": " --quick",
-                                             "smoke": " --smoke"}[kind],
+        "command": f"python3 dev.py bench {argv}".rstrip(),
+        "load_at_start": _load(), "revision": _revision(), "sections": {},
     }
-    with server_process() as base_url:
-        results.update(anyio.run(measure, size, base_url))
-    print("4/6 polling frontier (virtual time)", file=sys.stderr)
-    results["frontier"] = frontier(*size["frontier"])
-    print("5/6 push modes", file=sys.stderr)
-    results["push"] = anyio.run(push, size["push"])
-    print("6/6 scale", file=sys.stderr)
-    results["scale"] = scale(*size["scale"])
+    began = time.monotonic()
+    runs: dict[str, list[dict[str, Any]]] = {}
+    todo = [name for _ in range(args.repeat) for name in chosen]
+    later: list[Future[list[tuple[str, dict[str, Any]]]]] = []
+    pool = ThreadPoolExecutor(max_workers=1)
+    scales: list[str] = []
+    if args.smoke:
+        # Times are not looked at in a smoke run: the scale sections (fresh client processes,
+        # mostly waiting) run beside the rest, one after the other against one server, from
+        # the moment the other servers are up.
+        scales = [name for name in todo if name.startswith("scale")]
+        todo = [name for name in todo if not name.startswith("scale")]
+    with contextlib.ExitStack() as stack:
+        # Servers start together, and start while the first section runs where they can.
+        pushing = (stack.enter_context(push.push_server()) if "push" in todo else None)
+        base_url = (stack.enter_context(server_process())
+                    if set(todo) & set(SHARED_SERVER) else None)
+        if pushing is not None:
+            wait_ready(pushing[0])
+        if scales:
+            later.append(pool.submit(_shared_scale, scales, size))
+        for i, name in enumerate(todo, 1):
+            print(f"{i}/{len(todo)} {name} at {time.monotonic() - began:.1f} s "
+                  f"(load {_load()})", file=sys.stderr)
+            start = time.monotonic()
+            # A repeat of push gets a fresh server (the pushed one's responses are spent).
+            result = run_section(name, size, args.smoke, base_url,
+                                 pushing if name == "push" and name not in runs else None)
+            result["section_wall_s"] = round(time.monotonic() - start, 1)
+            result["load_after"] = _load()
+            runs.setdefault(name, []).append(result)
+    for future in later:
+        for name, result in future.result():
+            runs.setdefault(name, []).append(result)
+    pool.shutdown()
+    print(f"done at {time.monotonic() - began:.1f} s", file=sys.stderr)
+    for name, section_runs in runs.items():
+        results[name] = section_runs[0]
+        if len(section_runs) > 1:
+            results["sections"][name] = section_runs
+    results["spreads"] = spreads(runs)
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(table(results))
+    for label, s in results["spreads"].items():
+        print(f"spread {label}: {s['values']} (min {s['min']}, median {s['median']}, "
+              f"max {s['max']})")
     print(f"\nJSON: {out}")
 
 
