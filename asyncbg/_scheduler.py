@@ -19,6 +19,7 @@ from collections import OrderedDict, deque
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 from anyio.abc import TaskGroup
 
 from . import _log
@@ -39,6 +40,8 @@ from ._streaming import run_stream
 
 __all__ = ["Entry", "Scheduler"]
 
+#: I/O tasks started before the scheduler lets the others run (see ``run``).
+BURST = 8
 #: Terminal webhooks remembered for responses whose create answer has not arrived yet.
 EARLY_LIMIT = 10_000
 
@@ -96,6 +99,7 @@ class Scheduler(Following):
                 self._kick = anyio.Event()
                 self._fill(tg)
                 now = anyio.current_time()
+                started = 0
                 while heap and heap[0][0] <= now:
                     _, _, gen, entry = heapq.heappop(heap)
                     if gen != entry.gen or entry.stage == ENDED:
@@ -103,6 +107,12 @@ class Scheduler(Following):
                     await self.requests_limiter.acquire()
                     entry.in_flight = True
                     tg.start_soon(self._io, entry)
+                    started += 1
+                    if started % BURST == 0:
+                        # The limiter does not suspend while slots are free: without this a
+                        # burst of due creates would all run their first steps (each ~1 ms of
+                        # request building) in one loop iteration, stalling everything else.
+                        await anyio.lowlevel.checkpoint()
                 if self._kick.is_set():
                     continue
                 if heap:

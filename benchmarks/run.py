@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The asyncbg benchmark harness. It reports; it does not pass or fail.
 
-    python3 dev.py bench                      # the full run (about 25 minutes on 2 cores)
+    python3 dev.py bench                      # the full run (about 20 minutes on 2 cores)
     python3 dev.py bench --quick              # a smaller run
     python benchmarks/run.py --smoke --json out.json   # seconds; what the test suite runs
     python benchmarks/run.py --only scale,push --repeat 3   # heavy sections again, for spreads

@@ -33,6 +33,7 @@ from .._http import (
 from .._policies import PollPolicy, parse_poll_after
 from .._status import JobStatus
 from ._base import Answer, WebhookEvent
+from ._lean import LeanConnectError, LeanError
 from ._sse import iter_events
 
 __all__ = ["OpenAIResponses"]
@@ -104,8 +105,6 @@ class OpenAIResponses:
         lean = self._lean_poller()
         if lean is None:
             return await self.fetch(response_id)
-        from ._lean import LeanConnectError, LeanError
-
         try:
             got = await lean.get(f"responses/{response_id}")
         except LeanConnectError as exc:
