@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from .._ledgers import Record
-from ._input import BadLine, BatchRequest, Parsed, read_requests
+from ._input import Parsed, read_requests
+from ._input import read_lines as _read
 from ._ops import open_client, say
 from ._output import (
     Existing,
@@ -86,34 +87,6 @@ async def close(target: Any) -> None:
 
 
 # -- reading -------------------------------------------------------------------------------
-
-
-def _read(path: Path, check: Callable[[Any], tuple[str, dict[str, Any]] | str],
-          id_name: str) -> Parsed:
-    """A JSONL file of requests: ``check`` turns a line into (id, request) or a reason."""
-    parsed = Parsed()
-    first_seen: dict[str, int] = {}
-    with path.open(encoding="utf-8") as f:
-        for number, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                item = json.loads(text)
-            except ValueError as exc:
-                parsed.bad.append(BadLine(number, f"not valid JSON ({exc})"))
-                continue
-            got = check(item) if isinstance(item, dict) else "a line must be a JSON object"
-            if isinstance(got, str):
-                parsed.bad.append(BadLine(number, got))
-                continue
-            key, body = got
-            if key in first_seen:
-                parsed.duplicates.append(f"line {number}: {id_name} {key!r} is already used on "
-                                         f"line {first_seen[key]}")
-                continue
-            first_seen[key] = number
-            parsed.requests.append(BatchRequest(number, key, body))
-    return parsed
 
 
 def _id(item: Mapping[str, Any], name: str) -> str | None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BadLine", "BatchRequest", "Parsed", "read_requests"]
+__all__ = ["BadLine", "BatchRequest", "Parsed", "read_lines", "read_requests"]
 
 URL = "/v1/responses"
 
@@ -42,6 +43,18 @@ def read_requests(path: Path) -> Parsed:
     Raises ``OSError`` when the file cannot be read and ``UnicodeDecodeError`` when it is not
     UTF-8 text.
     """
+
+    def check(item: dict[str, Any]) -> tuple[str, dict[str, Any]] | str:
+        problem = _check(item)
+        return problem if problem else (item["custom_id"], item["body"])
+
+    return read_lines(path, check, "custom_id")
+
+
+def read_lines(path: Path, check: Callable[[dict[str, Any]], tuple[str, dict[str, Any]] | str],
+               id_name: str) -> Parsed:
+    """A JSONL file of requests, whichever API's format: ``check`` turns a line into
+    (id, request) or the reason it cannot run; a repeated id is a duplicate."""
     parsed = Parsed()
     first_seen: dict[str, int] = {}
     with path.open(encoding="utf-8") as f:
@@ -53,19 +66,17 @@ def read_requests(path: Path) -> Parsed:
             except ValueError as exc:
                 parsed.bad.append(BadLine(number, f"not valid JSON ({exc})"))
                 continue
-            problem = _check(item)
-            if problem:
-                parsed.bad.append(BadLine(number, problem))
+            got = check(item) if isinstance(item, dict) else "a line must be a JSON object"
+            if isinstance(got, str):
+                parsed.bad.append(BadLine(number, got))
                 continue
-            custom_id = item["custom_id"]
-            if custom_id in first_seen:
-                parsed.duplicates.append(
-                    f"line {number}: custom_id {custom_id!r} is already used on line "
-                    f"{first_seen[custom_id]}"
-                )
+            key, body = got
+            if key in first_seen:
+                parsed.duplicates.append(f"line {number}: {id_name} {key!r} is already used on "
+                                         f"line {first_seen[key]}")
                 continue
-            first_seen[custom_id] = number
-            parsed.requests.append(BatchRequest(number, custom_id, item["body"]))
+            first_seen[key] = number
+            parsed.requests.append(BatchRequest(number, key, body))
     return parsed
 
 

@@ -33,7 +33,7 @@ from .._http import (
 from .._policies import PollPolicy, parse_poll_after
 from .._status import JobStatus
 from ._base import Answer, WebhookEvent
-from ._lean import LeanConnectError, LeanError
+from ._lean import LeanConnectError, LeanError, read_status
 from ._sse import iter_events
 
 __all__ = ["OpenAIResponses"]
@@ -115,7 +115,8 @@ class OpenAIResponses:
             return await self.fetch(response_id)  # a redirect: the SDK's client follows it
         if got.status >= 400:
             raise classify_status(got.status, got.headers, got.body, "retrieve")
-        return self._parse(got.body, got.status, got.headers, f"responses/{response_id}")
+        return self._parse(got.body, got.status, got.headers, f"responses/{response_id}",
+                           poll=True)
 
     async def fetch(self, response_id: str) -> Answer:
         try:
@@ -236,8 +237,17 @@ class OpenAIResponses:
         return self._parse(http.content, http.status_code, http.headers, str(http.url))
 
     def _parse(
-        self, body: bytes, http_status: int, headers: Mapping[str, str], url: str
+        self, body: bytes, http_status: int, headers: Mapping[str, str], url: str, *,
+        poll: bool = False,
     ) -> Answer:
+        raw_status = read_status(body) if poll and body[:1] == b"{" else None
+        live = JobStatus.from_server(raw_status) if raw_status is not None else None
+        if live is not None and not live.terminal:
+            # A live status check: only its status matters (the job knows its id), and the body
+            # is kept as bytes.
+            # Reading the top-level status spares a json.loads of the whole object per poll.
+            return Answer(live, None, body, http_status, headers.get("x-request-id"),
+                          parse_poll_after(headers))
         try:
             data = json.loads(body)
         except ValueError:
