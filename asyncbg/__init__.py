@@ -5,6 +5,8 @@
         response = await job.result()
 """
 
+from ._engine._job import Job
+from ._engine._webhooks import webhook_app
 from ._errors import (
     AsyncbgError,
     BudgetExceeded,
@@ -15,15 +17,21 @@ from ._errors import (
     JournalMismatchError,
     ManagerStateError,
 )
-from ._job import Job
-from ._ledgers import Ledger, LedgerError, MemoryLedger, Outcome, Record, SQLiteLedger
+from ._ledgers import (
+    Ledger,
+    LedgerError,
+    LedgerUnavailable,
+    MemoryLedger,
+    Outcome,
+    Record,
+    SQLiteLedger,
+)
 from ._manager import BackgroundManager, ManagerStatistics
-from ._notify import Notify
-from ._pacing import RateLimit
+from ._notify._notify import Notify
 from ._policies import PollPolicy, RetryPolicy
-from ._pricing import Price
+from ._spend._pacing import RateLimit
+from ._spend._pricing import Price
 from ._status import JobStatus
-from ._webhooks import webhook_app
 
 #: The SQLite journal of earlier versions: ``journal="run.db"`` makes one.
 Journal = SQLiteLedger
@@ -44,6 +52,7 @@ __all__ = [
     "JournalMismatchError",
     "Ledger",
     "LedgerError",
+    "LedgerUnavailable",
     "ManagerStateError",
     "ManagerStatistics",
     "MemoryLedger",

@@ -8,6 +8,7 @@
     ├── DuplicateKeyError      a key was submitted twice to one manager (also a ValueError)
     ├── JournalMismatchError   a key in the journal was submitted with a different request
     ├── LedgerError            a journal/ledger cannot be used: corrupt, locked, unwritable
+    │   └── LedgerUnavailable  for now: down, locked, timed out, disk full (a write is retried)
     └── ManagerStateError      the manager was used outside its ``async with`` (also a RuntimeError)
 
 Timeouts raise the builtin :class:`TimeoutError`; the jobs keep running.

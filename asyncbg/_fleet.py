@@ -17,15 +17,15 @@ from typing import Any
 import anyio
 
 from . import _log
+from ._engine._job import Job
 from ._errors import DuplicateKeyError, JournalMismatchError
-from ._job import Job
 from ._ledgers._base import Outcome, canonical, digest
 from ._ledgers._open import open_ledger
 from ._ledgers._shared import DEFAULT_LEASE, SharedLedger
 from ._ledgers._sqlite import SQLiteLedger
 from ._ledgers._sqlite_shared import SharedSQLiteLedger
 from ._manager import BackgroundManager
-from ._notify import Notify
+from ._notify._notify import Notify
 from ._policies import PollPolicy, RetryPolicy
 
 __all__ = [

@@ -1,6 +1,6 @@
 """BackgroundManager: the lifecycle, submitting, waiting and statistics of many jobs.
 
-The work itself happens elsewhere: :mod:`asyncbg._scheduler` runs every job from one task,
+The work itself happens elsewhere: :mod:`asyncbg._engine._scheduler` runs every job from one task,
 a :class:`~asyncbg.Provider` talks to the server, and a :class:`~asyncbg.Ledger` records what
 happened. The manager wires them together for the length of an ``async with`` block.
 """
@@ -19,25 +19,26 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.abc import TaskGroup
 
-from . import _log, _waiting
+from . import _log
+from ._engine import _waiting
+from ._engine._following import answer_of as _answer_of
+from ._engine._job import Job
+from ._engine._meter import Meter
+from ._engine._scheduler import Scheduler
+from ._engine._webhooks import WebhookInbox
 from ._errors import DuplicateKeyError, JournalMismatchError, ManagerStateError
-from ._following import answer_of as _answer_of
-from ._job import Job
 from ._ledgers import Ledger, MemoryLedger, open_ledger
 from ._ledgers._base import ClaimOutcome, canonical, digest
 from ._ledgers._shared import SharedLedger, keep_leases
-from ._meter import Meter
-from ._notify import Notify
-from ._pacing import RateLimit
+from ._notify._notify import Notify
 from ._policies import PollPolicy, RetryPolicy
-from ._pricing import Price
 from ._providers import OpenAIResponses, Provider
-from ._scheduler import Scheduler
+from ._spend._pacing import RateLimit
+from ._spend._pricing import Price
 from ._status import JobStatus
-from ._webhooks import WebhookInbox
 
 if TYPE_CHECKING:
-    from ._notify_send import Sender
+    from ._notify.send import Sender
 
 __all__ = ["BackgroundManager", "ManagerStatistics"]
 
@@ -176,11 +177,11 @@ class BackgroundManager:
         # journal_bodies=False: results go only to the caller; the journal keeps no bodies.
         self._scheduler.journal_bodies = journal_bodies
         self._scheduler.callbacks.on_done = on_done
-        #: Outbound webhooks (None without ``notify=``); see asyncbg/_notify.py.
+        #: Outbound webhooks (None without ``notify=``); see asyncbg/_notify/_notify.py.
         self.notify = notify
         self._sender: Sender | None = None
         if notify is not None:
-            from ._notify_send import notifying  # aiohttp: imported when asked for
+            from ._notify.send import notifying  # aiohttp: imported when asked for
 
             self._sender = notifying(notify, self.journal, self._scheduler)
         self._inbox = WebhookInbox(self.provider, webhook_secret, self._scheduler.wake)
@@ -341,7 +342,7 @@ class BackgroundManager:
                       status=record.status)
         elif claim.outcome is ClaimOutcome.FOLLOW:
             # A shared ledger: another live process runs this key. Follow its record; take
-            # the job over if that process's lease runs out (see asyncbg/_following.py).
+            # the job over if that process's lease runs out (see asyncbg/_engine/_following.py).
             self._scheduler.follow(job, prepared, policy, deadline=at)
             _log.info("job.following", key=key, response_id=record.response_id,
                       status=record.status)

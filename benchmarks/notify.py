@@ -44,11 +44,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 import asyncbg  # noqa: E402
+from asyncbg._engine._meter import Meter  # noqa: E402
 from asyncbg._ledgers import Outcome, Record, SQLiteLedger  # noqa: E402
 from asyncbg._ledgers._outbox import Notice  # noqa: E402
-from asyncbg._meter import Meter  # noqa: E402
-from asyncbg._notify import Notices  # noqa: E402
-from asyncbg._notify_send import Sender  # noqa: E402
+from asyncbg._notify._notify import Notices  # noqa: E402
+from asyncbg._notify.send import Sender  # noqa: E402
 from asyncbg.testing import WebhookReceiver, new_secret  # noqa: E402
 from benchmarks.common import _free_port, job, quiet_logs, sdk_client, server_process  # noqa: E402
 from benchmarks.poll_cost import measure as poll_cost  # noqa: E402

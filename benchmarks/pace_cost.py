@@ -22,10 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from asyncbg._budget import Budget
-from asyncbg._pacing import Pacer, RateLimit
-from asyncbg._pricing import PriceBook
-from asyncbg._tokens import estimate_tokens
+from asyncbg._spend._budget import Budget
+from asyncbg._spend._pacing import Pacer, RateLimit
+from asyncbg._spend._pricing import PriceBook
+from asyncbg._spend._tokens import estimate_tokens
 
 GOAL_US = 5.0
 PARAMS = {

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from asyncbg._budget import Budget, Z
-from asyncbg._pricing import Price, PriceBook
-from asyncbg._tokens import DEFAULT_OUTPUT_TOKENS, REASONING_TOKENS
+from asyncbg._spend._budget import Budget, Z
+from asyncbg._spend._pricing import Price, PriceBook
+from asyncbg._spend._tokens import DEFAULT_OUTPUT_TOKENS, REASONING_TOKENS
 
 M = 1_000_000
 #: 1,000 input tokens (4,000 characters) and at most 1,000 output tokens.

@@ -2,7 +2,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from asyncbg._limiter import Limiter
+from asyncbg._spend._limiter import Limiter
 
 pytestmark = pytest.mark.asyncio
 

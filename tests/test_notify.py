@@ -25,7 +25,7 @@ from asyncbg._ledgers._outbox import Notice, Outbox
 from asyncbg._ledgers._postgres import PostgresLedger
 from asyncbg._ledgers._shared import LeaseLost
 from asyncbg._ledgers._sqlite_shared import SharedSQLiteLedger
-from asyncbg._notify_sign import signed_headers
+from asyncbg._notify.sign import signed_headers
 from asyncbg.testing import WebhookReceiver, new_secret
 
 from .conftest import manager, meta
@@ -318,7 +318,7 @@ def test_notify_checks_its_arguments_and_never_shows_the_secret() -> None:
     assert "!!!" not in str(info.value)
     with pytest.raises(ValueError, match="timeout"):
         asyncbg.Notify("https://x/y", secret=SECRET, timeout=0)
-    from asyncbg._notify import endpoint
+    from asyncbg._notify._notify import endpoint
 
     assert endpoint(notify.url) == "https://app.example/hooks"
 

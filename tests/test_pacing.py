@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from asyncbg._pacing import (
+from asyncbg._spend._pacing import (
     DEFAULT_HOLD,
     INITIAL_WINDOW,
     Pacer,

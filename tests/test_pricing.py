@@ -20,9 +20,9 @@ from genai_prices.types import (
 )
 from openai.types.responses import ResponseUsage
 
-from asyncbg import _pricing
-from asyncbg._pricing import Price, PriceBook
-from asyncbg._tokens import (
+from asyncbg._spend import _pricing
+from asyncbg._spend._pricing import Price, PriceBook
+from asyncbg._spend._tokens import (
     DEFAULT_OUTPUT_TOKENS,
     MEDIA_TOKENS,
     REASONING_TOKENS,

@@ -19,7 +19,7 @@ from openai.types.responses import Response
 
 import asyncbg
 from asyncbg import JobStatus
-from asyncbg._pricing import PriceBook
+from asyncbg._spend._pricing import PriceBook
 from asyncbg.providers import AnthropicBatches, GeminiBatches, OpenAIBatch, OpenAIResponses
 from asyncbg.testing import (
     BatchTiming,

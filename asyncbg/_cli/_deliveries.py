@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .._ledgers._outbox import Delivery
-from .._notify import endpoint
+from .._notify._notify import endpoint
 
 __all__ = ["summary", "summary_text"]
 

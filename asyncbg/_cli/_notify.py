@@ -14,7 +14,7 @@ import anyio
 
 from .._ledgers import LedgerError
 from .._ledgers._outbox import Outbox
-from .._notify import Notify
+from .._notify._notify import Notify
 from ._deliveries import summary, summary_text
 from ._ops import open_ledger, say
 
@@ -82,7 +82,7 @@ def add_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 async def notify(args: argparse.Namespace) -> int:
     """``asyncbg notify``: deliver what is pending, for up to ``--notify-wait`` seconds."""
-    from .._notify_send import Sender  # aiohttp: imported when asked for
+    from .._notify.send import Sender  # aiohttp: imported when asked for
 
     secret = os.environ.get(SECRET_ENV, "")
     if not secret:

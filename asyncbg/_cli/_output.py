@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .._ledgers import Record
-from .._tokens import usage_tokens
+from .._spend._tokens import usage_tokens
 
 __all__ = [
     "Existing",

@@ -37,6 +37,7 @@ __all__ = [
     "ClaimOutcome",
     "Ledger",
     "LedgerError",
+    "LedgerUnavailable",
     "Outcome",
     "Record",
     "RecordState",
@@ -65,6 +66,16 @@ class LedgerError(AsyncbgError):
     """A ledger cannot be used: corrupt, locked by another run, unwritable, or too new.
 
     The message names the ledger and says what to do; nothing was sent.
+    """
+
+
+class LedgerUnavailable(LedgerError):
+    """An operational failure of a ledger that is otherwise fine: the database is down or did
+    not answer in time, the connection dropped, the file is locked by another program, the disk
+    is full. Nothing was written; the same call may succeed later.
+
+    The engine never turns this into a job's outcome: it keeps the job as the server says it is
+    and retries the write with a backoff (see ``ledger_patience``).
     """
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import sqlite3
 
-from ._base import LedgerError
+from ._base import LedgerError, LedgerUnavailable
 
 __all__ = ["empty", "foreign", "from_os", "from_sqlite", "not_a_file", "read_only", "too_new"]
 
@@ -30,7 +30,7 @@ def from_sqlite(exc: sqlite3.Error, location: str, *, busy_timeout: float) -> Le
     if name.startswith(("SQLITE_READONLY", "SQLITE_PERM", "SQLITE_AUTH")) or "readonly" in text:
         return read_only(location, text)
     if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "is locked" in text:
-        return LedgerError(
+        return LedgerUnavailable(
             f"{location} is locked by another program writing to it (waited {busy_timeout:g} "
             "s); let it finish or stop it, then run again"
         )
@@ -40,9 +40,11 @@ def from_sqlite(exc: sqlite3.Error, location: str, *, busy_timeout: float) -> Le
             "exist and are readable and writable (SQLite adds -wal and -shm files beside it)"
         )
     if name.startswith("SQLITE_FULL"):
-        return LedgerError(f"{location}: the disk is full; free some space and run again")
+        return LedgerUnavailable(f"{location}: the disk is full; free some space and run again")
     if name.startswith("SQLITE_IOERR"):
-        return LedgerError(f"{location}: disk I/O error ({text}); check the disk, then run again")
+        return LedgerUnavailable(
+            f"{location}: disk I/O error ({text}); check the disk, then run again"
+        )
     return LedgerError(f"{location}: SQLite error {name or type(exc).__name__}: {text}")
 
 

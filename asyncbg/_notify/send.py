@@ -29,16 +29,16 @@ import yarl
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from . import _log
-from ._ledgers._base import LedgerError
-from ._ledgers._outbox import Delivery, Outbox
-from ._ledgers._shared import new_owner
+from .. import _log
+from .._ledgers._base import LedgerError
+from .._ledgers._outbox import Delivery, Outbox
+from .._ledgers._shared import new_owner
+from .._policies import parse_retry_after
 from ._notify import Notices, Notify, endpoint
-from ._notify_sign import STATIC_HEADERS, secret_key, signed_headers
-from ._policies import parse_retry_after
+from .sign import STATIC_HEADERS, secret_key, signed_headers
 
 if TYPE_CHECKING:
-    from ._scheduler import Scheduler
+    from .._engine._scheduler import Scheduler
 
 __all__ = ["Sender", "notifying"]
 

@@ -2,9 +2,9 @@
 
 The scheduler asks the meter before each create (:meth:`Meter.admit`: send now, wait, or not at
 all for the budget) and tells it what each answer said (:meth:`Meter.answered`) and what each
-finished job used (:meth:`Meter.settle`). Prices come from :mod:`asyncbg._pricing`, the budget's
-arithmetic from :mod:`asyncbg._budget` and the pacing from :mod:`asyncbg._pacing`; this module
-only wires them to the jobs.
+finished job used (:meth:`Meter.settle`). Prices come from :mod:`asyncbg._spend._pricing`, the
+budget's arithmetic from :mod:`asyncbg._spend._budget` and the pacing from
+:mod:`asyncbg._spend._pacing`; this module only wires them to the jobs.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from typing import Any
 
 import anyio
 
-from ._budget import Budget
-from ._pacing import Pacer, RateLimit
-from ._policies import parse_retry_after
-from ._pricing import Price, PriceBook, estimate_tokens, usage_tokens
+from .._policies import parse_retry_after
+from .._spend._budget import Budget
+from .._spend._pacing import Pacer, RateLimit
+from .._spend._pricing import Price, PriceBook, estimate_tokens, usage_tokens
 
 __all__ = ["PARK", "Meter", "Spend"]
 

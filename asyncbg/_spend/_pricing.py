@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from . import _log
+from .. import _log
 from ._tokens import Tokens, estimate_tokens, usage_tokens
 
 if TYPE_CHECKING:

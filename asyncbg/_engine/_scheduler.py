@@ -22,20 +22,20 @@ import anyio
 import anyio.lowlevel
 from anyio.abc import TaskGroup
 
-from . import _log
+from .. import _log
+from .._http import Rejected, RequestError
+from .._ledgers._base import Ledger, LedgerError, Outcome
+from .._ledgers._shared import LeaseLost, SharedLedger
+from .._notify._notify import Notices
+from .._policies import PollPolicy, RetryPolicy
+from .._providers._base import Answer, Provider
+from .._spend._limiter import Limiter
+from .._status import JobStatus
 from ._callbacks import Callbacks
 from ._entry import CREATING, ENDED, LIVE, PENDING, STREAMING, Entry
 from ._following import FOLLOWING, Following
-from ._http import Rejected, RequestError
 from ._job import Job, JobControl
-from ._ledgers._base import Ledger, LedgerError, Outcome
-from ._ledgers._shared import LeaseLost, SharedLedger
-from ._limiter import Limiter
 from ._meter import Meter
-from ._notify import Notices
-from ._policies import PollPolicy, RetryPolicy
-from ._providers._base import Answer, Provider
-from ._status import JobStatus
 from ._streaming import run_stream
 
 __all__ = ["Entry", "Scheduler"]

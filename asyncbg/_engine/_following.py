@@ -20,14 +20,14 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from . import _log
+from .. import _log
+from .._ledgers._base import ClaimOutcome, LedgerError, Record, canonical, digest
+from .._ledgers._shared import LeaseLost, SharedLedger
+from .._policies import PollPolicy
+from .._providers._base import Answer
+from .._status import JobStatus
 from ._entry import CREATING, ENDED, LIVE, Entry
 from ._job import Job
-from ._ledgers._base import ClaimOutcome, LedgerError, Record, canonical, digest
-from ._ledgers._shared import LeaseLost, SharedLedger
-from ._policies import PollPolicy
-from ._providers._base import Answer
-from ._status import JobStatus
 from ._steps import Steps
 
 __all__ = ["FOLLOWING", "Following", "answer_of"]
@@ -37,7 +37,7 @@ FOLLOWING = ENDED + 1
 
 
 class Following(Steps):
-    """Mixed into :class:`~asyncbg._scheduler.Scheduler`; see the module docstring."""
+    """Mixed into :class:`~asyncbg._engine._scheduler.Scheduler`; see the module docstring."""
 
     _following: set[str]
     _shared: bool

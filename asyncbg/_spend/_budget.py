@@ -1,12 +1,12 @@
 """A spending cap that holds: each create reserves the job's expected cost before it is sent.
 
 The expected cost of a job is the mean real cost of the finished jobs of its model; until one has
-finished, it is priced from the request (:func:`asyncbg._tokens.estimate_tokens`). A create is
-sent only while ``spent + reserved + this <= max_cost``; a job that does not fit waits while
-live jobs may still leave room for it, and is not run at all once spend alone leaves none.
-Once a model's mean is known, the reservations of its live jobs are revalued at that mean (plus
-a margin for the spread of their costs, :data:`Z`), so an estimate that was far off stops
-counting as soon as the first real cost comes in.
+finished, it is priced from the request (:func:`asyncbg._spend._tokens.estimate_tokens`). A
+create is sent only while ``spent + reserved + this <= max_cost``; a job that does not fit
+waits while live jobs may still leave room for it, and is not run at all once spend alone
+leaves none. Once a model's mean is known, the reservations of its live jobs are revalued at
+that mean (plus a margin for the spread of their costs, :data:`Z`), so an estimate that was
+far off stops counting as soon as the first real cost comes in.
 
 Everything here is synchronous arithmetic, O(1) per call: the engine calls it once per create
 and once per finished job.

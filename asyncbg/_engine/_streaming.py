@@ -14,13 +14,13 @@ from typing import Any, Protocol
 
 import anyio
 
-from . import _log
+from .. import _log
+from .._http import Rejected, RequestError, Transient
+from .._ledgers._base import Ledger
+from .._policies import RetryPolicy
+from .._providers._base import Answer, Provider
+from .._spend._limiter import Limiter
 from ._entry import Entry
-from ._http import Rejected, RequestError, Transient
-from ._ledgers._base import Ledger
-from ._limiter import Limiter
-from ._policies import RetryPolicy
-from ._providers._base import Answer, Provider
 
 __all__ = ["run_stream"]
 

@@ -6,8 +6,8 @@ from typing import Any
 
 import anyio
 
+from .._policies import PollPolicy
 from ._job import Job, JobControl
-from ._policies import PollPolicy
 
 __all__ = ["CREATING", "ENDED", "LIVE", "PENDING", "STREAMING", "Entry"]
 

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from . import _log
-from ._errors import ManagerStateError
+from .. import _log
+from .._errors import ManagerStateError
 
 if TYPE_CHECKING:
     from ._job import Job

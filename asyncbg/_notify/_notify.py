@@ -2,8 +2,8 @@
 
 ``BackgroundManager(client, journal=..., notify=Notify(url, secret=...))`` writes, with every
 terminal outcome it records, a notification into the ledger's outbox, in the same transaction
-(:class:`Notices` builds it); a sender task (:mod:`asyncbg._notify_send`) posts it, signed the
-Standard Webhooks way (:mod:`asyncbg._notify_sign`), and deletes it only after a 2xx. Failures are
+(:class:`Notices` builds it); a sender task (:mod:`asyncbg._notify.send`) posts it, signed the
+Standard Webhooks way (:mod:`asyncbg._notify.sign`), and deletes it only after a 2xx. Failures are
 retried with exponential backoff and jitter, a ``Retry-After`` is honoured, a 410 stops
 deliveries to the endpoint, and what cannot be delivered within ``give_up_after`` is marked
 failed: shown by ``asyncbg status``, sent again by ``asyncbg notify --retry-failed``. A process
@@ -34,10 +34,10 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from ._ledgers._base import Outcome
-from ._ledgers._outbox import Notice
-from ._meter import Meter
-from ._notify_sign import secret_key
+from .._engine._meter import Meter
+from .._ledgers._base import Outcome
+from .._ledgers._outbox import Notice
+from .sign import secret_key
 
 __all__ = ["Notices", "Notify", "endpoint"]
 

@@ -3,7 +3,7 @@
 Every step is one attempt. What it learns is recorded in the ledger first, then applied to the
 job; a failure is rescheduled with a backoff (creates give up after the retry policy's attempts;
 polls of a live response never do). :class:`Steps` is mixed into
-:class:`~asyncbg._scheduler.Scheduler`, which owns the state named at the top of the class.
+:class:`~asyncbg._engine._scheduler.Scheduler`, which owns the state named at the top of the class.
 """
 
 from __future__ import annotations
@@ -12,16 +12,16 @@ from collections import OrderedDict, deque
 
 import anyio
 
-from . import _log
+from .. import _log
+from .._http import BadAnswer, NotFound, Rejected, RequestError, Transient, Unreachable
+from .._ledgers._base import Ledger, Outcome
+from .._ledgers._shared import LeaseLost
+from .._policies import RetryPolicy
+from .._providers._base import Answer, Provider
+from .._spend._limiter import Limiter
+from .._status import JobStatus
 from ._entry import CREATING, ENDED, LIVE, PENDING, STREAMING, Entry
-from ._http import BadAnswer, NotFound, Rejected, RequestError, Transient, Unreachable
-from ._ledgers._base import Ledger, Outcome
-from ._ledgers._shared import LeaseLost
-from ._limiter import Limiter
 from ._meter import PARK, Meter
-from ._policies import RetryPolicy
-from ._providers._base import Answer, Provider
-from ._status import JobStatus
 
 __all__ = ["Steps"]
 
@@ -91,7 +91,7 @@ class Steps:
                     await self._poll(entry)
         except LeaseLost as exc:
             # A shared ledger refused a write: another process took the job over. It is theirs
-            # now: stop here, record nothing, send nothing (see asyncbg/_following.py).
+            # now: stop here, record nothing, send nothing (see asyncbg/_engine/_following.py).
             self._lease_lost(entry, exc)
         except Exception as exc:  # noqa: BLE001 - a bug must fail one job, not the manager
             _log.exception("job.crashed", key=entry.job.key)

@@ -26,7 +26,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from ._policies import parse_retry_after
+from .._policies import parse_retry_after
 
 __all__ = ["Pacer", "PacerStatistics", "RateLimit", "parse_duration"]
 

@@ -8,9 +8,9 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Protocol
 
-from . import _log
-from ._asgi import ASGIApp, Receive, Scope, Send
-from ._providers._base import WebhookEvent
+from .. import _log
+from .._asgi import ASGIApp, Receive, Scope, Send
+from .._providers._base import WebhookEvent
 
 __all__ = ["WebhookInbox", "webhook_app"]
 

@@ -14,9 +14,9 @@ from typing import Any, Protocol
 
 import anyio
 
-from . import _log
-from ._errors import BudgetExceeded, JobCancelled, JobFailed, JobIncomplete, ManagerStateError
-from ._status import JobStatus
+from .. import _log
+from .._errors import BudgetExceeded, JobCancelled, JobFailed, JobIncomplete, ManagerStateError
+from .._status import JobStatus
 
 __all__ = ["Job", "JobControl", "JobOwner"]
 
@@ -25,7 +25,7 @@ _finish_order = itertools.count()
 
 
 class CallbackRunner(Protocol):
-    """Where a job's done callbacks run (asyncbg/_callbacks.py)."""
+    """Where a job's done callbacks run (asyncbg/_engine/_callbacks.py)."""
 
     def finished(self, job: Job, callbacks: Iterable[Callable[[Job], object]]) -> None: ...
 

@@ -1,0 +1,1 @@
+"""What a job costs and how fast creates go: prices, budget, pacing, limits."""
