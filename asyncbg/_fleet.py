@@ -29,6 +29,7 @@ from ._notify._notify import Notify
 from ._policies import PollPolicy, RetryPolicy
 
 __all__ = [
+    "AccountRefused",
     "ServerUnreachable",
     "enqueue_requests",
     "fleet_status",
@@ -47,6 +48,11 @@ _METADATA_PAIRS, _METADATA_VALUE = 16, 512
 
 class ServerUnreachable(Exception):
     """No request of this worker reached the server (a wrong base URL, say)."""
+
+
+class AccountRefused(ServerUnreachable):
+    """The server refused this worker's credentials or account (401/403, no credit): the
+    worker stops and hands its jobs back for workers whose keys work."""
 
 
 def shared_ledger(spec: str | os.PathLike[str], *, lease: float = DEFAULT_LEASE) -> SharedLedger:
@@ -203,6 +209,10 @@ class _Worker:
                 await self.wake.wait()
 
     async def _start(self, mgr: BackgroundManager, key: str, request: bytes) -> None:
+        # A key this worker ran before and took again (its lease ran out while it still ran
+        # it, say): the old handle goes; the claim decides afresh (re-attach, or serve).
+        mgr.forget(key)
+        self.jobs.pop(key, None)
         try:
             job = await mgr.submit_request(json.loads(request), key=key)
         except (JournalMismatchError, DuplicateKeyError, ValueError) as exc:
@@ -235,22 +245,29 @@ class _Worker:
         unsent: list[str] = []
         unreached: list[str] = []
         unreachable = None
+        refused = mgr._scheduler.refused
         for key, job in list(self.jobs.items()):
             if not job.done and key in held:
                 continue
             del self.jobs[key]
             mgr.forget(key)
-            if job.done and key in held:
+            if (refused is not None and job.done and job.response_id is None
+                    and job.error_code == refused[1]):
+                unreached.append(key)  # nothing was paid for: back to waiting, for others
+            elif job.done and key in held:
                 unsent.append(key)
                 if job.error_code == "connection_error":
                     unreachable = job.error  # the server was never reached: stop
             elif _unreached(job):
                 unreached.append(key)
         if unreached:
-            _log.warning("jobs.requeued", count=len(unreached), reason="server unreachable")
+            _log.warning("jobs.requeued", count=len(unreached),
+                         reason="server unreachable" if refused is None else "account refused")
             await self.ledger.requeue(unreached)
         if unsent:
             await self.ledger.release(unsent)
+        if refused is not None:
+            raise AccountRefused(f"the server refused this worker's account: {refused[0]}")
         if unreachable is not None:
             raise ServerUnreachable(unreachable)
 
