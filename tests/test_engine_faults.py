@@ -477,3 +477,25 @@ async def test_stream_jobs_beyond_the_slow_start_window_all_run(client: AsyncOpe
         await mgr.wait_all(jobs, timeout=20)  # the pacer's window starts at 4
     assert all(j.status is JobStatus.COMPLETED for j in jobs)
     assert zeroed(mgr) == {}
+
+
+async def test_an_interrupt_during_a_create_records_its_response(
+    client: AsyncOpenAI, server: FakeResponsesServer
+) -> None:
+    ledger = MemoryLedger()
+    server.inject("slow", route="create", delay=0.5)
+    with anyio.CancelScope() as scope:  # what Ctrl-C does to the task running the manager
+        async with manager(client, journal=ledger, cancel_on_exit=False) as mgr:
+            job = await mgr.submit(key="k", model="m", input="x", metadata=meta(30))
+            await eventually(lambda: any(e.step == "create" and e.sent
+                                         for e in mgr._scheduler.entries()))
+            scope.cancel()
+            await anyio.sleep(30)
+    record = await ledger.get("k")
+    assert record is not None and record.state == "live" and record.response_id
+    assert server.counters.creates == 1 and job.detached
+    async with manager(client, journal=ledger) as mgr:  # a rerun re-attaches, creates nothing
+        again = await mgr.submit(key="k", model="m", input="x", metadata=meta(30))
+        assert again.response_id == record.response_id
+        await again.cancel()
+    assert server.counters.creates == 1
