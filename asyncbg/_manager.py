@@ -224,7 +224,8 @@ class BackgroundManager:
         if isinstance(self.journal, SharedLedger):
             # A ledger shared by several processes: renew this one's leases in batches, and
             # stop running a job whose lease another process took over.
-            tg.start_soon(keep_leases, self.journal, self._scheduler.drop, name="asyncbg leases")
+            tg.start_soon(keep_leases, self.journal, self._scheduler.drop,
+                          self._scheduler.leases_renewed, name="asyncbg leases")
         self._tg = tg
         self._state = _State.OPENED
         return self
@@ -363,8 +364,10 @@ class BackgroundManager:
         if self.journal is None:
             self._scheduler.add(job, prepared, policy, deadline=at)
             return job
+        claimed_at = anyio.current_time()  # a lease taken by this claim runs from here
         try:
             claim = await self.journal.claim(key, digest(prepared), canonical(prepared))
+            self._scheduler.lease_taken(key, claimed_at)
         except BaseException:
             del self._jobs[key]
             raise

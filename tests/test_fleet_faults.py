@@ -190,3 +190,33 @@ async def test_a_worker_that_takes_its_own_running_key_again_does_not_fail_it(
     finally:
         await ledger.close()
         await client.close()
+
+
+async def test_a_create_is_not_sent_when_too_little_of_its_lease_is_left(
+    tmp_path: Path,
+) -> None:
+    """A process stopped past its lease (SIGSTOP) wakes with a create about to leave: its own
+    monotonic clock says the lease may be someone else's now, so the create is not sent."""
+    server = FakeResponsesServer(latency=LatencyModel.fixed(0.05))
+    client = fake_client(server)
+    ledger = SharedSQLiteLedger(tmp_path / "fleet.db", lease=3.0)
+    try:
+        async with asyncbg.BackgroundManager(client, journal=ledger,
+                                             poll_policy=FAST_POLL) as mgr:
+            scheduler = mgr._scheduler
+            real = scheduler.lease_taken
+
+            def stopped_for_a_while(key: str, at: float) -> None:
+                real(key, at - 2.5)  # as if the claim was sent 2.5 s (of 3) ago
+
+            scheduler.lease_taken = stopped_for_a_while  # type: ignore[method-assign]
+            job = await mgr.submit(key="k", model="m", input="x")
+            with pytest.raises(asyncbg.ManagerStateError):  # left, not sent
+                await job.wait(timeout=10)
+            scheduler.lease_taken = real  # type: ignore[method-assign]
+            fine = await mgr.submit(key="other", model="m", input="x")
+            await fine.wait(timeout=10)
+        assert server.counters.creates == 1  # "other" only
+        assert fine.status is asyncbg.JobStatus.COMPLETED
+    finally:
+        await client.close()
