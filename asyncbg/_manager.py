@@ -81,6 +81,10 @@ class ManagerStatistics:
     notifications_delivered: int = 0
     notification_failures: int = 0
     notifications_given_up: int = 0
+    #: Requests out right now (creates, polls, cancels), and jobs waiting before they try again
+    #: (a server's Retry-After, or a backoff after an error): not in flight.
+    requests_in_flight: int = 0
+    retrying: int = 0
 
 
 class BackgroundManager:
@@ -512,6 +516,8 @@ class BackgroundManager:
             output_tokens=spend.output_tokens,
             reasoning_tokens=spend.reasoning_tokens,
             rate_limited=self.meter.pacer.statistics().rate_limited,
+            requests_in_flight=s.requests_limiter.total - s.requests_limiter.free,
+            retrying=s.retrying,
             **(self._sender.counters() if self._sender is not None else {}),
         )
 

@@ -595,6 +595,11 @@ class Scheduler(SharedLedgerSteps):
     def waiting(self) -> int:
         return len(self._entries) - self._active
 
+    @property
+    def retrying(self) -> int:
+        """Jobs napping before another attempt of a request that failed."""
+        return sum(1 for e in self._entries.values() if e.attempt and e.step is None)
+
     def entries(self) -> list[Entry]:
         return list(self._entries.values())
 
