@@ -192,7 +192,7 @@ class Scheduler(SharedLedgerSteps):
             entry.ask(CANCEL, ("its deadline passed", "deadline_exceeded"))
         stage = entry.stage
         if stage is Stage.CREATING:
-            if entry.asked(CANCEL) and not entry.sent:
+            if entry.asked(CANCEL):
                 self._drop_cancelled(entry)
                 return None
             if self._closing_at is not None:
@@ -262,7 +262,9 @@ class Scheduler(SharedLedgerSteps):
         if entry.asked(CANCEL):
             if stage is Stage.WAITING and entry.job.key in self._following:
                 return False  # another process's job: cancelled once it is followed
-            if stage in (Stage.WAITING, Stage.CREATING) and not entry.sent:
+            if stage is Stage.WAITING or (stage is Stage.CREATING and entry.step is None):
+                # Nothing is out for it now (an earlier attempt's create may have reached the
+                # server: its ``sending`` record stays, and a rerun counts it).
                 self._drop_cancelled(entry)
                 return True
             if stage is Stage.STREAMING:
