@@ -657,19 +657,29 @@ class Scheduler(SharedLedgerSteps):
                 sweep.append(entry)
             else:
                 self._detach(entry)
+        answers: dict[str, Answer] = {}
         if sweep:
             with anyio.move_on_after(cancel_timeout):
                 async with anyio.create_task_group() as tg:
                     for entry in sweep:
-                        tg.start_soon(self._sweep_one, entry)
+                        tg.start_soon(self._sweep_one, entry, answers)
         for entry in sweep:
-            if entry.stage is not Stage.ENDED:
+            if entry.stage is Stage.ENDED:
+                continue
+            answer = answers.get(entry.job.key)
+            if answer is not None and answer.status.terminal:
+                # The server settled it; the ledger did not take that in time. Say what the
+                # server said (the ledger keeps the id: a rerun re-attaches and records it).
+                entry.control.update(answer.status, body=answer.body, error=answer.error,
+                                     error_code=answer.error_code)
+                self._close(entry)
+            else:
                 self._drop(entry, JobStatus.CANCELLED,
                            "abandoned: the manager exited before the job finished and the "
                            "server did not confirm the cancel", "cancelled")
         return unrecorded
 
-    async def _sweep_one(self, entry: Entry) -> None:
+    async def _sweep_one(self, entry: Entry, answers: dict[str, Answer]) -> None:
         rid = entry.job.response_id
         assert rid is not None
         async with self.requests_limiter:
@@ -695,6 +705,7 @@ class Scheduler(SharedLedgerSteps):
             except RequestError as exc:
                 _log.warning("job.cancel_failed", key=entry.job.key, error=exc.message)
                 return
+        answers[entry.job.key] = answer
         try:
             await self._take(entry, answer)
         except (Stop, LedgerError) as exc:
