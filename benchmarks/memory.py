@@ -27,6 +27,15 @@ from asyncbg.testing import FakeResponsesServer, LatencyModel, fake_client
 from benchmarks.common import quiet_logs, rss_kib
 
 
+def forget_on_server(server: FakeResponsesServer, rid: str | None) -> None:
+    """The in-process fake keeps every response it made: drop a finished one, so that what
+    grows is the client's memory alone."""
+    if rid is not None:
+        server._responses.pop(rid, None)
+        server.counters.polls.pop(rid, None)
+        server.counters.detection_delays.pop(rid, None)
+
+
 async def churn(jobs: int, live: int, notify: bool) -> dict[str, object]:
     server = FakeResponsesServer(latency=LatencyModel.fixed(0.0))
     client = fake_client(server)
@@ -54,6 +63,7 @@ async def churn(jobs: int, live: int, notify: bool) -> dict[str, object]:
                 for i in todo:
                     job = await mgr.submit(model="m", input=f"x{i}")
                     await job.result()
+                    forget_on_server(server, job.response_id)
                     del job  # the caller lets go of it: so may the manager
                     done += 1
                     if done in (warm, jobs) or done % 10_000 == 0:
