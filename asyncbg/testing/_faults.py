@@ -54,7 +54,7 @@ class FaultRates:
     rate_500: float = 0.0
     rate_503: float = 0.0
     rate_reset: float = 0.0
-    retry_after: float | None = None
+    retry_after: float | str | None = None
     routes: tuple[Route, ...] = ("create", "retrieve", "cancel")
     seed: int = 0
     _rng: random.Random = field(default_factory=random.Random, compare=False, repr=False)
