@@ -16,7 +16,7 @@ import stat
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from anyio.abc import TaskStatus
@@ -29,6 +29,9 @@ from ._ops import open_client, say
 from ._output import _dumps, output_line, same_path, write_atomic
 
 __all__ = ["COMMANDS", "add_commands", "results", "retry", "submit", "worker"]
+
+T = TypeVar("T")
+L = TypeVar("L", bound=Ledger)
 
 _LEDGER_HELP = "a postgresql:// URL, or the path of an SQLite journal shared on this machine"
 
@@ -248,15 +251,9 @@ async def results(args: argparse.Namespace) -> int:
         return 2
     if await _missing(ledger, args.ledger):
         return 2
-    try:
-        await ledger.open()
-        records = await ledger.records()
-    except LedgerError as exc:
-        say(str(exc))
+    records = await _with_ledger(ledger, lambda led: led.records(), "")
+    if records is None:
         return 2
-    finally:
-        with anyio.CancelScope(shield=True):
-            await ledger.close()
     lines = [line for record in records if (line := output_line(record)) is not None]
     unfinished = len(records) - len(lines)
     if args.output == "-":
@@ -315,6 +312,20 @@ def _write_stdout(lines: Iterable[Mapping[str, Any]]) -> None:
         os.close(devnull)
 
 
+async def _with_ledger(ledger: L, work: Callable[[L], Awaitable[T]], after: str) -> T | None:
+    """``work`` on the opened ``ledger``, closed again whatever happens; None after saying
+    why the ledger failed (``after`` is added to that line)."""
+    try:
+        await ledger.open()
+        return await work(ledger)
+    except LedgerError as exc:
+        say(f"{exc}{after}")
+        return None
+    finally:
+        with anyio.CancelScope(shield=True):
+            await ledger.close()
+
+
 async def _missing(ledger: Ledger, spec: str, *, hint: str = "") -> bool:
     """Whether ``ledger`` is an SQLite path with no file (after saying so): only ``submit``
     creates one, so that a mistyped path makes neither directories nor an empty ledger."""
@@ -337,15 +348,10 @@ async def retry(args: argparse.Namespace) -> int:
         return 2
     if await _missing(ledger, args.ledger):
         return 2
-    try:
-        await ledger.open()
-        count = await ledger.requeue_unpaid(code=args.code)
-    except LedgerError as exc:
-        say(f"{exc}; nothing was re-queued")
+    count = await _with_ledger(ledger, lambda led: led.requeue_unpaid(code=args.code),
+                               "; nothing was re-queued")
+    if count is None:
         return 2
-    finally:
-        with anyio.CancelScope(shield=True):
-            await ledger.close()
     which = f" with error code {args.code}" if args.code else ""
     print(f"re-queued {count} lines that ended without a response{which}", flush=True)
     if count:
