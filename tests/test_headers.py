@@ -98,12 +98,13 @@ def test_the_pacer_stays_finite_whatever_the_headers_say(
                   clock=lambda: now[0])
     pacer.hold_off(hold)
     pacer.poll_hold_off(hold)
+    assert 0 <= pacer.poll_delay() <= RETENTION_GUARD
     for status, headers, step in answers:
         delay = pacer.create_delay(tokens=100)
         assert math.isfinite(delay) and delay >= 0
         now[0] += step
         pacer.create_answered(status, headers)
-        assert math.isfinite(pacer.poll_delay()) and pacer.poll_delay() >= 0
+        assert math.isfinite(pacer.poll_delay()) and 0 <= pacer.poll_delay() <= RETENTION_GUARD
     stats = pacer.statistics()
     assert math.isfinite(stats.hold_remaining) and 0 <= stats.hold_remaining <= MAX_HINT
     assert math.isfinite(pacer.create_delay(tokens=100))

@@ -26,7 +26,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from .._policies import MAX_HINT, parse_retry_after
+from .._policies import MAX_HINT, RETENTION_GUARD, parse_retry_after
 
 __all__ = ["Pacer", "PacerStatistics", "RateLimit", "parse_duration"]
 
@@ -309,8 +309,10 @@ class Pacer:
         self._holds += 1
 
     def poll_hold_off(self, seconds: float) -> None:
-        """Pause every poll for ``seconds`` (a 429 on a poll)."""
-        seconds = _finite_wait(seconds)
+        """Pause every poll for ``seconds`` (a 429 on a poll), at most
+        :data:`~asyncbg._policies.RETENTION_GUARD`: a result may be kept only about ten minutes
+        after it finished, so no server's hint may hold polls longer than any interval may."""
+        seconds = min(_finite_wait(seconds), RETENTION_GUARD)
         self._poll_until = max(self._poll_until, self._clock() + seconds)
         self._poll_holds += 1
 
