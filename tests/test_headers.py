@@ -25,7 +25,7 @@ from asyncbg.testing import FakeResponsesServer, LatencyModel, fake_client
 
 from .conftest import manager, meta
 
-FUZZ = settings(max_examples=300, deadline=None, derandomize=True, database=None)
+FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None)
 
 #: What a header may say: anything at all, numbers of every kind written as a server might,
 #: durations with units, and HTTP dates.
@@ -84,7 +84,7 @@ _RATE_HEADERS = ["x-ratelimit-remaining-requests", "x-ratelimit-limit-requests",
                  "retry-after-ms"]
 
 
-@settings(max_examples=150, deadline=None, derandomize=True, database=None)
+@settings(max_examples=100, deadline=None, derandomize=True, database=None)
 @given(answers=st.lists(st.tuples(
     st.sampled_from([200, 429, 0]),
     st.dictionaries(st.sampled_from(_RATE_HEADERS), header_text, max_size=8),
@@ -106,7 +106,7 @@ def test_the_pacer_stays_finite_whatever_the_headers_say(
         pacer.create_answered(status, headers)
         assert math.isfinite(pacer.poll_delay()) and 0 <= pacer.poll_delay() <= RETENTION_GUARD
     stats = pacer.statistics()
-    assert math.isfinite(stats.hold_remaining) and 0 <= stats.hold_remaining <= MAX_HINT
+    assert math.isfinite(stats.hold_remaining) and 0 <= stats.hold_remaining <= MAX_HINT + 1e-6
     assert math.isfinite(pacer.create_delay(tokens=100))
 
 
