@@ -194,3 +194,36 @@ def test_status_of_a_fleet_ledger_says_what_a_fleet_operator_runs(
     assert "asyncbg run" not in out
     assert f"asyncbg worker --ledger {db}" in out and f"asyncbg cancel --ledger {db}" in out
     assert "workers alive: 0" in out
+
+
+def test_results_to_stdout_end_quietly_when_the_reader_goes_away(tmp_path: Path) -> None:
+    """``asyncbg results -o - | head -1``: no traceback, no error, exit 0."""
+    import subprocess
+    import sys
+
+    db = str(tmp_path / "big.db")
+
+    async def fill() -> None:
+        ledger = shared_ledger(db)
+        await ledger.open()
+        try:
+            await ledger.enqueue((f"k{i}", f"d{i}", b"{}") for i in range(400))
+            for record in await ledger.acquire(400, 60.0):
+                rid = f"resp_{record.key}"
+                await ledger.sending(record.key, resubmit=False)
+                body = json.dumps({"id": rid, "status": "completed", "output_text": "y" * 400})
+                await ledger.record(record.key, Outcome("completed", response_id=rid,
+                                                        body=body.encode()))
+        finally:
+            await ledger.close()
+
+    anyio.run(fill)  # about 300 KB of output lines: more than a pipe holds
+    proc = subprocess.Popen([sys.executable, "-m", "asyncbg", "results", "--ledger", db,
+                             "-o", "-"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    first = proc.stdout.readline()
+    proc.stdout.close()  # the reader goes away
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert proc.wait(timeout=60) == 0 and err == ""
+    assert json.loads(first)["custom_id"] == "k0"
