@@ -36,7 +36,18 @@ from ._status import JobStatus
 #: The SQLite journal of earlier versions: ``journal="run.db"`` makes one.
 Journal = SQLiteLedger
 
-__version__ = "0.2.0"
+
+def _version() -> str:
+    """The installed distribution's version: pyproject.toml is its one source."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("asyncbg")
+    except PackageNotFoundError:  # imported from a source tree that was never installed
+        return "0+unknown"
+
+
+__version__ = _version()
 
 __all__ = [
     "AsyncbgError",

@@ -25,6 +25,7 @@ from asyncbg._ledgers._outbox import Notice, Outbox
 from asyncbg._ledgers._postgres import PostgresLedger
 from asyncbg._ledgers._shared import LeaseLost
 from asyncbg._ledgers._sqlite_shared import SharedSQLiteLedger
+from asyncbg._notify.send import Sender
 from asyncbg._notify.sign import signed_headers
 from asyncbg.testing import WebhookReceiver, new_secret
 
@@ -218,6 +219,25 @@ async def test_a_410_stops_deliveries_to_the_endpoint_and_marks_them_failed(
         pass
     assert sorted(receiver.by_key()) == [f"k{i}" for i in range(6)]
     assert await ledger.deliveries() == []
+
+
+@pytest.mark.asyncio
+async def test_a_410_stops_the_deliveries_queued_behind_it(receiver: WebhookReceiver) -> None:
+    """With ``max_concurrent=1`` a round takes two deliveries: one posted, one queued behind it.
+    The queued one must not be posted once the first met a 410 (the race behind a flaky
+    "two attempts" on a loaded machine, made certain here: all six are due before the start)."""
+    receiver.gone()
+    ledger = asyncbg.MemoryLedger()
+    for i in range(6):
+        ledger._add(f"k{i}", Notice(id=f"wh_{i}", url=receiver.url, body=b'{"i": %d}' % i))
+    sender = Sender(fast(receiver.url, max_concurrent=1), ledger)
+    async with anyio.create_task_group() as tg:
+        await tg.start(sender.run)
+        assert await sender.flush(10.0) == []
+        tg.cancel_scope.cancel()
+    assert receiver.attempts == 1
+    assert [d.state for d in await ledger.deliveries()] == ["failed"] * 6
+    assert sender.gave_up == 6
 
 
 @pytest.mark.asyncio

@@ -116,12 +116,16 @@ def status_text(summary: dict[str, Any]) -> str:
     text = rows(items)
     for item in live:
         text += f"\n  {item['response_id']}  {item['status']:<11}  {item['key']}"
+    fleet = "fleet" in summary
     if summary["unconfirmed"]:
         text += (f"\n{len(summary['unconfirmed'])} create(s) left without an answer recorded "
-                 "(a rerun sends them again): " + ", ".join(summary["unconfirmed"][:10]))
+                 f"({'a worker' if fleet else 'a rerun'} sends them again): "
+                 + ", ".join(summary["unconfirmed"][:10]))
     if live:
-        text += (f"\nrun the same `asyncbg run` again to collect them, or "
-                 f"`asyncbg cancel --ledger {summary['journal']}` to cancel them")
+        collect = (f"the workers collect them (start `asyncbg worker --ledger "
+                   f"{summary['journal']}` if none is running)" if fleet
+                   else "run the same `asyncbg run` again to collect them")
+        text += f"\n{collect}, or `asyncbg cancel --ledger {summary['journal']}` to cancel them"
     return text
 
 
@@ -135,6 +139,9 @@ async def status(args: argparse.Namespace) -> int:
         records = await ledger.records()
         if isinstance(ledger, SharedLedger):
             fleet = await fleet_status(ledger)
+            if not fleet["workers_alive"] and isinstance(ledger, SharedSQLiteLedger) and (
+                    not await ledger.used_by_a_fleet()):
+                fleet = None  # an `asyncbg run` journal
         # Pending and failed webhook notifications (an outbox: SQLite and PostgreSQL ledgers).
         notes = delivery_summary(await ledger.deliveries() if isinstance(ledger, Outbox) else [])
     except LedgerError as exc:
@@ -143,7 +150,7 @@ async def status(args: argparse.Namespace) -> int:
     finally:
         await ledger.close()
     summary = summarize(records, args.ledger)
-    if fleet is not None and (fleet["workers_alive"] or "://" in args.ledger):
+    if fleet is not None:
         summary["fleet"] = fleet
     summary["notifications"] = notes
     if args.json:

@@ -138,6 +138,12 @@ class SharedLedger(Ledger, Protocol):
         for, e.g. the server could not be reached) back to waiting, for any process to run."""
         ...
 
+    async def requeue_unpaid(self, *, code: str | None = None) -> int:
+        """Put every key that ended without a paid response (state ``local``, no response id),
+        whoever ended it, back to waiting; only those whose ``error_code`` is ``code`` when it
+        is given. Returns how many (an operator's ``asyncbg retry``)."""
+        ...
+
     async def workers(self) -> list[WorkerInfo]:
         """The processes alive: those that renewed within their lease period."""
         ...
