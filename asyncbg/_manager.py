@@ -38,6 +38,7 @@ from ._policies import PollPolicy, RetryPolicy
 from ._providers import OpenAIResponses, Provider
 from ._spend._pacing import RateLimit
 from ._spend._pricing import Price
+from ._spend._pricing import preload as preload_prices
 from ._status import JobStatus
 
 if TYPE_CHECKING:
@@ -219,6 +220,8 @@ class BackgroundManager:
             raise ManagerStateError("a BackgroundManager can be entered only once")
         if self.journal is not None:
             await self.journal.open()
+        # Prices load once per process, in a worker thread: no finished job stalls the loop.
+        await preload_prices()
         tg = anyio.create_task_group()
         await tg.__aenter__()
         tg.start_soon(self._scheduler.run, name="asyncbg scheduler")

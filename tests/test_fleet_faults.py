@@ -152,9 +152,9 @@ async def test_a_worker_with_a_refused_key_stops_and_leaves_its_jobs_to_the_othe
 
 
 async def test_the_refused_codes_are_the_accounts() -> None:
-    from asyncbg._engine._steps import ACCOUNT_CODES
+    from asyncbg._http import NO_RETRY_CODES as ACCOUNT_CODES
 
-    assert "insufficient_quota" in ACCOUNT_CODES and "invalid_api_key" in ACCOUNT_CODES
+    assert "insufficient_quota" in ACCOUNT_CODES
     assert isinstance(asyncbg.LedgerUnavailable("x"), asyncbg.LedgerError)
 
 

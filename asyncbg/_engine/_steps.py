@@ -25,7 +25,16 @@ from typing import Any, TypeVar
 import anyio
 
 from .. import _log
-from .._http import BadAnswer, NotFound, Rejected, RequestError, Transient, Unreachable
+from .._http import (
+    NO_RETRY_CODES,
+    BadAnswer,
+    NoCredit,
+    NotFound,
+    Rejected,
+    RequestError,
+    Transient,
+    Unreachable,
+)
 from .._ledgers._base import Ledger, LedgerError, Outcome
 from .._ledgers._shared import LeaseLost
 from .._policies import RetryPolicy
@@ -49,10 +58,6 @@ UNREACHABLE_ATTEMPTS = 3
 LONG_WAIT = 10.0
 #: Seconds before a 404 on a status check is checked again: one 404 is not yet "lost".
 LOST_CONFIRM = 1.0
-#: Error codes that say the account, not the request, is refused: no credit, or disabled.
-#: Retrying cannot help, and every other create would meet the same answer.
-ACCOUNT_CODES = frozenset({"insufficient_quota", "billing_hard_limit_reached",
-                           "billing_not_active", "account_deactivated", "invalid_api_key"})
 #: The fields of a final body kept when the journal keeps no bodies: what it cost, not what it
 #: said (``journal_bodies=False``), so that a rerun counts earlier spend against ``max_cost``.
 SPEND_FIELDS = ("id", "object", "status", "model", "service_tier", "usage", "usageMetadata",
@@ -232,7 +237,9 @@ class Steps:
             answer = await self.provider.create(entry.params, key=job.key)
         except RequestError as exc:
             permit.release()
-            ticket.answered(exc.http_status or 0, exc.limits)  # wakes a paced create
+            # No credit is not a rate limit, whatever its status says: the pace stays.
+            ticket.answered(400 if isinstance(exc, NoCredit) else exc.http_status or 0,
+                            exc.limits)  # wakes a paced create
             self._hook_request(entry, "create", exc.http_status, started)
             if not isinstance(exc, Transient) or not exc.maybe_sent:
                 self.meter.unsent(job.key)
@@ -261,7 +268,8 @@ class Steps:
 
     async def _create_failed(self, entry: Entry, exc: RequestError) -> float | None:
         job = entry.job
-        if exc.http_status in (401, 403) or exc.code in ACCOUNT_CODES:
+        if exc.http_status in (401, 403) or isinstance(exc, NoCredit) or (
+                exc.code in NO_RETRY_CODES or exc.code == "invalid_api_key"):
             # The account is refused: no create can succeed, so none is retried or sent.
             self._reached_server = True
             message = _explain(exc)
