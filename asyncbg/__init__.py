@@ -5,6 +5,7 @@
         response = await job.result()
 """
 
+from ._dashboard import dashboard_app
 from ._engine._job import Job
 from ._engine._webhooks import webhook_app
 from ._errors import (
@@ -65,6 +66,7 @@ __all__ = [
     "RetryPolicy",
     "SQLiteLedger",
     "__version__",
+    "dashboard_app",
     "webhook_app",
 ]
 

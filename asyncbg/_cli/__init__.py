@@ -3,7 +3,7 @@
 One module per verb: ``_run`` (a Batch API file, with ``_input`` reading it, ``_output`` the
 output view of the journal and ``_signals`` the interrupts), ``_ops`` (``status`` and
 ``cancel``), ``_demo`` (``demo`` and ``fake-server``), ``_fleet`` (``submit``, ``worker``,
-``results``), ``_notify`` (``notify``, and ``--notify``); ``_progress`` and ``_logging`` are
+``results``), ``_notify`` (``notify``, and ``--notify``), ``_dashboard`` (``dashboard``); ``_progress`` and ``_logging`` are
 shared.
 """
 
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import anyio
 
-from . import _fleet, _notify
+from . import _dashboard, _fleet, _notify
 from ._logging import LEVELS, configure_logging
 
 __all__ = ["build_parser", "main"]
@@ -174,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="send this openai-poll-after-ms header on live answers")
     _fleet.add_commands(sub)  # submit, worker, results: a fleet sharing one ledger
     _notify.add_command(sub)  # notify: send what a ledger's outbox holds
+    _dashboard.add_command(sub)  # dashboard: a live web page over a ledger
     return parser
 
 
@@ -184,6 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ._demo import fake_server
 
         return fake_server(args)
+    if args.command == "dashboard":
+        return _dashboard.dashboard(args)
     if args.command == "status":
         from ._ops import status
 

@@ -1,0 +1,219 @@
+"""The dashboard's reads of an SQLite journal (a run's, or a fleet's shared one).
+
+A connection of its own, opened ``mode=ro``: in WAL mode readers never block the writer and the
+writer never blocks them. Each read runs in a worker thread, one at a time; a read that needs
+one snapshot (the full scan and the window) runs in one read transaction. The statements are
+here, to be reviewed together; the tables are :mod:`asyncbg._ledgers._sqlite_queries`'.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import quote
+
+import anyio
+
+from .._ledgers import LedgerError, LedgerUnavailable
+from ._source import (
+    Aggregate,
+    AggregateRow,
+    Detail,
+    Endpoint,
+    Row,
+    UsageRow,
+    Worker,
+    bucket_sql,
+    row_of,
+    usage_rows,
+    worker_of,
+)
+
+__all__ = ["SQLiteSource"]
+
+T = TypeVar("T")
+
+_ROW = ("key, seq, state, status, response_id, error_code, error, http_status, created, "
+        "updated, owner")
+_FINISHED = "state IN ('done', 'local')"
+_FAILED = "(status = 'failed' OR state = 'local')"
+# Params: since. One pass over every job.
+AGGREGATE = f"""
+    SELECT status, state,
+           CASE WHEN {_FINISHED} AND updated >= ?1 THEN CAST(updated / 60 AS INTEGER) END,
+           CASE WHEN {_FINISHED} THEN {bucket_sql("updated - created")} END,
+           CASE WHEN {_FAILED} THEN COALESCE(error_code, 'unknown') END,
+           count(*), sum(resubmits), sum(http_status = 429),
+           CASE WHEN {_FAILED} THEN max(error) END
+    FROM jobs GROUP BY 1, 2, 3, 4, 5
+"""
+NEWEST = "SELECT COALESCE(max(updated), 0), COALESCE(max(seq), 0) FROM jobs"
+# The partial index jobs_open (claim order, unfinished rows only) serves this; SQLite uses a
+# partial index only when the query repeats its condition.
+WINDOW = f"""
+    SELECT {_ROW} FROM jobs
+    WHERE state IN ('new', 'sending', 'live') AND state <> 'new'
+    ORDER BY seq LIMIT ?
+"""
+MAX_SEQ = "SELECT COALESCE(max(seq), 0) FROM jobs"
+ROWS = f"SELECT {_ROW}, response FROM jobs WHERE key IN (SELECT value FROM json_each(?))"
+_BODY = "CAST(response AS TEXT)"
+USAGE = f"""
+    SELECT {_BODY} ->> '$.model', {_BODY} ->> '$.service_tier', count(*),
+           sum({_BODY} ->> '$.usage.input_tokens'),
+           sum({_BODY} ->> '$.usage.input_tokens_details.cached_tokens'),
+           sum({_BODY} ->> '$.usage.output_tokens'),
+           sum({_BODY} ->> '$.usage.output_tokens_details.reasoning_tokens'),
+           {bucket_sql(f"updated - ({_BODY} ->> '$.completed_at')")}
+    FROM jobs WHERE state = 'done' AND response IS NOT NULL
+    GROUP BY 1, 2, 8
+"""
+HAS_TABLE = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
+WORKERS = ("SELECT owner, host, pid, started, seen, lease FROM workers "
+           "WHERE seen + lease > ? ORDER BY started, owner")
+ENDPOINTS = """
+    SELECT url, sum(state = 'pending'), sum(state = 'failed'),
+           (SELECT o2.error FROM outbox o2 WHERE o2.url = o.url AND o2.error IS NOT NULL
+            ORDER BY o2.next_at DESC LIMIT 1),
+           (SELECT o2.http_status FROM outbox o2 WHERE o2.url = o.url AND o2.error IS NOT NULL
+            ORDER BY o2.next_at DESC LIMIT 1)
+    FROM outbox o GROUP BY url ORDER BY url
+"""
+DETAIL = f"SELECT {_ROW}, response, request, resubmits FROM jobs WHERE key = ?"
+HISTORY = "SELECT status, at FROM events WHERE key = ? ORDER BY at, id"
+
+
+
+class SQLiteSource:
+    """Reads the SQLite journal at ``path``; see the module docstring."""
+
+    def __init__(self, path: str | Path) -> None:
+        self._path = Path(path)
+        self.location = str(path)
+        self._db: sqlite3.Connection | None = None
+        self._limiter = anyio.CapacityLimiter(1)
+        self._tables: set[str] = set()
+
+    async def open(self) -> None:
+        if not await anyio.Path(self._path).is_file():
+            raise LedgerError(f"{self.location}: no journal there (pass the --journal of the "
+                              "run, by default OUTPUT.jsonl.journal)")
+        uri = f"file:{quote(str(self._path.resolve()))}?mode=ro"
+
+        def connect() -> sqlite3.Connection:
+            db = sqlite3.connect(uri, uri=True, timeout=2.0, check_same_thread=False,
+                                 isolation_level=None)
+            try:
+                db.execute("PRAGMA query_only = 1")
+                self._tables = {
+                    name for name in ("jobs", "events", "workers", "outbox")
+                    if db.execute(HAS_TABLE, (name,)).fetchone()}
+            except BaseException:
+                db.close()
+                raise
+            return db
+
+        self._db = await self._run_sync(connect)
+        if "jobs" not in self._tables:
+            await self.close()
+            raise LedgerError(f"{self.location}: not an asyncbg journal (no jobs table)")
+
+    async def close(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            db.close()
+
+    async def now(self) -> float:
+        return time.time()  # the writers' clock: SQLite journals are shared on one machine
+
+    async def aggregate(self, *, since: float, window: int) -> Aggregate:
+        def scan(db: sqlite3.Connection) -> Aggregate:
+            db.execute("BEGIN")  # one snapshot for the scan and the window
+            try:
+                rows = [AggregateRow(*r) for r in db.execute(AGGREGATE, (since,))]
+                as_of, max_seq = db.execute(NEWEST).fetchone()
+                live = [row_of(r) for r in db.execute(WINDOW, (window,))]
+            finally:
+                db.execute("COMMIT")
+            return Aggregate(rows, live, int(max_seq), float(as_of))
+
+        return await self._read(scan)
+
+    async def usage(self) -> tuple[list[UsageRow], float]:
+        def scan(db: sqlite3.Connection) -> tuple[list[UsageRow], float]:
+            db.execute("BEGIN")
+            try:
+                as_of = float(db.execute(NEWEST).fetchone()[0])
+                return usage_rows(db.execute(USAGE)), as_of
+            finally:
+                db.execute("COMMIT")
+
+        return await self._read(scan)
+
+    async def window(self, *, limit: int) -> tuple[list[Row], int]:
+        def read(db: sqlite3.Connection) -> tuple[list[Row], int]:
+            db.execute("BEGIN")
+            try:
+                rows = [row_of(r) for r in db.execute(WINDOW, (limit,))]
+                return rows, int(db.execute(MAX_SEQ).fetchone()[0])
+            finally:
+                db.execute("COMMIT")
+
+        return await self._read(read)
+
+    async def rows(self, keys: Sequence[str]) -> list[Row]:
+        import json
+
+        if not keys:
+            return []
+        return await self._read(lambda db: [
+            row_of(r, r[11]) for r in db.execute(ROWS, (json.dumps(list(keys)),))])
+
+    async def workers(self) -> list[Worker]:
+        if "workers" not in self._tables:
+            return []
+        now = time.time()
+        return await self._read(lambda db: [
+            worker_of(r) for r in db.execute(WORKERS, (now,))])
+
+    async def endpoints(self) -> list[Endpoint]:
+        if "outbox" not in self._tables:
+            return []
+        return await self._read(lambda db: [
+            Endpoint(url, int(p or 0), int(f or 0), err, status)
+            for url, p, f, err, status in db.execute(ENDPOINTS)])
+
+    async def detail(self, key: str) -> Detail | None:
+        def read(db: sqlite3.Connection) -> Detail | None:
+            found = db.execute(DETAIL, (key,)).fetchone()
+            if found is None:
+                return None
+            history = ([(s, float(at)) for s, at in db.execute(HISTORY, (key,))]
+                       if "events" in self._tables else [])
+            return Detail(row_of(found, found[11]), bytes(found[12] or b""), int(found[13]),
+                          history)
+
+        return await self._read(read)
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        db = self._db
+        if db is None:
+            raise RuntimeError("the dashboard's journal reader is not open")
+        return await self._run_sync(lambda: fn(db))
+
+    async def _run_sync(self, fn: Callable[[], T]) -> T:
+        def run() -> T:
+            try:
+                return fn()
+            except sqlite3.OperationalError as exc:
+                raise LedgerUnavailable(f"{self.location}: cannot read the journal now "
+                                        f"({exc}); the dashboard tries again") from exc
+            except sqlite3.DatabaseError as exc:
+                raise LedgerError(f"{self.location}: {exc}") from exc
+
+        return await anyio.to_thread.run_sync(run, limiter=self._limiter)

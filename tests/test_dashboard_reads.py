@@ -1,0 +1,192 @@
+"""The dashboard without a browser: read-only by default, a bounded cost per update, and the
+same picture from a PostgreSQL ledger as from an SQLite journal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+import asyncbg
+from asyncbg._dashboard._source import Row
+from asyncbg._dashboard._tally import Tally
+from asyncbg.testing import FakeResponsesServer, LatencyModel, fake_client
+
+TOKEN = "s3cret-token"
+POLL = asyncbg.PollPolicy(first_poll=0.01, min_interval=0.01, max_interval=0.05, jitter=0)
+
+
+def test_read_only_unless_allowed(tmp_path: Path) -> None:
+    from starlette.testclient import TestClient
+
+    path = tmp_path / "j.db"
+    anyio.run(_one_finished, path)
+    with TestClient(asyncbg.dashboard_app(path, token=TOKEN)) as web:
+        assert "read-only" in web.get("/").text
+        refused = web.post("/actions/cancel", json={"all": True},
+                           headers={"Authorization": f"Bearer {TOKEN}"})
+        assert refused.status_code == 403
+    with pytest.raises(ValueError, match="ASYNCBG_DASHBOARD_TOKEN"):
+        asyncbg.dashboard_app(path, allow_actions=True, token="")
+
+
+async def _one_finished(path: Path) -> None:
+    server = FakeResponsesServer(latency=LatencyModel.fixed(0.0))
+    client = fake_client(server)
+    async with asyncbg.BackgroundManager(client, journal=path, poll_policy=POLL) as mgr:
+        await (await mgr.submit(model="gpt-5.2", input="x", key="one")).wait()
+    await client.close()
+
+
+class CountingSource:
+    """A Source over a list of rows whose full scan costs ``scan_cost`` seconds of a fake
+    clock; counts what each update reads."""
+
+    location = "memory"
+
+    def __init__(self, clock: list[float], scan_cost: float) -> None:
+        self.clock, self.scan_cost = clock, scan_cost
+        self.calls: list[str] = []
+
+    async def now(self) -> float:
+        return 1e9
+
+    async def aggregate(self, *, since: float, window: int) -> Any:
+        from asyncbg._dashboard._source import Aggregate, AggregateRow
+
+        self.calls.append("aggregate")
+        self.clock[0] += self.scan_cost
+        live = [Row(f"k{i}", i, "live", "in_progress", f"r{i}", None, None, None, 0.0, 0.0, None)
+                for i in range(3)]
+        return Aggregate([AggregateRow("in_progress", "live", None, None, None, 3, 0, 0, None)],
+                         live, 3, 0.0)
+
+    async def window(self, *, limit: int) -> Any:
+        self.calls.append("window")
+        return [Row(f"k{i}", i, "live", "in_progress", f"r{i}", None, None, None, 0.0, 0.0, None)
+                for i in (1, 2)], 4
+
+    async def rows(self, keys: Any) -> Any:
+        self.calls.append(f"rows:{len(keys)}")
+        return [Row(k, 0, "done", "completed", "r0", None, None, 200, 0.0, 5.0, None)
+                for k in keys]
+
+    async def workers(self) -> Any:
+        return []
+
+    async def endpoints(self) -> Any:
+        return []
+
+
+@pytest.mark.asyncio
+async def test_a_full_scan_runs_a_bounded_share_of_the_time() -> None:
+    clock = [0.0]
+    source = CountingSource(clock, scan_cost=1.0)  # a big ledger: 1 s a scan
+    tally = Tally(source, share=0.02, floor=0.5, clock=lambda: clock[0])  # type: ignore[arg-type]
+    await tally.update()
+    assert source.calls == ["aggregate"]
+    for _ in range(48):  # the scan started at 0 and cost 1 s: the next one is due at 50 s
+        clock[0] += 1.0
+        await tally.update()
+    assert source.calls.count("aggregate") == 1
+    assert source.calls[1:3] == ["window", "rows:1"]  # k0 left the window: one lookup
+    assert set(source.calls[3:]) == {"window"}
+    view = tally.view()
+    # k0 finished, and seq 4 was claimed and waits.
+    assert dict(view.by_status) == {"pending": 1, "in_progress": 2, "completed": 1}
+    clock[0] += 1.0
+    await tally.update()
+    assert source.calls[-1] == "aggregate"
+
+
+# -- the same picture from either kind of ledger --------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def ledger_spec(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return str(tmp_path / "run.journal")
+    return str(request.getfixturevalue("pg_dsn"))
+
+
+async def _records(spec: str) -> list[asyncbg.Record]:
+    from asyncbg._ledgers._open import open_ledger
+
+    ledger = open_ledger(spec)
+    await ledger.open()
+    try:
+        return await ledger.records()
+    finally:
+        await ledger.close()
+
+
+def _truth(records: list[asyncbg.Record]) -> tuple[dict[str, int], int, set[str]]:
+    import json
+
+    from asyncbg._spend._tokens import usage_tokens
+
+    counts: dict[str, int] = {}
+    tokens = 0
+    for r in records:
+        counts[r.status] = counts.get(r.status, 0) + 1
+        if r.body is not None:
+            t = usage_tokens(json.loads(r.body).get("usage") or {})
+            tokens += t.input + t.output
+    return counts, tokens, {r.key for r in records if r.state == "live"}
+
+
+@pytest.mark.asyncio
+async def test_the_tally_matches_the_ledger_and_follows_it(ledger_spec: str) -> None:
+    from asyncbg._dashboard._app import open_source
+
+    clock = [0.0]
+    server = FakeResponsesServer(latency=LatencyModel.fixed(0.0), clock=lambda: clock[0])
+    scripts = {**{f"done-{i}": {} for i in range(6)}, "bad": {"fake_outcome": "failed"},
+               **{f"live-{i}": {"fake_duration": "100"} for i in range(2)}}
+
+    async def run(keys: list[str], *, leave_live: bool) -> None:
+        client = fake_client(server)
+        with anyio.CancelScope() as interrupted:
+            async with asyncbg.BackgroundManager(client, journal=ledger_spec, poll_policy=POLL,
+                                                 cancel_on_exit=False) as mgr:
+                jobs = [await mgr.submit(model="gpt-5.2", input=k, key=k, metadata=scripts[k])
+                        for k in keys]
+                for job in jobs:
+                    await (job.wait_accepted() if leave_live else job.wait())
+                if leave_live:
+                    await mgr.wait_all([j for j in jobs if j.key not in live_keys])
+                    interrupted.cancel()  # like Ctrl-C: the live ones stay live
+        await client.close()
+
+    live_keys = {"live-0", "live-1"}
+    await run(list(scripts), leave_live=True)
+    source = open_source(ledger_spec)
+    tally = Tally(source, clock=lambda: 0.0)  # one full scan, then only cheap updates
+    await source.open()
+    try:
+        await tally.update()
+        assert await tally.update_usage()
+        view = tally.view()
+        counts, tokens, live = _truth(await _records(ledger_spec))
+        assert dict(view.by_status) == counts
+        assert view.input_tokens is not None and view.output_tokens is not None
+        assert view.input_tokens + view.output_tokens == tokens
+        assert {r.key for r in view.live_rows} == live == live_keys
+        assert [f.code for f in view.failures] == ["server_error"]
+
+        clock[0] = 150.0  # the live ones finish; a rerun collects them
+        await run(sorted(live_keys), leave_live=False)
+        await tally.update()
+        assert tally.scans == 1 and tally.updates == 1
+        view = tally.view()
+        counts, tokens, live = _truth(await _records(ledger_spec))
+        assert dict(view.by_status) == counts == {"completed": 8, "failed": 1}
+        assert view.input_tokens + view.output_tokens == tokens  # type: ignore[operator]
+        assert not view.live_rows and not live
+        detail = await source.detail("done-3")
+        assert detail is not None and detail.row.status == "completed"
+        assert b'"done-3"' in detail.request
+    finally:
+        await source.close()
