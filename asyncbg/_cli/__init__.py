@@ -3,8 +3,8 @@
 One module per verb: ``_run`` (a Batch API file, with ``_input`` reading it, ``_output`` the
 output view of the journal and ``_signals`` the interrupts), ``_ops`` (``status`` and
 ``cancel``), ``_demo`` (``demo`` and ``fake-server``), ``_fleet`` (``submit``, ``worker``,
-``results``), ``_notify`` (``notify``, and ``--notify``), ``_dashboard`` (``dashboard``); ``_progress`` and ``_logging`` are
-shared.
+``results``), ``_notify`` (``notify``, and ``--notify``), ``_dashboard`` (``dashboard``);
+``_progress`` and ``_logging`` are shared.
 """
 
 from __future__ import annotations
