@@ -10,7 +10,7 @@ import anyio
 import pytest
 
 import asyncbg
-from asyncbg._dashboard._source import Row
+from asyncbg._dashboard._source import Aggregate, AggregateRow, Row, Start
 from asyncbg._dashboard._tally import Tally
 from asyncbg.testing import FakeResponsesServer, LatencyModel, fake_client
 
@@ -40,9 +40,13 @@ async def _one_finished(path: Path) -> None:
     await client.close()
 
 
+def _row(i: int, state: str = "live", status: str = "in_progress") -> Row:
+    return Row(f"k{i}", i, state, status, f"r{i}", None, None, 200, 0.0, 5.0, None)
+
+
 class CountingSource:
-    """A Source over a list of rows whose full scan costs ``scan_cost`` seconds of a fake
-    clock; counts what each update reads."""
+    """A Source whose full scan costs ``scan_cost`` seconds of a fake clock; it records what
+    each call reads."""
 
     location = "memory"
 
@@ -53,52 +57,52 @@ class CountingSource:
     async def now(self) -> float:
         return 1e9
 
-    async def aggregate(self, *, since: float, window: int) -> Any:
-        from asyncbg._dashboard._source import Aggregate, AggregateRow
+    async def start(self, *, window: int) -> Start:
+        self.calls.append("start")  # 10 jobs: 7 finished, 3 live
+        return Start(10, {"in_progress": 3}, [_row(i) for i in range(3)], 10)
 
+    async def aggregate(self, *, since: float, window: int) -> Aggregate:
         self.calls.append("aggregate")
         self.clock[0] += self.scan_cost
-        live = [Row(f"k{i}", i, "live", "in_progress", f"r{i}", None, None, None, 0.0, 0.0, None)
-                for i in range(3)]
-        return Aggregate([AggregateRow("in_progress", "live", None, None, None, 3, 0, 0, None)],
-                         live, 3, 0.0)
+        return Aggregate([AggregateRow("in_progress", "live", None, None, None, 3, 0, 0, None),
+                          AggregateRow("completed", "done", None, 0, None, 7, 0, 0, None)],
+                         [_row(i) for i in range(3)], 10, 0.0)
 
-    async def window(self, *, limit: int) -> Any:
-        self.calls.append("window")
-        return [Row(f"k{i}", i, "live", "in_progress", f"r{i}", None, None, None, 0.0, 0.0, None)
-                for i in (1, 2)], 4
+    async def window(self, *, limit: int, after: int) -> tuple[list[Row], int, int]:
+        self.calls.append("window")  # k0 finished, seq 11 was claimed
+        return [_row(1), _row(2)], 11 - after, 11
 
-    async def rows(self, keys: Any) -> Any:
+    async def rows(self, keys: Any) -> list[Row]:
         self.calls.append(f"rows:{len(keys)}")
-        return [Row(k, 0, "done", "completed", "r0", None, None, 200, 0.0, 5.0, None)
-                for k in keys]
+        return [_row(int(k[1:]), "done", "completed") for k in keys]
 
-    async def workers(self) -> Any:
+    async def workers(self) -> list[Any]:
         return []
 
-    async def endpoints(self) -> Any:
+    async def endpoints(self) -> list[Any]:
         return []
 
 
 @pytest.mark.asyncio
-async def test_a_full_scan_runs_a_bounded_share_of_the_time() -> None:
+async def test_updates_read_indexes_and_the_full_scan_runs_a_bounded_share_of_the_time() -> None:
     clock = [0.0]
     source = CountingSource(clock, scan_cost=1.0)  # a big ledger: 1 s a scan
     tally = Tally(source, share=0.02, floor=0.5, clock=lambda: clock[0])  # type: ignore[arg-type]
-    await tally.update()
-    assert source.calls == ["aggregate"]
+    await tally.start()  # the first page: indexes only
+    view = tally.view()
+    assert (view.total, view.unsorted, dict(view.by_status)) == (10, 7, {"in_progress": 3})
+    assert await tally.scan()
+    assert dict(tally.view().by_status) == {"in_progress": 3, "completed": 7}
     for _ in range(48):  # the scan started at 0 and cost 1 s: the next one is due at 50 s
         clock[0] += 1.0
+        assert not await tally.scan()
         await tally.update()
-    assert source.calls.count("aggregate") == 1
-    assert source.calls[1:3] == ["window", "rows:1"]  # k0 left the window: one lookup
-    assert set(source.calls[3:]) == {"window"}
-    view = tally.view()
-    # k0 finished, and seq 4 was claimed and waits.
-    assert dict(view.by_status) == {"pending": 1, "in_progress": 2, "completed": 1}
+    assert source.calls[:4] == ["start", "aggregate", "window", "rows:1"]  # k0 left: 1 lookup
+    assert set(source.calls[4:]) == {"window"}  # no other read, whatever the ledger's size
+    # k0 finished, and seq 11 was claimed and waits.
+    assert dict(tally.view().by_status) == {"pending": 1, "in_progress": 2, "completed": 8}
     clock[0] += 1.0
-    await tally.update()
-    assert source.calls[-1] == "aggregate"
+    assert await tally.scan()
 
 
 # -- the same picture from either kind of ledger --------------------------------------------------
@@ -166,8 +170,9 @@ async def test_the_tally_matches_the_ledger_and_follows_it(ledger_spec: str) -> 
     tally = Tally(source, clock=lambda: 0.0)  # one full scan, then only cheap updates
     await source.open()
     try:
-        await tally.update()
-        assert await tally.update_usage()
+        await tally.start()
+        assert tally.view().total == len(scripts)
+        assert await tally.scan() and await tally.update_usage()
         view = tally.view()
         counts, tokens, live = _truth(await _records(ledger_spec))
         assert dict(view.by_status) == counts

@@ -48,12 +48,14 @@ def _say(message: str) -> None:
 
 def dashboard(args: argparse.Namespace) -> int:
     try:
+        import jinja2  # noqa: F401 - the extra's packages, checked before anything starts
+        import sse_starlette  # noqa: F401
+        import starlette  # noqa: F401
         import uvicorn
-
-        from .._dashboard._app import dashboard_app
     except ImportError as exc:
         _say(f"the dashboard needs {exc.name}: pip install 'asyncbg[dashboard]'")
         return 2
+    from .._dashboard import dashboard_app
     from .._ledgers import LedgerError
 
     def client() -> object:

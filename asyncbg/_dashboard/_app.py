@@ -136,38 +136,39 @@ class Board:
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
-        """Open the ledger, read it once, keep it up to date until exit (the app's lifespan)."""
-        await self._open()
-        await self.refresh()
+        """Open the ledger, read what its indexes say, then keep the picture up to date until
+        exit (the app's lifespan): live updates on one task, full scans on another."""
+        self._running = True  # the scans run on their own task: not before the first page
         try:
+            await self.refresh()
             async with anyio.create_task_group() as tg:
-                self._running = True
                 tg.start_soon(self._updates)
-                tg.start_soon(self._usage)
+                tg.start_soon(self._scans)
                 yield
                 tg.cancel_scope.cancel()
         finally:
             self._running = False
             await self.source.close()
 
-    async def _open(self) -> None:
-        if not self._opened:
-            await self.source.open()
-            self._opened = True
-
     async def _updates(self) -> None:
         while True:
             await anyio.sleep(self.interval)
             await self.refresh()
 
-    async def _usage(self) -> None:
+    async def _scans(self) -> None:
         while True:
-            try:
-                if await self.tally.update_usage():
-                    await self.refresh(force=True)
-            except LedgerError as exc:
-                _log.warning("dashboard.read_failed", ledger=self.source.location, error=str(exc))
-            await anyio.sleep(1.0)
+            if await self._scan_once():
+                await self.refresh(force=True)
+            await anyio.sleep(0.25)
+
+    async def _scan_once(self) -> bool:
+        try:
+            ran = await self.tally.scan()
+            return await self.tally.update_usage() or ran
+        except LedgerError as exc:
+            self.tally.failed(exc)
+            _log.warning("dashboard.read_failed", ledger=self.source.location, error=str(exc))
+            return True
 
     async def refresh(self, *, force: bool = False) -> None:
         """Read what changed (unless the last read is younger than ``interval``), render the
@@ -175,10 +176,18 @@ class Board:
         async with self._lock:
             if not force and time.monotonic() - self._updated_at < self.interval * 0.5:
                 return
-            await self._open()
             try:
-                await self.tally.update()
+                if not self._opened:
+                    await self.source.open()
+                    self._opened = True
+                    await self.tally.start()
+                else:
+                    await self.tally.update()
+                if not self._running:  # mounted without the lifespan: scan on demand too
+                    await self._scan_once()
             except LedgerError as exc:
+                if not self._opened:
+                    raise
                 self.tally.failed(exc)
                 _log.warning("dashboard.read_failed", ledger=self.source.location, error=str(exc))
             self._updated_at = time.monotonic()
@@ -244,7 +253,7 @@ class Board:
     async def job(self, request: Request) -> Response:
         self._mounted(request)
         key = request.path_params["key"]
-        await self._open()
+        await self.current()
         try:
             detail = await self.source.detail(key)
         except LedgerError as exc:

@@ -19,6 +19,7 @@ from ._source import (
     Detail,
     Endpoint,
     Row,
+    Start,
     UsageRow,
     Worker,
     bucket_sql,
@@ -29,8 +30,10 @@ from ._source import (
 
 __all__ = ["PostgresSource"]
 
-#: Statements that run longer than this (milliseconds) are cancelled by the server.
-STATEMENT_TIMEOUT_MS = 10_000
+#: Statements that run longer than this (milliseconds) are cancelled by the server; the full
+#: scans, which read every job, get ``SCAN_TIMEOUT_MS``.
+STATEMENT_TIMEOUT_MS = 5_000
+SCAN_TIMEOUT_MS = 300_000
 
 _NOW = "extract(epoch FROM now())::float8"
 _ROW = ("key, seq, state, status, response_id, error_code, error, http_status, created, "
@@ -54,10 +57,16 @@ WINDOW = f"""
     WHERE state IN ('new', 'sending', 'live') AND state <> 'new'
     ORDER BY seq LIMIT %(limit)s
 """
-# The newest seq through the unique index on seq (max() over it is one index probe).
-MAX_SEQ = "SELECT COALESCE(max(seq), 0) FROM asyncbg_jobs"
+# Params: after, after. Walks the unique index on seq from ``after``.
+CLAIMED_SINCE = "SELECT count(*), COALESCE(max(seq), %s) FROM asyncbg_jobs WHERE seq > %s"
+TOTAL = "SELECT count(*), COALESCE(max(seq), 0) FROM asyncbg_jobs"
+# The partial index of unfinished jobs serves this.
+UNFINISHED = """
+    SELECT status, count(*) FROM asyncbg_jobs WHERE state IN ('new', 'sending', 'live')
+    GROUP BY status
+"""
 ROWS = f"SELECT {_ROW}, body FROM asyncbg_jobs WHERE key = ANY(%(keys)s::text[])"
-_BODY = "convert_from(body, 'UTF8')::jsonb"
+# OFFSET 0 keeps the subquery apart, so that each body is parsed once, not once per use.
 USAGE = f"""
     SELECT b ->> 'model', b ->> 'service_tier', count(*),
            sum((b -> 'usage' ->> 'input_tokens')::bigint),
@@ -65,8 +74,8 @@ USAGE = f"""
            sum((b -> 'usage' ->> 'output_tokens')::bigint),
            sum((b -> 'usage' -> 'output_tokens_details' ->> 'reasoning_tokens')::bigint),
            {bucket_sql("updated - (b ->> 'completed_at')::float8")}
-    FROM (SELECT {_BODY} AS b, updated FROM asyncbg_jobs
-          WHERE state = 'done' AND body IS NOT NULL) finished
+    FROM (SELECT convert_from(body, 'UTF8')::jsonb AS b, updated FROM asyncbg_jobs
+          WHERE state = 'done' AND body IS NOT NULL OFFSET 0) finished
     GROUP BY 1, 2, 8
 """
 WORKERS = f"""
@@ -121,6 +130,18 @@ class PostgresSource:
     async def now(self) -> float:
         return float((await self._fetch(NOW))[0][0])
 
+    async def start(self, *, window: int) -> Start:
+        async def read(cur: Any) -> Start:
+            await cur.execute(TOTAL)
+            total, max_seq = await cur.fetchone()
+            await cur.execute(UNFINISHED)
+            unfinished = {status: int(n) for status, n in await cur.fetchall()}
+            await cur.execute(WINDOW, {"limit": window})
+            live = [row_of(r) for r in await cur.fetchall()]
+            return Start(int(total), unfinished, live, int(max_seq))
+
+        return await self._snapshot(read)  # type: ignore[no-any-return]
+
     async def aggregate(self, *, since: float, window: int) -> Aggregate:
         async def scan(cur: Any) -> Aggregate:
             await cur.execute(AGGREGATE, {"since": since})
@@ -131,7 +152,8 @@ class PostgresSource:
             live = [row_of(r) for r in await cur.fetchall()]
             return Aggregate(rows, live, int(max_seq), float(as_of))
 
-        return await self._snapshot(scan)  # type: ignore[no-any-return]
+        scanned = await self._snapshot(scan, timeout_ms=SCAN_TIMEOUT_MS)
+        return scanned  # type: ignore[no-any-return]
 
     async def usage(self) -> tuple[list[UsageRow], float]:
         async def scan(cur: Any) -> tuple[list[UsageRow], float]:
@@ -140,14 +162,16 @@ class PostgresSource:
             await cur.execute(USAGE)
             return usage_rows(await cur.fetchall()), as_of
 
-        return await self._snapshot(scan)  # type: ignore[no-any-return]
+        scanned = await self._snapshot(scan, timeout_ms=SCAN_TIMEOUT_MS)
+        return scanned  # type: ignore[no-any-return]
 
-    async def window(self, *, limit: int) -> tuple[list[Row], int]:
-        async def read(cur: Any) -> tuple[list[Row], int]:
+    async def window(self, *, limit: int, after: int) -> tuple[list[Row], int, int]:
+        async def read(cur: Any) -> tuple[list[Row], int, int]:
             await cur.execute(WINDOW, {"limit": limit})
             rows = [row_of(r) for r in await cur.fetchall()]
-            await cur.execute(MAX_SEQ)
-            return rows, int((await cur.fetchone())[0])
+            await cur.execute(CLAIMED_SINCE, (after, after))
+            claimed, max_seq = await cur.fetchone()
+            return rows, int(claimed), int(max_seq)
 
         return await self._snapshot(read)  # type: ignore[no-any-return]
 
@@ -183,10 +207,11 @@ class PostgresSource:
 
         return await self._with_cursor(read, transaction=False)  # type: ignore[no-any-return]
 
-    async def _snapshot(self, fn: Any) -> Any:
-        return await self._with_cursor(fn, transaction=True)
+    async def _snapshot(self, fn: Any, *, timeout_ms: int = STATEMENT_TIMEOUT_MS) -> Any:
+        return await self._with_cursor(fn, transaction=True, timeout_ms=timeout_ms)
 
-    async def _with_cursor(self, fn: Any, *, transaction: bool) -> Any:
+    async def _with_cursor(self, fn: Any, *, transaction: bool,
+                           timeout_ms: int = STATEMENT_TIMEOUT_MS) -> Any:
         import psycopg
         from psycopg_pool import PoolTimeout
 
@@ -199,6 +224,7 @@ class PostgresSource:
                     async with conn.transaction():
                         await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, "
                                            "READ ONLY")
+                        await conn.execute(f"SET LOCAL statement_timeout = {int(timeout_ms)}")
                         async with conn.cursor() as cur:
                             return await fn(cur)
                 async with conn.cursor() as cur:

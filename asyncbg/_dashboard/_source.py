@@ -7,15 +7,16 @@ writing the ledger never wait for it.
 
 Two kinds of read, so that a big ledger costs a bounded amount per live update:
 
-- :meth:`Source.window` and :meth:`Source.rows` are cheap: walks of the index of unfinished
-  jobs with a ``LIMIT``, and primary-key lookups. They run on every update.
+- :meth:`Source.start`, :meth:`Source.window` and :meth:`Source.rows` read indexes only: the
+  index of unfinished jobs (with a ``LIMIT`` for the window), the one on ``seq`` (jobs claimed
+  since) and primary-key lookups. ``start`` runs once, ``window`` and ``rows`` on every update.
 - :meth:`Source.aggregate` and :meth:`Source.usage` scan every job. :class:`~._tally.Tally`
-  runs them at startup and then at most a fixed share of the time (see there).
+  runs them in the background, at most a fixed share of the time (see there).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -28,6 +29,7 @@ __all__ = [
     "Endpoint",
     "Row",
     "Source",
+    "Start",
     "UsageRow",
     "Worker",
     "latency_bucket",
@@ -102,6 +104,17 @@ class Aggregate:
     max_seq: int
     #: The ledger's clock at the snapshot (its newest ``updated``), for usage increments.
     as_of: float
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    """What indexes alone say at once: how many jobs, the unfinished ones by status, and the
+    window (see :meth:`Source.window`), in one snapshot."""
+
+    total: int
+    unfinished: Mapping[str, int]
+    window: Sequence[Row]
+    max_seq: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +210,10 @@ class Source(Protocol):
         """The ledger's clock (times in the ledger are on it)."""
         ...
 
+    async def start(self, *, window: int) -> Start:
+        """Counts from indexes (every job; the unfinished ones by status) and the window."""
+        ...
+
     async def aggregate(self, *, since: float, window: int) -> Aggregate:
         """Scan every job (see :class:`AggregateRow`), and the first ``window`` jobs that
         reached the server and are not finished, in one snapshot."""
@@ -206,8 +223,9 @@ class Source(Protocol):
         """Scan every finished body for its usage; and the ledger's clock at that snapshot."""
         ...
 
-    async def window(self, *, limit: int) -> tuple[Sequence[Row], int]:
-        """The first ``limit`` jobs sent and unfinished (claim order), and the highest seq."""
+    async def window(self, *, limit: int, after: int) -> tuple[Sequence[Row], int, int]:
+        """The first ``limit`` jobs sent and unfinished (claim order); how many jobs were
+        claimed after seq ``after``, and the highest seq."""
         ...
 
     async def rows(self, keys: Sequence[str]) -> Sequence[Row]:

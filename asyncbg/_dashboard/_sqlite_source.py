@@ -8,9 +8,11 @@ here, to be reviewed together; the tables are :mod:`asyncbg._ledgers._sqlite_que
 
 from __future__ import annotations
 
+import contextlib
+import json
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import quote
@@ -24,6 +26,7 @@ from ._source import (
     Detail,
     Endpoint,
     Row,
+    Start,
     UsageRow,
     Worker,
     bucket_sql,
@@ -58,18 +61,28 @@ WINDOW = f"""
     WHERE state IN ('new', 'sending', 'live') AND state <> 'new'
     ORDER BY seq LIMIT ?
 """
-MAX_SEQ = "SELECT COALESCE(max(seq), 0) FROM jobs"
+# Params: after, after. Walks the index on seq from ``after``.
+CLAIMED_SINCE = "SELECT count(*), COALESCE(max(seq), ?) FROM jobs WHERE seq > ?"
+# The smallest index serves count(*); the partial index the unfinished ones.
+TOTAL = "SELECT count(*), COALESCE(max(seq), 0) FROM jobs"
+UNFINISHED = """
+    SELECT status, count(*) FROM jobs WHERE state IN ('new', 'sending', 'live') GROUP BY status
+"""
 ROWS = f"SELECT {_ROW}, response FROM jobs WHERE key IN (SELECT value FROM json_each(?))"
-_BODY = "CAST(response AS TEXT)"
+# Each body is parsed once (one json_extract of every path, into a small array).
 USAGE = f"""
-    SELECT {_BODY} ->> '$.model', {_BODY} ->> '$.service_tier', count(*),
-           sum({_BODY} ->> '$.usage.input_tokens'),
-           sum({_BODY} ->> '$.usage.input_tokens_details.cached_tokens'),
-           sum({_BODY} ->> '$.usage.output_tokens'),
-           sum({_BODY} ->> '$.usage.output_tokens_details.reasoning_tokens'),
-           {bucket_sql(f"updated - ({_BODY} ->> '$.completed_at')")}
-    FROM jobs WHERE state = 'done' AND response IS NOT NULL
-    GROUP BY 1, 2, 8
+    WITH b AS MATERIALIZED (
+        SELECT json_extract(CAST(response AS TEXT), '$.model', '$.service_tier',
+                            '$.usage.input_tokens', '$.usage.input_tokens_details.cached_tokens',
+                            '$.usage.output_tokens',
+                            '$.usage.output_tokens_details.reasoning_tokens',
+                            '$.completed_at') AS v,
+               updated
+        FROM jobs WHERE state = 'done' AND response IS NOT NULL
+    )
+    SELECT v ->> 0, v ->> 1, count(*), sum(v ->> 2), sum(v ->> 3), sum(v ->> 4), sum(v ->> 5),
+           {bucket_sql("updated - (v ->> 6)")}
+    FROM b GROUP BY 1, 2, 8
 """
 HAS_TABLE = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
 WORKERS = ("SELECT owner, host, pid, started, seen, lease FROM workers "
@@ -87,14 +100,26 @@ HISTORY = "SELECT status, at FROM events WHERE key = ? ORDER BY at, id"
 
 
 
+class _Connection:
+    """One read-only connection and the thread limiter that keeps its reads one at a time."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self.limiter = anyio.CapacityLimiter(1)
+
+
 class SQLiteSource:
-    """Reads the SQLite journal at ``path``; see the module docstring."""
+    """Reads the SQLite journal at ``path``; see the module docstring.
+
+    Two connections: the full scans (seconds on a big journal) run on one, so that the live
+    updates on the other never wait behind them.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self._path = Path(path)
         self.location = str(path)
-        self._db: sqlite3.Connection | None = None
-        self._limiter = anyio.CapacityLimiter(1)
+        self._fast: _Connection | None = None
+        self._slow: _Connection | None = None
         self._tables: set[str] = set()
 
     async def open(self) -> None:
@@ -116,57 +141,60 @@ class SQLiteSource:
                 raise
             return db
 
-        self._db = await self._run_sync(connect)
+        limiter = anyio.CapacityLimiter(1)
+        self._fast = _Connection(await self._run_sync(connect, limiter))
+        self._slow = _Connection(await self._run_sync(connect, limiter))
         if "jobs" not in self._tables:
             await self.close()
             raise LedgerError(f"{self.location}: not an asyncbg journal (no jobs table)")
 
     async def close(self) -> None:
-        db, self._db = self._db, None
-        if db is not None:
-            db.close()
+        for conn in (self._fast, self._slow):
+            if conn is not None:
+                conn.db.close()
+        self._fast = self._slow = None
 
     async def now(self) -> float:
         return time.time()  # the writers' clock: SQLite journals are shared on one machine
 
+    async def start(self, *, window: int) -> Start:
+        def read(db: sqlite3.Connection) -> Start:
+            with _snapshot(db):
+                total, max_seq = db.execute(TOTAL).fetchone()
+                unfinished = dict(db.execute(UNFINISHED).fetchall())
+                live = [row_of(r) for r in db.execute(WINDOW, (window,))]
+            return Start(int(total), unfinished, live, int(max_seq))
+
+        return await self._read(read)
+
     async def aggregate(self, *, since: float, window: int) -> Aggregate:
         def scan(db: sqlite3.Connection) -> Aggregate:
-            db.execute("BEGIN")  # one snapshot for the scan and the window
-            try:
+            with _snapshot(db):  # one snapshot for the scan and the window
                 rows = [AggregateRow(*r) for r in db.execute(AGGREGATE, (since,))]
                 as_of, max_seq = db.execute(NEWEST).fetchone()
                 live = [row_of(r) for r in db.execute(WINDOW, (window,))]
-            finally:
-                db.execute("COMMIT")
             return Aggregate(rows, live, int(max_seq), float(as_of))
 
-        return await self._read(scan)
+        return await self._read(scan, slow=True)
 
     async def usage(self) -> tuple[list[UsageRow], float]:
         def scan(db: sqlite3.Connection) -> tuple[list[UsageRow], float]:
-            db.execute("BEGIN")
-            try:
+            with _snapshot(db):
                 as_of = float(db.execute(NEWEST).fetchone()[0])
                 return usage_rows(db.execute(USAGE)), as_of
-            finally:
-                db.execute("COMMIT")
 
-        return await self._read(scan)
+        return await self._read(scan, slow=True)
 
-    async def window(self, *, limit: int) -> tuple[list[Row], int]:
-        def read(db: sqlite3.Connection) -> tuple[list[Row], int]:
-            db.execute("BEGIN")
-            try:
+    async def window(self, *, limit: int, after: int) -> tuple[list[Row], int, int]:
+        def read(db: sqlite3.Connection) -> tuple[list[Row], int, int]:
+            with _snapshot(db):
                 rows = [row_of(r) for r in db.execute(WINDOW, (limit,))]
-                return rows, int(db.execute(MAX_SEQ).fetchone()[0])
-            finally:
-                db.execute("COMMIT")
+                claimed, max_seq = db.execute(CLAIMED_SINCE, (after, after)).fetchone()
+            return rows, int(claimed), int(max_seq)
 
         return await self._read(read)
 
     async def rows(self, keys: Sequence[str]) -> list[Row]:
-        import json
-
         if not keys:
             return []
         return await self._read(lambda db: [
@@ -176,8 +204,7 @@ class SQLiteSource:
         if "workers" not in self._tables:
             return []
         now = time.time()
-        return await self._read(lambda db: [
-            worker_of(r) for r in db.execute(WORKERS, (now,))])
+        return await self._read(lambda db: [worker_of(r) for r in db.execute(WORKERS, (now,))])
 
     async def endpoints(self) -> list[Endpoint]:
         if "outbox" not in self._tables:
@@ -200,13 +227,13 @@ class SQLiteSource:
 
     # -- plumbing ---------------------------------------------------------------------------
 
-    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        db = self._db
-        if db is None:
+    async def _read(self, fn: Callable[[sqlite3.Connection], T], *, slow: bool = False) -> T:
+        conn = self._slow if slow else self._fast
+        if conn is None:
             raise RuntimeError("the dashboard's journal reader is not open")
-        return await self._run_sync(lambda: fn(db))
+        return await self._run_sync(lambda: fn(conn.db), conn.limiter)
 
-    async def _run_sync(self, fn: Callable[[], T]) -> T:
+    async def _run_sync(self, fn: Callable[[], T], limiter: anyio.CapacityLimiter) -> T:
         def run() -> T:
             try:
                 return fn()
@@ -216,4 +243,14 @@ class SQLiteSource:
             except sqlite3.DatabaseError as exc:
                 raise LedgerError(f"{self.location}: {exc}") from exc
 
-        return await anyio.to_thread.run_sync(run, limiter=self._limiter)
+        return await anyio.to_thread.run_sync(run, limiter=limiter)
+
+
+@contextlib.contextmanager
+def _snapshot(db: sqlite3.Connection) -> Iterator[None]:
+    """One read transaction: every statement inside sees the same state of the file."""
+    db.execute("BEGIN")
+    try:
+        yield
+    finally:
+        db.execute("COMMIT")

@@ -1,15 +1,20 @@
 """What the dashboard knows of a ledger between two full scans, kept up to date cheaply.
 
-A full scan of a ledger of a million jobs takes a good fraction of a second, so it cannot run on
-every live update. The tally runs it (:meth:`Source.aggregate`) at start, and after that only
-when it has been idle for ``1 / share`` times what the last one cost (2 % of the time by
-default; on a small ledger that is every update). In between, each update costs two bounded
-reads: the *window* (the first ``window`` jobs that reached the server and are unfinished, from
-the index of unfinished jobs) and a primary-key lookup of the jobs that left it. The difference
-between two windows says which jobs were sent, changed status or finished; the jobs claimed
-since are the growth of the newest ``seq``. What the window cannot see (a job that went from
-waiting to finished between two updates, more live jobs than the window holds) is put right by
-the next full scan.
+A full scan of a ledger of a million jobs takes seconds (the ledgers keep no summary to read
+instead), so it can run neither before the first page nor on every live update:
+
+- :meth:`Tally.start` reads what indexes say at once: how many jobs there are, the unfinished
+  ones by status, and the window. Finished jobs are one number until the first full scan has
+  sorted them by status.
+- :meth:`Tally.scan` (:meth:`Source.aggregate`) runs in the background, first at once and then
+  only after ``1 / share`` times what the last one cost has passed (2 % of the time by default;
+  on a small ledger, every half second).
+- :meth:`Tally.update`, every live update, costs bounded reads: the *window* (the first
+  ``window`` jobs that reached the server and are unfinished, through the index of unfinished
+  jobs), the jobs claimed since (through the index on ``seq``) and a primary-key lookup of the
+  jobs that left the window. The difference between two windows says which jobs were sent,
+  changed status or finished. What it cannot see (a job that went from waiting to finished
+  between two updates, more live jobs than the window holds) is put right by the next scan.
 
 Tokens and dollars come from the bodies of finished jobs: a scan of every body
 (:meth:`Source.usage`, paced the same way, on its own task) plus the bodies of the jobs seen
@@ -22,7 +27,7 @@ import json
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +40,7 @@ from ._source import (
     Endpoint,
     Row,
     Source,
+    Start,
     Worker,
     latency_bucket,
 )
@@ -82,6 +88,8 @@ class View:
     total: int
     by_status: Mapping[str, int]
     finished: int
+    #: Finished jobs not yet sorted by status (until the first full scan has run).
+    unsorted: int
     live: int
     per_minute: Sequence[int]  # finished jobs in each of the last 60 minutes, oldest first
     eta: float | None  # seconds
@@ -141,29 +149,51 @@ class Tally:
         self._usage = _Usage()
         self._workers: list[Worker] = []
         self._endpoints: list[Endpoint] = []
+        self._unsorted = 0
+        self._generation = 0  # bumped by every full scan: an update begun before is dropped
         self._now = 0.0
         self._error: str | None = None
         self.scans = self.updates = 0  # how many full scans and cheap updates ran
 
     # -- reading --------------------------------------------------------------------------------
 
+    async def start(self) -> None:
+        """The first picture, from indexes only (see the module docstring)."""
+        self._now = await self.source.now()
+        begun = await self.source.start(window=self.window_size)
+        self._from_start(begun)
+        await self._small_tables()
+
     async def update(self) -> None:
-        """One live update: the full scan when it is due, else the window's difference; then
-        the workers and the notifications (small tables)."""
+        """One live update from bounded reads: the window's difference and the jobs claimed
+        since; then the workers and the notifications (small tables)."""
+        generation = self._generation
         now = await self.source.now()
-        if self._scan.due():
-            started = self._clock()
-            self._rebuild(await self.source.aggregate(since=now - 3600, window=self.window_size))
-            self._scan.ran(started)
-            self.scans += 1
-        else:
-            rows, max_seq = await self.source.window(limit=self.window_size)
-            await self._advance(rows, max_seq)
-            self.updates += 1
+        rows, claimed, max_seq = await self.source.window(limit=self.window_size,
+                                                          after=self._max_seq)
+        left = [key for key in self._window if key not in {r.key for r in rows}]
+        gone = await self.source.rows(left) if left else []
+        if generation == self._generation:  # no full scan landed meanwhile
+            self._advance(rows, claimed, max_seq, gone)
+        self._now = now
+        await self._small_tables()
+        self._error = None
+        self.updates += 1
+
+    async def scan(self) -> bool:
+        """The full scan, when it is due; True if it ran."""
+        if not self._scan.due():
+            return False
+        started = self._clock()
+        now = await self.source.now()
+        self._rebuild(await self.source.aggregate(since=now - 3600, window=self.window_size))
+        self._scan.ran(started)
+        self.scans += 1
+        return True
+
+    async def _small_tables(self) -> None:
         self._workers = list(await self.source.workers())
         self._endpoints = list(await self.source.endpoints())
-        self._now = now
-        self._error = None
 
     async def update_usage(self) -> bool:
         """The scan of every finished body, when it is due; True if it ran."""
@@ -190,8 +220,9 @@ class Tally:
         counts = {name: max(0, self._counts[name]) for name in ORDER if self._counts[name]}
         for name in sorted(set(self._counts) - set(ORDER)):
             counts[name] = self._counts[name]
-        total = sum(counts.values())
-        finished = sum(counts.get(name, 0) for name in TERMINAL)
+        unsorted = max(0, self._unsorted)
+        total = sum(counts.values()) + unsorted
+        finished = sum(counts.get(name, 0) for name in TERMINAL) + unsorted
         now_minute = int(self._now // 60)
         per_minute = [self._minutes.get(now_minute - 59 + i, 0) for i in range(60)]
         recent = sum(per_minute[-10:])
@@ -206,6 +237,7 @@ class Tally:
                    for w in self._workers]
         return View(
             location=self.source.location, total=total, by_status=counts, finished=finished,
+            unsorted=unsorted,
             live=counts.get("queued", 0) + counts.get("in_progress", 0),
             per_minute=per_minute, eta=eta,
             input_tokens=sum(t[0] for t in tokens) if known else None,
@@ -230,7 +262,15 @@ class Tally:
 
     # -- the bookkeeping ------------------------------------------------------------------------
 
+    def _from_start(self, begun: Start) -> None:
+        self._counts = Counter({s: n for s, n in begun.unfinished.items() if n})
+        self._unsorted = begun.total - sum(begun.unfinished.values())
+        self._window = {r.key: r for r in begun.window}
+        self._max_seq = begun.max_seq
+
     def _rebuild(self, scan: Aggregate) -> None:
+        self._generation += 1
+        self._unsorted = 0
         self._counts = Counter()
         self._minutes = Counter()
         self._latency = [0] * _BUCKETS
@@ -249,16 +289,17 @@ class Tally:
         self._window = {r.key: r for r in scan.window}
         self._max_seq = scan.max_seq
 
-    async def _advance(self, rows: Iterable[Row], max_seq: int) -> None:
-        if max_seq > self._max_seq:  # claimed since: they wait, as pending
-            self._counts["pending"] += max_seq - self._max_seq
-            self._max_seq = max_seq
+    def _advance(self, rows: Sequence[Row], claimed: int, max_seq: int,
+                 gone: Sequence[Row]) -> None:
+        self._counts["pending"] += claimed  # claimed since: they wait
+        self._max_seq = max(self._max_seq, max_seq)
         before, now = self._window, {r.key: r for r in rows}
         for key, row in now.items():
             old = before.get(key)
             self._move(old.status if old is not None else "pending", row.status)
-        left = [key for key in before if key not in now]
-        for row in await self.source.rows(left) if left else ():
+        for row in gone:
+            if row.key not in before:
+                continue
             self._move(before[row.key].status, row.status)
             if row.state in ("done", "local"):
                 self._finished(row)
