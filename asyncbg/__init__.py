@@ -29,6 +29,7 @@ from ._ledgers import (
 )
 from ._manager import BackgroundManager, ManagerStatistics
 from ._notify._notify import Notify
+from ._otel import OpenTelemetry, serve_metrics
 from ._policies import PollPolicy, RetryPolicy
 from ._spend._pacing import RateLimit
 from ._spend._pricing import Price
@@ -58,6 +59,7 @@ __all__ = [
     "ManagerStatistics",
     "MemoryLedger",
     "Notify",
+    "OpenTelemetry",
     "Outcome",
     "PollPolicy",
     "Price",
@@ -67,6 +69,7 @@ __all__ = [
     "SQLiteLedger",
     "__version__",
     "dashboard_app",
+    "serve_metrics",
     "webhook_app",
 ]
 

@@ -171,7 +171,8 @@ class Tally:
         now = await self.source.now()
         rows, claimed, max_seq = await self.source.window(limit=self.window_size,
                                                           after=self._max_seq)
-        left = [key for key in self._window if key not in {r.key for r in rows}]
+        seen = {r.key for r in rows}
+        left = [key for key in self._window if key not in seen]
         gone = await self.source.rows(left) if left else []
         if generation == self._generation:  # no full scan landed meanwhile
             self._advance(rows, claimed, max_seq, gone)
