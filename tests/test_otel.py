@@ -147,3 +147,22 @@ async def test_serve_metrics_answers_a_prometheus_scrape() -> None:
     with pytest.raises(httpx.ConnectError):  # stopped with the block
         async with httpx.AsyncClient() as http:
             await http.get(hooks.metrics_url)
+
+
+@pytest.mark.asyncio
+async def test_the_metrics_port_option() -> None:
+    import argparse
+
+    from asyncbg._cli import _metrics
+
+    parser = argparse.ArgumentParser()
+    _metrics.add_option(parser)
+    async with _metrics.hooks_for(parser.parse_args([])) as hooks:
+        assert hooks == []  # no option, no server
+    async with asyncbg.serve_metrics(0) as taken:
+        port = taken.metrics_url.rsplit(":", 1)[1].split("/")[0]  # type: ignore[union-attr]
+        with pytest.raises(_metrics.MetricsPortError, match=f"--metrics-port {port}: cannot"):
+            async with _metrics.hooks_for(parser.parse_args(["--metrics-port", port])):
+                pass
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--metrics-port", "70000"])
