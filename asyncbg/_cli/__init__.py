@@ -160,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--median", type=float, default=0.7,
                       help="median response time in seconds (default: 0.7)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    demo.add_argument("--journal", metavar="PATH",
+                      help="record the run in this SQLite journal (watch it with `asyncbg "
+                           "dashboard --ledger PATH`); a rerun resumes it")
     _add_logging_options(demo)
 
     fake = sub.add_parser("fake-server", help="serve the fake Responses API over HTTP",

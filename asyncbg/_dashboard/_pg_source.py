@@ -73,7 +73,8 @@ USAGE = f"""
            sum((b -> 'usage' -> 'input_tokens_details' ->> 'cached_tokens')::bigint),
            sum((b -> 'usage' ->> 'output_tokens')::bigint),
            sum((b -> 'usage' -> 'output_tokens_details' ->> 'reasoning_tokens')::bigint),
-           {bucket_sql("updated - (b ->> 'completed_at')::float8")}
+           CASE WHEN jsonb_typeof(b -> 'completed_at') = 'number'
+                THEN {bucket_sql("updated - (b ->> 'completed_at')::float8")} END
     FROM (SELECT convert_from(body, 'UTF8')::jsonb AS b, updated FROM asyncbg_jobs
           WHERE state = 'done' AND body IS NOT NULL OFFSET 0) finished
     GROUP BY 1, 2, 8

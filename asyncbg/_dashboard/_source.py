@@ -192,7 +192,9 @@ def usage_rows(groups: Iterable[Sequence[Any]]) -> list[UsageRow]:
         total = sums.setdefault(name, [0] * 5)
         for i, value in enumerate((jobs, *tokens)):
             total[i] += int(value or 0)
-        seen.setdefault(name, [0] * (len(LATENCY_EDGES) + 1))[int(bucket)] += int(jobs)
+        buckets = seen.setdefault(name, [0] * (len(LATENCY_EDGES) + 1))
+        if bucket is not None:  # the body says when the server finished it
+            buckets[int(bucket)] += int(jobs)
     return [UsageRow(m, t, jobs, inp, cached, out, reasoning, seen=tuple(seen[(m, t)]))
             for (m, t), (jobs, inp, cached, out, reasoning) in sums.items()]
 

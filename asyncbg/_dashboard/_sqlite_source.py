@@ -81,7 +81,7 @@ USAGE = f"""
         FROM jobs WHERE state = 'done' AND response IS NOT NULL
     )
     SELECT v ->> 0, v ->> 1, count(*), sum(v ->> 2), sum(v ->> 3), sum(v ->> 4), sum(v ->> 5),
-           {bucket_sql("updated - (v ->> 6)")}
+           CASE WHEN v ->> 6 IS NOT NULL THEN {bucket_sql("updated - (v ->> 6)")} END
     FROM b GROUP BY 1, 2, 8
 """
 HAS_TABLE = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"

@@ -26,7 +26,11 @@
   if (sections && window.EventSource) {
     var source = new EventSource(root + "events");
     source.addEventListener("update", function (event) {
+      var tall = sections.querySelector(".scroll.tall");  // keep where the reader scrolled to
+      var top = tall ? tall.scrollTop : 0;
       sections.innerHTML = event.data;
+      tall = sections.querySelector(".scroll.tall");
+      if (tall) { tall.scrollTop = top; }
       applyFilter();
       say("live · updated " + new Date().toLocaleTimeString());
     });
