@@ -195,3 +195,31 @@ async def test_the_tally_matches_the_ledger_and_follows_it(ledger_spec: str) -> 
         assert b'"done-3"' in detail.request
     finally:
         await source.close()
+
+
+def test_the_command_says_what_is_wrong_in_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    from asyncbg._cli import main
+
+    assert main(["dashboard", "--ledger", str(tmp_path / "missing.journal")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing.journal: no journal there" in err[0]
+
+    (tmp_path / "notes.txt").write_text("not a journal")
+    assert main(["dashboard", "--ledger", str(tmp_path / "notes.txt")]) == 2
+    assert "notes.txt" in capsys.readouterr().err
+
+    path = tmp_path / "j.db"
+    anyio.run(_one_finished, path)
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = str(taken.getsockname()[1])
+        assert main(["dashboard", "--ledger", str(path), "--port", port]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"cannot listen on 127.0.0.1:{port}" in err[0]
+
+    monkeypatch.delenv("ASYNCBG_DASHBOARD_TOKEN", raising=False)
+    assert main(["dashboard", "--ledger", str(path), "--allow-actions"]) == 2
+    assert "ASYNCBG_DASHBOARD_TOKEN" in capsys.readouterr().err

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
+from typing import Any
+
+import anyio
 
 __all__ = ["add_command", "dashboard"]
 
@@ -72,13 +76,30 @@ def dashboard(args: argparse.Namespace) -> int:
         return 2
     if args.allow_actions and "OPENAI_API_KEY" not in os.environ:
         _say("warning: OPENAI_API_KEY is not set; cancels from the page will fail")
-    _say(f"dashboard for {app.state.board.source.location} at http://{args.host}:{args.port}/")
-    try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
-                    lifespan="on")
+    board = app.state.board
+    try:  # a missing or foreign ledger is one line now, not a traceback from the lifespan
+        anyio.run(_can_read, board.source)
     except LedgerError as exc:
         _say(str(exc))
         return 2
+    try:
+        sock = socket.create_server((args.host, args.port))
+    except OSError as exc:
+        _say(f"cannot listen on {args.host}:{args.port} ({exc.strerror or exc}); "
+             "pass another --port")
+        return 2
+    _say(f"dashboard for {board.source.location} at http://{args.host}:{args.port}/ "
+         f"({'actions allowed with the token' if args.allow_actions else 'read-only'})")
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    try:
+        server.run(sockets=[sock])
     except KeyboardInterrupt:
         return 130
+    finally:
+        sock.close()
     return 0
+
+
+async def _can_read(source: Any) -> None:
+    await source.open()
+    await source.close()
