@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -27,14 +26,13 @@ def token_matches(given: str | None, expected: str) -> bool:
     return given is not None and hmac.compare_digest(given.encode(), expected.encode())
 
 
-@dataclass(frozen=True, slots=True)
-class Cancelled:
-    """What a cancel did for one key: the status the server gave, or why nothing was sent."""
+#: What a cancel did for one key: ``key``, ``response_id``, ``status`` (the server's, or
+#: ``not_live`` when nothing was sent) and ``error``, as the action's JSON answer says it.
+Cancelled = dict[str, str | None]
 
-    key: str
-    response_id: str | None
-    status: str
-    error: str | None
+
+def _cancelled(key: str, response_id: str | None, status: str, error: str | None) -> Cancelled:
+    return {"key": key, "response_id": response_id, "status": status, "error": error}
 
 
 class Actions:
@@ -69,14 +67,14 @@ class Actions:
                                 try:
                                     jobs.append(await mgr.attach(key))
                                 except LookupError as exc:
-                                    done.append(Cancelled(key, None, "not_live", str(exc)))
+                                    done.append(_cancelled(key, None, "not_live", str(exc)))
                             async with anyio.create_task_group() as tg:
                                 for job in jobs:
                                     if not job.done:
                                         tg.start_soon(job.cancel)
                 finally:
                     await _close(client)
-                return [*done, *(Cancelled(j.key, j.response_id, j.status.value, j.error)
+                return [*done, *(_cancelled(j.key, j.response_id, j.status.value, j.error)
                                  for j in jobs)]
             finally:
                 await ledger.close()

@@ -313,9 +313,7 @@ class Board:
         except LedgerError as exc:
             return JSONResponse({"error": str(exc)}, 503)
         await self.refresh(force=True)
-        return JSONResponse({"cancelled": [
-            {"key": c.key, "response_id": c.response_id, "status": c.status,
-             "error": c.error} for c in done]})
+        return JSONResponse({"cancelled": done})
 
     async def retry_notifications(self, request: Request) -> Response:
         refused = self._refused(request)

@@ -20,6 +20,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from .._ledgers._shared import WorkerInfo as Worker
+
 __all__ = [
     "LATENCY_EDGES",
     "TERMINAL",
@@ -131,17 +133,6 @@ class UsageRow:
     #: Jobs by :func:`latency_bucket` of the time between the server finishing a response
     #: (its ``completed_at``) and asyncbg recording it.
     seen: tuple[int, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Worker:
-    owner: str
-    host: str
-    pid: int
-    started: float
-    seen: float
-    lease: float
-    held: int
 
 
 @dataclass(frozen=True, slots=True)
