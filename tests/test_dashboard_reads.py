@@ -223,3 +223,36 @@ def test_the_command_says_what_is_wrong_in_one_line(
     monkeypatch.delenv("ASYNCBG_DASHBOARD_TOKEN", raising=False)
     assert main(["dashboard", "--ledger", str(path), "--allow-actions"]) == 2
     assert "ASYNCBG_DASHBOARD_TOKEN" in capsys.readouterr().err
+
+
+def test_workers_notifications_and_retrying_the_failed_ones(tmp_path: Path) -> None:
+    import sqlite3
+    import time
+
+    from starlette.testclient import TestClient
+
+    path = tmp_path / "j.db"
+    anyio.run(_one_finished, path)
+    now = time.time()
+    with sqlite3.connect(path) as db:  # what a fleet and its notification sender leave behind
+        db.execute("INSERT INTO workers VALUES ('w-1', 'box', 42, ?, ?, 30)", (now - 90, now))
+        db.executemany(
+            "INSERT INTO outbox (id, key, url, body, state, attempts, created, next_at, error,"
+            " http_status) VALUES (?, 'one', 'https://hooks.example/in', x'7b7d', ?, 3, ?, ?, ?,"
+            " ?)", [("n1", "failed", now, now, "gone", 410), ("n2", "pending", now, now, None,
+                                                             None)])
+    db.close()
+    app = asyncbg.dashboard_app(path, allow_actions=True, token=TOKEN,
+                                client=lambda: pytest.fail("no client for a retry"))
+    with TestClient(app) as web:
+        page = web.get("/").text
+        assert "w-1" in page and "box · 42" in page
+        assert "https://hooks.example/in" in page and "HTTP 410: gone" in page
+        assert web.post("/actions/retry-notifications").status_code == 401
+        retried = web.post("/actions/retry-notifications",
+                           headers={"X-Asyncbg-Token": TOKEN})
+        assert retried.json() == {"retried": 1}
+    with sqlite3.connect(path) as db:
+        states = sorted(r[0] for r in db.execute("SELECT state FROM outbox"))
+    db.close()
+    assert states == ["pending", "pending"]
