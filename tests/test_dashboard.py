@@ -201,7 +201,11 @@ def test_cancel_needs_the_token_and_cancels_on_the_server(world: World, page: An
 
     page.on("dialog", lambda dialog: dialog.accept())
     page.fill("#token", TOKEN)
-    keep.locator("button[data-action=cancel]").click()
+    with page.expect_response("**/actions/cancel") as answer:
+        keep.locator("button[data-action=cancel]").click()
+    assert answer.value.status == 200, answer.value.text()
+    [cancelled] = answer.value.json()["cancelled"]
+    assert (cancelled["key"], cancelled["status"]) == ("keep-0", "cancelled"), cancelled
     expect(shown(page, "cancelled")).to_have_text("1")
     assert world.server.status_of(response_id) == "cancelled"
     assert ledger_counts(world.path)["cancelled"] == 1
