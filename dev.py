@@ -4,6 +4,7 @@
     python3 dev.py demo    # fan out ~200 background responses against the built-in fake server
     python3 dev.py test    # ruff, mypy --strict and the test suite (with a throwaway PostgreSQL)
     python3 dev.py bench   # the benchmark harness (pass --quick for a short run)
+    python3 dev.py soak --minutes N   # the engine driven at random with faults, fresh seeds
 
 Only the standard library is used here, so it runs on a fresh clone with nothing but python3.
 """
@@ -118,7 +119,7 @@ def _exit_on_signal(signum: int, _frame: object) -> None:
 
 def main(argv: list[str]) -> int:
     task, *rest = argv or ["help"]
-    if task not in {"demo", "test", "bench", "lint"}:
+    if task not in {"demo", "test", "bench", "lint", "soak"}:
         print(__doc__)
         return 0 if task == "help" else 2
     ensure_venv()
@@ -126,6 +127,8 @@ def main(argv: list[str]) -> int:
         return run("-m", "asyncbg", "demo", *rest)
     if task == "bench":
         return run("benchmarks/run.py", *rest)
+    if task == "soak":
+        return run("-m", "tests.soak", *rest)
     paths = [p for p in ("asyncbg", "tests", "benchmarks") if (ROOT / p).is_dir()]
     lint = run("-m", "ruff", "check", *paths) or run(
         "-m", "mypy", "--strict", "asyncbg"

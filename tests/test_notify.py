@@ -120,12 +120,12 @@ async def test_a_callback_may_submit_more_work(client: AsyncOpenAI) -> None:
     async with manager(client) as mgr:
         async def follow_up(job: asyncbg.Job) -> None:
             if job.key == "first":
-                await mgr.submit(key="second", model="m", input="y")
+                mgr_jobs.append(await mgr.submit(key="second", model="m", input="y"))
 
         mgr_jobs = [await mgr.submit(key="first", model="m", input="x")]
         mgr_jobs[0].add_done_callback(follow_up)
-    assert [j.key for j in mgr.jobs] == ["first", "second"]
-    assert all(j.status is JobStatus.COMPLETED for j in mgr.jobs)
+    assert [j.key for j in mgr.jobs] == ["first", "second"]  # the jobs this test holds
+    assert all(j.status is JobStatus.COMPLETED for j in mgr_jobs)
 
 
 # -- webhooks --------------------------------------------------------------------------------------
@@ -137,9 +137,9 @@ async def test_each_outcome_is_posted_signed_with_the_body_of_the_contract(
 ) -> None:
     outcomes = {"ok": "completed", "bad": "failed", "cut": "incomplete"}
     async with manager(client, journal=tmp_path / "j.db", notify=fast(receiver.url)) as mgr:
-        for key, outcome in outcomes.items():
-            await mgr.submit(key=key, model="gpt-4o-mini", input="x",
-                             metadata=meta(0.02, outcome))
+        held = {key: await mgr.submit(key=key, model="gpt-4o-mini", input="x",
+                                      metadata=meta(0.02, outcome))
+                for key, outcome in outcomes.items()}
         stuck = await mgr.submit(key="stop", model="gpt-4o-mini", input="x",
                                  metadata=meta(30))
         await stuck.wait_accepted()
@@ -156,7 +156,7 @@ async def test_each_outcome_is_posted_signed_with_the_body_of_the_contract(
     assert set(ok.payload) == {"type", "timestamp", "data"}
     assert ok.payload["timestamp"].endswith("Z")
     data = ok.data
-    job = next(j for j in mgr.jobs if j.key == "ok")
+    job = held["ok"]
     assert data == {
         "key": "ok", "custom_id": "ok", "response_id": job.response_id, "status": "completed",
         "error": None, "created_at": data["created_at"], "completed_at": data["completed_at"],

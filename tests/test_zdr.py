@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 
@@ -41,7 +42,9 @@ async def test_journal_bodies_false_keeps_no_response_on_disk(
     con = sqlite3.connect(db)
     bodies = con.execute("SELECT response FROM jobs").fetchall()
     con.close()
-    assert bodies == [(None,)]
+    # what it cost is kept (a rerun counts it against max_cost), not what it said
+    kept = json.loads(bodies[0][0])
+    assert "output" not in kept and kept["usage"]["output_tokens"] == 1000
     files = [p async for p in anyio.Path(tmp_path).glob("j.db*")]
     on_disk = b"".join([await p.read_bytes() for p in files])
     assert b"echo: a secret answer" not in on_disk  # the request is kept; the answer is not
