@@ -21,7 +21,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 import asyncbg
 from asyncbg.testing import FakeResponsesServer, LatencyModel, fake_client
 
-from .conftest import FAST_POLL, meta
+from .conftest import FAST_POLL, FAST_RETRY, meta
 
 
 async def run_jobs(hooks: asyncbg.OpenTelemetry) -> list[asyncbg.Job]:
@@ -166,3 +166,44 @@ async def test_the_metrics_port_option() -> None:
                 pass
     with pytest.raises(SystemExit):
         parser.parse_args(["--metrics-port", "70000"])
+
+
+@pytest.mark.asyncio
+async def test_through_the_engine() -> None:
+    """The engine calls the hooks itself (BackgroundManager(hooks=...))."""
+    spans = InMemorySpanExporter()
+    tracing = TracerProvider()
+    tracing.add_span_processor(SimpleSpanProcessor(spans))
+    reader = InMemoryMetricReader()
+    hooks = asyncbg.OpenTelemetry(tracer_provider=tracing,
+                                  meter_provider=MeterProvider(metric_readers=[reader]))
+    server = FakeResponsesServer(latency=LatencyModel.fixed(0.03))
+    server.inject("429", route="create", retry_after=0.01)
+    client = fake_client(server)
+    try:
+        async with asyncbg.BackgroundManager(client, poll_policy=FAST_POLL, retry_policy=FAST_RETRY,
+                                             hooks=[hooks]) as mgr:
+            jobs = [await mgr.submit(model="gpt-5.2", input="hi", key=f"k{i}",
+                                     metadata=meta(outcome="failed" if i == 2 else None))
+                    for i in range(3)]
+            await mgr.wait_all(jobs)
+            stats = mgr.statistics()
+    finally:
+        await client.close()
+    finished = {s.attributes["asyncbg.job.key"]: s for s in spans.get_finished_spans()}
+    assert set(finished) == {"k0", "k1", "k2"}
+    for job in jobs:
+        a = finished[job.key].attributes
+        assert a["gen_ai.response.id"] == job.response_id
+        assert a["asyncbg.poll.count"] >= 1
+        assert ("error.type" in a) is (job.key == "k2")
+    creates = [e for s in finished.values() for e in s.events if e.name == "asyncbg.create"]
+    assert sorted(e.attributes["http.response.status_code"] for e in creates) == [200, 200, 200,
+                                                                                   429]
+    m = points(reader)
+    assert [p.value for p in m["asyncbg.jobs.live"]] == [0]
+    assert [p.value for p in m["asyncbg.rate_limited"]] == [1]
+    polls = sum(p.value for p in m["asyncbg.requests"]
+                if p.attributes["asyncbg.request.kind"] == "poll")
+    assert polls == stats.polls
+    assert sum(p.count for p in m["gen_ai.client.operation.duration"]) == 3
