@@ -17,7 +17,9 @@ semantic conventions as of schema 1.44.0 (status: development) where they fit:
   ``gen_ai.client.operation.duration`` histograms, and asyncbg's ``asyncbg.jobs.live``
   (up-down counter), ``asyncbg.jobs.finished``, ``asyncbg.requests`` (by kind and HTTP status),
   ``asyncbg.rate_limited`` (429s), ``asyncbg.cost`` (US dollars) and the
-  ``asyncbg.request.duration`` histogram.
+  ``asyncbg.request.duration`` histogram; and, for the managers given to
+  :meth:`OpenTelemetry.observe`, ``asyncbg.jobs.waiting`` and the notifications delivered,
+  failed and given up, read from ``statistics()`` at each collection.
 
 It uses only ``opentelemetry-api``: with no SDK configured every call is a no-op, and asyncbg
 does no work to fill in a span that nobody records. :func:`serve_metrics` serves the same
@@ -29,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import time
+import weakref
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -44,6 +47,19 @@ TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4
                  16777216, 67108864)
 DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
                     40.96, 81.92, 163.84, 327.68, 655.36, 1310.72, 2621.44)
+
+
+#: What :meth:`OpenTelemetry.observe` reports: (instrument, statistics field, kind, description).
+_OBSERVED = (
+    ("asyncbg.jobs.waiting", "pending", "up_down",
+     "Jobs submitted and waiting for a slot (not sent yet)."),
+    ("asyncbg.notifications.delivered", "notifications_delivered", "counter",
+     "Completion notifications answered 2xx."),
+    ("asyncbg.notifications.failed", "notification_failures", "counter",
+     "Notification attempts that failed (each is tried again)."),
+    ("asyncbg.notifications.given_up", "notifications_given_up", "counter",
+     "Notifications marked failed: given up, or the endpoint answered 410."),
+)
 
 
 @dataclass(slots=True)
@@ -102,12 +118,39 @@ class OpenTelemetry:
         self._request_duration = meter.create_histogram(
             "asyncbg.request.duration", unit="s", description="Duration of one request.",
             explicit_bucket_boundaries_advisory=DURATION_BUCKETS)
+        self._managers: list[weakref.ref[Any]] = []
+        observation = metrics.Observation
+        for name, field, kind, description in _OBSERVED:
+            create = (meter.create_observable_counter if kind == "counter"
+                      else meter.create_observable_up_down_counter)
+            create(name, callbacks=[self._observer(field, observation)],
+                   unit="{job}" if name.startswith("asyncbg.jobs") else "{notification}",
+                   description=description)
         self._jobs: dict[Job, _Track] = {}
         #: Where :func:`serve_metrics` serves these metrics (None when it does not).
         self.metrics_url: str | None = None
 
     def __repr__(self) -> str:
         return f"OpenTelemetry(provider_name={self.provider_name!r}, jobs={len(self._jobs)})"
+
+    def observe(self, manager: Any) -> None:
+        """Also report ``manager.statistics()`` at every collection: jobs waiting for a slot and
+        the notifications delivered, failed and given up (``asyncbg.jobs.waiting``,
+        ``asyncbg.notifications.*``). The manager is held weakly."""
+        self._managers.append(weakref.ref(manager))
+
+    def _observer(self, field: str, observation: Any) -> Any:
+        def observe(_options: Any) -> list[Any]:
+            total, alive = 0, []
+            for ref in self._managers:
+                manager = ref()
+                if manager is not None:
+                    alive.append(ref)
+                    total += getattr(manager.statistics(), field)
+            self._managers[:] = alive
+            return [observation(total, {"gen_ai.provider.name": self.provider_name})]
+
+        return observe
 
     # -- the Hooks protocol ----------------------------------------------------------------------
 

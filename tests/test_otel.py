@@ -182,10 +182,13 @@ async def test_through_the_engine() -> None:
     client = fake_client(server)
     try:
         async with asyncbg.BackgroundManager(client, poll_policy=FAST_POLL, retry_policy=FAST_RETRY,
-                                             hooks=[hooks]) as mgr:
+                                             hooks=[hooks], max_concurrency=1) as mgr:
+            hooks.observe(mgr)
             jobs = [await mgr.submit(model="gpt-5.2", input="hi", key=f"k{i}",
                                      metadata=meta(outcome="failed" if i == 2 else None))
                     for i in range(3)]
+            waiting = points(reader)["asyncbg.jobs.waiting"][0].value
+            assert waiting == mgr.statistics().pending >= 1  # one slot: the others wait
             await mgr.wait_all(jobs)
             stats = mgr.statistics()
     finally:
@@ -207,3 +210,5 @@ async def test_through_the_engine() -> None:
                 if p.attributes["asyncbg.request.kind"] == "poll")
     assert polls == stats.polls
     assert sum(p.count for p in m["gen_ai.client.operation.duration"]) == 3
+    assert [p.value for p in m["asyncbg.jobs.waiting"]] == [0]
+    assert [p.value for p in m["asyncbg.notifications.given_up"]] == [0]

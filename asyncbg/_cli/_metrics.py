@@ -4,6 +4,8 @@
     ...
     async with _metrics.hooks_for(args) as hooks:        # [] without --metrics-port
         async with BackgroundManager(client, ..., hooks=hooks) as mgr:
+            for hook in hooks:
+                hook.observe(mgr)     # waiting jobs and notifications, from statistics()
             ...
 
 serves asyncbg's OpenTelemetry metrics in Prometheus text format at
