@@ -105,6 +105,27 @@ async def test_updates_read_indexes_and_the_full_scan_runs_a_bounded_share_of_th
     assert await tally.scan()
 
 
+class FullWindowSource(CountingSource):
+    """Five live jobs k0..k4 of ten; the window holds three. Then k0 finishes."""
+
+    async def start(self, *, window: int) -> Start:
+        return Start(10, {"in_progress": 5}, [_row(i) for i in range(window)], 10)
+
+    async def window(self, *, limit: int, after: int) -> tuple[list[Row], int, int]:
+        return [_row(i) for i in range(1, 1 + limit)], 0, 10
+
+
+@pytest.mark.asyncio
+async def test_a_full_window_does_not_count_the_jobs_after_it_twice() -> None:
+    tally = Tally(FullWindowSource([0.0], 0.0), window=3,  # type: ignore[arg-type]
+                  clock=lambda: 0.0)
+    await tally.start()
+    await tally.update()  # k3 comes into view: it was live all along, not waiting
+    view = tally.view()
+    assert dict(view.by_status) == {"in_progress": 4, "completed": 1}
+    assert view.unsorted == 5
+
+
 # -- the same picture from either kind of ledger --------------------------------------------------
 
 

@@ -295,9 +295,16 @@ class Tally:
         self._counts["pending"] += claimed  # claimed since: they wait
         self._max_seq = max(self._max_seq, max_seq)
         before, now = self._window, {r.key: r for r in rows}
+        # A full window hid the jobs after it: one of those moving into view was counted under
+        # its status already (the scan, or the start, saw it), not as waiting.
+        hidden_after = (max(r.seq for r in before.values())
+                        if len(before) >= self.window_size else math.inf)
         for key, row in now.items():
             old = before.get(key)
-            self._move(old.status if old is not None else "pending", row.status)
+            if old is not None:
+                self._move(old.status, row.status)
+            elif row.seq <= hidden_after:
+                self._move("pending", row.status)
         for row in gone:
             if row.key not in before:
                 continue
