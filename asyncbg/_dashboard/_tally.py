@@ -218,9 +218,11 @@ class Tally:
     # -- the view -------------------------------------------------------------------------------
 
     def view(self) -> View:
-        counts = {name: max(0, self._counts[name]) for name in ORDER if self._counts[name]}
+        # A count the window's guesses took below zero waits for the next scan at zero.
+        counts = {name: n for name in ORDER if (n := self._counts[name]) > 0}
         for name in sorted(set(self._counts) - set(ORDER)):
-            counts[name] = self._counts[name]
+            if self._counts[name] > 0:
+                counts[name] = self._counts[name]
         unsorted = max(0, self._unsorted)
         total = sum(counts.values()) + unsorted
         finished = sum(counts.get(name, 0) for name in TERMINAL) + unsorted
