@@ -277,3 +277,23 @@ def test_workers_notifications_and_retrying_the_failed_ones(tmp_path: Path) -> N
         states = sorted(r[0] for r in db.execute("SELECT state FROM outbox"))
     db.close()
     assert states == ["pending", "pending"]
+
+
+def test_mounted_in_another_app(tmp_path: Path) -> None:
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+    from starlette.testclient import TestClient
+
+    path = tmp_path / "j.db"
+    anyio.run(_one_finished, path)
+    for lifespan in (True, False):  # with the host running its lifespan, and without
+        dash = asyncbg.dashboard_app(path)
+        host = Starlette(routes=[Mount("/asyncbg", dash)],
+                         lifespan=dash.router.lifespan_context if lifespan else None)
+        with TestClient(host) as web:
+            page = web.get("/asyncbg/").text
+            assert 'href="/asyncbg/static/dash.css"' in page
+            assert 'href="/asyncbg/jobs/one"' not in page  # finished: not in the live table
+            assert web.get("/asyncbg/summary.json").json()["by_status"] == {"completed": 1}
+            assert "completed" in web.get("/asyncbg/jobs/one").text
+            assert web.get("/asyncbg/static/dash.js").status_code == 200
