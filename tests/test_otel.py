@@ -57,14 +57,20 @@ def points(reader: InMemoryMetricReader) -> dict[str, list[Any]]:
             for sm in rm.scope_metrics for m in sm.metrics}
 
 
-@pytest.mark.asyncio
-async def test_a_span_per_job_and_the_genai_metrics() -> None:
+def recorded() -> tuple[asyncbg.OpenTelemetry, InMemorySpanExporter, InMemoryMetricReader]:
+    """Hooks on the SDK, with what they record kept in memory."""
     spans = InMemorySpanExporter()
     tracing = TracerProvider()
     tracing.add_span_processor(SimpleSpanProcessor(spans))
     reader = InMemoryMetricReader()
     hooks = asyncbg.OpenTelemetry(tracer_provider=tracing,
                                   meter_provider=MeterProvider(metric_readers=[reader]))
+    return hooks, spans, reader
+
+
+@pytest.mark.asyncio
+async def test_a_span_per_job_and_the_genai_metrics() -> None:
+    hooks, spans, reader = recorded()
     good, bad = await run_jobs(hooks)
 
     finished = {s.attributes["asyncbg.job.key"]: s for s in spans.get_finished_spans()}
@@ -171,12 +177,7 @@ async def test_the_metrics_port_option() -> None:
 @pytest.mark.asyncio
 async def test_through_the_engine() -> None:
     """The engine calls the hooks itself (BackgroundManager(hooks=...))."""
-    spans = InMemorySpanExporter()
-    tracing = TracerProvider()
-    tracing.add_span_processor(SimpleSpanProcessor(spans))
-    reader = InMemoryMetricReader()
-    hooks = asyncbg.OpenTelemetry(tracer_provider=tracing,
-                                  meter_provider=MeterProvider(metric_readers=[reader]))
+    hooks, spans, reader = recorded()
     server = FakeResponsesServer(latency=LatencyModel.fixed(0.03))
     server.inject("429", route="create", retry_after=0.01)
     client = fake_client(server)
