@@ -44,6 +44,8 @@ _HERE = Path(__file__).parent
 PROMPT_FIELDS = frozenset({"input", "instructions", "messages", "prompt", "system", "contents",
                            "requests", "params", "request"})
 _BODY_LIMIT = 64 * 1024  # bytes of a final body shown on a job's page
+#: Live jobs listed on the page (every update sends them to every open page).
+LIVE_ROWS_SHOWN = 300
 
 
 def open_source(ledger: str | os.PathLike[str]) -> Source:
@@ -101,6 +103,7 @@ def _environment() -> jinja2.Environment:
     env.filters["when"] = _when
     env.globals["bars"] = lambda *a, **k: markupsafe.Markup(bars(*a, **k))
     env.globals["latency_labels"] = latency_labels()
+    env.globals["live_rows_shown"] = LIVE_ROWS_SHOWN
     env.globals["minute_labels"] = [f"-{59 - i}m" if i < 59 else "now" for i in range(60)]
     return env
 
