@@ -180,7 +180,7 @@ class _Worker:
         self.down_since: float | None = None
         self.to_requeue: set[str] = set()
         self.to_release: set[str] = set()
-        #: (message, code) once the server refused this worker's account (see _settle).
+        #: (message, code) once the server refused this worker's account (see _collect).
         self.refused: tuple[str, str] | None = None
         self.exit_when_idle = exit_when_idle
         self.concurrency = concurrency
@@ -202,14 +202,14 @@ class _Worker:
         while True:
             self.wake = anyio.Event()
             try:
-                await self._settle(mgr)
+                await self._collect(mgr)
             except LedgerUnavailable as exc:
                 self._ledger_down(exc)
             if self.stop.is_set():
                 raise _Stopped
             try:
                 if self.to_requeue or self.to_release:
-                    await self._settle(mgr)
+                    await self._collect(mgr)
                 records = await self._take_work(mgr)
                 idle = (self.exit_when_idle and not self.jobs and not records
                         and await self.ledger.unfinished() == 0)
@@ -292,7 +292,7 @@ class _Worker:
         if keys:
             await self.ledger.requeue(keys)
 
-    async def _settle(self, mgr: BackgroundManager) -> None:
+    async def _collect(self, mgr: BackgroundManager) -> None:
         """Forget jobs that ended or were lost. Those that ended without reaching the server
         go back to waiting, for another worker or a later run: the leases of those that
         ended unrecorded are handed back, those recorded ``local`` are requeued."""

@@ -81,6 +81,10 @@ class ManagerStatistics:
     notifications_delivered: int = 0
     notification_failures: int = 0
     notifications_given_up: int = 0
+    #: Requests out right now (creates, polls, cancels), and jobs waiting before they try again
+    #: (a server's Retry-After, or a backoff after an error): not in flight.
+    requests_in_flight: int = 0
+    retrying: int = 0
 
 
 class BackgroundManager:
@@ -224,7 +228,8 @@ class BackgroundManager:
         if isinstance(self.journal, SharedLedger):
             # A ledger shared by several processes: renew this one's leases in batches, and
             # stop running a job whose lease another process took over.
-            tg.start_soon(keep_leases, self.journal, self._scheduler.drop, name="asyncbg leases")
+            tg.start_soon(keep_leases, self.journal, self._scheduler.drop,
+                          self._scheduler.leases_renewed, name="asyncbg leases")
         self._tg = tg
         self._state = _State.OPENED
         return self
@@ -363,8 +368,10 @@ class BackgroundManager:
         if self.journal is None:
             self._scheduler.add(job, prepared, policy, deadline=at)
             return job
+        claimed_at = anyio.current_time()  # a lease taken by this claim runs from here
         try:
             claim = await self.journal.claim(key, digest(prepared), canonical(prepared))
+            self._scheduler.lease_taken(key, claimed_at)
         except BaseException:
             del self._jobs[key]
             raise
@@ -509,6 +516,8 @@ class BackgroundManager:
             output_tokens=spend.output_tokens,
             reasoning_tokens=spend.reasoning_tokens,
             rate_limited=self.meter.pacer.statistics().rate_limited,
+            requests_in_flight=s.requests_limiter.total - s.requests_limiter.free,
+            retrying=s.retrying,
             **(self._sender.counters() if self._sender is not None else {}),
         )
 

@@ -156,3 +156,67 @@ async def test_the_refused_codes_are_the_accounts() -> None:
 
     assert "insufficient_quota" in ACCOUNT_CODES and "invalid_api_key" in ACCOUNT_CODES
     assert isinstance(asyncbg.LedgerUnavailable("x"), asyncbg.LedgerError)
+
+
+async def test_a_worker_that_takes_its_own_running_key_again_does_not_fail_it(
+    tmp_path: Path,
+) -> None:
+    """Its lease ran out while it ran the key, and its own claim took it again: the old handle
+    is dropped and the job goes on (it was recorded ``failed`` as a duplicate key before)."""
+    from asyncbg._fleet import _Worker
+
+    server = FakeResponsesServer(latency=LatencyModel.fixed(0.3))
+    db = tmp_path / "fleet.db"
+    ledger = SharedSQLiteLedger(db, lease=5.0)
+    await ledger.open()
+    await enqueue_requests(ledger, lines(1, 0.3))
+    client = fake_client(server)
+    try:
+        async with asyncbg.BackgroundManager(client, journal=ledger,
+                                             poll_policy=FAST_POLL) as mgr:
+            worker = _Worker(ledger, concurrency=2, lease=5.0, stop=anyio.Event(), idle=0.05,
+                             exit_when_idle=True)
+            (record,) = await ledger.acquire(1, 5.0)
+            await worker._start(mgr, record.key, record.request)
+            first = worker.jobs["r0"]
+            await first.wait_accepted(timeout=10)
+            await worker._start(mgr, record.key, record.request)  # the same key, again
+            second = worker.jobs["r0"]
+            await second.wait(timeout=10)
+        assert second.status is asyncbg.JobStatus.COMPLETED
+        assert second.response_id == first.response_id and server.counters.creates == 1
+        final = await ledger.get("r0")
+        assert final is not None and final.status == "completed"
+    finally:
+        await ledger.close()
+        await client.close()
+
+
+async def test_a_create_is_not_sent_when_too_little_of_its_lease_is_left(
+    tmp_path: Path,
+) -> None:
+    """A process stopped past its lease (SIGSTOP) wakes with a create about to leave: its own
+    monotonic clock says the lease may be someone else's now, so the create is not sent."""
+    server = FakeResponsesServer(latency=LatencyModel.fixed(0.05))
+    client = fake_client(server)
+    ledger = SharedSQLiteLedger(tmp_path / "fleet.db", lease=3.0)
+    try:
+        async with asyncbg.BackgroundManager(client, journal=ledger,
+                                             poll_policy=FAST_POLL) as mgr:
+            scheduler = mgr._scheduler
+            real = scheduler.lease_taken
+
+            def stopped_for_a_while(key: str, at: float) -> None:
+                real(key, at - 2.5)  # as if the claim was sent 2.5 s (of 3) ago
+
+            scheduler.lease_taken = stopped_for_a_while  # type: ignore[method-assign]
+            job = await mgr.submit(key="k", model="m", input="x")
+            with pytest.raises(asyncbg.ManagerStateError):  # left, not sent
+                await job.wait(timeout=10)
+            scheduler.lease_taken = real  # type: ignore[method-assign]
+            fine = await mgr.submit(key="other", model="m", input="x")
+            await fine.wait(timeout=10)
+        assert server.counters.creates == 1  # "other" only
+        assert fine.status is asyncbg.JobStatus.COMPLETED
+    finally:
+        await client.close()

@@ -10,6 +10,7 @@ import anyio
 import pytest
 from openai import AsyncOpenAI
 
+import asyncbg
 from asyncbg import JobStatus
 
 from .conftest import manager
@@ -49,6 +50,9 @@ async def test_journal_bodies_false_keeps_no_response_on_disk(
     on_disk = b"".join([await p.read_bytes() for p in files])
     assert b"echo: a secret answer" not in on_disk  # the request is kept; the answer is not
     # the id and status are kept, so a rerun serves the outcome without paying again
-    async with manager(client, journal=db, journal_bodies=False) as mgr:
+    prices = {"m": asyncbg.Price(input=1.0, output=1.0)}
+    async with manager(client, journal=db, journal_bodies=False, prices=prices) as mgr:
         again = await mgr.submit(key="k", model="m", input="a secret answer")
     assert again.status is JobStatus.COMPLETED and again.response_id == job.response_id
+    # what the first run spent counts on a rerun (a rerun's max_cost bounds the whole run)
+    assert mgr.statistics().cost > 0 and mgr.statistics().output_tokens == 1000

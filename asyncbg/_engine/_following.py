@@ -50,6 +50,8 @@ class SharedLedgerSteps(Steps):
 
         def _detach(self, entry: Entry) -> None: ...
 
+        def lease_taken(self, key: str, at: float) -> None: ...
+
     def follow(self, job: Job, params: dict[str, Any], policy: PollPolicy, *,
                deadline: float | None = None) -> Entry:
         """Queue a job another live process runs (a FOLLOW claim): it reads the ledger, at the
@@ -65,8 +67,11 @@ class SharedLedgerSteps(Steps):
             record = await ledger.get(job.key)
             claim = None
             if record is None or not record.terminal:
+                claimed_at = anyio.current_time()
                 claim = await ledger.claim(job.key, digest(params), canonical(params))
                 record = claim.record
+                if claim.outcome is not ClaimOutcome.FOLLOW:
+                    self.lease_taken(job.key, claimed_at)
         except LeaseLost:
             raise
         except LedgerError as exc:  # unreachable for now: read it again later

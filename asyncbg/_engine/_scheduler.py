@@ -23,7 +23,7 @@ import heapq
 import itertools
 import math
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import anyio
@@ -113,6 +113,9 @@ class Scheduler(SharedLedgerSteps):
         #: Keys whose claim said FOLLOW (shared ledgers), until they end or are taken over.
         self._following: set[str] = set()
         self._shared = isinstance(ledger, SharedLedger)
+        #: Shared ledgers: when each key's lease runs out by this process's monotonic clock
+        #: (it runs on through a SIGSTOP), from the claim or renewal that last held it.
+        self._lease_until: dict[str, float] = {}
         #: The shields of creates in flight (they get a deadline when the manager exits).
         self._shields: set[anyio.CancelScope] = set()
         #: Set by :meth:`close`: no create starts after it; shields and writes end by it.
@@ -343,6 +346,7 @@ class Scheduler(SharedLedgerSteps):
             self._by_response_id.pop(rid, None)
         self._entries.pop(job.key, None)
         self._following.discard(job.key)
+        self._lease_until.pop(job.key, None)
         self._kick.set()
         if not self._entries and self._idle is not None:
             self._idle.set()
@@ -362,6 +366,31 @@ class Scheduler(SharedLedgerSteps):
         """Leave ``entry`` running on the server (its waiters learn so)."""
         entry.control.detach()
         self._close(entry)
+
+    # -- leases (shared ledgers) -----------------------------------------------------------------
+
+    def lease_taken(self, key: str, at: float) -> None:
+        """A claim sent at ``at`` (monotonic) took or kept ``key``'s lease."""
+        if self._shared:
+            assert isinstance(self.ledger, SharedLedger)
+            self._lease_until[key] = at + self.ledger.lease
+
+    def leases_renewed(self, keys: Collection[str], at: float) -> None:
+        """A renewal sent at ``at`` extended these leases."""
+        assert isinstance(self.ledger, SharedLedger)
+        until = at + self.ledger.lease
+        for key in keys:
+            if key in self._entries:
+                self._lease_until[key] = until
+
+    def _lease_left(self, entry: Entry) -> bool:
+        """Before a create leaves: is enough of this key's lease left, by our own clock, that
+        no other process can have taken it over (a third of the lease, one renewal period)?"""
+        if not self._shared:
+            return True
+        assert isinstance(self.ledger, SharedLedger)
+        until = self._lease_until.get(entry.job.key)
+        return until is not None and until - anyio.current_time() >= self.ledger.lease / 3
 
     # -- the ledger --------------------------------------------------------------------------------
 
@@ -565,6 +594,11 @@ class Scheduler(SharedLedgerSteps):
     @property
     def waiting(self) -> int:
         return len(self._entries) - self._active
+
+    @property
+    def retrying(self) -> int:
+        """Jobs napping before another attempt of a request that failed."""
+        return sum(1 for e in self._entries.values() if e.attempt and e.step is None)
 
     def entries(self) -> list[Entry]:
         return list(self._entries.values())

@@ -133,6 +133,20 @@ class Steps:
     def _lease_lost(self, entry: Entry, exc: LeaseLost | None) -> None:
         raise NotImplementedError
 
+    def _lease_left(self, entry: Entry) -> bool:
+        raise NotImplementedError
+
+    def _fenced(self, entry: Entry) -> bool:
+        """A create is fenced by its lease: True (and the job handed back) when too little of
+        it is left to be sure no other process took the key over (a SIGSTOP, a ledger that did
+        not take renewals)."""
+        if self._lease_left(entry):
+            return False
+        _log.warning("job.lease_expiring", key=entry.job.key,
+                     action="not sent: another process may own this key now")
+        self._lease_lost(entry, None)
+        return True
+
     async def _write(self, call: Callable[[], Awaitable[T]]) -> T:
         raise NotImplementedError
 
@@ -178,6 +192,8 @@ class Steps:
             self._start_stream(entry, admitted)  # the stream's open is its create
             return None
         with admitted as ticket:
+            if self._fenced(entry):
+                return None
             if self.ledger is not None:
                 try:
                     await self.ledger.sending(job.key, resubmit=entry.resubmit)
@@ -189,6 +205,8 @@ class Steps:
                     return self._ledger_failed(exc)
                 self._ledger_ok()
             await permit.acquire()
+            if self._fenced(entry):  # checked again right before it leaves
+                return None
             entry.resubmit = False
             entry.sent = True
             with anyio.CancelScope(shield=True) as shield:
