@@ -211,6 +211,12 @@ def test_cancel_needs_the_token_and_cancels_on_the_server(world: World, page: An
     assert ledger_counts(world.path)["cancelled"] == 1
     expect(page.locator('#live tr[data-key="keep-1"]')).to_have_count(1)  # only that one
 
+    with page.expect_response("**/actions/cancel") as answer:  # the token is remembered
+        page.locator("button[data-action=cancel-all]").click()
+    assert [c["key"] for c in answer.value.json()["cancelled"]] == ["keep-1"]
+    expect(shown(page, "cancelled")).to_have_text("2")
+    expect(page.locator("#live tbody tr[data-key]")).to_have_count(0)
+
 
 def test_the_page_fits_a_phone(world: World, browser: Any) -> None:
     from playwright.sync_api import expect
