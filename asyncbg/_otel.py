@@ -222,8 +222,8 @@ class OpenTelemetry:
             span.set_attribute("asyncbg.poll.count", track.polls)
             if job.response_id:
                 span.set_attribute("gen_ai.response.id", job.response_id)
-                batch = job.response_id.split(":", 1)[0] if ":" in job.response_id else None
-                if batch:
+                batch, sep, _custom_id = job.response_id.rpartition("#")
+                if sep and batch:  # a batch provider's job: "<batch_id>#<custom_id>"
                     span.set_attribute("asyncbg.batch.id", batch)
             tier = _response_field(job, "service_tier")
             if tier:
