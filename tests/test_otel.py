@@ -213,3 +213,24 @@ async def test_through_the_engine() -> None:
     assert sum(p.count for p in m["gen_ai.client.operation.duration"]) == 3
     assert [p.value for p in m["asyncbg.jobs.waiting"]] == [0]
     assert [p.value for p in m["asyncbg.notifications.given_up"]] == [0]
+
+
+@pytest.mark.asyncio
+async def test_a_batch_jobs_span_names_its_batch() -> None:
+    from asyncbg.providers import OpenAIBatch
+    from asyncbg.testing import BatchTiming
+
+    hooks, spans, _ = recorded()
+    server = FakeResponsesServer(latency=LatencyModel.fixed(0.05))
+    server.batches.timing = BatchTiming(validating=0.01, finalizing=0.01, cancelling=0.01)
+    client = fake_client(server)
+    try:
+        async with asyncbg.BackgroundManager(OpenAIBatch(client, batch_delay=0.05),
+                                             poll_policy=FAST_POLL, hooks=[hooks]) as mgr:
+            job = await mgr.submit(key="a", model="gpt-5", input="x")
+            await job.wait()
+    finally:
+        await client.close()
+    [span] = spans.get_finished_spans()
+    assert job.response_id is not None
+    assert span.attributes["asyncbg.batch.id"] == job.response_id.rpartition("#")[0] != ""
