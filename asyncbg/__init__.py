@@ -5,6 +5,7 @@
         response = await job.result()
 """
 
+from ._dashboard import dashboard_app
 from ._engine._job import Job
 from ._engine._webhooks import webhook_app
 from ._errors import (
@@ -28,6 +29,7 @@ from ._ledgers import (
 )
 from ._manager import BackgroundManager, ManagerStatistics
 from ._notify._notify import Notify
+from ._otel import OpenTelemetry, serve_metrics
 from ._policies import PollPolicy, RetryPolicy
 from ._spend._pacing import RateLimit
 from ._spend._pricing import Price
@@ -68,6 +70,7 @@ __all__ = [
     "ManagerStatistics",
     "MemoryLedger",
     "Notify",
+    "OpenTelemetry",
     "Outcome",
     "PollPolicy",
     "Price",
@@ -76,6 +79,8 @@ __all__ = [
     "RetryPolicy",
     "SQLiteLedger",
     "__version__",
+    "dashboard_app",
+    "serve_metrics",
     "webhook_app",
 ]
 

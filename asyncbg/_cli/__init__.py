@@ -3,8 +3,8 @@
 One module per verb: ``_run`` (a Batch API file, with ``_input`` reading it, ``_output`` the
 output view of the journal and ``_signals`` the interrupts), ``_ops`` (``status`` and
 ``cancel``), ``_demo`` (``demo`` and ``fake-server``), ``_fleet`` (``submit``, ``worker``,
-``results``, ``retry``), ``_notify`` (``notify``, and ``--notify``); ``_progress`` and
-``_logging`` are shared.
+``results``, ``retry``), ``_notify`` (``notify``, and ``--notify``), ``_dashboard``
+(``dashboard``); ``_progress`` and ``_logging`` are shared.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import anyio
 
-from . import _demo, _fleet, _notify
+from . import _dashboard, _demo, _fleet, _notify
 from ._logging import LEVELS, configure_logging
 
 __all__ = ["build_parser", "main"]
@@ -160,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--median", type=float, default=0.7,
                       help="median response time in seconds (default: 0.7)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    demo.add_argument("--journal", metavar="PATH",
+                      help="record the run in this SQLite journal (watch it with `asyncbg "
+                           "dashboard --ledger PATH`); a rerun resumes it")
     _add_logging_options(demo)
 
     fake = sub.add_parser("fake-server", help="serve the fake Responses API over HTTP",
@@ -199,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     fake.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     _fleet.add_commands(sub)  # submit, worker, results: a fleet sharing one ledger
     _notify.add_command(sub)  # notify: send what a ledger's outbox holds
+    _dashboard.add_command(sub)  # dashboard: a live web page over a ledger
     return parser
 
 
@@ -209,6 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ._demo import fake_server
 
         return fake_server(args)
+    if args.command == "dashboard":
+        return _dashboard.dashboard(args)
     if args.command == "status":
         from ._ops import status
 

@@ -47,7 +47,8 @@ async def demo(args: argparse.Namespace) -> int:
     tally = Tally(total=args.jobs)
     try:
         async with BackgroundManager(
-            client, max_concurrency=args.concurrency, poll_policy=poll, retry_policy=retry
+            client, max_concurrency=args.concurrency, poll_policy=poll, retry_policy=retry,
+            journal=args.journal,
         ) as mgr:
 
             def live() -> Live:
