@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import anyio
 
 from . import _log
+from ._engine._hooks import Hooks
 from ._engine._job import Job
 from ._errors import DuplicateKeyError, JournalMismatchError
 from ._ledgers._base import LedgerUnavailable, Outcome, Record, canonical, digest
@@ -110,6 +111,7 @@ async def run_worker(
     idle: float | None = None,
     notify: Notify | None = None,
     db_patience: float = 300.0,
+    hooks: Sequence[Hooks] = (),
 ) -> int:
     """Run the jobs of ``ledger`` until ``stop`` is set (or, with ``exit_when_idle``, until
     nothing is waiting or live in it); returns 0.
@@ -146,8 +148,12 @@ async def run_worker(
                     client, journal=ledger, cancel_on_exit=False,
                     max_concurrency=2 * concurrency,  # room for adopted responses (see run)
                     poll_policy=poll_policy, retry_policy=retry_policy, notify=notify,
-                    ledger_patience=db_patience,
+                    ledger_patience=db_patience, hooks=hooks,
                 ) as mgr:
+                    for hook in hooks:
+                        observe = getattr(hook, "observe", None)
+                        if observe is not None:
+                            observe(mgr)  # gauges read from statistics()
                     await worker.run(mgr)
             except _Stopped:
                 pass

@@ -90,9 +90,14 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                    help="create an SQLite ledger that does not exist yet (by default a worker "
                         "refuses a path that `asyncbg submit` did not make: a typo, most "
                         "likely)")
+    p.add_argument("--db-patience", type=_positive, default=300.0, metavar="SECONDS",
+                   help="how long to wait out a ledger that cannot be reached (a database "
+                        "restarting, a dropped connection) before stopping (default: 300)")
+    from . import _metrics
     from ._notify import add_options as add_notify_options
 
     add_notify_options(p)  # --notify URL, --notify-wait SECONDS
+    _metrics.add_option(p)  # --metrics-port PORT
     _logging_options(p)
 
     p = sub.add_parser(
@@ -179,6 +184,7 @@ async def submit(args: argparse.Namespace) -> int:
 
 async def worker(args: argparse.Namespace) -> int:
     """``asyncbg worker --ledger LEDGER``: run jobs until stopped or, if asked, idle."""
+    from . import _metrics
     from ._notify import notify_option
 
     try:
@@ -199,10 +205,14 @@ async def worker(args: argparse.Namespace) -> int:
         async with anyio.create_task_group() as tg:
             await tg.start(_watch_signals, stop, received, tg.cancel_scope)
             try:
-                await run_worker(client, ledger,
-                                 concurrency=args.concurrency, lease=args.lease,
-                                 exit_when_idle=args.exit_when_idle, stop=stop,
-                                 notify=notify)
+                async with _metrics.hooks_for(args) as hooks:
+                    await run_worker(client, ledger,
+                                     concurrency=args.concurrency, lease=args.lease,
+                                     exit_when_idle=args.exit_when_idle, stop=stop,
+                                     notify=notify, db_patience=args.db_patience, hooks=hooks)
+            except _metrics.MetricsPortError as exc:
+                say(str(exc))
+                code = 2
             except LedgerError as exc:
                 say(str(exc))
                 code = 2
