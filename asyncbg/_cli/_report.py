@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from pathlib import Path
 
 from .._ledgers import Record
@@ -58,13 +58,15 @@ def connection_failure(sent: int, refused: int, message: str | None) -> str | No
 
 
 def summary(lines: Mapping[str, int], records: Mapping[str, Record], *,
-            extra: Sequence[tuple[str, object]]) -> str:
-    """The closing block: lines by outcome, then ``extra`` rows."""
+            extra: Sequence[tuple[str, object]], not_run: Container[str] = ()) -> str:
+    """The closing block: lines by outcome, then ``extra`` rows. ``not_run``: lines the
+    budget kept from being sent (their records may say nothing of it)."""
     counts: dict[str, int] = {}
     tokens = 0
     for custom_id in lines:
         record = records.get(custom_id)
-        status = record.status if record is not None and record.terminal else "not finished"
+        status = (record.status if record is not None and record.terminal
+                  else "not run (budget)" if custom_id in not_run else "not finished")
         counts[status] = counts.get(status, 0) + 1
         if record is not None and record.body is not None:
             tokens += tokens_of(body_of(record))["total"]

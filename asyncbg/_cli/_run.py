@@ -499,7 +499,8 @@ class _Run:
                                       "--max-cost to run exactly those"))
         extra += [("wall time", f"{self.tally.elapsed():.1f}s"), ("output", self.out.path),
                   ("journal", self.journal)]
-        print(summary(self.lines, records, extra=extra), file=sys.stderr)
+        print(summary(self.lines, records, extra=extra, not_run=self.not_run),
+              file=sys.stderr)
         return 0 if bad == 0 and problems == 0 else 1
 
 
