@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 import socket
 import stat
@@ -22,7 +21,6 @@ from typing import Any
 
 import anyio
 import pytest
-import structlog
 
 from asyncbg._cli import main
 from asyncbg._cli._output import OutputFile, RefusedPath, output_target
@@ -32,6 +30,7 @@ from asyncbg.testing import LatencyModel, UsageModel
 
 from .conftest import HttpFake
 from .test_batch_cli import request, write_input
+from .test_cli_integrity import undo_cli_logging
 
 
 @pytest.fixture
@@ -44,11 +43,7 @@ def env(http_fake: HttpFake, monkeypatch: pytest.MonkeyPatch) -> Iterator[HttpFa
     try:
         yield http_fake
     finally:
-        structlog.reset_defaults()
-        std = logging.getLogger("asyncbg")
-        std.handlers.clear()
-        std.setLevel(logging.NOTSET)
-        std.propagate = True
+        undo_cli_logging()
 
 
 def run(tmp: Path, *extra: str, output: str | None = None) -> int:

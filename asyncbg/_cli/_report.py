@@ -58,9 +58,12 @@ def connection_failure(sent: int, refused: int, message: str | None) -> str | No
 
 
 def summary(lines: Mapping[str, int], records: Mapping[str, Record], *,
-            extra: Sequence[tuple[str, object]], not_run: Container[str] = ()) -> str:
+            extra: Sequence[tuple[str, object]], not_run: Container[str] = (),
+            tokens_by_key: Mapping[str, int] | None = None) -> str:
     """The closing block: lines by outcome, then ``extra`` rows. ``not_run``: lines the
-    budget kept from being sent (their records may say nothing of it)."""
+    budget kept from being sent (their records may say nothing of it); ``tokens_by_key``:
+    token counts already known, so that a big run does not parse every body again."""
+    known = tokens_by_key or {}
     counts: dict[str, int] = {}
     tokens = 0
     for custom_id in lines:
@@ -68,7 +71,9 @@ def summary(lines: Mapping[str, int], records: Mapping[str, Record], *,
         status = (record.status if record is not None and record.terminal
                   else "not run (budget)" if custom_id in not_run else "not finished")
         counts[status] = counts.get(status, 0) + 1
-        if record is not None and record.body is not None:
+        if custom_id in known:
+            tokens += known[custom_id]
+        elif record is not None and record.body is not None:
             tokens += tokens_of(body_of(record))["total"]
     return rows([("lines", f"{len(lines)}  ({counts_text(counts) or 'none'})"),
                  ("tokens", f"{tokens:,}"), *extra])
@@ -80,8 +85,9 @@ def interrupt_message(lines: Mapping[str, int], records: Mapping[str, Record], *
     states = [records[c].state if c in records else "new" for c in lines]
     finished = sum(state in ("done", "local") for state in states)
     unsent = states.count("new") + states.count("sending")
-    # Every live response in the journal, this input's or not: all are still paid for.
-    live = sum(r.state == "live" for r in records.values())
+    # Every response the journal has an id for and no end, this input's or not: all are still
+    # paid for (creates answered while the run stopped included: their ids were recorded).
+    live = sum(r.response_id is not None and not r.terminal for r in records.values())
     said = [f"interrupted ({signal_name}): {finished} of {len(lines)} lines finished; "
             f"{live} responses still running on the server; {unsent} lines not sent"]
     if live:

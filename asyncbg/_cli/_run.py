@@ -36,6 +36,7 @@ from ._output import (
     NotOurs,
     OutputFile,
     RefusedPath,
+    StdoutOutput,
     body_of,
     output_target,
     same_path,
@@ -205,6 +206,8 @@ class _Run:
         self.existing = existing
         #: Keys the journal had finished with the server's answer when the run started.
         self.done: dict[str, _Done] = {}
+        #: custom_id -> tokens of its final body, for the lines this run has seen end.
+        self.tokens: dict[str, int] = {}
         #: custom_id -> why its line was skipped (its key is journaled with another request).
         self.skipped: dict[str, str] = {}
         #: custom_id -> why a line was not run for the budget, when its record does not say.
@@ -212,6 +215,8 @@ class _Run:
         self.tally = Tally(total=len(index.lines))
         self.stats = Live()
         self.requests = self.polls = self.possible_duplicates = 0
+        #: Lines handed to the manager (a rerun with nothing to do hands it none).
+        self.submitted = 0
         #: Jobs collected that the journal had not already finished, and how many of them
         #: could not connect (the first one's message kept).
         self.sent = self.refused = 0
@@ -239,7 +244,7 @@ class _Run:
 
     async def _journaled(self, client: Any, work: anyio.CancelScope,
                          interrupts: Interrupts) -> int:
-        if self.out.path != Path("-"):
+        if not isinstance(self.out, StdoutOutput):
             try:
                 self.out.path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
@@ -305,6 +310,8 @@ class _Run:
             self.out.close()
         if interrupts.interrupted:
             return await self._interrupted(client, ledger, interrupts)
+        if self.submitted == 0:  # nothing changed: the output written at the start stands
+            return self._report(await _records(ledger))
         return self._report(await self._rewrite(ledger))
 
     async def _send(self, client: Any, ledger: Ledger, interrupts: Interrupts) -> None:
@@ -389,11 +396,13 @@ class _Run:
             if unclaimed and done is not None and done.digest == digest(
                     mgr.provider.prepare(req.body, stream=False)):
                 self.tally.add(done.status, done.tokens)
+                self.tokens[req.custom_id] = done.tokens
                 continue
             await slots.acquire()
             try:
                 await mgr.submit_request(req.body, key=req.custom_id,
                                          deadline=self.args.deadline)
+                self.submitted += 1
             except (JournalMismatchError, ValueError) as exc:
                 slots.release()
                 say(f"{self.source}:{req.line}: {exc}; line skipped")
@@ -424,8 +433,9 @@ class _Run:
             await self._append(records)
 
     def _count(self, job: Job, record: Record | None) -> None:
-        self.tally.add(job.status.value,
-                       tokens_of(body_of(record))["total"] if record is not None else 0)
+        tokens = tokens_of(body_of(record))["total"] if record is not None else 0
+        self.tally.add(job.status.value, tokens)
+        self.tokens[job.key] = tokens
         if job.key in self.done:
             return  # served from the journal: nothing was sent for it
         self.sent += 1
@@ -499,8 +509,8 @@ class _Run:
                                       "--max-cost to run exactly those"))
         extra += [("wall time", f"{self.tally.elapsed():.1f}s"), ("output", self.out.path),
                   ("journal", self.journal)]
-        print(summary(self.lines, records, extra=extra, not_run=self.not_run),
-              file=sys.stderr)
+        print(summary(self.lines, records, extra=extra, not_run=self.not_run,
+                      tokens_by_key=self.tokens), file=sys.stderr)
         return 0 if bad == 0 and problems == 0 else 1
 
 
