@@ -11,6 +11,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
+import signal
 import socket
 import stat
 import subprocess
@@ -280,6 +282,31 @@ def test_background_false_is_refused_for_that_line(
 
 
 # -- failing fast ----------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_a_long_retry_after_is_said_when_it_starts(
+    http_fake: HttpFake, tmp_path: Path
+) -> None:
+    write_input(tmp_path / "in.jsonl", [request(f"r{i}") for i in range(3)])
+    http_fake.server.inject("429", route="create", retry_after=3600)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")},
+           "OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": http_fake.base_url}
+    async with await anyio.open_process(
+        [sys.executable, "-m", "asyncbg", "run", str(tmp_path / "in.jsonl"), "-o",
+         str(tmp_path / "out.jsonl")], env=env,
+    ) as proc:
+        assert proc.stderr is not None
+        said = ""
+        with anyio.fail_after(20):
+            async for chunk in proc.stderr:
+                said += chunk.decode()
+                if "Retry-After" in said:
+                    break
+        proc.send_signal(signal.SIGINT)
+        with anyio.fail_after(20):
+            await proc.wait()
+    assert re.search(r"creates wait 1[01]\ds \(the most asyncbg waits at a time", said), said
 
 
 def test_a_base_url_that_is_not_a_url_is_a_usage_error(

@@ -340,7 +340,7 @@ class _Run:
 
             def live() -> Live:
                 stats = mgr.statistics()
-                pacer = getattr(getattr(mgr, "meter", None), "pacer", None)
+                pacer = _pacer(mgr)
                 held = pacer.statistics().hold_remaining if pacer is not None else 0.0
                 self.stats = Live(in_flight=stats.live, retries=stats.retries,
                                   cost=stats.cost, budget=args.max_cost, held=held)
@@ -355,6 +355,7 @@ class _Run:
             try:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(display.run)
+                    tg.start_soon(_say_holds, mgr)
                     failure: LedgerError | None = None
                     try:
                         await self._feed(mgr, ledger, receive, interrupts)
@@ -512,6 +513,30 @@ class _Run:
         print(summary(self.lines, records, extra=extra, not_run=self.not_run,
                       tokens_by_key=self.tokens), file=sys.stderr)
         return 0 if bad == 0 and problems == 0 else 1
+
+
+def _pacer(mgr: BackgroundManager) -> Any:
+    """The manager's create pacer (for its hold-off), if this engine has one."""
+    return getattr(getattr(mgr, "meter", None), "pacer", None)
+
+
+async def _say_holds(mgr: BackgroundManager) -> None:
+    """One line when the server's Retry-After starts holding creates back, saying how long:
+    a run that waits is not a run that hangs. Sampled like the progress display."""
+    pacer = _pacer(mgr)
+    if pacer is None:
+        return
+    cap = mgr.retry_policy.max_retry_after
+    seen = pacer.statistics().holds
+    while True:
+        await anyio.sleep(0.25)
+        stats = pacer.statistics()
+        if stats.holds > seen and stats.hold_remaining >= 1:
+            capped = (" (the most asyncbg waits at a time: the server may have asked for "
+                      "longer)" if stats.hold_remaining >= cap - 1 else "")
+            say(f"the server answered 429 with a Retry-After: creates wait "
+                f"{stats.hold_remaining:.0f}s{capped}; responses already created go on")
+        seen = stats.holds
 
 
 def _collapse(group: BaseExceptionGroup[BaseException]) -> BaseException:
