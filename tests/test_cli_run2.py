@@ -393,6 +393,34 @@ def test_a_closed_pipe_ends_a_command_quietly(tmp_path: Path) -> None:
     assert "Traceback" not in err and "BrokenPipe" not in err
 
 
+@pytest.mark.asyncio
+async def test_a_reader_that_goes_away_from_dash_loses_nothing(
+    http_fake: HttpFake, tmp_path: Path
+) -> None:
+    write_input(tmp_path / "in.jsonl", [request(f"r{i}") for i in range(3)])
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")},
+           "OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": http_fake.base_url}
+    journal = str(tmp_path / "j.db")
+    argv = [sys.executable, "-m", "asyncbg", "run", str(tmp_path / "in.jsonl"), "--journal",
+            journal]
+    read, write = os.pipe()
+    os.close(read)  # `asyncbg run ... -o - | head -0`: the reader is gone
+    try:
+        async with await anyio.open_process([*argv, "-o", "-"], env=env, stdout=write) as proc:
+            assert proc.stderr is not None
+            with anyio.fail_after(30):
+                code = await proc.wait()
+            err = b"".join([chunk async for chunk in proc.stderr]).decode()
+    finally:
+        os.close(write)
+    assert code == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
+    done = await anyio.run_process([*argv, "-o", str(tmp_path / "out.jsonl")], env=env,
+                                   check=False)
+    assert done.returncode == 0, done.stderr.decode()
+    assert sorted(lines_of(tmp_path / "out.jsonl")) == ["r0", "r1", "r2"]
+    assert http_fake.server.counters.creates == 3  # nothing was paid for twice
+
+
 def test_the_library_imports_no_sdk_until_it_is_used() -> None:
     code = ("import sys, asyncbg; "
             "assert 'openai' not in sys.modules, 'openai'; asyncbg.BackgroundManager; "
