@@ -26,9 +26,10 @@ and at the end of every run, with one line per finished input line, its latest o
 the same command again resumes: nothing finished is sent again, live responses are collected,
 lines that did not complete are sent again. One run at a time per journal.
 
-Ctrl-C (or SIGTERM) stops creating, leaves live responses running on the server, rewrites the
-output and says how to go on (run again to collect them, or `asyncbg cancel --ledger JOURNAL`);
-a second Ctrl-C, or --cancel-on-interrupt, cancels them on the server first.
+Ctrl-C (or SIGTERM) stops creating, waits a few seconds for the answers of creates already
+sent (so that their ids are journaled), leaves live responses running on the server, rewrites
+the output and says how to go on (run again to collect them, or `asyncbg cancel --ledger
+JOURNAL`); a second Ctrl-C, or --cancel-on-interrupt, cancels them on the server first.
 
 The API key and base URL come from OPENAI_API_KEY and OPENAI_BASE_URL (or --base-url).
 -o - streams the finished lines to stdout as they end (with --journal PATH); any other -o
