@@ -206,8 +206,10 @@ def test_a_rerun_with_nothing_to_do_claims_nothing(
 
 
 def test_progress_shows_a_hold_on_the_servers_word_apart() -> None:
-    line = plain_line(Tally(total=10, started=0.0), Live(in_flight=5, held=3600), 2.0)
-    assert "5 in flight, waiting 1h00m on the server's Retry-After" in line
+    line = plain_line(Tally(total=10, started=0.0), Live(in_flight=0, held=3600, retrying=5),
+                      2.0)
+    assert ("0 in flight, 5 waiting to retry, creates held 1h00m by the server's Retry-After"
+            in line)
     assert "waiting" not in plain_line(Tally(total=10, started=0.0), Live(in_flight=5), 2.0)
 
 

@@ -47,11 +47,17 @@ class Live:
     budget: float | None = None
     #: Seconds left of a hold-off the server asked for (Retry-After): creates wait meanwhile.
     held: float = 0.0
+    #: Jobs waiting before they try again (a Retry-After, or a backoff after an error): not
+    #: counted in ``in_flight``.
+    retrying: int = 0
 
     def waiting(self) -> str:
-        """``, waiting 42s on the server's Retry-After`` while creates are held; else empty."""
-        return (f", waiting {_duration(self.held)} on the server's Retry-After"
-                if self.held >= 1 else "")
+        """``, 3 waiting to retry, creates held 42s by the server's Retry-After``, as far as
+        either is true; else empty."""
+        said = f", {self.retrying} waiting to retry" if self.retrying else ""
+        if self.held >= 1:
+            said += f", creates held {_duration(self.held)} by the server's Retry-After"
+        return said
 
     def dollars(self) -> str:
         """``$1.23``, or ``$1.23 of $25.00`` with a budget."""

@@ -342,8 +342,10 @@ class _Run:
                 stats = mgr.statistics()
                 pacer = _pacer(mgr)
                 held = pacer.statistics().hold_remaining if pacer is not None else 0.0
-                self.stats = Live(in_flight=stats.live, retries=stats.retries,
-                                  cost=stats.cost, budget=args.max_cost, held=held)
+                retrying = getattr(stats, "retrying", 0)  # engines before it counted none
+                self.stats = Live(in_flight=max(stats.live - retrying, 0), retries=stats.retries,
+                                  cost=stats.cost, budget=args.max_cost, held=held,
+                                  retrying=retrying)
                 self.requests, self.polls = stats.requests, stats.polls
                 self.possible_duplicates = stats.possible_duplicates
                 return self.stats
