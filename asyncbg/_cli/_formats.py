@@ -208,8 +208,7 @@ def _read_existing(path: Path, fields: tuple[str, ...]) -> Existing:
         if not (isinstance(item, dict) and isinstance(item.get(key), str)
                 and any(name in item for name in rest)):
             raise NotOurs(number, f"not an output line ({key}, {' or '.join(rest)})")
-        if item[key] not in found.custom_ids:
-            found.custom_ids.append(item[key])
+        found.add(item[key])
     return found
 
 

@@ -135,6 +135,13 @@ class Existing:
     """What an existing output file holds: the custom_ids of its lines, in file order."""
 
     custom_ids: list[str] = field(default_factory=list)
+    _seen: set[str] = field(default_factory=set, repr=False)
+
+    def add(self, custom_id: str) -> None:
+        """Note a line's custom_id (once, however often the file repeats it)."""
+        if custom_id not in self._seen:
+            self._seen.add(custom_id)
+            self.custom_ids.append(custom_id)
 
 
 def read_existing(path: Path) -> Existing:
@@ -161,8 +168,7 @@ def read_existing(path: Path) -> Existing:
         if not (isinstance(item, dict) and isinstance(item.get("custom_id"), str)
                 and "response" in item and "error" in item):
             raise NotOurs(number, "not a Batch API output line (custom_id, response, error)")
-        if item["custom_id"] not in found.custom_ids:
-            found.custom_ids.append(item["custom_id"])
+        found.add(item["custom_id"])
     return found
 
 
