@@ -28,12 +28,42 @@ sys.path.insert(0, str(HERE.parent))
 from benchmarks.common import _free_port, wait_ready  # noqa: E402
 
 
+def _body(i: int) -> dict[str, Any]:
+    return {"model": "gpt-5.2", "input": f"question {i}: " + "x" * 200}
+
+
 def write_input(path: Path, n: int) -> None:
     with path.open("w") as f:
         for i in range(n):
-            body = {"model": "gpt-5.2", "input": f"question {i}: " + "x" * 200}
+            body = _body(i)
             f.write(json.dumps({"custom_id": f"row-{i}", "method": "POST",
                                 "url": "/v1/responses", "body": body}) + "\n")
+
+
+async def build_journal(path: Path, n: int) -> None:
+    """A journal with every line of :func:`write_input` done, written through the ledger API
+    as a run writes it (claim, sending, the final record): for ``--noop-only``."""
+    import asyncbg
+    from asyncbg._ledgers import canonical, digest
+
+    ledger = asyncbg.SQLiteLedger(path)
+    await ledger.open()
+    try:
+        for i in range(n):
+            prepared = {**_body(i), "background": True, "store": True}
+            key = f"row-{i}"
+            await ledger.claim(key, digest(prepared), canonical(prepared))
+            await ledger.sending(key, resubmit=False)
+            answer = {"id": f"resp_{i}", "object": "response", "status": "completed",
+                      "model": "gpt-5.2", "output": [{"type": "message", "content": [
+                          {"type": "output_text", "text": "answer " * 40}]}],
+                      "usage": {"input_tokens": 60, "output_tokens": 300,
+                                "total_tokens": 360}}
+            await ledger.record(key, asyncbg.Outcome(
+                status="completed", response_id=f"resp_{i}", body=json.dumps(answer).encode(),
+                http_status=200, request_id="req_bench"))
+    finally:
+        await ledger.close()
 
 
 def timed_run(argv: list[str], env: dict[str, str], output: Path) -> dict[str, Any]:
@@ -79,7 +109,13 @@ def main() -> None:
     p.add_argument("--median", type=float, default=0.5,
                    help="the fake's response time in seconds (default: 0.5)")
     p.add_argument("--json", metavar="PATH", help="also write the figures here")
+    p.add_argument("--noop-only", action="store_true",
+                   help="only the rerun with nothing to do, on a journal written directly "
+                        "(seconds instead of minutes; no server is asked anything)")
     args = p.parse_args()
+    if args.noop_only:
+        noop_only(args)
+        return
 
     port = _free_port()
     server = subprocess.Popen([sys.executable, "-m", "asyncbg", "fake-server", "--port",
@@ -115,6 +151,25 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
+    print(json.dumps(results, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
+
+def noop_only(args: argparse.Namespace) -> None:
+    import anyio
+
+    env = {**os.environ, "OPENAI_API_KEY": "sk-bench",
+           "OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}  # never asked: nothing is left to send
+    results: dict[str, Any] = {"lines": args.lines}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        write_input(work / "in.jsonl", args.lines)
+        anyio.run(build_journal, work / "out.jsonl.journal", args.lines)
+        argv = ["run", str(work / "in.jsonl"), "-o", str(work / "out.jsonl")]
+        runs = [peak_rss_run(argv, env) for _ in range(3)]  # the first writes the output
+        results["noop_rerun"] = [{"rc": rc, "wall_s": round(wall, 2), "peak_rss_mib": rss}
+                                 for rc, wall, rss in runs]
     print(json.dumps(results, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
