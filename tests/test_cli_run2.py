@@ -437,9 +437,10 @@ def test_stdout_output_writes_only_final_lines_at_the_start() -> None:
 
     from .test_cli_integrity import record
 
-    out = StdoutOutput()
     buffer = io.StringIO()
     real, sys.stdout = sys.stdout, buffer
+    out = StdoutOutput()  # it keeps the stdout of its start: a progress bar swaps sys.stdout
+    sys.stdout = io.StringIO()
     try:
         records = {"a": record("a"), "b": record("b", state="local", status="failed",
                                                   error="refused")}

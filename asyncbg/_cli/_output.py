@@ -354,6 +354,9 @@ class StdoutOutput(OutputFile):
     def __init__(self, line: Line = output_line) -> None:
         super().__init__(Path("-"), line)
         self._started = False
+        # Taken now: while a progress bar shows, rich replaces sys.stdout with a proxy that
+        # prints to the terminal (stderr), and the lines must still go down the pipe.
+        self._stream = sys.stdout
 
     def lock(self) -> None:
         return None
@@ -372,9 +375,8 @@ class StdoutOutput(OutputFile):
         self.append_many(chosen)
 
     def append_many(self, records: Iterable[Record]) -> int:
-        texts = [t for t in self._new_lines(records)]
+        texts = self._new_lines(records)
         if texts:
-            out = sys.stdout
-            out.write("".join(texts))
-            out.flush()
+            self._stream.write("".join(texts))
+            self._stream.flush()
         return len(texts)
