@@ -5,38 +5,43 @@
         response = await job.result()
 """
 
-from ._dashboard import dashboard_app
-from ._engine._job import Job
-from ._engine._webhooks import webhook_app
-from ._errors import (
-    AsyncbgError,
-    BudgetExceeded,
-    DuplicateKeyError,
-    JobCancelled,
-    JobFailed,
-    JobIncomplete,
-    JournalMismatchError,
-    ManagerStateError,
-)
-from ._ledgers import (
-    Ledger,
-    LedgerError,
-    LedgerUnavailable,
-    MemoryLedger,
-    Outcome,
-    Record,
-    SQLiteLedger,
-)
-from ._manager import BackgroundManager, ManagerStatistics
-from ._notify._notify import Notify
-from ._otel import OpenTelemetry, serve_metrics
-from ._policies import PollPolicy, RetryPolicy
-from ._spend._pacing import RateLimit
-from ._spend._pricing import Price
-from ._status import JobStatus
+import importlib
+import typing
 
-#: The SQLite journal of earlier versions: ``journal="run.db"`` makes one.
-Journal = SQLiteLedger
+if typing.TYPE_CHECKING:
+    from ._dashboard import dashboard_app
+    from ._engine._job import Job
+    from ._engine._webhooks import webhook_app
+    from ._errors import (
+        AsyncbgError,
+        BudgetExceeded,
+        DuplicateKeyError,
+        JobCancelled,
+        JobFailed,
+        JobIncomplete,
+        JournalMismatchError,
+        ManagerStateError,
+    )
+    from ._ledgers import (
+        Ledger,
+        LedgerError,
+        LedgerUnavailable,
+        MemoryLedger,
+        Outcome,
+        Record,
+        SQLiteLedger,
+    )
+    from ._manager import BackgroundManager, ManagerStatistics
+    from ._notify._notify import Notify
+    from ._otel import OpenTelemetry, serve_metrics
+    from ._policies import PollPolicy, RetryPolicy
+    from ._spend._pacing import RateLimit
+    from ._spend._pricing import Price
+    from ._status import JobStatus
+
+    #: The SQLite journal of earlier versions: ``journal="run.db"`` makes one.
+    Journal = SQLiteLedger
+
 
 
 def _version() -> str:
@@ -84,9 +89,53 @@ __all__ = [
     "webhook_app",
 ]
 
-# Users import asyncbg.X: say so in reprs, tracebacks and docs, not asyncbg._x.X.
-for _name in __all__:
-    _value = globals()[_name]
-    if getattr(_value, "__module__", "").startswith("asyncbg."):
-        _value.__module__ = __name__
-del _name, _value
+# Names are imported when first used, so that ``asyncbg --help`` does not pay for the OpenAI
+# SDK: name -> (module, attribute).
+_LAZY: dict[str, tuple[str, str]] = {
+    "AsyncbgError": ("._errors", "AsyncbgError"),
+    "BackgroundManager": ("._manager", "BackgroundManager"),
+    "BudgetExceeded": ("._errors", "BudgetExceeded"),
+    "DuplicateKeyError": ("._errors", "DuplicateKeyError"),
+    "Job": ("._engine._job", "Job"),
+    "JobCancelled": ("._errors", "JobCancelled"),
+    "JobFailed": ("._errors", "JobFailed"),
+    "JobIncomplete": ("._errors", "JobIncomplete"),
+    "JobStatus": ("._status", "JobStatus"),
+    "Journal": ("._ledgers", "SQLiteLedger"),
+    "JournalMismatchError": ("._errors", "JournalMismatchError"),
+    "Ledger": ("._ledgers", "Ledger"),
+    "LedgerError": ("._ledgers", "LedgerError"),
+    "LedgerUnavailable": ("._ledgers", "LedgerUnavailable"),
+    "ManagerStateError": ("._errors", "ManagerStateError"),
+    "ManagerStatistics": ("._manager", "ManagerStatistics"),
+    "MemoryLedger": ("._ledgers", "MemoryLedger"),
+    "Notify": ("._notify._notify", "Notify"),
+    "OpenTelemetry": ("._otel", "OpenTelemetry"),
+    "Outcome": ("._ledgers", "Outcome"),
+    "PollPolicy": ("._policies", "PollPolicy"),
+    "Price": ("._spend._pricing", "Price"),
+    "RateLimit": ("._spend._pacing", "RateLimit"),
+    "Record": ("._ledgers", "Record"),
+    "RetryPolicy": ("._policies", "RetryPolicy"),
+    "SQLiteLedger": ("._ledgers", "SQLiteLedger"),
+    "dashboard_app": ("._dashboard", "dashboard_app"),
+    "serve_metrics": ("._otel", "serve_metrics"),
+    "webhook_app": ("._engine._webhooks", "webhook_app"),
+}
+
+
+def __getattr__(name: str) -> typing.Any:
+    try:
+        module, attribute = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(module, __name__), attribute)
+    # Users import asyncbg.X: say so in reprs, tracebacks and docs, not asyncbg._x.X.
+    if getattr(value, "__module__", "").startswith("asyncbg."):
+        value.__module__ = __name__
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -183,6 +183,15 @@ def test_same_path_sees_through_links_and_relative_names(tmp_path: Path) -> None
 # -- the command, as a user runs it ---------------------------------------------------------
 
 
+def undo_cli_logging() -> None:
+    """Undo what ``main()`` configured (structlog, the ``asyncbg`` logger's handler)."""
+    structlog.reset_defaults()
+    std = logging.getLogger("asyncbg")
+    std.handlers.clear()
+    std.setLevel(logging.NOTSET)
+    std.propagate = True
+
+
 def env_for(fake: HttpFake | None, base_url: str | None = None) -> dict[str, str]:
     """The environment of a command: with an API key and a server, or (``status``) neither."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
@@ -582,12 +591,8 @@ def test_a_journal_that_fails_mid_run_is_one_clear_line(
     try:
         code = main(run_argv(tmp_path))
     finally:
-        structlog.reset_defaults()
-        std = logging.getLogger("asyncbg")
-        std.handlers.clear()
-        std.setLevel(logging.NOTSET)
-        std.propagate = True
+        undo_cli_logging()
     err = capsys.readouterr().err
-    assert code == 1, err
+    assert code == 2, err  # the journal stopped working: nothing more could run
     assert "disk I/O error; check the disk" in err and "Traceback" not in err
     assert http_fake.server.counters.creates <= 2

@@ -10,12 +10,12 @@ output view of the journal and ``_signals`` the interrupts), ``_ops`` (``status`
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from collections.abc import Sequence
 
-import anyio
-
 from . import _dashboard, _demo, _fleet, _notify
-from ._logging import LEVELS, configure_logging
+from ._logging import LEVELS
 
 __all__ = ["build_parser", "main"]
 
@@ -26,14 +26,19 @@ and at the end of every run, with one line per finished input line, its latest o
 the same command again resumes: nothing finished is sent again, live responses are collected,
 lines that did not complete are sent again. One run at a time per journal.
 
-Ctrl-C (or SIGTERM) stops creating, leaves live responses running on the server, rewrites the
-output and says how to go on (run again to collect them, or `asyncbg cancel --ledger JOURNAL`);
-a second Ctrl-C, or --cancel-on-interrupt, cancels them on the server first.
+Ctrl-C (or SIGTERM) stops creating, waits a few seconds for the answers of creates already
+sent (so that their ids are journaled), leaves live responses running on the server, rewrites
+the output and says how to go on (run again to collect them, or `asyncbg cancel --ledger
+JOURNAL`); a second Ctrl-C, or --cancel-on-interrupt, cancels them on the server first.
 
 The API key and base URL come from OPENAI_API_KEY and OPENAI_BASE_URL (or --base-url).
+-o - streams the finished lines to stdout as they end (with --journal PATH); any other -o
+must be a regular file or a new path, and is locked for the run like the journal.
+
 Exit status: 0 when every line completed; 1 when a line was bad or did not complete; 2 when
-nothing could run (unreadable input, duplicate custom_id, a refused output or journal, no API
-key, no connection); 130 after SIGINT, 143 after SIGTERM.
+nothing could run (unreadable or empty input, duplicate custom_id, a refused output or journal,
+a budget with unpriced models, no API key, no connection, a journal that stopped working);
+130 after SIGINT, 143 after SIGTERM.
 """
 
 
@@ -44,19 +49,30 @@ def _add_logging_options(p: argparse.ArgumentParser) -> None:
                    help="log one JSON object per line instead of readable text")
 
 
+# Option types: each error is a sentence about the user's value (argparse would otherwise name
+# the function: "invalid _positive value").
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, not {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number, not {text!r}")
+    return value
+
+
 def _positive(text: str) -> float:
-    value = float(text)
+    value = _number(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
     return value
 
 
 def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, not {text!r}") from None
-    if not value >= 0 or value == float("inf"):
+    value = _number(text)
+    if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be a number >= 0, not {text}")
     return value
 
@@ -68,16 +84,35 @@ def _rate(text: str) -> float:
     return value
 
 
+def _whole(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
+
+
 def _at_least_one(text: str) -> int:
-    value = int(text)
+    value = _whole(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {text}")
     return value
 
 
+def _price(text: str) -> tuple[str, tuple[float, ...]]:
+    """``MODEL=INPUT,OUTPUT[,CACHED]``: dollars per million tokens."""
+    model, _, numbers = text.rpartition("=")
+    parts = numbers.split(",")
+    if not model or len(parts) not in (2, 3):
+        raise argparse.ArgumentTypeError(
+            f"must be MODEL=INPUT,OUTPUT[,CACHED] in dollars per million tokens (e.g. "
+            f"gpt-5.2=1.25,10,0.125), not {text!r}")
+    return model, tuple(_non_negative(part.strip()) for part in parts)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="asyncbg", description="Run many OpenAI background-mode Responses at once.")
+    parser.add_argument("--version", action="version", version=f"asyncbg {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser(
@@ -88,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                           '"url": "/v1/responses", "body"}')
     run.add_argument("-o", "--output", required=True, metavar="OUTPUT.jsonl",
                      help="Batch API output lines, appended as each response finishes and "
-                          "rebuilt from the journal at the end")
+                          "rebuilt from the journal at the end: a regular file or a new path "
+                          "(a symlink's target is rewritten); - streams them to stdout")
     run.add_argument("--concurrency", type=_at_least_one, default=None, metavar="N",
                      help="most responses in flight at once (default: 16; 10000 for the "
                           "batch providers, whose batches the server runs)")
@@ -111,7 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "seconds after it was submitted (default: no deadline)")
     run.add_argument("--max-cost", type=_non_negative, metavar="DOLLARS",
                      help="a budget in US dollars for the whole run (journal included): lines "
-                          "that cannot fit are not sent; a rerun with a larger budget runs them")
+                          "that cannot fit are not sent; a rerun with a larger budget runs them. "
+                          "Every model needs a known price (see --price)")
+    run.add_argument("--price", type=_price, action="append", metavar="MODEL=IN,OUT[,CACHED]",
+                     help="the price of MODEL in dollars per million input, output and cached "
+                          "input tokens, for a model the built-in price table does not know "
+                          "(repeat for several models)")
     run.add_argument("--rpm", type=_rate, metavar="N",
                      help="at most N creates per minute (your rate limit, if you know it)")
     run.add_argument("--tpm", type=_rate, metavar="N",
@@ -154,12 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="fan out ~200 responses against the built-in fake server",
                           description="Fan out background responses against the in-process "
                           "fake server and show live progress and a summary. Needs no API key.")
-    demo.add_argument("--jobs", type=int, default=200, help="how many responses (default: 200)")
+    demo.add_argument("--jobs", type=_whole, default=200,
+                      help="how many responses (default: 200)")
     demo.add_argument("--concurrency", type=_at_least_one, default=32,
                       help="most responses in flight at once (default: 32)")
-    demo.add_argument("--median", type=float, default=0.7,
+    demo.add_argument("--median", type=_positive, default=0.7,
                       help="median response time in seconds (default: 0.7)")
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    demo.add_argument("--seed", type=_whole, default=0, help="random seed (default: 0)")
     demo.add_argument("--journal", metavar="PATH",
                       help="record the run in this SQLite journal (watch it with `asyncbg "
                            "dashboard --ledger PATH`); a rerun resumes it")
@@ -170,10 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "latency, outcomes, faults and rate limits of the in-process fake "
                           "(asyncbg.testing.FakeResponsesServer).")
     fake.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
-    fake.add_argument("--port", type=int, default=8080, help="port (default: 8080)")
-    fake.add_argument("--median", type=float, default=2.0,
+    fake.add_argument("--port", type=_whole, default=8080, help="port (default: 8080)")
+    fake.add_argument("--median", type=_positive, default=2.0,
                       help="median response time in seconds (default: 2.0)")
-    fake.add_argument("--sigma", type=float, default=0.0,
+    fake.add_argument("--sigma", type=_non_negative, default=0.0,
                       help="lognormal spread; 0 means every response takes --median (default)")
     fake.add_argument("--poll-after-ms", default=None, metavar="MS",
                       help="send this openai-poll-after-ms header on live answers (any text "
@@ -206,8 +248,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m asyncbg`` and the ``asyncbg`` script."""
+    """Entry point of ``python -m asyncbg`` and the ``asyncbg`` script.
+
+    A reader that goes away (``asyncbg status | head``) ends any command quietly, here, once
+    for all of them: no traceback, exit status 141 (128 + SIGPIPE) as a shell reports it.
+    """
+    try:
+        code = _dispatch(argv)
+        sys.stdout.flush()  # inside the try: a closed pipe fails here, not at exit
+    except BaseException as exc:
+        if not _closed_pipe(exc):
+            raise
+        _silence_stdout()
+        return 141
+    return code
+
+
+def _closed_pipe(exc: BaseException) -> bool:
+    """A BrokenPipeError, alone or as every member of a group."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_closed_pipe(e) for e in exc.exceptions)
+    return isinstance(exc, BrokenPipeError)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's own flush at exit finds no pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
+def _dispatch(argv: Sequence[str] | None) -> int:
+    import anyio
+
     args = build_parser().parse_args(argv)
     if args.command == "fake-server":
         from ._demo import fake_server
@@ -219,6 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ._ops import status
 
         return anyio.run(status, args)
+    from ._logging import configure_logging
+
     configure_logging(level=args.log_level, json=args.log_json)
     if args.command in _fleet.COMMANDS:
         return anyio.run(_fleet.COMMANDS[args.command], args)

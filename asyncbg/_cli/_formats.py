@@ -14,23 +14,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .._ledgers import Record
-from ._input import Parsed, read_requests
-from ._input import read_lines as _read
+from ._input import BadLine, BatchRequest, Check, Index, check_request, index_lines, iter_lines
 from ._ops import open_client, say
 from ._output import (
     Existing,
+    Line,
     NotOurs,
     OutputFile,
+    StdoutOutput,
     body_of,
     output_line,
     read_existing,
-    write_atomic,
 )
 
 __all__ = ["FORMATS", "Format"]
@@ -47,7 +47,6 @@ _GEMINI_CONFIG = {"systemInstruction": "system_instruction", "tools": "tools",
                   "toolConfig": "tool_config", "safetySettings": "safety_settings",
                   "cachedContent": "cached_content", "labels": "labels"}
 
-Line = Callable[[Record], dict[str, Any] | None]
 
 
 @dataclass(frozen=True)
@@ -55,20 +54,34 @@ class Format:
     """One ``--provider``: its file formats, its client and its manager settings."""
 
     name: str
-    read: Callable[[Path, argparse.Namespace], Parsed]
+    #: The line checker for this run's options (``--model``, say).
+    checker: Callable[[argparse.Namespace], Check]
+    #: What the format calls a line's id, for messages.
+    id_name: str
     line: Line
     #: The output line's fields that name it, and must be there (the first is its key).
     fields: tuple[str, ...]
     open: Callable[[argparse.Namespace], Any]
     batch: bool = True
 
+    def index(self, path: Path, args: argparse.Namespace) -> Index:
+        """The first pass over an input file (see :func:`~._input.index_lines`)."""
+        return index_lines(path, self.checker(args), self.id_name)
+
+    def requests(self, path: Path, args: argparse.Namespace) -> Iterator[BatchRequest]:
+        """The input's valid requests, read as they are needed."""
+        for item in iter_lines(path, self.checker(args)):
+            if not isinstance(item, BadLine):
+                yield item
+
     def read_existing(self, path: Path) -> Existing:
         if self.fields[0] == "custom_id" and "response" in self.fields:
             return read_existing(path)
         return _read_existing(path, self.fields)
 
-    def output_file(self, path: Path) -> OutputFile:
-        return OutputFile(path) if self.line is output_line else _Output(path, self.line)
+    def output_file(self, path: Path | None) -> OutputFile:
+        """The output at ``path`` (already checked), or stdout when None (``-o -``)."""
+        return StdoutOutput(self.line) if path is None else OutputFile(path, self.line)
 
     def manager_options(self, args: argparse.Namespace, target: Any) -> dict[str, Any]:
         if not self.batch:
@@ -97,7 +110,7 @@ def _id(item: Mapping[str, Any], name: str) -> str | None:
     return None
 
 
-def _read_anthropic(path: Path, args: argparse.Namespace) -> Parsed:
+def _anthropic_check(args: argparse.Namespace) -> Check:
     def check(item: dict[str, Any]) -> tuple[str, dict[str, Any]] | str:
         problem = _id(item, "custom_id")
         if problem:
@@ -106,10 +119,10 @@ def _read_anthropic(path: Path, args: argparse.Namespace) -> Parsed:
             return "field 'params' must be a JSON object (messages.create parameters)"
         return item["custom_id"], item["params"]
 
-    return _read(path, check, "custom_id")
+    return check
 
 
-def _read_gemini(path: Path, args: argparse.Namespace) -> Parsed:
+def _gemini_check(args: argparse.Namespace) -> Check:
     def check(item: dict[str, Any]) -> tuple[str, dict[str, Any]] | str:
         problem = _id(item, "key")
         if problem:
@@ -133,7 +146,7 @@ def _read_gemini(path: Path, args: argparse.Namespace) -> Parsed:
         body = {"model": model, "contents": contents}
         return item["key"], {**body, "config": config} if config else body
 
-    return _read(path, check, "key")
+    return check
 
 
 # -- writing -------------------------------------------------------------------------------
@@ -174,36 +187,6 @@ def _gemini_line(record: Record) -> dict[str, Any] | None:
     return {"key": record.key, "error": error}
 
 
-class _Output(OutputFile):
-    """An output file whose lines are another API's (see :class:`OutputFile`)."""
-
-    def __init__(self, path: Path, line: Line) -> None:
-        super().__init__(path)
-        self._line = line
-
-    def rewrite(self, records: Mapping[str, Record], order: Iterable[str]) -> None:
-        self.close()
-        lines: dict[str, dict[str, Any]] = {}
-        for key in order:
-            record = records.get(key)
-            line = self._line(record) if record is not None and key not in lines else None
-            if line is not None:
-                lines[key] = line
-        write_atomic(self.path, lines.values())
-        self.written = lines
-
-    def append(self, record: Record) -> dict[str, Any] | None:
-        line = self._line(record)
-        if line is None or self.written.get(record.key) == line:
-            return line
-        if self._f is None:
-            self._f = self.path.open("a", encoding="utf-8")
-        self._f.write(json.dumps(line, separators=(",", ":"), ensure_ascii=False) + "\n")
-        self._f.flush()
-        self.written[record.key] = line
-        return line
-
-
 def _read_existing(path: Path, fields: tuple[str, ...]) -> Existing:
     """The keys of an existing output file of this format (see :func:`read_existing`)."""
     found = Existing()
@@ -225,8 +208,7 @@ def _read_existing(path: Path, fields: tuple[str, ...]) -> Existing:
         if not (isinstance(item, dict) and isinstance(item.get(key), str)
                 and any(name in item for name in rest)):
             raise NotOurs(number, f"not an output line ({key}, {' or '.join(rest)})")
-        if item[key] not in found.custom_ids:
-            found.custom_ids.append(item[key])
+        found.add(item[key])
     return found
 
 
@@ -280,19 +262,19 @@ def _open_gemini(args: argparse.Namespace) -> Any:
                          batch_delay=BATCH_DELAY)
 
 
-def _read_openai(path: Path, args: argparse.Namespace) -> Parsed:
-    return read_requests(path)
+def _openai_check(args: argparse.Namespace) -> Check:
+    return check_request
 
 
 _OPENAI_FIELDS = ("custom_id", "response", "error")
 
 FORMATS: dict[str, Format] = {
-    "openai": Format("openai", _read_openai, output_line, _OPENAI_FIELDS, _open_openai,
-                     batch=False),
-    "openai-batch": Format("openai-batch", _read_openai, output_line, _OPENAI_FIELDS,
-                           _open_openai_batch),
-    "anthropic": Format("anthropic", _read_anthropic, _anthropic_line, ("custom_id", "result"),
-                        _open_anthropic),
-    "gemini": Format("gemini", _read_gemini, _gemini_line, ("key", "response", "error"),
-                     _open_gemini),
+    "openai": Format("openai", _openai_check, "custom_id", output_line, _OPENAI_FIELDS,
+                     _open_openai, batch=False),
+    "openai-batch": Format("openai-batch", _openai_check, "custom_id", output_line,
+                           _OPENAI_FIELDS, _open_openai_batch),
+    "anthropic": Format("anthropic", _anthropic_check, "custom_id", _anthropic_line,
+                        ("custom_id", "result"), _open_anthropic),
+    "gemini": Format("gemini", _gemini_check, "key", _gemini_line,
+                     ("key", "response", "error"), _open_gemini),
 }

@@ -1,16 +1,38 @@
-"""The OpenAI Batch API input file: one request a line, checked before anything is sent."""
+"""The OpenAI Batch API input file: one request a line, checked before anything is sent.
+
+A run reads its input twice, so that memory follows the concurrency and not the file: a first
+pass (:func:`index_lines`) checks every line and keeps only each valid line's number and id (to
+refuse duplicates before anything is sent, and to report in input order); the second
+(:func:`iter_lines`) streams the requests while they are sent.
+"""
 
 from __future__ import annotations
 
+import codecs
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BadLine", "BatchRequest", "Parsed", "read_lines", "read_requests"]
+__all__ = [
+    "BadLine",
+    "BatchRequest",
+    "Check",
+    "Index",
+    "NotUtf8",
+    "Parsed",
+    "check_request",
+    "index_lines",
+    "iter_lines",
+    "read_lines",
+    "read_requests",
+]
 
 URL = "/v1/responses"
+
+#: Turns one JSON object into (id, request), or says why it cannot run.
+Check = Callable[[dict[str, Any]], tuple[str, dict[str, Any]] | str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,59 +52,117 @@ class BadLine:
     reason: str
 
 
+class NotUtf8(UnicodeDecodeError):
+    """A line of the input is not UTF-8 text; its message is ``FILE:LINE: ...``.
+
+    A ``UnicodeDecodeError`` still, so that callers catching that keep working.
+    """
+
+    def __init__(self, path: Path, line: int, exc: UnicodeDecodeError) -> None:
+        super().__init__(exc.encoding, exc.object, exc.start, exc.end, exc.reason)
+        byte = exc.object[exc.start:exc.start + 1].hex()
+        self.message = (f"{path}:{line}: not UTF-8 text (byte 0x{byte} at column "
+                        f"{exc.start + 1}); save the file as UTF-8")
+
+    def __str__(self) -> str:
+        return self.message
+
+
 @dataclass(slots=True)
 class Parsed:
+    """Every line of a file at once (``asyncbg submit`` reads small files this way)."""
+
     requests: list[BatchRequest] = field(default_factory=list)
     bad: list[BadLine] = field(default_factory=list)
     duplicates: list[str] = field(default_factory=list)
 
 
-def read_requests(path: Path) -> Parsed:
-    """Parse a Batch API input file; bad lines are collected with their line numbers.
+@dataclass(slots=True)
+class Index:
+    """What the first pass learned, without keeping any request body."""
 
-    Raises ``OSError`` when the file cannot be read and ``UnicodeDecodeError`` when it is not
-    UTF-8 text.
+    #: custom_id -> line number of every valid line, in input order.
+    lines: dict[str, int] = field(default_factory=dict)
+    bad: list[BadLine] = field(default_factory=list)
+    duplicates: list[str] = field(default_factory=list)
+    #: The ``model`` of every valid line (for ``--max-cost``: each must have a known price).
+    models: set[str] = field(default_factory=set)
+
+
+def iter_lines(path: Path, check: Check) -> Iterator[BatchRequest | BadLine]:
+    """Each non-blank line of ``path`` as a request or a bad line, read as it goes.
+
+    A UTF-8 byte order mark at the start is skipped. Raises ``OSError`` when the file cannot be
+    read and :class:`NotUtf8` naming the line when a line is not UTF-8.
     """
-
-    def check(item: dict[str, Any]) -> tuple[str, dict[str, Any]] | str:
-        problem = _check(item)
-        return problem if problem else (item["custom_id"], item["body"])
-
-    return read_lines(path, check, "custom_id")
-
-
-def read_lines(path: Path, check: Callable[[dict[str, Any]], tuple[str, dict[str, Any]] | str],
-               id_name: str) -> Parsed:
-    """A JSONL file of requests, whichever API's format: ``check`` turns a line into
-    (id, request) or the reason it cannot run; a repeated id is a duplicate."""
-    parsed = Parsed()
-    first_seen: dict[str, int] = {}
-    with path.open(encoding="utf-8") as f:
-        for number, text in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if number == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise NotUtf8(path, number, exc) from None
             if not text.strip():
                 continue
             try:
                 item = json.loads(text)
             except ValueError as exc:
-                parsed.bad.append(BadLine(number, f"not valid JSON ({exc})"))
+                yield BadLine(number, f"not valid JSON ({exc})")
                 continue
             got = check(item) if isinstance(item, dict) else "a line must be a JSON object"
             if isinstance(got, str):
-                parsed.bad.append(BadLine(number, got))
-                continue
-            key, body = got
-            if key in first_seen:
-                parsed.duplicates.append(f"line {number}: {id_name} {key!r} is already used on "
-                                         f"line {first_seen[key]}")
-                continue
-            first_seen[key] = number
-            parsed.requests.append(BatchRequest(number, key, body))
+                yield BadLine(number, got)
+            else:
+                yield BatchRequest(number, *got)
+
+
+def index_lines(path: Path, check: Check, id_name: str) -> Index:
+    """The first pass over an input file (see :func:`iter_lines` for what it raises)."""
+    index = Index()
+    for item in iter_lines(path, check):
+        if isinstance(item, BadLine):
+            index.bad.append(item)
+        elif item.custom_id in index.lines:
+            index.duplicates.append(
+                f"line {item.line}: {id_name} {item.custom_id!r} is already used on line "
+                f"{index.lines[item.custom_id]}")
+        else:
+            index.lines[item.custom_id] = item.line
+            model = item.body.get("model")
+            if isinstance(model, str):
+                index.models.add(model)
+    return index
+
+
+def read_lines(path: Path, check: Check, id_name: str) -> Parsed:
+    """A JSONL file of requests, whichever API's format, all at once; a repeated id is a
+    duplicate."""
+    parsed = Parsed()
+    first_seen: dict[str, int] = {}
+    for item in iter_lines(path, check):
+        if isinstance(item, BadLine):
+            parsed.bad.append(item)
+        elif item.custom_id in first_seen:
+            parsed.duplicates.append(
+                f"line {item.line}: {id_name} {item.custom_id!r} is already used on line "
+                f"{first_seen[item.custom_id]}")
+        else:
+            first_seen[item.custom_id] = item.line
+            parsed.requests.append(item)
     return parsed
 
 
-def _check(item: object) -> str | None:
-    if not isinstance(item, dict):
-        return "a line must be a JSON object"
+def read_requests(path: Path) -> Parsed:
+    """Parse a Batch API input file; bad lines are collected with their line numbers.
+
+    Raises ``OSError`` when the file cannot be read and :class:`NotUtf8` when it is not UTF-8.
+    """
+    return read_lines(path, check_request, "custom_id")
+
+
+def check_request(item: dict[str, Any]) -> tuple[str, dict[str, Any]] | str:
+    """A Batch API line as (custom_id, body), or the reason it cannot run."""
     custom_id = item.get("custom_id")
     if custom_id is None:
         return "missing field 'custom_id'"
@@ -90,7 +170,8 @@ def _check(item: object) -> str | None:
         return "field 'custom_id' must be a non-empty string"
     if "body" not in item:
         return "missing field 'body'"
-    if not isinstance(item["body"], dict):
+    body = item["body"]
+    if not isinstance(body, dict):
         return "field 'body' must be a JSON object"
     method = item.get("method", "POST")
     if method != "POST":
@@ -99,6 +180,9 @@ def _check(item: object) -> str | None:
     if url != URL:
         return f"field 'url' must be {URL!r} (only the Responses API runs here), not {url!r}"
     for name in ("background", "stream"):
-        if name in item["body"] and item["body"][name] not in (True, False, None):
+        if name in body and body[name] not in (True, False, None):
             return f"field 'body.{name}' must be a boolean"
-    return None
+    if body.get("background") is False:
+        return ("field 'body.background' is false, but asyncbg runs every request as a "
+                "background response: remove the field or set it to true")
+    return custom_id, body

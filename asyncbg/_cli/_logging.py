@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import structlog
+if TYPE_CHECKING:
+    import structlog
 
 __all__ = ["LEVELS", "configure_logging"]
 
@@ -64,6 +65,8 @@ class _JsonFormatter(logging.Formatter):
 
 def configure_logging(*, level: str = "warning", json: bool = False) -> None:
     """Send asyncbg's events to stderr at ``level``: readable text, or JSON lines with ``json``."""
+    import structlog  # here, not at import: ``asyncbg --help`` does not need it
+
     number = logging.getLevelNamesMapping()[level.upper()]
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer() if json

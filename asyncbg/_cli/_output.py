@@ -11,23 +11,29 @@ import contextlib
 import hashlib
 import json
 import os
+import stat
+import sys
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import IO, Any
 
 from .._ledgers import Record
 from .._spend._tokens import usage_tokens
 
 __all__ = [
     "Existing",
+    "Line",
     "NotOurs",
     "OutputFile",
+    "RefusedPath",
+    "StdoutOutput",
     "body_of",
     "error_of",
     "line_id",
     "output_line",
+    "output_target",
     "read_existing",
     "same_path",
     "tokens_of",
@@ -129,6 +135,13 @@ class Existing:
     """What an existing output file holds: the custom_ids of its lines, in file order."""
 
     custom_ids: list[str] = field(default_factory=list)
+    _seen: set[str] = field(default_factory=set, repr=False)
+
+    def add(self, custom_id: str) -> None:
+        """Note a line's custom_id (once, however often the file repeats it)."""
+        if custom_id not in self._seen:
+            self._seen.add(custom_id)
+            self.custom_ids.append(custom_id)
 
 
 def read_existing(path: Path) -> Existing:
@@ -155,8 +168,7 @@ def read_existing(path: Path) -> Existing:
         if not (isinstance(item, dict) and isinstance(item.get("custom_id"), str)
                 and "response" in item and "error" in item):
             raise NotOurs(number, "not a Batch API output line (custom_id, response, error)")
-        if item["custom_id"] not in found.custom_ids:
-            found.custom_ids.append(item["custom_id"])
+        found.add(item["custom_id"])
     return found
 
 
@@ -186,8 +198,9 @@ def _mode_for(path: Path) -> int:
         return 0o666 & ~umask
 
 
-def write_atomic(path: Path, lines: Iterable[Mapping[str, Any]]) -> None:
-    """Replace ``path`` with ``lines``: a temporary file beside it, fsync, then a rename.
+def write_atomic(path: Path, lines: Iterable[Mapping[str, Any] | str]) -> None:
+    """Replace ``path`` with ``lines`` (objects, or JSON text ending in a newline): a temporary
+    file beside it, fsync, then a rename.
 
     A reader (or a crash) sees either the old file or the new one, never a mix. The file keeps
     its permissions.
@@ -197,7 +210,7 @@ def write_atomic(path: Path, lines: Iterable[Mapping[str, Any]]) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for line in lines:
-                f.write(_dumps(line))
+                f.write(line if isinstance(line, str) else _dumps(line))
             f.flush()
             os.fchmod(f.fileno(), mode)
             os.fsync(f.fileno())
@@ -214,42 +227,156 @@ def write_atomic(path: Path, lines: Iterable[Mapping[str, Any]]) -> None:
             os.close(dir_fd)
 
 
-class OutputFile:
-    """The output file of one run: rewritten from the journal, appended to as jobs end."""
+#: Makes the output line of a finished record (None while it is not finished).
+Line = Callable[[Record], "dict[str, Any] | None"]
 
-    def __init__(self, path: Path) -> None:
+
+class RefusedPath(Exception):
+    """An output path that asyncbg must not write: not a regular file, or unusable."""
+
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+          (stat.S_ISSOCK, "a socket"))
+
+
+def output_target(path: Path) -> Path:
+    """The regular file an output path names: the path itself, or a symlink's final target
+    (which is then what gets rewritten, in its own directory).
+
+    Raises :class:`RefusedPath` for anything else: a directory, a device, a FIFO, a socket.
+    Nothing is opened, so a FIFO or a terminal is never read or waited on.
+    """
+    try:
+        st = path.stat()  # follows symlinks: /dev/stdout is what it points to
+    except FileNotFoundError:
+        return Path(os.path.realpath(path))  # a new file, or a dangling link's target
+    except OSError as exc:
+        raise RefusedPath(f"cannot use {path} as the output: {exc.strerror or exc}") from exc
+    if stat.S_ISREG(st.st_mode):
+        return Path(os.path.realpath(path))
+    kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a regular file")
+    raise RefusedPath(
+        f"{path} is {kind}: asyncbg rewrites its output file as a whole, so -o must be a "
+        "regular file or a new path (or - to stream the lines to stdout)")
+
+
+def _fingerprint(text: str) -> bytes:
+    return hashlib.blake2b(text.encode(), digest_size=16).digest()
+
+
+class OutputFile:
+    """The output file of one run: rewritten from the journal, appended to as jobs end.
+
+    Its methods block (they write and fsync): a run calls them through
+    ``anyio.to_thread.run_sync``. Only a fingerprint of each written line is kept, so memory
+    does not grow with the bodies.
+    """
+
+    def __init__(self, path: Path, line: Line = output_line) -> None:
         self.path = path
-        #: custom_id -> the line last written for it.
-        self.written: dict[str, dict[str, Any]] = {}
-        self._f: TextIO | None = None
+        self._line = line
+        #: custom_id -> fingerprint of the line last written for it.
+        self._written: dict[str, bytes] = {}
+        self._f: IO[str] | None = None
+        self._lock: Any = None
+
+    def lock(self) -> None:
+        """Hold ``PATH.lock`` for the run: a second run on this output exits naming this one.
+
+        Raises :class:`~asyncbg.LedgerError` with the holder's pid, host and start time.
+        """
+        from .._ledgers._lock import ExclusiveLock  # fcntl: POSIX only
+
+        self._lock = ExclusiveLock.acquire(Path(f"{self.path}.lock"), str(self.path))
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def rewrite(self, records: Mapping[str, Record], order: Iterable[str]) -> None:
         """Rewrite the whole file from ``records``: one line per finished key, in ``order``."""
         self.close()
-        lines: dict[str, dict[str, Any]] = {}
-        for key in order:
-            record = records.get(key)
-            line = output_line(record) if record is not None and key not in lines else None
-            if line is not None:
-                lines[key] = line
-        write_atomic(self.path, lines.values())
-        self.written = lines
+        written: dict[str, bytes] = {}
 
-    def append(self, record: Record) -> dict[str, Any] | None:
-        """Append a finished record's line, unless that exact outcome is already written."""
-        line = output_line(record)
-        if line is None or self.written.get(record.key) == line:
-            return line
-        if self._f is None:
-            self._f = self.path.open("a", encoding="utf-8")
-        self._f.write(_dumps(line))
-        # flush, not fsync: a killed process loses nothing the OS already has, and the next
-        # run rebuilds the file from the journal anyway.
-        self._f.flush()
-        self.written[record.key] = line
-        return line
+        def lines() -> Iterator[str]:
+            for key in order:
+                record = records.get(key)
+                line = self._line(record) if record is not None and key not in written else None
+                if line is not None:
+                    text = _dumps(line)
+                    written[key] = _fingerprint(text)
+                    yield text
+
+        write_atomic(self.path, lines())
+        self._written = written
+
+    def append(self, record: Record) -> bool:
+        """Append a finished record's line; see :meth:`append_many`."""
+        return self.append_many([record]) > 0
+
+    def append_many(self, records: Iterable[Record]) -> int:
+        """Append the lines of finished records, each unless that exact outcome is already
+        written, then flush and fsync once; returns how many lines were written."""
+        texts = self._new_lines(records)
+        if texts:
+            if self._f is None:
+                self._f = self.path.open("a", encoding="utf-8")
+            self._f.write("".join(texts))
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        return len(texts)
+
+    def _new_lines(self, records: Iterable[Record]) -> list[str]:
+        texts = []
+        for record in records:
+            line = self._line(record)
+            if line is None:
+                continue
+            text = _dumps(line)
+            mark = _fingerprint(text)
+            if self._written.get(record.key) != mark:
+                self._written[record.key] = mark
+                texts.append(text)
+        return texts
 
     def close(self) -> None:
         if self._f is not None:
             self._f.close()
             self._f = None
+
+
+class StdoutOutput(OutputFile):
+    """``-o -``: finished lines stream to stdout as they end, each key once; nothing is
+    rewritten (a pipe cannot be), so a line is written only when it is final for this run."""
+
+    def __init__(self, line: Line = output_line) -> None:
+        super().__init__(Path("-"), line)
+        self._started = False
+        # Taken now: while a progress bar shows, rich replaces sys.stdout with a proxy that
+        # prints to the terminal (stderr), and the lines must still go down the pipe.
+        self._stream = sys.stdout
+
+    def lock(self) -> None:
+        return None
+
+    def rewrite(self, records: Mapping[str, Record], order: Iterable[str]) -> None:
+        """At the start, the journal's final answers (lines that will not run again); at the
+        end, whatever finished line has not been written yet."""
+        chosen = []
+        for key in order:
+            record = records.get(key)
+            if record is None or key in self._written:
+                continue
+            if self._started or record.state == "done":
+                chosen.append(record)
+        self._started = True
+        self.append_many(chosen)
+
+    def append_many(self, records: Iterable[Record]) -> int:
+        texts = self._new_lines(records)
+        if texts:
+            self._stream.write("".join(texts))
+            self._stream.flush()
+        return len(texts)

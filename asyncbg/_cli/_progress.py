@@ -45,6 +45,19 @@ class Live:
     #: US dollars spent so far, and the budget (None: no --max-cost).
     cost: float = 0.0
     budget: float | None = None
+    #: Seconds left of a hold-off the server asked for (Retry-After): creates wait meanwhile.
+    held: float = 0.0
+    #: Jobs waiting before they try again (a Retry-After, or a backoff after an error): not
+    #: counted in ``in_flight``.
+    retrying: int = 0
+
+    def waiting(self) -> str:
+        """``, 3 waiting to retry, creates held 42s by the server's Retry-After``, as far as
+        either is true; else empty."""
+        said = f", {self.retrying} waiting to retry" if self.retrying else ""
+        if self.held >= 1:
+            said += f", creates held {_duration(self.held)} by the server's Retry-After"
+        return said
 
     def dollars(self) -> str:
         """``$1.23``, or ``$1.23 of $25.00`` with a budget."""
@@ -97,7 +110,8 @@ def plain_line(tally: Tally, live: Live, elapsed: float) -> str:
     counts = counts_text(tally.by_status)
     return (
         f"asyncbg: {tally.done}/{tally.total} done" + (f" ({counts})" if counts else "")
-        + f", {live.in_flight} in flight, {rate:.1f}/s, ETA {eta}, retries {live.retries}, "
+        + f", {live.in_flight} in flight{live.waiting()}, {rate:.1f}/s, ETA {eta}, "
+        f"retries {live.retries}, "
         f"tokens {tally.tokens:,}, {live.dollars()}, {_duration(elapsed)} elapsed"
     )
 
@@ -116,7 +130,8 @@ def _bar(console: Console) -> Progress:
         _Rate(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
-        TextColumn("{task.fields[in_flight]} in flight  retries {task.fields[retries]}  "
+        TextColumn("{task.fields[in_flight]} in flight{task.fields[waiting]}  "
+                   "retries {task.fields[retries]}  "
                    "tokens {task.fields[tokens]:,}  {task.fields[dollars]}"),
         console=console,
         auto_refresh=False,  # refreshed from the event loop below: no thread of its own
@@ -174,7 +189,7 @@ class Display:
         bar = _bar(console)
         with bar:
             task = bar.add_task(self.label, total=self.tally.total, in_flight=0, retries=0,
-                                tokens=0, dollars="$0.00")
+                                tokens=0, dollars="$0.00", waiting="")
             try:
                 while True:
                     self._update(bar, task)
@@ -186,7 +201,7 @@ class Display:
         live = self.live()
         bar.update(task, total=self.tally.total, completed=self.tally.done,
                    in_flight=live.in_flight, retries=live.retries, tokens=self.tally.tokens,
-                   dollars=live.dollars())
+                   dollars=live.dollars(), waiting=live.waiting())
         bar.refresh()
 
 

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from pathlib import Path
 
-from .. import Job
 from .._ledgers import Record
-from ._input import BatchRequest
 from ._output import body_of, tokens_of
 from ._progress import counts_text, rows
 
@@ -19,58 +17,77 @@ def completed(record: Record | None) -> bool:
     return record is not None and record.state == "done" and record.status == "completed"
 
 
-def name_failures(source: Path, lines: Sequence[BatchRequest],
-                  records: Mapping[str, Record], *, unfinished: bool) -> int:
+def name_failures(source: Path, lines: Mapping[str, int],
+                  records: Mapping[str, Record], *, unfinished: bool,
+                  reasons: Mapping[str, str] | None = None) -> int:
     """``FILE:LINE custom_id: reason`` on stderr for each line that did not complete (and, with
-    ``unfinished``, for each that has not finished); returns how many were named."""
+    ``unfinished``, for each that has not finished); returns how many were named.
+
+    ``lines`` maps each input line's custom_id to its line number; ``reasons`` says why a line
+    that the journal has as unfinished did not run (the budget, say).
+    """
     named = 0
-    for req in lines:
-        record = records.get(req.custom_id)
+    for custom_id, line in lines.items():
+        record = records.get(custom_id)
         if completed(record):
             continue
         if record is not None and record.terminal:
             reason = record.error or f"the response ended {record.status}"
+            if record.error_code == "budget_exceeded" and "budget_exceeded" not in reason:
+                reason = f"budget_exceeded: {reason}"
+        elif reasons and custom_id in reasons:
+            reason = reasons[custom_id]
+            if "budget" in reason and "budget_exceeded" not in reason:
+                reason = f"budget_exceeded: {reason}"
         elif unfinished:
             reason = "not finished"
         else:
             continue
         named += 1
-        print(f"{source}:{req.line} {req.custom_id}: {reason}", file=sys.stderr)
+        print(f"{source}:{line} {custom_id}: {reason}", file=sys.stderr)
     return named
 
 
-def connection_failure(sent: Sequence[Job]) -> str | None:
-    """One line for a run whose every create failed to connect; None otherwise."""
-    if not sent or any(job.error_code != "connection_error" for job in sent):
+def connection_failure(sent: int, refused: int, message: str | None) -> str | None:
+    """One line for a run whose every one of ``sent`` creates failed to connect (``refused``
+    of them did, the first saying ``message``); None otherwise."""
+    if not sent or refused < sent:
         return None
-    message = sent[0].error or ""
-    url, _, reason = message.removeprefix("cannot connect to ").partition(": ")
+    url, _, reason = (message or "").removeprefix("cannot connect to ").partition(": ")
     return f"cannot connect to {url} ({reason or 'connection failed'}); nothing was sent"
 
 
-def summary(lines: Sequence[BatchRequest], records: Mapping[str, Record], *,
-            extra: Sequence[tuple[str, object]]) -> str:
-    """The closing block: lines by outcome, then ``extra`` rows."""
+def summary(lines: Mapping[str, int], records: Mapping[str, Record], *,
+            extra: Sequence[tuple[str, object]], not_run: Container[str] = (),
+            tokens_by_key: Mapping[str, int] | None = None) -> str:
+    """The closing block: lines by outcome, then ``extra`` rows. ``not_run``: lines the
+    budget kept from being sent (their records may say nothing of it); ``tokens_by_key``:
+    token counts already known, so that a big run does not parse every body again."""
+    known = tokens_by_key or {}
     counts: dict[str, int] = {}
     tokens = 0
-    for req in lines:
-        record = records.get(req.custom_id)
-        status = record.status if record is not None and record.terminal else "not finished"
+    for custom_id in lines:
+        record = records.get(custom_id)
+        status = (record.status if record is not None and record.terminal
+                  else "not run (budget)" if custom_id in not_run else "not finished")
         counts[status] = counts.get(status, 0) + 1
-        if record is not None and record.body is not None:
+        if custom_id in known:
+            tokens += known[custom_id]
+        elif record is not None and record.body is not None:
             tokens += tokens_of(body_of(record))["total"]
     return rows([("lines", f"{len(lines)}  ({counts_text(counts) or 'none'})"),
                  ("tokens", f"{tokens:,}"), *extra])
 
 
-def interrupt_message(lines: Sequence[BatchRequest], records: Mapping[str, Record], *,
+def interrupt_message(lines: Mapping[str, int], records: Mapping[str, Record], *,
                       signal_name: str, journal: Path) -> list[str]:
     """How far an interrupted run got, and the two ways on."""
-    states = [records[r.custom_id].state if r.custom_id in records else "new" for r in lines]
+    states = [records[c].state if c in records else "new" for c in lines]
     finished = sum(state in ("done", "local") for state in states)
     unsent = states.count("new") + states.count("sending")
-    # Every live response in the journal, this input's or not: all are still paid for.
-    live = sum(r.state == "live" for r in records.values())
+    # Every response the journal has an id for and no end, this input's or not: all are still
+    # paid for (creates answered while the run stopped included: their ids were recorded).
+    live = sum(r.response_id is not None and not r.terminal for r in records.values())
     said = [f"interrupted ({signal_name}): {finished} of {len(lines)} lines finished; "
             f"{live} responses still running on the server; {unsent} lines not sent"]
     if live:

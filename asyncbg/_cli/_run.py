@@ -1,27 +1,47 @@
 """``asyncbg run``: a Batch API input file as background responses, with the journal as truth.
 
-A run checks everything it can before sending anything (paths, input, output, API key, the
-journal and its lock), rebuilds the output file from the journal, sends what is not done,
-appends lines as jobs end, and rebuilds the output again at the end, also after an interrupt.
+A run checks everything it can before sending anything (paths, input, output, API key, prices
+for a budget, the output's and the journal's locks), rebuilds the output file from the
+journal, then streams: one task reads the input and submits its lines (at most ``WINDOW`` times
+the concurrency submitted and not yet collected), another collects each job as it ends and
+appends its line, so memory follows the concurrency, not the file. Lines the journal already
+has done with the same request are counted without a claim each. At the end, also after an
+interrupt, the output is rebuilt again.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import math
+import os
 import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
-from rich.console import Console
+from anyio.streams.memory import MemoryObjectReceiveStream
 
-from .. import BackgroundManager, Job, JournalMismatchError, RateLimit
-from .._ledgers import Ledger, LedgerError, Record, SQLiteLedger
-from ._formats import FORMATS, close
-from ._input import BatchRequest, Parsed
+from .. import BackgroundManager, Job, JournalMismatchError, Price, RateLimit
+from .._ledgers import Ledger, LedgerError, Record, SQLiteLedger, digest
+from ._formats import FORMATS, Format, close
+from ._input import Index, NotUtf8
 from ._notify import notify_option
 from ._ops import cancel_live, say
-from ._output import Existing, NotOurs, body_of, same_path, tokens_of
+from ._output import (
+    Existing,
+    NotOurs,
+    OutputFile,
+    RefusedPath,
+    StdoutOutput,
+    body_of,
+    output_target,
+    same_path,
+    tokens_of,
+)
 from ._progress import Display, Live, Tally
 from ._report import connection_failure, interrupt_message, name_failures, summary
 from ._signals import Interrupts
@@ -32,80 +52,179 @@ __all__ = ["run"]
 CANCEL_TIMEOUT = 10.0
 #: Seconds after an interrupt in which a second one still asks for a cancel.
 GRACE = 1.0
+#: Lines submitted and not yet collected, as a multiple of the concurrency (at least
+#: ``MIN_WINDOW``): enough that a slot never waits for the reader, few enough that memory does
+#: not follow the file.
+WINDOW = 4
+MIN_WINDOW = 64
+#: Jobs collected per output write (one write and one fsync each, off the event loop).
+BATCH = 256
+#: The variable each provider's SDK reads its base URL from.
+_BASE_URL_ENV = {"openai": "OPENAI_BASE_URL", "openai-batch": "OPENAI_BASE_URL",
+                 "anthropic": "ANTHROPIC_BASE_URL", "gemini": "GOOGLE_GEMINI_BASE_URL"}
 
 
 async def run(args: argparse.Namespace) -> int:
     """The ``run`` command; returns the exit status (see ``asyncbg run --help``)."""
+    fmt = FORMATS[args.provider]
     source = Path(args.input)
-    output = Path(args.output)
-    journal = Path(args.journal) if args.journal else output.with_name(output.name + ".journal")
-    for a, b, what in ((source, output, "the input and the output"),
-                       (source, journal, "the input and the journal"),
-                       (output, journal, "the output and the journal")):
+    output = None if args.output == "-" else Path(args.output)
+    if args.journal:
+        journal = Path(args.journal)
+    elif output is None:
+        say("-o - needs --journal PATH: the journal is what a rerun resumes from; nothing "
+            "was sent")
+        return 2
+    else:
+        journal = output.with_name(output.name + ".journal")
+    if (problem := _bad_base_url(args)) is not None:
+        say(f"{problem}; nothing was sent")
+        return 2
+    pairs = [(source, journal, "the input and the journal")]
+    if output is not None:
+        pairs += [(source, output, "the input and the output"),
+                  (output, journal, "the output and the journal")]
+    for a, b, what in pairs:
         if same_path(a, b):
             say(f"{what} are the same file ({a}); nothing was sent")
             return 2
+    target = None
+    if output is not None:
+        try:
+            target = output_target(output)
+        except RefusedPath as exc:
+            say(f"{exc}; nothing was sent")
+            return 2
     try:
-        parsed = FORMATS[args.provider].read(source, args)
+        index = fmt.index(source, args)
     except OSError as exc:
         say(f"cannot read {source}: {exc.strerror or exc}")
         return 2
-    except UnicodeDecodeError as exc:
-        say(f"{source} is not UTF-8 text: {exc}")
+    except NotUtf8 as exc:
+        say(f"{exc}; nothing was sent")
         return 2
-    if parsed.duplicates:
-        for problem in parsed.duplicates:
+    if index.duplicates:
+        for problem in index.duplicates:
             say(f"{source}: {problem}")
-        say("duplicate custom_id values; nothing was sent")
+        say(f"duplicate {fmt.id_name} values; nothing was sent")
         return 2
-    try:
-        existing = FORMATS[args.provider].read_existing(output)
-    except NotOurs as exc:
-        say(f"{output} exists and is not an asyncbg output file ({exc}); nothing was sent. "
-            "Choose another -o, or move that file away")
+    if not index.lines and not index.bad:
+        say(f"no requests in {source}; nothing was sent")
         return 2
-    except OSError as exc:
-        say(f"cannot read {output}: {exc.strerror or exc}; nothing was sent")
+    if (problem := _unpriced(args, index)) is not None:
+        say(problem)
         return 2
+    existing = Existing()
+    if target is not None:
+        try:
+            existing = fmt.read_existing(target)
+        except NotOurs as exc:
+            say(f"{output} exists and is not an asyncbg output file ({exc}); nothing was sent. "
+                "Choose another -o, or move that file away")
+            return 2
+        except OSError as exc:
+            say(f"cannot read {output}: {exc.strerror or exc}; nothing was sent")
+            return 2
     try:
         notify_option(args)  # --notify: its secret is checked before anything is sent
     except ValueError as exc:
         say(f"{exc}; nothing was sent")
         return 2
-    client = FORMATS[args.provider].open(args)
+    client = fmt.open(args)
     if client is None:
         return 2
     try:
-        return await _Run(args, source, output, journal, parsed, existing).main(client)
+        return await _Run(args, fmt, source, fmt.output_file(target), journal, index,
+                          existing).main(client)
     finally:
         with anyio.CancelScope(shield=True):
             await close(client)
 
 
+def _bad_base_url(args: argparse.Namespace) -> str | None:
+    """Why the base URL (``--base-url``, else the provider's variable) is not an http(s) URL."""
+    name = _BASE_URL_ENV[args.provider]
+    url, where = ((args.base_url, "--base-url") if args.base_url
+                  else (os.environ.get(name), name))
+    if not url:
+        return None
+    parts = urlsplit(url)
+    if parts.scheme in ("http", "https") and parts.netloc:
+        return None
+    return f"{where} {url!r} is not an http:// or https:// URL"
+
+
+def _unpriced(args: argparse.Namespace, index: Index) -> str | None:
+    """With ``--max-cost``: a line naming every model with no known price (and no --price)."""
+    if args.max_cost is None:
+        return None
+    import structlog.testing
+
+    from .._spend._pricing import PriceBook
+
+    book = PriceBook(prices_of(args))
+    with structlog.testing.capture_logs():  # our one line says it, not a log line per model
+        unknown = sorted(m for m in index.models if book.price(m) is None)
+    if not unknown:
+        return None
+    names = ", ".join(unknown)
+    return (f"--max-cost cannot be kept: no price is known for {names}. Give each one with "
+            f"--price MODEL=INPUT,OUTPUT[,CACHED] (dollars per million tokens), e.g. --price "
+            f"{unknown[0]}=1.25,10; nothing was sent")
+
+
+def prices_of(args: argparse.Namespace) -> dict[str, Price]:
+    """``--price`` options as ``BackgroundManager(prices=...)``."""
+    return {model: Price(input=p[0], output=p[1], cached_input=p[2] if len(p) > 2 else None)
+            for model, p in (getattr(args, "price", None) or [])}
+
+
+@dataclass(frozen=True, slots=True)
+class _Done:
+    """A line the journal had finished when the run started: enough to serve it unclaimed."""
+
+    digest: str
+    status: str
+    tokens: int
+
+
 class _Run:
     """One ``asyncbg run``, from its checks to its report."""
 
-    def __init__(self, args: argparse.Namespace, source: Path, output: Path, journal: Path,
-                 parsed: Parsed, existing: Existing) -> None:
+    def __init__(self, args: argparse.Namespace, fmt: Format, source: Path, out: OutputFile,
+                 journal: Path, index: Index, existing: Existing) -> None:
         self.args = args
+        self.fmt = fmt
         self.source = source
         self.journal = journal
-        self.parsed = parsed
+        self.index = index
+        self.out = out
+        #: custom_id -> line number of every input line that runs (skipped ones leave it).
+        self.lines = dict(index.lines)
+        #: Lines the output already had that are not in this input: kept, after the input's.
+        self.others = [c for c in existing.custom_ids if c not in index.lines]
         self.existing = existing
-        self.out = FORMATS[args.provider].output_file(output)
-        ids = {r.custom_id for r in parsed.requests}
-        #: The output's lines, in this order: the input's, then any others it already had.
-        self.order = [r.custom_id for r in parsed.requests] + [
-            c for c in existing.custom_ids if c not in ids]
         #: Keys the journal had finished with the server's answer when the run started.
-        self.served: set[str] = set()
+        self.done: dict[str, _Done] = {}
+        #: custom_id -> tokens of its final body, for the lines this run has seen end.
+        self.tokens: dict[str, int] = {}
         #: custom_id -> why its line was skipped (its key is journaled with another request).
         self.skipped: dict[str, str] = {}
-        self.jobs: list[Job] = []
-        self.tally = Tally(total=len(parsed.requests))
+        #: custom_id -> why a line was not run for the budget, when its record does not say.
+        self.not_run: dict[str, str] = {}
+        self.tally = Tally(total=len(index.lines))
         self.stats = Live()
         self.requests = self.polls = self.possible_duplicates = 0
+        #: Lines handed to the manager (a rerun with nothing to do hands it none).
+        self.submitted = 0
+        #: Jobs collected that the journal had not already finished, and how many of them
+        #: could not connect (the first one's message kept).
+        self.sent = self.refused = 0
+        self.refusal: str | None = None
         self.output_failed = False
+
+    def _order(self) -> Iterator[str]:
+        return itertools.chain(self.index.lines, self.others)
 
     async def main(self, client: Any) -> int:
         interrupts = Interrupts(cancel_live=self.args.cancel_on_interrupt,
@@ -125,43 +244,64 @@ class _Run:
 
     async def _journaled(self, client: Any, work: anyio.CancelScope,
                          interrupts: Interrupts) -> int:
-        try:
-            self.out.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            say(f"cannot create {self.out.path.parent}: {exc.strerror or exc}; nothing was sent")
-            return 2
+        if not isinstance(self.out, StdoutOutput):
+            try:
+                self.out.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                say(f"cannot create {self.out.path.parent}: {exc.strerror or exc}; nothing was "
+                    "sent")
+                return 2
         ledger = SQLiteLedger(self.journal, exclusive=True)
         try:
+            self.out.lock()
             await ledger.open()
         except LedgerError as exc:
+            self.out.unlock()
             say(f"{exc}; nothing was sent")
             return 2
         try:
             return await self._run(client, ledger, work, interrupts)
         except LedgerError as exc:
-            say(f"{exc}; the run stopped, leaving what it had created running on the server: "
-                "run the same command again once the journal works, to collect it")
-            return 1
+            say(self._ledger_failure(exc))
+            return 2
         finally:
             with anyio.CancelScope(shield=True):
                 await ledger.close()
+                self.out.unlock()
+
+    def _ledger_failure(self, exc: LedgerError) -> str:
+        """One line for a journal that failed during the run: what became of what was sent."""
+        unrecorded: list[tuple[str, str]] = list(getattr(exc, "unrecorded", None) or [])
+        text = str(exc)
+        if unrecorded:
+            named = ", ".join(f"{key} ({rid})" for key, rid in unrecorded)
+            if unrecorded[0][1] not in text:
+                text += (f"; {len(unrecorded)} responses created but never recorded were "
+                         f"cancelled on the server: {named}")
+            return f"{text}; the run stopped: run the same command again once the journal works"
+        if self.requests:
+            return (f"{text}; the run stopped, leaving what it had created running on the "
+                    "server: run the same command again once the journal works, to collect it")
+        return f"{text}; nothing was sent"
 
     async def _run(self, client: Any, ledger: Ledger, work: anyio.CancelScope,
                    interrupts: Interrupts) -> int:
         records = await _records(ledger)
-        self.served = {key for key, r in records.items() if r.state == "done"}
         unknown = [c for c in self.existing.custom_ids if c not in records]
         if unknown:
             say(f"{self.out.path} has lines the journal {self.journal} does not know "
                 f"({len(unknown)}, e.g. custom_id {unknown[0]!r}): it was written with another "
                 "journal. Pass that --journal, or choose another -o; nothing was sent")
             return 2
+        self.done = {key: _Done(r.digest, r.status, tokens_of(body_of(r))["total"])
+                     for key, r in records.items() if r.state == "done" and key in self.lines}
         try:
-            self.out.rewrite(records, self.order)
+            await anyio.to_thread.run_sync(self.out.rewrite, records, self._order())
         except OSError as exc:
             say(f"cannot write {self.out.path}: {exc.strerror or exc}; nothing was sent")
             return 2
-        for bad in self.parsed.bad:
+        del records  # the bodies: from here on memory follows the concurrency
+        for bad in self.index.bad:
             say(f"{self.source}:{bad.line}: {bad.reason}; line skipped")
         try:
             with work:
@@ -170,40 +310,57 @@ class _Run:
             self.out.close()
         if interrupts.interrupted:
             return await self._interrupted(client, ledger, interrupts)
-        records = await self._rewrite(ledger)
-        return self._report(records)
+        if self.submitted == 0:  # nothing changed: the output written at the start stands
+            return self._report(await _records(ledger))
+        return self._report(await self._rewrite(ledger))
 
-    async def _send(self, client: Any, ledger: Ledger,
-                    interrupts: Interrupts) -> None:
+    async def _send(self, client: Any, ledger: Ledger, interrupts: Interrupts) -> None:
         args = self.args
-        options = FORMATS[args.provider].manager_options(args, client)
+        options = self.fmt.manager_options(args, client)
         if args.max_cost is not None:
             options["max_cost"] = args.max_cost
+        if prices := prices_of(args):
+            options["prices"] = prices
         if args.rpm is not None or args.tpm is not None:
             options["rate_limit"] = RateLimit(requests_per_minute=args.rpm,
                                               tokens_per_minute=args.tpm)
         if (notify := notify_option(args)) is not None:  # --notify URL: see _notify.py
             options["notify"] = notify
-        async with BackgroundManager(client, journal=ledger, **options,
-                                     cancel_on_exit=False) as mgr:
+        send, receive = anyio.create_memory_object_stream[Job](max_buffer_size=math.inf)
+        with send, receive:
+            await self._manage(client, ledger, interrupts, options, send.send_nowait, receive)
+
+    async def _manage(self, client: Any, ledger: Ledger, interrupts: Interrupts,
+                      options: dict[str, Any], on_done: Callable[[Job], None],
+                      receive: MemoryObjectReceiveStream[Job]) -> None:
+        args = self.args
+        async with BackgroundManager(client, journal=ledger, **options, cancel_on_exit=False,
+                                     on_done=on_done) as mgr:
             interrupts.on_cancel = mgr.cancel_all
 
             def live() -> Live:
                 stats = mgr.statistics()
-                self.stats = Live(in_flight=stats.live, retries=stats.retries,
-                                  cost=stats.cost, budget=args.max_cost)
+                pacer = _pacer(mgr)
+                held = pacer.statistics().hold_remaining if pacer is not None else 0.0
+                retrying = getattr(stats, "retrying", 0)  # engines before it counted none
+                self.stats = Live(in_flight=max(stats.live - retrying, 0), retries=stats.retries,
+                                  cost=stats.cost, budget=args.max_cost, held=held,
+                                  retrying=retrying)
                 self.requests, self.polls = stats.requests, stats.polls
                 self.possible_duplicates = stats.possible_duplicates
                 return self.stats
+
+            from rich.console import Console
 
             mode = Display.mode_for(Console(file=sys.stderr), progress=args.progress)
             display = Display(self.tally, live, mode=mode, every=args.progress_every)
             try:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(display.run)
+                    tg.start_soon(_say_holds, mgr)
                     failure: LedgerError | None = None
                     try:
-                        await self._feed(mgr, ledger, interrupts)
+                        await self._feed(mgr, ledger, receive, interrupts)
                     except LedgerError as exc:
                         failure = exc  # raised below, outside the task group: not in a group
                     tg.cancel_scope.cancel()
@@ -214,35 +371,91 @@ class _Run:
                 live()
 
     async def _feed(self, mgr: BackgroundManager, ledger: Ledger,
-                    interrupts: Interrupts) -> None:
-        """Submit every line, then write each line's outcome as its job ends."""
-        by_job: dict[Job, BatchRequest] = {}
-        for req in self.parsed.requests:
+                    jobs_done: MemoryObjectReceiveStream[Job], interrupts: Interrupts) -> None:
+        """Submit the input's lines while a collector writes each one's outcome as it ends."""
+        window = max(WINDOW * mgr.max_concurrency, MIN_WINDOW)
+        slots = anyio.Semaphore(window)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._collect, mgr, ledger, jobs_done, slots)
+                await self._submit(mgr, slots, window, interrupts)
+                tg.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            raise _collapse(group) from None
+
+    async def _submit(self, mgr: BackgroundManager, slots: anyio.Semaphore, window: int,
+                      interrupts: Interrupts) -> None:
+        """Read and submit the lines, then wait until every submitted one was collected."""
+        # Served without a claim only when no budget needs the journal's spend counted.
+        unclaimed = self.args.max_cost is None
+        for n, req in enumerate(self.fmt.requests(self.source, self.args)):
+            if n % 64 == 0:
+                await anyio.lowlevel.checkpoint()  # a big file never starves the loop
             if interrupts.interrupted:
                 break  # stop creating (--cancel-on-interrupt cancels before the work stops)
+            if self.index.lines.get(req.custom_id) != req.line:
+                continue  # the file changed since it was checked: only checked lines run
+            done = self.done.get(req.custom_id)
+            if unclaimed and done is not None and done.digest == digest(
+                    mgr.provider.prepare(req.body, stream=False)):
+                self.tally.add(done.status, done.tokens)
+                self.tokens[req.custom_id] = done.tokens
+                continue
+            await slots.acquire()
             try:
-                job = await mgr.submit_request(req.body, key=req.custom_id,
-                                               deadline=self.args.deadline)
+                await mgr.submit_request(req.body, key=req.custom_id,
+                                         deadline=self.args.deadline)
+                self.submitted += 1
             except (JournalMismatchError, ValueError) as exc:
+                slots.release()
                 say(f"{self.source}:{req.line}: {exc}; line skipped")
                 self.skipped[req.custom_id] = str(exc)
+                del self.lines[req.custom_id]
                 self.tally.total -= 1
-                continue
-            by_job[job] = req
-        self.jobs = list(by_job)
-        async for job in mgr.as_completed(self.jobs):
-            record = await ledger.get(job.key)
-            tokens = 0
-            if record is not None:
-                self._append(record)
-                tokens = tokens_of(body_of(record))["total"]
-            self.tally.add(job.status.value, tokens)
+        for _ in range(window):  # every submitted job collected
+            await slots.acquire()
 
-    def _append(self, record: Record) -> None:
-        if self.output_failed:
+    async def _collect(self, mgr: BackgroundManager, ledger: Ledger,
+                       jobs_done: MemoryObjectReceiveStream[Job], slots: anyio.Semaphore) -> None:
+        """Count and write each job as it ends, in batches: one write and fsync per batch."""
+        async for job in jobs_done:
+            batch = [job]
+            while len(batch) < BATCH:
+                try:
+                    batch.append(jobs_done.receive_nowait())
+                except anyio.WouldBlock:
+                    break
+            records = []
+            for job in batch:
+                record = await ledger.get(job.key)
+                self._count(job, record)
+                if record is not None:
+                    records.append(record)
+                mgr.forget(job.key)  # the manager need not keep what the journal has
+                slots.release()
+            await self._append(records)
+
+    def _count(self, job: Job, record: Record | None) -> None:
+        tokens = tokens_of(body_of(record))["total"] if record is not None else 0
+        self.tally.add(job.status.value, tokens)
+        self.tokens[job.key] = tokens
+        if job.key in self.done:
+            return  # served from the journal: nothing was sent for it
+        self.sent += 1
+        if job.error_code == "connection_error":
+            self.refused += 1
+            self.refusal = self.refusal or job.error
+        if job.error_code == "budget_exceeded" and job.response_id is None and (
+                record is None or not record.terminal):
+            self.not_run[job.key] = job.error or "not run: the budget was spent"
+
+    async def _append(self, records: list[Record]) -> None:
+        if self.output_failed or not records:
             return
         try:
-            self.out.append(record)
+            await anyio.to_thread.run_sync(self.out.append_many, records)
+        except BrokenPipeError:
+            raise  # -o - and the reader went away: main() exits quietly
         except OSError as exc:
             self.output_failed = True
             say(f"cannot append to {self.out.path}: {exc.strerror or exc}; it is rewritten "
@@ -251,16 +464,15 @@ class _Run:
     async def _rewrite(self, ledger: Ledger) -> dict[str, Record]:
         records = await _records(ledger)
         try:
-            self.out.rewrite(records, self.order)
+            await anyio.to_thread.run_sync(self.out.rewrite, records, self._order())
+        except BrokenPipeError:
+            raise
         except OSError as exc:
             say(f"cannot write {self.out.path}: {exc.strerror or exc}; the results are in the "
                 f"journal {self.journal}: run again once it can be written")
         return records
 
     # -- endings ---------------------------------------------------------------------------
-
-    def _lines(self) -> list[BatchRequest]:
-        return [r for r in self.parsed.requests if r.custom_id not in self.skipped]
 
     async def _interrupted(self, client: Any, ledger: Ledger,
                            interrupts: Interrupts) -> int:
@@ -270,19 +482,20 @@ class _Run:
             with interrupts.cleanup:
                 await cancel_live(client, ledger, timeout=CANCEL_TIMEOUT)
         records = await self._rewrite(ledger)
-        name_failures(self.source, self._lines(), records, unfinished=False)
-        for line in interrupt_message(self._lines(), records, signal_name=interrupts.name,
+        name_failures(self.source, self.lines, records, unfinished=False)
+        for line in interrupt_message(self.lines, records, signal_name=interrupts.name,
                                       journal=self.journal):
             say(line)
         return interrupts.exit_code
 
     def _report(self, records: dict[str, Record]) -> int:
-        failure = connection_failure([j for j in self.jobs if j.key not in self.served])
+        failure = connection_failure(self.sent, self.refused, self.refusal)
         if failure is not None:
             say(failure)  # one line, not one per job: the server could not be reached at all
             return 2
-        problems = name_failures(self.source, self._lines(), records, unfinished=True)
-        bad = len(self.parsed.bad) + len(self.skipped)
+        problems = name_failures(self.source, self.lines, records, unfinished=True,
+                                 reasons=self.not_run)
+        bad = len(self.index.bad) + len(self.skipped)
         extra: list[tuple[str, object]] = [
             ("bad lines", bad),
             ("requests", f"{self.requests}  polls {self.polls}  retries {self.stats.retries}"),
@@ -291,15 +504,49 @@ class _Run:
             extra.append(("possible duplicates", self.possible_duplicates))
         extra.append(("cost", f"{self.stats.dollars()} (priced jobs, this run and earlier ones)"
                       if self.args.max_cost is not None else self.stats.dollars()))
-        not_run = sum(j.error_code == "budget_exceeded" and j.response_id is None
-                      for j in self.jobs)
+        not_run = sum(r.error_code == "budget_exceeded" and r.response_id is None
+                      for c in self.lines if (r := records.get(c)) is not None) + sum(
+            c not in records or not records[c].terminal for c in self.not_run)
         if not_run:
             extra.append(("not run", f"{not_run} lines, for the budget: rerun with a larger "
                                       "--max-cost to run exactly those"))
         extra += [("wall time", f"{self.tally.elapsed():.1f}s"), ("output", self.out.path),
                   ("journal", self.journal)]
-        print(summary(self._lines(), records, extra=extra), file=sys.stderr)
+        print(summary(self.lines, records, extra=extra, not_run=self.not_run,
+                      tokens_by_key=self.tokens), file=sys.stderr)
         return 0 if bad == 0 and problems == 0 else 1
+
+
+def _pacer(mgr: BackgroundManager) -> Any:
+    """The manager's create pacer (for its hold-off), if this engine has one."""
+    return getattr(getattr(mgr, "meter", None), "pacer", None)
+
+
+async def _say_holds(mgr: BackgroundManager) -> None:
+    """One line when the server's Retry-After starts holding creates back, saying how long:
+    a run that waits is not a run that hangs. Sampled like the progress display."""
+    pacer = _pacer(mgr)
+    if pacer is None:
+        return
+    cap = mgr.retry_policy.max_retry_after
+    seen = pacer.statistics().holds
+    while True:
+        await anyio.sleep(0.25)
+        stats = pacer.statistics()
+        if stats.holds > seen and stats.hold_remaining >= 1:
+            capped = (" (the most asyncbg waits at a time: the server may have asked for "
+                      "longer)" if stats.hold_remaining >= cap - 1 else "")
+            say(f"the server answered 429 with a Retry-After: creates wait "
+                f"{stats.hold_remaining:.0f}s{capped}; responses already created go on")
+        seen = stats.holds
+
+
+def _collapse(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one exception inside nested single-member groups, or the group itself."""
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 async def _records(ledger: Ledger) -> dict[str, Record]:
