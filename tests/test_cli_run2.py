@@ -451,3 +451,55 @@ def test_stdout_output_writes_only_final_lines_at_the_start() -> None:
     finally:
         sys.stdout = real
     assert [json.loads(x)["custom_id"] for x in buffer.getvalue().splitlines()] == ["a", "b"]
+
+
+def test_metrics_port_in_use_exits_2_before_anything_is_sent(
+    env: HttpFake, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "in.jsonl").write_text(request("a") + "\n")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        assert run(tmp_path, "--metrics-port", str(port)) == 2
+    err = capsys.readouterr().err
+    assert f"--metrics-port {port}" in err and "Traceback" not in err
+    assert env.server.counters.creates == 0
+
+
+def test_a_run_serves_its_metrics_while_it_works(env: HttpFake, tmp_path: Path) -> None:
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    env.server.latency = LatencyModel.fixed(1.5)
+    (tmp_path / "in.jsonl").write_text("".join(request(f"r{i}") + "\n" for i in range(3)))
+    env_vars = {**os.environ}
+    proc = subprocess.Popen([sys.executable, "-m", "asyncbg", "run", str(tmp_path / "in.jsonl"),
+                             "-o", str(tmp_path / "out.jsonl"), "--metrics-port", str(port)],
+                            env=env_vars, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    with proc:
+        text = scrape(proc, port)
+    assert proc.returncode == 0
+    assert "asyncbg" in text or "gen_ai" in text, text[:500]
+
+
+def scrape(proc: subprocess.Popen[bytes], port: int) -> str:
+    """GET /metrics of a running command, once it serves; then wait for it to end."""
+    import urllib.request
+
+    try:
+        text = ""
+        for _ in range(200):  # until the run serves (it starts in a second or two)
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                    text = r.read().decode()
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    break
+                anyio.run(anyio.sleep, 0.05)
+        proc.wait(timeout=60)
+        return text
+    finally:
+        if proc.poll() is None:
+            proc.kill()

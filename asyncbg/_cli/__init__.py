@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import _dashboard, _demo, _fleet, _notify
+from . import _dashboard, _demo, _fleet, _metrics, _notify
 from ._logging import LEVELS
 
 __all__ = ["build_parser", "main"]
@@ -165,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "(on a terminal a progress bar is always shown)")
     run.add_argument("--progress-every", type=_positive, default=30.0, help=argparse.SUPPRESS)
     _notify.add_options(run)
+    _metrics.add_option(run)  # --metrics-port PORT
     _add_logging_options(run)
 
     status = sub.add_parser(

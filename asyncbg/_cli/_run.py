@@ -27,6 +27,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from .. import BackgroundManager, Job, JournalMismatchError, Price, RateLimit
 from .._ledgers import Ledger, LedgerError, Record, SQLiteLedger, digest
+from . import _metrics
 from ._formats import FORMATS, Format, close
 from ._input import Index, NotUtf8
 from ._notify import notify_option
@@ -306,6 +307,9 @@ class _Run:
         try:
             with work:
                 await self._send(client, ledger, interrupts)
+        except _metrics.MetricsPortError as exc:
+            say(f"{exc}; nothing was sent")
+            return 2
         finally:
             self.out.close()
         if interrupts.interrupted:
@@ -326,9 +330,14 @@ class _Run:
                                               tokens_per_minute=args.tpm)
         if (notify := notify_option(args)) is not None:  # --notify URL: see _notify.py
             options["notify"] = notify
-        send, receive = anyio.create_memory_object_stream[Job](max_buffer_size=math.inf)
-        with send, receive:
-            await self._manage(client, ledger, interrupts, options, send.send_nowait, receive)
+        provider = {"anthropic": "anthropic", "gemini": "gcp.gemini"}.get(
+            getattr(args, "provider", None) or "openai", "openai")
+        async with _metrics.hooks_for(args, provider_name=provider) as hooks:
+            options["hooks"] = hooks
+            send, receive = anyio.create_memory_object_stream[Job](max_buffer_size=math.inf)
+            with send, receive:
+                await self._manage(client, ledger, interrupts, options, send.send_nowait,
+                                   receive)
 
     async def _manage(self, client: Any, ledger: Ledger, interrupts: Interrupts,
                       options: dict[str, Any], on_done: Callable[[Job], None],
@@ -337,6 +346,8 @@ class _Run:
         async with BackgroundManager(client, journal=ledger, **options, cancel_on_exit=False,
                                      on_done=on_done) as mgr:
             interrupts.on_cancel = mgr.cancel_all
+            for hook in options.get("hooks", ()):
+                hook.observe(mgr)  # gauges read from statistics(), for --metrics-port
 
             def live() -> Live:
                 stats = mgr.statistics()
