@@ -38,6 +38,12 @@ READ_VERSION = """
 """
 READ_SCHEMA_VERSION = "SELECT value FROM asyncbg_meta WHERE name = 'schema_version'"
 LOCK_SCHEMA = "SELECT pg_advisory_xact_lock(%s)"
+#: Params: statement timeout, idle-in-transaction timeout (milliseconds, as text). Run on every
+#: new connection (autocommit: they last the session).
+SET_TIMEOUTS = """
+    SELECT set_config('statement_timeout', %s, false),
+           set_config('idle_in_transaction_session_timeout', %s, false)
+"""
 TRY_EXCLUSIVE = "SELECT pg_try_advisory_lock(%s)"
 
 CREATE_V1 = (

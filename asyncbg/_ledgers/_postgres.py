@@ -3,17 +3,29 @@
 Row leases taken with ``FOR UPDATE SKIP LOCKED``, as procrastinate, pgqueuer and SAQ take jobs;
 see :mod:`._shared` for the lease and epoch rules and :mod:`._pg_queries` for every statement.
 
-One connection per ledger, in autocommit, used by one call at a time (an ``anyio.Lock``): every
-write is a single statement, so it commits in one round trip, and a transaction (a claim that
-finds the key there, an enqueue) cannot interleave with another call's statements. A pool would
-buy parallel round trips inside one process, which a worker does not need (its writes are a few
-per job, milliseconds apart), at the price of a dependency and of ``pool size x workers``
-connections on a server whose connections are often counted (managed PostgreSQL). A connection
-that breaks is opened again at the next call; the leases it held stay valid, being rows.
+Connections come from a :class:`psycopg_pool.AsyncConnectionPool` (as procrastinate takes
+them), in autocommit: every write is a single statement, so it commits in one round trip, and a
+transaction (a claim that finds the key there, an enqueue) holds its connection to itself. Lease
+renewal has a pool of its own (one connection), so that it never waits behind other calls.
+
+Every call is bounded in time: ``connect_timeout`` to connect, the pool's ``timeout`` to get a
+connection, ``statement_timeout`` (and ``idle_in_transaction_session_timeout``) on the server,
+and a deadline a little past it in the client for a network that stops answering; TCP
+keepalives find a dead peer. A call that is cancelled mid-statement (a cancel scope, a
+deadline) never hands its connection back half-used: psycopg cancels the statement or closes the
+connection, and the pool replaces it.
+
+Failures are :class:`~asyncbg.LedgerUnavailable` when they may pass (the server is down,
+restarting or overloaded, the connection dropped, a timeout), :class:`~asyncbg.LedgerError`
+otherwise (permissions, a schema too new); never a raw psycopg error. A connection the server
+dropped (a restart, ``pg_terminate_backend``) is replaced and the call tried once more on a
+fresh one: every write here is fenced by owner and epoch, so running it twice records nothing
+twice. The ledger object goes on working once the server is back.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
@@ -21,10 +33,13 @@ from typing import Any, TypeVar
 
 import anyio
 import psycopg
+import psycopg_pool
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.pq import TransactionStatus
 
 from .. import _log
 from . import _pg_queries as q
-from ._base import Claim, ClaimOutcome, LedgerError, Outcome, Record
+from ._base import Claim, ClaimOutcome, LedgerError, LedgerUnavailable, Outcome, Record
 from ._pg_outbox import PostgresOutbox
 from ._rules import claim_outcome, state_after, unclaimed
 from ._shared import (
@@ -43,6 +58,7 @@ __all__ = ["PostgresLedger"]
 T = TypeVar("T")
 Conn = psycopg.AsyncConnection[tuple[Any, ...]]
 Cursor = psycopg.AsyncCursor[tuple[Any, ...]]
+Pool = psycopg_pool.AsyncConnectionPool[Conn]
 Args = Sequence[Any] | dict[str, Any] | None
 
 #: Rows per statement when enqueuing (one transaction for the whole file all the same).
@@ -52,6 +68,21 @@ _CLAIM_UPDATES = {
     ClaimOutcome.RESEND: q.CLAIM_RESEND,
     ClaimOutcome.RESUME: q.CLAIM_RESUME,
 }
+#: Seconds the client waits past the server's statement timeout before it gives up on a call:
+#: the server's own timeout normally ends a stuck statement first, and leaves the connection
+#: usable; the client's deadline is for a server or network that stopped answering.
+_MARGIN = 5.0
+#: The server ended the session (a restart, pg_terminate_backend, starting up): the statement
+#: did not run, or was rolled back; a fresh connection may run it.
+_DROPPED = frozenset({"57P01", "57P02", "57P03"})
+#: SQLSTATE classes that may pass: connection exception, transaction rollback (deadlock,
+#: serialization), insufficient resources (disk full, too many connections), operator
+#: intervention (shutdown, statement timeout), system error (I/O).
+_TRANSIENT_CLASSES = frozenset({"08", "40", "53", "57", "58"})
+#: And single states: lock not available; read-only transaction (a standby after a failover).
+_TRANSIENT_STATES = frozenset({"55P03", "25006"})
+_POOL_ERRORS = (psycopg_pool.PoolTimeout, psycopg_pool.PoolClosed,
+                psycopg_pool.TooManyRequests)
 
 
 class PostgresLedger(PostgresOutbox):
@@ -61,23 +92,52 @@ class PostgresLedger(PostgresOutbox):
     takes last (seconds; a dead process's keys are taken over after that). ``exclusive=True``
     allows one such ledger per database at a time (a session advisory lock), for runs that
     want the SQLite journal's one-run rule.
+
+    ``timeout`` bounds every statement on the server (``statement_timeout``) and the wait for
+    a connection from the pool; ``connect_timeout`` bounds opening a connection;
+    ``max_connections`` is the pool's size (lease renewal has one more of its own). Settings
+    the URL gives itself (``keepalives_idle=``, ``connect_timeout=``...) win over the defaults.
     """
 
     __slots__ = (
-        "_acquired", "_conn", "_exclusive", "_held", "_lock", "_opens", "_owner", "_registered",
-        "_url", "lease", "round_trips",
+        "_acquired", "_connect_timeout", "_exclusive", "_held", "_holder", "_kwargs",
+        "_max_connections", "_opens", "_owner", "_pool", "_registered", "_renewals", "_url",
+        "lease", "round_trips", "timeout",
     )
 
     def __init__(self, url: str, *, exclusive: bool = False, lease: float = DEFAULT_LEASE,
-                 owner: str | None = None) -> None:
+                 owner: str | None = None, timeout: float = 30.0,
+                 connect_timeout: float = 10.0, max_connections: int = 4) -> None:
         if not lease > 0:
             raise ValueError(f"lease must be a positive number of seconds, got {lease!r}")
-        self._url = url
+        if not (timeout > 0 and math.isfinite(timeout)):
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if not (connect_timeout > 0 and math.isfinite(connect_timeout)):
+            raise ValueError("connect_timeout must be a positive number of seconds, got "
+                             f"{connect_timeout!r}")
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be at least 1, got {max_connections!r}")
+        scheme, sep, rest = url.partition("://")
+        url = self._url = scheme.lower() + sep + rest  # libpq knows the scheme in lower case
+        try:
+            given = conninfo_to_dict(url)
+        except psycopg.Error as exc:
+            raise LedgerError(
+                f"{_redacted(url)} is not a PostgreSQL URL psycopg can read "
+                f"({_detail(exc)}); write postgresql://USER:PASSWORD@HOST:PORT/DB"
+            ) from None
+        self._kwargs = _connection_kwargs(given, timeout=timeout,
+                                          connect_timeout=connect_timeout)
         self._exclusive = exclusive
         self._owner = owner or new_owner()
         self.lease = lease
-        self._conn: Conn | None = None
-        self._lock = anyio.Lock()
+        self.timeout = timeout
+        self._connect_timeout = connect_timeout
+        self._max_connections = max_connections
+        self._pool: Pool | None = None
+        self._renewals: Pool | None = None
+        #: The connection that holds the exclusive lock (``exclusive=True`` only).
+        self._holder: Conn | None = None
         self._opens = 0
         self._registered = False
         #: key -> the epoch this instance holds its lease at.
@@ -105,18 +165,53 @@ class PostgresLedger(PostgresOutbox):
     # -- opening -----------------------------------------------------------------------------
 
     async def open(self) -> None:
-        if self._conn is not None:
+        if self._pool is not None:
             self._opens += 1
             return
-        self._conn = await self._connect(prepare=True)
+        # The schema is made on a connection of its own, opened here rather than by the pool:
+        # a wrong URL, user or password is one clear error now, not a pool timeout later.
+        try:
+            with anyio.fail_after(self._connect_timeout + self.timeout + _MARGIN):
+                conn = await self._connect()
+                try:
+                    await self._prepare(conn)
+                    if self._exclusive:
+                        row = await self._fetchone(conn, q.TRY_EXCLUSIVE, (q.EXCLUSIVE_LOCK,))
+                        if not (row and row[0]):
+                            raise LedgerError(
+                                f"{self.location} is in use by another asyncbg run "
+                                "(exclusive); wait for it to finish or stop it"
+                            )
+                except BaseException:
+                    with anyio.CancelScope(shield=True):
+                        await conn.close()
+                    raise
+        except TimeoutError as exc:
+            raise self._timed_out(self._connect_timeout + self.timeout + _MARGIN) from exc
+        except psycopg.Error as exc:
+            raise self._error(exc) from exc
+        if self._exclusive:
+            self._holder = conn  # the session lock lasts as long as this connection
+        else:
+            await conn.close()
+        self._pool = self._new_pool("asyncbg-ledger", self._max_connections)
+        self._renewals = self._new_pool("asyncbg-renewals", 1)
+        await self._pool.open()  # connects in the background: the first call waits for it
         self._opens = 1
+
+    def _new_pool(self, name: str, size: int) -> Pool:
+        return psycopg_pool.AsyncConnectionPool(
+            self._url, kwargs=self._kwargs, min_size=1, max_size=size, open=False,
+            configure=self._configure, name=name, timeout=self.timeout,
+            num_workers=min(size, 2),
+        )
 
     async def close(self) -> None:
         if self._opens > 1:
             self._opens -= 1
             return
         self._opens = 0
-        if self._conn is None:
+        if self._pool is None:
             return
         try:
             # Hand back what is still held (a worker stopping, a manager leaving live jobs
@@ -124,12 +219,17 @@ class PostgresLedger(PostgresOutbox):
             with anyio.move_on_after(5.0, shield=True):
                 await self._goodbye()
         finally:
-            conn, self._conn = self._conn, None
+            pools = (self._pool, self._renewals)
+            holder, self._holder = self._holder, None
+            self._pool = self._renewals = None
             self._held.clear()
             self._acquired.clear()
-            if conn is not None:
-                with anyio.CancelScope(shield=True):
-                    await conn.close()
+            with anyio.CancelScope(shield=True):
+                for pool in pools:
+                    if pool is not None:
+                        await pool.close(timeout=1.0)
+                if holder is not None:
+                    await holder.close()
 
     async def _goodbye(self) -> None:
         try:
@@ -140,29 +240,21 @@ class PostgresLedger(PostgresOutbox):
         except LedgerError as exc:
             _log.warning("ledger.release_failed", ledger=self.location, error=str(exc))
 
-    async def _connect(self, *, prepare: bool) -> Conn:
+    async def _connect(self) -> Conn:
+        conn = await psycopg.AsyncConnection.connect(self._url, **self._kwargs)
         try:
-            conn = await psycopg.AsyncConnection.connect(
-                self._url, autocommit=True, connect_timeout=10)
-        except psycopg.Error as exc:
-            raise self._error(exc) from exc
-        try:
-            if prepare:
-                await self._prepare(conn)
-            if self._exclusive:
-                row = await self._fetchone(conn, q.TRY_EXCLUSIVE, (q.EXCLUSIVE_LOCK,))
-                if not (row and row[0]):
-                    raise LedgerError(
-                        f"{self.location} is in use by another asyncbg run (exclusive); wait "
-                        "for it to finish or stop it"
-                    )
-        except psycopg.Error as exc:
-            await conn.close()
-            raise self._error(exc) from exc
+            await self._configure(conn)
         except BaseException:
-            await conn.close()
+            with anyio.CancelScope(shield=True):
+                await conn.close()
             raise
         return conn
+
+    async def _configure(self, conn: Conn) -> None:
+        """Every new connection: the server ends any statement (and any transaction left
+        idle) that runs past the timeout, which leaves the connection usable."""
+        ms = str(max(int(self.timeout * 1000), 1))
+        await conn.execute(q.SET_TIMEOUTS, (ms, ms))
 
     async def _prepare(self, conn: Conn) -> None:
         """Create or upgrade the schema, under a transaction-level advisory lock."""
@@ -309,7 +401,9 @@ class PostgresLedger(PostgresOutbox):
                     raise EnqueueMismatch(row[0], self.location)
             return new
 
-        return await self._run(enqueue)
+        # Not tried twice: a commit whose answer was lost would then count every key as known.
+        return await self._run(enqueue, retry=False,
+                               timeout=self.timeout * (1 + len(batch) // _CHUNK))
 
     async def acquire(self, limit: int, lease: float, *, live_only: bool = False
                       ) -> list[Record]:
@@ -339,7 +433,7 @@ class PostgresLedger(PostgresOutbox):
             self.forget(lost)
             return lost
 
-        return await self._run(renew)
+        return await self._run(renew, renewal=True)
 
     async def release(self, keys: Collection[str]) -> None:
         async def release(conn: Conn) -> None:
@@ -389,21 +483,36 @@ class PostgresLedger(PostgresOutbox):
 
         await self._run(write)
 
-    async def _run(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
-        if self._conn is None:
+    async def _run(self, fn: Callable[[Conn], Awaitable[T]], *, renewal: bool = False,
+                   retry: bool = True, timeout: float | None = None) -> T:
+        """``fn`` on a connection of the pool (the renewals' own with ``renewal``), within
+        ``timeout`` (default: the ledger's) plus a margin; psycopg's errors become ours.
+
+        ``retry``: when the server had dropped the connection (a restart, a terminated
+        backend), check the pool's other connections and run ``fn`` once more on a fresh one.
+        """
+        pool = self._renewals if renewal else self._pool
+        if pool is None:
             raise RuntimeError(
                 f"the ledger {self.location} is not open; call `await ledger.open()` first"
             )
-        async with self._lock:
-            conn = self._conn
-            if conn is None:
-                raise RuntimeError(f"the ledger {self.location} was closed during a call")
-            if conn.broken or conn.closed:
-                conn = self._conn = await self._connect(prepare=False)
-            try:
-                return await fn(conn)
-            except psycopg.Error as exc:
-                raise self._error(exc) from exc
+        limit = (timeout or self.timeout) + _MARGIN
+        try:
+            with anyio.fail_after(limit):
+                if renewal:
+                    await pool.open()  # opened at the first renewal: only workers renew
+                try:
+                    return await _on_connection(pool, fn)
+                except psycopg.Error as exc:
+                    if not (retry and _dropped(exc)):
+                        raise
+                    _log.info("ledger.reconnecting", ledger=self.location, error=_detail(exc))
+                    await pool.check()  # the others are likely gone too: replace them now
+                    return await _on_connection(pool, fn)
+        except TimeoutError as exc:
+            raise self._timed_out(limit) from exc
+        except psycopg.Error as exc:
+            raise self._error(exc) from exc
 
     async def _execute(self, conn: Conn, sql: str, args: Args = None) -> Cursor:
         self.round_trips += 1
@@ -415,19 +524,88 @@ class PostgresLedger(PostgresOutbox):
     async def _fetchall(self, conn: Conn, sql: str, args: Args = None) -> list[tuple[Any, ...]]:
         return await (await self._execute(conn, sql, args)).fetchall()
 
+    def _timed_out(self, seconds: float) -> LedgerUnavailable:
+        return LedgerUnavailable(
+            f"{self.location}: the PostgreSQL server did not answer within {seconds:g} s; "
+            "check that it is up and reachable"
+        )
+
     def _error(self, exc: psycopg.Error) -> LedgerError:
-        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        if isinstance(exc, psycopg.OperationalError):
-            return LedgerError(
-                f"{self.location}: cannot use the PostgreSQL server ({detail}); check that it "
-                "is up and that the URL, user and password are right"
+        """What a psycopg error means for the caller: may it pass, or must someone act?"""
+        detail = _detail(exc)
+        state = exc.sqlstate or ""
+        if isinstance(exc, _POOL_ERRORS):
+            return LedgerUnavailable(
+                f"{self.location}: no connection to the PostgreSQL server within "
+                f"{self.timeout:g} s ({detail}); it is down, restarting or out of connections"
+            )
+        if isinstance(exc, psycopg.errors.QueryCanceled):
+            return LedgerUnavailable(
+                f"{self.location}: a statement did not finish within {self.timeout:g} s "
+                f"({detail}); the server is overloaded, or another session holds a lock on "
+                "the asyncbg_* tables"
             )
         if isinstance(exc, psycopg.errors.InsufficientPrivilege):
             return LedgerError(
                 f"{self.location}: permission denied ({detail}); the user needs to create and "
                 "write the asyncbg_* tables"
             )
-        return LedgerError(f"{self.location}: PostgreSQL error {exc.sqlstate}: {detail}")
+        if state.startswith("28"):
+            return LedgerError(
+                f"{self.location}: the server refused the login ({detail}); check the user and "
+                "password in the URL"
+            )
+        if ((isinstance(exc, psycopg.OperationalError) and not state)
+                or state[:2] in _TRANSIENT_CLASSES or state in _TRANSIENT_STATES):
+            return LedgerUnavailable(
+                f"{self.location}: cannot use the PostgreSQL server ({detail}); check that it "
+                "is up and that the URL, user and password are right"
+            )
+        return LedgerError(f"{self.location}: PostgreSQL error {state}: {detail}")
+
+
+async def _on_connection(pool: Pool, fn: Callable[[Conn], Awaitable[T]]) -> T:
+    """``fn`` on a connection of ``pool``, handed back on every way out. One left mid-statement
+    or mid-transaction (a cancellation, an error) is closed, never reused: the pool replaces
+    it."""
+    conn = await pool.getconn()
+    try:
+        return await fn(conn)
+    finally:
+        with anyio.CancelScope(shield=True):
+            if conn.pgconn.transaction_status != TransactionStatus.IDLE:
+                await conn.close()  # local: frees the socket without waiting for the server
+            await pool.putconn(conn)
+
+
+def _dropped(exc: psycopg.Error) -> bool:
+    """The server had dropped the connection: the statement did not run (or was rolled back)."""
+    if isinstance(exc, _POOL_ERRORS):
+        return False
+    return exc.sqlstate in _DROPPED or (
+        isinstance(exc, psycopg.OperationalError) and exc.sqlstate is None)
+
+
+def _detail(exc: BaseException) -> str:
+    """The first line of an error, without any password it may quote."""
+    return _redacted((str(exc).strip().splitlines() or [type(exc).__name__])[0])
+
+
+def _connection_kwargs(given: dict[str, Any], *, timeout: float,
+                       connect_timeout: float) -> dict[str, Any]:
+    """psycopg's connection arguments: autocommit, and libpq settings the URL leaves out."""
+    defaults: dict[str, Any] = {
+        # libpq counts whole seconds, and 2 at least.
+        "connect_timeout": max(2, math.ceil(connect_timeout)),
+        # A peer that vanished (a machine that died, a dropped route) is found within about a
+        # minute when idle, and within the timeout when data is unacknowledged.
+        "keepalives": 1,
+        "keepalives_idle": 30,
+        "keepalives_interval": 10,
+        "keepalives_count": 3,
+        "tcp_user_timeout": int((timeout + _MARGIN) * 1000),
+    }
+    return {"autocommit": True, **{k: v for k, v in defaults.items() if k not in given}}
 
 
 def _record(row: Sequence[Any]) -> Record:
