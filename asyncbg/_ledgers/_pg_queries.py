@@ -292,12 +292,17 @@ _URL = "(%(url)s::text IS NULL OR o.url = %(url)s)"
 # one statement. Rows another sender is taking right now are skipped. One endpoint's (the
 # sender's case: the url is spelled out, so that even a generic plan walks the index in due
 # order) or any endpoint's (``asyncbg notify``).
+# Both parts see the rows as they were before the statement: a delivered row whose lease ran
+# out while it was posted would be picked too, and which of the DELETE and the UPDATE of one
+# row wins is not defined (it was leased again and posted twice). ``picked`` leaves ``done``
+# out, so that no row is touched twice (tests/test_pg_faults.py shows it).
 _TAKE = f"""
     WITH gone AS (DELETE FROM asyncbg_outbox WHERE id = ANY(%(done)s::text[])),
     picked AS (
         SELECT o.id FROM asyncbg_outbox o
         WHERE o.state = 'pending' AND {{url}} AND o.next_at <= {_NOW}
           AND (o.lease_until IS NULL OR o.lease_until <= {_NOW})
+          AND o.id <> ALL(%(done)s::text[])
         ORDER BY o.next_at
         LIMIT %(limit)s
         FOR UPDATE SKIP LOCKED

@@ -68,9 +68,10 @@ _CLAIM_UPDATES = {
     ClaimOutcome.RESEND: q.CLAIM_RESEND,
     ClaimOutcome.RESUME: q.CLAIM_RESUME,
 }
-#: Seconds the client waits past the server's statement timeout before it gives up on a call:
-#: the server's own timeout normally ends a stuck statement first, and leaves the connection
-#: usable; the client's deadline is for a server or network that stopped answering.
+#: Seconds (at most; no more than the timeout itself) the client waits past the server's
+#: statement timeout before it gives up on a call: the server's own timeout normally ends a
+#: stuck statement first, and leaves the connection usable; the client's deadline is for a
+#: server or network that stopped answering.
 _MARGIN = 5.0
 #: The server ended the session (a restart, pg_terminate_backend, starting up): the statement
 #: did not run, or was rolled back; a fresh connection may run it.
@@ -171,7 +172,7 @@ class PostgresLedger(PostgresOutbox):
         # The schema is made on a connection of its own, opened here rather than by the pool:
         # a wrong URL, user or password is one clear error now, not a pool timeout later.
         try:
-            with anyio.fail_after(self._connect_timeout + self.timeout + _MARGIN):
+            with anyio.fail_after(self._connect_timeout + self._bound()):
                 conn = await self._connect()
                 try:
                     await self._prepare(conn)
@@ -187,7 +188,7 @@ class PostgresLedger(PostgresOutbox):
                         await conn.close()
                     raise
         except TimeoutError as exc:
-            raise self._timed_out(self._connect_timeout + self.timeout + _MARGIN) from exc
+            raise self._timed_out(self._connect_timeout + self._bound()) from exc
         except psycopg.Error as exc:
             raise self._error(exc) from exc
         if self._exclusive:
@@ -496,7 +497,7 @@ class PostgresLedger(PostgresOutbox):
             raise RuntimeError(
                 f"the ledger {self.location} is not open; call `await ledger.open()` first"
             )
-        limit = (timeout or self.timeout) + _MARGIN
+        limit = self._bound(timeout)
         try:
             with anyio.fail_after(limit):
                 if renewal:
@@ -523,6 +524,10 @@ class PostgresLedger(PostgresOutbox):
 
     async def _fetchall(self, conn: Conn, sql: str, args: Args = None) -> list[tuple[Any, ...]]:
         return await (await self._execute(conn, sql, args)).fetchall()
+
+    def _bound(self, timeout: float | None = None) -> float:
+        """The client's deadline for a call whose statements have ``timeout`` on the server."""
+        return (timeout or self.timeout) + min(_MARGIN, self.timeout)
 
     def _timed_out(self, seconds: float) -> LedgerUnavailable:
         return LedgerUnavailable(
@@ -603,7 +608,7 @@ def _connection_kwargs(given: dict[str, Any], *, timeout: float,
         "keepalives_idle": 30,
         "keepalives_interval": 10,
         "keepalives_count": 3,
-        "tcp_user_timeout": int((timeout + _MARGIN) * 1000),
+        "tcp_user_timeout": int((timeout + min(_MARGIN, timeout)) * 1000),
     }
     return {"autocommit": True, **{k: v for k, v in defaults.items() if k not in given}}
 
