@@ -11,6 +11,13 @@ Schema history (``asyncbg_meta.schema_version``):
 - version 1: the tables below.
 - version 2: ``asyncbg_outbox``, the webhook notifications (see :mod:`._outbox`), each written by
   the statement that records the outcome it announces, deleted once a receiver answered 2xx.
+- version 3: claims and counts independent of the ledger's size. Two partial indexes in place of
+  ``asyncbg_jobs_open``: waiting rows (no lease) in claim order, and leased rows by the time
+  their lease runs out, so that a claim reads only rows it can take however many are leased;
+  and ``asyncbg_counts``, the number of jobs per state and status, kept by statement-level
+  triggers (one upsert per statement, spread over 64 slots by backend so that workers do not
+  queue on one row), so that ``status`` and ``unfinished()`` read a few dozen rows, not every
+  job.
 
 Creation and upgrades run in one transaction under ``pg_advisory_xact_lock``, so that workers
 starting together neither race nor see a half-made schema.
@@ -20,7 +27,7 @@ from __future__ import annotations
 
 # No __all__: the module is a namespace, imported as `q` by _postgres.py.
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: The key of the transaction-level advisory lock held while the schema is made or upgraded
 #: ("abgj" and 1), and of the session-level lock an ``exclusive=True`` ledger holds ("abgj", 2).
 SCHEMA_LOCK = 0x6162676A_00000001
@@ -114,6 +121,66 @@ UPGRADES: dict[int, tuple[str, ...]] = {
         "CREATE INDEX asyncbg_outbox_pending ON asyncbg_outbox (url, next_at) "
         "WHERE state = 'pending'",
     ),
+    2: (
+        # No writer between the count below and the triggers that keep it (an older asyncbg
+        # still running); CREATE TRIGGER would take this lock anyway.
+        "LOCK TABLE asyncbg_jobs IN SHARE ROW EXCLUSIVE MODE",
+        "DROP INDEX IF EXISTS asyncbg_jobs_open",
+        # What a claim reads: waiting rows in claim order (released live ones have their own,
+        # for a full worker that adopts only those), and leases by when they run out.
+        "CREATE INDEX asyncbg_jobs_waiting ON asyncbg_jobs (seq) "
+        "WHERE lease_until IS NULL AND state IN ('new', 'sending', 'live')",
+        "CREATE INDEX asyncbg_jobs_waiting_live ON asyncbg_jobs (seq) "
+        "WHERE lease_until IS NULL AND state = 'live'",
+        "CREATE INDEX asyncbg_jobs_leased ON asyncbg_jobs (lease_until) "
+        "WHERE lease_until IS NOT NULL AND state IN ('new', 'sending', 'live')",
+        """
+        CREATE TABLE asyncbg_counts (
+            slot   integer NOT NULL,   -- pg_backend_pid() % 64: writers rarely share a row
+            state  text NOT NULL,
+            status text NOT NULL,
+            n      bigint NOT NULL,
+            PRIMARY KEY (slot, state, status)
+        )
+        """,
+        # One function for the three triggers: the change of each (state, status) a statement
+        # made, added in sorted order (two statements never lock counters in opposite orders).
+        """
+        CREATE FUNCTION asyncbg_count_jobs() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF TG_OP = 'INSERT' THEN
+                INSERT INTO asyncbg_counts AS c (slot, state, status, n)
+                SELECT pg_backend_pid() % 64, state, status, count(*) FROM new_rows
+                GROUP BY state, status ORDER BY state, status
+                ON CONFLICT (slot, state, status) DO UPDATE SET n = c.n + EXCLUDED.n;
+            ELSIF TG_OP = 'UPDATE' THEN
+                INSERT INTO asyncbg_counts AS c (slot, state, status, n)
+                SELECT pg_backend_pid() % 64, state, status, sum(d) FROM (
+                    SELECT state, status, -1 AS d FROM old_rows
+                    UNION ALL SELECT state, status, 1 FROM new_rows) AS change
+                GROUP BY state, status HAVING sum(d) <> 0 ORDER BY state, status
+                ON CONFLICT (slot, state, status) DO UPDATE SET n = c.n + EXCLUDED.n;
+            ELSE
+                INSERT INTO asyncbg_counts AS c (slot, state, status, n)
+                SELECT pg_backend_pid() % 64, state, status, -count(*) FROM old_rows
+                GROUP BY state, status ORDER BY state, status
+                ON CONFLICT (slot, state, status) DO UPDATE SET n = c.n + EXCLUDED.n;
+            END IF;
+            RETURN NULL;
+        END $$
+        """,
+        "CREATE TRIGGER asyncbg_count_insert AFTER INSERT ON asyncbg_jobs "
+        "REFERENCING NEW TABLE AS new_rows "
+        "FOR EACH STATEMENT EXECUTE FUNCTION asyncbg_count_jobs()",
+        "CREATE TRIGGER asyncbg_count_update AFTER UPDATE ON asyncbg_jobs "
+        "REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows "
+        "FOR EACH STATEMENT EXECUTE FUNCTION asyncbg_count_jobs()",
+        "CREATE TRIGGER asyncbg_count_delete AFTER DELETE ON asyncbg_jobs "
+        "REFERENCING OLD TABLE AS old_rows "
+        "FOR EACH STATEMENT EXECUTE FUNCTION asyncbg_count_jobs()",
+        "INSERT INTO asyncbg_counts (slot, state, status, n) "
+        "SELECT 0, state, status, count(*) FROM asyncbg_jobs GROUP BY state, status",
+    ),
 }
 WRITE_SCHEMA_VERSION = """
     INSERT INTO asyncbg_meta (name, value) VALUES ('schema_version', %s)
@@ -128,7 +195,15 @@ _J_COLUMNS = ", ".join(f"j.{name.strip()}" for name in _COLUMNS.split(","))
 GET = f"SELECT {_COLUMNS} FROM asyncbg_jobs WHERE key = %s"
 RECORDS = f"SELECT {_COLUMNS} FROM asyncbg_jobs ORDER BY seq"
 RESUBMITS = "SELECT COALESCE(sum(resubmits), 0) FROM asyncbg_jobs"
-UNFINISHED = "SELECT count(*) FROM asyncbg_jobs WHERE state IN ('new', 'sending', 'live')"
+#: Jobs per state and status, from the counters (version 3): a few dozen rows at any size.
+COUNTS = """
+    SELECT state, status, sum(n)::bigint FROM asyncbg_counts
+    GROUP BY state, status HAVING sum(n) <> 0 ORDER BY state, status
+"""
+UNFINISHED = """
+    SELECT COALESCE(sum(n), 0)::bigint FROM asyncbg_counts
+    WHERE state IN ('new', 'sending', 'live')
+"""
 
 # -- claims -------------------------------------------------------------------------------------
 
@@ -221,28 +296,46 @@ ENQUEUE = f"""
     ORDER BY i.n
     ON CONFLICT (key) DO NOTHING
 """
+#: The channel that says "work may be waiting" (an enqueue, a release, a requeue), delivered at
+#: commit to every session LISTENing on this database; the payload is the schema, as ledgers in
+#: other schemas of the database share the channel (a wake-up for them is only an extra look).
+CHANNEL = "asyncbg_work"
+LISTEN = f"LISTEN {CHANNEL}"
+WORK_ARRIVED = f"SELECT pg_notify('{CHANNEL}', current_schema())"
 # Params: keys, digests. The first key already there with another request.
 ENQUEUE_MISMATCH = """
     SELECT j.key FROM asyncbg_jobs j
     JOIN unnest(%s::text[], %s::text[]) WITH ORDINALITY AS i(key, digest, n) ON j.key = i.key
     WHERE j.digest <> i.digest ORDER BY i.n LIMIT 1
 """
-# Params: limit, owner, lease, live_only. Rows another acquire is taking right now are skipped,
-# not waited for; the UPDATE sees each row as it is once locked.
-ACQUIRE = f"""
-    WITH picked AS (
-        SELECT key FROM asyncbg_jobs
-        WHERE state IN ('new', 'sending', 'live') AND (NOT %(live_only)s OR state = 'live')
-          AND (lease_until IS NULL OR lease_until <= {_NOW})
-        ORDER BY seq
-        LIMIT %(limit)s
+# Params: limit, owner, lease. Rows another acquire is taking right now are skipped, not waited
+# for; the UPDATE sees each row as it is once locked. Waiting rows (no lease) come from one
+# partial index in claim order, expired leases from another by expiry: neither reads a row
+# that is leased and running, however many there are. ACQUIRE_LIVE: only live responses.
+_ACQUIRE = f"""
+    WITH waiting AS (
+        SELECT key, seq FROM asyncbg_jobs
+        WHERE lease_until IS NULL AND {{states}}
+        ORDER BY seq LIMIT %(limit)s
         FOR UPDATE SKIP LOCKED
+    ),
+    expired AS (
+        SELECT key, seq FROM asyncbg_jobs
+        WHERE lease_until <= {_NOW} AND lease_until IS NOT NULL AND {{states}}
+        ORDER BY lease_until LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED
+    ),
+    picked AS (
+        SELECT key FROM (SELECT * FROM waiting UNION ALL SELECT * FROM expired) AS p
+        ORDER BY seq LIMIT %(limit)s
     )
     UPDATE asyncbg_jobs j
     SET owner = %(owner)s, epoch = j.epoch + 1, lease_until = {_NOW} + %(lease)s
     FROM picked WHERE j.key = picked.key
     RETURNING {_J_COLUMNS}, j.epoch, j.seq
 """
+ACQUIRE = _ACQUIRE.format(states="state IN ('new', 'sending', 'live')")
+ACQUIRE_LIVE = _ACQUIRE.format(states="state = 'live'")
 # One round trip for the heartbeat and every renewal. Rows taken over since (another owner, or
 # another epoch) or finished are not returned: their leases are lost.
 RENEW = f"""
@@ -257,18 +350,27 @@ RENEW = f"""
       AND j.state IN ('new', 'sending', 'live')
     RETURNING j.key
 """
-# The epoch stays: the next taker bumps it.
-RELEASE = """
-    UPDATE asyncbg_jobs j SET owner = NULL, lease_until = NULL
-    FROM unnest(%(keys)s::text[], %(epochs)s::bigint[]) AS h(key, epoch)
-    WHERE j.key = h.key AND j.epoch = h.epoch AND j.owner = %(owner)s
+# The epoch stays: the next taker bumps it. Listening workers are woken when any came back.
+RELEASE = f"""
+    WITH released AS (
+        UPDATE asyncbg_jobs j SET owner = NULL, lease_until = NULL
+        FROM unnest(%(keys)s::text[], %(epochs)s::bigint[]) AS h(key, epoch)
+        WHERE j.key = h.key AND j.epoch = h.epoch AND j.owner = %(owner)s
+          AND j.state IN ('new', 'sending', 'live')
+        RETURNING j.key
+    )
+    SELECT pg_notify('{CHANNEL}', current_schema()) WHERE EXISTS (SELECT 1 FROM released)
 """
 # Back to waiting: only what this owner ended locally (nothing was paid for).
 REQUEUE = f"""
-    UPDATE asyncbg_jobs SET state = 'new', response_id = NULL, status = 'pending', body = NULL,
-        error = NULL, error_code = NULL, http_status = NULL, request_id = NULL, owner = NULL,
-        lease_until = NULL, updated = {_NOW}
-    WHERE key = ANY(%(keys)s::text[]) AND owner = %(owner)s AND state = 'local'
+    WITH requeued AS (
+        UPDATE asyncbg_jobs SET state = 'new', response_id = NULL, status = 'pending',
+            body = NULL, error = NULL, error_code = NULL, http_status = NULL, request_id = NULL,
+            owner = NULL, lease_until = NULL, updated = {_NOW}
+        WHERE key = ANY(%(keys)s::text[]) AND owner = %(owner)s AND state = 'local'
+        RETURNING key
+    )
+    SELECT pg_notify('{CHANNEL}', current_schema()) WHERE EXISTS (SELECT 1 FROM requeued)
 """
 WORKERS = f"""
     SELECT w.owner, w.host, w.pid, w.started, w.seen, w.lease,

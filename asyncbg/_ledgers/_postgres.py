@@ -102,8 +102,8 @@ class PostgresLedger(PostgresOutbox):
 
     __slots__ = (
         "_acquired", "_connect_timeout", "_exclusive", "_held", "_holder", "_kwargs",
-        "_max_connections", "_opens", "_owner", "_pool", "_registered", "_renewals", "_url",
-        "lease", "round_trips", "timeout",
+        "_listener", "_max_connections", "_opens", "_owner", "_pool", "_registered",
+        "_renewals", "_url", "lease", "round_trips", "timeout",
     )
 
     def __init__(self, url: str, *, exclusive: bool = False, lease: float = DEFAULT_LEASE,
@@ -139,6 +139,8 @@ class PostgresLedger(PostgresOutbox):
         self._renewals: Pool | None = None
         #: The connection that holds the exclusive lock (``exclusive=True`` only).
         self._holder: Conn | None = None
+        #: The connection that LISTENs for work (wait_for_work), opened at its first call.
+        self._listener: Conn | None = None
         self._opens = 0
         self._registered = False
         #: key -> the epoch this instance holds its lease at.
@@ -231,6 +233,7 @@ class PostgresLedger(PostgresOutbox):
                         await pool.close(timeout=1.0)
                 if holder is not None:
                     await holder.close()
+                await self._drop_listener()
 
     async def _goodbye(self) -> None:
         try:
@@ -400,6 +403,8 @@ class PostgresLedger(PostgresOutbox):
                 row = await self._fetchone(conn, q.ENQUEUE_MISMATCH, (keys, digests))
                 if row is not None:  # leaving the block by this error rolls everything back
                     raise EnqueueMismatch(row[0], self.location)
+                if new:
+                    await self._execute(conn, q.WORK_ARRIVED)  # delivered at commit
             return new
 
         # Not tried twice: a commit whose answer was lost would then count every key as known.
@@ -410,8 +415,9 @@ class PostgresLedger(PostgresOutbox):
                       ) -> list[Record]:
         if limit < 1:
             return []
-        rows = await self._run(lambda c: self._fetchall(c, q.ACQUIRE, {
-            "limit": limit, "owner": self._owner, "lease": lease, "live_only": live_only}))
+        sql = q.ACQUIRE_LIVE if live_only else q.ACQUIRE
+        rows = await self._run(lambda c: self._fetchall(c, sql, {
+            "limit": limit, "owner": self._owner, "lease": lease}))
         rows.sort(key=lambda row: row[-1])  # claim order
         records = []
         for row in rows:
@@ -458,6 +464,57 @@ class PostgresLedger(PostgresOutbox):
     async def unfinished(self) -> int:
         row = await self._run(lambda c: self._fetchone(c, q.UNFINISHED))
         return int(row[0]) if row else 0
+
+    async def wait_for_work(self, timeout: float) -> None:
+        """Return as soon as work may be waiting (another process enqueued, released or
+        requeued jobs: PostgreSQL's ``LISTEN``/``NOTIFY``), or after ``timeout`` seconds.
+
+        For a worker's loop in place of a sleep between two :meth:`acquire` calls: the timed
+        poll stays the fallback (leases that run out send no notification). A wake-up may be
+        spurious; one that comes while nobody waits is kept for the next call, so none is lost
+        once the first call has started listening (that first call returns at once, for the
+        caller to look again). Never raises for the database: when the listening connection
+        cannot be used, it waits out ``timeout`` and listens again at the next call.
+        """
+        if self._pool is None:
+            raise RuntimeError(
+                f"the ledger {self.location} is not open; call `await ledger.open()` first"
+            )
+        with anyio.move_on_after(timeout):
+            try:
+                if self._listener is None or self._listener.closed:
+                    self._listener = await self._listen()
+                    return  # listening now: what came before was not heard, so look again
+                async for _ in self._listener.notifies(timeout=timeout, stop_after=1):
+                    pass
+                return
+            except (psycopg.Error, LedgerError, TimeoutError) as exc:
+                _log.info("ledger.listen_failed", ledger=self.location, error=_detail(exc))
+                await self._drop_listener()
+            await anyio.sleep_forever()  # the timed poll, until the deadline
+
+    async def _listen(self) -> Conn:
+        with anyio.fail_after(self._connect_timeout + self._bound()):
+            conn = await self._connect()
+            try:
+                await conn.execute(q.LISTEN)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await conn.close()
+                raise
+        return conn
+
+    async def _drop_listener(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            with anyio.CancelScope(shield=True):
+                await listener.close()
+
+    async def counts(self) -> dict[tuple[str, str], int]:
+        """How many jobs are in each ``(state, status)``: read from counters the triggers
+        keep, so that it costs the same at a million jobs as at ten."""
+        rows = await self._run(lambda c: self._fetchall(c, q.COUNTS))
+        return {(state, status): int(n) for state, status, n in rows}
 
     # -- plumbing ------------------------------------------------------------------------------
 
