@@ -14,10 +14,10 @@ Schema history (``asyncbg_meta.schema_version``):
 - version 3: claims and counts independent of the ledger's size. Two partial indexes in place of
   ``asyncbg_jobs_open``: waiting rows (no lease) in claim order, and leased rows by the time
   their lease runs out, so that a claim reads only rows it can take however many are leased;
-  and ``asyncbg_counts``, the number of jobs per state and status, kept by statement-level
-  triggers (one upsert per statement, spread over 64 slots by backend so that workers do not
-  queue on one row), so that ``status`` and ``unfinished()`` read a few dozen rows, not every
-  job.
+  and ``asyncbg_counts``, the number of jobs per state and status, kept by triggers (inserts
+  and deletes: one upsert per statement; updates: only those that change a state or status),
+  spread over 64 slots by backend so that workers do not queue on one row, so that ``status``
+  and ``unfinished()`` read a few dozen rows, not every job.
 
 Creation and upgrades run in one transaction under ``pg_advisory_xact_lock``, so that workers
 starting together neither race nor see a half-made schema.
@@ -143,22 +143,16 @@ UPGRADES: dict[int, tuple[str, ...]] = {
             PRIMARY KEY (slot, state, status)
         )
         """,
-        # One function for the three triggers: the change of each (state, status) a statement
-        # made, added in sorted order (two statements never lock counters in opposite orders).
+        # Inserts and deletes: one upsert per statement and (state, status), from its
+        # transition table (an enqueue of a million lines is one), in sorted order (two
+        # statements never lock counters in opposite orders).
         """
-        CREATE FUNCTION asyncbg_count_jobs() RETURNS trigger LANGUAGE plpgsql AS $$
+        CREATE FUNCTION asyncbg_count_rows() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN
             IF TG_OP = 'INSERT' THEN
                 INSERT INTO asyncbg_counts AS c (slot, state, status, n)
                 SELECT pg_backend_pid() % 64, state, status, count(*) FROM new_rows
                 GROUP BY state, status ORDER BY state, status
-                ON CONFLICT (slot, state, status) DO UPDATE SET n = c.n + EXCLUDED.n;
-            ELSIF TG_OP = 'UPDATE' THEN
-                INSERT INTO asyncbg_counts AS c (slot, state, status, n)
-                SELECT pg_backend_pid() % 64, state, status, sum(d) FROM (
-                    SELECT state, status, -1 AS d FROM old_rows
-                    UNION ALL SELECT state, status, 1 FROM new_rows) AS change
-                GROUP BY state, status HAVING sum(d) <> 0 ORDER BY state, status
                 ON CONFLICT (slot, state, status) DO UPDATE SET n = c.n + EXCLUDED.n;
             ELSE
                 INSERT INTO asyncbg_counts AS c (slot, state, status, n)
@@ -169,15 +163,31 @@ UPGRADES: dict[int, tuple[str, ...]] = {
             RETURN NULL;
         END $$
         """,
+        # Updates: per row, and only for those that change the state or the status (the
+        # WHEN is checked without calling the function): claims, renewals and releases,
+        # which change neither, cost nothing.
+        """
+        CREATE FUNCTION asyncbg_count_change() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            INSERT INTO asyncbg_counts AS c (slot, state, status, n)
+            SELECT pg_backend_pid() % 64, v.state, v.status, v.n
+            FROM (VALUES (OLD.state, OLD.status, -1), (NEW.state, NEW.status, 1))
+                AS v(state, status, n)
+            ORDER BY v.state, v.status
+            ON CONFLICT (slot, state, status) DO UPDATE SET n = c.n + EXCLUDED.n;
+            RETURN NULL;
+        END $$
+        """,
         "CREATE TRIGGER asyncbg_count_insert AFTER INSERT ON asyncbg_jobs "
         "REFERENCING NEW TABLE AS new_rows "
-        "FOR EACH STATEMENT EXECUTE FUNCTION asyncbg_count_jobs()",
-        "CREATE TRIGGER asyncbg_count_update AFTER UPDATE ON asyncbg_jobs "
-        "REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows "
-        "FOR EACH STATEMENT EXECUTE FUNCTION asyncbg_count_jobs()",
+        "FOR EACH STATEMENT EXECUTE FUNCTION asyncbg_count_rows()",
         "CREATE TRIGGER asyncbg_count_delete AFTER DELETE ON asyncbg_jobs "
         "REFERENCING OLD TABLE AS old_rows "
-        "FOR EACH STATEMENT EXECUTE FUNCTION asyncbg_count_jobs()",
+        "FOR EACH STATEMENT EXECUTE FUNCTION asyncbg_count_rows()",
+        "CREATE TRIGGER asyncbg_count_update AFTER UPDATE OF state, status ON asyncbg_jobs "
+        "FOR EACH ROW WHEN (OLD.state IS DISTINCT FROM NEW.state "
+        "OR OLD.status IS DISTINCT FROM NEW.status) "
+        "EXECUTE FUNCTION asyncbg_count_change()",
         "INSERT INTO asyncbg_counts (slot, state, status, n) "
         "SELECT 0, state, status, count(*) FROM asyncbg_jobs GROUP BY state, status",
     ),
@@ -302,6 +312,25 @@ ENQUEUE = f"""
 CHANNEL = "asyncbg_work"
 LISTEN = f"LISTEN {CHANNEL}"
 WORK_ARRIVED = f"SELECT pg_notify('{CHANNEL}', current_schema())"
+# A big file (more than a few thousand lines): COPY into a table of the transaction's own, then
+# one INSERT ... SELECT; the same rules as ENQUEUE and ENQUEUE_MISMATCH.
+ENQUEUE_TABLE = """
+    CREATE TEMPORARY TABLE asyncbg_enqueue (n bigint, key text, digest text, request bytea)
+    ON COMMIT DROP
+"""
+ENQUEUE_COPY = "COPY asyncbg_enqueue (n, key, digest, request) FROM STDIN"
+ENQUEUE_FROM_TABLE = f"""
+    INSERT INTO asyncbg_jobs (key, digest, request, state, status, created, updated)
+    SELECT e.key, e.digest, e.request, 'new', 'pending', {_NOW}, {_NOW}
+    FROM asyncbg_enqueue e ORDER BY e.n
+    ON CONFLICT (key) DO NOTHING
+"""
+ENQUEUE_TABLE_MISMATCH = """
+    SELECT e.key FROM asyncbg_enqueue e JOIN asyncbg_jobs j ON j.key = e.key
+    WHERE j.digest <> e.digest ORDER BY e.n LIMIT 1
+"""
+#: Params: milliseconds (text). A big enqueue's own statement timeout, for its transaction.
+SET_LOCAL_TIMEOUT = "SELECT set_config('statement_timeout', %s, true)"
 # Params: keys, digests. The first key already there with another request.
 ENQUEUE_MISMATCH = """
     SELECT j.key FROM asyncbg_jobs j

@@ -387,20 +387,23 @@ class PostgresLedger(PostgresOutbox):
         batch = list(items)
         if not batch:
             return 0
-        keys = [key for key, _, _ in batch]
-        digests = [digest for _, digest, _ in batch]
+        # Bounded all the same: the server's statement timeout and the client's deadline grow
+        # with the file (a million lines is a few statements of tens of seconds each).
+        timeout = self.timeout * (1 + len(batch) // _CHUNK)
 
         async def enqueue(conn: Conn) -> int:
-            new = 0
             async with conn.transaction():
                 self.round_trips += 2
-                for i in range(0, len(batch), _CHUNK):
-                    chunk = batch[i:i + _CHUNK]
+                if len(batch) > _CHUNK:
+                    await self._execute(conn, q.SET_LOCAL_TIMEOUT,
+                                        (str(int(timeout * 1000)),))
+                    new, row = await self._copy_in(conn, batch)
+                else:
+                    keys, digests = [k for k, _, _ in batch], [d for _, d, _ in batch]
                     cur = await self._execute(conn, q.ENQUEUE, (
-                        [k for k, _, _ in chunk], [d for _, d, _ in chunk],
-                        [bytes(r) for _, _, r in chunk]))
-                    new += max(cur.rowcount, 0)
-                row = await self._fetchone(conn, q.ENQUEUE_MISMATCH, (keys, digests))
+                        keys, digests, [bytes(r) for _, _, r in batch]))
+                    new = max(cur.rowcount, 0)
+                    row = await self._fetchone(conn, q.ENQUEUE_MISMATCH, (keys, digests))
                 if row is not None:  # leaving the block by this error rolls everything back
                     raise EnqueueMismatch(row[0], self.location)
                 if new:
@@ -408,8 +411,21 @@ class PostgresLedger(PostgresOutbox):
             return new
 
         # Not tried twice: a commit whose answer was lost would then count every key as known.
-        return await self._run(enqueue, retry=False,
-                               timeout=self.timeout * (1 + len(batch) // _CHUNK))
+        return await self._run(enqueue, retry=False, timeout=timeout)
+
+    async def _copy_in(self, conn: Conn, batch: list[Item]
+                       ) -> tuple[int, tuple[Any, ...] | None]:
+        """A big file: COPY into a temporary table, then one INSERT ... SELECT (and one check
+        for keys already there with another request); returns (new keys, mismatch row)."""
+        await self._execute(conn, q.ENQUEUE_TABLE)
+        cur = conn.cursor()
+        self.round_trips += 1
+        async with cur.copy(q.ENQUEUE_COPY) as copy:
+            for n, (key, digest_, request) in enumerate(batch):
+                await copy.write_row((n, key, digest_, bytes(request)))
+        inserted = await self._execute(conn, q.ENQUEUE_FROM_TABLE)
+        row = await self._fetchone(conn, q.ENQUEUE_TABLE_MISMATCH)
+        return max(inserted.rowcount, 0), row
 
     async def acquire(self, limit: int, lease: float, *, live_only: bool = False
                       ) -> list[Record]:
