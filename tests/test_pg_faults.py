@@ -201,16 +201,16 @@ async def test_a_paused_server_process_is_a_timeout_not_a_hang(
     await ledger.enqueue(items(3))
     with admin(pg_dsn) as other:
         pids = backends(other)
-        assert pids
-        for pid in pids:  # idle backends holding no lock: SIGSTOP stops nobody else
-            os.kill(pid, signal.SIGSTOP)
-        try:
-            with anyio.fail_after(10):  # the ledger's own bound is 2 s
-                with pytest.raises(LedgerUnavailable, match="did not answer within 2 s"):
-                    await ledger.records()
-        finally:
-            for pid in pids:
-                os.kill(pid, signal.SIGCONT)
+    assert pids
+    for pid in pids:  # idle backends holding no lock: SIGSTOP stops nobody else
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        with anyio.fail_after(10):  # the ledger's own bound is 2 s
+            with pytest.raises(LedgerUnavailable, match="did not answer within 2 s"):
+                await ledger.records()
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
     assert len(await ledger.records()) == 3
 
 
