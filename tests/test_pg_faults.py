@@ -198,8 +198,8 @@ async def test_a_stuck_statement_times_out_while_renewals_go_through(
 async def test_a_paused_server_process_is_a_timeout_not_a_hang(
     ledger: PostgresLedger, pg_dsn: str
 ) -> None:
-    await ledger.enqueue(items(3))
     with admin(pg_dsn) as other:
+        await ledger.enqueue(items(3))
         pids = backends(other)
     assert pids
     for pid in pids:  # idle backends holding no lock: SIGSTOP stops nobody else

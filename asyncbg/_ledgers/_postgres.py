@@ -496,15 +496,21 @@ class PostgresLedger(PostgresOutbox):
             raise RuntimeError(
                 f"the ledger {self.location} is not open; call `await ledger.open()` first"
             )
+        deadline = anyio.current_time() + timeout
+        if self._listener is None or self._listener.closed:
+            try:  # within its own bound (connecting), not the wait's: it returns at once
+                self._listener = await self._listen()
+                return  # listening now: what came before was not heard, so look again
+            except (psycopg.Error, TimeoutError) as exc:
+                _log.info("ledger.listen_failed", ledger=self.location, error=_detail(exc))
+            await anyio.sleep(max(deadline - anyio.current_time(), 0.0))  # the timed poll
+            return
         with anyio.move_on_after(timeout):
             try:
-                if self._listener is None or self._listener.closed:
-                    self._listener = await self._listen()
-                    return  # listening now: what came before was not heard, so look again
                 async for _ in self._listener.notifies(timeout=timeout, stop_after=1):
                     pass
                 return
-            except (psycopg.Error, LedgerError, TimeoutError) as exc:
+            except psycopg.Error as exc:
                 _log.info("ledger.listen_failed", ledger=self.location, error=_detail(exc))
                 await self._drop_listener()
             await anyio.sleep_forever()  # the timed poll, until the deadline
