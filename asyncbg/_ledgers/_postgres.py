@@ -403,7 +403,8 @@ class PostgresLedger(PostgresOutbox):
                     cur = await self._execute(conn, q.ENQUEUE, (
                         keys, digests, [bytes(r) for _, _, r in batch]))
                     new = max(cur.rowcount, 0)
-                    row = await self._fetchone(conn, q.ENQUEUE_MISMATCH, (keys, digests))
+                    row = None if new == len(batch) else await self._fetchone(
+                        conn, q.ENQUEUE_MISMATCH, (keys, digests))
                 if row is not None:  # leaving the block by this error rolls everything back
                     raise EnqueueMismatch(row[0], self.location)
                 if new:
@@ -423,9 +424,10 @@ class PostgresLedger(PostgresOutbox):
         async with cur.copy(q.ENQUEUE_COPY) as copy:
             for n, (key, digest_, request) in enumerate(batch):
                 await copy.write_row((n, key, digest_, bytes(request)))
-        inserted = await self._execute(conn, q.ENQUEUE_FROM_TABLE)
-        row = await self._fetchone(conn, q.ENQUEUE_TABLE_MISMATCH)
-        return max(inserted.rowcount, 0), row
+        new = max((await self._execute(conn, q.ENQUEUE_FROM_TABLE)).rowcount, 0)
+        if new == len(batch):  # every key was new: none can be there with another request
+            return new, None
+        return new, await self._fetchone(conn, q.ENQUEUE_TABLE_MISMATCH)
 
     async def acquire(self, limit: int, lease: float, *, live_only: bool = False
                       ) -> list[Record]:
