@@ -35,6 +35,7 @@ import anyio
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from asyncbg._ledgers import _pg_queries as q  # noqa: E402
 from asyncbg._ledgers import canonical, digest  # noqa: E402
 from asyncbg._ledgers._postgres import PostgresLedger  # noqa: E402
 
@@ -97,6 +98,22 @@ async def measure(dsn: str, *, jobs: int, leased: int, claims: int) -> dict[str,
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
             await conn.execute("VACUUM ANALYZE asyncbg_jobs")
 
+        # The claim statement's own time on the server (EXPLAIN ANALYZE, rolled back): what
+        # the client's figure is made of besides the round trip and this machine's load.
+        server_claim = []
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            for _ in range(20):
+                try:
+                    async with conn.transaction():
+                        cur = await conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + q.ACQUIRE,
+                                                 {"limit": 16, "owner": "probe",
+                                                  "lease": 3600.0})
+                        [[plan]] = await cur.fetchall()
+                        plan = json.loads(plan) if isinstance(plan, str) else plan
+                        server_claim.append(float(plan[0]["Execution Time"]))
+                        raise psycopg.Rollback
+                except psycopg.Rollback:
+                    pass
         claim = []
         for _ in range(claims):
             t = time.perf_counter()
@@ -141,9 +158,11 @@ async def measure(dsn: str, *, jobs: int, leased: int, claims: int) -> dict[str,
             await led.close()
     return {
         "jobs": jobs, "leased": leased,
+        "load_average_1m": round(os.getloadavg()[0], 2),
         "enqueue_s": round(enqueue_s, 1),
         "enqueue_lines_per_s": round(jobs / enqueue_s),
         "claim_ms_p50": round(pct(claim, 50), 2), "claim_ms_p99": round(pct(claim, 99), 2),
+        "claim_server_ms_p50": round(pct(server_claim, 50), 2),
         "status_counts_ms_p50": round(pct(status, 50), 2),
         "unfinished_ms_p50": round(pct(unfinished, 50), 2),
         "wake_ms_p50": round(pct(wake, 50), 1), "wake_ms_max": round(max(wake), 1),
