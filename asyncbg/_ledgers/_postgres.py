@@ -197,9 +197,22 @@ class PostgresLedger(PostgresOutbox):
             self._holder = conn  # the session lock lasts as long as this connection
         else:
             await conn.close()
-        self._pool = self._new_pool("asyncbg-ledger", self._max_connections)
-        self._renewals = self._new_pool("asyncbg-renewals", 1)
-        await self._pool.open()  # connects in the background: the first call waits for it
+        pools = (self._new_pool("asyncbg-ledger", self._max_connections),
+                 self._new_pool("asyncbg-renewals", 1))
+        try:  # each with its first connection ready, as the first calls expect
+            for pool in pools:
+                await pool.open(wait=True, timeout=self._connect_timeout + self._bound())
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                for pool in pools:
+                    await pool.close(timeout=1.0)
+                if self._holder is not None:
+                    await self._holder.close()
+                    self._holder = None
+            if isinstance(exc, psycopg.Error):
+                raise self._error(exc) from exc
+            raise
+        self._pool, self._renewals = pools
         self._opens = 1
 
     def _new_pool(self, name: str, size: int) -> Pool:
@@ -581,8 +594,6 @@ class PostgresLedger(PostgresOutbox):
         limit = self._bound(timeout)
         try:
             with anyio.fail_after(limit):
-                if renewal:
-                    await pool.open()  # opened at the first renewal: only workers renew
                 try:
                     return await _on_connection(pool, fn)
                 except psycopg.Error as exc:
