@@ -131,7 +131,7 @@ async def test_backends_terminated_mid_use_fail_calls_only_as_unavailable(
 
     async def busy() -> None:
         nonlocal done
-        for i in range(400):
+        for i in range(250):
             record = records[i % 50]
             try:
                 if i % 2:
@@ -149,9 +149,9 @@ async def test_backends_terminated_mid_use_fail_calls_only_as_unavailable(
             for _ in range(6):
                 await anyio.sleep(0.02)
                 terminate(other)
-    assert done == 1200
+    assert done == 750
     assert all(isinstance(exc, LedgerUnavailable) for exc in failures), failures
-    assert len(failures) < 60, failures  # most calls ride it out on a fresh connection
+    assert len(failures) < 40, failures  # most calls ride it out on a fresh connection
     for record in records:  # and the same object goes on working
         await ledger.record(record.key, LIVE)
     assert {r.state for r in await ledger.records()} == {"live"}

@@ -401,12 +401,15 @@ REQUEUE = f"""
     )
     SELECT pg_notify('{CHANNEL}', current_schema()) WHERE EXISTS (SELECT 1 FROM requeued)
 """
+# One pass over the running leases (the leased index), not one per worker.
 WORKERS = f"""
-    SELECT w.owner, w.host, w.pid, w.started, w.seen, w.lease,
-           (SELECT count(*) FROM asyncbg_jobs j
-            WHERE j.owner = w.owner AND j.lease_until > {_NOW}
-              AND j.state IN ('new', 'sending', 'live'))
+    SELECT w.owner, w.host, w.pid, w.started, w.seen, w.lease, COALESCE(h.n, 0)
     FROM asyncbg_workers w
+    LEFT JOIN (
+        SELECT owner, count(*) AS n FROM asyncbg_jobs
+        WHERE lease_until > {_NOW} AND state IN ('new', 'sending', 'live')
+        GROUP BY owner
+    ) AS h ON h.owner = w.owner
     WHERE w.seen + w.lease > {_NOW}
     ORDER BY w.started, w.owner
 """
