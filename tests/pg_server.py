@@ -44,7 +44,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["PostgresError", "find_bindir", "throwaway_postgres"]
+__all__ = ["PostgresError", "RestartableServer", "find_bindir", "restartable_postgres",
+           "throwaway_postgres"]
 
 PREFIX = "asyncbg-pg-"
 SUPERUSER = "postgres"
@@ -277,9 +278,9 @@ class _Server:
         for dirpath, _dirs, _files in os.walk(self.base):
             self.runner.give(Path(dirpath))
 
-    def start(self) -> None:
+    def start(self, port: int | None = None) -> None:
         for attempt in range(3):
-            self.port = _free_port()
+            self.port = port or _free_port()
             argv = [str(_exe(self.bindir, "postgres")), "-D", str(self.data), "-p", str(self.port),
                     "-k", str(self.base)]
             for key, value in SETTINGS.items():
@@ -343,12 +344,53 @@ class _Server:
         return f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/postgres"
 
 
+class RestartableServer:
+    """A throwaway server that a test may stop and start again (on the same port), as an
+    operator restarts PostgreSQL under running clients."""
+
+    def __init__(self, server: _Server) -> None:
+        self._server = server
+
+    @property
+    def dsn(self) -> str:
+        return self._server.dsn
+
+    def stop(self, *, fast: bool = True) -> None:
+        """``pg_ctl stop -m fast`` (SIGINT: sessions are ended, then a clean shutdown), or
+        ``-m immediate`` (SIGQUIT) with ``fast=False``; returns once the server has exited."""
+        proc = self._server.proc
+        if proc is None:
+            return
+        if fast:
+            with contextlib.suppress(OSError):
+                proc.send_signal(signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(STOP_TIMEOUT)
+        self._server._kill()
+
+    def start(self) -> None:
+        self._server.start(port=self._server.port)
+
+
+@contextlib.contextmanager
+def restartable_postgres() -> Iterator[RestartableServer]:
+    """A throwaway server of its own (see :func:`throwaway_postgres`) that can be restarted."""
+    with _started() as server:
+        yield RestartableServer(server)
+
+
 @contextlib.contextmanager
 def throwaway_postgres() -> Iterator[str]:
     """Start a throwaway PostgreSQL server; yield its DSN; stop it and delete its files.
 
     Raises :class:`PostgresError` (before yielding) when no server can be started.
     """
+    with _started() as server:
+        yield server.dsn
+
+
+@contextlib.contextmanager
+def _started() -> Iterator[_Server]:
     bindir = find_bindir()
     if bindir is None:
         raise PostgresError(
@@ -367,7 +409,7 @@ def throwaway_postgres() -> Iterator[str]:
             server.start()
         except (OSError, subprocess.SubprocessError) as exc:
             raise PostgresError(f"cannot start {bindir / 'postgres'}: {exc}") from exc
-        yield server.dsn
+        yield server
     finally:
         server.stop()
 

@@ -364,7 +364,7 @@ async def test_workers_starting_together_make_the_schema_once(pg_dsn: str) -> No
         for led in ledgers:
             await led.close()
     with psycopg.connect(pg_dsn) as conn:
-        assert conn.execute("SELECT value FROM asyncbg_meta").fetchall() == [("2",)]
+        assert conn.execute("SELECT value FROM asyncbg_meta").fetchall() == [("3",)]
 
 
 @pytest.mark.asyncio
@@ -380,7 +380,7 @@ async def test_foreign_and_newer_schemas_are_refused(pg_dsn: str) -> None:
     await led.close()
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute("UPDATE asyncbg_meta SET value = '7'")
-    with pytest.raises(LedgerError, match=r"newer asyncbg .*version 7; this one knows up to 2"):
+    with pytest.raises(LedgerError, match=r"newer asyncbg .*version 7; this one knows up to 3"):
         await PostgresLedger(pg_dsn).open()
 
 

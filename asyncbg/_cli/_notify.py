@@ -93,7 +93,7 @@ async def notify(args: argparse.Namespace) -> int:
         return 2
     try:
         if not isinstance(ledger, Outbox):
-            say(f"{args.ledger} keeps no notifications")
+            say(f"{ledger.location} keeps no notifications")
             return 2
         if args.retry_failed:
             again = await ledger.retry_failed_deliveries(None)

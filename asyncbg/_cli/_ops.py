@@ -20,6 +20,7 @@ from .._ledgers import Ledger, LedgerError, Record, SQLiteLedger
 from .._ledgers._outbox import Outbox
 from .._ledgers._shared import SharedLedger
 from .._ledgers._sqlite_shared import SharedSQLiteLedger
+from .._ledgers._urls import url_like
 from ._deliveries import summary as delivery_summary
 from ._deliveries import summary_text as delivery_text
 from ._output import body_of, tokens_of
@@ -46,9 +47,9 @@ def open_client(base_url: str | None) -> openai.AsyncOpenAI | None:
 
 async def open_ledger(spec: str | Path, *, exclusive: bool) -> Ledger | None:
     """Open an existing journal or a fleet's ledger (``postgresql://...``), or None after
-    saying why (it is missing or refused)."""
+    saying why (it is missing or refused). Text that starts like a URL is never a path."""
     ledger: Ledger
-    if isinstance(spec, str) and "://" in spec:
+    if isinstance(spec, str) and url_like(spec):
         try:
             ledger = shared_ledger(spec)
         except LedgerError as exc:
@@ -149,7 +150,8 @@ async def status(args: argparse.Namespace) -> int:
         return 2
     finally:
         await ledger.close()
-    summary = summarize(records, args.ledger)
+    # ledger.location, never args.ledger: it is the URL without its password.
+    summary = summarize(records, ledger.location)
     if fleet is not None:
         summary["fleet"] = fleet
     summary["notifications"] = notes
@@ -161,7 +163,7 @@ async def status(args: argparse.Namespace) -> int:
         if "fleet" in summary:
             print(fleet_status_text(summary["fleet"]))
         if notes["pending"] or notes["failed"]:
-            print(delivery_text(notes, ledger=args.ledger))
+            print(delivery_text(notes, ledger=ledger.location))
     return 0
 
 
@@ -204,7 +206,7 @@ async def cancel(args: argparse.Namespace) -> int:
         return 2
     try:
         if not any(r.state == "live" for r in await ledger.records()):
-            print(f"nothing to cancel: no live response in {args.ledger}")
+            print(f"nothing to cancel: no live response in {ledger.location}")
             return 0
         client = open_client(args.base_url)
         if client is None:

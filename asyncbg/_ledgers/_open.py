@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable
 
 from ._base import Ledger, LedgerError
 from ._sqlite import SQLiteLedger
 from ._urls import redacted as _redacted
+from ._urls import url_like
 
 __all__ = ["open_ledger"]
-
-_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)://")  # two letters at least: not C:// on Windows
 
 
 def open_ledger(
@@ -23,14 +21,21 @@ def open_ledger(
     A :class:`Ledger` passes through as it is (its own settings apply, ``exclusive`` is not
     used); a ``postgresql://`` URL names a PostgreSQL ledger; anything else is the path of an
     SQLite journal. ``exclusive=True`` allows one run per journal at a time.
+
+    Text that starts like a URL (``postgresql:/user@host``, one slash; ``mysql://...``) but is
+    not one asyncbg can use is a :class:`LedgerError`, never taken as a file path.
     """
     if isinstance(spec, str | os.PathLike):
         text = os.fspath(spec)
-        match = _URL.match(text)
-        if match is None:
+        if not url_like(text):
             return SQLiteLedger(spec, exclusive=exclusive)
-        scheme = match.group(1).lower()
-        factory = _URL_SCHEMES.get(scheme)
+        scheme, sep, _ = text.partition("://")
+        if not sep or not scheme.isascii() or "/" in scheme:
+            raise LedgerError(
+                f"{_redacted(text)} is not a URL (a URL starts with scheme://, two slashes); "
+                "write postgresql://USER:PASSWORD@HOST/DB, or ./NAME for a file of that name"
+            )
+        factory = _URL_SCHEMES.get(scheme.lower())
         if factory is None:
             raise LedgerError(
                 f"{_redacted(text)}: {scheme}:// ledgers are not supported; pass a file path "

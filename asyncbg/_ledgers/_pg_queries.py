@@ -11,6 +11,13 @@ Schema history (``asyncbg_meta.schema_version``):
 - version 1: the tables below.
 - version 2: ``asyncbg_outbox``, the webhook notifications (see :mod:`._outbox`), each written by
   the statement that records the outcome it announces, deleted once a receiver answered 2xx.
+- version 3: claims and counts independent of the ledger's size. Two partial indexes in place of
+  ``asyncbg_jobs_open``: waiting rows (no lease) in claim order, and leased rows by the time
+  their lease runs out, so that a claim reads only rows it can take however many are leased;
+  and ``asyncbg_counts``, the number of jobs per state and status, kept by triggers (inserts
+  and deletes: one upsert per statement; updates: only those that change a state or status),
+  spread over 64 slots by backend so that workers do not queue on one row, so that ``status``
+  and ``unfinished()`` read a few dozen rows, not every job.
 
 Creation and upgrades run in one transaction under ``pg_advisory_xact_lock``, so that workers
 starting together neither race nor see a half-made schema.
@@ -20,7 +27,7 @@ from __future__ import annotations
 
 # No __all__: the module is a namespace, imported as `q` by _postgres.py.
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: The key of the transaction-level advisory lock held while the schema is made or upgraded
 #: ("abgj" and 1), and of the session-level lock an ``exclusive=True`` ledger holds ("abgj", 2).
 SCHEMA_LOCK = 0x6162676A_00000001
@@ -38,6 +45,12 @@ READ_VERSION = """
 """
 READ_SCHEMA_VERSION = "SELECT value FROM asyncbg_meta WHERE name = 'schema_version'"
 LOCK_SCHEMA = "SELECT pg_advisory_xact_lock(%s)"
+#: Params: statement timeout, idle-in-transaction timeout (milliseconds, as text). Run on every
+#: new connection (autocommit: they last the session).
+SET_TIMEOUTS = """
+    SELECT set_config('statement_timeout', %s, false),
+           set_config('idle_in_transaction_session_timeout', %s, false)
+"""
 TRY_EXCLUSIVE = "SELECT pg_try_advisory_lock(%s)"
 
 CREATE_V1 = (
@@ -108,6 +121,76 @@ UPGRADES: dict[int, tuple[str, ...]] = {
         "CREATE INDEX asyncbg_outbox_pending ON asyncbg_outbox (url, next_at) "
         "WHERE state = 'pending'",
     ),
+    2: (
+        # No writer between the count below and the triggers that keep it (an older asyncbg
+        # still running); CREATE TRIGGER would take this lock anyway.
+        "LOCK TABLE asyncbg_jobs IN SHARE ROW EXCLUSIVE MODE",
+        "DROP INDEX IF EXISTS asyncbg_jobs_open",
+        # What a claim reads: waiting rows in claim order (released live ones have their own,
+        # for a full worker that adopts only those), and leases by when they run out.
+        "CREATE INDEX asyncbg_jobs_waiting ON asyncbg_jobs (seq) "
+        "WHERE lease_until IS NULL AND state IN ('new', 'sending', 'live')",
+        "CREATE INDEX asyncbg_jobs_waiting_live ON asyncbg_jobs (seq) "
+        "WHERE lease_until IS NULL AND state = 'live'",
+        "CREATE INDEX asyncbg_jobs_leased ON asyncbg_jobs (lease_until) "
+        "WHERE lease_until IS NOT NULL AND state IN ('new', 'sending', 'live')",
+        """
+        CREATE TABLE asyncbg_counts (
+            slot   integer NOT NULL,   -- pg_backend_pid() % 64: writers rarely share a row
+            state  text NOT NULL,
+            status text NOT NULL,
+            n      bigint NOT NULL,
+            PRIMARY KEY (slot, state, status)
+        )
+        """,
+        # Inserts and deletes: one upsert per statement and (state, status), from its
+        # transition table (an enqueue of a million lines is one), in sorted order (two
+        # statements never lock counters in opposite orders).
+        """
+        CREATE FUNCTION asyncbg_count_rows() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF TG_OP = 'INSERT' THEN
+                INSERT INTO asyncbg_counts AS c (slot, state, status, n)
+                SELECT pg_backend_pid() % 64, state, status, count(*) FROM new_rows
+                GROUP BY state, status ORDER BY state, status
+                ON CONFLICT (slot, state, status) DO UPDATE SET n = c.n + EXCLUDED.n;
+            ELSE
+                INSERT INTO asyncbg_counts AS c (slot, state, status, n)
+                SELECT pg_backend_pid() % 64, state, status, -count(*) FROM old_rows
+                GROUP BY state, status ORDER BY state, status
+                ON CONFLICT (slot, state, status) DO UPDATE SET n = c.n + EXCLUDED.n;
+            END IF;
+            RETURN NULL;
+        END $$
+        """,
+        # Updates: per row, and only for those that change the state or the status (the
+        # WHEN is checked without calling the function): claims, renewals and releases,
+        # which change neither, cost nothing.
+        """
+        CREATE FUNCTION asyncbg_count_change() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            INSERT INTO asyncbg_counts AS c (slot, state, status, n)
+            SELECT pg_backend_pid() % 64, v.state, v.status, v.n
+            FROM (VALUES (OLD.state, OLD.status, -1), (NEW.state, NEW.status, 1))
+                AS v(state, status, n)
+            ORDER BY v.state, v.status
+            ON CONFLICT (slot, state, status) DO UPDATE SET n = c.n + EXCLUDED.n;
+            RETURN NULL;
+        END $$
+        """,
+        "CREATE TRIGGER asyncbg_count_insert AFTER INSERT ON asyncbg_jobs "
+        "REFERENCING NEW TABLE AS new_rows "
+        "FOR EACH STATEMENT EXECUTE FUNCTION asyncbg_count_rows()",
+        "CREATE TRIGGER asyncbg_count_delete AFTER DELETE ON asyncbg_jobs "
+        "REFERENCING OLD TABLE AS old_rows "
+        "FOR EACH STATEMENT EXECUTE FUNCTION asyncbg_count_rows()",
+        "CREATE TRIGGER asyncbg_count_update AFTER UPDATE OF state, status ON asyncbg_jobs "
+        "FOR EACH ROW WHEN (OLD.state IS DISTINCT FROM NEW.state "
+        "OR OLD.status IS DISTINCT FROM NEW.status) "
+        "EXECUTE FUNCTION asyncbg_count_change()",
+        "INSERT INTO asyncbg_counts (slot, state, status, n) "
+        "SELECT 0, state, status, count(*) FROM asyncbg_jobs GROUP BY state, status",
+    ),
 }
 WRITE_SCHEMA_VERSION = """
     INSERT INTO asyncbg_meta (name, value) VALUES ('schema_version', %s)
@@ -122,7 +205,15 @@ _J_COLUMNS = ", ".join(f"j.{name.strip()}" for name in _COLUMNS.split(","))
 GET = f"SELECT {_COLUMNS} FROM asyncbg_jobs WHERE key = %s"
 RECORDS = f"SELECT {_COLUMNS} FROM asyncbg_jobs ORDER BY seq"
 RESUBMITS = "SELECT COALESCE(sum(resubmits), 0) FROM asyncbg_jobs"
-UNFINISHED = "SELECT count(*) FROM asyncbg_jobs WHERE state IN ('new', 'sending', 'live')"
+#: Jobs per state and status, from the counters (version 3): a few dozen rows at any size.
+COUNTS = """
+    SELECT state, status, sum(n)::bigint FROM asyncbg_counts
+    GROUP BY state, status HAVING sum(n) <> 0 ORDER BY state, status
+"""
+UNFINISHED = """
+    SELECT COALESCE(sum(n), 0)::bigint FROM asyncbg_counts
+    WHERE state IN ('new', 'sending', 'live')
+"""
 
 # -- claims -------------------------------------------------------------------------------------
 
@@ -215,28 +306,65 @@ ENQUEUE = f"""
     ORDER BY i.n
     ON CONFLICT (key) DO NOTHING
 """
+#: The channel that says "work may be waiting" (an enqueue, a release, a requeue), delivered at
+#: commit to every session LISTENing on this database; the payload is the schema, as ledgers in
+#: other schemas of the database share the channel (a wake-up for them is only an extra look).
+CHANNEL = "asyncbg_work"
+LISTEN = f"LISTEN {CHANNEL}"
+WORK_ARRIVED = f"SELECT pg_notify('{CHANNEL}', current_schema())"
+# A big file (more than a few thousand lines): COPY into a table of the transaction's own, then
+# one INSERT ... SELECT; the same rules as ENQUEUE and ENQUEUE_MISMATCH.
+ENQUEUE_TABLE = """
+    CREATE TEMPORARY TABLE asyncbg_enqueue (n bigint, key text, digest text, request bytea)
+    ON COMMIT DROP
+"""
+ENQUEUE_COPY = "COPY asyncbg_enqueue (n, key, digest, request) FROM STDIN"
+ENQUEUE_FROM_TABLE = f"""
+    INSERT INTO asyncbg_jobs (key, digest, request, state, status, created, updated)
+    SELECT e.key, e.digest, e.request, 'new', 'pending', {_NOW}, {_NOW}
+    FROM asyncbg_enqueue e ORDER BY e.n
+    ON CONFLICT (key) DO NOTHING
+"""
+ENQUEUE_TABLE_MISMATCH = """
+    SELECT e.key FROM asyncbg_enqueue e JOIN asyncbg_jobs j ON j.key = e.key
+    WHERE j.digest <> e.digest ORDER BY e.n LIMIT 1
+"""
+#: Params: milliseconds (text). A big enqueue's own statement timeout, for its transaction.
+SET_LOCAL_TIMEOUT = "SELECT set_config('statement_timeout', %s, true)"
 # Params: keys, digests. The first key already there with another request.
 ENQUEUE_MISMATCH = """
     SELECT j.key FROM asyncbg_jobs j
     JOIN unnest(%s::text[], %s::text[]) WITH ORDINALITY AS i(key, digest, n) ON j.key = i.key
     WHERE j.digest <> i.digest ORDER BY i.n LIMIT 1
 """
-# Params: limit, owner, lease, live_only. Rows another acquire is taking right now are skipped,
-# not waited for; the UPDATE sees each row as it is once locked.
-ACQUIRE = f"""
-    WITH picked AS (
-        SELECT key FROM asyncbg_jobs
-        WHERE state IN ('new', 'sending', 'live') AND (NOT %(live_only)s OR state = 'live')
-          AND (lease_until IS NULL OR lease_until <= {_NOW})
-        ORDER BY seq
-        LIMIT %(limit)s
+# Params: limit, owner, lease. Rows another acquire is taking right now are skipped, not waited
+# for; the UPDATE sees each row as it is once locked. Waiting rows (no lease) come from one
+# partial index in claim order, expired leases from another by expiry: neither reads a row
+# that is leased and running, however many there are. ACQUIRE_LIVE: only live responses.
+_ACQUIRE = f"""
+    WITH waiting AS (
+        SELECT key, seq FROM asyncbg_jobs
+        WHERE lease_until IS NULL AND {{states}}
+        ORDER BY seq LIMIT %(limit)s
         FOR UPDATE SKIP LOCKED
+    ),
+    expired AS (
+        SELECT key, seq FROM asyncbg_jobs
+        WHERE lease_until <= {_NOW} AND lease_until IS NOT NULL AND {{states}}
+        ORDER BY lease_until LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED
+    ),
+    picked AS (
+        SELECT key FROM (SELECT * FROM waiting UNION ALL SELECT * FROM expired) AS p
+        ORDER BY seq LIMIT %(limit)s
     )
     UPDATE asyncbg_jobs j
     SET owner = %(owner)s, epoch = j.epoch + 1, lease_until = {_NOW} + %(lease)s
     FROM picked WHERE j.key = picked.key
     RETURNING {_J_COLUMNS}, j.epoch, j.seq
 """
+ACQUIRE = _ACQUIRE.format(states="state IN ('new', 'sending', 'live')")
+ACQUIRE_LIVE = _ACQUIRE.format(states="state = 'live'")
 # One round trip for the heartbeat and every renewal. Rows taken over since (another owner, or
 # another epoch) or finished are not returned: their leases are lost.
 RENEW = f"""
@@ -251,20 +379,30 @@ RENEW = f"""
       AND j.state IN ('new', 'sending', 'live')
     RETURNING j.key
 """
-# The epoch stays: the next taker bumps it.
-RELEASE = """
-    UPDATE asyncbg_jobs j SET owner = NULL, lease_until = NULL
-    FROM unnest(%(keys)s::text[], %(epochs)s::bigint[]) AS h(key, epoch)
-    WHERE j.key = h.key AND j.epoch = h.epoch AND j.owner = %(owner)s
+# The epoch stays: the next taker bumps it. Listening workers are woken when any came back.
+RELEASE = f"""
+    WITH released AS (
+        UPDATE asyncbg_jobs j SET owner = NULL, lease_until = NULL
+        FROM unnest(%(keys)s::text[], %(epochs)s::bigint[]) AS h(key, epoch)
+        WHERE j.key = h.key AND j.epoch = h.epoch AND j.owner = %(owner)s
+          AND j.state IN ('new', 'sending', 'live')
+        RETURNING j.key
+    )
+    SELECT pg_notify('{CHANNEL}', current_schema()) WHERE EXISTS (SELECT 1 FROM released)
 """
 # Back to waiting: only what this owner ended locally (nothing was paid for).
 REQUEUE = f"""
-    UPDATE asyncbg_jobs SET state = 'new', response_id = NULL, status = 'pending', body = NULL,
-        error = NULL, error_code = NULL, http_status = NULL, request_id = NULL, owner = NULL,
-        lease_until = NULL, updated = {_NOW}
-    WHERE key = ANY(%(keys)s::text[]) AND owner = %(owner)s AND state = 'local'
+    WITH requeued AS (
+        UPDATE asyncbg_jobs SET state = 'new', response_id = NULL, status = 'pending',
+            body = NULL, error = NULL, error_code = NULL, http_status = NULL, request_id = NULL,
+            owner = NULL, lease_until = NULL, updated = {_NOW}
+        WHERE key = ANY(%(keys)s::text[]) AND owner = %(owner)s AND state = 'local'
+        RETURNING key
+    )
+    SELECT pg_notify('{CHANNEL}', current_schema()) WHERE EXISTS (SELECT 1 FROM requeued)
 """
-# An operator's retry: whoever ended them; never a key with a response id (paid for).
+# An operator's retry: whoever ended them; never a key with a response id (paid for). Workers
+# see them at their next timed look (no NOTIFY here: the count is the statement's rowcount).
 REQUEUE_UNPAID = f"""
     UPDATE asyncbg_jobs SET state = 'new', status = 'pending', body = NULL, error = NULL,
         error_code = NULL, http_status = NULL, request_id = NULL, owner = NULL,
@@ -272,12 +410,15 @@ REQUEUE_UNPAID = f"""
     WHERE state = 'local' AND response_id IS NULL
       AND (%(code)s::text IS NULL OR error_code = %(code)s::text)
 """
+# One pass over the running leases (the leased index), not one per worker.
 WORKERS = f"""
-    SELECT w.owner, w.host, w.pid, w.started, w.seen, w.lease,
-           (SELECT count(*) FROM asyncbg_jobs j
-            WHERE j.owner = w.owner AND j.lease_until > {_NOW}
-              AND j.state IN ('new', 'sending', 'live'))
+    SELECT w.owner, w.host, w.pid, w.started, w.seen, w.lease, COALESCE(h.n, 0)
     FROM asyncbg_workers w
+    LEFT JOIN (
+        SELECT owner, count(*) AS n FROM asyncbg_jobs
+        WHERE lease_until > {_NOW} AND state IN ('new', 'sending', 'live')
+        GROUP BY owner
+    ) AS h ON h.owner = w.owner
     WHERE w.seen + w.lease > {_NOW}
     ORDER BY w.started, w.owner
 """
@@ -294,12 +435,17 @@ _URL = "(%(url)s::text IS NULL OR o.url = %(url)s)"
 # one statement. Rows another sender is taking right now are skipped. One endpoint's (the
 # sender's case: the url is spelled out, so that even a generic plan walks the index in due
 # order) or any endpoint's (``asyncbg notify``).
+# Both parts see the rows as they were before the statement: a delivered row whose lease ran
+# out while it was posted would be picked too, and which of the DELETE and the UPDATE of one
+# row wins is not defined (it was leased again and posted twice). ``picked`` leaves ``done``
+# out, so that no row is touched twice (tests/test_pg_faults.py shows it).
 _TAKE = f"""
     WITH gone AS (DELETE FROM asyncbg_outbox WHERE id = ANY(%(done)s::text[])),
     picked AS (
         SELECT o.id FROM asyncbg_outbox o
         WHERE o.state = 'pending' AND {{url}} AND o.next_at <= {_NOW}
           AND (o.lease_until IS NULL OR o.lease_until <= {_NOW})
+          AND o.id <> ALL(%(done)s::text[])
         ORDER BY o.next_at
         LIMIT %(limit)s
         FOR UPDATE SKIP LOCKED

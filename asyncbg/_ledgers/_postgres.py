@@ -3,17 +3,29 @@
 Row leases taken with ``FOR UPDATE SKIP LOCKED``, as procrastinate, pgqueuer and SAQ take jobs;
 see :mod:`._shared` for the lease and epoch rules and :mod:`._pg_queries` for every statement.
 
-One connection per ledger, in autocommit, used by one call at a time (an ``anyio.Lock``): every
-write is a single statement, so it commits in one round trip, and a transaction (a claim that
-finds the key there, an enqueue) cannot interleave with another call's statements. A pool would
-buy parallel round trips inside one process, which a worker does not need (its writes are a few
-per job, milliseconds apart), at the price of a dependency and of ``pool size x workers``
-connections on a server whose connections are often counted (managed PostgreSQL). A connection
-that breaks is opened again at the next call; the leases it held stay valid, being rows.
+Connections come from a :class:`psycopg_pool.AsyncConnectionPool` (as procrastinate takes
+them), in autocommit: every write is a single statement, so it commits in one round trip, and a
+transaction (a claim that finds the key there, an enqueue) holds its connection to itself. Lease
+renewal has a pool of its own (one connection), so that it never waits behind other calls.
+
+Every call is bounded in time: ``connect_timeout`` to connect, the pool's ``timeout`` to get a
+connection, ``statement_timeout`` (and ``idle_in_transaction_session_timeout``) on the server,
+and a deadline a little past it in the client for a network that stops answering; TCP
+keepalives find a dead peer. A call that is cancelled mid-statement (a cancel scope, a
+deadline) never hands its connection back half-used: psycopg cancels the statement or closes the
+connection, and the pool replaces it.
+
+Failures are :class:`~asyncbg.LedgerUnavailable` when they may pass (the server is down,
+restarting or overloaded, the connection dropped, a timeout), :class:`~asyncbg.LedgerError`
+otherwise (permissions, a schema too new); never a raw psycopg error. A connection the server
+dropped (a restart, ``pg_terminate_backend``) is replaced and the call tried once more on a
+fresh one: every write here is fenced by owner and epoch, so running it twice records nothing
+twice. The ledger object goes on working once the server is back.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
@@ -21,10 +33,13 @@ from typing import Any, TypeVar
 
 import anyio
 import psycopg
+import psycopg_pool
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.pq import TransactionStatus
 
 from .. import _log
 from . import _pg_queries as q
-from ._base import Claim, ClaimOutcome, LedgerError, Outcome, Record
+from ._base import Claim, ClaimOutcome, LedgerError, LedgerUnavailable, Outcome, Record
 from ._pg_outbox import PostgresOutbox
 from ._rules import claim_outcome, state_after, unclaimed
 from ._shared import (
@@ -43,6 +58,7 @@ __all__ = ["PostgresLedger"]
 T = TypeVar("T")
 Conn = psycopg.AsyncConnection[tuple[Any, ...]]
 Cursor = psycopg.AsyncCursor[tuple[Any, ...]]
+Pool = psycopg_pool.AsyncConnectionPool[Conn]
 Args = Sequence[Any] | dict[str, Any] | None
 
 #: Rows per statement when enqueuing (one transaction for the whole file all the same).
@@ -52,6 +68,22 @@ _CLAIM_UPDATES = {
     ClaimOutcome.RESEND: q.CLAIM_RESEND,
     ClaimOutcome.RESUME: q.CLAIM_RESUME,
 }
+#: Seconds (at most; no more than the timeout itself) the client waits past the server's
+#: statement timeout before it gives up on a call: the server's own timeout normally ends a
+#: stuck statement first, and leaves the connection usable; the client's deadline is for a
+#: server or network that stopped answering.
+_MARGIN = 5.0
+#: The server ended the session (a restart, pg_terminate_backend, starting up): the statement
+#: did not run, or was rolled back; a fresh connection may run it.
+_DROPPED = frozenset({"57P01", "57P02", "57P03"})
+#: SQLSTATE classes that may pass: connection exception, transaction rollback (deadlock,
+#: serialization), insufficient resources (disk full, too many connections), operator
+#: intervention (shutdown, statement timeout), system error (I/O).
+_TRANSIENT_CLASSES = frozenset({"08", "40", "53", "57", "58"})
+#: And single states: lock not available; read-only transaction (a standby after a failover).
+_TRANSIENT_STATES = frozenset({"55P03", "25006"})
+_POOL_ERRORS = (psycopg_pool.PoolTimeout, psycopg_pool.PoolClosed,
+                psycopg_pool.TooManyRequests)
 
 
 class PostgresLedger(PostgresOutbox):
@@ -61,23 +93,54 @@ class PostgresLedger(PostgresOutbox):
     takes last (seconds; a dead process's keys are taken over after that). ``exclusive=True``
     allows one such ledger per database at a time (a session advisory lock), for runs that
     want the SQLite journal's one-run rule.
+
+    ``timeout`` bounds every statement on the server (``statement_timeout``) and the wait for
+    a connection from the pool; ``connect_timeout`` bounds opening a connection;
+    ``max_connections`` is the pool's size (lease renewal has one more of its own). Settings
+    the URL gives itself (``keepalives_idle=``, ``connect_timeout=``...) win over the defaults.
     """
 
     __slots__ = (
-        "_acquired", "_conn", "_exclusive", "_held", "_lock", "_opens", "_owner", "_registered",
-        "_url", "lease", "round_trips",
+        "_acquired", "_connect_timeout", "_exclusive", "_held", "_holder", "_kwargs",
+        "_listener", "_max_connections", "_opens", "_owner", "_pool", "_registered",
+        "_renewals", "_url", "lease", "round_trips", "timeout",
     )
 
     def __init__(self, url: str, *, exclusive: bool = False, lease: float = DEFAULT_LEASE,
-                 owner: str | None = None) -> None:
+                 owner: str | None = None, timeout: float = 30.0,
+                 connect_timeout: float = 10.0, max_connections: int = 4) -> None:
         if not lease > 0:
             raise ValueError(f"lease must be a positive number of seconds, got {lease!r}")
-        self._url = url
+        if not (timeout > 0 and math.isfinite(timeout)):
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if not (connect_timeout > 0 and math.isfinite(connect_timeout)):
+            raise ValueError("connect_timeout must be a positive number of seconds, got "
+                             f"{connect_timeout!r}")
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be at least 1, got {max_connections!r}")
+        scheme, sep, rest = url.partition("://")
+        url = self._url = scheme.lower() + sep + rest  # libpq knows the scheme in lower case
+        try:
+            given = conninfo_to_dict(url)
+        except psycopg.Error as exc:
+            raise LedgerError(
+                f"{_redacted(url)} is not a PostgreSQL URL psycopg can read "
+                f"({_detail(exc)}); write postgresql://USER:PASSWORD@HOST:PORT/DB"
+            ) from None
+        self._kwargs = _connection_kwargs(given, timeout=timeout,
+                                          connect_timeout=connect_timeout)
         self._exclusive = exclusive
         self._owner = owner or new_owner()
         self.lease = lease
-        self._conn: Conn | None = None
-        self._lock = anyio.Lock()
+        self.timeout = timeout
+        self._connect_timeout = connect_timeout
+        self._max_connections = max_connections
+        self._pool: Pool | None = None
+        self._renewals: Pool | None = None
+        #: The connection that holds the exclusive lock (``exclusive=True`` only).
+        self._holder: Conn | None = None
+        #: The connection that LISTENs for work (wait_for_work), opened at its first call.
+        self._listener: Conn | None = None
         self._opens = 0
         self._registered = False
         #: key -> the epoch this instance holds its lease at.
@@ -105,18 +168,66 @@ class PostgresLedger(PostgresOutbox):
     # -- opening -----------------------------------------------------------------------------
 
     async def open(self) -> None:
-        if self._conn is not None:
+        if self._pool is not None:
             self._opens += 1
             return
-        self._conn = await self._connect(prepare=True)
+        # The schema is made on a connection of its own, opened here rather than by the pool:
+        # a wrong URL, user or password is one clear error now, not a pool timeout later.
+        try:
+            with anyio.fail_after(self._connect_timeout + self._bound()):
+                conn = await self._connect()
+                try:
+                    await self._prepare(conn)
+                    if self._exclusive:
+                        row = await self._fetchone(conn, q.TRY_EXCLUSIVE, (q.EXCLUSIVE_LOCK,))
+                        if not (row and row[0]):
+                            raise LedgerError(
+                                f"{self.location} is in use by another asyncbg run "
+                                "(exclusive); wait for it to finish or stop it"
+                            )
+                except BaseException:
+                    with anyio.CancelScope(shield=True):
+                        await conn.close()
+                    raise
+        except TimeoutError as exc:
+            raise self._timed_out(self._connect_timeout + self._bound()) from exc
+        except psycopg.Error as exc:
+            raise self._error(exc) from exc
+        if self._exclusive:
+            self._holder = conn  # the session lock lasts as long as this connection
+        else:
+            await conn.close()
+        pools = (self._new_pool("asyncbg-ledger", self._max_connections),
+                 self._new_pool("asyncbg-renewals", 1))
+        try:  # each with its first connection ready, as the first calls expect
+            for pool in pools:
+                await pool.open(wait=True, timeout=self._connect_timeout + self._bound())
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                for pool in pools:
+                    await pool.close(timeout=1.0)
+                if self._holder is not None:
+                    await self._holder.close()
+                    self._holder = None
+            if isinstance(exc, psycopg.Error):
+                raise self._error(exc) from exc
+            raise
+        self._pool, self._renewals = pools
         self._opens = 1
+
+    def _new_pool(self, name: str, size: int) -> Pool:
+        return psycopg_pool.AsyncConnectionPool(
+            self._url, kwargs=self._kwargs, min_size=1, max_size=size, open=False,
+            configure=self._configure, name=name, timeout=self.timeout,
+            num_workers=min(size, 2),
+        )
 
     async def close(self) -> None:
         if self._opens > 1:
             self._opens -= 1
             return
         self._opens = 0
-        if self._conn is None:
+        if self._pool is None:
             return
         try:
             # Hand back what is still held (a worker stopping, a manager leaving live jobs
@@ -124,12 +235,18 @@ class PostgresLedger(PostgresOutbox):
             with anyio.move_on_after(5.0, shield=True):
                 await self._goodbye()
         finally:
-            conn, self._conn = self._conn, None
+            pools = (self._pool, self._renewals)
+            holder, self._holder = self._holder, None
+            self._pool = self._renewals = None
             self._held.clear()
             self._acquired.clear()
-            if conn is not None:
-                with anyio.CancelScope(shield=True):
-                    await conn.close()
+            with anyio.CancelScope(shield=True):
+                for pool in pools:
+                    if pool is not None:
+                        await pool.close(timeout=1.0)
+                if holder is not None:
+                    await holder.close()
+                await self._drop_listener()
 
     async def _goodbye(self) -> None:
         try:
@@ -140,29 +257,21 @@ class PostgresLedger(PostgresOutbox):
         except LedgerError as exc:
             _log.warning("ledger.release_failed", ledger=self.location, error=str(exc))
 
-    async def _connect(self, *, prepare: bool) -> Conn:
+    async def _connect(self) -> Conn:
+        conn = await psycopg.AsyncConnection.connect(self._url, **self._kwargs)
         try:
-            conn = await psycopg.AsyncConnection.connect(
-                self._url, autocommit=True, connect_timeout=10)
-        except psycopg.Error as exc:
-            raise self._error(exc) from exc
-        try:
-            if prepare:
-                await self._prepare(conn)
-            if self._exclusive:
-                row = await self._fetchone(conn, q.TRY_EXCLUSIVE, (q.EXCLUSIVE_LOCK,))
-                if not (row and row[0]):
-                    raise LedgerError(
-                        f"{self.location} is in use by another asyncbg run (exclusive); wait "
-                        "for it to finish or stop it"
-                    )
-        except psycopg.Error as exc:
-            await conn.close()
-            raise self._error(exc) from exc
+            await self._configure(conn)
         except BaseException:
-            await conn.close()
+            with anyio.CancelScope(shield=True):
+                await conn.close()
             raise
         return conn
+
+    async def _configure(self, conn: Conn) -> None:
+        """Every new connection: the server ends any statement (and any transaction left
+        idle) that runs past the timeout, which leaves the connection usable."""
+        ms = str(max(int(self.timeout * 1000), 1))
+        await conn.execute(q.SET_TIMEOUTS, (ms, ms))
 
     async def _prepare(self, conn: Conn) -> None:
         """Create or upgrade the schema, under a transaction-level advisory lock."""
@@ -291,32 +400,55 @@ class PostgresLedger(PostgresOutbox):
         batch = list(items)
         if not batch:
             return 0
-        keys = [key for key, _, _ in batch]
-        digests = [digest for _, digest, _ in batch]
+        # Bounded all the same: the server's statement timeout and the client's deadline grow
+        # with the file (a million lines is a few statements of tens of seconds each).
+        timeout = self.timeout * (1 + len(batch) // _CHUNK)
 
         async def enqueue(conn: Conn) -> int:
-            new = 0
             async with conn.transaction():
                 self.round_trips += 2
-                for i in range(0, len(batch), _CHUNK):
-                    chunk = batch[i:i + _CHUNK]
+                if len(batch) > _CHUNK:
+                    await self._execute(conn, q.SET_LOCAL_TIMEOUT,
+                                        (str(int(timeout * 1000)),))
+                    new, row = await self._copy_in(conn, batch)
+                else:
+                    keys, digests = [k for k, _, _ in batch], [d for _, d, _ in batch]
                     cur = await self._execute(conn, q.ENQUEUE, (
-                        [k for k, _, _ in chunk], [d for _, d, _ in chunk],
-                        [bytes(r) for _, _, r in chunk]))
-                    new += max(cur.rowcount, 0)
-                row = await self._fetchone(conn, q.ENQUEUE_MISMATCH, (keys, digests))
+                        keys, digests, [bytes(r) for _, _, r in batch]))
+                    new = max(cur.rowcount, 0)
+                    row = None if new == len(batch) else await self._fetchone(
+                        conn, q.ENQUEUE_MISMATCH, (keys, digests))
                 if row is not None:  # leaving the block by this error rolls everything back
                     raise EnqueueMismatch(row[0], self.location)
+                if new:
+                    await self._execute(conn, q.WORK_ARRIVED)  # delivered at commit
             return new
 
-        return await self._run(enqueue)
+        # Not tried twice: a commit whose answer was lost would then count every key as known.
+        return await self._run(enqueue, retry=False, timeout=timeout)
+
+    async def _copy_in(self, conn: Conn, batch: list[Item]
+                       ) -> tuple[int, tuple[Any, ...] | None]:
+        """A big file: COPY into a temporary table, then one INSERT ... SELECT (and one check
+        for keys already there with another request); returns (new keys, mismatch row)."""
+        await self._execute(conn, q.ENQUEUE_TABLE)
+        cur = conn.cursor()
+        self.round_trips += 1
+        async with cur.copy(q.ENQUEUE_COPY) as copy:
+            for n, (key, digest_, request) in enumerate(batch):
+                await copy.write_row((n, key, digest_, bytes(request)))
+        new = max((await self._execute(conn, q.ENQUEUE_FROM_TABLE)).rowcount, 0)
+        if new == len(batch):  # every key was new: none can be there with another request
+            return new, None
+        return new, await self._fetchone(conn, q.ENQUEUE_TABLE_MISMATCH)
 
     async def acquire(self, limit: int, lease: float, *, live_only: bool = False
                       ) -> list[Record]:
         if limit < 1:
             return []
-        rows = await self._run(lambda c: self._fetchall(c, q.ACQUIRE, {
-            "limit": limit, "owner": self._owner, "lease": lease, "live_only": live_only}))
+        sql = q.ACQUIRE_LIVE if live_only else q.ACQUIRE
+        rows = await self._run(lambda c: self._fetchall(c, sql, {
+            "limit": limit, "owner": self._owner, "lease": lease}))
         rows.sort(key=lambda row: row[-1])  # claim order
         records = []
         for row in rows:
@@ -339,7 +471,7 @@ class PostgresLedger(PostgresOutbox):
             self.forget(lost)
             return lost
 
-        return await self._run(renew)
+        return await self._run(renew, renewal=True)
 
     async def release(self, keys: Collection[str]) -> None:
         async def release(conn: Conn) -> None:
@@ -370,6 +502,63 @@ class PostgresLedger(PostgresOutbox):
         row = await self._run(lambda c: self._fetchone(c, q.UNFINISHED))
         return int(row[0]) if row else 0
 
+    async def wait_for_work(self, timeout: float) -> None:
+        """Return as soon as work may be waiting (another process enqueued, released or
+        requeued jobs: PostgreSQL's ``LISTEN``/``NOTIFY``), or after ``timeout`` seconds.
+
+        For a worker's loop in place of a sleep between two :meth:`acquire` calls: the timed
+        poll stays the fallback (leases that run out send no notification). A wake-up may be
+        spurious; one that comes while nobody waits is kept for the next call, so none is lost
+        once the first call has started listening (that first call returns at once, for the
+        caller to look again). Never raises for the database: when the listening connection
+        cannot be used, it waits out ``timeout`` and listens again at the next call.
+        """
+        if self._pool is None:
+            raise RuntimeError(
+                f"the ledger {self.location} is not open; call `await ledger.open()` first"
+            )
+        deadline = anyio.current_time() + timeout
+        if self._listener is None or self._listener.closed:
+            try:  # within its own bound (connecting), not the wait's: it returns at once
+                self._listener = await self._listen()
+                return  # listening now: what came before was not heard, so look again
+            except (psycopg.Error, TimeoutError) as exc:
+                _log.info("ledger.listen_failed", ledger=self.location, error=_detail(exc))
+            await anyio.sleep(max(deadline - anyio.current_time(), 0.0))  # the timed poll
+            return
+        with anyio.move_on_after(timeout):
+            try:
+                async for _ in self._listener.notifies(timeout=timeout, stop_after=1):
+                    pass
+                return
+            except psycopg.Error as exc:
+                _log.info("ledger.listen_failed", ledger=self.location, error=_detail(exc))
+                await self._drop_listener()
+            await anyio.sleep_forever()  # the timed poll, until the deadline
+
+    async def _listen(self) -> Conn:
+        with anyio.fail_after(self._connect_timeout + self._bound()):
+            conn = await self._connect()
+            try:
+                await conn.execute(q.LISTEN)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await conn.close()
+                raise
+        return conn
+
+    async def _drop_listener(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            with anyio.CancelScope(shield=True):
+                await listener.close()
+
+    async def counts(self) -> dict[tuple[str, str], int]:
+        """How many jobs are in each ``(state, status)``: read from counters the triggers
+        keep, so that it costs the same at a million jobs as at ten."""
+        rows = await self._run(lambda c: self._fetchall(c, q.COUNTS))
+        return {(state, status): int(n) for state, status, n in rows}
+
     # -- plumbing ------------------------------------------------------------------------------
 
     def forget(self, keys: Iterable[str]) -> None:
@@ -395,21 +584,34 @@ class PostgresLedger(PostgresOutbox):
 
         await self._run(write)
 
-    async def _run(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
-        if self._conn is None:
+    async def _run(self, fn: Callable[[Conn], Awaitable[T]], *, renewal: bool = False,
+                   retry: bool = True, timeout: float | None = None) -> T:
+        """``fn`` on a connection of the pool (the renewals' own with ``renewal``), within
+        ``timeout`` (default: the ledger's) plus a margin; psycopg's errors become ours.
+
+        ``retry``: when the server had dropped the connection (a restart, a terminated
+        backend), check the pool's other connections and run ``fn`` once more on a fresh one.
+        """
+        pool = self._renewals if renewal else self._pool
+        if pool is None:
             raise RuntimeError(
                 f"the ledger {self.location} is not open; call `await ledger.open()` first"
             )
-        async with self._lock:
-            conn = self._conn
-            if conn is None:
-                raise RuntimeError(f"the ledger {self.location} was closed during a call")
-            if conn.broken or conn.closed:
-                conn = self._conn = await self._connect(prepare=False)
-            try:
-                return await fn(conn)
-            except psycopg.Error as exc:
-                raise self._error(exc) from exc
+        limit = self._bound(timeout)
+        try:
+            with anyio.fail_after(limit):
+                try:
+                    return await _on_connection(pool, fn)
+                except psycopg.Error as exc:
+                    if not (retry and _dropped(exc)):
+                        raise
+                    _log.info("ledger.reconnecting", ledger=self.location, error=_detail(exc))
+                    await pool.check()  # the others are likely gone too: replace them now
+                    return await _on_connection(pool, fn)
+        except TimeoutError as exc:
+            raise self._timed_out(limit) from exc
+        except psycopg.Error as exc:
+            raise self._error(exc) from exc
 
     async def _execute(self, conn: Conn, sql: str, args: Args = None) -> Cursor:
         self.round_trips += 1
@@ -421,19 +623,92 @@ class PostgresLedger(PostgresOutbox):
     async def _fetchall(self, conn: Conn, sql: str, args: Args = None) -> list[tuple[Any, ...]]:
         return await (await self._execute(conn, sql, args)).fetchall()
 
+    def _bound(self, timeout: float | None = None) -> float:
+        """The client's deadline for a call whose statements have ``timeout`` on the server."""
+        return (timeout or self.timeout) + min(_MARGIN, self.timeout)
+
+    def _timed_out(self, seconds: float) -> LedgerUnavailable:
+        return LedgerUnavailable(
+            f"{self.location}: the PostgreSQL server did not answer within {seconds:g} s; "
+            "check that it is up and reachable"
+        )
+
     def _error(self, exc: psycopg.Error) -> LedgerError:
-        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        if isinstance(exc, psycopg.OperationalError):
-            return LedgerError(
-                f"{self.location}: cannot use the PostgreSQL server ({detail}); check that it "
-                "is up and that the URL, user and password are right"
+        """What a psycopg error means for the caller: may it pass, or must someone act?"""
+        detail = _detail(exc)
+        state = exc.sqlstate or ""
+        if isinstance(exc, _POOL_ERRORS):
+            return LedgerUnavailable(
+                f"{self.location}: no connection to the PostgreSQL server within "
+                f"{self.timeout:g} s ({detail}); it is down, restarting or out of connections"
+            )
+        if isinstance(exc, psycopg.errors.QueryCanceled):
+            return LedgerUnavailable(
+                f"{self.location}: a statement did not finish within {self.timeout:g} s "
+                f"({detail}); the server is overloaded, or another session holds a lock on "
+                "the asyncbg_* tables"
             )
         if isinstance(exc, psycopg.errors.InsufficientPrivilege):
             return LedgerError(
                 f"{self.location}: permission denied ({detail}); the user needs to create and "
                 "write the asyncbg_* tables"
             )
-        return LedgerError(f"{self.location}: PostgreSQL error {exc.sqlstate}: {detail}")
+        if state.startswith("28"):
+            return LedgerError(
+                f"{self.location}: the server refused the login ({detail}); check the user and "
+                "password in the URL"
+            )
+        if ((isinstance(exc, psycopg.OperationalError) and not state)
+                or state[:2] in _TRANSIENT_CLASSES or state in _TRANSIENT_STATES):
+            return LedgerUnavailable(
+                f"{self.location}: cannot use the PostgreSQL server ({detail}); check that it "
+                "is up and that the URL, user and password are right"
+            )
+        return LedgerError(f"{self.location}: PostgreSQL error {state}: {detail}")
+
+
+async def _on_connection(pool: Pool, fn: Callable[[Conn], Awaitable[T]]) -> T:
+    """``fn`` on a connection of ``pool``, handed back on every way out. One left mid-statement
+    or mid-transaction (a cancellation, an error) is closed, never reused: the pool replaces
+    it."""
+    conn = await pool.getconn()
+    try:
+        return await fn(conn)
+    finally:
+        with anyio.CancelScope(shield=True):
+            if conn.pgconn.transaction_status != TransactionStatus.IDLE:
+                await conn.close()  # local: frees the socket without waiting for the server
+            await pool.putconn(conn)
+
+
+def _dropped(exc: psycopg.Error) -> bool:
+    """The server had dropped the connection: the statement did not run (or was rolled back)."""
+    if isinstance(exc, _POOL_ERRORS):
+        return False
+    return exc.sqlstate in _DROPPED or (
+        isinstance(exc, psycopg.OperationalError) and exc.sqlstate is None)
+
+
+def _detail(exc: BaseException) -> str:
+    """The first line of an error, without any password it may quote."""
+    return _redacted((str(exc).strip().splitlines() or [type(exc).__name__])[0])
+
+
+def _connection_kwargs(given: dict[str, Any], *, timeout: float,
+                       connect_timeout: float) -> dict[str, Any]:
+    """psycopg's connection arguments: autocommit, and libpq settings the URL leaves out."""
+    defaults: dict[str, Any] = {
+        # libpq counts whole seconds, and 2 at least.
+        "connect_timeout": max(2, math.ceil(connect_timeout)),
+        # A peer that vanished (a machine that died, a dropped route) is found within about a
+        # minute when idle, and within the timeout when data is unacknowledged.
+        "keepalives": 1,
+        "keepalives_idle": 30,
+        "keepalives_interval": 10,
+        "keepalives_count": 3,
+        "tcp_user_timeout": int((timeout + min(_MARGIN, timeout)) * 1000),
+    }
+    return {"autocommit": True, **{k: v for k, v in defaults.items() if k not in given}}
 
 
 def _record(row: Sequence[Any]) -> Record:

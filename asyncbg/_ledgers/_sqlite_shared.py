@@ -287,6 +287,11 @@ class SharedSQLiteLedger(SQLiteLedger):
     async def unfinished(self) -> int:
         return await self._call(lambda db: int(db.execute(q.UNFINISHED).fetchone()[0]))
 
+    async def wait_for_work(self, timeout: float) -> None:
+        """As :meth:`PostgresLedger.wait_for_work`, without a wake-up: SQLite has no
+        notifications between processes, so this is the timed poll (``timeout`` seconds)."""
+        await anyio.sleep(timeout)
+
     # -- plumbing ------------------------------------------------------------------------------
 
     def forget(self, keys: Iterable[str]) -> None:
