@@ -229,8 +229,20 @@ class _Worker:
             self._ledger_up()
             if idle:
                 return  # nothing waiting or live anywhere: the manager's exit has nothing to do
+            await self._nap()
+
+    async def _nap(self) -> None:
+        """Until a job here ends, work is announced in the ledger (LISTEN/NOTIFY on
+        PostgreSQL), or ``idle`` seconds pass: whichever comes first."""
+        async with anyio.create_task_group() as tg:
+            async def announced() -> None:
+                await self.ledger.wait_for_work(self.idle)
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(announced)
             with anyio.move_on_after(self.idle):
                 await self.wake.wait()
+            tg.cancel_scope.cancel()
 
     async def _take_work(self, mgr: BackgroundManager) -> list[Record]:
         free = self.concurrency - len(self.jobs)

@@ -152,6 +152,11 @@ class SharedLedger(Ledger, Protocol):
         """How many keys are waiting, being sent or live, whoever holds them."""
         ...
 
+    async def wait_for_work(self, timeout: float) -> None:
+        """Return when work may have arrived (an enqueue, a release, a requeue announced by
+        the database), or after ``timeout`` seconds; never raises for a lost connection."""
+        ...
+
 
 def new_owner() -> str:
     """A fresh lease-holder identity: host, pid and a random part (pids are reused)."""
