@@ -7,13 +7,8 @@ import math
 import sys
 from typing import TYPE_CHECKING, Any
 
-import anyio
-from rich.console import Console
-
-from .. import BackgroundManager, Job, PollPolicy, RetryPolicy
-from ._progress import Display, Live, Tally, counts_text, rows
-
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the commands import what they run when they run (`--help` stays fast)
+    from .. import Job
     from ..testing import FakeRateLimit, Fault, FaultRates, LatencyModel, Outcomes
 
 __all__ = ["demo", "fake_rate_limit", "fake_server", "fault", "fault_rates", "latency",
@@ -30,7 +25,12 @@ def _tokens(job: Job) -> int:
 
 async def demo(args: argparse.Namespace) -> int:
     """Fan out ``--jobs`` responses against the in-process fake server; summary on stdout."""
+    import anyio
+    from rich.console import Console
+
+    from .. import BackgroundManager, PollPolicy, RetryPolicy
     from ..testing import FakeResponsesServer, FaultRates, LatencyModel, Outcomes, fake_client
+    from ._progress import Display, Live, Tally, counts_text, rows
 
     server = FakeResponsesServer(
         latency=LatencyModel.lognormal(args.median, 0.7, low=0.2, high=6.0),

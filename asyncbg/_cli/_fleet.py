@@ -21,7 +21,6 @@ from typing import Any, TypeVar
 import anyio
 from anyio.abc import TaskStatus
 
-from .._fleet import ServerUnreachable, enqueue_requests, run_worker, shared_ledger
 from .._ledgers import Ledger, LedgerError, SQLiteLedger, open_ledger
 from .._ledgers._shared import DEFAULT_LEASE, EnqueueMismatch
 from ._input import read_requests
@@ -139,6 +138,7 @@ def _logging_options(p: argparse.ArgumentParser) -> None:
 
 async def submit(args: argparse.Namespace) -> int:
     """``asyncbg submit INPUT --ledger LEDGER``: enqueue; print how many lines were new."""
+    from .._fleet import enqueue_requests, shared_ledger  # the engine: imported when a command runs
     source = Path(args.input)
     try:
         parsed = read_requests(source)
@@ -184,6 +184,11 @@ async def submit(args: argparse.Namespace) -> int:
 
 async def worker(args: argparse.Namespace) -> int:
     """``asyncbg worker --ledger LEDGER``: run jobs until stopped or, if asked, idle."""
+    from .._fleet import (  # the engine: imported when a command runs
+        ServerUnreachable,
+        run_worker,
+        shared_ledger,
+    )
     from . import _metrics
     from ._notify import notify_option
 
@@ -351,6 +356,7 @@ async def _missing(ledger: Ledger, spec: str, *, hint: str = "") -> bool:
 
 async def retry(args: argparse.Namespace) -> int:
     """``asyncbg retry --ledger LEDGER [--code CODE]``: re-queue what ended unpaid."""
+    from .._fleet import shared_ledger  # the engine: imported when a command runs
     try:
         ledger = shared_ledger(args.ledger)
     except LedgerError as exc:
