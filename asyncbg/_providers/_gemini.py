@@ -172,6 +172,7 @@ class GeminiBatches(BatchApi):
     async def _call(self, what: str, request: Any) -> Any:
         from google.genai import errors
 
+        self.requests += 1
         try:
             return await request
         except errors.APIError as exc:

@@ -76,6 +76,7 @@ class OpenAIBatch(BatchApi):
 
     async def _submit(self, bucket: str, order: list[str], items: list[Any]) -> str:
         content = b"".join(items)
+        self.requests += 1
         try:
             f = await self._sdk.files.create(file=("asyncbg-batch.jsonl", content),
                                              purpose="batch")
@@ -112,6 +113,7 @@ class OpenAIBatch(BatchApi):
         return super()._no_result(batch_id, remote, cid)
 
     async def _call(self, what: str, request: Any) -> Any:
+        self.requests += 1
         try:
             return await request
         except (openai.APIStatusError, openai.APIConnectionError) as exc:
