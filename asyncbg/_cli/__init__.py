@@ -138,14 +138,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     cancel = sub.add_parser(
         "cancel", help="cancel on the server every response a journal has as live",
-        description="Cancel on the server every response still live in a run's journal, "
-                    "record each outcome there, and say what happened. Exit status 0 when "
-                    "none is left live, 1 otherwise, 2 when the journal cannot be used. The "
-                    "API key and base URL come from OPENAI_API_KEY and OPENAI_BASE_URL.")
+        description="Cancel on the server every job still live in a run's journal or a "
+                    "fleet's ledger, each on the API that runs it (a batch as a whole: its "
+                    "finished requests keep their results), record each outcome there, and "
+                    "say what happened. Exit status 0 when none is left live, 1 otherwise, 2 "
+                    "when the journal cannot be used or the server cannot be reached. Keys "
+                    "and base URLs come from each provider's variables: OPENAI_API_KEY, "
+                    "ANTHROPIC_API_KEY, GEMINI_API_KEY (or GOOGLE_API_KEY); OPENAI_BASE_URL, "
+                    "ANTHROPIC_BASE_URL, GOOGLE_GEMINI_BASE_URL.")
     cancel.add_argument("--ledger", required=True, metavar="PATH",
                         help="the run's journal (by default OUTPUT.jsonl.journal)")
     cancel.add_argument("--base-url", metavar="URL",
-                        help="API base URL (default: $OPENAI_BASE_URL, else OpenAI's)")
+                        help="API base URL (default: the provider's variable, else its own)")
     cancel.add_argument("--timeout", type=_positive, default=60.0, metavar="SECONDS",
                         help="give up waiting for the server's confirmations after this long "
                              "(default: 60)")

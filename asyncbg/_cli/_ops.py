@@ -57,6 +57,8 @@ __all__ = ["Cancelled", "cancel", "cancel_live", "emit", "open_client", "say", "
 
 #: Batches listed one per line by ``status``; more are summed up in one line.
 MAX_BATCH_LINES = 20
+#: Live background responses listed one per line by ``status``, when there are no more.
+MAX_LIVE_LINES = 10
 #: Cancels and checks in flight at once while cancelling background responses.
 CANCEL_CONCURRENCY = 32
 
@@ -140,6 +142,8 @@ def summarize(records: Sequence[Record], location: str, *,
         "live_response_ids": [r.response_id for r in live if r.response_id],
         "live_by_provider": dict(Counter(provider_of(r.response_id) or "unknown"
                                          for r in live)),
+        "live": [{"key": r.key, "response_id": r.response_id, "status": r.status}
+                 for r in live if batch_of(r.response_id) is None][:MAX_LIVE_LINES + 1],
         "batches": batches(records, now=now),
         "unconfirmed": [r.key for r in records if r.state == "sending"],
         "possible_duplicates": sum(r.resubmits for r in records),
@@ -217,6 +221,10 @@ def status_text(summary: Mapping[str, Any]) -> str:
             if len(by_api) > 1 or "openai" not in by_api else "")
     items.append(("live", f"{live} still running on the server{apis}" if live else "none"))
     text = rows(items)
+    responses = summary.get("live", [])
+    if 0 < len(responses) <= MAX_LIVE_LINES:
+        for item in responses:
+            text += f"\n  {item['response_id']}  {item['status']:<11}  {item['key']}"
     listed = summary["batches"]
     if listed:
         text += f"\nbatches     {len(listed)}"
@@ -269,6 +277,7 @@ async def status(args: argparse.Namespace) -> int:
         summary["fleet"] = fleet
     summary["notifications"] = notes
     if args.json:
+        del summary["live"]  # live_response_ids has them all
         emit(json.dumps(summary, indent=2))
         return 0
     text = status_text(summary)
@@ -555,7 +564,8 @@ def cancel_report(done: Sequence[Cancelled]) -> tuple[list[str], int]:
     stopped = sum(i.status == "cancelled" for i in done)
     unrecorded = sum(not i.recorded and i.status in ("cancelled", "completed", "failed",
                                                       "incomplete") for i in done)
-    total = (f"cancelled {stopped} of {len(done)} live jobs"
+    noun = "live jobs" if by_batch else "live responses"
+    total = (f"cancelled {stopped} of {len(done)} {noun}"
              + (f"; {left} still live (run `asyncbg cancel` again)" if left
                 else "; none is left live"))
     if unrecorded:
