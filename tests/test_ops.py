@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,9 @@ import pytest
 from openai import AsyncOpenAI
 
 import asyncbg
+from asyncbg._cli import main
+from asyncbg._fleet import shared_ledger
+from asyncbg._ledgers._base import Outcome, canonical, digest
 from asyncbg._ledgers._lock import ExclusiveLock
 from asyncbg.providers import AnthropicBatches, GeminiBatches, OpenAIBatch
 from asyncbg.testing import BatchTiming, LatencyModel
@@ -95,19 +99,32 @@ async def leave_live(name: str, fake: HttpFake, journal: str | Path, keys: list[
         await _close(target)
 
 
-async def cli(fake: HttpFake | None, *args: str,
-              only: str | None = None) -> tuple[int, str, str]:
-    """Run ``asyncbg ARGS`` in a new process; with ``only``, only that provider's key."""
-    env = {k: v for k, v in os.environ.items() if not k.endswith(("_API_KEY", "_BASE_URL"))}
-    if fake is not None:
-        root = fake.base_url.removesuffix("/v1")
-        env.update(OPENAI_BASE_URL=fake.base_url, ANTHROPIC_BASE_URL=root,
-                   GOOGLE_GEMINI_BASE_URL=root)
-        keys = [KEYS[only]] if only else sorted(set(KEYS.values()))
-        env.update(dict.fromkeys(keys, "k-test"))
-    done = await anyio.run_process([sys.executable, "-m", "asyncbg", *args], check=False,
-                                   env=env)
-    return done.returncode, done.stdout.decode(), done.stderr.decode()
+@pytest.fixture
+def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Cli:
+    """Run ``asyncbg ARGS`` as the operator would (in a thread of this process, with its own
+    event loop); with ``only``, only that provider's key is set."""
+
+    async def call(fake: HttpFake | None, *args: str,
+                   only: str | None = None) -> tuple[int, str, str]:
+        for name in list(os.environ):
+            if name.endswith(("_API_KEY", "_BASE_URL")):
+                monkeypatch.delenv(name)
+        if fake is not None:
+            root = fake.base_url.removesuffix("/v1")
+            monkeypatch.setenv("OPENAI_BASE_URL", fake.base_url)
+            monkeypatch.setenv("ANTHROPIC_BASE_URL", root)
+            monkeypatch.setenv("GOOGLE_GEMINI_BASE_URL", root)
+            for key in [KEYS[only]] if only else sorted(set(KEYS.values())):
+                monkeypatch.setenv(key, "k-test")
+        capsys.readouterr()
+        code = await anyio.to_thread.run_sync(main, list(args))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return call
+
+
+Cli = Callable[..., Awaitable[tuple[int, str, str]]]
 
 
 def journal_rows(path: Path) -> dict[str, tuple[str, str, str | None]]:
@@ -131,8 +148,9 @@ def batch_fake(http_fake: HttpFake) -> HttpFake:
 
 
 @pytest.mark.parametrize("name", ["openai-batch", "anthropic", "gemini"])
+@pytest.mark.filterwarnings("ignore:Inheritance class AiohttpClientSession:DeprecationWarning")
 async def test_cancel_cancels_each_api_s_batch_whole_and_keeps_finished_results(
-    name: str, batch_fake: HttpFake, tmp_path: Path
+    name: str, batch_fake: HttpFake, tmp_path: Path, cli: Cli
 ) -> None:
     fake = batch_fake.server
     for i in range(4):
@@ -163,7 +181,7 @@ async def test_cancel_cancels_each_api_s_batch_whole_and_keeps_finished_results(
 
 
 async def test_cancel_with_only_the_provider_s_key_says_which_key_is_missing(
-    batch_fake: HttpFake, tmp_path: Path
+    batch_fake: HttpFake, tmp_path: Path, cli: Cli
 ) -> None:
     batch_fake.server.batches.script("slow", duration=60)
     journal = tmp_path / "run.journal"
@@ -175,7 +193,7 @@ async def test_cancel_with_only_the_provider_s_key_says_which_key_is_missing(
 
 
 async def test_cancel_against_an_unreachable_server_says_so_at_once_and_records_nothing(
-    http_fake: HttpFake, tmp_path: Path
+    http_fake: HttpFake, tmp_path: Path, cli: Cli
 ) -> None:
     http_fake.server.latency = LatencyModel.fixed(60)
     journal = tmp_path / "run.journal"
@@ -209,15 +227,36 @@ class socket_closed:
         return None
 
 
+async def seed_live(fake: HttpFake, spec: str, n: int) -> None:
+    """``n`` live background responses on the fake, recorded in the shared ledger ``spec``
+    as a worker records them (then its leases handed back, as a stopped worker does)."""
+    client = AsyncOpenAI(api_key="sk-test", base_url=fake.base_url, max_retries=0)
+    ledger = shared_ledger(spec)
+    await ledger.open()
+    try:
+        for i in range(n):
+            request = {"model": "gpt-5", "input": f"q{i}", "background": True}
+            await ledger.claim(f"r{i}", digest(request), canonical(request))
+            await ledger.sending(f"r{i}", resubmit=False)
+            response = await client.responses.create(**request)  # type: ignore[call-overload]
+            await ledger.record(f"r{i}", Outcome(response.status or "queued",
+                                                 response_id=response.id))
+        await ledger.release([f"r{i}" for i in range(n)])
+    finally:
+        await ledger.close()
+        await client.close()
+
+
 @pytest.mark.parametrize("kind", ["sqlite", "postgres"])
 async def test_cancel_on_a_shared_ledger_cancels_and_records_every_live_response(
-    kind: str, http_fake: HttpFake, tmp_path: Path, request: pytest.FixtureRequest
+    kind: str, http_fake: HttpFake, tmp_path: Path, request: pytest.FixtureRequest,
+    cli: Cli,
 ) -> None:
     http_fake.server.latency = LatencyModel.fixed(60)
-    n = 150  # more than any batch size inside the engine (64 requests, 100 claims)
+    n = 80  # more than any batch size inside the engine (64 requests in flight)
     ledger = (str(tmp_path / "fleet.db") if kind == "sqlite"
               else request.getfixturevalue("pg_dsn"))
-    await leave_live("openai", http_fake, ledger, [f"r{i}" for i in range(n)])
+    await seed_live(http_fake, ledger, n)
     code, out, err = await cli(http_fake, "cancel", "--ledger", ledger, only="openai")
     assert code == 0, out + err
     assert f"cancelled {n} of {n} live responses; none is left live" in out
@@ -232,7 +271,7 @@ async def test_cancel_on_a_shared_ledger_cancels_and_records_every_live_response
 
 
 async def test_status_names_the_run_that_holds_the_journal(
-    http_fake: HttpFake, tmp_path: Path
+    http_fake: HttpFake, tmp_path: Path, cli: Cli
 ) -> None:
     http_fake.server.latency = LatencyModel.fixed(60)
     journal = tmp_path / "run.journal"
@@ -250,7 +289,7 @@ async def test_status_names_the_run_that_holds_the_journal(
 
 
 async def test_status_many_live_responses_are_summed_up_not_listed(
-    http_fake: HttpFake, tmp_path: Path
+    http_fake: HttpFake, tmp_path: Path, cli: Cli
 ) -> None:
     http_fake.server.latency = LatencyModel.fixed(60)
     journal = tmp_path / "run.journal"
