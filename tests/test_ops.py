@@ -219,7 +219,7 @@ class socket_closed:
 
         s = socket.socket()
         s.bind(("127.0.0.1", 0))
-        self.port: int = s.getsockname()[1]
+        self.port = int(s.getsockname()[1])
         s.close()
         return self.port
 
