@@ -101,7 +101,7 @@ class AnthropicBatches(BatchApi):
         import anthropic
 
         results: dict[str, Result] = {}
-        self.requests += 1
+        self.requests += 2  # the SDK retrieves the batch for its results_url, then reads it
         try:
             async with self._sdk.messages.batches.with_streaming_response.results(
                     batch_id) as answer:

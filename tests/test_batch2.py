@@ -1,0 +1,148 @@
+"""The batch providers, second pass: a linear re-attach, whole-batch cancels, a lost batch
+confirmed before it fails, usage in each provider's terms and in one shape, and the requests
+the server counted. Each through its official SDK, against the in-process fake."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from anthropic.types import Usage
+from google.genai import types as genai_types
+from openai.types.responses import ResponseUsage
+
+import asyncbg
+from asyncbg import JobStatus
+from asyncbg._providers._kinds import batch_of, provider_of
+from asyncbg._providers._usage import tokens_of, usage_of
+from asyncbg.testing import FakeResponsesServer
+
+from . import test_providers
+from .test_providers import BATCHING, Api, Boom
+
+#: The fixtures of the first pass: each provider through its SDK, and the fake behind it.
+api = test_providers.api
+server = test_providers.server
+
+pytestmark = pytest.mark.asyncio
+
+
+async def _leave_live(api: Api, journal: Path, keys: list[str], **kw: Any) -> list[str]:
+    """Submit ``keys`` with ``journal`` and leave their batches running, never polled (the
+    process ended before its first poll); their response ids."""
+    options = {**BATCHING, "poll_policy": asyncbg.PollPolicy(first_poll=60, min_interval=60,
+                                                                  max_interval=60)}
+    with pytest.raises(Boom):
+        async with asyncbg.BackgroundManager(api.provider(**kw), journal=journal,
+                                             cancel_on_exit=False, **options) as mgr:
+            jobs = [await mgr.submit(key=k, **api.request(k)) for k in keys]
+            for job in jobs:
+                await job.wait_accepted()
+            ids = [str(job.response_id) for job in jobs]
+            raise Boom
+    return ids
+
+
+async def test_a_re_attach_downloads_each_batch_s_results_once_however_jobs_arrive(
+    api: Api, server: FakeResponsesServer, tmp_path: Path
+) -> None:
+    journal = tmp_path / "run.journal"
+    keys = [f"k{i}" for i in range(300)]
+    ids = await _leave_live(api, journal, keys, max_batch_size=100, batch_delay=5.0)
+    batches = {batch_of(rid) for rid in ids}
+    assert len(batches) == 3 and server.counters.batch_creates == 3
+    await anyio.sleep(0.3)  # every batch has ended on the server
+    server.counters.reset()
+    provider = api.provider()
+    async with asyncbg.BackgroundManager(provider, journal=journal, **BATCHING) as mgr:
+        first = []
+        for k in keys[:40]:  # one by one: each job ends before the next arrives
+            job = await mgr.submit(key=k, **api.request(k))
+            await job.wait()
+            first.append(job)
+        rest = [await mgr.submit(key=k, **api.request(k)) for k in keys[40:]]
+        await mgr.wait_all(rest)
+    c = server.counters
+    assert all(j.status is JobStatus.COMPLETED for j in [*first, *rest])
+    assert c.batch_creates == 0
+    assert c.result_fetches == 3  # one download per batch, not one per job
+    assert c.batch_polls <= 3 * 3  # a batch is polled once per window, not once per job
+    # What the server counted: Gemini's inlined results come with the poll of an ended batch.
+    downloads = 0 if api.name == "gemini" else c.result_fetches
+    assert provider.requests == c.batch_polls + downloads
+
+
+async def test_a_job_asking_again_after_its_answer_still_gets_its_result(
+    api: Api, server: FakeResponsesServer
+) -> None:
+    provider = api.provider()
+    async with asyncbg.BackgroundManager(provider, **BATCHING) as mgr:
+        job = await mgr.submit(key="a", **api.request("a"))
+        await job.wait()
+    assert job.status is JobStatus.COMPLETED and job.response_id is not None
+    again = await provider.fetch(job.response_id)  # a push after the poll, say
+    assert again.status is JobStatus.COMPLETED and again.body == job.body
+
+
+async def test_cancel_many_cancels_a_batch_with_one_request_and_keeps_what_finished(
+    api: Api, server: FakeResponsesServer
+) -> None:
+    for i in range(3):
+        server.batches.script(f"slow{i}", duration=60)
+    provider = api.provider()
+    async with asyncbg.BackgroundManager(provider, **BATCHING) as mgr:
+        jobs = [await mgr.submit(key=k, **api.request(k))
+                for k in ("quick", "slow0", "slow1", "slow2")]
+        for job in jobs:
+            await job.wait_accepted()
+        await anyio.sleep(0.3)  # "quick" has finished; the batch has not
+        ids = [str(j.response_id) for j in jobs]
+        answers = await provider.cancel_many(ids)
+        assert {a.status for a in answers} == {JobStatus.IN_PROGRESS}  # until checks say
+        assert server.counters.batch_cancels == 1
+        await mgr.wait_all(jobs)
+    assert jobs[0].status is JobStatus.COMPLETED  # finished before the cancel: kept
+    assert {j.status for j in jobs[1:]} == {JobStatus.CANCELLED}
+    assert all("locally" not in (j.error or "") for j in jobs[1:])
+    assert server.counters.batch_cancels == 1
+
+
+async def test_a_batch_is_lost_only_when_a_later_check_confirms_the_404(
+    api: Api, server: FakeResponsesServer
+) -> None:
+    server.batches.script("gone", duration=5.0)
+    async with asyncbg.BackgroundManager(api.provider(), **BATCHING) as mgr:
+        job = await mgr.submit(key="gone", **api.request("gone"))
+        await job.wait_accepted()
+        polls = server.counters.batch_polls
+        server.restart(keep_state=False)
+        t0 = anyio.current_time()
+        await job.wait()
+    assert job.status is JobStatus.FAILED and job.error_code == "response_lost"
+    assert anyio.current_time() - t0 >= 2.0  # not on the first 404
+    assert server.counters.batch_polls >= polls  # restarted counters: polled again meanwhile
+
+
+async def test_usage_is_the_provider_s_own_and_tokens_one_shape(api: Api) -> None:
+    async with asyncbg.BackgroundManager(api.provider(), **BATCHING) as mgr:
+        job = await mgr.submit(key="u", **api.request("u"))
+        await job.wait()
+    result = await job.result()
+    usage = usage_of(result)
+    expected = {"openai-batch": ResponseUsage, "anthropic": Usage,
+                "gemini": genai_types.GenerateContentResponseUsageMetadata}[api.name]
+    assert isinstance(usage, expected) or (isinstance(usage, dict) and usage)
+    tokens = tokens_of(job.body)
+    assert tokens is not None and tokens.input > 0 and tokens.output > 0
+    assert tokens_of(b"not json") is None and tokens_of(None) is None
+
+
+async def test_the_provider_and_batch_of_a_recorded_id() -> None:
+    assert provider_of("resp_abc") == "openai" and batch_of("resp_abc") is None
+    assert provider_of("batch_1#k") == "openai-batch" and batch_of("batch_1#k") == "batch_1"
+    assert provider_of("msgbatch_01x#k#2") == "anthropic"
+    assert batch_of("msgbatch_01x#k#2") == "msgbatch_01x#k"  # rpartition: the key may hold #
+    assert provider_of("batches/abc#k") == "gemini"
+    assert provider_of("weird_1#k") is None and provider_of(None) is None
