@@ -18,6 +18,7 @@ from asyncbg import JobStatus
 from asyncbg._providers._kinds import batch_of, provider_of
 from asyncbg._providers._usage import tokens_of, usage_of
 from asyncbg.testing import FakeResponsesServer
+from asyncbg.testing._webhooks import new_secret, signed_delivery
 
 from . import test_providers
 from .test_providers import BATCHING, Api, Boom
@@ -146,3 +147,37 @@ async def test_the_provider_and_batch_of_a_recorded_id() -> None:
     assert batch_of("msgbatch_01x#k#2") == "msgbatch_01x#k"  # rpartition: the key may hold #
     assert provider_of("batches/abc#k") == "gemini"
     assert provider_of("weird_1#k") is None and provider_of(None) is None
+
+
+async def test_a_batch_event_wakes_its_jobs_with_no_poll_before_it(
+    api: Api, server: FakeResponsesServer
+) -> None:
+    secret = new_secret()
+    provider = api.provider()
+    kind = {"openai-batch": "batch.completed", "gemini": "batch.succeeded"}.get(api.name)
+    async with asyncbg.BackgroundManager(provider, poll_policy=asyncbg.PollPolicy.safety_net(),
+                                         max_concurrency=100) as mgr:
+        jobs = [await mgr.submit(key=f"w{i}", **api.request(f"w{i}")) for i in range(5)]
+        for job in jobs:
+            await job.wait_accepted()
+        batch_id = batch_of(jobs[0].response_id)
+        assert batch_id is not None
+        body, headers = signed_delivery(secret, kind or "batch.completed", batch_id)
+        if kind is None:  # Anthropic sends no webhooks: a delivery is refused, polls go on
+            with pytest.raises(ValueError, match="no webhooks"):
+                provider.verify_webhook(body, headers, secret)
+            await mgr.cancel_all()
+            return
+        await anyio.sleep(0.3)  # the batch has ended on the fake
+        assert server.counters.batch_polls == 0  # nothing polled it: the safety net is slow
+        with pytest.raises(ValueError):
+            provider.verify_webhook(body, headers, new_secret())  # forged
+        event = provider.verify_webhook(body, headers, secret)
+        assert event.terminal and event.batch_id == batch_id and event.response_id is None
+        assert set(event.response_ids) == {j.response_id for j in jobs}
+        for rid in event.response_ids:  # what the manager's inbox does with a batch event
+            mgr._scheduler.wake(rid)
+        with anyio.fail_after(10):
+            await mgr.wait_all(jobs)
+    assert all(j.status is JobStatus.COMPLETED for j in jobs)
+    assert server.counters.batch_polls == 1  # one poll, after the event, for all of them

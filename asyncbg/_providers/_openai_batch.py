@@ -25,6 +25,9 @@ __all__ = ["OpenAIBatch"]
 
 ENDPOINT = "/v1/responses"
 _ENDED = frozenset({"completed", "failed", "expired", "cancelled"})
+#: OpenAI's batch webhook events: each says the batch has ended.
+_BATCH_EVENTS = frozenset({"batch.completed", "batch.failed", "batch.expired",
+                           "batch.cancelled"})
 _NOT_RUN = {"batch_cancelled": JobStatus.CANCELLED, "batch_expired": JobStatus.FAILED}
 
 
@@ -111,6 +114,22 @@ class OpenAIBatch(BatchApi):
         if remote.raw_status == "failed":  # met again after a re-attach: lines unknown here
             return _whole(remote.handle)
         return super()._no_result(batch_id, remote, cid)
+
+    @property
+    def webhook_secret(self) -> str | None:
+        """The client's (``OPENAI_WEBHOOK_SECRET``), for ``BackgroundManager(webhooks=True)``."""
+        return self.client.webhook_secret
+
+    def _unwrap(self, body: bytes, headers: Mapping[str, str],
+                secret: str | None) -> tuple[str, str | None, bool]:
+        # The SDK verifies (signature, 300 s tolerance) and parses the event.
+        event = self.client.webhooks.unwrap(body, dict(headers), secret=secret)
+        event_type = str(getattr(event, "type", ""))
+        batch_id = getattr(getattr(event, "data", None), "id", None)
+        if not event_type.startswith("batch."):
+            return event_type, None, False
+        return event_type, batch_id if isinstance(batch_id, str) else None, (
+            event_type in _BATCH_EVENTS)
 
     async def _call(self, what: str, request: Any) -> Any:
         self.requests += 1
