@@ -16,7 +16,7 @@ from openai.types.responses import ResponseUsage
 import asyncbg
 from asyncbg import JobStatus
 from asyncbg._providers._kinds import batch_of, provider_of
-from asyncbg._providers._usage import tokens_of, usage_of
+from asyncbg.providers import tokens_of, usage_of
 from asyncbg.testing import FakeResponsesServer
 from asyncbg.testing._webhooks import new_secret, signed_delivery
 
