@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import openai
 import pytest
 from anthropic.types import Usage
 from google.genai import types as genai_types
@@ -16,8 +17,8 @@ from openai.types.responses import ResponseUsage
 import asyncbg
 from asyncbg import JobStatus
 from asyncbg._providers._kinds import batch_of, provider_of
-from asyncbg.providers import tokens_of, usage_of
-from asyncbg.testing import FakeResponsesServer
+from asyncbg.providers import OpenAIBatch, tokens_of, usage_of
+from asyncbg.testing import FakeResponsesServer, fake_client
 from asyncbg.testing._webhooks import new_secret, signed_delivery
 
 from . import test_providers
@@ -181,3 +182,30 @@ async def test_a_batch_event_wakes_its_jobs_with_no_poll_before_it(
             await mgr.wait_all(jobs)
     assert all(j.status is JobStatus.COMPLETED for j in jobs)
     assert server.counters.batch_polls == 1  # one poll, after the event, for all of them
+
+
+@pytest.mark.parametrize("keep", [False, True])
+async def test_openai_batch_files_are_deleted_once_every_result_is_handed_out(
+    keep: bool, server: FakeResponsesServer
+) -> None:
+    client = fake_client(server)
+    try:
+        provider = OpenAIBatch(client, batch_delay=0.05, keep_files=keep)
+        async with asyncbg.BackgroundManager(provider, **BATCHING) as mgr:
+            jobs = [await mgr.submit(key=f"f{i}", model="gpt-5", input=f"q{i}")
+                    for i in range(3)]
+            await mgr.wait_all(jobs)
+        batch = await client.batches.retrieve(str(batch_of(jobs[0].response_id)))
+        files = [f for f in (batch.input_file_id, batch.output_file_id) if f]
+        assert len(files) == 2
+        deleted = await provider.delete_files()
+        assert deleted == (0 if keep else 2)
+        for file_id in files:
+            if keep:
+                await client.files.retrieve(file_id)  # still there
+            else:
+                with pytest.raises(openai.NotFoundError):
+                    await client.files.retrieve(file_id)
+        assert await provider.delete_files() == 0  # once
+    finally:
+        await client.close()

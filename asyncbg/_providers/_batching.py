@@ -142,6 +142,8 @@ class BatchApi:
         self._open: dict[str, _Group] = {}
         self._batches: dict[str, _Batch] = {}
         self._swept: float | None = None  # when idle results were last looked for
+        #: Ended batches whose every result was handed out: their files may go.
+        self._spent: list[str] = []
         #: HTTP requests sent to the API (uploads, creates, polls, downloads, cancels): what
         #: the server counts, where the manager counts jobs.
         self.requests = 0
@@ -429,6 +431,16 @@ class BatchApi:
             b.results.pop(cid, None)
         if b.spent() and self._batches.get(b.id) is b:
             del self._batches[b.id]  # nothing left to answer
+            if b.results is not None:
+                self._spent.append(b.id)
+
+    async def delete_files(self) -> int:
+        """Delete the API's files of the batches whose every result was handed out (OpenAI's
+        input, output and error files); how many were deleted. Call it once the results are
+        in the journal: a rerun that finds a job unrecorded downloads its result again, from
+        these files. A no-op for APIs without files, and for ``keep_files=True``."""
+        spent, self._spent = self._spent, []
+        return await self._delete_files(spent)
 
     def _sweep(self) -> None:
         """Free ended batches whose results nobody asked for in :data:`KEEP_IDLE` seconds
@@ -478,6 +490,10 @@ class BatchApi:
     async def _cancel_batch(self, batch_id: str) -> Remote | None:
         """Ask the server to cancel a batch; where it stands, if the answer says."""
         raise NotImplementedError
+
+    async def _delete_files(self, batch_ids: list[str]) -> int:
+        """Delete the files of ``batch_ids`` (see :meth:`delete_files`)."""
+        return 0
 
     def _unwrap(self, body: bytes, headers: Mapping[str, str],
                 secret: str | None) -> tuple[str, str | None, bool]:
