@@ -111,22 +111,6 @@ async def test_cancel_many_cancels_a_batch_with_one_request_and_keeps_what_finis
     assert server.counters.batch_cancels == 1
 
 
-async def test_a_batch_is_lost_only_when_a_later_check_confirms_the_404(
-    api: Api, server: FakeResponsesServer
-) -> None:
-    server.batches.script("gone", duration=5.0)
-    async with asyncbg.BackgroundManager(api.provider(), **BATCHING) as mgr:
-        job = await mgr.submit(key="gone", **api.request("gone"))
-        await job.wait_accepted()
-        polls = server.counters.batch_polls
-        server.restart(keep_state=False)
-        t0 = anyio.current_time()
-        await job.wait()
-    assert job.status is JobStatus.FAILED and job.error_code == "response_lost"
-    assert anyio.current_time() - t0 >= 2.0  # not on the first 404
-    assert server.counters.batch_polls >= polls  # restarted counters: polled again meanwhile
-
-
 async def test_usage_is_the_provider_s_own_and_tokens_one_shape(api: Api) -> None:
     async with asyncbg.BackgroundManager(api.provider(), **BATCHING) as mgr:
         job = await mgr.submit(key="u", **api.request("u"))
