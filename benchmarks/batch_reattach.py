@@ -16,27 +16,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import anyio
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import quiet_logs  # noqa: F401 - sets sys.path for asyncbg
+import anyio  # noqa: E402
 
-import asyncbg
-from asyncbg.providers import AnthropicBatches, GeminiBatches, OpenAIBatch
-from asyncbg.testing import (
-    BatchTiming,
-    FakeResponsesServer,
-    LatencyModel,
-    fake_anthropic_client,
-    fake_client,
-    fake_genai_client,
-)
+import asyncbg  # noqa: E402
+from asyncbg import testing  # noqa: E402
+from asyncbg.providers import AnthropicBatches, GeminiBatches, OpenAIBatch  # noqa: E402
+from asyncbg.testing import FakeResponsesServer  # noqa: E402
 
-#: Polling as a real re-attach would start it (the default policy), and retries as usual.
+#: The first process leaves before its first poll.
 NEVER = asyncbg.PollPolicy(first_poll=3600, min_interval=3600, max_interval=3600)
 
 
@@ -56,12 +52,12 @@ def _request(provider: str, key: str) -> dict[str, Any]:
 def _provider(name: str, server: FakeResponsesServer, batch_size: int) -> tuple[Any, Any]:
     """(provider, client to close) for ``name`` on the in-process fake."""
     if name == "openai-batch":
-        client: Any = fake_client(server)
+        client: Any = testing.fake_client(server)
         return OpenAIBatch(client, max_batch_size=batch_size, batch_delay=30), client
     if name == "anthropic":
-        client = fake_anthropic_client(server)
+        client = testing.fake_anthropic_client(server)
         return AnthropicBatches(client, max_batch_size=batch_size, batch_delay=30), client
-    client = fake_genai_client(server)
+    client = testing.fake_genai_client(server)
     return GeminiBatches(client, max_batch_size=batch_size, batch_delay=30), client
 
 
@@ -71,9 +67,9 @@ async def _close(client: Any) -> None:
 
 
 async def measure(*, jobs: int, batch_size: int, provider: str) -> dict[str, Any]:
-    quiet_logs()
-    server = FakeResponsesServer(latency=LatencyModel.fixed(0.2))
-    server.batches.timing = BatchTiming(validating=0.01, finalizing=0.01, cancelling=0.01)
+    logging.getLogger("asyncbg").setLevel(logging.ERROR)
+    server = FakeResponsesServer(latency=testing.LatencyModel.fixed(0.2))
+    server.batches.timing = testing.BatchTiming(validating=0.01, finalizing=0.01, cancelling=0.01)
     keys = [f"k{i}" for i in range(jobs)]
     with tempfile.TemporaryDirectory() as tmp:
         journal = Path(tmp) / "run.journal"
