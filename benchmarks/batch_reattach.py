@@ -25,12 +25,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import anyio  # noqa: E402
+import anyio
 
-import asyncbg  # noqa: E402
-from asyncbg import testing  # noqa: E402
-from asyncbg.providers import AnthropicBatches, GeminiBatches, OpenAIBatch  # noqa: E402
-from asyncbg.testing import FakeResponsesServer  # noqa: E402
+import asyncbg
+from asyncbg import testing
+from asyncbg.providers import AnthropicBatches, GeminiBatches, OpenAIBatch
+from asyncbg.testing import FakeResponsesServer
 
 #: The first process leaves before its first poll.
 NEVER = asyncbg.PollPolicy(first_poll=3600, min_interval=3600, max_interval=3600)
