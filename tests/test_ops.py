@@ -317,3 +317,43 @@ async def test_status_and_cancel_end_quietly_on_a_closed_pipe(tmp_path: Path) ->
     assert done.returncode == 0
     assert b"Traceback" not in done.stderr and b"BrokenPipe" not in done.stderr
 
+
+
+# -- estimate --------------------------------------------------------------------------------
+
+
+def _estimate_lines(provider: str) -> list[dict[str, Any]]:
+    text = "x" * 400  # 100 tokens at 4 characters a token
+    if provider == "openai":
+        return [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/responses",
+                 "body": {"model": "gpt-5", "input": text, "max_output_tokens": 1000}}
+                for i in range(3)]
+    return [{"custom_id": f"r{i}", "params": {
+        "model": "claude-sonnet-4-5", "max_tokens": 1000,
+        "messages": [{"role": "user", "content": text}]}} for i in range(3)]
+
+
+@pytest.mark.parametrize(("provider", "vendor", "model"), [
+    ("openai", "openai", "gpt-5"), ("anthropic", "anthropic", "claude-sonnet-4-5")])
+async def test_estimate_prices_each_way_as_genai_prices_does_and_sends_nothing(
+    provider: str, vendor: str, model: str, tmp_path: Path, cli: Cli
+) -> None:
+    from genai_prices import Usage, calc_price
+
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in _estimate_lines(provider)))
+    code, out, err = await cli(None, "estimate", str(path), "--provider", provider, "--json")
+    assert code == 0, err
+    got = json.loads(out)["models"][model]
+    assert got["requests"] == 3 and got["output_tokens"] == 3000
+    assert 300 <= got["input_tokens"] <= 330  # the text, give or take the role's characters
+    one = calc_price(Usage(input_tokens=got["input_tokens"] // 3, output_tokens=1000),
+                     model_ref=model, provider_id=vendor).total_price
+    assert got["dollars"]["background"] == pytest.approx(3 * float(one), rel=0.02)
+    assert got["dollars"]["batch"] == pytest.approx(got["dollars"]["background"] / 2, rel=0.02)
+    if provider == "openai":
+        assert got["dollars"]["flex"] == pytest.approx(got["dollars"]["batch"], rel=0.02)
+    else:
+        assert got["dollars"]["flex"] is None  # no flex tier outside OpenAI
+    code, out, err = await cli(None, "estimate", str(path), "--provider", provider)
+    assert code == 0 and "batch $" in out and "Nothing was sent." in out and not err

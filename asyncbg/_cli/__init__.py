@@ -136,6 +136,22 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true",
                         help="print one JSON object (by_status, live_response_ids, tokens, ...)")
 
+    estimate = sub.add_parser(
+        "estimate", help="what a batch file would cost: background, flex or batch",
+        description="For each model in a batch file: requests, input tokens (tiktoken where "
+                    "it is installed and knows the model, else about 4 characters a token), "
+                    "output tokens (each request's limit, else a stated default) and the "
+                    "dollars of each way of running them (background, flex, batch), from the "
+                    "genai-prices dataset. Sends nothing and needs no API key.")
+    estimate.add_argument("input", metavar="INPUT.jsonl",
+                          help="a batch file, in the format of --provider")
+    estimate.add_argument("--provider", default="openai",
+                          choices=("openai", "openai-batch", "anthropic", "gemini"),
+                          help="the file's format, as for `asyncbg run` (default: openai)")
+    estimate.add_argument("--model", metavar="NAME",
+                          help="gemini: the model for lines whose request names none")
+    estimate.add_argument("--json", action="store_true", help="print one JSON object")
+
     cancel = sub.add_parser(
         "cancel", help="cancel on the server every response a journal has as live",
         description="Cancel on the server every job still live in a run's journal or a "
@@ -192,6 +208,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ._ops import status
 
         return anyio.run(status, args)
+    if args.command == "estimate":
+        from ._estimate import estimate
+
+        return estimate(args)
     configure_logging(level=args.log_level, json=args.log_json)
     if args.command in _fleet.COMMANDS:
         return anyio.run(_fleet.COMMANDS[args.command], args)
