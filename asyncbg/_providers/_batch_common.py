@@ -15,12 +15,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 import httpx2
 
-from .._http import RequestError, Transient, Unreachable, classify_status
+from .._http import NotFound, RequestError, Transient, Unreachable, classify_status
 from .._status import JobStatus
 
-__all__ = ["Remote", "Result", "plain", "sdk_error", "status_body", "verify_standard_webhook"]
+__all__ = ["Remote", "Result", "confirm_lost", "plain", "sdk_error", "status_body",
+           "verify_standard_webhook"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +50,23 @@ class Remote:
     total: int | None = None
     #: What the API module needs to read the results (file ids, inlined responses...).
     handle: Any = None
+
+
+#: Seconds between the first 404 for a job and the one that confirms it lost (a stale replica
+#: behind a load balancer, or an id just created elsewhere, answers 404 once).
+CONFIRM_LOST = 2.0
+
+
+def confirm_lost(missing: dict[str, float], key: str, exc: NotFound) -> RequestError:
+    """The error a 404 for ``key`` stands for: ``exc`` once a 404 came ``CONFIRM_LOST``
+    seconds or more earlier, else a retryable error (the scheduler checks again)."""
+    now = anyio.current_time()
+    first = missing.setdefault(key, now)
+    if now - first >= CONFIRM_LOST:
+        missing.pop(key, None)
+        return exc
+    return Transient(f"{exc.message} (a 404: checking again before calling it lost)",
+                     http_status=404)
 
 
 def status_body(rid: str, batch_id: str, cid: str, status: str) -> bytes:

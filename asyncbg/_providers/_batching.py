@@ -42,7 +42,7 @@ from .._http import NotFound, Rejected, RequestError, Transient
 from .._policies import PollPolicy
 from .._status import JobStatus
 from ._base import Answer, WebhookEvent
-from ._batch_common import Remote, Result, plain, status_body
+from ._batch_common import Remote, Result, confirm_lost, plain, status_body
 
 __all__ = ["BatchApi"]
 
@@ -56,9 +56,6 @@ MAX_FRESH = 30.0
 #: that have not asked yet (a re-attach brings them one by one); a job asking later still gets
 #: its result, by a new download.
 KEEP_IDLE = 600.0
-#: Seconds between a batch's first 404 and the one that confirms it lost (a load balancer's
-#: stale replica, or a batch just created elsewhere, answers 404 once).
-CONFIRM_LOST = 2.0
 
 
 class _Group:
@@ -83,7 +80,7 @@ class _Batch:
     """What is known of one remote batch: its jobs, its last poll, its results."""
 
     __slots__ = ("complete", "dropped", "handed", "id", "inflight", "live", "lost", "members",
-                 "missing", "order", "polled_at", "remote", "results", "seen", "used")
+                 "order", "polled_at", "remote", "results", "seen", "used")
 
     def __init__(self, batch_id: str, order: list[str] | None) -> None:
         self.id = batch_id
@@ -100,8 +97,6 @@ class _Batch:
         self.seen = self.polled_at = self.used = anyio.current_time()
         self.inflight: anyio.Event | None = None
         self.lost: NotFound | None = None
-        #: When a poll first answered 404: lost only once a later poll confirms it.
-        self.missing: float | None = None
 
     def fresh_for(self, now: float) -> float:
         return min(max(FRESH_SHARE * (now - self.seen), MIN_FRESH), MAX_FRESH)
@@ -144,6 +139,8 @@ class BatchApi:
         self._swept: float | None = None  # when idle results were last looked for
         #: Ended batches whose every result was handed out: their files may go.
         self._spent: list[str] = []
+        #: batch id -> when a poll first answered 404 (see ``confirm_lost``)
+        self._missing: dict[str, float] = {}
         #: HTTP requests sent to the API (uploads, creates, polls, downloads, cancels): what
         #: the server counts, where the manager counts jobs.
         self.requests = 0
@@ -408,14 +405,13 @@ class BatchApi:
                 for cid in b.dropped:
                     b.results.pop(cid, None)
         except NotFound as exc:
-            if b.missing is None or now - b.missing < CONFIRM_LOST:
-                b.missing = now if b.missing is None else b.missing
-                raise Transient(f"{exc.message} (a 404: checking again before calling the "
-                                "batch lost)", http_status=404) from exc
-            b.lost = exc
-            raise
+            error = confirm_lost(self._missing, b.id, exc)  # lost once a later poll agrees
+            if error is exc:
+                b.lost = exc
+            raise error from exc
         else:
-            b.missing = None
+            if self._missing:
+                self._missing.pop(b.id, None)
         finally:
             b.inflight = None
             done.set()

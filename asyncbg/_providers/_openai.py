@@ -24,6 +24,7 @@ from openai.types.responses import Response
 from .. import _log
 from .._http import (
     BadAnswer,
+    NotFound,
     RequestError,
     Transient,
     Unreachable,
@@ -33,6 +34,7 @@ from .._http import (
 from .._policies import PollPolicy, parse_poll_after
 from .._status import JobStatus
 from ._base import Answer, WebhookEvent
+from ._batch_common import confirm_lost
 from ._lean import LeanConnectError, LeanError, read_status
 from ._sse import iter_events
 
@@ -60,6 +62,8 @@ class OpenAIResponses:
         self._raw = plain.responses.with_raw_response
         self._lean_polls = lean_polls
         self._lean: Any = None  # a LeanPoller once made; False when the client can't be mirrored
+        #: response id -> when a check first answered 404 (lost only once a later one agrees)
+        self._missing: dict[str, float] = {}
 
     @property
     def base_url(self) -> str:
@@ -102,6 +106,15 @@ class OpenAIResponses:
         return answer if limits is None else replace(answer, limits=limits)
 
     async def check(self, response_id: str) -> Answer:
+        try:
+            answer = await self._check(response_id)
+        except NotFound as exc:
+            raise confirm_lost(self._missing, response_id, exc) from exc
+        if self._missing:
+            self._missing.pop(response_id, None)
+        return answer
+
+    async def _check(self, response_id: str) -> Answer:
         lean = self._lean_poller()
         if lean is None:
             return await self.fetch(response_id)
@@ -122,7 +135,10 @@ class OpenAIResponses:
         try:
             raw = await self._raw.retrieve(response_id)
         except openai.APIStatusError as exc:
-            raise self._status_error(exc, "retrieve") from exc
+            error = self._status_error(exc, "retrieve")
+            if isinstance(error, NotFound):
+                error = confirm_lost(self._missing, response_id, error)
+            raise error from exc
         except openai.APIConnectionError as exc:
             raise self._connection_error(exc, "retrieve") from exc
         return self._answer(raw.http_response)
