@@ -1,10 +1,11 @@
-"""The command line: ``asyncbg run``, ``status``, ``cancel``, ``demo`` and ``fake-server``.
+"""The command line: ``asyncbg run``, ``status``, ``cancel``, ``estimate``, ``demo`` and
+``fake-server``.
 
 One module per verb: ``_run`` (a Batch API file, with ``_input`` reading it, ``_output`` the
 output view of the journal and ``_signals`` the interrupts), ``_ops`` (``status`` and
-``cancel``), ``_demo`` (``demo`` and ``fake-server``), ``_fleet`` (``submit``, ``worker``,
-``results``), ``_notify`` (``notify``, and ``--notify``); ``_progress`` and ``_logging`` are
-shared.
+``cancel``), ``_estimate`` (``estimate``), ``_demo`` (``demo`` and ``fake-server``),
+``_fleet`` (``submit``, ``worker``, ``results``), ``_notify`` (``notify``, and ``--notify``);
+``_progress`` and ``_logging`` are shared.
 """
 
 from __future__ import annotations
