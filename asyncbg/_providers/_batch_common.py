@@ -11,9 +11,9 @@ import hashlib
 import hmac
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import httpx2
@@ -21,7 +21,7 @@ import httpx2
 from .._http import NotFound, RequestError, Transient, Unreachable, classify_status
 from .._status import JobStatus
 
-__all__ = ["Remote", "Result", "confirm_lost", "plain", "sdk_error", "status_body",
+__all__ = ["Remote", "Result", "confirmed", "plain", "sdk_error", "status_body",
            "verify_standard_webhook"]
 
 
@@ -52,21 +52,21 @@ class Remote:
     handle: Any = None
 
 
+T = TypeVar("T")
+
 #: Seconds between the first 404 for a job and the one that confirms it lost (a stale replica
 #: behind a load balancer, or an id just created elsewhere, answers 404 once).
 CONFIRM_LOST = 2.0
 
 
-def confirm_lost(missing: dict[str, float], key: str, exc: NotFound) -> RequestError:
-    """The error a 404 for ``key`` stands for: ``exc`` once a 404 came ``CONFIRM_LOST``
-    seconds or more earlier, else a retryable error (the scheduler checks again)."""
-    now = anyio.current_time()
-    first = missing.setdefault(key, now)
-    if now - first >= CONFIRM_LOST:
-        missing.pop(key, None)
-        return exc
-    return Transient(f"{exc.message} (a 404: checking again before calling it lost)",
-                     http_status=404)
+async def confirmed(call: Callable[[], Awaitable[T]]) -> T:
+    """``await call()``; a 404 is believed only when the same call, ``CONFIRM_LOST`` seconds
+    later, answers 404 again (its ``NotFound`` then propagates)."""
+    try:
+        return await call()
+    except NotFound:
+        await anyio.sleep(CONFIRM_LOST)
+        return await call()
 
 
 def status_body(rid: str, batch_id: str, cid: str, status: str) -> bytes:

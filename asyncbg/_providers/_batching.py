@@ -42,7 +42,7 @@ from .._http import NotFound, Rejected, RequestError, Transient
 from .._policies import PollPolicy
 from .._status import JobStatus
 from ._base import Answer, WebhookEvent
-from ._batch_common import Remote, Result, confirm_lost, plain, status_body
+from ._batch_common import Remote, Result, confirmed, plain, status_body
 
 __all__ = ["BatchApi"]
 
@@ -139,8 +139,6 @@ class BatchApi:
         self._swept: float | None = None  # when idle results were last looked for
         #: Ended batches whose every result was handed out: their files may go.
         self._spent: list[str] = []
-        #: batch id -> when a poll first answered 404 (see ``confirm_lost``)
-        self._missing: dict[str, float] = {}
         #: HTTP requests sent to the API (uploads, creates, polls, downloads, cancels): what
         #: the server counts, where the manager counts jobs.
         self.requests = 0
@@ -398,20 +396,15 @@ class BatchApi:
             return
         b.inflight = done = anyio.Event()
         try:
-            remote = await self._poll(b.id)
+            remote = await confirmed(lambda: self._poll(b.id))  # a 404, polled twice
             b.polled_at, b.remote = now, remote
             if remote.ended:
                 b.results = await self._results(b.id, remote, b.order if b.complete else None)
                 for cid in b.dropped:
                     b.results.pop(cid, None)
         except NotFound as exc:
-            error = confirm_lost(self._missing, b.id, exc)  # lost once a later poll agrees
-            if error is exc:
-                b.lost = exc
-            raise error from exc
-        else:
-            if self._missing:
-                self._missing.pop(b.id, None)
+            b.lost = exc
+            raise
         finally:
             b.inflight = None
             done.set()

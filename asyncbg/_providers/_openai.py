@@ -24,7 +24,6 @@ from openai.types.responses import Response
 from .. import _log
 from .._http import (
     BadAnswer,
-    NotFound,
     RequestError,
     Transient,
     Unreachable,
@@ -34,7 +33,7 @@ from .._http import (
 from .._policies import PollPolicy, parse_poll_after
 from .._status import JobStatus
 from ._base import Answer, WebhookEvent
-from ._batch_common import confirm_lost
+from ._batch_common import confirmed
 from ._lean import LeanConnectError, LeanError, read_status
 from ._sse import iter_events
 
@@ -62,8 +61,6 @@ class OpenAIResponses:
         self._raw = plain.responses.with_raw_response
         self._lean_polls = lean_polls
         self._lean: Any = None  # a LeanPoller once made; False when the client can't be mirrored
-        #: response id -> when a check first answered 404 (lost only once a later one agrees)
-        self._missing: dict[str, float] = {}
 
     @property
     def base_url(self) -> str:
@@ -106,18 +103,12 @@ class OpenAIResponses:
         return answer if limits is None else replace(answer, limits=limits)
 
     async def check(self, response_id: str) -> Answer:
-        try:
-            answer = await self._check(response_id)
-        except NotFound as exc:
-            raise confirm_lost(self._missing, response_id, exc) from exc
-        if self._missing:
-            self._missing.pop(response_id, None)
-        return answer
+        return await confirmed(lambda: self._check(response_id))  # a 404, checked twice
 
     async def _check(self, response_id: str) -> Answer:
         lean = self._lean_poller()
         if lean is None:
-            return await self.fetch(response_id)
+            return await self._fetch(response_id)
         try:
             got = await lean.get(f"responses/{response_id}")
         except LeanConnectError as exc:
@@ -125,20 +116,20 @@ class OpenAIResponses:
         except LeanError as exc:
             raise Transient(f"retrieve: {exc}", maybe_sent=True) from exc
         if 300 <= got.status < 400:
-            return await self.fetch(response_id)  # a redirect: the SDK's client follows it
+            return await self._fetch(response_id)  # a redirect: the SDK's client follows it
         if got.status >= 400:
             raise classify_status(got.status, got.headers, got.body, "retrieve")
         return self._parse(got.body, got.status, got.headers, f"responses/{response_id}",
                            poll=True)
 
     async def fetch(self, response_id: str) -> Answer:
+        return await confirmed(lambda: self._fetch(response_id))  # a 404, checked twice
+
+    async def _fetch(self, response_id: str) -> Answer:
         try:
             raw = await self._raw.retrieve(response_id)
         except openai.APIStatusError as exc:
-            error = self._status_error(exc, "retrieve")
-            if isinstance(error, NotFound):
-                error = confirm_lost(self._missing, response_id, error)
-            raise error from exc
+            raise self._status_error(exc, "retrieve") from exc
         except openai.APIConnectionError as exc:
             raise self._connection_error(exc, "retrieve") from exc
         return self._answer(raw.http_response)
