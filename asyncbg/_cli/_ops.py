@@ -428,6 +428,8 @@ async def _cancel_batch(sweep: _Sweep, provider: Any, batch_id: str,
                     answers[r.key] = await provider.check(r.response_id)
                 except Unreachable:
                     raise
+                except Rejected:  # lost (a confirmed 404) or refused: nothing more to learn
+                    return
                 except RequestError:
                     break  # the batch's poll failed: every job of it would; try again later
             if all(a.status.terminal for a in answers.values()) and len(answers) == len(records):
