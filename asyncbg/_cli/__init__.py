@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import anyio
 
+from .._providers._kinds import PROVIDER_NAMES
 from . import _fleet, _notify
 from ._logging import LEVELS, configure_logging
 
@@ -146,11 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "genai-prices dataset. Sends nothing and needs no API key.")
     estimate.add_argument("input", metavar="INPUT.jsonl",
                           help="a batch file, in the format of --provider")
-    estimate.add_argument("--provider", default="openai",
-                          choices=("openai", "openai-batch", "anthropic", "gemini"),
-                          help="the file's format, as for `asyncbg run` (default: openai)")
-    estimate.add_argument("--model", metavar="NAME",
-                          help="gemini: the model for lines whose request names none")
+    estimate.add_argument("--provider", default="openai", choices=PROVIDER_NAMES,
+                          help="the file's format and API, as for `asyncbg run`")
+    estimate.add_argument("--model", metavar="NAME", help="gemini: the model of lines whose "
+                                                          "request names none")
     estimate.add_argument("--json", action="store_true", help="print one JSON object")
 
     cancel = sub.add_parser(

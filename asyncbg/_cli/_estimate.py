@@ -181,11 +181,10 @@ def estimate(args: argparse.Namespace) -> int:
     source = Path(args.input)
     try:
         parsed = FORMATS[args.provider].read(source, args)
-    except OSError as exc:
-        say(f"cannot read {source}: {exc.strerror or exc}")
-        return 2
-    except UnicodeDecodeError as exc:
-        say(f"{source} is not UTF-8 text: {exc}")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = (f"is not UTF-8 text: {exc}" if isinstance(exc, UnicodeDecodeError)
+               else f"cannot be read: {exc.strerror or exc}")
+        say(f"{source} {why}")
         return 2
     for bad in parsed.bad:
         say(f"{source}:{bad.line}: {bad.reason}; line not counted")
