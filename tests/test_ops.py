@@ -233,14 +233,20 @@ async def seed_live(fake: HttpFake, spec: str, n: int) -> None:
     client = AsyncOpenAI(api_key="sk-test", base_url=fake.base_url, max_retries=0)
     ledger = shared_ledger(spec)
     await ledger.open()
-    try:
-        for i in range(n):
+    async def one(i: int, limiter: anyio.CapacityLimiter) -> None:
+        async with limiter:
             request = {"model": "gpt-5", "input": f"q{i}", "background": True}
             await ledger.claim(f"r{i}", digest(request), canonical(request))
             await ledger.sending(f"r{i}", resubmit=False)
             response = await client.responses.create(**request)  # type: ignore[call-overload]
             await ledger.record(f"r{i}", Outcome(response.status or "queued",
                                                  response_id=response.id))
+
+    try:
+        limiter = anyio.CapacityLimiter(8)
+        async with anyio.create_task_group() as tg:
+            for i in range(n):
+                tg.start_soon(one, i, limiter)
         await ledger.release([f"r{i}" for i in range(n)])
     finally:
         await ledger.close()
@@ -303,7 +309,7 @@ async def test_status_and_cancel_end_quietly_on_a_closed_pipe(tmp_path: Path) ->
     journal = tmp_path / "run.journal"
     ledger = asyncbg.SQLiteLedger(journal)
     await ledger.open()
-    for i in range(2000):
+    for i in range(20):
         await ledger.claim(f"k{i}", "d", b"{}")
     await ledger.close()
     reader, writer = os.pipe()
