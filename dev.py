@@ -4,6 +4,7 @@
     python3 dev.py demo    # fan out ~200 background responses against the built-in fake server
     python3 dev.py test    # ruff, mypy --strict and the test suite (with a throwaway PostgreSQL)
     python3 dev.py bench   # the benchmark harness (pass --quick for a short run)
+    python3 dev.py soak --minutes N   # the engine driven at random with faults, fresh seeds
 
 Only the standard library is used here, so it runs on a fresh clone with nothing but python3.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -85,6 +87,31 @@ def postgres_for_tests() -> Iterator[dict[str, str]]:
         yield env
 
 
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def chromium_for_tests(env: dict[str, str]) -> None:
+    """Debian's chromium for the dashboard's browser tests (Playwright drives it through
+    ``executable_path``; no browser is downloaded): installed with apt-get when missing, as
+    PostgreSQL is started. ASYNCBG_TEST_CHROMIUM=<its path>, or ASYNCBG_TEST_CHROMIUM_ERROR=<why>
+    (the browser tests then fail under CI and are skipped elsewhere)."""
+    if env.get("ASYNCBG_TEST_CHROMIUM"):
+        return
+    if not CHROMIUM.exists() and shutil.which("apt-get") and getattr(os, "geteuid", lambda: 1)() == 0:
+        print("dev.py: installing Debian's chromium for the dashboard's browser tests",
+              file=sys.stderr)
+        quiet = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        for step in (["apt-get", "update", "-qq"],
+                     ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium"]):
+            if subprocess.run(step, env=quiet, stdout=subprocess.DEVNULL).returncode:
+                break
+    if CHROMIUM.exists():
+        env["ASYNCBG_TEST_CHROMIUM"] = str(CHROMIUM)
+    else:
+        env["ASYNCBG_TEST_CHROMIUM_ERROR"] = (
+            f"no {CHROMIUM} (apt-get install chromium, as root, on Debian)")
+
+
 def _exit_on_signal(signum: int, _frame: object) -> None:
     """SIGTERM/SIGHUP unwind like Ctrl-C does, so that the server is stopped on the way out."""
     raise SystemExit(128 + signum)
@@ -92,7 +119,7 @@ def _exit_on_signal(signum: int, _frame: object) -> None:
 
 def main(argv: list[str]) -> int:
     task, *rest = argv or ["help"]
-    if task not in {"demo", "test", "bench", "lint"}:
+    if task not in {"demo", "test", "bench", "lint", "soak"}:
         print(__doc__)
         return 0 if task == "help" else 2
     ensure_venv()
@@ -100,6 +127,8 @@ def main(argv: list[str]) -> int:
         return run("-m", "asyncbg", "demo", *rest)
     if task == "bench":
         return run("benchmarks/run.py", *rest)
+    if task == "soak":
+        return run("-m", "tests.soak", *rest)
     paths = [p for p in ("asyncbg", "tests", "benchmarks") if (ROOT / p).is_dir()]
     lint = run("-m", "ruff", "check", *paths) or run(
         "-m", "mypy", "--strict", "asyncbg"
@@ -110,6 +139,7 @@ def main(argv: list[str]) -> int:
         if sig is not None:
             signal.signal(sig, _exit_on_signal)
     with postgres_for_tests() as env:
+        chromium_for_tests(env)
         return run("-m", "pytest", *rest, env=env)
 
 

@@ -5,6 +5,7 @@
         response = await job.result()
 """
 
+from ._dashboard import dashboard_app
 from ._engine._job import Job
 from ._engine._webhooks import webhook_app
 from ._errors import (
@@ -28,6 +29,7 @@ from ._ledgers import (
 )
 from ._manager import BackgroundManager, ManagerStatistics
 from ._notify._notify import Notify
+from ._otel import OpenTelemetry, serve_metrics
 from ._policies import PollPolicy, RetryPolicy
 from ._spend._pacing import RateLimit
 from ._spend._pricing import Price
@@ -36,7 +38,18 @@ from ._status import JobStatus
 #: The SQLite journal of earlier versions: ``journal="run.db"`` makes one.
 Journal = SQLiteLedger
 
-__version__ = "0.2.0"
+
+def _version() -> str:
+    """The installed distribution's version: pyproject.toml is its one source."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("asyncbg")
+    except PackageNotFoundError:  # imported from a source tree that was never installed
+        return "0+unknown"
+
+
+__version__ = _version()
 
 __all__ = [
     "AsyncbgError",
@@ -57,6 +70,7 @@ __all__ = [
     "ManagerStatistics",
     "MemoryLedger",
     "Notify",
+    "OpenTelemetry",
     "Outcome",
     "PollPolicy",
     "Price",
@@ -65,6 +79,8 @@ __all__ = [
     "RetryPolicy",
     "SQLiteLedger",
     "__version__",
+    "dashboard_app",
+    "serve_metrics",
     "webhook_app",
 ]
 

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import anyio
 
 from . import _log
+from ._engine._hooks import Hooks
 from ._engine._job import Job
 from ._errors import DuplicateKeyError, JournalMismatchError
-from ._ledgers._base import Outcome, canonical, digest
+from ._ledgers._base import LedgerUnavailable, Outcome, Record, canonical, digest
 from ._ledgers._open import open_ledger
 from ._ledgers._shared import DEFAULT_LEASE, SharedLedger
 from ._ledgers._sqlite import SQLiteLedger
@@ -29,6 +30,7 @@ from ._notify._notify import Notify
 from ._policies import PollPolicy, RetryPolicy
 
 __all__ = [
+    "AccountRefused",
     "ServerUnreachable",
     "enqueue_requests",
     "fleet_status",
@@ -47,6 +49,11 @@ _METADATA_PAIRS, _METADATA_VALUE = 16, 512
 
 class ServerUnreachable(Exception):
     """No request of this worker reached the server (a wrong base URL, say)."""
+
+
+class AccountRefused(ServerUnreachable):
+    """The server refused this worker's credentials or account (401/403, no credit): the
+    worker stops and hands its jobs back for workers whose keys work."""
 
 
 def shared_ledger(spec: str | os.PathLike[str], *, lease: float = DEFAULT_LEASE) -> SharedLedger:
@@ -103,6 +110,8 @@ async def run_worker(
     retry_policy: RetryPolicy | None = None,
     idle: float | None = None,
     notify: Notify | None = None,
+    db_patience: float = 300.0,
+    hooks: Sequence[Hooks] = (),
 ) -> int:
     """Run the jobs of ``ledger`` until ``stop`` is set (or, with ``exit_when_idle``, until
     nothing is waiting or live in it); returns 0.
@@ -117,13 +126,18 @@ async def run_worker(
     :class:`~asyncbg.LedgerError` when the ledger cannot be used. ``notify`` posts a webhook
     for every job this worker ends (and delivers what other workers left pending for its URL);
     with ``exit_when_idle`` it waits up to ``notify.wait_on_exit`` for them before returning.
+
+    A ledger that cannot be reached (a dropped connection, a database restarting) is waited out
+    with a backoff: live responses go on being polled, outcomes are written when it is back, and
+    no create is sent that could not be recorded. Only after ``db_patience`` seconds does the
+    worker give up, with :class:`~asyncbg.LedgerUnavailable`.
     """
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency!r}")
     ledger.lease = lease
     worker = _Worker(ledger, concurrency=concurrency, lease=lease, stop=stop,
                      idle=min(1.0, lease / 4) if idle is None else idle,
-                     exit_when_idle=exit_when_idle)
+                     exit_when_idle=exit_when_idle, patience=db_patience)
     await ledger.open()
     try:
         error: Exception | None = None
@@ -134,7 +148,12 @@ async def run_worker(
                     client, journal=ledger, cancel_on_exit=False,
                     max_concurrency=2 * concurrency,  # room for adopted responses (see run)
                     poll_policy=poll_policy, retry_policy=retry_policy, notify=notify,
+                    ledger_patience=db_patience, hooks=hooks,
                 ) as mgr:
+                    for hook in hooks:
+                        observe = getattr(hook, "observe", None)
+                        if observe is not None:
+                            observe(mgr)  # gauges read from statistics()
                     await worker.run(mgr)
             except _Stopped:
                 pass
@@ -160,8 +179,15 @@ class _Stopped(Exception):
 
 class _Worker:
     def __init__(self, ledger: SharedLedger, *, concurrency: int, lease: float,
-                 stop: anyio.Event, idle: float, exit_when_idle: bool) -> None:
+                 stop: anyio.Event, idle: float, exit_when_idle: bool,
+                 patience: float = 300.0) -> None:
         self.ledger = ledger
+        self.patience = patience
+        self.down_since: float | None = None
+        self.to_requeue: set[str] = set()
+        self.to_release: set[str] = set()
+        #: (message, code) once the server refused this worker's account (see _collect).
+        self.refused: tuple[str, str] | None = None
         self.exit_when_idle = exit_when_idle
         self.concurrency = concurrency
         self.lease = lease
@@ -181,28 +207,70 @@ class _Worker:
     async def run(self, mgr: BackgroundManager) -> None:
         while True:
             self.wake = anyio.Event()
-            await self._settle(mgr)
+            try:
+                await self._collect(mgr)
+            except LedgerUnavailable as exc:
+                self._ledger_down(exc)
             if self.stop.is_set():
                 raise _Stopped
-            free = self.concurrency - len(self.jobs)
-            records = []
-            if free > 0:
-                records = await self.ledger.acquire(free, self.lease)
-            elif anyio.current_time() >= self.next_adoption:
-                # Full, but a dead worker's live responses are adopted all the same: they need
-                # polls, not a slot for a create, and the server keeps a result only a while.
-                self.next_adoption = anyio.current_time() + self.idle
-                records = await self.ledger.acquire(2 * self.concurrency - len(self.jobs),
-                                                    self.lease, live_only=True)
-            for record in records:
-                await self._start(mgr, record.key, record.request)
-            if (self.exit_when_idle and not self.jobs and not records
-                    and await self.ledger.unfinished() == 0):
+            try:
+                if self.to_requeue or self.to_release:
+                    await self._collect(mgr)
+                records = await self._take_work(mgr)
+                idle = (self.exit_when_idle and not self.jobs and not records
+                        and await self.ledger.unfinished() == 0)
+            except LedgerUnavailable as exc:
+                # The database is away: what runs goes on (the engine retries its writes);
+                # nothing new is taken until it is back.
+                self._ledger_down(exc)
+                with anyio.move_on_after(min(self.idle * 4, 5.0)):
+                    await self.stop.wait()
+                continue
+            self._ledger_up()
+            if idle:
                 return  # nothing waiting or live anywhere: the manager's exit has nothing to do
             with anyio.move_on_after(self.idle):
                 await self.wake.wait()
 
+    async def _take_work(self, mgr: BackgroundManager) -> list[Record]:
+        free = self.concurrency - len(self.jobs)
+        records: list[Record] = []
+        if free > 0:
+            records = await self.ledger.acquire(free, self.lease)
+        elif anyio.current_time() >= self.next_adoption:
+            # Full, but a dead worker's live responses are adopted all the same: they need
+            # polls, not a slot for a create, and the server keeps a result only a while.
+            self.next_adoption = anyio.current_time() + self.idle
+            records = await self.ledger.acquire(2 * self.concurrency - len(self.jobs),
+                                                self.lease, live_only=True)
+        for record in records:
+            await self._start(mgr, record.key, record.request)
+        return records
+
+    def _ledger_down(self, exc: LedgerUnavailable) -> None:
+        now = anyio.current_time()
+        if self.down_since is None:
+            self.down_since = now
+            _log.warning("worker.ledger_unavailable", ledger=self.ledger.location,
+                         error=str(exc), patience=self.patience,
+                         action="running jobs go on; nothing new is taken")
+        elif now - self.down_since >= self.patience:
+            raise LedgerUnavailable(
+                f"{self.ledger.location} could not be reached for {self.patience:g} s "
+                f"({exc}); the worker stops, leaving its live responses for a later worker"
+            ) from exc
+
+    def _ledger_up(self) -> None:
+        if self.down_since is not None:
+            _log.warning("worker.ledger_available", ledger=self.ledger.location,
+                         after=round(anyio.current_time() - self.down_since, 3))
+            self.down_since = None
+
     async def _start(self, mgr: BackgroundManager, key: str, request: bytes) -> None:
+        # A key this worker ran before and took again (its lease ran out while it still ran
+        # it, say): the old handle goes; the claim decides afresh (re-attach, or serve).
+        mgr.forget(key)
+        self.jobs.pop(key, None)
         try:
             job = await mgr.submit_request(json.loads(request), key=key)
         except (JournalMismatchError, DuplicateKeyError, ValueError) as exc:
@@ -223,11 +291,14 @@ class _Worker:
         """On the way out: what ended because the server could not be reached goes back to
         waiting (nothing was paid for)."""
         held = self.ledger.held()  # unrecorded ones: their leases are released
-        keys = [key for key, job in self.jobs.items() if _unreached(job) and key not in held]
+        refused = self.refused
+        keys = [key for key, job in self.jobs.items()
+                if (_unreached(job) and key not in held) or _refused(job, refused)]
+        keys += sorted(self.to_requeue)
         if keys:
             await self.ledger.requeue(keys)
 
-    async def _settle(self, mgr: BackgroundManager) -> None:
+    async def _collect(self, mgr: BackgroundManager) -> None:
         """Forget jobs that ended or were lost. Those that ended without reaching the server
         go back to waiting, for another worker or a later run: the leases of those that
         ended unrecorded are handed back, those recorded ``local`` are requeued."""
@@ -235,24 +306,42 @@ class _Worker:
         unsent: list[str] = []
         unreached: list[str] = []
         unreachable = None
+        refused = self.refused = mgr._scheduler.refused
         for key, job in list(self.jobs.items()):
             if not job.done and key in held:
                 continue
             del self.jobs[key]
             mgr.forget(key)
-            if job.done and key in held:
+            if _refused(job, refused):
+                unreached.append(key)  # nothing was paid for: back to waiting, for others
+            elif job.done and key in held:
                 unsent.append(key)
                 if job.error_code == "connection_error":
                     unreachable = job.error  # the server was never reached: stop
             elif _unreached(job):
                 unreached.append(key)
         if unreached:
-            _log.warning("jobs.requeued", count=len(unreached), reason="server unreachable")
-            await self.ledger.requeue(unreached)
-        if unsent:
-            await self.ledger.release(unsent)
+            _log.warning("jobs.requeued", count=len(unreached),
+                         reason="server unreachable" if refused is None else "account refused")
+        # Kept until the ledger takes them (it may be away: the next round tries again).
+        self.to_requeue.update(unreached)
+        self.to_release.update(unsent)
+        if self.to_requeue:
+            await self.ledger.requeue(sorted(self.to_requeue))
+            self.to_requeue.clear()
+        if self.to_release:
+            await self.ledger.release(sorted(self.to_release))
+            self.to_release.clear()
+        if refused is not None:
+            raise AccountRefused(f"the server refused this worker's account: {refused[0]}")
         if unreachable is not None:
             raise ServerUnreachable(unreachable)
+
+
+def _refused(job: Job, refused: tuple[str, str] | None) -> bool:
+    """Ended unsent because the server refused the account: another worker may run it."""
+    return (refused is not None and job.done and job.response_id is None
+            and job.error_code == refused[1])
 
 
 def _unreached(job: Job) -> bool:

@@ -16,7 +16,9 @@ from typing import Any
 from ._policies import parse_retry_after
 
 __all__ = [
+    "NO_RETRY_CODES",
     "BadAnswer",
+    "NoCredit",
     "NotFound",
     "Rejected",
     "RequestError",
@@ -52,6 +54,22 @@ class RequestError(Exception):
 
 class Rejected(RequestError):
     """The server refused the request for good (a 4xx other than 404, 408 and 429)."""
+
+
+class NoCredit(Rejected):
+    """The account cannot be served at all (no credit, a hard billing limit, deactivated).
+
+    Sent as a 429 by OpenAI (code ``insufficient_quota``) although retrying cannot help: every
+    later request of the account meets the same answer until someone pays or fixes it.
+    """
+
+
+#: Error codes that say the account, not the request or the moment, is the problem: an answer
+#: carrying one is never retried, whatever its HTTP status.
+NO_RETRY_CODES = frozenset({
+    "insufficient_quota", "billing_hard_limit_reached", "billing_not_active",
+    "account_deactivated", "access_terminated",
+})
 
 
 class NotFound(Rejected):
@@ -131,6 +149,19 @@ def rate_limit_headers(headers: Mapping[str, str]) -> dict[str, str] | None:
     return found or None
 
 
+def _error_type(body: bytes | Any) -> str | None:
+    """The ``error.type`` of an OpenAI-shaped error body, when it names a no-retry code."""
+    data: Any = body
+    if isinstance(body, bytes | str):
+        try:
+            data = json.loads(body)
+        except ValueError:
+            return None
+    error = data.get("error") if isinstance(data, Mapping) else None
+    kind = error.get("type") if isinstance(error, Mapping) else None
+    return kind if isinstance(kind, str) and kind in NO_RETRY_CODES else None
+
+
 def classify_status(
     http_status: int, headers: Mapping[str, str], body: bytes | Any, what: str
 ) -> RequestError:
@@ -138,6 +169,11 @@ def classify_status(
     message, code = error_text(body)
     request_id = headers.get("x-request-id")
     text = message or f"HTTP {http_status} with no message"
+    if code is None and http_status == 429:
+        code = _error_type(body)  # OpenAI's quota answers may say it in "type" only
+    if code in NO_RETRY_CODES:
+        return NoCredit(f"{what}: HTTP {http_status} ({code}): {text}", http_status=http_status,
+                        code=code, request_id=request_id)
     if http_status == 429 or http_status == 408 or http_status >= 500:
         return Transient(
             f"{what}: HTTP {http_status}: {text}", http_status=http_status, code=code,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import itertools
 import os
+import weakref
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,9 +23,11 @@ from anyio.abc import TaskGroup
 from . import _log
 from ._engine import _waiting
 from ._engine._following import answer_of as _answer_of
+from ._engine._hooks import Hooks
 from ._engine._job import Job
 from ._engine._meter import Meter
 from ._engine._scheduler import Scheduler
+from ._engine._steps import Stop
 from ._engine._webhooks import WebhookInbox
 from ._errors import DuplicateKeyError, JournalMismatchError, ManagerStateError
 from ._ledgers import Ledger, MemoryLedger, open_ledger
@@ -35,6 +38,7 @@ from ._policies import PollPolicy, RetryPolicy
 from ._providers import OpenAIResponses, Provider
 from ._spend._pacing import RateLimit
 from ._spend._pricing import Price
+from ._spend._pricing import preload as preload_prices
 from ._status import JobStatus
 
 if TYPE_CHECKING:
@@ -78,6 +82,10 @@ class ManagerStatistics:
     notifications_delivered: int = 0
     notification_failures: int = 0
     notifications_given_up: int = 0
+    #: Requests out right now (creates, polls, cancels), and jobs waiting before they try again
+    #: (a server's Retry-After, or a backoff after an error): not in flight.
+    requests_in_flight: int = 0
+    retrying: int = 0
 
 
 class BackgroundManager:
@@ -132,11 +140,20 @@ class BackgroundManager:
         journal_bodies: bool = True,
         on_done: Callable[[Job], object] | None = None,
         notify: Notify | None = None,
+        ledger_patience: float = 60.0,
+        exit_grace: float = 10.0,
+        hooks: Sequence[Hooks] = (),
     ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency!r}")
         if max_requests < 1:
             raise ValueError(f"max_requests must be >= 1, got {max_requests!r}")
+        for name, value in (("ledger_patience", ledger_patience), ("exit_grace", exit_grace),
+                            ("cancel_timeout", cancel_timeout)):
+            if not value >= 0 or value == float("inf"):
+                raise ValueError(f"{name} must be a finite number of seconds >= 0, got "
+                                 f"{value!r}")
+        self.exit_grace = exit_grace
         self.client = client
         self.provider: Provider = (
             client if isinstance(client, Provider) else OpenAIResponses(client)
@@ -159,7 +176,9 @@ class BackgroundManager:
         self.cancel_on_exit = cancel_on_exit
         self.stream = stream
         if notify is not None and journal is None:
-            journal = MemoryLedger()  # the outbox: as lasting as the manager, and no more
+            # The outbox: as lasting as the manager, and no more; a finished job's row goes
+            # once its notification is delivered.
+            journal = MemoryLedger(keep_finished=False)
         self.journal: Ledger | None = (
             None if journal is None else
             journal if isinstance(journal, Ledger) else open_ledger(journal)
@@ -172,8 +191,9 @@ class BackgroundManager:
         self._scheduler = Scheduler(
             self.provider, self.journal, max_concurrency=max_concurrency,
             max_requests=max_requests, retry=self.retry_policy, meter=self.meter,
-            log_prompts=log_prompts,
+            log_prompts=log_prompts, ledger_patience=ledger_patience, hooks=tuple(hooks),
         )
+        self._scheduler.on_end = self._count_end
         # journal_bodies=False: results go only to the caller; the journal keeps no bodies.
         self._scheduler.journal_bodies = journal_bodies
         self._scheduler.callbacks.on_done = on_done
@@ -185,7 +205,10 @@ class BackgroundManager:
 
             self._sender = notifying(notify, self.journal, self._scheduler)
         self._inbox = WebhookInbox(self.provider, webhook_secret, self._scheduler.wake)
-        self._jobs: dict[str, Job] = {}
+        #: Jobs by key: live ones (the scheduler holds them) and finished ones the caller holds.
+        self._jobs: weakref.WeakValueDictionary[str, Job] = weakref.WeakValueDictionary()
+        self._submitted = 0
+        self._ended: Counter[str] = Counter()
         self._auto_key = itertools.count(1)
         self._state = _State.UNOPENED
         self._tg: TaskGroup | None = None
@@ -197,6 +220,8 @@ class BackgroundManager:
             raise ManagerStateError("a BackgroundManager can be entered only once")
         if self.journal is not None:
             await self.journal.open()
+        # Prices load once per process, in a worker thread: no finished job stalls the loop.
+        await preload_prices()
         tg = anyio.create_task_group()
         await tg.__aenter__()
         tg.start_soon(self._scheduler.run, name="asyncbg scheduler")
@@ -206,7 +231,8 @@ class BackgroundManager:
         if isinstance(self.journal, SharedLedger):
             # A ledger shared by several processes: renew this one's leases in batches, and
             # stop running a job whose lease another process took over.
-            tg.start_soon(keep_leases, self.journal, self._scheduler.drop, name="asyncbg leases")
+            tg.start_soon(keep_leases, self.journal, self._scheduler.drop,
+                          self._scheduler.leases_renewed, name="asyncbg leases")
         self._tg = tg
         self._state = _State.OPENED
         return self
@@ -217,28 +243,43 @@ class BackgroundManager:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
-        assert self._tg is not None
-        try:
-            if exc is None:
-                try:
-                    await self._settle()
-                except BaseException as inner:  # noqa: BLE001 - re-raised below, after the sweep
-                    exc = inner
-            self._state = _State.CLOSING
-            self._tg.cancel_scope.cancel()
+        """The one way out: wait for the jobs (a normal exit), then, shielded, stop the tasks
+        (creates in flight get ``exit_grace``), sweep or detach what is still live, close the
+        provider and the ledger, and let the first error through as itself."""
+        tg = self._tg
+        assert tg is not None
+        error = exc
+        if error is None:
             try:
-                await self._tg.__aexit__(None, None, None)
+                await self._wait_for_everything()
+            except BaseException as inner:  # noqa: BLE001 - raised below, after the sweep
+                error = inner
+        # An internal task that crashed cancelled the group before we did.
+        crashed = tg.cancel_scope.cancel_called
+        internal: BaseException | None = None
+        stop: Stop | None = None
+        unrecorded: list[tuple[str, str]] = []
+        self._state = _State.CLOSING
+        try:
+            self._scheduler.close(self.exit_grace)
+            tg.cancel_scope.cancel()
+            try:
+                # Not shielded (the group was entered outside any shield), but it only waits
+                # for the tasks to end: creates in flight are shielded up to ``exit_grace``.
+                await tg.__aexit__(None, None, None)
             except anyio.get_cancelled_exc_class() as cancelled:
-                # The host is being cancelled: the scheduler has ended all the same. Sweep
-                # below, then let the cancellation through.
-                exc = exc or cancelled
-            except BaseExceptionGroup as group:
-                raise _collapse(group) from None
-            if exc is not None:
+                error = error or cancelled  # the host is being cancelled: sweep, then go on
+            except BaseException as raised:  # noqa: BLE001 - decided below
+                internal = _collapse(raised) if isinstance(raised, BaseExceptionGroup) \
+                    else raised
+            if isinstance(internal, Stop):
+                stop, internal = internal, None
+            if error is not None or internal is not None or stop is not None:
                 with anyio.CancelScope(shield=True):
-                    await self._scheduler.shutdown(
-                        cancel=self.cancel_on_exit, cancel_timeout=self.cancel_timeout)
-                await self._scheduler.callbacks.run_rest(self.cancel_timeout)
+                    unrecorded = await self._scheduler.shutdown(
+                        cancel=self.cancel_on_exit and stop is None,
+                        cancel_timeout=self.cancel_timeout)
+                    await self._scheduler.callbacks.run_rest(self.cancel_timeout)
         finally:
             self._state = _State.CLOSED
             with anyio.CancelScope(shield=True):
@@ -247,11 +288,22 @@ class BackgroundManager:
                 finally:
                     if self.journal is not None:
                         await self.journal.close()
-        if exc is not None and exc_type is None:
-            raise exc  # the block ended normally but waiting for the jobs was cancelled
+        if stop is not None:
+            failure = stop.error
+            failure.unrecorded = unrecorded
+            if unrecorded:
+                failure.args = (f"{failure}; responses created but never recorded were "
+                                "cancelled: " + ", ".join(f"{k} ({r})" for k, r in unrecorded),)
+            if error is None or (crashed and _cancelled(error)):
+                raise failure from stop.error.__cause__
+            _log.error("ledger.stopped", error=str(failure))
+        if internal is not None and (error is None or (crashed and _cancelled(error))):
+            raise internal
+        if error is not None and exc is None:
+            raise error  # the block ended normally but waiting for the jobs was cancelled
         return False
 
-    async def _settle(self) -> None:
+    async def _wait_for_everything(self) -> None:
         """Leaving normally: every job terminal and its callbacks run (they may submit more),
         then the notifications delivered, for up to ``notify.wait_on_exit`` seconds."""
         while True:
@@ -315,11 +367,14 @@ class BackgroundManager:
         # Registered before the first await: a concurrent submit of the same key fails at once
         # instead of racing this one to the server.
         self._jobs[key] = job
+        self._submitted += 1
         if self.journal is None:
             self._scheduler.add(job, prepared, policy, deadline=at)
             return job
+        claimed_at = anyio.current_time()  # a lease taken by this claim runs from here
         try:
             claim = await self.journal.claim(key, digest(prepared), canonical(prepared))
+            self._scheduler.lease_taken(key, claimed_at)
         except BaseException:
             del self._jobs[key]
             raise
@@ -381,16 +436,21 @@ class BackgroundManager:
 
     @property
     def jobs(self) -> Sequence[Job]:
-        """Every job submitted so far, in submission order."""
+        """The jobs this manager still knows, in submission order: every live one, and every
+        finished one the caller still holds (a finished job nobody holds is forgotten)."""
         return list(self._jobs.values())
 
     def forget(self, key: str) -> None:
-        """For fleet workers (asyncbg/_fleet.py): forget ``key``, so that a worker running for
-        days does not keep every result, and may take the key again later. A job still running
-        here is detached first, without any request (its lease went to another process)."""
+        """Forget ``key``, so that it may be submitted again (fleet workers re-take keys). A job
+        still running here is detached first, without any request (its lease went to another
+        process)."""
         job = self._jobs.pop(key, None)
         if job is not None and not job.done:
             self._scheduler.drop(key)
+
+    def _count_end(self, job: Job) -> None:
+        if job.done:
+            self._ended[job.status.value] += 1
 
     # -- waiting ---------------------------------------------------------------------------
 
@@ -437,11 +497,13 @@ class BackgroundManager:
 
     def statistics(self) -> ManagerStatistics:
         """A frozen snapshot of this manager's counters."""
-        by_status = Counter(job.status.value for job in self._jobs.values())
         s = self._scheduler
+        by_status = Counter(self._ended)
+        for entry in s.entries():
+            by_status[entry.job.status.value] += 1
         spend = self.meter.spend
         return ManagerStatistics(
-            submitted=len(self._jobs),
+            submitted=self._submitted,
             pending=by_status[JobStatus.PENDING.value],
             live=s.live,
             by_status=dict(by_status),
@@ -457,8 +519,14 @@ class BackgroundManager:
             output_tokens=spend.output_tokens,
             reasoning_tokens=spend.reasoning_tokens,
             rate_limited=self.meter.pacer.statistics().rate_limited,
+            requests_in_flight=s.requests_limiter.total - s.requests_limiter.free,
+            retrying=s.retrying,
             **(self._sender.counters() if self._sender is not None else {}),
         )
+
+
+def _cancelled(exc: BaseException) -> bool:
+    return isinstance(exc, anyio.get_cancelled_exc_class())
 
 
 def _collapse(group: BaseExceptionGroup[BaseException]) -> BaseException:

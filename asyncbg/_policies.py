@@ -18,6 +18,9 @@ __all__ = ["PollPolicy", "RetryPolicy"]
 #: Background results may be retrievable for only about ten minutes after they finish, so no
 #: interval, however scaled, may come near that: every policy is clamped to this.
 RETENTION_GUARD = 120.0
+#: The longest wait a server's hint (Retry-After and the like) is taken to ask for, in seconds:
+#: a larger value is clamped to it before a policy clamps it to its own bound.
+MAX_HINT = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +99,7 @@ class PollPolicy:
 
         ``poll_after`` is the server's own hint in seconds, if it sent one.
         """
-        if poll_after is not None and self.honor_poll_after:
+        if poll_after is not None and self.honor_poll_after and math.isfinite(poll_after):
             return min(max(poll_after, 0.0), RETENTION_GUARD)
         base = min(max(age * self.growth, self.min_interval), self.max_interval) * scale
         if self.jitter:
@@ -125,42 +128,74 @@ class RetryPolicy:
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ValueError(f"RetryPolicy.max_attempts must be >= 1, got {self.max_attempts!r}")
-        if self.base < 0 or self.max_backoff < 0:
-            raise ValueError("RetryPolicy.base and max_backoff must be >= 0")
+        for name in ("base", "max_backoff", "max_retry_after"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"RetryPolicy.{name} must be a finite number >= 0, got {value!r}")
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         """Seconds to wait before attempt ``attempt + 1`` (``attempt`` counts from 1)."""
-        if retry_after is not None:
+        if retry_after is not None and math.isfinite(retry_after):
             return min(max(retry_after, 0.0), self.max_retry_after)
         return random.uniform(0.0, min(self.max_backoff, self.base * 2.0 ** (attempt - 1)))
 
 
+def _seconds(raw: str | None, *, scale: float = 1.0) -> float | None:
+    """A header's number of seconds (``raw * scale``), or None when it is not a usable one.
+
+    Servers and proxies send garbage: empty values, words, ``nan``, ``inf``, negative or
+    absurdly large numbers. None of them may reach a sleep (anyio refuses a NaN deadline and
+    ends the run), so anything that is not a finite number >= 0 counts as absent, and a huge one
+    is clamped to :data:`MAX_HINT`; the policies then clamp it to their own bounds.
+    """
+    if raw is None:
+        return None
+    try:
+        value = float(raw.strip()) * scale
+    except (TypeError, ValueError):
+        return None
+    if not (math.isfinite(value) and value >= 0):
+        return None
+    return min(value, MAX_HINT)
+
+
 def parse_retry_after(headers: Mapping[str, str]) -> float | None:
-    """Seconds from ``retry-after-ms`` or ``retry-after`` (seconds or an HTTP date), if present."""
-    raw_ms = headers.get("retry-after-ms")
-    if raw_ms is not None:
-        try:
-            return float(raw_ms) / 1000.0
-        except ValueError:
-            pass
+    """Seconds from ``retry-after-ms`` or ``retry-after`` (seconds or an HTTP date), if usable.
+
+    Never NaN, infinite or negative: garbage counts as absent, a date in the past is 0 and
+    anything longer than :data:`MAX_HINT` is clamped to it.
+    """
+    seconds = _seconds(headers.get("retry-after-ms"), scale=1e-3)
+    if seconds is not None:
+        return seconds
     raw = headers.get("retry-after")
     if raw is None:
         return None
+    seconds = _seconds(raw)
+    if seconds is not None or not raw.strip() or _looks_numeric(raw):
+        return seconds
     try:
-        return float(raw)
+        at = parsedate_to_datetime(raw).timestamp()
+    except (TypeError, ValueError, OverflowError, IndexError):
+        return None
+    wait = at - _wall()
+    return min(max(wait, 0.0), MAX_HINT) if math.isfinite(wait) else None
+
+
+def _looks_numeric(raw: str) -> bool:
+    """Whether a value is a (possibly unusable) number rather than a date: ``-5``, ``nan``."""
+    try:
+        float(raw)
     except ValueError:
-        try:
-            return parsedate_to_datetime(raw).timestamp() - _wall()
-        except (TypeError, ValueError):
-            return None
+        return False
+    return True
 
 
 def parse_poll_after(headers: Mapping[str, str]) -> float | None:
-    """Seconds from a server's ``openai-poll-after-ms`` header, if present and valid."""
-    raw = headers.get("openai-poll-after-ms")
-    if raw is None:
-        return None
-    try:
-        return float(raw) / 1000.0
-    except ValueError:
-        return None
+    """Seconds from a server's ``openai-poll-after-ms`` header, if usable.
+
+    Never NaN, infinite or negative; clamped to :data:`RETENTION_GUARD`, the longest interval
+    any poll may wait.
+    """
+    seconds = _seconds(headers.get("openai-poll-after-ms"), scale=1e-3)
+    return None if seconds is None else min(seconds, RETENTION_GUARD)

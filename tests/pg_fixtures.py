@@ -30,7 +30,8 @@ if TYPE_CHECKING:
 ENV_DSN = "ASYNCBG_TEST_POSTGRES"
 #: Set by dev.py when it could not start the server: the reason, so that pytest does not retry.
 ENV_ERROR = "ASYNCBG_TEST_POSTGRES_ERROR"
-TEMPLATE = "asyncbg_template"
+#: One template per pytest-xdist worker (they run side by side on one server).
+TEMPLATE = "asyncbg_template_" + os.environ.get("PYTEST_XDIST_WORKER", "main")
 
 
 def in_ci() -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -67,7 +68,10 @@ def test_run_help_explains_every_option(capsys: pytest.CaptureFixture[str]) -> N
         assert option in text
 
 
-def test_fake_server_command_serves_the_api(tmp_path: object) -> None:
+@contextlib.contextmanager
+def fake_server_process(*flags: str) -> Iterator[str]:
+    """``asyncbg fake-server`` with ``flags`` in a subprocess; yields its base URL once it
+    answers (the wait is on the server, not a fixed sleep)."""
     import socket
     import time
 
@@ -76,28 +80,69 @@ def test_fake_server_command_serves_the_api(tmp_path: object) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "asyncbg", "fake-server", "--port",
-                             str(port), "--median", "0.01"], stderr=subprocess.PIPE)
+                             str(port), *flags], stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 30
         while True:
             try:
-                created = httpx.post(f"http://127.0.0.1:{port}/v1/responses",
-                                     json={"model": "m", "input": "hi", "background": True})
+                httpx.get(f"{base}/_fake/counters")
                 break
             except httpx.ConnectError:
+                assert proc.poll() is None, "fake-server exited"
                 assert time.monotonic() < deadline, "fake-server did not start"
                 time.sleep(0.1)
-        # 10 ms responses: under load the answer may already show a later status
-        assert created.status_code == 200
-        assert created.json()["status"] in ("queued", "in_progress", "completed")
-        counters = httpx.get(f"http://127.0.0.1:{port}/_fake/counters").json()
-        assert counters["creates"] == 1
+        yield base
     finally:
         proc.terminate()
         proc.wait(timeout=10)
         assert proc.stderr is not None
         proc.stderr.close()
+
+
+def test_fake_server_command_serves_the_api_with_faults_limits_latency_and_outcomes() -> None:
+    """One server process for both (starting one costs seconds on a loaded machine)."""
+    import httpx
+
+    flags = ("--inject", "503,route=create,times=2,retry_after=nan", "--inject", "quota",
+             "--rate-limit", "rpm=600,burst=1", "--latency", "fixed:30", "--outcomes", "failed=1",
+             "--poll-after-ms", "nan")
+    with fake_server_process(*flags) as base:
+        body = {"model": "m", "input": "hi", "background": True}
+        answers = [httpx.post(f"{base}/v1/responses", json=body) for _ in range(4)]
+        assert [a.status_code for a in answers] == [503, 503, 429, 200]
+        assert answers[0].headers["retry-after"] == "nan"
+        assert answers[2].json()["error"]["code"] == "insufficient_quota"
+        assert "x-ratelimit-remaining-requests" in answers[3].headers  # --rate-limit
+        rid = answers[3].json()["id"]
+        live = httpx.get(f"{base}/v1/responses/{rid}")
+        assert live.json()["status"] in ("queued", "in_progress")  # 30 s: still running
+        assert live.headers["openai-poll-after-ms"] == "nan"
+        finished = httpx.post(f"{base}/v1/responses",
+                              json={**body, "metadata": {"fake_duration": "0"}})
+        done = httpx.get(f"{base}/v1/responses/{finished.json()['id']}").json()
+        assert done["status"] == "failed"  # --outcomes failed=1
+        counters = httpx.get(f"{base}/_fake/counters").json()
+        assert counters["creates"] == 2 and counters["faults"] == 3
+
+
+@pytest.mark.parametrize(("flag", "value", "says"), [
+    ("--latency", "bogus", "expected fixed:S"),
+    ("--fail-rate", "429=2", "the rate of 429 must be"),
+    ("--fail-rate", "0.5,x=1", "unknown 'x'"),
+    ("--rate-limit", "rpm=-1", "rpm must be a finite number > 0"),
+    ("--inject", "boom", "the kind is one of"),
+    ("--outcomes", "completed=0", "at least one weight"),
+])
+def test_fake_server_flags_refuse_bad_values_in_one_line(
+    flag: str, value: str, says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["fake-server", flag, value])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"asyncbg fake-server: error: argument {flag}:") and says in err
 
 
 # -- status over a journal filled by hand ------------------------------------------------------

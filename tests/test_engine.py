@@ -263,7 +263,7 @@ async def main():
             await mgr.submit(model="m", input=str(i))
         await mgr.submit(model="", input="rejected")
     await client.close()
-    print("RESULT", mgr.statistics().by_status)
+    print("RESULT", dict(sorted(mgr.statistics().by_status.items())))
 
 anyio.run(main)
 """

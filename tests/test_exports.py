@@ -19,3 +19,13 @@ def test_all_is_sorted_and_complete(module: types.ModuleType) -> None:
         if isinstance(value, type) or callable(value):
             # users import asyncbg.X; the private module is an implementation detail
             assert value.__module__ == module.__name__, (name, value.__module__)
+
+
+def test_version_is_the_one_in_pyproject() -> None:
+    """pyproject.toml is the one source of the version; ``asyncbg.__version__`` reads it."""
+    import tomllib
+    from pathlib import Path
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    declared = tomllib.loads(pyproject.read_text())["project"]["version"]
+    assert asyncbg.__version__ == declared

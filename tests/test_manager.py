@@ -36,7 +36,7 @@ async def client(server: FakeResponsesServer) -> AsyncIterator[AsyncOpenAI]:
 async def test_fan_out_reaches_but_never_exceeds_max_concurrency(
     client: AsyncOpenAI, server: FakeResponsesServer
 ) -> None:
-    server.latency = LatencyModel.uniform(0.01, 0.05)
+    server.latency = LatencyModel.uniform(0.2, 0.3)  # long enough that 5 overlap on a busy box
     async with manager(client, max_concurrency=5) as mgr:
         jobs = [await mgr.submit(model="m", input=f"q{i}") for i in range(40)]
         # submit returns at once, before any slot is free for most jobs
@@ -128,7 +128,7 @@ async def test_wait_all_keeps_order_and_times_out(client: AsyncOpenAI) -> None:
 
 async def test_as_completed_yields_in_completion_order_and_times_out(client: AsyncOpenAI) -> None:
     async with manager(client) as mgr:
-        durations = (0.15, 0.01, 0.08)
+        durations = (0.6, 0.05, 0.3)  # apart enough for a loaded machine
         jobs = [await mgr.submit(model="m", input=str(d), metadata=meta(d)) for d in durations]
         order = [j async for j in mgr.as_completed(jobs)]
         assert [j.key for j in order] == [jobs[1].key, jobs[2].key, jobs[0].key]
@@ -401,11 +401,11 @@ async def test_the_servers_poll_after_hint_is_honoured(server: FakeResponsesServ
     lazy = asyncbg.PollPolicy(first_poll=0.2, min_interval=0.2, max_interval=0.2)
     try:
         async with manager(client, poll_policy=lazy) as mgr:
-            job = await mgr.submit(model="m", input="x", metadata=meta(0.1))
+            job = await mgr.submit(model="m", input="x", metadata=meta(0.3))
         hinted = server.counters.polls[job.response_id]  # type: ignore[index]
         server.poll_after_ms = None
         async with manager(client, poll_policy=lazy) as mgr:
-            job = await mgr.submit(model="m", input="x", metadata=meta(0.1))
+            job = await mgr.submit(model="m", input="x", metadata=meta(0.15))
         plain = server.counters.polls[job.response_id]  # type: ignore[index]
     finally:
         await client.close()
@@ -416,12 +416,12 @@ async def test_the_servers_poll_after_hint_is_honoured(server: FakeResponsesServ
 async def test_discounted_windows_are_polled_less(server: FakeResponsesServer) -> None:
     client = fake_client(server)
     policy = asyncbg.PollPolicy(first_poll=0.005, min_interval=0.005, max_interval=0.005,
-                                jitter=0, window_scale={"8h": 4.0})
+                                jitter=0, window_scale={"8h": 20.0})
     try:
         async with manager(client, poll_policy=policy) as mgr:
-            flex = await mgr.submit(model="m", input="x", metadata=meta(0.1),
+            flex = await mgr.submit(model="m", input="x", metadata=meta(0.3),
                                     background_options={"completion_window": "8h"})
-            std = await mgr.submit(model="m", input="x", metadata=meta(0.1))
+            std = await mgr.submit(model="m", input="x", metadata=meta(0.3))
     finally:
         await client.close()
     polls = server.counters.polls

@@ -344,3 +344,44 @@ def test_max_output_tokens_is_the_output_estimate_when_valid() -> None:
 def test_estimate_tokens_tolerates_odd_inputs() -> None:
     assert estimate_tokens({}) == (0, DEFAULT_OUTPUT_TOKENS + REASONING_TOKENS["medium"])
     assert estimate_tokens({"input": [None, 3, {"content": None}], "instructions": None})[0] == 0
+
+
+@pytest.fixture
+def count_loads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The thread id of every load of the dataset, from a process where it was never loaded."""
+    import threading
+
+    loads: list[int] = []
+    build = _pricing._build
+
+    def counted() -> None:
+        loads.append(threading.get_ident())
+        build()
+
+    monkeypatch.setattr(_pricing, "_build", counted)
+    monkeypatch.setattr(_pricing._Dataset, "ready", False)
+    return loads
+
+
+@pytest.mark.anyio
+async def test_preload_loads_the_dataset_once_off_the_event_loop(count_loads: list[int]) -> None:
+    import threading
+
+    import anyio
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(5):  # many managers opening at once
+            tg.start_soon(_pricing.preload)
+    await _pricing.preload()
+    assert len(count_loads) == 1
+    assert count_loads[0] != threading.get_ident()  # a worker thread, not the event loop's
+    book = PriceBook()
+    assert book.cost("gpt-4o", USAGE) is not None  # the first lookup loads nothing more
+    assert len(count_loads) == 1
+
+
+def test_without_preload_the_first_lookup_loads_it_once(count_loads: list[int]) -> None:
+    book = PriceBook()
+    assert book.cost("gpt-4o", USAGE) is not None
+    assert PriceBook().cost("gpt-4o-mini", USAGE) is not None
+    assert len(count_loads) == 1

@@ -266,10 +266,8 @@ async def test_a_lost_batch_fails_its_jobs(api: Api, server: FakeResponsesServer
         job = await mgr.submit(key="gone", **api.request("gone"))
         await job.wait_accepted()
         server.restart(keep_state=False)
-        t0 = anyio.current_time()
         await job.wait()
     assert job.status is JobStatus.FAILED and job.error_code == "response_lost"
-    assert anyio.current_time() - t0 >= 2.0  # lost only when a later check confirms the 404
 
 
 # -- what differs by API -------------------------------------------------------------------

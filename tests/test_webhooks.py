@@ -6,6 +6,7 @@ import time
 from collections.abc import AsyncIterator
 
 import anyio
+import anyio.lowlevel
 import pytest
 import pytest_asyncio
 from openai import AsyncOpenAI
@@ -191,3 +192,104 @@ async def test_webhook_app_served_by_uvicorn_receives_real_http_deliveries(
     # each finished through its delivery: one fetch apiece, no safety-net poll (100 s)
     assert mgr.statistics().polls == 5
     assert server.counters.webhooks_failed == 0
+
+
+# -- a flood of forged bodies ---------------------------------------------------------------------
+
+
+class _Forged:
+    """Stands in for a manager: every delivery is forged (400), and it counts them."""
+
+    def __init__(self) -> None:
+        self.handled = 0
+
+    async def handle_webhook(self, body: bytes, headers: object) -> int:
+        self.handled += 1
+        return 400
+
+
+async def _post(app: object, size: int, *, declared: bool | bytes, chunk: int = 64 * 1024
+                ) -> int:
+    """One POST of ``size`` bytes through the ASGI ``app``, read slowly: a chunk per turn.
+    ``declared``: send a Content-Length (this value, if bytes)."""
+    sent = 0
+    status = 0
+
+    async def receive() -> dict[str, object]:
+        nonlocal sent
+        await anyio.lowlevel.checkpoint()
+        n = min(chunk, size - sent)
+        sent += n
+        return {"type": "http.request", "body": bytes(n), "more_body": sent < size}
+
+    async def send(message: dict[str, object]) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = int(message["status"])  # type: ignore[call-overload]
+
+    length = declared if isinstance(declared, bytes) else str(size).encode()
+    headers = [(b"content-length", length)] if declared else []
+    await app({"type": "http", "method": "POST", "headers": headers},  # type: ignore[operator]
+              receive, send)
+    return status
+
+
+async def test_a_flood_of_large_forged_bodies_holds_bounded_memory() -> None:
+    import tracemalloc
+
+    from asyncbg._engine._webhooks import MAX_BODY, MAX_IN_FLIGHT
+
+    forged = _Forged()
+    app = asyncbg.webhook_app(forged)  # type: ignore[arg-type]
+    statuses: list[int] = []
+
+    async def one(i: int) -> None:
+        statuses.append(await _post(app, MAX_BODY, declared=i % 2 == 0))
+
+    tracemalloc.start()
+    try:
+        with capture_logs() as logs:
+            async with anyio.create_task_group() as tg:
+                for i in range(300):
+                    tg.start_soon(one, i)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(statuses) == 300 and set(statuses) == {400, 503}
+    assert forged.handled == statuses.count(400) <= MAX_IN_FLIGHT // MAX_BODY
+    # what was read is bounded by max_in_flight (a body is read, then joined: twice at most)
+    assert peak < 2 * MAX_IN_FLIGHT + 8 * MAX_BODY, peak
+    warnings = [e for e in logs if e["event"] == "webhook.rejections"]
+    assert len(warnings) == 1  # one warning for the flood, not one per request
+    assert sum(e["event"] == "webhook.rejected" for e in logs) == statuses.count(503)
+
+
+async def test_a_body_over_max_body_is_413_and_the_budget_comes_back() -> None:
+    forged = _Forged()
+    app = asyncbg.webhook_app(forged, max_body=1000, max_in_flight=1000)  # type: ignore[arg-type]
+    assert await _post(app, 1001, declared=True) == 413
+    assert await _post(app, 1001, declared=False, chunk=100) == 413
+    assert await _post(app, 1000, declared=False, chunk=100) == 400  # whole budget is free
+    assert await _post(app, 1000, declared=True) == 400
+    assert forged.handled == 2
+
+
+async def test_a_content_length_in_other_digits_is_not_a_crash() -> None:
+    forged = _Forged()
+    app = asyncbg.webhook_app(forged)  # type: ignore[arg-type]
+    assert await _post(app, 2, declared="²".encode("latin-1")) == 400  # "²".isdigit() is True
+    assert forged.handled == 1
+
+
+async def test_rejections_warn_once_per_interval_with_a_count() -> None:
+    from asyncbg._engine._webhooks import RejectionLog
+
+    now = [0.0]
+    log = RejectionLog(interval=10.0, clock=lambda: now[0])
+    with capture_logs() as logs:
+        for t in (0.0, 1.0, 2.0, 9.9, 10.0, 10.5, 25.0):
+            now[0] = t
+            log.rejected(400, "forged", webhook_id=f"wh_{t}")
+    warnings = [(e["count"], e["last_reason"]) for e in logs if e["event"] == "webhook.rejections"]
+    assert warnings == [(1, "forged"), (4, "forged"), (2, "forged")]
+    assert sum(e["event"] == "webhook.rejected" for e in logs) == 7

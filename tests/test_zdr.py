@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import anyio
 import pytest
 from openai import AsyncOpenAI
 
+import asyncbg
 from asyncbg import JobStatus
 
 from .conftest import manager
@@ -41,11 +43,16 @@ async def test_journal_bodies_false_keeps_no_response_on_disk(
     con = sqlite3.connect(db)
     bodies = con.execute("SELECT response FROM jobs").fetchall()
     con.close()
-    assert bodies == [(None,)]
+    # what it cost is kept (a rerun counts it against max_cost), not what it said
+    kept = json.loads(bodies[0][0])
+    assert "output" not in kept and kept["usage"]["output_tokens"] == 1000
     files = [p async for p in anyio.Path(tmp_path).glob("j.db*")]
     on_disk = b"".join([await p.read_bytes() for p in files])
     assert b"echo: a secret answer" not in on_disk  # the request is kept; the answer is not
     # the id and status are kept, so a rerun serves the outcome without paying again
-    async with manager(client, journal=db, journal_bodies=False) as mgr:
+    prices = {"m": asyncbg.Price(input=1.0, output=1.0)}
+    async with manager(client, journal=db, journal_bodies=False, prices=prices) as mgr:
         again = await mgr.submit(key="k", model="m", input="a secret answer")
     assert again.status is JobStatus.COMPLETED and again.response_id == job.response_id
+    # what the first run spent counts on a rerun (a rerun's max_cost bounds the whole run)
+    assert mgr.statistics().cost > 0 and mgr.statistics().output_tokens == 1000

@@ -4,8 +4,8 @@
 One module per verb: ``_run`` (a Batch API file, with ``_input`` reading it, ``_output`` the
 output view of the journal and ``_signals`` the interrupts), ``_ops`` (``status`` and
 ``cancel``), ``_estimate`` (``estimate``), ``_demo`` (``demo`` and ``fake-server``),
-``_fleet`` (``submit``, ``worker``, ``results``), ``_notify`` (``notify``, and ``--notify``);
-``_progress`` and ``_logging`` are shared.
+``_fleet`` (``submit``, ``worker``, ``results``, ``retry``), ``_notify`` (``notify``, and
+``--notify``), ``_dashboard`` (``dashboard``); ``_progress`` and ``_logging`` are shared.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import anyio
 
 from .._providers._kinds import PROVIDER_NAMES
-from . import _fleet, _notify
+from . import _dashboard, _demo, _fleet, _notify
 from ._logging import LEVELS, configure_logging
 
 __all__ = ["build_parser", "main"]
@@ -181,20 +181,49 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--median", type=float, default=0.7,
                       help="median response time in seconds (default: 0.7)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    demo.add_argument("--journal", metavar="PATH",
+                      help="record the run in this SQLite journal (watch it with `asyncbg "
+                           "dashboard --ledger PATH`); a rerun resumes it")
     _add_logging_options(demo)
 
     fake = sub.add_parser("fake-server", help="serve the fake Responses API over HTTP",
-                          description="Serve the fake Responses API with uvicorn.")
+                          description="Serve the fake Responses API with uvicorn, with the "
+                          "latency, outcomes, faults and rate limits of the in-process fake "
+                          "(asyncbg.testing.FakeResponsesServer).")
     fake.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     fake.add_argument("--port", type=int, default=8080, help="port (default: 8080)")
     fake.add_argument("--median", type=float, default=2.0,
                       help="median response time in seconds (default: 2.0)")
     fake.add_argument("--sigma", type=float, default=0.0,
                       help="lognormal spread; 0 means every response takes --median (default)")
-    fake.add_argument("--poll-after-ms", type=int, default=None,
-                      help="send this openai-poll-after-ms header on live answers")
+    fake.add_argument("--poll-after-ms", default=None, metavar="MS",
+                      help="send this openai-poll-after-ms header on live answers (any text "
+                           "is sent as it is)")
+    fake.add_argument("--latency", type=_demo.latency, metavar="MODEL",
+                      help="how long responses take, in seconds: fixed:S, uniform:LOW,HIGH or "
+                           "lognormal:MEDIAN[,SIGMA[,LOW,HIGH]] (instead of --median/--sigma)")
+    fake.add_argument("--outcomes", type=_demo.outcomes, metavar="WEIGHTS",
+                      help="how responses end: completed=0.9,failed=0.05,incomplete=0.05,"
+                           "stuck=0 (default: all complete)")
+    fake.add_argument("--fail-rate", type=_demo.fault_rates, metavar="RATES",
+                      help="random faults per request: P (spread over 429, 500, 503 and "
+                           "connection resets) or 429=P,500=P,503=P,reset=P; options "
+                           "retry_after=S (any text too), routes=create+retrieve+cancel, seed=N")
+    fake.add_argument("--rate-limit", type=_demo.fake_rate_limit, metavar="LIMITS",
+                      help="OpenAI-style token buckets: RPM, or rpm=N,tpm=N,ppm=N,burst=S "
+                           "(creates, tokens and polls a minute; burst in seconds, default 60); "
+                           "429s with retry-after and x-ratelimit-* headers")
+    fake.add_argument("--max-live", type=_at_least_one, metavar="N",
+                      help="answer 429 to creates beyond N live responses")
+    fake.add_argument("--inject", type=_demo.fault, action="append", default=[],
+                      metavar="FAULT",
+                      help="a scripted fault for the next requests (repeatable): KIND[,route=R]"
+                           "[,times=N][,retry_after=S][,delay=S][,after=N]; KIND is 429, 500, "
+                           "503, 404, quota, html, reset, reset_after, slow or drop")
+    fake.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     _fleet.add_commands(sub)  # submit, worker, results: a fleet sharing one ledger
     _notify.add_command(sub)  # notify: send what a ledger's outbox holds
+    _dashboard.add_command(sub)  # dashboard: a live web page over a ledger
     return parser
 
 
@@ -205,6 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ._demo import fake_server
 
         return fake_server(args)
+    if args.command == "dashboard":
+        return _dashboard.dashboard(args)
     if args.command == "status":
         from ._ops import status
 

@@ -1,17 +1,22 @@
-"""``asyncbg submit``, ``worker`` and ``results``: a fleet of workers sharing one ledger.
+"""``asyncbg submit``, ``worker``, ``results`` and ``retry``: a fleet sharing one ledger.
 
 The ledger is a ``postgresql://`` URL (workers on many machines) or the path of an SQLite
-journal (workers on this machine). ``submit`` enqueues a Batch API file, every ``worker`` runs
-jobs from it (:func:`asyncbg._fleet.run_worker`), ``results`` writes the output lines of every
-finished job, in the ``asyncbg run`` output format.
+journal (workers on this machine). ``submit`` enqueues a Batch API file (and creates an SQLite
+ledger), every ``worker`` runs jobs from it (:func:`asyncbg._fleet.run_worker`), ``results``
+writes the output lines of every finished job, in the ``asyncbg run`` output format, and
+``retry`` puts lines that ended without a paid response back in the queue.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
-from collections.abc import Awaitable, Callable
+import stat
+import sys
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any, TypeVar
 
 import anyio
 from anyio.abc import TaskStatus
@@ -21,9 +26,12 @@ from .._ledgers import Ledger, LedgerError, SQLiteLedger, open_ledger
 from .._ledgers._shared import DEFAULT_LEASE, EnqueueMismatch
 from ._input import read_requests
 from ._ops import open_client, say
-from ._output import output_line, write_atomic
+from ._output import _dumps, output_line, same_path, write_atomic
 
-__all__ = ["COMMANDS", "add_commands", "results", "submit", "worker"]
+__all__ = ["COMMANDS", "add_commands", "results", "retry", "submit", "worker"]
+
+T = TypeVar("T")
+L = TypeVar("L", bound=Ledger)
 
 _LEDGER_HELP = "a postgresql:// URL, or the path of an SQLite journal shared on this machine"
 
@@ -78,9 +86,18 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                    help="exit 0 once nothing is waiting or live in the ledger")
     p.add_argument("--base-url", metavar="URL",
                    help="API base URL (default: $OPENAI_BASE_URL, else OpenAI's)")
+    p.add_argument("--create", action="store_true",
+                   help="create an SQLite ledger that does not exist yet (by default a worker "
+                        "refuses a path that `asyncbg submit` did not make: a typo, most "
+                        "likely)")
+    p.add_argument("--db-patience", type=_positive, default=300.0, metavar="SECONDS",
+                   help="how long to wait out a ledger that cannot be reached (a database "
+                        "restarting, a dropped connection) before stopping (default: 300)")
+    from . import _metrics
     from ._notify import add_options as add_notify_options
 
     add_notify_options(p)  # --notify URL, --notify-wait SECONDS
+    _metrics.add_option(p)  # --metrics-port PORT
     _logging_options(p)
 
     p = sub.add_parser(
@@ -90,7 +107,21 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                     "no request and needs no API key; works while workers run.")
     p.add_argument("--ledger", required=True, metavar="LEDGER", help=_LEDGER_HELP)
     p.add_argument("-o", "--output", required=True, metavar="OUTPUT.jsonl",
-                   help="the file to write")
+                   help="the file to write (a regular file, replaced atomically; never the "
+                        "ledger), or - for stdout")
+    _logging_options(p)
+
+    p = sub.add_parser(
+        "retry", help="re-queue the lines of a shared ledger that ended without a response",
+        description="Put back in the queue every line that ended without a paid response (it "
+                    "was refused, the server could not be reached, the key or the account was "
+                    "wrong), for the workers to run again, and print how many. A line that has "
+                    "a response id is never re-queued: that response was paid for. Needs no "
+                    "API key.")
+    p.add_argument("--ledger", required=True, metavar="LEDGER", help=_LEDGER_HELP)
+    p.add_argument("--code", metavar="CODE",
+                   help="only lines that ended with this error code (as `asyncbg status` "
+                        "and the output lines show it, e.g. invalid_api_key)")
     _logging_options(p)
 
 
@@ -153,12 +184,16 @@ async def submit(args: argparse.Namespace) -> int:
 
 async def worker(args: argparse.Namespace) -> int:
     """``asyncbg worker --ledger LEDGER``: run jobs until stopped or, if asked, idle."""
+    from . import _metrics
     from ._notify import notify_option
 
     try:
         notify = notify_option(args)
-    except ValueError as exc:
+        ledger = shared_ledger(args.ledger, lease=args.lease)
+    except (ValueError, LedgerError) as exc:
         say(str(exc))
+        return 2
+    if not args.create and await _missing(ledger, args.ledger, hint=" or pass --create"):
         return 2
     client = open_client(args.base_url)
     if client is None:
@@ -170,10 +205,14 @@ async def worker(args: argparse.Namespace) -> int:
         async with anyio.create_task_group() as tg:
             await tg.start(_watch_signals, stop, received, tg.cancel_scope)
             try:
-                await run_worker(client, shared_ledger(args.ledger, lease=args.lease),
-                                 concurrency=args.concurrency, lease=args.lease,
-                                 exit_when_idle=args.exit_when_idle, stop=stop,
-                                 notify=notify)
+                async with _metrics.hooks_for(args) as hooks:
+                    await run_worker(client, ledger,
+                                     concurrency=args.concurrency, lease=args.lease,
+                                     exit_when_idle=args.exit_when_idle, stop=stop,
+                                     notify=notify, db_patience=args.db_patience, hooks=hooks)
+            except _metrics.MetricsPortError as exc:
+                say(str(exc))
+                code = 2
             except LedgerError as exc:
                 say(str(exc))
                 code = 2
@@ -210,34 +249,123 @@ async def _watch_signals(stop: anyio.Event, received: list[signal.Signals],
 
 async def results(args: argparse.Namespace) -> int:
     """``asyncbg results --ledger LEDGER -o OUTPUT``: one line per finished custom_id."""
-    output = Path(args.output)
     ledger: Ledger
     try:
         ledger = open_ledger(args.ledger)
-        if isinstance(ledger, SQLiteLedger) and not await anyio.Path(ledger.path).exists():
-            say(f"no ledger at {ledger.path} (pass the --ledger the jobs were submitted to)")
-            return 2
-        await ledger.open()
     except LedgerError as exc:
         say(str(exc))
         return 2
+    refused = _refused_output(args.output, ledger)
+    if refused is not None:
+        say(f"{refused}; nothing was written")
+        return 2
+    if await _missing(ledger, args.ledger):
+        return 2
+    records = await _with_ledger(ledger, lambda led: led.records(), "")
+    if records is None:
+        return 2
+    lines = [line for record in records if (line := output_line(record)) is not None]
+    unfinished = len(records) - len(lines)
+    if args.output == "-":
+        _write_stdout(lines)
+        return 0
     try:
-        records = await ledger.records()
-    except LedgerError as exc:
-        say(str(exc))
+        await anyio.to_thread.run_sync(_write_file, args.output, lines)
+    except OSError as exc:
+        say(f"cannot write {args.output}: {exc.strerror or exc}")
         return 2
+    say(f"wrote {len(lines)} lines to {args.output}"
+        + (f"; {unfinished} jobs are not finished yet" if unfinished else ""))
+    return 0
+
+
+def _refused_output(output: str, ledger: Ledger) -> str | None:
+    """Why ``results`` may not write ``output``, or None: only a regular file (new or
+    existing) or ``-`` is written, and never the ledger's own file or its companions."""
+    if output == "-":
+        return None
+    path = Path(output)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as exc:
+        return f"cannot use {output}: {exc.strerror or exc}"
+    if mode is not None and not stat.S_ISREG(mode):
+        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket"
+                if stat.S_ISSOCK(mode) else "not a regular file")
+        return f"{output} is {kind}: -o writes only a regular file (or - for stdout)"
+    if isinstance(ledger, SQLiteLedger):
+        base = ledger.path
+        for companion in ("", "-wal", "-shm", "-journal"):
+            if same_path(path, base.with_name(base.name + companion)):
+                return f"{output} is the ledger itself ({base}); pass another -o"
+    return None
+
+
+def _write_file(output: str, lines: list[dict[str, Any]]) -> None:
+    """Replace the file atomically, through any symbolic link to it (the link stays one)."""
+    write_atomic(Path(os.path.realpath(output)), lines)
+
+
+def _write_stdout(lines: Iterable[Mapping[str, Any]]) -> None:
+    """The lines on stdout; a reader that goes away (``| head``) ends it quietly."""
+    try:
+        for line in lines:
+            sys.stdout.write(_dumps(line))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python would complain again while flushing at exit: point stdout at nothing.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+async def _with_ledger(ledger: L, work: Callable[[L], Awaitable[T]], after: str) -> T | None:
+    """``work`` on the opened ``ledger``, closed again whatever happens; None after saying
+    why the ledger failed (``after`` is added to that line)."""
+    try:
+        await ledger.open()
+        return await work(ledger)
+    except LedgerError as exc:
+        say(f"{exc}{after}")
+        return None
     finally:
         with anyio.CancelScope(shield=True):
             await ledger.close()
-    lines = [line for record in records if (line := output_line(record)) is not None]
+
+
+async def _missing(ledger: Ledger, spec: str, *, hint: str = "") -> bool:
+    """Whether ``ledger`` is an SQLite path with no file (after saying so): only ``submit``
+    creates one, so that a mistyped path makes neither directories nor an empty ledger."""
+    if isinstance(ledger, SQLiteLedger) and not await anyio.Path(ledger.path).exists():
+        say(f"no ledger at {ledger.path}: pass the --ledger the jobs were submitted to "
+            f"(`asyncbg submit --ledger {spec}` creates it){hint}")
+        return True
+    return False
+
+
+# -- retry ---------------------------------------------------------------------------------------
+
+
+async def retry(args: argparse.Namespace) -> int:
+    """``asyncbg retry --ledger LEDGER [--code CODE]``: re-queue what ended unpaid."""
     try:
-        write_atomic(output, lines)
-    except OSError as exc:
-        say(f"cannot write {output}: {exc.strerror or exc}")
+        ledger = shared_ledger(args.ledger)
+    except LedgerError as exc:
+        say(str(exc))
         return 2
-    unfinished = len(records) - len(lines)
-    say(f"wrote {len(lines)} lines to {output}"
-        + (f"; {unfinished} jobs are not finished yet" if unfinished else ""))
+    if await _missing(ledger, args.ledger):
+        return 2
+    count = await _with_ledger(ledger, lambda led: led.requeue_unpaid(code=args.code),
+                               "; nothing was re-queued")
+    if count is None:
+        return 2
+    which = f" with error code {args.code}" if args.code else ""
+    print(f"re-queued {count} lines that ended without a response{which}", flush=True)
+    if count:
+        say(f"workers run them: `asyncbg worker --ledger {args.ledger}`")
     return 0
 
 
@@ -245,4 +373,5 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], Awaitable[int]]] = {
     "submit": submit,
     "worker": worker,
     "results": results,
+    "retry": retry,
 }

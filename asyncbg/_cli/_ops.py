@@ -221,6 +221,7 @@ def status_text(summary: Mapping[str, Any]) -> str:
             if len(by_api) > 1 or "openai" not in by_api else "")
     items.append(("live", f"{live} still running on the server{apis}" if live else "none"))
     text = rows(items)
+    fleet = "fleet" in summary
     responses = summary.get("live", [])
     if 0 < len(responses) <= MAX_LIVE_LINES:
         for item in responses:
@@ -236,7 +237,8 @@ def status_text(summary: Mapping[str, Any]) -> str:
                      "(--json lists them all)")
     if summary["unconfirmed"]:
         text += (f"\n{len(summary['unconfirmed'])} create(s) left without an answer recorded "
-                 "(a rerun sends them again): " + ", ".join(summary["unconfirmed"][:10]))
+                 f"({'a worker' if fleet else 'a rerun'} sends them again): "
+                 + ", ".join(summary["unconfirmed"][:10]))
     if live:
         text += "\n" + _advice(summary)
     return text
@@ -247,7 +249,8 @@ def _advice(summary: Mapping[str, Any]) -> str:
     if summary.get("held_by"):
         return "the run that holds the journal collects them as they finish"
     if "fleet" in summary:
-        return "the fleet's workers collect them (`asyncbg worker --ledger ...`)"
+        return (f"the workers collect them (start `asyncbg worker --ledger "
+                f"{summary['journal']}` if none is running)")
     return ("run the same `asyncbg run` command again to collect them: they are paid for and "
             "their results are kept")
 
@@ -262,6 +265,9 @@ async def status(args: argparse.Namespace) -> int:
         records = await ledger.records()
         if isinstance(ledger, SharedLedger):
             fleet = await fleet_status(ledger)
+            if not fleet["workers_alive"] and isinstance(ledger, SharedSQLiteLedger) and (
+                    not await ledger.used_by_a_fleet()):
+                fleet = None  # an `asyncbg run` journal
         # Pending and failed webhook notifications (an outbox: SQLite and PostgreSQL ledgers).
         notes = delivery_summary(await ledger.deliveries() if isinstance(ledger, Outbox) else [])
     except LedgerError as exc:
@@ -273,7 +279,7 @@ async def status(args: argparse.Namespace) -> int:
     if "://" not in args.ledger:
         real = await anyio.Path(args.ledger).resolve()  # the lock is beside the real file
         summary["held_by"] = current_holder(Path(f"{real}.lock"))
-    if fleet is not None and (fleet["workers_alive"] or "://" in args.ledger):
+    if fleet is not None:
         summary["fleet"] = fleet
     summary["notifications"] = notes
     if args.json:

@@ -1,16 +1,18 @@
-"""Shared ledgers in the scheduler: following a job another process owns, and losing a lease.
+"""The steps a shared ledger adds: following a job another process owns, and losing a lease.
 
 A claim that comes back :attr:`~asyncbg.ClaimOutcome.FOLLOW` means another live process holds
 the key's lease and runs it. The job is queued like any other but, once it has a slot, it reads
-the ledger instead of the server (:meth:`Following._follow`, at the poll policy's pace): it ends
-with the owner's record, or, when the owner's lease runs out, the claim takes the key over and
-the job goes on here: polling the recorded response id, or creating it (counted as a possible
-duplicate when a create may have left).
+the ledger instead of the server (:meth:`SharedLedgerSteps._follow`, at the poll policy's pace):
+it ends with the owner's record, or, when the owner's lease runs out, the claim takes the key
+over and the job goes on here: polling the recorded response id, or creating it (counted as a
+possible duplicate when a create may have left). A cancel asked of a followed job (the user's,
+or its deadline) is sent to the server for the response the owner recorded; the owner then
+records the outcome, which the follower reads.
 
 A write that the ledger refuses with :class:`~asyncbg._ledgers._shared.LeaseLost`, or a lease a
-renewal finds lost (:meth:`Following.drop`), ends the job here without any request and without
-recording anything: another process owns it now. Before a cancel, the lease is renewed, so
-that a process that lost it can never cancel the new owner's response.
+renewal finds lost (:meth:`SharedLedgerSteps.drop`), ends the job here without any request and
+without recording anything: another process owns it now. Before a cancel, the lease is renewed,
+so that a process that lost it can never cancel the new owner's response.
 """
 
 from __future__ import annotations
@@ -21,22 +23,20 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from .. import _log
+from .._http import RequestError
 from .._ledgers._base import ClaimOutcome, LedgerError, Record, canonical, digest
 from .._ledgers._shared import LeaseLost, SharedLedger
 from .._policies import PollPolicy
 from .._providers._base import Answer
 from .._status import JobStatus
-from ._entry import CREATING, ENDED, LIVE, Entry
 from ._job import Job
-from ._steps import Steps
+from ._life import Entry, Stage, move
+from ._steps import AFTER_CANCEL, Permit, Steps
 
-__all__ = ["FOLLOWING", "Following", "answer_of"]
-
-#: The stage of a followed job: after those of ._entry; like them, it holds a concurrency slot.
-FOLLOWING = ENDED + 1
+__all__ = ["SharedLedgerSteps", "answer_of"]
 
 
-class Following(Steps):
+class SharedLedgerSteps(Steps):
     """Mixed into :class:`~asyncbg._engine._scheduler.Scheduler`; see the module docstring."""
 
     _following: set[str]
@@ -48,6 +48,10 @@ class Following(Steps):
 
         def serve(self, job: Job, answer: Answer) -> None: ...
 
+        def _detach(self, entry: Entry) -> None: ...
+
+        def lease_taken(self, key: str, at: float) -> None: ...
+
     def follow(self, job: Job, params: dict[str, Any], policy: PollPolicy, *,
                deadline: float | None = None) -> Entry:
         """Queue a job another live process runs (a FOLLOW claim): it reads the ledger, at the
@@ -56,66 +60,89 @@ class Following(Steps):
         self._following.add(job.key)
         return self.add(job, params, policy, deadline=deadline)
 
-    async def _io(self, entry: Entry) -> None:
-        if entry.stage != FOLLOWING:
-            await super()._io(entry)
-            return
-        try:
-            await self._follow(entry)
-        except LedgerError as exc:  # the ledger is unreachable for now: read it again later
-            _log.warning("job.follow_failed", key=entry.job.key, error=str(exc))
-            self._schedule(entry, entry.policy.max_interval * entry.scale)
-        except Exception as exc:  # noqa: BLE001 - a bug must fail one job, not the manager
-            _log.exception("job.crashed", key=entry.job.key)
-            self._following.discard(entry.job.key)
-            self._end(entry, JobStatus.FAILED, f"asyncbg internal error: {exc!r}",
-                      "internal_error")
-        finally:
-            entry.in_flight = False
-            self.requests_limiter.release()
-
-    async def _follow(self, entry: Entry) -> None:
+    async def _follow(self, entry: Entry, permit: Permit) -> float | None:
         job, ledger, params = entry.job, self.ledger, entry.params
         assert ledger is not None and params is not None
-        record = await ledger.get(job.key)
-        claim = None
-        if record is None or not record.terminal:
-            claim = await ledger.claim(job.key, digest(params), canonical(params))
-            record = claim.record
-            if claim.outcome is ClaimOutcome.FOLLOW:
-                now = anyio.current_time()
-                if entry.deadline is not None and now >= entry.deadline:
-                    # Not ours to cancel: cancelled if it is taken over (and no longer woken
-                    # at the deadline, which has passed).
-                    entry.cancel_wanted = True
-                    entry.cancel_reason = ("its deadline passed", "deadline_exceeded")
-                age = now - entry.started
-                self._schedule(entry, entry.policy.next_interval(age, scale=entry.scale))
-                return
+        try:
+            record = await ledger.get(job.key)
+            claim = None
+            if record is None or not record.terminal:
+                claimed_at = anyio.current_time()
+                claim = await ledger.claim(job.key, digest(params), canonical(params))
+                record = claim.record
+                if claim.outcome is not ClaimOutcome.FOLLOW:
+                    self.lease_taken(job.key, claimed_at)
+        except LeaseLost:
+            raise
+        except LedgerError as exc:  # unreachable for now: read it again later
+            _log.warning("job.follow_failed", key=job.key, error=str(exc))
+            return entry.policy.max_interval * entry.scale
+        if claim is not None and claim.outcome is ClaimOutcome.FOLLOW:
+            if entry.cancel_by_user:  # a deadline here is not ours to act on: it is their job
+                return await self._cancel_followed(entry, permit, record)
+            age = anyio.current_time() - entry.started
+            return entry.policy.next_interval(age, scale=entry.scale)
+        permit.release()
         self._following.discard(job.key)
         if claim is None or claim.outcome is ClaimOutcome.DONE:
             self.serve(job, answer_of(record))  # the owner recorded the end
-            self._finished(entry)
-        elif claim.outcome is ClaimOutcome.MISMATCH:
-            self._end(entry, JobStatus.FAILED, "the process that owned this key replaced its "
-                      "request with another; give this request a new key", "journal_mismatch")
-        else:  # the owner's lease ran out: the job is ours now
-            _log.warning("job.taken_over", key=job.key, response_id=record.response_id,
-                         outcome=claim.outcome.value)
-            entry.stage = CREATING
-            if claim.outcome is ClaimOutcome.RESUME:
-                entry.sent = True
-                entry.stage = LIVE
-                entry.control.update(JobStatus.from_server(record.status),
-                                     response_id=record.response_id)
-                self._known(entry)
-            elif claim.outcome is ClaimOutcome.RESEND:
-                entry.resubmit = True
-                self.possible_duplicates += 1
-                _log.warning("job.possible_duplicate", key=job.key,
-                             reason="create sent but never recorded")
-            entry.started = anyio.current_time()
-            self._schedule(entry, 0.0)
+            self._close(entry, settled=True)
+            return None
+        if claim.outcome is ClaimOutcome.MISMATCH:
+            self._drop(entry, JobStatus.FAILED, "the process that owned this key replaced its "
+                       "request with another; give this request a new key", "journal_mismatch")
+            return None
+        # The owner's lease ran out: the job is ours now.
+        _log.warning("job.taken_over", key=job.key, response_id=record.response_id,
+                     outcome=claim.outcome.value)
+        entry.started = anyio.current_time()
+        entry.cancel_sent = False
+        if claim.outcome is ClaimOutcome.RESUME:
+            entry.sent = True
+            move(entry, Stage.LIVE)
+            entry.control.update(JobStatus.from_server(record.status),
+                                 response_id=record.response_id)
+            self._known(entry)
+            return 0.0
+        if claim.outcome is ClaimOutcome.RESEND:
+            entry.resubmit = True
+            self.possible_duplicates += 1
+            _log.warning("job.possible_duplicate", key=job.key,
+                         reason="create sent but never recorded")
+        move(entry, Stage.CREATING)
+        return 0.0
+
+    async def _cancel_followed(self, entry: Entry, permit: Permit,
+                               record: Record) -> float | None:
+        """Cancel asked of a job another process owns: cancel the response it recorded on the
+        server (the owner records the outcome); nothing to cancel before it has an id."""
+        rid = record.response_id
+        if rid is None or entry.cancel_sent:
+            return AFTER_CANCEL
+        entry.cancel_sent = True
+        self.requests += 1
+        _log.info("job.cancel_sent", key=entry.job.key, response_id=rid,
+                  reason="asked, for a job another process runs")
+        try:
+            answer = await self.provider.cancel(rid)
+        except RequestError as exc:
+            _log.info("job.cancel_failed", key=entry.job.key, response_id=rid,
+                      error=exc.message)
+            return AFTER_CANCEL
+        finally:
+            permit.release()
+        if answer.status.terminal:
+            # Served as the server says; the owner records it (this process holds no lease).
+            self._following.discard(entry.job.key)
+            self.serve(entry.job, answer)
+            self._close(entry, settled=True)
+            return None
+        return AFTER_CANCEL
+
+    async def _cancel_live(self, entry: Entry, permit: Permit) -> float | None:
+        if not await self._still_ours(entry):
+            return None
+        return await self._cancel(entry, permit)
 
     def drop(self, key: str) -> None:
         """The lease on ``key`` was lost (found by a renewal): stop running it here."""
@@ -126,12 +153,13 @@ class Following(Steps):
     def _lease_lost(self, entry: Entry, exc: LeaseLost | None) -> None:
         """Another process took the job over: detach it locally, with no request and nothing
         recorded (its waiters learn it was left running; the new owner finishes it)."""
+        if entry.stage is Stage.ENDED:
+            return
         if exc is not None:
             _log.warning("job.lease_lost", key=entry.job.key, response_id=entry.job.response_id,
                          error=str(exc))
         self._following.discard(entry.job.key)
-        entry.control.detach()
-        self._finished(entry)
+        self._detach(entry)
 
     async def _still_ours(self, entry: Entry) -> bool:
         """Before a cancel on a shared ledger: renew the lease, so that a process that lost it
@@ -144,10 +172,6 @@ class Following(Steps):
             return True
         self._lease_lost(entry, None)
         return False
-
-    async def _cancel(self, entry: Entry) -> None:
-        if await self._still_ours(entry):
-            await super()._cancel(entry)
 
 
 def answer_of(record: Record) -> Answer:

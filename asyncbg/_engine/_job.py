@@ -72,6 +72,7 @@ class Job:
     """
 
     __slots__ = (
+        "__weakref__",
         "_accepted",
         "_body",
         "_callbacks",
@@ -127,6 +128,13 @@ class Job:
     def done(self) -> bool:
         """True once the job is terminal (completed, failed, cancelled or incomplete)."""
         return self._status.terminal
+
+    @property
+    def detached(self) -> bool:
+        """True when the job was left running on the server without this process following it
+        any further (its manager exited with ``cancel_on_exit=False``, or another process took
+        it over); re-attach to it through the journal."""
+        return self._detached and not self.done
 
     @property
     def response(self) -> Any:
@@ -395,11 +403,18 @@ class JobControl:
         return True
 
     def detach(self) -> None:
-        """The manager exited leaving this live job running on the server: wake its waiters."""
+        """The manager exited leaving this live job running on the server: wake its waiters
+        and listeners (``wait_any`` and ``as_completed`` then raise ManagerStateError)."""
         job = self.job
         if not job.done:
             job._detached = True
             self._wake_all()
+            listeners, job._listeners = job._listeners, None
+            for fn in listeners or ():
+                try:
+                    fn(job)
+                except Exception:  # noqa: BLE001 - one bad listener must not stop the others
+                    _log.exception("job.callback_failed", key=job.key)
 
     def _wake_all(self) -> None:
         job = self.job

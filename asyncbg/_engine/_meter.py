@@ -10,7 +10,8 @@ budget's arithmetic from :mod:`asyncbg._spend._budget` and the pacing from
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import anyio
@@ -20,7 +21,7 @@ from .._spend._budget import Budget
 from .._spend._pacing import Pacer, RateLimit
 from .._spend._pricing import Price, PriceBook, estimate_tokens, usage_tokens
 
-__all__ = ["PARK", "Meter", "Spend"]
+__all__ = ["PARK", "Meter", "Spend", "Ticket"]
 
 #: What :meth:`Meter.admit` answers for a job that may fit once live jobs have settled.
 PARK = -1.0
@@ -40,6 +41,35 @@ class Spend:
         self.reasoning_tokens = 0
 
 
+class Ticket:
+    """One create that :meth:`Meter.admit` let through: it holds a place in the pacer's window
+    until :meth:`answered`, and gives it back on every other way out of its ``with`` block
+    (an error, a cancellation, a create that was not sent after all)."""
+
+    __slots__ = ("_booked", "_meter", "_tokens")
+
+    def __init__(self, meter: Meter, tokens: int, *, booked: bool) -> None:
+        self._meter = meter
+        self._tokens = tokens
+        self._booked = booked
+
+    def answered(self, http_status: int, limits: Mapping[str, str] | None) -> None:
+        """The create came back (``http_status`` 0 when no answer came at all)."""
+        if self._booked:
+            self._booked = False
+            self._meter.answered(http_status, limits)
+            if self._meter.on_answer is not None:
+                self._meter.on_answer()  # one more create may go now
+
+    def __enter__(self) -> Ticket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._booked:
+            self._booked = False
+            self._meter.pacer.create_abandoned(self._tokens)
+
+
 class Meter:
     """Cost, budget and pacing for one manager (see the module docstring)."""
 
@@ -56,12 +86,16 @@ class Meter:
         self.batch = batch
         self.max_hold = max_hold
         self.spend = Spend()
+        #: Called when a create is answered (the scheduler wakes a create waiting for the
+        #: pacer's window).
+        self.on_answer: Callable[[], object] | None = None
 
     # -- before and after a create -------------------------------------------------------------
 
-    def admit(self, key: str, params: Mapping[str, Any]) -> float | None:
-        """Seconds to wait before sending ``key``'s create (0: now), :data:`PARK` to wait until
-        a live job settles (the budget may have room then), or None: over budget for good."""
+    def admit(self, key: str, params: Mapping[str, Any]) -> Ticket | float | None:
+        """A :class:`Ticket` to send ``key``'s create now, seconds to wait before asking again,
+        :data:`PARK` to wait until a live job settles (the budget may have room then), or None:
+        over budget for good."""
         tokens = estimate_tokens(params)
         if self.budget is not None:
             model = str(params.get("model") or "")
@@ -70,11 +104,13 @@ class Meter:
         if self.batch:
             # A batch provider's create only adds the job to a group sent as one request:
             # there is no per-job rate to pace (the remote batch is the unit).
-            return 0.0
+            return Ticket(self, 0, booked=False)
         delay = self.pacer.create_delay(tokens[0] + tokens[1])
-        if delay > 0 and self.budget is not None:
-            self.budget.release(key)  # reserved again when it is admitted
-        return delay
+        if delay > 0:
+            if self.budget is not None:
+                self.budget.release(key)  # reserved again when it is admitted
+            return delay
+        return Ticket(self, tokens[0] + tokens[1], booked=True)
 
     def window_full(self) -> bool:
         """Whether creates wait for an answer to come back (rather than for a time)."""
@@ -89,10 +125,11 @@ class Meter:
         wait = parse_retry_after(headers) if http_status == 429 else None
         if wait is not None:
             # Every create waits out a 429's Retry-After, up to the retry policy's cap (the
-            # job's own retry is capped the same way).
+            # job's own retry is capped the same way); a value that is not a number is absent.
             headers.pop("retry-after", None)
             headers.pop("retry-after-ms", None)
-            headers["retry-after"] = f"{min(max(wait, 0.0), self.max_hold):.3f}"
+            if math.isfinite(wait):
+                headers["retry-after"] = f"{min(max(wait, 0.0), self.max_hold):.3f}"
         self.pacer.create_answered(http_status, headers)
 
     def unsent(self, key: str) -> None:
@@ -159,4 +196,6 @@ class Meter:
         return self.pacer.poll_delay()
 
     def poll_limited(self, retry_after: float | None) -> None:
-        self.pacer.poll_hold_off(retry_after if retry_after is not None else 1.0)
+        """A poll was answered 429: every poll waits (``retry_after`` clamped to the cap)."""
+        wait = retry_after if retry_after is not None and math.isfinite(retry_after) else 1.0
+        self.pacer.poll_hold_off(min(max(wait, 0.0), self.max_hold))

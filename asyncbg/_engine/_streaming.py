@@ -9,7 +9,7 @@ ends without a terminal event (a cancel), the job goes back to the scheduler to 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, nullcontext
 from typing import Any, Protocol
 
 import anyio
@@ -20,7 +20,8 @@ from .._ledgers._base import Ledger
 from .._policies import RetryPolicy
 from .._providers._base import Answer, Provider
 from .._spend._limiter import Limiter
-from ._entry import Entry
+from ._life import CANCEL, Entry
+from ._meter import Ticket
 
 __all__ = ["run_stream"]
 
@@ -36,30 +37,38 @@ class Scheduler(Protocol):
 
     async def take(self, entry: Entry, answer: Answer) -> None: ...
 
+    async def sending(self, entry: Entry) -> None: ...
 
-async def run_stream(s: Scheduler, entry: Entry) -> bool:
-    """Carry ``entry`` by its stream; True when it must be polled from here instead."""
+
+async def run_stream(s: Scheduler, entry: Entry, ticket: Ticket | None) -> bool:
+    """Carry ``entry`` by its stream; True when it must be polled from here instead.
+
+    ``ticket`` is the create's place in the pacer (its open is the create): answered when the
+    stream opens or fails, given back on any other way out.
+    """
     job = entry.job
-    if job.response_id is None:
-        assert entry.params is not None
-        if s.ledger is not None:
-            await s.ledger.sending(job.key, resubmit=entry.resubmit)
-        entry.resubmit = False
-        entry.sent = True
-        settled, _dropped, fallback = await _open_and_read(s, entry, entry.params, None)
-        if settled:
-            return False
-        if fallback:
-            return True
+    with ticket if ticket is not None else nullcontext():
+        if job.response_id is None:
+            assert entry.params is not None
+            if s.ledger is not None:
+                await s.sending(entry)
+            entry.resubmit = False
+            entry.sent = True
+            settled, _dropped, fallback = await _open_and_read(s, entry, entry.params, None,
+                                                               ticket)
+            if settled:
+                return False
+            if fallback:
+                return True
     resumes = 0
-    while not job.done and not entry.cancel_wanted and job.response_id is not None:
+    while not job.done and not entry.asked(CANCEL) and job.response_id is not None:
         if resumes >= s.retry.max_attempts:
             _log.warning("job.stream_gave_up", key=job.key, resumes=resumes, fallback="polling")
             return True
         resumes += 1
         _log.info("job.stream_resume", key=job.key, response_id=job.response_id,
                   starting_after=job.last_sequence, attempt=resumes)
-        settled, dropped, fallback = await _open_and_read(s, entry, None, job.response_id)
+        settled, dropped, fallback = await _open_and_read(s, entry, None, job.response_id, None)
         if settled:
             return False
         if fallback or not dropped:
@@ -69,7 +78,8 @@ async def run_stream(s: Scheduler, entry: Entry) -> bool:
 
 
 async def _open_and_read(
-    s: Scheduler, entry: Entry, params: dict[str, Any] | None, response_id: str | None
+    s: Scheduler, entry: Entry, params: dict[str, Any] | None, response_id: str | None,
+    ticket: Ticket | None,
 ) -> tuple[bool, bool, bool]:
     """Open (create or resume) and read one stream: (settled, dropped, fall back to polling)."""
     job = entry.job
@@ -80,19 +90,28 @@ async def _open_and_read(
             events = await stack.enter_async_context(
                 s.provider.stream(params, response_id=response_id, after=job.last_sequence))
         except Rejected as exc:
+            if ticket is not None:
+                ticket.answered(exc.http_status or 0, exc.limits)
             _log.warning("job.stream_refused" if response_id is None
                          else "job.stream_resume_refused", key=job.key,
                          status_code=exc.http_status, error=exc.message, fallback="polling")
             if params is not None:
                 # Some servers refuse background together with stream: create it plainly.
                 entry.params = {k: v for k, v in params.items() if k != "stream"}
+                entry.stream = False
             return False, False, True
         except RequestError as exc:
+            if ticket is not None:
+                ticket.answered(exc.http_status or 0, exc.limits)
             _log.info("job.stream_open_failed", key=job.key, error=exc.message,
                       fallback="polling")
+            if params is not None:
+                entry.stream = False  # created plainly from here (and polled)
             return False, False, True
         finally:
             s.requests_limiter.release()
+        if ticket is not None:
+            ticket.answered(200, None)
         return await _read(s, entry, events)
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -116,7 +135,7 @@ async def _read(
                     entry.stream_scope = scope
                 if job.done:
                     return True, False, False
-                if entry.cancel_wanted:
+                if entry.asked(CANCEL):
                     return False, False, True  # the id is known now: cancel it by polling
         except Transient as exc:
             _log.info("job.stream_dropped", key=job.key, error=exc.message,

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Iterable
 
 import anyio
 
+from .._errors import ManagerStateError
 from ._job import Job
 
 __all__ = ["as_completed", "wait_all", "wait_any"]
@@ -24,6 +25,7 @@ async def wait_any(jobs: Iterable[Job], *, timeout: float | None = None) -> Job:
     done = [j for j in jobs if j.done]
     if done:
         return min(done, key=lambda j: j.finish_order)
+    _check_attached(jobs)
     first: list[Job] = []
     woken = anyio.Event()
 
@@ -40,6 +42,7 @@ async def wait_any(jobs: Iterable[Job], *, timeout: float | None = None) -> Job:
     finally:
         for j in jobs:
             j.remove_listener(on_done)
+    _check_attached(first)
     return first[0]
 
 
@@ -69,12 +72,25 @@ async def as_completed(
     try:
         for j in finished:
             yield j
+        _check_attached(waiting)
         for _ in waiting:
             with anyio.fail_at(deadline):
                 job = await receive.receive()
+            _check_attached([job])
             yield job
     finally:
         for j in waiting:
             j.remove_listener(send.send_nowait)
         send.close()
         receive.close()
+
+
+def _check_attached(jobs: list[Job]) -> None:
+    """Raise as ``job.wait()`` does for a job left running that nothing here follows."""
+    for job in jobs:
+        if job.detached:
+            raise ManagerStateError(
+                f"job {job.key!r} was left running on the server when its manager exited "
+                "(cancel_on_exit=False) or another process took it over; re-attach to it with "
+                "a journal"
+            )

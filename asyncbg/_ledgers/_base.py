@@ -25,7 +25,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -65,8 +65,12 @@ def digest(params: Mapping[str, Any]) -> str:
 class LedgerError(AsyncbgError):
     """A ledger cannot be used: corrupt, locked by another run, unwritable, or too new.
 
-    The message names the ledger and says what to do; nothing was sent.
+    The message names the ledger and says what to do. Raised by a manager that had to stop,
+    ``unrecorded`` lists the responses the server created but the ledger never took, as
+    ``(key, response_id)``: they were cancelled on the server (nobody could find them again).
     """
+
+    unrecorded: Sequence[tuple[str, str]] = ()
 
 
 class LedgerUnavailable(LedgerError):

@@ -19,14 +19,19 @@ class MemoryLedger:
     ``open()`` and ``close()`` do nothing, so one instance can serve several managers in turn
     (as a journal file would), which is what tests of re-attaching want. It keeps an outbox of
     webhook notifications too (see :mod:`._outbox`), as lasting as the rest.
+
+    ``keep_finished=False`` (the outbox of a manager with ``notify=`` and no journal) forgets a
+    finished key as soon as no notification of it is pending, so that memory stays bounded by
+    the jobs in flight.
     """
 
-    __slots__ = ("_outbox", "_records")
+    __slots__ = ("_keep_finished", "_outbox", "_records")
 
-    def __init__(self) -> None:
+    def __init__(self, *, keep_finished: bool = True) -> None:
         # A dict keeps insertion order, and replacing a value keeps its place: claim order.
         self._records: dict[str, Record] = {}
         self._outbox: dict[str, _Row] = {}
+        self._keep_finished = keep_finished
 
     def __repr__(self) -> str:
         return f"<MemoryLedger records={len(self._records)}>"
@@ -94,6 +99,9 @@ class MemoryLedger:
             )
             if outcome.notification is not None:
                 self._add(key, outcome.notification)
+            elif not self._keep_finished:
+                self._records.pop(key, None)
+                return
         self._records[key] = new
 
     async def get(self, key: str) -> Record | None:
@@ -128,7 +136,11 @@ class MemoryLedger:
 
     async def deliveries_done(self, ids: Collection[str]) -> None:
         for id_ in ids:
-            self._outbox.pop(id_, None)
+            row = self._outbox.pop(id_, None)
+            if row is not None and not self._keep_finished:
+                record = self._records.get(row.key)
+                if record is not None and record.terminal:
+                    del self._records[row.key]
 
     async def release_deliveries(self, ids: Collection[str], *, owner: str) -> None:
         for id_ in ids:

@@ -264,6 +264,14 @@ REQUEUE = f"""
         lease_until = NULL, updated = {_NOW}
     WHERE key = ANY(%(keys)s::text[]) AND owner = %(owner)s AND state = 'local'
 """
+# An operator's retry: whoever ended them; never a key with a response id (paid for).
+REQUEUE_UNPAID = f"""
+    UPDATE asyncbg_jobs SET state = 'new', status = 'pending', body = NULL, error = NULL,
+        error_code = NULL, http_status = NULL, request_id = NULL, owner = NULL,
+        lease_until = NULL, updated = {_NOW}
+    WHERE state = 'local' AND response_id IS NULL
+      AND (%(code)s::text IS NULL OR error_code = %(code)s::text)
+"""
 WORKERS = f"""
     SELECT w.owner, w.host, w.pid, w.started, w.seen, w.lease,
            (SELECT count(*) FROM asyncbg_jobs j

@@ -356,6 +356,12 @@ class PostgresLedger(PostgresOutbox):
             await self._run(lambda c: self._execute(
                 c, q.REQUEUE, {"keys": list(keys), "owner": self._owner}))
 
+    async def requeue_unpaid(self, *, code: str | None = None) -> int:
+        async def requeue(conn: Conn) -> int:
+            return max((await self._execute(conn, q.REQUEUE_UNPAID, {"code": code})).rowcount, 0)
+
+        return await self._run(requeue)
+
     async def workers(self) -> list[WorkerInfo]:
         rows = await self._run(lambda c: self._fetchall(c, q.WORKERS))
         return [WorkerInfo(*row) for row in rows]

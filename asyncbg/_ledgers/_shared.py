@@ -138,6 +138,12 @@ class SharedLedger(Ledger, Protocol):
         for, e.g. the server could not be reached) back to waiting, for any process to run."""
         ...
 
+    async def requeue_unpaid(self, *, code: str | None = None) -> int:
+        """Put every key that ended without a paid response (state ``local``, no response id),
+        whoever ended it, back to waiting; only those whose ``error_code`` is ``code`` when it
+        is given. Returns how many (an operator's ``asyncbg retry``)."""
+        ...
+
     async def workers(self) -> list[WorkerInfo]:
         """The processes alive: those that renewed within their lease period."""
         ...
@@ -162,19 +168,28 @@ def shared_claim_outcome(
     return claim_outcome(state, stored_digest, digest)
 
 
-async def keep_leases(ledger: SharedLedger, on_lost: Callable[[str], object]) -> NoReturn:
+async def keep_leases(
+    ledger: SharedLedger, on_lost: Callable[[str], object],
+    on_renewed: Callable[[Collection[str], float], object] | None = None,
+) -> NoReturn:
     """Renew every lease ``ledger`` holds every ``ledger.lease / 3`` seconds, in one batch.
 
     The first renewal happens at once, so that the process shows up among the workers. A key
-    whose lease was lost goes to ``on_lost`` (stop running it here). A failed renewal is
-    logged and retried at the next period: the leases then run out only if it keeps failing.
+    whose lease was lost goes to ``on_lost`` (stop running it here); the keys renewed go to
+    ``on_renewed`` with the monotonic time the renewal was sent (their lease runs from then, by
+    this process's own clock). A failed renewal is logged and retried at the next period: the
+    leases then run out only if it keeps failing.
     """
     while True:
+        keys = list(ledger.held())
+        sent_at = anyio.current_time()
         try:
-            lost = await ledger.renew(list(ledger.held()), ledger.lease)
+            lost = await ledger.renew(keys, ledger.lease)
         except LedgerError as exc:
             _log.warning("ledger.renew_failed", ledger=ledger.location, error=str(exc))
         else:
+            if on_renewed is not None:
+                on_renewed([key for key in keys if key not in lost], sent_at)
             for key in sorted(lost):
                 _log.warning("job.lease_lost", key=key, owner=ledger.owner,
                              reason="another process took the lease over")

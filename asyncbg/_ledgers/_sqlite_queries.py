@@ -231,6 +231,16 @@ REQUEUE = """
         lease_until = NULL, updated = ?
     WHERE key = ? AND owner = ? AND state = 'local'
 """
+# Params: now, code, code. Never a key with a response id: that one was paid for.
+REQUEUE_UNPAID = """
+    UPDATE jobs SET state = 'new', status = 'pending', response = NULL, error = NULL,
+        error_code = NULL, http_status = NULL, request_id = NULL, owner = NULL,
+        lease_until = NULL, updated = ?
+    WHERE state = 'local' AND response_id IS NULL AND (? IS NULL OR error_code = ?)
+"""
+# A fleet's ledger rather than a run's journal: a key was leased (by a worker or a shared
+# manager); `asyncbg run` never leases.
+USED_BY_A_FLEET = "SELECT EXISTS (SELECT 1 FROM jobs WHERE epoch > 0)"
 # Params: now, now.
 WORKERS = """
     SELECT w.owner, w.host, w.pid, w.started, w.seen, w.lease,

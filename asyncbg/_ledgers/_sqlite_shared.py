@@ -265,6 +265,18 @@ class SharedSQLiteLedger(SQLiteLedger):
 
             await self._call(requeue)
 
+    async def requeue_unpaid(self, *, code: str | None = None) -> int:
+        def requeue(db: sqlite3.Connection) -> int:
+            with _transaction(db):
+                return int(db.execute(q.REQUEUE_UNPAID, (time.time(), code, code)).rowcount)
+
+        return await self._call(requeue)
+
+    async def used_by_a_fleet(self) -> bool:
+        """Whether workers run (or ran) this ledger, rather than ``asyncbg run``: a key was
+        ever leased."""
+        return await self._call(lambda db: bool(db.execute(q.USED_BY_A_FLEET).fetchone()[0]))
+
     async def workers(self) -> list[WorkerInfo]:
         def workers(db: sqlite3.Connection) -> list[WorkerInfo]:
             now = time.time()

@@ -226,6 +226,11 @@ class Sender:
 
     async def _deliver(self, delivery: Delivery) -> None:
         try:
+            if self._gone:
+                # Taken in the same round as the delivery that met the 410, and queued behind
+                # it: never posted. The loop marks it failed with every pending one.
+                self._leased.discard(delivery.id)
+                return
             status, retry_after, error = await self._post(delivery)
             await self._settle(delivery, status, retry_after, error)
             self._leased.discard(delivery.id)

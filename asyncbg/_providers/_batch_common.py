@@ -11,17 +11,16 @@ import hashlib
 import hmac
 import json
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
-import anyio
 import httpx2
 
-from .._http import NotFound, RequestError, Transient, Unreachable, classify_status
+from .._http import RequestError, Transient, Unreachable, classify_status
 from .._status import JobStatus
 
-__all__ = ["Remote", "Result", "confirmed", "plain", "sdk_error", "status_body",
+__all__ = ["Remote", "Result", "plain", "sdk_error", "status_body",
            "verify_standard_webhook"]
 
 
@@ -50,23 +49,6 @@ class Remote:
     total: int | None = None
     #: What the API module needs to read the results (file ids, inlined responses...).
     handle: Any = None
-
-
-T = TypeVar("T")
-
-#: Seconds between the first 404 for a job and the one that confirms it lost (a stale replica
-#: behind a load balancer, or an id just created elsewhere, answers 404 once).
-CONFIRM_LOST = 2.0
-
-
-async def confirmed(call: Callable[[], Awaitable[T]]) -> T:
-    """``await call()``; a 404 is believed only when the same call, ``CONFIRM_LOST`` seconds
-    later, answers 404 again (its ``NotFound`` then propagates)."""
-    try:
-        return await call()
-    except NotFound:
-        await anyio.sleep(CONFIRM_LOST)
-        return await call()
 
 
 def status_body(rid: str, batch_id: str, cid: str, status: str) -> bytes:

@@ -42,7 +42,7 @@ from .._http import NotFound, Rejected, RequestError, Transient
 from .._policies import PollPolicy
 from .._status import JobStatus
 from ._base import Answer, WebhookEvent
-from ._batch_common import Remote, Result, confirmed, plain, status_body
+from ._batch_common import Remote, Result, plain, status_body
 
 __all__ = ["BatchApi"]
 
@@ -80,7 +80,7 @@ class _Batch:
     """What is known of one remote batch: its jobs, its last poll, its results."""
 
     __slots__ = ("complete", "dropped", "handed", "id", "inflight", "live", "lost", "members",
-                 "order", "polled_at", "remote", "results", "seen", "used")
+                 "missing", "order", "polled_at", "remote", "results", "seen", "used")
 
     def __init__(self, batch_id: str, order: list[str] | None) -> None:
         self.id = batch_id
@@ -97,6 +97,7 @@ class _Batch:
         self.seen = self.polled_at = self.used = anyio.current_time()
         self.inflight: anyio.Event | None = None
         self.lost: NotFound | None = None
+        self.missing = False  # the last poll answered 404
 
     def fresh_for(self, now: float) -> float:
         return min(max(FRESH_SHARE * (now - self.seen), MIN_FRESH), MAX_FRESH)
@@ -396,15 +397,21 @@ class BatchApi:
             return
         b.inflight = done = anyio.Event()
         try:
-            remote = await confirmed(lambda: self._poll(b.id))  # a 404, polled twice
+            remote = await self._poll(b.id)
             b.polled_at, b.remote = now, remote
             if remote.ended:
                 b.results = await self._results(b.id, remote, b.order if b.complete else None)
                 for cid in b.dropped:
                     b.results.pop(cid, None)
         except NotFound as exc:
-            b.lost = exc
+            # One 404 is not a loss (a replica that has not seen the batch yet): the engine
+            # checks again a little later, and this poll must then reach the server.
+            if b.missing:
+                b.lost = exc  # a second 404 in a row: every job of it is lost
+            b.missing, b.polled_at = True, -math.inf
             raise
+        else:
+            b.missing = False
         finally:
             b.inflight = None
             done.set()

@@ -33,7 +33,6 @@ from .._http import (
 from .._policies import PollPolicy, parse_poll_after
 from .._status import JobStatus
 from ._base import Answer, WebhookEvent
-from ._batch_common import confirmed
 from ._lean import LeanConnectError, LeanError, read_status
 from ._sse import iter_events
 
@@ -103,12 +102,9 @@ class OpenAIResponses:
         return answer if limits is None else replace(answer, limits=limits)
 
     async def check(self, response_id: str) -> Answer:
-        return await confirmed(lambda: self._check(response_id))  # a 404, checked twice
-
-    async def _check(self, response_id: str) -> Answer:
         lean = self._lean_poller()
         if lean is None:
-            return await self._fetch(response_id)
+            return await self.fetch(response_id)
         try:
             got = await lean.get(f"responses/{response_id}")
         except LeanConnectError as exc:
@@ -116,16 +112,13 @@ class OpenAIResponses:
         except LeanError as exc:
             raise Transient(f"retrieve: {exc}", maybe_sent=True) from exc
         if 300 <= got.status < 400:
-            return await self._fetch(response_id)  # a redirect: the SDK's client follows it
+            return await self.fetch(response_id)  # a redirect: the SDK's client follows it
         if got.status >= 400:
             raise classify_status(got.status, got.headers, got.body, "retrieve")
         return self._parse(got.body, got.status, got.headers, f"responses/{response_id}",
                            poll=True)
 
     async def fetch(self, response_id: str) -> Answer:
-        return await confirmed(lambda: self._fetch(response_id))  # a 404, checked twice
-
-    async def _fetch(self, response_id: str) -> Answer:
         try:
             raw = await self._raw.retrieve(response_id)
         except openai.APIStatusError as exc:

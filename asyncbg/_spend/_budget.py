@@ -156,6 +156,11 @@ class Budget:
             self._reserved = 0.0  # no float drift once nothing is live
 
     @property
+    def reservations(self) -> int:
+        """Jobs holding a reservation (admitted, not yet settled or released)."""
+        return len(self._keys)
+
+    @property
     def max_cost(self) -> float:
         return self._max_cost
 

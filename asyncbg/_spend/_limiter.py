@@ -30,6 +30,11 @@ class Limiter:
         self._waiters: deque[anyio.Event] = deque()
 
     @property
+    def free(self) -> int:
+        """Slots nobody holds."""
+        return self._free
+
+    @property
     def waiting(self) -> int:
         return len(self._waiters)
 

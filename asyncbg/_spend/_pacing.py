@@ -26,7 +26,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from .._policies import parse_retry_after
+from .._policies import MAX_HINT, RETENTION_GUARD, parse_retry_after
 
 __all__ = ["Pacer", "PacerStatistics", "RateLimit", "parse_duration"]
 
@@ -39,6 +39,10 @@ HEADROOM_RESERVE = 0.05
 CATCH_UP = 0.2
 #: Hold-off after a 429 that says neither when to retry nor anything about the limits.
 DEFAULT_HOLD = 1.0
+
+#: The largest rate-limit count (requests or tokens) and reset a header is taken to say.
+MAX_COUNT = 1e12
+MAX_RESET = 86_400.0
 
 _PART = re.compile(r"(\d+\.?\d*|\.\d+)(ms|us|µs|ns|h|m|s)")
 _UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
@@ -60,18 +64,21 @@ def parse_duration(text: str) -> float | None:
 
 def _parse_duration(text: str) -> float | None:
     try:
-        value = float(text)
+        total = float(text)
     except ValueError:
-        pass
-    else:
-        return value if math.isfinite(value) and value >= 0 else None
-    total, end = 0.0, 0
-    for part in _PART.finditer(text):
-        if part.start() != end:
+        total, end = 0.0, 0
+        for part in _PART.finditer(text):
+            if part.start() != end:
+                return None
+            total += float(part[1]) * _UNITS[part[2]]
+            end = part.end()
+        if not end or end != len(text):
             return None
-        total += float(part[1]) * _UNITS[part[2]]
-        end = part.end()
-    return total if end and end == len(text) else None
+    if not (math.isfinite(total) and total >= 0):
+        return None
+    # Bounded both ways so that a rate computed from it stays finite: below a microsecond is 0
+    # ("the bucket is full"), and no window is taken to be longer than a day.
+    return 0.0 if total < 1e-6 else min(total, MAX_RESET)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,11 +128,23 @@ class _Bucket:
 
 
 def _number(value: str | None) -> float | None:
+    """A count from an ``x-ratelimit-limit-*`` or ``-remaining-*`` header, if usable: garbage,
+    NaN, infinite and negative values count as absent, huge ones are clamped."""
+    if value is None:
+        return None
     try:
-        number = float(value) if value is not None else None
+        number = float(value)
     except ValueError:
         return None
-    return number if number is not None and math.isfinite(number) and number >= 0 else None
+    return min(number, MAX_COUNT) if math.isfinite(number) and number >= 0 else None
+
+
+def _finite_wait(seconds: float) -> float:
+    """A hold-off that cannot poison the clock arithmetic: NaN and negative are 0, and
+    infinity is the longest hint a server is believed (its Retry-After is parsed likewise)."""
+    if math.isnan(seconds) or seconds <= 0:
+        return 0.0
+    return min(seconds, MAX_HINT)
 
 
 class Pacer:
@@ -285,11 +304,15 @@ class Pacer:
 
     def hold_off(self, seconds: float) -> None:
         """Pause every create for ``seconds`` (a 429's Retry-After)."""
+        seconds = _finite_wait(seconds)
         self._hold_until = max(self._hold_until, self._clock() + seconds)
         self._holds += 1
 
     def poll_hold_off(self, seconds: float) -> None:
-        """Pause every poll for ``seconds`` (a 429 on a poll)."""
+        """Pause every poll for ``seconds`` (a 429 on a poll), at most
+        :data:`~asyncbg._policies.RETENTION_GUARD`: a result may be kept only about ten minutes
+        after it finished, so no server's hint may hold polls longer than any interval may."""
+        seconds = min(_finite_wait(seconds), RETENTION_GUARD)
         self._poll_until = max(self._poll_until, self._clock() + seconds)
         self._poll_holds += 1
 

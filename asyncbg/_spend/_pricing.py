@@ -9,16 +9,22 @@ price tiers, and its own flex, priority and batch prices, which asyncbg uses whe
 
 A lookup of the dataset costs tens of microseconds, so a :class:`PriceBook` resolves each model
 (and each discount) once into plain floats; pricing a finished job is then a few multiplications.
+Loading the dataset itself (importing genai-prices and building its snapshot) takes a few hundred
+milliseconds, once per process: :func:`preload` does it in a worker thread, so that the event
+loop does not stall at the first finished job; without it the first lookup loads it inline.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NamedTuple
+
+import anyio.to_thread
 
 from .. import _log
 from ._tokens import Tokens, estimate_tokens, usage_tokens
@@ -27,7 +33,7 @@ if TYPE_CHECKING:
     from genai_prices.types import ModelInfo, ModelPrice
 
 # Tokens, estimate_tokens and usage_tokens live in ._tokens and are re-exported here.
-__all__ = ["Price", "PriceBook", "Tokens", "estimate_tokens", "usage_tokens"]
+__all__ = ["Price", "PriceBook", "Tokens", "estimate_tokens", "preload", "usage_tokens"]
 
 # Discounts applied where the dataset has no price of its own for the request's processing mode.
 # Batch API: 50 % of standard (developers.openai.com/api/docs/guides/batch; Anthropic and Gemini
@@ -42,6 +48,38 @@ WINDOW_FACTORS: Mapping[str, float] = {"soonest": 1.0, "2h": 0.7, "8h": 0.6}
 
 _STANDARD_TIERS = frozenset({None, "auto", "default"})
 _DATE_SUFFIX = re.compile(r"[-@](?:\d{4}-\d{2}-\d{2}|\d{8})$")
+
+
+class _Dataset:
+    """Whether genai-prices' data is loaded in this process; loaded once, under a lock."""
+
+    lock = threading.Lock()
+    ready = False
+
+
+def _build() -> None:
+    """Import genai-prices and build its bundled snapshot: the slow part, a few hundred ms."""
+    import genai_prices.types  # noqa: F401  (imported here so that later lookups are cheap)
+    from genai_prices.data_snapshot import get_snapshot
+
+    get_snapshot()
+
+
+def _load() -> None:
+    """Load the dataset unless it is loaded; threads that ask at once wait for one load."""
+    if _Dataset.ready:
+        return
+    with _Dataset.lock:
+        if not _Dataset.ready:
+            _build()
+            _Dataset.ready = True
+
+
+async def preload() -> None:
+    """Load the price dataset in a worker thread, once per process (idempotent, and safe to
+    await from many tasks at once): afterwards no price lookup stalls the event loop."""
+    if not _Dataset.ready:
+        await anyio.to_thread.run_sync(_load)
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,9 +219,10 @@ class PriceBook:
         for name in names:
             if name in self._overrides:
                 return self._overrides[name]
+        _load()
         from genai_prices.data_snapshot import get_snapshot
 
-        snapshot = get_snapshot()
+        snapshot = get_snapshot()  # a snapshot set by genai_prices.UpdatePrices wins
         for name in names:
             try:
                 _provider, info = snapshot.find_provider_model(name, None, None, None)

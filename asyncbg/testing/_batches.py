@@ -19,7 +19,7 @@ from ._batch_core import Batch, BatchApi, BatchTiming, Fate
 from ._batches_anthropic import AnthropicBatches
 from ._batches_gemini import GeminiBatches
 from ._batches_openai import OpenAIBatches
-from ._faults import Fault
+from ._faults import QUOTA_MESSAGE, Fault, set_retry_after
 from ._model import Outcome
 from ._state import Counters
 from ._usage import TokenPlan
@@ -42,6 +42,7 @@ _FAULTS = {
     "500": (500, "The server had an error while processing your request.", "server_error"),
     "503": (503, "The server is overloaded; retry later.", "server_error"),
     "404": (404, "Not found.", "invalid_request_error"),
+    "quota": (429, QUOTA_MESSAGE, "insufficient_quota"),
 }
 
 
@@ -218,6 +219,5 @@ def _fault_answer(api: BatchApi, fault: Fault) -> FakeAnswer | None:
         return None  # slow, reset_after (applied to the answer) and drop (streams only)
     status, message, kind = _FAULTS[fault.kind]
     answer = api.fault(status, message, kind)
-    if fault.retry_after is not None:
-        answer.headers["retry-after"] = f"{fault.retry_after:g}"
+    set_retry_after(answer, fault.retry_after)
     return answer

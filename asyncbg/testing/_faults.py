@@ -10,7 +10,8 @@ from ._wire import ErrorStyle, FakeAnswer, error_answer, html_page, not_found
 
 __all__ = ["Fault", "FaultRates"]
 
-FaultKind = Literal["429", "500", "503", "404", "html", "reset", "reset_after", "slow", "drop"]
+FaultKind = Literal["429", "500", "503", "404", "quota", "html", "reset", "reset_after", "slow",
+                    "drop"]
 #: The Responses routes, and the batch APIs' (every provider's): ``batch_retrieve`` is a get or
 #: a list of batches, ``batch_results`` a download of results, ``files`` OpenAI's file routes.
 Route = Literal[
@@ -25,7 +26,10 @@ class Fault:
 
     * ``"429"``, ``"500"``, ``"503"``, ``"404"``: answered with that status before anything is
       done, so a create that meets one creates nothing. ``retry_after`` sets the
-      ``Retry-After`` header of a 429 or 5xx.
+      ``Retry-After`` header of a 429 or 5xx: a number of seconds, or any text (``"nan"``,
+      ``"soon"``) to see what a client makes of a garbage header.
+    * ``"quota"``: a 429 with code ``insufficient_quota``, OpenAI's answer to an account
+      without credit (retrying cannot help).
     * ``"html"``: answered 200 with an HTML page, as a misconfigured proxy does.
     * ``"reset"``: the connection drops before the request is processed.
     * ``"reset_after"``: the request *is* processed, then the connection drops before the answer
@@ -37,7 +41,7 @@ class Fault:
     kind: FaultKind
     route: Route = "any"
     times: int = 1
-    retry_after: float | None = None
+    retry_after: float | str | None = None
     delay: float = 0.0
     after: int = 0
 
@@ -50,7 +54,7 @@ class FaultRates:
     rate_500: float = 0.0
     rate_503: float = 0.0
     rate_reset: float = 0.0
-    retry_after: float | None = None
+    retry_after: float | str | None = None
     routes: tuple[Route, ...] = ("create", "retrieve", "cancel")
     seed: int = 0
     _rng: random.Random = field(default_factory=random.Random, compare=False, repr=False)
@@ -84,6 +88,9 @@ def fault_answer(fault: Fault, route: str, rid: str, style: ErrorStyle) -> FakeA
             return not_found(style, rid)
         return error_answer(style, 404, "The model does not exist or you do not have access "
                             "to it.", "invalid_request_error", "model", "model_not_found")
+    if kind == "quota":
+        return error_answer(style, 429, QUOTA_MESSAGE, "insufficient_quota", None,
+                            "insufficient_quota")
     if kind not in ("429", "500", "503"):
         return None
     answer = error_answer(
@@ -92,6 +99,15 @@ def fault_answer(fault: Fault, route: str, rid: str, style: ErrorStyle) -> FakeA
         else "The server had an error while processing your request.",
         "rate_limit_exceeded" if kind == "429" else "server_error",
     )
-    if fault.retry_after is not None:
-        answer.headers["retry-after"] = f"{fault.retry_after:g}"
+    set_retry_after(answer, fault.retry_after)
     return answer
+
+
+#: OpenAI's words for a 429 that no retry can help.
+QUOTA_MESSAGE = ("You exceeded your current quota, please check your plan and billing details.")
+
+
+def set_retry_after(answer: FakeAnswer, value: float | str | None) -> None:
+    """Give ``answer`` a Retry-After header: seconds as a number, or any text as it is."""
+    if value is not None:
+        answer.headers["retry-after"] = value if isinstance(value, str) else f"{value:g}"

@@ -45,7 +45,9 @@ class FakeResponsesServer:
     ``latency`` and ``outcomes`` script what responses do and ``usage`` what they cost;
     ``faults`` (scripted) and ``fault_rates`` (random) script what requests meet;
     ``rate_limit`` and ``max_live`` (a cap on live responses) answer 429 beyond them;
-    ``error_style`` shapes error bodies; ``counters`` records what happened. ``batches`` serves
+    ``error_style`` shapes error bodies; ``poll_after_ms`` is sent as ``openai-poll-after-ms`` on
+    live answers (any text too, to see what a client makes of garbage); ``counters`` records
+    what happened. ``batches`` serves
     the batch APIs of OpenAI, Anthropic and Gemini from the same routes, faults and counters.
     """
 
@@ -59,7 +61,7 @@ class FakeResponsesServer:
         rate_limit: FakeRateLimit | None = None,
         max_live: int | None = None,
         error_style: ErrorStyle = "openai",
-        poll_after_ms: int | None = None,
+        poll_after_ms: float | str | None = None,
         cancel_finished: Literal["error", "return"] = "error",
         stream_events: int = 8,
         refuse_background_stream: bool = False,
@@ -120,7 +122,7 @@ class FakeResponsesServer:
         *,
         route: Route = "any",
         times: int = 1,
-        retry_after: float | None = None,
+        retry_after: float | str | None = None,
         delay: float = 0.0,
         after: int = 0,
     ) -> None:

@@ -1,0 +1,299 @@
+"""The dashboard without a browser: read-only by default, a bounded cost per update, and the
+same picture from a PostgreSQL ledger as from an SQLite journal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+import asyncbg
+from asyncbg._dashboard._source import Aggregate, AggregateRow, Row, Start
+from asyncbg._dashboard._tally import Tally
+from asyncbg.testing import FakeResponsesServer, LatencyModel, fake_client
+
+TOKEN = "s3cret-token"
+POLL = asyncbg.PollPolicy(first_poll=0.01, min_interval=0.01, max_interval=0.05, jitter=0)
+
+
+def test_read_only_unless_allowed(tmp_path: Path) -> None:
+    from starlette.testclient import TestClient
+
+    path = tmp_path / "j.db"
+    anyio.run(_one_finished, path)
+    with TestClient(asyncbg.dashboard_app(path, token=TOKEN)) as web:
+        assert "read-only" in web.get("/").text
+        refused = web.post("/actions/cancel", json={"all": True},
+                           headers={"Authorization": f"Bearer {TOKEN}"})
+        assert refused.status_code == 403
+    with pytest.raises(ValueError, match="ASYNCBG_DASHBOARD_TOKEN"):
+        asyncbg.dashboard_app(path, allow_actions=True, token="")
+
+
+async def _one_finished(path: Path) -> None:
+    server = FakeResponsesServer(latency=LatencyModel.fixed(0.0))
+    client = fake_client(server)
+    async with asyncbg.BackgroundManager(client, journal=path, poll_policy=POLL) as mgr:
+        await (await mgr.submit(model="gpt-5.2", input="x", key="one")).wait()
+    await client.close()
+
+
+def _row(i: int, state: str = "live", status: str = "in_progress") -> Row:
+    return Row(f"k{i}", i, state, status, f"r{i}", None, None, 200, 0.0, 5.0, None)
+
+
+class CountingSource:
+    """A Source whose full scan costs ``scan_cost`` seconds of a fake clock; it records what
+    each call reads."""
+
+    location = "memory"
+
+    def __init__(self, clock: list[float], scan_cost: float) -> None:
+        self.clock, self.scan_cost = clock, scan_cost
+        self.calls: list[str] = []
+
+    async def now(self) -> float:
+        return 1e9
+
+    async def start(self, *, window: int) -> Start:
+        self.calls.append("start")  # 10 jobs: 7 finished, 3 live
+        return Start(10, {"in_progress": 3}, [_row(i) for i in range(3)], 10)
+
+    async def aggregate(self, *, since: float, window: int) -> Aggregate:
+        self.calls.append("aggregate")
+        self.clock[0] += self.scan_cost
+        return Aggregate([AggregateRow("in_progress", "live", None, None, None, 3, 0, 0, None),
+                          AggregateRow("completed", "done", None, 0, None, 7, 0, 0, None)],
+                         [_row(i) for i in range(3)], 10, 0.0)
+
+    async def window(self, *, limit: int, after: int) -> tuple[list[Row], int, int]:
+        self.calls.append("window")  # k0 finished, seq 11 was claimed
+        return [_row(1), _row(2)], 11 - after, 11
+
+    async def rows(self, keys: Any) -> list[Row]:
+        self.calls.append(f"rows:{len(keys)}")
+        return [_row(int(k[1:]), "done", "completed") for k in keys]
+
+    async def workers(self) -> list[Any]:
+        return []
+
+    async def endpoints(self) -> list[Any]:
+        return []
+
+
+@pytest.mark.asyncio
+async def test_updates_read_indexes_and_the_full_scan_runs_a_bounded_share_of_the_time() -> None:
+    clock = [0.0]
+    source = CountingSource(clock, scan_cost=1.0)  # a big ledger: 1 s a scan
+    tally = Tally(source, share=0.02, floor=0.5, clock=lambda: clock[0])  # type: ignore[arg-type]
+    await tally.start()  # the first page: indexes only
+    view = tally.view()
+    assert (view.total, view.unsorted, dict(view.by_status)) == (10, 7, {"in_progress": 3})
+    assert await tally.scan()
+    assert dict(tally.view().by_status) == {"in_progress": 3, "completed": 7}
+    for _ in range(48):  # the scan started at 0 and cost 1 s: the next one is due at 50 s
+        clock[0] += 1.0
+        assert not await tally.scan()
+        await tally.update()
+    assert source.calls[:4] == ["start", "aggregate", "window", "rows:1"]  # k0 left: 1 lookup
+    assert set(source.calls[4:]) == {"window"}  # no other read, whatever the ledger's size
+    # k0 finished, and seq 11 was claimed and waits.
+    assert dict(tally.view().by_status) == {"pending": 1, "in_progress": 2, "completed": 8}
+    clock[0] += 1.0
+    assert await tally.scan()
+
+
+class FullWindowSource(CountingSource):
+    """Five live jobs k0..k4 of ten; the window holds three. Then k0 finishes."""
+
+    async def start(self, *, window: int) -> Start:
+        return Start(10, {"in_progress": 5}, [_row(i) for i in range(window)], 10)
+
+    async def window(self, *, limit: int, after: int) -> tuple[list[Row], int, int]:
+        return [_row(i) for i in range(1, 1 + limit)], 0, 10
+
+
+@pytest.mark.asyncio
+async def test_a_full_window_does_not_count_the_jobs_after_it_twice() -> None:
+    tally = Tally(FullWindowSource([0.0], 0.0), window=3,  # type: ignore[arg-type]
+                  clock=lambda: 0.0)
+    await tally.start()
+    await tally.update()  # k3 comes into view: it was live all along, not waiting
+    view = tally.view()
+    assert dict(view.by_status) == {"in_progress": 4, "completed": 1}
+    assert view.unsorted == 5
+
+
+# -- the same picture from either kind of ledger --------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def ledger_spec(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return str(tmp_path / "run.journal")
+    return str(request.getfixturevalue("pg_dsn"))
+
+
+async def _records(spec: str) -> list[asyncbg.Record]:
+    from asyncbg._ledgers._open import open_ledger
+
+    ledger = open_ledger(spec)
+    await ledger.open()
+    try:
+        return await ledger.records()
+    finally:
+        await ledger.close()
+
+
+def _truth(records: list[asyncbg.Record]) -> tuple[dict[str, int], int, set[str]]:
+    import json
+
+    from asyncbg._spend._tokens import usage_tokens
+
+    counts: dict[str, int] = {}
+    tokens = 0
+    for r in records:
+        counts[r.status] = counts.get(r.status, 0) + 1
+        if r.body is not None:
+            t = usage_tokens(json.loads(r.body).get("usage") or {})
+            tokens += t.input + t.output
+    return counts, tokens, {r.key for r in records if r.state == "live"}
+
+
+@pytest.mark.asyncio
+async def test_the_tally_matches_the_ledger_and_follows_it(ledger_spec: str) -> None:
+    from asyncbg._dashboard._app import open_source
+
+    clock = [0.0]
+    server = FakeResponsesServer(latency=LatencyModel.fixed(0.0), clock=lambda: clock[0])
+    scripts = {**{f"done-{i}": {} for i in range(6)}, "bad": {"fake_outcome": "failed"},
+               **{f"live-{i}": {"fake_duration": "100"} for i in range(2)}}
+
+    async def run(keys: list[str], *, leave_live: bool) -> None:
+        client = fake_client(server)
+        with anyio.CancelScope() as interrupted:
+            async with asyncbg.BackgroundManager(client, journal=ledger_spec, poll_policy=POLL,
+                                                 cancel_on_exit=False) as mgr:
+                jobs = [await mgr.submit(model="gpt-5.2", input=k, key=k, metadata=scripts[k])
+                        for k in keys]
+                for job in jobs:
+                    await (job.wait_accepted() if leave_live else job.wait())
+                if leave_live:
+                    await mgr.wait_all([j for j in jobs if j.key not in live_keys])
+                    interrupted.cancel()  # like Ctrl-C: the live ones stay live
+        await client.close()
+
+    live_keys = {"live-0", "live-1"}
+    await run(list(scripts), leave_live=True)
+    source = open_source(ledger_spec)
+    tally = Tally(source, clock=lambda: 0.0)  # one full scan, then only cheap updates
+    await source.open()
+    try:
+        await tally.start()
+        assert tally.view().total == len(scripts)
+        assert await tally.scan() and await tally.update_usage()
+        view = tally.view()
+        counts, tokens, live = _truth(await _records(ledger_spec))
+        assert dict(view.by_status) == counts
+        assert view.input_tokens is not None and view.output_tokens is not None
+        assert view.input_tokens + view.output_tokens == tokens
+        assert {r.key for r in view.live_rows} == live == live_keys
+        assert [f.code for f in view.failures] == ["server_error"]
+
+        clock[0] = 150.0  # the live ones finish; a rerun collects them
+        await run(sorted(live_keys), leave_live=False)
+        await tally.update()
+        assert tally.scans == 1 and tally.updates == 1
+        view = tally.view()
+        counts, tokens, live = _truth(await _records(ledger_spec))
+        assert dict(view.by_status) == counts == {"completed": 8, "failed": 1}
+        assert view.input_tokens + view.output_tokens == tokens  # type: ignore[operator]
+        assert not view.live_rows and not live
+        detail = await source.detail("done-3")
+        assert detail is not None and detail.row.status == "completed"
+        assert b'"done-3"' in detail.request
+    finally:
+        await source.close()
+
+
+def test_the_command_says_what_is_wrong_in_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    from asyncbg._cli import main
+
+    assert main(["dashboard", "--ledger", str(tmp_path / "missing.journal")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing.journal: no journal there" in err[0]
+
+    (tmp_path / "notes.txt").write_text("not a journal")
+    assert main(["dashboard", "--ledger", str(tmp_path / "notes.txt")]) == 2
+    assert "notes.txt" in capsys.readouterr().err
+
+    path = tmp_path / "j.db"
+    anyio.run(_one_finished, path)
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = str(taken.getsockname()[1])
+        assert main(["dashboard", "--ledger", str(path), "--port", port]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"cannot listen on 127.0.0.1:{port}" in err[0]
+
+    monkeypatch.delenv("ASYNCBG_DASHBOARD_TOKEN", raising=False)
+    assert main(["dashboard", "--ledger", str(path), "--allow-actions"]) == 2
+    assert "ASYNCBG_DASHBOARD_TOKEN" in capsys.readouterr().err
+
+
+def test_workers_notifications_and_retrying_the_failed_ones(tmp_path: Path) -> None:
+    import sqlite3
+    import time
+
+    from starlette.testclient import TestClient
+
+    path = tmp_path / "j.db"
+    anyio.run(_one_finished, path)
+    now = time.time()
+    with sqlite3.connect(path) as db:  # what a fleet and its notification sender leave behind
+        db.execute("INSERT INTO workers VALUES ('w-1', 'box', 42, ?, ?, 30)", (now - 90, now))
+        db.executemany(
+            "INSERT INTO outbox (id, key, url, body, state, attempts, created, next_at, error,"
+            " http_status) VALUES (?, 'one', 'https://hooks.example/in', x'7b7d', ?, 3, ?, ?, ?,"
+            " ?)", [("n1", "failed", now, now, "gone", 410), ("n2", "pending", now, now, None,
+                                                             None)])
+    db.close()
+    app = asyncbg.dashboard_app(path, allow_actions=True, token=TOKEN,
+                                client=lambda: pytest.fail("no client for a retry"))
+    with TestClient(app) as web:
+        page = web.get("/").text
+        assert "w-1" in page and "box · 42" in page
+        assert "https://hooks.example/in" in page and "HTTP 410: gone" in page
+        assert web.post("/actions/retry-notifications").status_code == 401
+        retried = web.post("/actions/retry-notifications",
+                           headers={"X-Asyncbg-Token": TOKEN})
+        assert retried.json() == {"retried": 1}
+    with sqlite3.connect(path) as db:
+        states = sorted(r[0] for r in db.execute("SELECT state FROM outbox"))
+    db.close()
+    assert states == ["pending", "pending"]
+
+
+def test_mounted_in_another_app(tmp_path: Path) -> None:
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+    from starlette.testclient import TestClient
+
+    path = tmp_path / "j.db"
+    anyio.run(_one_finished, path)
+    for lifespan in (True, False):  # with the host running its lifespan, and without
+        dash = asyncbg.dashboard_app(path)
+        host = Starlette(routes=[Mount("/asyncbg", dash)],
+                         lifespan=dash.router.lifespan_context if lifespan else None)
+        with TestClient(host) as web:
+            page = web.get("/asyncbg/").text
+            assert 'href="/asyncbg/static/dash.css"' in page
+            assert 'href="/asyncbg/jobs/one"' not in page  # finished: not in the live table
+            assert web.get("/asyncbg/summary.json").json()["by_status"] == {"completed": 1}
+            assert "completed" in web.get("/asyncbg/jobs/one").text
+            assert web.get("/asyncbg/static/dash.js").status_code == 200

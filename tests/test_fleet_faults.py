@@ -1,0 +1,222 @@
+"""Fleet workers under faults, in-process: a ledger that goes away, a worker whose key is refused.
+
+Two workers share one SQLite ledger (the same rules as PostgreSQL's, see tests/test_fleet.py for
+the processes and PostgreSQL itself); the fake server counts creates per request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+import asyncbg
+from asyncbg._fleet import AccountRefused, enqueue_requests, run_worker
+from asyncbg._http import Rejected
+from asyncbg._ledgers import LedgerUnavailable, Outcome, Record
+from asyncbg._ledgers._sqlite_shared import SharedSQLiteLedger
+from asyncbg.providers import OpenAIResponses
+from asyncbg.testing import FakeResponsesServer, LatencyModel, fake_client
+
+from .conftest import FAST_POLL, FAST_RETRY
+
+pytestmark = pytest.mark.asyncio
+
+
+class Outage(SharedSQLiteLedger):
+    """A shared SQLite ledger that answers LedgerUnavailable while ``down``."""
+
+    down = False
+
+    def _check(self) -> None:
+        if self.down:
+            raise LedgerUnavailable(f"{self.location}: connection lost")
+
+    async def acquire(self, limit: int, lease: float, *, live_only: bool = False
+                      ) -> list[Record]:
+        self._check()
+        return await super().acquire(limit, lease, live_only=live_only)
+
+    async def record(self, key: str, outcome: Outcome) -> None:
+        self._check()
+        await super().record(key, outcome)
+
+    async def sending(self, key: str, *, resubmit: bool) -> None:
+        self._check()
+        await super().sending(key, resubmit=resubmit)
+
+    async def renew(self, keys: Collection[str], lease: float) -> set[str]:
+        self._check()
+        return await super().renew(keys, lease)
+
+    async def unfinished(self) -> int:
+        self._check()
+        return await super().unfinished()
+
+
+def lines(n: int, duration: float) -> list[tuple[str, dict[str, Any]]]:
+    return [(f"r{i}", {"model": "m", "input": f"line {i}",
+                       "metadata": {"fake_duration": str(duration)}}) for i in range(n)]
+
+
+async def test_a_worker_rides_out_a_ledger_outage_and_creates_each_line_once(
+    tmp_path: Path,
+) -> None:
+    server = FakeResponsesServer(latency=LatencyModel.fixed(0.1))
+    db = tmp_path / "fleet.db"
+    setup = SharedSQLiteLedger(db)
+    await setup.open()
+    await enqueue_requests(setup, lines(40, 0.3))
+    await setup.close()
+    ledger = Outage(db, lease=5.0)
+    client = fake_client(server)
+
+    async def outage() -> None:
+        await anyio.sleep(0.3)
+        ledger.down = True  # mid-run: creates answered, completions arriving
+        await anyio.sleep(1.0)
+        ledger.down = False
+
+    try:
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(outage)
+                code = await run_worker(client, ledger, concurrency=8, lease=5.0,
+                                        exit_when_idle=True, stop=anyio.Event(),
+                                        poll_policy=FAST_POLL, retry_policy=FAST_RETRY,
+                                        idle=0.05, db_patience=30.0)
+    finally:
+        await client.close()
+    assert code == 0
+    check = SharedSQLiteLedger(db)
+    await check.open()
+    records = await check.records()
+    await check.close()
+    assert {r.status for r in records} == {"completed"} and len(records) == 40
+    assert server.counters.creates == 40  # nothing created twice, nothing recorded failed
+
+
+class RefusedKey(OpenAIResponses):
+    """A provider whose every create is refused, as a server refuses a bad API key."""
+
+    async def create(self, params: Any, *, key: str | None = None) -> Any:
+        raise Rejected("Incorrect API key provided", http_status=401, code="invalid_api_key")
+
+
+async def test_a_worker_with_a_refused_key_stops_and_leaves_its_jobs_to_the_others(
+    tmp_path: Path,
+) -> None:
+    server = FakeResponsesServer(latency=LatencyModel.fixed(0.05))
+    db = tmp_path / "fleet.db"
+    setup = SharedSQLiteLedger(db)
+    await setup.open()
+    await enqueue_requests(setup, lines(30, 0.05))
+    await setup.close()
+    good_client, bad_client = fake_client(server), fake_client(server)
+    stop = anyio.Event()
+    outcome: dict[str, object] = {}
+
+    async def bad() -> None:
+        try:
+            await run_worker(RefusedKey(bad_client), SharedSQLiteLedger(db, lease=5.0),
+                             concurrency=8, lease=5.0, exit_when_idle=True, stop=stop,
+                             poll_policy=FAST_POLL, retry_policy=FAST_RETRY, idle=0.02)
+        except AccountRefused as exc:
+            outcome["bad"] = exc
+
+    try:
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(bad)
+                await anyio.sleep(0.2)  # the bad worker takes its share first
+                outcome["good"] = await run_worker(
+                    good_client, SharedSQLiteLedger(db, lease=5.0), concurrency=8, lease=5.0,
+                    exit_when_idle=True, stop=anyio.Event(), poll_policy=FAST_POLL,
+                    retry_policy=FAST_RETRY, idle=0.02)
+    finally:
+        await good_client.close()
+        await bad_client.close()
+    assert isinstance(outcome["bad"], AccountRefused)
+    assert "Incorrect API key" in str(outcome["bad"]) and outcome["good"] == 0
+    check = SharedSQLiteLedger(db)
+    await check.open()
+    records = await check.records()
+    await check.close()
+    assert {r.status for r in records} == {"completed"}, [
+        (r.key, r.error_code) for r in records if r.status != "completed"]
+    assert len(records) == 30
+    assert server.counters.creates == 30
+
+
+async def test_the_refused_codes_are_the_accounts() -> None:
+    from asyncbg._http import NO_RETRY_CODES as ACCOUNT_CODES
+
+    assert "insufficient_quota" in ACCOUNT_CODES
+    assert isinstance(asyncbg.LedgerUnavailable("x"), asyncbg.LedgerError)
+
+
+async def test_a_worker_that_takes_its_own_running_key_again_does_not_fail_it(
+    tmp_path: Path,
+) -> None:
+    """Its lease ran out while it ran the key, and its own claim took it again: the old handle
+    is dropped and the job goes on (it was recorded ``failed`` as a duplicate key before)."""
+    from asyncbg._fleet import _Worker
+
+    server = FakeResponsesServer(latency=LatencyModel.fixed(0.3))
+    db = tmp_path / "fleet.db"
+    ledger = SharedSQLiteLedger(db, lease=5.0)
+    await ledger.open()
+    await enqueue_requests(ledger, lines(1, 0.3))
+    client = fake_client(server)
+    try:
+        async with asyncbg.BackgroundManager(client, journal=ledger,
+                                             poll_policy=FAST_POLL) as mgr:
+            worker = _Worker(ledger, concurrency=2, lease=5.0, stop=anyio.Event(), idle=0.05,
+                             exit_when_idle=True)
+            (record,) = await ledger.acquire(1, 5.0)
+            await worker._start(mgr, record.key, record.request)
+            first = worker.jobs["r0"]
+            await first.wait_accepted(timeout=10)
+            await worker._start(mgr, record.key, record.request)  # the same key, again
+            second = worker.jobs["r0"]
+            await second.wait(timeout=10)
+        assert second.status is asyncbg.JobStatus.COMPLETED
+        assert second.response_id == first.response_id and server.counters.creates == 1
+        final = await ledger.get("r0")
+        assert final is not None and final.status == "completed"
+    finally:
+        await ledger.close()
+        await client.close()
+
+
+async def test_a_create_is_not_sent_when_too_little_of_its_lease_is_left(
+    tmp_path: Path,
+) -> None:
+    """A process stopped past its lease (SIGSTOP) wakes with a create about to leave: its own
+    monotonic clock says the lease may be someone else's now, so the create is not sent."""
+    server = FakeResponsesServer(latency=LatencyModel.fixed(0.05))
+    client = fake_client(server)
+    ledger = SharedSQLiteLedger(tmp_path / "fleet.db", lease=3.0)
+    try:
+        async with asyncbg.BackgroundManager(client, journal=ledger,
+                                             poll_policy=FAST_POLL) as mgr:
+            scheduler = mgr._scheduler
+            real = scheduler.lease_taken
+
+            def stopped_for_a_while(key: str, at: float) -> None:
+                real(key, at - 2.5)  # as if the claim was sent 2.5 s (of 3) ago
+
+            scheduler.lease_taken = stopped_for_a_while  # type: ignore[method-assign]
+            job = await mgr.submit(key="k", model="m", input="x")
+            with pytest.raises(asyncbg.ManagerStateError):  # left, not sent
+                await job.wait(timeout=10)
+            scheduler.lease_taken = real  # type: ignore[method-assign]
+            fine = await mgr.submit(key="other", model="m", input="x")
+            await fine.wait(timeout=10)
+        assert server.counters.creates == 1  # "other" only
+        assert fine.status is asyncbg.JobStatus.COMPLETED
+    finally:
+        await client.close()
