@@ -196,7 +196,8 @@ def test_status_text(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert "2 still running on the server" in text
     assert "resp_live1" in text and "resp_live2" in text
     assert "tokens      15  (input 10, output 5)" in text
-    assert f"asyncbg cancel --ledger {tmp_path / 'j.db'}" in text
+    assert "run the same `asyncbg run` command again to collect them" in text
+    assert "asyncbg cancel" not in text  # it recommends nothing that destroys paid work
 
 
 def test_status_reports_a_refused_journal_in_one_line(

@@ -1,10 +1,11 @@
-"""The command line: ``asyncbg run``, ``status``, ``cancel``, ``demo`` and ``fake-server``.
+"""The command line: ``asyncbg run``, ``status``, ``cancel``, ``estimate``, ``demo`` and
+``fake-server``.
 
 One module per verb: ``_run`` (a Batch API file, with ``_input`` reading it, ``_output`` the
 output view of the journal and ``_signals`` the interrupts), ``_ops`` (``status`` and
-``cancel``), ``_demo`` (``demo`` and ``fake-server``), ``_fleet`` (``submit``, ``worker``,
-``results``, ``retry``), ``_notify`` (``notify``, and ``--notify``), ``_dashboard``
-(``dashboard``); ``_progress`` and ``_logging`` are shared.
+``cancel``), ``_estimate`` (``estimate``), ``_demo`` (``demo`` and ``fake-server``),
+``_fleet`` (``submit``, ``worker``, ``results``, ``retry``), ``_notify`` (``notify``, and
+``--notify``), ``_dashboard`` (``dashboard``); ``_progress`` and ``_logging`` are shared.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from .._providers._kinds import PROVIDER_NAMES
 from . import _dashboard, _demo, _fleet, _metrics, _notify
 from ._logging import LEVELS
 
@@ -178,16 +180,35 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true",
                         help="print one JSON object (by_status, live_response_ids, tokens, ...)")
 
+    estimate = sub.add_parser(
+        "estimate", help="what a batch file would cost: background, flex or batch",
+        description="For each model in a batch file: requests, input tokens (tiktoken where "
+                    "it is installed and knows the model, else about 4 characters a token), "
+                    "output tokens (each request's limit, else a stated default) and the "
+                    "dollars of each way of running them (background, flex, batch), from the "
+                    "genai-prices dataset. Sends nothing and needs no API key.")
+    estimate.add_argument("input", metavar="INPUT.jsonl",
+                          help="a batch file, in the format of --provider")
+    estimate.add_argument("--provider", default="openai", choices=PROVIDER_NAMES,
+                          help="the file's format and API, as for `asyncbg run`")
+    estimate.add_argument("--model", metavar="NAME", help="gemini: the model of lines whose "
+                                                          "request names none")
+    estimate.add_argument("--json", action="store_true", help="print one JSON object")
+
     cancel = sub.add_parser(
         "cancel", help="cancel on the server every response a journal has as live",
-        description="Cancel on the server every response still live in a run's journal, "
-                    "record each outcome there, and say what happened. Exit status 0 when "
-                    "none is left live, 1 otherwise, 2 when the journal cannot be used. The "
-                    "API key and base URL come from OPENAI_API_KEY and OPENAI_BASE_URL.")
+        description="Cancel on the server every job still live in a run's journal or a "
+                    "fleet's ledger, each on the API that runs it (a batch as a whole: its "
+                    "finished requests keep their results), record each outcome there, and "
+                    "say what happened. Exit status 0 when none is left live, 1 otherwise, 2 "
+                    "when the journal cannot be used or the server cannot be reached. Keys "
+                    "and base URLs come from each provider's variables: OPENAI_API_KEY, "
+                    "ANTHROPIC_API_KEY, GEMINI_API_KEY (or GOOGLE_API_KEY); OPENAI_BASE_URL, "
+                    "ANTHROPIC_BASE_URL, GOOGLE_GEMINI_BASE_URL.")
     cancel.add_argument("--ledger", required=True, metavar="PATH",
                         help="the run's journal (by default OUTPUT.jsonl.journal)")
     cancel.add_argument("--base-url", metavar="URL",
-                        help="API base URL (default: $OPENAI_BASE_URL, else OpenAI's)")
+                        help="API base URL (default: the provider's variable, else its own)")
     cancel.add_argument("--timeout", type=_positive, default=60.0, metavar="SECONDS",
                         help="give up waiting for the server's confirmations after this long "
                              "(default: 60)")
@@ -303,6 +324,10 @@ def _dispatch(argv: Sequence[str] | None) -> int:
         from ._ops import status
 
         return anyio.run(status, args)
+    if args.command == "estimate":
+        from ._estimate import estimate
+
+        return estimate(args)
     from ._logging import configure_logging
 
     configure_logging(level=args.log_level, json=args.log_json)

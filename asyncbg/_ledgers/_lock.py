@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ._base import LedgerError
 
-__all__ = ["ExclusiveLock"]
+__all__ = ["ExclusiveLock", "current_holder"]
 
 _MARK = "asyncbg journal lock"
 
@@ -137,3 +137,28 @@ def _holder(text: str) -> str:
         fmt = "%H:%M:%S" if time.localtime(since)[:3] == time.localtime()[:3] else "%Y-%m-%d %H:%M"
         when = f", since {time.strftime(fmt, time.localtime(since))}"
     return f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}{when}"
+
+
+def current_holder(path: Path) -> str | None:
+    """Who holds the lock ``path`` now (``pid 1234 on host, since 15:02:11``), read without
+    taking it (a run starting meanwhile must not find it taken), or None when nobody does.
+
+    A holder writes itself into the file and the file is emptied when it lets go; one killed
+    on this host left its text behind, so a pid of this host that no longer runs is nobody.
+    """
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return None
+    holder = _parse(text)
+    if holder is None:
+        return None
+    pid = holder.get("pid")
+    if holder.get("host") == socket.gethostname() and isinstance(pid, int):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass  # alive, another user's
+    return _holder(text)

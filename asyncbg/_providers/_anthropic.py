@@ -101,6 +101,7 @@ class AnthropicBatches(BatchApi):
         import anthropic
 
         results: dict[str, Result] = {}
+        self.requests += 2  # the SDK retrieves the batch for its results_url, then reads it
         try:
             async with self._sdk.messages.batches.with_streaming_response.results(
                     batch_id) as answer:
@@ -115,6 +116,7 @@ class AnthropicBatches(BatchApi):
     async def _call(self, what: str, request: Any) -> Any:
         import anthropic
 
+        self.requests += 1
         try:
             return await request
         except (anthropic.APIStatusError, anthropic.APIConnectionError) as exc:

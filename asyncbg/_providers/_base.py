@@ -41,11 +41,18 @@ class Answer:
 
 @dataclass(frozen=True, slots=True)
 class WebhookEvent:
-    """A verified webhook delivery: its type and the response it is about."""
+    """A verified webhook delivery: its type and the response it is about.
+
+    An event about a remote batch (``batch.completed``...) names the batch and, in
+    ``response_ids``, the live jobs of it that this provider knows: each is woken as a
+    response's event wakes its job (their fetches share one poll of the batch).
+    """
 
     type: str
     response_id: str | None
     terminal: bool
+    batch_id: str | None = None
+    response_ids: tuple[str, ...] = ()
 
 
 @runtime_checkable

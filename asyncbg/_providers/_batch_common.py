@@ -5,7 +5,12 @@ errors in asyncbg's terms, and requests as plain JSON.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+import hmac
 import json
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +20,8 @@ import httpx2
 from .._http import RequestError, Transient, Unreachable, classify_status
 from .._status import JobStatus
 
-__all__ = ["Remote", "Result", "plain", "sdk_error", "status_body"]
+__all__ = ["Remote", "Result", "plain", "sdk_error", "status_body",
+           "verify_standard_webhook"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,3 +86,42 @@ def sdk_error(exc: Exception, what: str, base_url: str) -> RequestError:
     if type(cause).__name__ in ("ConnectError", "ConnectTimeout"):
         return Unreachable(f"cannot connect to {base_url}: {reason}")
     return Transient(f"{what}: connection lost: {reason}", maybe_sent=True)
+
+
+#: Seconds a delivery's timestamp may lie from now (the Standard Webhooks default, as the SDKs).
+WEBHOOK_TOLERANCE = 300
+
+
+def verify_standard_webhook(body: bytes, headers: Mapping[str, str], secret: str | None, *,
+                            now: float | None = None) -> dict[str, Any]:
+    """A delivery signed per Standard Webhooks (Gemini's static webhooks; OpenAI's are the
+    same scheme), verified: its JSON payload. Raises ``ValueError`` for a forged, stale or
+    malformed one.
+
+    The signature is ``v1,`` + base64(HMAC-SHA256(key, f"{id}.{timestamp}.{body}")), the key
+    being the base64-decoded part of a ``whsec_...`` secret; several may be given, space-
+    separated, while a secret rotates.
+    """
+    if not secret:
+        raise ValueError("no webhook secret to verify the delivery with")
+    get = {k.lower(): v for k, v in headers.items()}.get
+    wid, stamp, signatures = get("webhook-id"), get("webhook-timestamp"), get("webhook-signature")
+    if not wid or not stamp or not signatures:
+        raise ValueError("missing webhook-id, webhook-timestamp or webhook-signature")
+    try:
+        ts = int(stamp)
+        key = base64.b64decode(secret.removeprefix("whsec_"), validate=True) if (
+            secret.startswith("whsec_")) else secret.encode()
+    except (ValueError, binascii.Error) as exc:
+        raise ValueError(f"malformed webhook timestamp or secret: {exc}") from exc
+    if abs((time.time() if now is None else now) - ts) > WEBHOOK_TOLERANCE:
+        raise ValueError("the webhook's timestamp is more than 5 minutes away: stale or replayed")
+    mac = hmac.new(key, b"%s.%d.%s" % (wid.encode(), ts, body), hashlib.sha256).digest()
+    expected = base64.b64encode(mac).decode()
+    if not any(hmac.compare_digest(part.partition(",")[2], expected)
+               for part in signatures.split() if part.startswith("v1,")):
+        raise ValueError("the webhook signature does not match")
+    data = json.loads(body)
+    if not isinstance(data, dict):
+        raise ValueError("the webhook payload is not a JSON object")
+    return data

@@ -11,11 +11,14 @@ crash without sending anything again. Three things happen here, the same for eve
   ``batch_delay`` seconds have passed, submits the batch, and wakes the others. Every task is a
   create the scheduler started, so nothing runs unowned; a failed submission raises its error in
   every create of the group, for the scheduler to retry or fail each job.
-* **Polling.** ``check`` of any job polls its batch at most once per short window (a fraction
-  of the time between the batch's last two polls) and never twice at once: the checks of a
-  batch's jobs, due together under the manager's poll policy, share one request. Once the batch
-  has ended its results are fetched once, kept by custom id, and handed out as each job's check
-  comes; a batch is forgotten once every job of it has had its final answer.
+* **Polling.** ``check`` of any job polls its batch at most once per window (a fifth of the
+  batch's age, as the default poll policy spaces a response's polls, between 50 ms and 30 s)
+  and never twice at once: however many jobs of a batch are checked, and whenever, the batch
+  costs one request per window. Once the batch has ended its results are fetched once, kept by
+  custom id, and handed out as each job's check comes. They are kept until every result has
+  been handed out (jobs re-attached from a journal arrive one by one), or until nobody has
+  asked for one for :data:`KEEP_IDLE` seconds: a re-attach of N jobs costs one download per
+  batch, not one per job.
 * **Cancelling.** Cancelling a job whose batch still holds other live jobs ends it here
   (``CANCELLED``, saying so; its result is dropped when it comes). Cancelling the last live job
   of a batch cancels the batch on the server; what finished before the cancel took effect is
@@ -28,6 +31,7 @@ Each API's module supplies the requests, the calls and the result lines (:class:
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -42,12 +46,16 @@ from ._batch_common import Remote, Result, plain, status_body
 
 __all__ = ["BatchApi"]
 
-#: A poll of a batch is shared by the checks that come within this share of the time between
-#: its last two polls (jobs of one batch poll together, give or take the policy's jitter) ...
-FRESH_SHARE = 0.3
+#: A poll of a batch is shared by the checks that come within this share of the batch's age
+#: (the default poll policy spaces a response's polls by 0.2 x its age) ...
+FRESH_SHARE = 0.2
 #: ... and at least within this many seconds, at most within this many.
 MIN_FRESH = 0.05
 MAX_FRESH = 30.0
+#: Seconds an ended batch's results are kept after the last one was handed out, for jobs of it
+#: that have not asked yet (a re-attach brings them one by one); a job asking later still gets
+#: its result, by a new download.
+KEEP_IDLE = 600.0
 
 
 class _Group:
@@ -71,8 +79,8 @@ class _Group:
 class _Batch:
     """What is known of one remote batch: its jobs, its last poll, its results."""
 
-    __slots__ = ("complete", "dropped", "gap", "id", "inflight", "live", "lost", "members",
-                 "order", "polled_at", "remote", "results")
+    __slots__ = ("complete", "dropped", "handed", "id", "inflight", "live", "lost", "members",
+                 "missing", "order", "polled_at", "remote", "results", "seen", "used")
 
     def __init__(self, batch_id: str, order: list[str] | None) -> None:
         self.id = batch_id
@@ -84,13 +92,19 @@ class _Batch:
         self.dropped: set[str] = set()
         self.remote: Remote | None = None
         self.results: dict[str, Result] | None = None
-        self.polled_at = anyio.current_time()
-        self.gap = 0.0
+        #: Jobs whose final answer was handed out (a job asking again gets a new download).
+        self.handed: set[str] = set()
+        self.seen = self.polled_at = self.used = anyio.current_time()
         self.inflight: anyio.Event | None = None
         self.lost: NotFound | None = None
+        self.missing = False  # the last poll answered 404
 
-    def fresh_for(self) -> float:
-        return min(max(FRESH_SHARE * self.gap, MIN_FRESH), MAX_FRESH)
+    def fresh_for(self, now: float) -> float:
+        return min(max(FRESH_SHARE * (now - self.seen), MIN_FRESH), MAX_FRESH)
+
+    def spent(self) -> bool:
+        """Whether nothing kept here can still be asked for: no live job, no result left."""
+        return not self.live and not self.results
 
     def may_cancel_remote(self) -> bool:
         """Whether every request of the batch is known here (so none is cancelled unseen)."""
@@ -123,6 +137,12 @@ class BatchApi:
         self.batch_delay = float(batch_delay)
         self._open: dict[str, _Group] = {}
         self._batches: dict[str, _Batch] = {}
+        self._swept: float | None = None  # when idle results were last looked for
+        #: Ended batches whose every result was handed out: their files may go.
+        self._spent: list[str] = []
+        #: HTTP requests sent to the API (uploads, creates, polls, downloads, cancels): what
+        #: the server counts, where the manager counts jobs.
+        self.requests = 0
 
     # -- the Provider verbs ----------------------------------------------------------------
 
@@ -194,6 +214,52 @@ class BatchApi:
         return Answer(JobStatus.IN_PROGRESS, response_id,
                       status_body(response_id, b.id, cid, raw))
 
+    async def cancel_many(self, response_ids: list[str]) -> list[Answer]:
+        """Cancel several jobs at once (a manager's ``cancel_all``), one answer each.
+
+        A batch all of whose live jobs are among ``response_ids`` (and all of whose requests
+        are known here) is cancelled on the server with one request, and its jobs answer
+        ``IN_PROGRESS`` until their checks bring what the batch says: cancelled, or the
+        result of a request that finished first. The others are cancelled as :meth:`cancel`
+        does, one by one.
+        """
+        asked: dict[str, set[str]] = {}
+        for rid in response_ids:
+            b, cid = self._track(rid)
+            asked.setdefault(b.id, set()).add(cid)
+        whole: set[str] = set()
+        for batch_id, cids in asked.items():
+            b = self._batches[batch_id]
+            if not b.complete and b.remote is None:
+                await self._settle(b, fresh_ok=True)  # met by id: how many requests it holds
+            if (b.results is None and b.lost is None and b.live <= cids
+                    and b.may_cancel_remote()):
+                await self.cancel_batch(batch_id)
+                whole.add(batch_id)
+        answers = []
+        for rid in response_ids:
+            batch_id, _, cid = rid.rpartition("#")
+            if batch_id in whole:
+                answers.append(Answer(JobStatus.IN_PROGRESS, rid,
+                                      status_body(rid, batch_id, cid, "cancelling")))
+            else:
+                answers.append(await self.cancel(rid))
+        return answers
+
+    async def cancel_batch(self, batch_id: str) -> None:
+        """Cancel a whole batch on the server, whoever sent it: its requests not yet run end
+        cancelled, those that had finished keep their results (``asyncbg cancel``). A batch
+        that had already ended is left as it is."""
+        b = self._batches.get(batch_id)
+        try:
+            await self._cancel_batch(batch_id)
+        except Rejected:  # 400/409 "already ended": a race, not a failure, once confirmed
+            remote = await self._poll(batch_id)
+            if not remote.ended:
+                raise
+        if b is not None and b.results is None:
+            b.remote = None  # the next check polls: where does the cancel stand
+
     @asynccontextmanager
     async def stream(
         self, params: Mapping[str, Any] | None = None, *, response_id: str | None = None,
@@ -211,7 +277,15 @@ class BatchApi:
     def verify_webhook(
         self, body: bytes, headers: Mapping[str, str], secret: str | None
     ) -> WebhookEvent:
-        raise ValueError(f"asyncbg takes no webhooks for the {self.api_name}; it polls")
+        """A batch event, verified as the API signs it: the batch's live jobs known here are
+        in ``response_ids``, and the batch's next check polls at once, whatever its window."""
+        event_type, batch_id, terminal = self._unwrap(body, headers, secret)
+        b = self._batches.get(batch_id) if batch_id is not None else None
+        ids: tuple[str, ...] = ()
+        if b is not None and terminal:
+            b.polled_at = -math.inf
+            ids = tuple(f"{b.id}#{cid}" for cid in b.live)
+        return WebhookEvent(event_type, None, terminal, batch_id=batch_id, response_ids=ids)
 
     async def aclose(self) -> None:
         # Every create and check ran in the scheduler's tasks, which have ended: only state.
@@ -271,7 +345,11 @@ class BatchApi:
         if not sep or not batch_id or not cid:
             raise NotFound(f"{response_id!r} is not a job of the {self.api_name} (expected "
                            "'<batch_id>#<custom_id>')", http_status=404)
+        self._sweep()
         b = self._batches.get(batch_id)
+        if b is not None and cid in b.handed:  # asked again after its answer: start afresh
+            del self._batches[batch_id]
+            b = None
         if b is None:  # re-attached from a journal, or asked again after its batch was freed
             b = self._batches[batch_id] = _Batch(batch_id, None)
         if cid not in b.members:
@@ -298,6 +376,8 @@ class BatchApi:
         if result is None:
             assert b.remote is not None
             result = self._no_result(b.id, b.remote, cid)
+        b.handed.add(cid)
+        b.used = anyio.current_time()
         self.forget(b, cid, drop=False)
         return Answer(result.status, response_id, result.body, result.http_status,
                       error=result.error, error_code=result.error_code)
@@ -313,19 +393,25 @@ class BatchApi:
             await b.inflight.wait()  # a failed poll leaves the last state: the next check retries
             return
         now = anyio.current_time()
-        if fresh_ok and b.remote is not None and now - b.polled_at < b.fresh_for():
+        if fresh_ok and b.remote is not None and now - b.polled_at < b.fresh_for(now):
             return
         b.inflight = done = anyio.Event()
         try:
             remote = await self._poll(b.id)
-            b.gap, b.polled_at, b.remote = now - b.polled_at, now, remote
+            b.polled_at, b.remote = now, remote
             if remote.ended:
                 b.results = await self._results(b.id, remote, b.order if b.complete else None)
                 for cid in b.dropped:
                     b.results.pop(cid, None)
         except NotFound as exc:
-            b.lost = exc
+            # One 404 is not a loss (a replica that has not seen the batch yet): the engine
+            # checks again a little later, and this poll must then reach the server.
+            if b.missing:
+                b.lost = exc  # a second 404 in a row: every job of it is lost
+            b.missing, b.polled_at = True, -math.inf
             raise
+        else:
+            b.missing = False
         finally:
             b.inflight = None
             done.set()
@@ -339,8 +425,29 @@ class BatchApi:
             b.dropped.discard(cid)
         if b.results is not None:
             b.results.pop(cid, None)
-        if not b.live and self._batches.get(b.id) is b:
-            del self._batches[b.id]  # nothing left to answer: its results go too
+        if b.spent() and self._batches.get(b.id) is b:
+            del self._batches[b.id]  # nothing left to answer
+            if b.results is not None:
+                self._spent.append(b.id)
+
+    async def delete_files(self) -> int:
+        """Delete the API's files of the batches whose every result was handed out (OpenAI's
+        input, output and error files); how many were deleted. Call it once the results are
+        in the journal: a rerun that finds a job unrecorded downloads its result again, from
+        these files. A no-op for APIs without files, and for ``keep_files=True``."""
+        spent, self._spent = self._spent, []
+        return await self._delete_files(spent)
+
+    def _sweep(self) -> None:
+        """Free ended batches whose results nobody asked for in :data:`KEEP_IDLE` seconds
+        (requests of a batch that no journal holds: looked at once a minute at most)."""
+        now = anyio.current_time()
+        if self._swept is not None and now - self._swept < min(60.0, KEEP_IDLE):
+            return
+        self._swept = now
+        for batch_id, b in list(self._batches.items()):
+            if not b.live and b.results is not None and now - b.used > KEEP_IDLE:
+                del self._batches[batch_id]
 
     # -- what each API supplies ------------------------------------------------------------
 
@@ -379,3 +486,13 @@ class BatchApi:
     async def _cancel_batch(self, batch_id: str) -> Remote | None:
         """Ask the server to cancel a batch; where it stands, if the answer says."""
         raise NotImplementedError
+
+    async def _delete_files(self, batch_ids: list[str]) -> int:
+        """Delete the files of ``batch_ids`` (see :meth:`delete_files`)."""
+        return 0
+
+    def _unwrap(self, body: bytes, headers: Mapping[str, str],
+                secret: str | None) -> tuple[str, str | None, bool]:
+        """A verified webhook's (type, batch id, whether the batch has ended); ``ValueError``
+        for a forged or stale one."""
+        raise ValueError(f"asyncbg takes no webhooks for the {self.api_name}; it polls")

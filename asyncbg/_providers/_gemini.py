@@ -10,6 +10,7 @@ provider is made; calls go through ``client.aio``.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +18,7 @@ import httpx2
 
 from .._http import Rejected, RequestError, Transient, Unreachable, classify_status
 from .._status import JobStatus
-from ._batch_common import Remote, Result
+from ._batch_common import Remote, Result, verify_standard_webhook
 from ._batching import BatchApi
 
 if TYPE_CHECKING:
@@ -30,6 +31,9 @@ _FIELDS = frozenset({"model", "contents", "config"})
 _QUEUED = frozenset({"JOB_STATE_QUEUED", "JOB_STATE_PENDING", "JOB_STATE_UNSPECIFIED"})
 _ENDED = frozenset({"JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED",
                     "JOB_STATE_EXPIRED", "JOB_STATE_PARTIALLY_SUCCEEDED"})
+#: Gemini's batch webhook events that say a batch has ended.
+_BATCH_EVENTS = frozenset({"batch.succeeded", "batch.failed", "batch.completed",
+                           "batch.cancelled", "batch.expired"})
 #: google.rpc.Code names, for a request's error code.
 _RPC = {1: "CANCELLED", 2: "UNKNOWN", 3: "INVALID_ARGUMENT", 4: "DEADLINE_EXCEEDED",
         5: "NOT_FOUND", 7: "PERMISSION_DENIED", 8: "RESOURCE_EXHAUSTED",
@@ -169,9 +173,32 @@ class GeminiBatches(BatchApi):
                           "batch_failed")
         return super()._no_result(batch_id, remote, cid)
 
+    @property
+    def webhook_secret(self) -> str | None:
+        """The signing secret of the project's static webhook (``GEMINI_WEBHOOK_SECRET``),
+        for ``BackgroundManager(webhooks=True)``."""
+        return os.environ.get("GEMINI_WEBHOOK_SECRET") or None
+
+    def _unwrap(self, body: bytes, headers: Mapping[str, str],
+                secret: str | None) -> tuple[str, str | None, bool]:
+        # A static webhook: Standard Webhooks HMAC. (Per-job webhook_config deliveries are
+        # signed with RS256 JWTs instead, which asyncbg does not verify.)
+        data = verify_standard_webhook(body, headers, secret)
+        event_type = str(data.get("type") or "")
+        if not event_type.startswith("batch."):
+            return event_type, None, False
+        inner = data.get("data")
+        about: dict[str, Any] = inner if isinstance(inner, dict) else data
+        name = next((about[f] for f in ("name", "id", "batch") if isinstance(about.get(f), str)),
+                    None)
+        if name is not None and not name.startswith("batches/"):
+            name = f"batches/{name}"
+        return event_type, name, event_type in _BATCH_EVENTS
+
     async def _call(self, what: str, request: Any) -> Any:
         from google.genai import errors
 
+        self.requests += 1
         try:
             return await request
         except errors.APIError as exc:

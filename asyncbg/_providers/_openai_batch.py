@@ -15,7 +15,8 @@ import openai
 from openai.types import Batch
 from openai.types.responses import Response
 
-from .._http import error_text
+from .. import _log
+from .._http import RequestError, error_text
 from .._status import JobStatus
 from ._batch_common import Remote, Result, sdk_error
 from ._batching import BatchApi
@@ -25,6 +26,9 @@ __all__ = ["OpenAIBatch"]
 
 ENDPOINT = "/v1/responses"
 _ENDED = frozenset({"completed", "failed", "expired", "cancelled"})
+#: OpenAI's batch webhook events: each says the batch has ended.
+_BATCH_EVENTS = frozenset({"batch.completed", "batch.failed", "batch.expired",
+                           "batch.cancelled"})
 _NOT_RUN = {"batch_cancelled": JobStatus.CANCELLED, "batch_expired": JobStatus.FAILED}
 
 
@@ -45,6 +49,10 @@ class OpenAIBatch(BatchApi):
     growing to every 30 s) costs one request per batch per interval; for batches expected to
     take hours, pass a slower one such as
     ``PollPolicy(first_poll=30, min_interval=30, max_interval=120)``.
+
+    A batch's input, output and error files stay on OpenAI's storage until deleted:
+    :meth:`delete_files` deletes those of batches whose results were all handed out (call it
+    once they are in the journal); ``keep_files=True`` keeps them.
     """
 
     api_max_requests = 50_000
@@ -52,10 +60,13 @@ class OpenAIBatch(BatchApi):
     api_name = "OpenAI Batch API"
 
     def __init__(self, client: openai.AsyncOpenAI, *, max_batch_size: int = 1000,
-                 batch_delay: float = 2.0) -> None:
+                 batch_delay: float = 2.0, keep_files: bool = False) -> None:
         super().__init__(max_batch_size=max_batch_size, batch_delay=batch_delay)
         self.client = client
+        self.keep_files = keep_files
         self._sdk = client.with_options(max_retries=0)  # the scheduler owns retries
+        #: batch id -> its input, output and error file ids, once its results were read.
+        self._files: dict[str, list[str]] = {}
 
     @property
     def base_url(self) -> str:
@@ -76,6 +87,7 @@ class OpenAIBatch(BatchApi):
 
     async def _submit(self, bucket: str, order: list[str], items: list[Any]) -> str:
         content = b"".join(items)
+        self.requests += 1
         try:
             f = await self._sdk.files.create(file=("asyncbg-batch.jsonl", content),
                                              purpose="batch")
@@ -94,6 +106,8 @@ class OpenAIBatch(BatchApi):
     async def _results(self, batch_id: str, remote: Remote,
                        order: list[str] | None) -> dict[str, Result]:
         batch: Batch = remote.handle
+        self._files[batch_id] = [f for f in (batch.input_file_id, batch.output_file_id,
+                                             batch.error_file_id) if f]
         results: dict[str, Result] = {}
         if batch.status == "failed":
             results.update(_refused(batch, order))
@@ -111,7 +125,39 @@ class OpenAIBatch(BatchApi):
             return _whole(remote.handle)
         return super()._no_result(batch_id, remote, cid)
 
+    async def _delete_files(self, batch_ids: list[str]) -> int:
+        deleted = 0
+        for batch_id in batch_ids:
+            for file_id in self._files.pop(batch_id, []):
+                if self.keep_files:
+                    continue
+                try:
+                    await self._call("delete", self._sdk.files.delete(file_id))
+                except RequestError as exc:  # storage only: say so, lose nothing
+                    _log.warning("batch.file_not_deleted", batch_id=batch_id, file_id=file_id,
+                                 error=exc.message)
+                else:
+                    deleted += 1
+        return deleted
+
+    @property
+    def webhook_secret(self) -> str | None:
+        """The client's (``OPENAI_WEBHOOK_SECRET``), for ``BackgroundManager(webhooks=True)``."""
+        return self.client.webhook_secret
+
+    def _unwrap(self, body: bytes, headers: Mapping[str, str],
+                secret: str | None) -> tuple[str, str | None, bool]:
+        # The SDK verifies (signature, 300 s tolerance) and parses the event.
+        event = self.client.webhooks.unwrap(body, dict(headers), secret=secret)
+        event_type = str(getattr(event, "type", ""))
+        batch_id = getattr(getattr(event, "data", None), "id", None)
+        if not event_type.startswith("batch."):
+            return event_type, None, False
+        return event_type, batch_id if isinstance(batch_id, str) else None, (
+            event_type in _BATCH_EVENTS)
+
     async def _call(self, what: str, request: Any) -> Any:
+        self.requests += 1
         try:
             return await request
         except (openai.APIStatusError, openai.APIConnectionError) as exc:
