@@ -284,6 +284,7 @@ class BackgroundManager:
             self._state = _State.CLOSED
             with anyio.CancelScope(shield=True):
                 try:
+                    await self._clean_up_provider()
                     await self.provider.aclose()
                 finally:
                     if self.journal is not None:
@@ -302,6 +303,18 @@ class BackgroundManager:
         if error is not None and exc is None:
             raise error  # the block ended normally but waiting for the jobs was cancelled
         return False
+
+    async def _clean_up_provider(self) -> None:
+        """A batch provider's files of batches whose results are all in the journal are
+        deleted (``OpenAIBatch(keep_files=False)``); bounded, and a failure only says so."""
+        delete = getattr(self.provider, "delete_files", None)
+        if delete is None:
+            return
+        with anyio.move_on_after(self.cancel_timeout):
+            try:
+                await delete()
+            except Exception as exc:  # noqa: BLE001 - cleaning up must not hide the outcome
+                _log.warning("batch.files_not_deleted", error=str(exc))
 
     async def _wait_for_everything(self) -> None:
         """Leaving normally: every job terminal and its callbacks run (they may submit more),
@@ -507,7 +520,9 @@ class BackgroundManager:
             pending=by_status[JobStatus.PENDING.value],
             live=s.live,
             by_status=dict(by_status),
-            requests=s.requests,
+            # A batch provider counts the HTTP requests its API received (one per batch, not
+            # one per job); the scheduler counts each job's steps.
+            requests=_batch_requests(self.provider, s.requests),
             polls=s.polls,
             retries=s.retries,
             possible_duplicates=s.possible_duplicates,
@@ -523,6 +538,12 @@ class BackgroundManager:
             retrying=s.retrying,
             **(self._sender.counters() if self._sender is not None else {}),
         )
+
+
+def _batch_requests(provider: Provider, steps: int) -> int:
+    """What a batch provider's API received, or the scheduler's count for any other."""
+    counted = getattr(provider, "requests", None)
+    return counted if isinstance(counted, int) and getattr(provider, "batch", False) else steps
 
 
 def _cancelled(exc: BaseException) -> bool:

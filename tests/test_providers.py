@@ -471,3 +471,17 @@ async def test_the_deep_research_example_runs_on_the_fake() -> None:
     out = done.stdout.decode()
     assert done.returncode == 0, done.stderr.decode()
     assert "web search 3:" in out and "thinking:" in out and "done after 3 web searches" in out
+
+
+async def test_usage_tokens_and_requests_are_the_providers(
+    api: Api, server: FakeResponsesServer
+) -> None:
+    async with asyncbg.BackgroundManager(api.provider(), **BATCHING) as mgr:
+        jobs = [await mgr.submit(key=f"u{i}", **api.request(f"u{i}")) for i in range(6)]
+        await mgr.wait_all(jobs)
+        requests = mgr.statistics().requests
+    for job in jobs:
+        assert job.usage is not None  # Gemini's usage_metadata too
+        assert job.tokens is not None and job.tokens.input > 0 and job.tokens.output > 0
+    # the API's requests (a batch create, its polls, a results download), not one per job
+    assert requests < 6 * 2

@@ -10,13 +10,16 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import AsyncIterator, Callable, Iterable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 
 from .. import _log
 from .._errors import BudgetExceeded, JobCancelled, JobFailed, JobIncomplete, ManagerStateError
 from .._status import JobStatus
+
+if TYPE_CHECKING:
+    from .._spend._tokens import Tokens
 
 __all__ = ["Job", "JobControl", "JobOwner"]
 
@@ -162,8 +165,19 @@ class Job:
 
     @property
     def usage(self) -> Any:
-        """The response's usage once known (an OpenAI ``ResponseUsage``), else None."""
-        return getattr(self.response, "usage", None) if self._body is not None else None
+        """The usage the provider reported, in its own shape (OpenAI's ``ResponseUsage``,
+        Anthropic's ``Usage``, Gemini's ``usage_metadata``), once known; else None."""
+        from .._providers._usage import usage_of
+
+        return usage_of(self.response) if self._body is not None else None
+
+    @property
+    def tokens(self) -> Tokens | None:
+        """The tokens the job used, in one shape for every provider (input, cached input,
+        output, reasoning), once its final answer says; else None."""
+        from .._providers._usage import tokens_of
+
+        return tokens_of(self._body)
 
     @property
     def cost(self) -> float | None:

@@ -100,15 +100,19 @@ class WebhookInbox:
         if len(self.seen) > SEEN_LIMIT:
             self.seen.popitem(last=False)
         self.accepted += 1
-        if not event.terminal or event.response_id is None:
+        # A response's event names it; a batch's event names every live job of the batch.
+        ids = tuple(getattr(event, "response_ids", ()) or ()) or (
+            (event.response_id,) if event.response_id is not None else ())
+        if not event.terminal or not ids:
             _log.info("webhook.ignored", webhook_id=webhook_id, type=event.type)
             return 200
-        if self.wake(event.response_id):
-            _log.info("webhook.received", webhook_id=webhook_id,
-                      response_id=event.response_id, type=event.type)
-        else:
-            _log.info("webhook.unknown_response", webhook_id=webhook_id,
-                      response_id=event.response_id, type=event.type)
+        for rid in ids:
+            if self.wake(rid):
+                _log.info("webhook.received", webhook_id=webhook_id, response_id=rid,
+                          type=event.type)
+            else:
+                _log.info("webhook.unknown_response", webhook_id=webhook_id, response_id=rid,
+                          type=event.type)
         return 200
 
 
