@@ -503,3 +503,17 @@ def scrape(proc: subprocess.Popen[bytes], port: int) -> str:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_help_imports_no_sdk_and_no_engine() -> None:
+    """``asyncbg --help`` (every command's parser) loads neither the SDKs nor the engine: what
+    made it take seconds."""
+    done = subprocess.run(
+        [sys.executable, "-c",
+         "import sys\nfrom asyncbg._cli import build_parser\nbuild_parser().format_help()\n"
+         "heavy = [m for m in ('openai', 'anthropic', 'google.genai', 'asyncbg._manager', "
+         "'asyncbg._engine._scheduler', 'starlette', 'opentelemetry') if m in sys.modules]\n"
+         "print(heavy)"],
+        capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -25,12 +25,10 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
-import openai
 
-from .._fleet import fleet_status, fleet_status_text, shared_ledger
 from .._http import NotFound, Rejected, RequestError, Transient, Unreachable
 from .._ledgers import Ledger, LedgerError, Record
 from .._ledgers._base import ClaimOutcome, Outcome
@@ -39,15 +37,12 @@ from .._ledgers._outbox import Outbox
 from .._ledgers._shared import LeaseLost, SharedLedger, keep_leases
 from .._ledgers._sqlite_shared import SharedSQLiteLedger
 from .._ledgers._urls import url_like
-from .._providers import (
-    Answer,
-    AnthropicBatches,
-    GeminiBatches,
-    OpenAIBatch,
-    OpenAIResponses,
-    Provider,
-)
+from .._providers._base import Answer, Provider
 from .._providers._kinds import ProviderName, batch_of, provider_of, window_of
+
+if TYPE_CHECKING:  # the SDKs and the engine load when a command runs, not for `--help`
+    import openai
+
 from ._deliveries import summary as delivery_summary
 from ._deliveries import summary_text as delivery_text
 from ._output import body_of, tokens_of
@@ -84,6 +79,8 @@ def open_client(base_url: str | None) -> openai.AsyncOpenAI | None:
 
     asyncbg owns every retry, so the SDK's own are off.
     """
+    import openai
+
     try:
         return openai.AsyncOpenAI(base_url=base_url or None, max_retries=0)
     except openai.OpenAIError as exc:
@@ -99,6 +96,8 @@ async def open_ledger(spec: str | Path, *, exclusive: bool) -> Ledger | None:
     respects the workers' leases; ``exclusive`` also takes the run lock, so that no ``asyncbg
     run`` works on it meanwhile.
     """
+    from .._fleet import shared_ledger
+
     ledger: Ledger
     if isinstance(spec, str) and url_like(spec):
         try:
@@ -258,6 +257,8 @@ def _advice(summary: Mapping[str, Any]) -> str:
 
 async def status(args: argparse.Namespace) -> int:
     """``asyncbg status --ledger PATH [--json]``: read the journal; no API key, no request."""
+    from .._fleet import fleet_status, fleet_status_text
+
     ledger = await open_ledger(args.ledger, exclusive=False)
     if ledger is None:
         return 2
@@ -500,6 +501,8 @@ async def _guarded(sweep: _Sweep, scope: anyio.CancelScope, work: Any) -> None:
 async def cancel_live(target: Any, ledger: Ledger, *, timeout: float = 30.0) -> list[Cancelled]:
     """Cancel on the server every live record of the (open) ledger and record each outcome;
     ``target`` is the run's provider or bare OpenAI client. What happened to each."""
+    from .._providers import OpenAIResponses
+
     provider: Provider = target if isinstance(target, Provider) else OpenAIResponses(
         target, lean_polls=False)
     sweep = await sweep_live(ledger, {_kind(provider): provider}, timeout=timeout)
@@ -508,6 +511,8 @@ async def cancel_live(target: Any, ledger: Ledger, *, timeout: float = 30.0) -> 
 
 def _kind(provider: Provider) -> ProviderName:
     """The name of the API a provider talks to (as ``--provider`` spells it)."""
+    from .._providers import AnthropicBatches, GeminiBatches, OpenAIBatch
+
     if isinstance(provider, OpenAIBatch):
         return "openai-batch"
     if isinstance(provider, AnthropicBatches):
@@ -521,6 +526,9 @@ def _open_providers(names: Iterable[ProviderName],
                     args: argparse.Namespace) -> dict[str, Provider] | None:
     """A provider for each API, each with its own key variable; None after saying which key
     is missing (before anything is sent)."""
+    import openai
+
+    from .._providers import OpenAIResponses
     from ._formats import FORMATS  # _formats imports this module
 
     providers: dict[str, Provider] = {}
