@@ -1,0 +1,53 @@
+"""Two worker processes on PostgreSQL while PostgreSQL is stopped and started again.
+
+The fleet issue's headline case: a restart (``pg_ctl stop -m fast``, a few seconds down, start)
+under busy workers. They wait it out: live responses go on being polled, nothing new is created
+that could not be recorded, outcomes seen meanwhile are written once the database is back. Every
+line ends once, no worker exits early, and no response is created twice.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .conftest import HttpFake
+from .pg_server import PostgresError, RestartableServer, restartable_postgres
+from .test_fleet import Fleet, write_input
+
+
+@pytest.fixture
+def restartable() -> Iterator[RestartableServer]:
+    try:
+        with restartable_postgres() as server:
+            yield server
+    except PostgresError as exc:  # pragma: no cover - the shared server's fixture says why
+        pytest.skip(f"no PostgreSQL server of its own: {exc}")
+
+
+def test_busy_workers_ride_out_a_postgresql_restart(
+    http_fake: HttpFake, restartable: RestartableServer, tmp_path: Path
+) -> None:
+    n = 40
+    fleet = Fleet(http_fake, restartable.dsn, tmp_path)
+    try:
+        submitted = fleet.cli("submit", str(write_input(tmp_path / "in.jsonl", n, 2.0)),
+                              "--ledger", restartable.dsn)
+        assert submitted.returncode == 0, submitted.stderr
+        procs = [fleet.worker(concurrency=8, lease=6.0) for _ in range(2)]
+        deadline = time.monotonic() + 30
+        while http_fake.server.counters.creates < 8 and time.monotonic() < deadline:
+            time.sleep(0.05)  # the workers are busy: creates answered, responses running
+        restartable.stop()
+        time.sleep(3.0)  # down: responses finish on the server meanwhile
+        restartable.start()
+        assert [fleet.wait(p, timeout=120) for p in procs] == [0, 0]
+        results = fleet.results()
+    finally:
+        fleet.stop_all()
+    assert sorted(results) == sorted(f"q{i}" for i in range(n))
+    assert {line["response"]["body"]["status"] for line in results.values()} == {"completed"}
+    assert http_fake.server.counters.creates == n  # nothing created twice
