@@ -284,7 +284,6 @@ class BackgroundManager:
             self._state = _State.CLOSED
             with anyio.CancelScope(shield=True):
                 try:
-                    await self._clean_up_provider()
                     await self.provider.aclose()
                 finally:
                     if self.journal is not None:
@@ -303,18 +302,6 @@ class BackgroundManager:
         if error is not None and exc is None:
             raise error  # the block ended normally but waiting for the jobs was cancelled
         return False
-
-    async def _clean_up_provider(self) -> None:
-        """A batch provider's files of batches whose results are all in the journal are
-        deleted (``OpenAIBatch(keep_files=False)``); bounded, and a failure only says so."""
-        delete = getattr(self.provider, "delete_files", None)
-        if delete is None:
-            return
-        with anyio.move_on_after(self.cancel_timeout):
-            try:
-                await delete()
-            except Exception as exc:  # noqa: BLE001 - cleaning up must not hide the outcome
-                _log.warning("batch.files_not_deleted", error=str(exc))
 
     async def _wait_for_everything(self) -> None:
         """Leaving normally: every job terminal and its callbacks run (they may submit more),
