@@ -320,7 +320,7 @@ async def test_status_and_cancel_end_quietly_on_a_closed_pipe(tmp_path: Path) ->
             stdout=writer, stderr=subprocess.PIPE, check=False)
     finally:
         os.close(writer)
-    assert done.returncode == 0
+    assert done.returncode == 141  # quietly, as a shell reports a closed pipe (128 + SIGPIPE)
     assert b"Traceback" not in done.stderr and b"BrokenPipe" not in done.stderr
 
 

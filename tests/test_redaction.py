@@ -162,7 +162,7 @@ def test_status_prints_no_password_in_any_line_or_json_field(
     anyio.run(fill)
     assert main(["status", "--ledger", url]) == 0
     text = capsys.readouterr()
-    assert "resp_1" in text.out and "asyncbg cancel --ledger" in text.out  # the hint is there
+    assert "in_progress" in text.out  # the live job is counted (nothing destructive advised)
     assert SECRET not in text.out + text.err
     assert main(["status", "--ledger", url, "--json"]) == 0
     out = capsys.readouterr().out

@@ -290,6 +290,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         _silence_stdout()
         return 141
+    ops = sys.modules.get(f"{__name__}._ops")
+    if getattr(ops, "PIPE_CLOSED", False):  # emit() saw the reader go and let the work finish
+        return 141
     return code
 
 

@@ -63,12 +63,19 @@ def say(message: str) -> None:
     print(f"asyncbg: {message}", file=sys.stderr, flush=True)
 
 
+#: Set once a reader went away from stdout: the command still ends with 141 (see main).
+PIPE_CLOSED = False
+
+
 def emit(text: str) -> None:
     """Print ``text`` on stdout; a reader that went away (``| head``) ends the output
-    quietly: the rest is dropped, with no traceback, and the command's work goes on."""
+    quietly: the rest is dropped, with no traceback, and the command's work goes on (a cancel
+    finishes cancelling); the command then exits 141, as every command does on a closed pipe."""
+    global PIPE_CLOSED
     try:
         print(text, flush=True)
     except BrokenPipeError:
+        PIPE_CLOSED = True
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # so the flush at exit does not fail again
         os.close(devnull)
