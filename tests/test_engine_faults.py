@@ -22,59 +22,21 @@ from openai import AsyncOpenAI
 import asyncbg
 from asyncbg import JobStatus, LedgerUnavailable, ManagerStateError
 from asyncbg._engine._life import MOVES, Entry, IllegalMove, Stage, move
-from asyncbg._ledgers import Claim, MemoryLedger, Outcome, Record
+from asyncbg._ledgers import MemoryLedger
 from asyncbg._ledgers._sqlite_shared import SharedSQLiteLedger
 from asyncbg.testing import FakeResponsesServer, LatencyModel, fake_client
 from tests.conftest import FAST_POLL, manager, meta
+from tests.engine_driver import ChaosLedger
 
 pytestmark = pytest.mark.asyncio
 
 
-class FlakyLedger:
+class FlakyLedger(ChaosLedger):
     """A MemoryLedger whose writes fail with LedgerUnavailable while ``down`` is set."""
 
-    def __init__(self, inner: MemoryLedger | None = None) -> None:
-        self.inner = inner or MemoryLedger()
-        self.down = False
-        self.failed_writes = 0
-        self.hold: anyio.Event | None = None  #: writes wait on it while set (a stuck ledger)
-
     @property
-    def location(self) -> str:
-        return "flaky"
-
-    async def open(self) -> None:
-        await self.inner.open()
-
-    async def close(self) -> None:
-        await self.inner.close()
-
-    async def _gate(self) -> None:
-        if self.hold is not None:
-            await self.hold.wait()
-        if self.down:
-            self.failed_writes += 1
-            raise LedgerUnavailable("flaky: the database is down")
-
-    async def claim(self, key: str, digest: str, request: bytes) -> Claim:
-        return await self.inner.claim(key, digest, request)
-
-    async def sending(self, key: str, *, resubmit: bool) -> None:
-        await self._gate()
-        await self.inner.sending(key, resubmit=resubmit)
-
-    async def record(self, key: str, outcome: Outcome) -> None:
-        await self._gate()
-        await self.inner.record(key, outcome)
-
-    async def get(self, key: str) -> Record | None:
-        return await self.inner.get(key)
-
-    async def records(self) -> list[Record]:
-        return await self.inner.records()
-
-    async def resubmits(self) -> int:
-        return await self.inner.resubmits()
+    def failed_writes(self) -> int:
+        return self.failures
 
 
 async def eventually(check: Callable[[], bool], *, within: float = 10.0) -> None:

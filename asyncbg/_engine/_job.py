@@ -380,12 +380,7 @@ class JobControl:
         _log.info("job.terminal", key=job.key, response_id=job.response_id,
                   status=status.value, elapsed=round(job.elapsed, 3), error=error)
         self._wake_all()
-        listeners, job._listeners = job._listeners, None
-        for fn in listeners or ():
-            try:
-                fn(job)
-            except Exception:  # noqa: BLE001 - one bad listener must not stop the others
-                _log.exception("job.callback_failed", key=job.key)
+        self._call_listeners()
         callbacks, job._callbacks = job._callbacks, None
         job._owner.callbacks.finished(job, callbacks or ())
         return True
@@ -423,12 +418,17 @@ class JobControl:
         if not job.done:
             job._detached = True
             self._wake_all()
-            listeners, job._listeners = job._listeners, None
-            for fn in listeners or ():
-                try:
-                    fn(job)
-                except Exception:  # noqa: BLE001 - one bad listener must not stop the others
-                    _log.exception("job.callback_failed", key=job.key)
+            self._call_listeners()
+
+    def _call_listeners(self) -> None:
+        """Each listener once (the job ended, or was detached), in the order added."""
+        job = self.job
+        listeners, job._listeners = job._listeners, None
+        for fn in listeners or ():
+            try:
+                fn(job)
+            except Exception:  # noqa: BLE001 - one bad listener must not stop the others
+                _log.exception("job.callback_failed", key=job.key)
 
     def _wake_all(self) -> None:
         job = self.job
