@@ -388,7 +388,7 @@ async def test_an_interrupt_leaves_live_responses_running_and_a_rerun_collects_t
         os.kill(proc.pid, signum)
         code, err = await ended(proc)
     assert code == rc, err
-    assert time.monotonic() - t0 < 3
+    assert time.monotonic() - t0 < 15  # not the 30 s the responses take: a hang, not speed
     assert "Traceback" not in err
     assert "4 responses still running on the server" in err
     assert "run the same command again" in err
@@ -460,7 +460,7 @@ async def test_a_second_run_on_a_journal_in_use_exits_2_naming_the_first(
         await started(first, http_fake, 4)
         t0 = time.monotonic()
         code, _, err = await cli(http_fake, tmp_path, *run_argv(tmp_path))
-        assert time.monotonic() - t0 < 3  # at once: Python's start-up, then the lock
+        assert time.monotonic() - t0 < 15  # not after the first (30 s): a hang, not speed
         assert code == 2 and f"pid {first.pid}" in err and "Traceback" not in err
         code, _, err = await cli(http_fake, tmp_path, "cancel", "--ledger", journal)
         assert code == 2 and f"pid {first.pid}" in err  # cancel, too, waits its turn
@@ -535,7 +535,7 @@ async def test_a_server_that_refuses_connections_is_one_line_and_rc_2(
     url = f"http://127.0.0.1:{closed_port()}/v1"
     t0 = time.monotonic()
     code, _, err = await cli(None, tmp_path, *run_argv(tmp_path), base_url=url)
-    assert time.monotonic() - t0 < 8
+    assert time.monotonic() - t0 < 25  # it took 47 s before: a hang check, not a speed one
     assert code == 2, err
     mentions = [line for line in err.splitlines()
                 if "connect" in line and not line.startswith("20")]  # not a log line

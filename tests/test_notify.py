@@ -316,14 +316,14 @@ async def test_a_receiver_down_at_first_then_up_gets_every_job_once(
 async def test_a_stalled_receiver_does_not_slow_the_jobs(
     client: AsyncOpenAI, receiver: WebhookReceiver
 ) -> None:
-    receiver.stall(1.0)
+    receiver.stall(5.0)
     started = anyio.current_time()
     async with manager(client, notify=fast(receiver.url, timeout=0.2, wait_on_exit=0.5)) as m:
         for i in range(20):
             await m.submit(key=f"k{i}", model="m", input="x")
         await m.wait_all(m.jobs)
         jobs_took = anyio.current_time() - started
-    assert jobs_took < 0.8
+    assert jobs_took < 4.0  # the receiver holds each delivery 5 s: the jobs did not wait
     assert receiver.deliveries == []
     assert m.statistics().notification_failures >= 1
 
