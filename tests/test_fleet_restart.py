@@ -34,13 +34,15 @@ def test_busy_workers_ride_out_a_postgresql_restart(
     n = 40
     fleet = Fleet(http_fake, restartable.dsn, tmp_path)
     try:
-        submitted = fleet.cli("submit", str(write_input(tmp_path / "in.jsonl", n, 2.0)),
+        submitted = fleet.cli("submit", str(write_input(tmp_path / "in.jsonl", n, 4.0)),
                               "--ledger", restartable.dsn)
         assert submitted.returncode == 0, submitted.stderr
         procs = [fleet.worker(concurrency=8, lease=6.0) for _ in range(2)]
         deadline = time.monotonic() + 30
-        while http_fake.server.counters.creates < 8 and time.monotonic() < deadline:
-            time.sleep(0.05)  # the workers are busy: creates answered, responses running
+        # Both workers busy: one alone holds at most 8 creates before its first job ends (4 s).
+        while http_fake.server.counters.creates < 12 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert http_fake.server.counters.creates >= 12
         restartable.stop()
         time.sleep(3.0)  # down: responses finish on the server meanwhile
         restartable.start()
