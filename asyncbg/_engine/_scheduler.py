@@ -21,10 +21,9 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import math
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Collection, Mapping
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import anyio
 import anyio.lowlevel
@@ -46,9 +45,6 @@ from ._life import CANCEL, FETCH, Entry, Stage, move
 from ._meter import Meter, Ticket
 from ._steps import Permit, Stop
 from ._streaming import run_stream
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ["Entry", "Notices", "Scheduler"]
 
@@ -120,9 +116,8 @@ class Scheduler(SharedLedgerSteps):
         self._shields: set[anyio.CancelScope] = set()
         #: Set by :meth:`close`: no create starts after it; shields and writes end by it.
         self._closing_at: float | None = None
-        #: When the ledger started failing (None while it works), and its latest error.
+        #: When the ledger started failing (None while it works).
         self._ledger_down: float | None = None
-        self._ledger_error: LedgerError | None = None
         self._ledger_backoff = LEDGER_BACKOFF
         #: Where the jobs' done callbacks run (the manager runs its task).
         self.callbacks = Callbacks()
@@ -418,7 +413,6 @@ class Scheduler(SharedLedgerSteps):
             _log.warning("ledger.unavailable", ledger=getattr(self.ledger, "location", None),
                          error=str(exc), patience=self.ledger_patience,
                          action="creates wait; writes are retried")
-        self._ledger_error = exc
         if (now - self._ledger_down >= self.ledger_patience
                 or (self._closing_at is not None and now >= self._closing_at)):
             raise Stop(self._ledger_stop_error(exc))
@@ -717,7 +711,3 @@ class Scheduler(SharedLedgerSteps):
                                      error_code=answer.error_code)
                 self._close(entry)
 
-
-def finite_or(value: float | None, default: float) -> float:
-    """``value`` when it is a finite number, else ``default``."""
-    return value if value is not None and math.isfinite(value) else default
