@@ -225,6 +225,12 @@ def test_a_budget_with_an_unpriced_model_exits_2_naming_it(
     assert "my-model" in err and "--price" in err and "gpt-5.2" not in err
     assert len(err.strip().splitlines()) == 1 and env.server.counters.creates == 0
     assert run(tmp_path, "--max-cost", "5", "--price", "my-model=1,2") == 0
+    capsys.readouterr()
+    # Without a budget the run goes on, and its one warning says what a CLI user can pass.
+    write_input(tmp_path / "in.jsonl", [request("c", model="other-model")])
+    assert run(tmp_path, output=str(tmp_path / "other.jsonl")) == 0
+    err = capsys.readouterr().err
+    assert "price.unknown" in err and "--price MODEL=INPUT,OUTPUT" in err, err
 
 
 def test_lines_not_run_for_the_budget_say_budget_exceeded(
