@@ -125,7 +125,9 @@ class BackgroundManager:
     outcome and kept there until a receiver took it; without a journal the outbox is in memory.
 
     ``escalate`` (:class:`~asyncbg.Escalation`) and ``hedge`` (:class:`~asyncbg.Hedge`) are
-    every job's defaults for the ``submit`` arguments of the same names.
+    every job's defaults for the ``submit`` arguments of the same names. ``fallbacks`` names
+    the open managers that run an escalation step naming another provider
+    (``{"anthropic": BackgroundManager(AnthropicBatches(...))}``), each with its own journal.
     """
 
     def __init__(
@@ -154,6 +156,7 @@ class BackgroundManager:
         hooks: Sequence[Hooks] = (),
         escalate: Escalation | None = None,
         hedge: Hedge | None = None,
+        fallbacks: Mapping[str, BackgroundManager] | None = None,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency!r}")
@@ -209,7 +212,7 @@ class BackgroundManager:
         self._scheduler.journal_bodies = journal_bodies
         self._scheduler.callbacks.on_done = on_done
         #: Checked answers, escalation ladders and hedges (asyncbg/_outcomes/).
-        self._outcomes = Outcomes(self, escalate=escalate, hedge=hedge,
+        self._outcomes = Outcomes(self, escalate=escalate, hedge=hedge, fallbacks=fallbacks,
                                   spawn=lambda *a, **k: self._tg.start_soon(*a, **k)
                                   if self._tg is not None else None)
         if on_done is not None:

@@ -226,3 +226,36 @@ def test_escalation_is_checked_when_made() -> None:
     assert Escalation(steps=[{"model": "b"}]).max_attempts == 2
     assert Escalation.from_json({"steps": [{"model": "b"}], "max_attempts": 4},
                                 where="x") == Escalation(steps=[{"model": "b"}], max_attempts=4)
+
+
+async def test_a_failed_job_falls_back_to_the_anthropic_fake(
+    client: AsyncOpenAI, server: FakeResponsesServer,
+) -> None:
+    from asyncbg.providers import AnthropicBatches
+    from asyncbg.testing import fake_anthropic_client
+
+    claude = fake_anthropic_client(server)
+    ladder = Escalation(on=("server_error",),
+                        steps=[{"provider": "anthropic", "model": "claude-sonnet-4-5"}])
+    try:
+        async with (
+            manager(AnthropicBatches(claude, batch_delay=0.01)) as fallback,
+            manager(client, escalate=ladder, fallbacks={"anthropic": fallback}) as mgr,
+        ):
+            job = await mgr.submit(key="k", model="gpt-5.2", input="hello",
+                                   instructions="be brief", max_output_tokens=300,
+                                   metadata={"fake_outcome": "failed"})
+            with pytest.raises(ValueError, match="'tools' has no plain equivalent"):
+                await mgr.submit(key="t", model="gpt-5.2", input="x", tools=[{"type": "x"}])
+            with pytest.raises(ValueError, match="no manager for it"):
+                await mgr.submit(key="g", model="m", input="x", escalate=Escalation(
+                    steps=[{"provider": "gemini", "model": "g"}]))
+            message = await job.result()
+    finally:
+        await claude.close()
+    first, second = job.attempts
+    assert first.status is JobStatus.FAILED and first.error_code == "server_error"
+    assert second.key == "k#2" and second.status is JobStatus.COMPLETED
+    assert message.content[0].text.endswith("hello") and message.model == "claude-sonnet-4-5"
+    assert job.cost == second.cost or job.cost is None
+    assert server.counters.batch_requests

@@ -23,6 +23,7 @@ from .._engine._job import Job, JobControl
 from .._errors import AsyncbgError, DuplicateKeyError, JournalMismatchError, ManagerStateError
 from .._policies import PollPolicy
 from .._status import JobStatus
+from ._fallback import to_provider
 from ._hedge import Hedge, Tails, shape_of
 from ._ladder import Escalation, attempt_key, kind_of, next_attempt
 from ._structured import Checks, with_text_format
@@ -37,12 +38,15 @@ __all__ = ["Ladder", "Outcomes"]
 class Outcomes:
     """The manager's side of this layer: its defaults, its running ladders, its counters."""
 
-    __slots__ = ("_attempts", "_idle", "_manager", "_spawn", "escalate", "hedge", "ladders",
-                 "tails")
+    __slots__ = ("_attempts", "_idle", "_manager", "_spawn", "escalate", "fallbacks", "hedge",
+                 "ladders", "tails")
 
     def __init__(self, manager: BackgroundManager, *, escalate: Escalation | None,
-                 hedge: Hedge | None, spawn: Callable[..., object]) -> None:
+                 hedge: Hedge | None, spawn: Callable[..., object],
+                 fallbacks: Mapping[str, BackgroundManager] | None = None) -> None:
         self._manager = manager
+        #: The managers that run the attempts of a step naming another provider.
+        self.fallbacks = dict(fallbacks or {})
         self._spawn = spawn
         self.escalate = escalate
         self.hedge = hedge
@@ -80,6 +84,9 @@ class Outcomes:
         """Send attempt 1 now and return the user's job; the rest runs in a task."""
         if text_format is not None:
             params = with_text_format(params, text_format)
+        if escalate is not None:
+            for number in range(2, escalate.max_attempts + 1):
+                self.target(escalate.params_for(params, number))  # refused now, if at all
         first = self.sent(await self._manager.submit_request(
             params, key=key, poll_policy=poll_policy, deadline=deadline, escalate=False,
             hedge=False))
@@ -90,6 +97,20 @@ class Outcomes:
         self.ladders += 1
         self._spawn(ladder.run, first, name=f"asyncbg ladder {first.key}")
         return ladder.job
+
+    def target(self, params: Mapping[str, Any]) -> tuple[BackgroundManager, dict[str, Any]]:
+        """The manager that runs an attempt, and its request: a step naming a ``provider``
+        goes to that provider's manager, mapped (``ValueError`` when it does not map)."""
+        request = dict(params)
+        provider = request.pop("provider", None)
+        if provider is None:
+            return self._manager, request
+        manager = self.fallbacks.get(provider)
+        if manager is None:
+            raise ValueError(
+                f"an escalation step names provider {provider!r}, but this manager has no "
+                f"manager for it: pass fallbacks={{{provider!r}: BackgroundManager(...)}}")
+        return manager, to_provider(provider, request)
 
     def ended(self) -> None:
         self.ladders -= 1
@@ -201,11 +222,12 @@ class Ladder:
 
     async def _send(self, number: int, *, hedge: bool = False) -> Job:
         assert self.escalate is not None or hedge
-        params = (self.escalate.params_for(self.params, number) if self.escalate is not None
-                  else self.params)
+        manager, params = self.layer.target(
+            self.escalate.params_for(self.params, number) if self.escalate is not None
+            else self.params)
         remaining = None if self.deadline is None else max(
             self.deadline - anyio.current_time(), 0.0)
-        return self.layer.sent(await self.layer._manager.submit_request(
+        return self.layer.sent(await manager.submit_request(
             params, key=attempt_key(self.job.key, number, hedge=hedge),
             poll_policy=self.poll_policy, deadline=remaining, escalate=False, hedge=False))
 
