@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from openai import AsyncOpenAI
 
@@ -65,3 +67,30 @@ def test_hedge_is_checked_when_made() -> None:
                 {"min_samples": 0}):
         with pytest.raises(ValueError, match="Hedge"):
             Hedge(**bad)  # type: ignore[arg-type]
+
+
+async def test_a_rerun_after_a_hedge_serves_the_winner_and_sends_nothing(
+    client: AsyncOpenAI, server: FakeResponsesServer, tmp_path: Path,
+) -> None:
+    server.latency = LatencyModel.fixed(0.02)
+    hedge = Hedge(after=0.2, max_extra=1.0, min_samples=1)
+    journal = tmp_path / "run.db"
+    async with manager(client, journal=journal, hedge=hedge) as mgr:
+        await (await mgr.submit(key="warm", model="m", input="x")).wait()
+        server.latency = LatencyModel.fixed(30)  # the original is stuck on a slow replica...
+        job = await mgr.submit(key="k", model="m", input="x")
+        await job.wait_accepted()
+        server.latency = LatencyModel.fixed(0.02)  # ...and its copy, 0.2 s later, is quick
+        await job.wait()
+    original, copy = job.attempts
+    assert copy.key == "k#hedge" and job.response_id == copy.response_id
+    assert original.status is JobStatus.CANCELLED and job.status is JobStatus.COMPLETED
+    assert mgr.statistics().hedges_won == 1 and server.counters.creates == 3
+    assert server.counters.cancels == 1
+
+    async with manager(client, journal=journal, hedge=hedge) as mgr:
+        again = await mgr.submit(key="k", model="m", input="x")
+        await again.wait()
+    assert server.counters.creates == 3  # both served from the journal
+    assert again.status is JobStatus.COMPLETED and again.response_id == copy.response_id
+    assert [a.key for a in again.attempts] == ["k", "k#hedge"]

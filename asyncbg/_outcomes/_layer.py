@@ -265,16 +265,19 @@ class Ladder:
         params = (self.escalate.params_for(self.params, number) if self.escalate is not None
                   else self.params)
         shape = shape_of(params)
+        if hedge is not None and await self._hedged_before(params, number):
+            # An earlier run sent a copy of this attempt: follow both again (the journal
+            # serves or resumes each); nothing new is decided.
+            tails.hedges += 1
+            return await self._settle(attempt, await self._send(number, hedge=True), 0.0)
         if await attempt.wait_accepted() is None or attempt.done:
             await attempt.wait()
             return attempt
         self._mirror(attempt)
         started = anyio.current_time()
-        if hedge is None or not await self._outlived(attempt, hedge, shape, started):
-            await attempt.wait()
-            self._record(shape, attempt, started)
-            return attempt
-        expected = tails.may_hedge(hedge, shape, self.layer._manager.meter.spend.cost)
+        expected = None
+        if hedge is not None and await self._outlived(attempt, hedge, shape, started):
+            expected = tails.may_hedge(hedge, shape, self.layer._manager.meter.spend.cost)
         if expected is None:
             await attempt.wait()
             self._record(shape, attempt, started)
@@ -283,7 +286,19 @@ class Ladder:
         tails.extra_pending += expected
         try:
             copy = await self._send(number, hedge=True)
-            self.attempts.append(copy)
+        except BaseException:
+            tails.extra_pending -= expected
+            raise
+        winner = await self._settle(attempt, copy, expected)
+        self._record(shape, winner, started)
+        return winner
+
+    async def _settle(self, attempt: Job, copy: Job, expected: float) -> Job:
+        """The first of ``attempt`` and its ``copy`` to complete; the other is cancelled at
+        once, and what it cost is the hedge's extra spend."""
+        tails = self.layer.tails
+        self.attempts.append(copy)
+        try:
             winner = await _first_completed(attempt, copy)
         finally:
             tails.extra_pending -= expected
@@ -293,10 +308,15 @@ class Ladder:
         if winner is copy:
             tails.hedges_won += 1
         tails.hedge_cost += loser.cost or 0.0
-        _log.info("job.hedged", key=self.job.key, won=winner is copy,
-                  extra_cost=loser.cost)
-        self._record(shape, winner, started)
+        _log.info("job.hedged", key=self.job.key, won=winner is copy, extra_cost=loser.cost)
         return winner
+
+    async def _hedged_before(self, params: Mapping[str, Any], number: int) -> bool:
+        """Whether the journal holds a copy of attempt ``number`` (a rerun after a hedge)."""
+        manager, _ = self.layer.target(params)
+        journal = manager.journal
+        return journal is not None and await journal.get(
+            attempt_key(self.job.key, number, hedge=True)) is not None
 
     async def _outlived(self, attempt: Job, hedge: Hedge, shape: tuple[str, int],
                         started: float) -> bool:
