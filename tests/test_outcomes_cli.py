@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,25 +13,15 @@ from asyncbg._outcomes._journal import attempts_field, final_view
 
 from .conftest import HttpFake
 from .test_batch_cli import request, write_input
-from .test_cli_integrity import undo_cli_logging
+from .test_cli_run2 import env  # noqa: F401 - the fixture: an API key and the fake's URL
 
 
-@pytest.fixture
-def env(http_fake: HttpFake, monkeypatch: pytest.MonkeyPatch) -> Iterator[HttpFake]:
-    for name in [n for n in os.environ if n.startswith("OPENAI_")]:
-        monkeypatch.delenv(name)
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
-    monkeypatch.setenv("OPENAI_BASE_URL", http_fake.base_url)
-    try:
-        yield http_fake
-    finally:
-        undo_cli_logging()
-
-
+@pytest.mark.usefixtures("env")
 def test_escalate_file_runs_a_ladder_per_line_and_a_rerun_sends_nothing(
-    env: HttpFake, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    http_fake: HttpFake, tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:
-    env.server.latency = env.server.latency.fixed(0.02)
+    server = http_fake.server
+    server.latency = server.latency.fixed(0.02)
     write_input(tmp_path / "in.jsonl", [
         request("short", max_output_tokens=100, metadata={"fake_needs_output_tokens": "500"}),
         request("fine"),
@@ -49,11 +37,11 @@ def test_escalate_file_runs_a_ladder_per_line_and_a_rerun_sends_nothing(
     assert short["error"] is None and short["response"]["body"]["status"] == "completed"
     assert short["response"]["body"]["max_output_tokens"] == 900
     assert lines["fine"]["response"]["body"]["max_output_tokens"] is None
-    assert env.server.counters.creates == 3
+    assert server.counters.creates == 3
     capsys.readouterr()
 
     assert main(argv) == 0  # the rerun: every attempt served from the journal
-    assert env.server.counters.creates == 3
+    assert server.counters.creates == 3
     again = {x["custom_id"]: x for x in map(json.loads, out.read_text().splitlines())}
     assert again == lines
 

@@ -10,12 +10,12 @@ what it is.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .._engine._job import decode
 from .._ledgers import Record
 
 if TYPE_CHECKING:
@@ -85,7 +85,6 @@ def _usage(record: Record) -> Any:
     if record.body is None:
         return None
     try:
-        body = json.loads(record.body)
+        return decode(record.body).get("usage")
     except ValueError:
         return None
-    return body.get("usage") if isinstance(body, dict) else None
