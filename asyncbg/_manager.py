@@ -214,7 +214,8 @@ class BackgroundManager:
         #: Checked answers, escalation ladders and hedges (asyncbg/_outcomes/).
         self._outcomes = Outcomes(self, escalate=escalate, hedge=hedge, fallbacks=fallbacks,
                                   spawn=lambda *a, **k: self._tg.start_soon(*a, **k)
-                                  if self._tg is not None else None)
+                                  if self._tg is not None else None,
+                                  callbacks=self._scheduler.callbacks)
         if on_done is not None:
             self._scheduler.callbacks.on_done = self._outcomes.users_only(on_done)
         #: Outbound webhooks (None without ``notify=``); see asyncbg/_notify/_notify.py.

@@ -154,6 +154,13 @@ async def test_cancel_stops_the_ladder_and_cancels_the_live_attempt(
     assert job.status is JobStatus.CANCELLED and [a.key for a in job.attempts] == ["k"]
     assert server.counters.creates == 1 and server.counters.cancels == 1
 
+    async with manager(client) as mgr:  # cancelled at once, before its ladder ran at all
+        early = await mgr.submit(key="e", model="m", input="x", escalate=ladder)
+        await early.cancel()
+    assert early.status is JobStatus.CANCELLED and early.attempts[0].status is JobStatus.CANCELLED
+    # at most its create was in flight: then it was cancelled on the server too
+    assert len(early.attempts) == 1 and server.counters.creates == server.counters.cancels
+
 
 async def test_a_crash_mid_ladder_and_a_rerun_continue_with_no_attempt_sent_twice(
     client: AsyncOpenAI, tmp_path: Path,

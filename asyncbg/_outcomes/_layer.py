@@ -38,13 +38,15 @@ __all__ = ["Ladder", "Outcomes"]
 class Outcomes:
     """The manager's side of this layer: its defaults, its running ladders, its counters."""
 
-    __slots__ = ("_attempts", "_idle", "_manager", "_spawn", "escalate", "fallbacks", "hedge",
-                 "ladders", "tails")
+    __slots__ = ("_attempts", "_idle", "_spawn", "callbacks", "escalate", "fallbacks", "hedge",
+                 "ladders", "manager", "tails")
 
     def __init__(self, manager: BackgroundManager, *, escalate: Escalation | None,
-                 hedge: Hedge | None, spawn: Callable[..., object],
+                 hedge: Hedge | None, spawn: Callable[..., object], callbacks: Callbacks,
                  fallbacks: Mapping[str, BackgroundManager] | None = None) -> None:
-        self._manager = manager
+        self.manager = manager
+        #: Where the user's jobs' done callbacks run: the manager's queue.
+        self.callbacks = callbacks
         #: The managers that run the attempts of a step naming another provider.
         self.fallbacks = dict(fallbacks or {})
         self._spawn = spawn
@@ -87,10 +89,10 @@ class Outcomes:
         if escalate is not None:
             for number in range(2, escalate.max_attempts + 1):
                 self.target(escalate.params_for(params, number))  # refused now, if at all
-        first = self.sent(await self._manager.submit_request(
+        first = self.sent(await self.manager.submit_request(
             params, key=key, poll_policy=poll_policy, deadline=deadline, escalate=False,
             hedge=False))
-        ladder = Ladder(self, first.key, params, escalate=escalate, hedge=hedge,
+        ladder = Ladder(self, first, params, escalate=escalate, hedge=hedge,
                         checks=Checks(text_format=text_format, validate=validate),
                         poll_policy=poll_policy,
                         deadline=None if deadline is None else anyio.current_time() + deadline)
@@ -104,7 +106,7 @@ class Outcomes:
         request = dict(params)
         provider = request.pop("provider", None)
         if provider is None:
-            return self._manager, request
+            return self.manager, request
         manager = self.fallbacks.get(provider)
         if manager is None:
             raise ValueError(
@@ -137,7 +139,7 @@ class Ladder:
     __slots__ = ("_cancelled", "_final", "attempts", "checks", "deadline", "escalate", "hedge",
                  "invalid", "job", "layer", "params", "poll_policy")
 
-    def __init__(self, layer: Outcomes, key: str, params: Mapping[str, Any], *,
+    def __init__(self, layer: Outcomes, first: Job, params: Mapping[str, Any], *,
                  escalate: Escalation | None, hedge: Hedge | None, checks: Checks,
                  poll_policy: PollPolicy | None, deadline: float | None) -> None:
         self.layer = layer
@@ -148,19 +150,19 @@ class Ladder:
         self.poll_policy = poll_policy
         self.deadline = deadline
         #: Every attempt sent or served, hedge copies included, in the order sent.
-        self.attempts: list[Job] = []
+        self.attempts: list[Job] = [first]
         #: Why the final answer is not usable (it does not parse or validate), or None.
         self.invalid: str | None = None
         self._final: Job | None = None
         self._cancelled = False
-        self.job = Job(self, key)
+        self.job = Job(self, first.key)
         self.job._outcome = self
 
     # -- JobOwner: what the user's job asks ------------------------------------------------
 
     @property
     def callbacks(self) -> Callbacks:
-        return self.layer._manager._scheduler.callbacks
+        return self.layer.callbacks
 
     async def cancel_job(self, job: Job) -> None:
         """The user's cancel: no further attempt; the live ones are cancelled on the server."""
@@ -194,7 +196,6 @@ class Ladder:
             kinds: list[str] = []
             number = 1
             while attempt is not None:
-                self.attempts.append(attempt)
                 final = await self._race(attempt, number)
                 invalid = self._judge(final)
                 kinds.append(kind_of(final.status, final.error_code, invalid))
@@ -208,10 +209,11 @@ class Ladder:
                 attempt = await self._send(number)
         except ManagerStateError:
             pass  # the manager is leaving: no further attempt (the job detaches below)
-        except (JournalMismatchError, DuplicateKeyError) as exc:
+        except (JournalMismatchError, DuplicateKeyError, ValueError) as exc:
             # The next attempt could not be sent (its key is in the journal with another
-            # request: the ladder changed between runs, say). The attempts so far stand. A
-            # ledger failure is not caught: it stops the manager, as it does for any create.
+            # request: the ladder changed between runs, say; or its provider refused the
+            # request). The attempts so far stand. A ledger failure is not caught: it stops
+            # the manager, as it does for any create.
             control.update(JobStatus.FAILED, error=f"attempt {len(self.attempts) + 1} could "
                            f"not be sent: {exc}", error_code="escalation_failed",
                            cost=self._cost())
@@ -227,9 +229,13 @@ class Ladder:
             else self.params)
         remaining = None if self.deadline is None else max(
             self.deadline - anyio.current_time(), 0.0)
-        return self.layer.sent(await manager.submit_request(
+        attempt = self.layer.sent(await manager.submit_request(
             params, key=attempt_key(self.job.key, number, hedge=hedge),
             poll_policy=self.poll_policy, deadline=remaining, escalate=False, hedge=False))
+        self.attempts.append(attempt)
+        if self._cancelled:  # the user cancelled while it was being submitted
+            await attempt.cancel()
+        return attempt
 
     def _judge(self, attempt: Job) -> str | None:
         if attempt.status is not JobStatus.COMPLETED:
@@ -277,7 +283,7 @@ class Ladder:
         started = anyio.current_time()
         expected = None
         if hedge is not None and await self._outlived(attempt, hedge, shape, started):
-            expected = tails.may_hedge(hedge, shape, self.layer._manager.meter.spend.cost)
+            expected = tails.may_hedge(hedge, shape, self.layer.manager.meter.spend.cost)
         if expected is None:
             await attempt.wait()
             self._record(shape, attempt, started)
@@ -286,6 +292,13 @@ class Ladder:
         tails.extra_pending += expected
         try:
             copy = await self._send(number, hedge=True)
+        except (JournalMismatchError, DuplicateKeyError, ValueError) as exc:
+            tails.extra_pending -= expected
+            tails.hedges -= 1
+            _log.warning("job.hedge_refused", key=self.job.key, error=str(exc))
+            await attempt.wait()  # no copy: the original goes on alone
+            self._record(shape, attempt, started)
+            return attempt
         except BaseException:
             tails.extra_pending -= expected
             raise
@@ -297,7 +310,6 @@ class Ladder:
         """The first of ``attempt`` and its ``copy`` to complete; the other is cancelled at
         once, and what it cost is the hedge's extra spend."""
         tails = self.layer.tails
-        self.attempts.append(copy)
         try:
             winner = await _first_completed(attempt, copy)
         finally:
