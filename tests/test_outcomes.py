@@ -266,3 +266,18 @@ async def test_a_failed_job_falls_back_to_the_anthropic_fake(
     assert message.content[0].text.endswith("hello") and message.model == "claude-sonnet-4-5"
     assert job.cost == second.cost or job.cost is None
     assert server.counters.batch_requests
+
+
+async def test_escalate_false_turns_the_managers_ladder_off_for_one_job(
+    client: AsyncOpenAI,
+) -> None:
+    ladder = Escalation(steps=[{"model": "b"}])
+    async with manager(client, escalate=ladder) as mgr:
+        off = await mgr.submit(key="off", model="a", input="x", escalate=False,
+                               metadata={"fake_outcome": "incomplete"})
+        on = await mgr.submit(key="on", model="a", input="x",
+                              metadata={"fake_outcome": "incomplete"})
+        await mgr.wait_all([off, on])
+    assert off.attempts == (off,) and off.status is JobStatus.INCOMPLETE
+    assert [a.key for a in on.attempts] == ["on", "on#2"]
+    assert mgr.statistics().submitted == 3 and mgr.statistics().hedges == 0

@@ -76,7 +76,7 @@ class Ladder(RuleBasedStateMachine):
             assert request == expected
 
 
-Ladder.TestCase.settings = settings(max_examples=150, stateful_step_count=8, deadline=None,
+Ladder.TestCase.settings = settings(max_examples=80, stateful_step_count=8, deadline=None,
                                     derandomize=True, database=None)
 TestLadder = Ladder.TestCase
 
