@@ -78,7 +78,7 @@ async def test_an_answer_that_does_not_parse_or_validate_is_completed_and_invali
                                     metadata={"fake_reply": '{"answer": -1, "why": ""}'})
         plain = await mgr.submit(model="m", input="x")
     assert broken.status is JobStatus.COMPLETED and rejected.status is JobStatus.COMPLETED
-    assert "does not parse as Answer" in (broken.invalid or "")
+    assert "does not parse as Answer: the answer: Invalid JSON" in (broken.invalid or "")
     assert rejected.invalid == ("validate rejected the answer: ValueError: the answer must be "
                                 "positive")
     with pytest.raises(asyncbg.JobFailed, match="invalid: the answer does not parse"):

@@ -68,13 +68,23 @@ class Checks:
                 self.parse(body)
             except ValueError as exc:
                 return f"the answer does not parse as {self.text_format.__name__}: " + \
-                    _first_line(exc)
+                    _parse_error(exc)
         if self.validate is not None:
             try:
                 self.validate(response)
             except Exception as exc:  # noqa: BLE001 - the user's check rejected the answer
                 return f"validate rejected the answer: {type(exc).__name__}: {_first_line(exc)}"
         return None
+
+
+def _parse_error(exc: ValueError) -> str:
+    """Pydantic's first error, where and what (``answer: Field required``), or the first line."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        first = errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ())) or "the answer"
+        return f"{where}: {first.get('msg', exc)}"
+    return _first_line(exc)
 
 
 def _first_line(exc: BaseException) -> str:
