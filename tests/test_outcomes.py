@@ -281,3 +281,10 @@ async def test_escalate_false_turns_the_managers_ladder_off_for_one_job(
     assert off.attempts == (off,) and off.status is JobStatus.INCOMPLETE
     assert [a.key for a in on.attempts] == ["on", "on#2"]
     assert mgr.statistics().submitted == 3 and mgr.statistics().hedges == 0
+
+
+async def test_a_malformed_fake_needs_output_tokens_is_refused(client: AsyncOpenAI) -> None:
+    async with manager(client) as mgr:
+        job = await mgr.submit(model="m", input="x", metadata={"fake_needs_output_tokens": "lots"})
+        await job.wait()
+    assert job.status is JobStatus.FAILED and "fake_needs_output_tokens" in (job.error or "")
