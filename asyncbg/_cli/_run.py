@@ -27,6 +27,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from .._errors import JournalMismatchError
 from .._ledgers import Ledger, LedgerError, Record, SQLiteLedger, digest
+from .._outcomes._journal import final_record, final_view
 from . import _metrics
 from ._formats import FORMATS, Format, close
 from ._input import BatchRequest, Index, NotUtf8
@@ -348,6 +349,8 @@ class _Run:
                                               tokens_per_minute=args.tpm)
         if (notify := notify_option(args)) is not None:  # --notify URL: see _notify.py
             options["notify"] = notify
+        if getattr(args, "escalate_file", None) is not None:  # an Escalation (asyncbg/_outcomes)
+            options["escalate"] = args.escalate_file
         provider = {"anthropic": "anthropic", "gemini": "gcp.gemini"}.get(
             getattr(args, "provider", None) or "openai", "openai")
         async with _metrics.hooks_for(args, provider_name=provider) as hooks:
@@ -488,7 +491,7 @@ class _Run:
                     break
             records = []
             for job in batch:
-                record = await ledger.get(job.key)
+                record = await final_record(ledger, job)  # a ladder shows its final attempt
                 self._count(job, record)
                 if record is not None:
                     records.append(record)
@@ -610,4 +613,5 @@ def _collapse(group: BaseExceptionGroup[BaseException]) -> BaseException:
 
 
 async def _records(ledger: Ledger) -> dict[str, Record]:
-    return {r.key: r for r in await ledger.records()}
+    # Each escalation ladder folded under its line's key (asyncbg/_outcomes/_journal.py).
+    return final_view({r.key: r for r in await ledger.records()})
