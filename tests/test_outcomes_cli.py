@@ -38,6 +38,8 @@ def test_escalate_file_runs_a_ladder_per_line_and_a_rerun_sends_nothing(
     assert short["response"]["body"]["max_output_tokens"] == 900
     assert lines["fine"]["response"]["body"]["max_output_tokens"] is None
     assert server.counters.creates == 3
+    assert [a["status"] for a in short["attempts"]] == ["incomplete", "completed"]
+    assert "attempts" not in lines["fine"]  # one attempt: the line as it always was
     capsys.readouterr()
 
     assert main(argv) == 0  # the rerun: every attempt served from the journal
@@ -84,3 +86,29 @@ def test_the_journal_view_folds_each_ladder_under_its_key() -> None:
     assert [a["custom_id"] for a in attempts_field(folded)["attempts"]] == [
         "k", "k#2", "k#2#hedge"]
     assert attempts_field(view["plain"]) == {} and view["plain"] is records["plain"]
+
+
+@pytest.mark.usefixtures("env")
+def test_a_users_own_hash_keys_are_never_folded_and_clash_with_a_ladder(
+    http_fake: HttpFake, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``a`` and ``a#2`` are two lines of the user's: without a ladder each keeps its own
+    answer; with one, ``a#2`` would be the name of ``a``'s second attempt, so it is refused."""
+    http_fake.server.latency = http_fake.server.latency.fixed(0.02)
+    write_input(tmp_path / "in.jsonl", [request("a", input="first"),
+                                        request("a#2", input="second")])
+    out = tmp_path / "out.jsonl"
+    argv = ["run", str(tmp_path / "in.jsonl"), "-o", str(out)]
+    assert main(argv) == 0
+    assert main(argv) == 0  # the rerun reads the journal back: still two lines of their own
+    lines = {x["custom_id"]: x for x in map(json.loads, out.read_text().splitlines())}
+    assert set(lines) == {"a", "a#2"} and "attempts" not in lines["a"]
+    assert lines["a"]["response"]["body"]["id"] != lines["a#2"]["response"]["body"]["id"]
+    ladder = tmp_path / "ladder.json"
+    ladder.write_text(json.dumps({"on": ["incomplete"], "steps": [{"max_output_tokens": 9}]}))
+    capsys.readouterr()
+    assert main([*argv[:2], "-o", str(tmp_path / "o2.jsonl"), "--escalate-file",
+                 str(ladder)]) == 2
+    err = capsys.readouterr().err
+    assert "in.jsonl:2: custom_id 'a#2'" in err and "nothing was sent" in err, err
+    assert http_fake.server.counters.creates == 2

@@ -16,7 +16,7 @@ import itertools
 import math
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +27,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from .._errors import JournalMismatchError
 from .._ledgers import Ledger, LedgerError, Record, SQLiteLedger, digest
-from .._outcomes._journal import final_record, final_view
+from .._outcomes._journal import attempt_of, final_record, final_view
 from . import _metrics
 from ._formats import FORMATS, Format, close
 from ._input import BatchRequest, Index, NotUtf8
@@ -112,6 +112,13 @@ async def run(args: argparse.Namespace) -> int:
         for problem in index.duplicates:
             say(f"{source}: {problem}")
         say(f"duplicate {fmt.id_name} values; nothing was sent")
+        return 2
+    if getattr(args, "escalate_file", None) is not None and (
+            clash := next((k for k in index.lines if (base := attempt_of(k)) is not None
+                           and base in index.lines), None)):
+        say(f"{source}:{index.lines[clash]}: {fmt.id_name} {clash!r} is the name an escalation "
+            f"gives to a later attempt of {attempt_of(clash)!r}: rename it to run with "
+            "--escalate-file; nothing was sent")
         return 2
     if not index.lines and not index.bad:
         say(f"no requests in {source}; nothing was sent")
@@ -300,7 +307,7 @@ class _Run:
 
     async def _run(self, ledger: Ledger, work: anyio.CancelScope,
                    interrupts: Interrupts) -> int:
-        records = await _records(ledger)
+        records = await _records(ledger, self.index.lines)
         unknown = [c for c in self.existing.custom_ids if c not in records]
         if unknown:
             say(f"{self.out.path} has lines the journal {self.journal} does not know "
@@ -318,7 +325,8 @@ class _Run:
         for bad in self.index.bad:
             say(f"{self.source}:{bad.line}: {bad.reason}; line skipped")
         if await anyio.to_thread.run_sync(self._all_served):
-            return self._report(await _records(ledger))  # nothing to send: no SDK, no manager
+            # nothing to send: no SDK, no manager
+            return self._report(await _records(ledger, self.index.lines))
         if self.open_client() is None:
             return 2  # it said why (no API key, say); the output stands as the journal has it
         try:
@@ -332,7 +340,7 @@ class _Run:
         if interrupts.interrupted:
             return await self._interrupted(ledger, interrupts)
         if self.submitted == 0:  # nothing changed: the output written at the start stands
-            return self._report(await _records(ledger))
+            return self._report(await _records(ledger, self.index.lines))
         return self._report(await self._rewrite(ledger))
 
     async def _send(self, client: Any, ledger: Ledger, interrupts: Interrupts) -> None:
@@ -526,7 +534,7 @@ class _Run:
                 "from the journal at the end")
 
     async def _rewrite(self, ledger: Ledger) -> dict[str, Record]:
-        records = await _records(ledger)
+        records = await _records(ledger, self.index.lines)
         try:
             await anyio.to_thread.run_sync(self.out.rewrite, records, self._order())
         except BrokenPipeError:
@@ -612,6 +620,7 @@ def _collapse(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return exc
 
 
-async def _records(ledger: Ledger) -> dict[str, Record]:
-    # Each escalation ladder folded under its line's key (asyncbg/_outcomes/_journal.py).
-    return final_view({r.key: r for r in await ledger.records()})
+async def _records(ledger: Ledger, own: Container[str]) -> dict[str, Record]:
+    """The journal's records, each escalation ladder folded under its line's key
+    (asyncbg/_outcomes/_journal.py); ``own``, the input's custom_ids, are never attempts."""
+    return final_view({r.key: r for r in await ledger.records()}, own)

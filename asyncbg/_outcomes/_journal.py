@@ -3,15 +3,15 @@
 Every attempt is a record of its own (``KEY``, ``KEY#2``, ``KEY#2#hedge``...); a view that
 shows one line per user key (``asyncbg run``'s output) shows the final attempt's answer under
 the user's key, with the attempts listed beside it. A ``KEY#n`` counts as an attempt of
-``KEY`` only when ``KEY`` itself is in the journal, so a user's own key with a ``#`` stays
-what it is.
+``KEY`` only when ``KEY`` itself is in the journal and ``KEY#n`` is not one of the caller's own
+keys (an input line's ``custom_id``), so a user's own key with a ``#`` stays what it is.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from .._engine._job import Job
     from .._ledgers import Ledger
 
-__all__ = ["LadderRecord", "attempts_field", "final_record", "final_view"]
+__all__ = ["LadderRecord", "attempt_of", "attempts_field", "final_record", "final_view"]
 
 _ATTEMPT = re.compile(r"^(?P<key>.+?)(?:#(?P<n>[2-9]|[1-9][0-9]+))?(?P<hedge>#hedge)?$")
 
@@ -34,11 +34,14 @@ class LadderRecord(Record):
     attempts: tuple[Record, ...] = ()
 
 
-def final_view(records: Mapping[str, Record]) -> dict[str, Record]:
+def final_view(records: Mapping[str, Record],
+               own: Container[str] = ()) -> dict[str, Record]:
     """``records`` with each ladder folded under its user's key (the attempts' own keys
-    removed); a key without further attempts is left as it is."""
+    removed); a key without further attempts, and every key in ``own``, is left as it is."""
     chains: dict[str, list[tuple[int, bool, Record]]] = {}
     for key, record in records.items():
+        if key in own:
+            continue  # the user's own key, whatever it looks like
         m = _ATTEMPT.match(key)
         if m is None or (m["n"] is None and m["hedge"] is None) or m["key"] not in records:
             continue
@@ -52,6 +55,15 @@ def final_view(records: Mapping[str, Record]) -> dict[str, Record]:
                 view.pop(record.key, None)
         view[key] = _fold(key, attempts)
     return view
+
+
+def attempt_of(key: str) -> str | None:
+    """The user's key ``key`` would be an attempt of (``a`` for ``a#2`` or ``a#hedge``), or
+    None: an input whose keys include both cannot run a ladder (their records would be one)."""
+    m = _ATTEMPT.match(key)
+    if m is None or (m["n"] is None and m["hedge"] is None):
+        return None
+    return m["key"]
 
 
 def _fold(key: str, attempts: list[tuple[int, bool, Record]]) -> Record:
