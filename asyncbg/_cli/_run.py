@@ -470,8 +470,13 @@ class _Run:
     def _all_served(self) -> bool:
         """Whether every line is one the journal has finished with its very request: then the
         run counts them all (in a thread: it reads the input once more) and sends nothing.
-        Budgeted runs always go through the manager, which counts the journal's spend."""
-        if self.args.max_cost is not None or len(self.done) != len(self.lines):
+        Runs that ask the manager for more than the lines (a budget, which counts the journal's
+        spend; notifications, which deliver what an earlier run left pending; metrics) always
+        go through it."""
+        args = self.args
+        if (args.max_cost is not None or getattr(args, "notify", None)
+                or getattr(args, "metrics_port", None) is not None
+                or len(self.done) != len(self.lines)):
             return False
         served: list[tuple[str, _Done]] = []
         for req in self.fmt.requests(self.source, self.args):
