@@ -31,6 +31,7 @@ from . import _metrics
 from ._formats import FORMATS, Format, close
 from ._input import Index, NotUtf8
 from ._notify import notify_option
+from ._notify import summary_row as notes_row
 from ._ops import cancel_live, say
 from ._output import (
     Existing,
@@ -315,8 +316,8 @@ class _Run:
         if interrupts.interrupted:
             return await self._interrupted(client, ledger, interrupts)
         if self.submitted == 0:  # nothing changed: the output written at the start stands
-            return self._report(await _records(ledger))
-        return self._report(await self._rewrite(ledger))
+            return self._report(await _records(ledger), await notes_row(ledger, self.journal))
+        return self._report(await self._rewrite(ledger), await notes_row(ledger, self.journal))
 
     async def _send(self, client: Any, ledger: Ledger, interrupts: Interrupts) -> None:
         args = self.args
@@ -499,7 +500,8 @@ class _Run:
             say(line)
         return interrupts.exit_code
 
-    def _report(self, records: dict[str, Record]) -> int:
+    def _report(self, records: dict[str, Record],
+                notes: tuple[str, str] | None = None) -> int:
         failure = connection_failure(self.sent, self.refused, self.refusal)
         if failure is not None:
             say(failure)  # one line, not one per job: the server could not be reached at all
@@ -521,6 +523,8 @@ class _Run:
         if not_run:
             extra.append(("not run", f"{not_run} lines, for the budget: rerun with a larger "
                                       "--max-cost to run exactly those"))
+        if notes is not None:  # notifications still pending or failed: see _notify.py
+            extra.append(notes)
         extra += [("wall time", f"{self.tally.elapsed():.1f}s"), ("output", self.out.path),
                   ("journal", self.journal)]
         print(summary(self.lines, records, extra=extra, not_run=self.not_run,

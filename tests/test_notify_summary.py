@@ -1,0 +1,111 @@
+"""``asyncbg run``'s summary says when notifications are left pending or failed (a receiver
+answering 500 or 410), with the command to run next; a run whose notifications all arrived says
+nothing of them. The command runs in this process (``main(argv)``) against the HTTP fake, and
+the receiver is a plain HTTP server on 127.0.0.1 answering what the test sets."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from asyncbg._cli import main
+from asyncbg.testing import new_secret
+
+from .conftest import HttpFake
+from .test_batch_cli import request, write_input
+from .test_cli_integrity import undo_cli_logging
+
+
+class Receiver:
+    """Answers every POST with ``status``; counts them."""
+
+    def __init__(self) -> None:
+        self.status = 200
+        self.posts = 0
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("content-length") or 0))
+                receiver.posts += 1
+                self.send_response(receiver.status)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass  # quiet
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks"
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    thread = threading.Thread(target=r.server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield r
+    finally:
+        r.server.shutdown()
+        r.server.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture
+def env(http_fake: HttpFake, monkeypatch: pytest.MonkeyPatch) -> Iterator[HttpFake]:
+    for name in [n for n in os.environ if n.startswith("OPENAI_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    monkeypatch.setenv("OPENAI_BASE_URL", http_fake.base_url)
+    monkeypatch.setenv("ASYNCBG_NOTIFY_SECRET", new_secret())
+    try:
+        yield http_fake
+    finally:
+        undo_cli_logging()
+
+
+def run(tmp: Path, url: str) -> int:
+    write_input(tmp / "in.jsonl", [request(f"r{i}") for i in range(3)])
+    return main(["run", str(tmp / "in.jsonl"), "-o", str(tmp / "out.jsonl"), "--notify", url,
+                 "--notify-wait", "0.5"])
+
+
+def notes_of(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("notifications")]
+
+
+def test_the_summary_names_notifications_left_and_what_to_run(
+    env: HttpFake, receiver: Receiver, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "ok").mkdir()
+    assert run(tmp_path / "ok", receiver.url) == 0
+    assert receiver.posts == 3
+    assert notes_of(capsys.readouterr().err) == []  # every one arrived: nothing to say
+
+    receiver.status = 500  # the receiver is broken: they wait for a retry
+    (tmp_path / "down").mkdir()
+    assert run(tmp_path / "down", receiver.url) == 0  # the lines completed: still 0
+    journal = tmp_path / "down" / "out.jsonl.journal"
+    [line] = notes_of(capsys.readouterr().err)
+    assert line.split(None, 1)[1] == (
+        "3 pending, 0 failed (latest error: HTTP 500); send them with "
+        f"`asyncbg notify --ledger {journal}`")
+
+    receiver.status = 410  # the endpoint is gone: failed, kept, sent again only when asked
+    (tmp_path / "gone").mkdir()
+    assert run(tmp_path / "gone", receiver.url) == 0
+    journal = tmp_path / "gone" / "out.jsonl.journal"
+    [line] = notes_of(capsys.readouterr().err)
+    assert line.startswith("notifications 0 pending, 3 failed (latest error: the endpoint "
+                           "answered 410 Gone"), line
+    assert line.endswith(f"send them with `asyncbg notify --ledger {journal} --retry-failed`")
+
+    receiver.status = 200  # what the summary said to run works
+    assert main(["notify", "--ledger", str(journal), "--retry-failed"]) == 0
+    assert "delivered 3 notification(s); 0 still pending, 0 failed" in capsys.readouterr().out
