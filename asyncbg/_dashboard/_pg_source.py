@@ -83,7 +83,12 @@ WORKERS = f"""
     SELECT owner, host, pid, started, seen, lease FROM asyncbg_workers
     WHERE seen + lease > {_NOW} ORDER BY started, owner
 """
-HAS_OUTBOX = "SELECT to_regclass('asyncbg_outbox') IS NOT NULL"
+HAS_TABLES = ("SELECT to_regclass('asyncbg_outbox') IS NOT NULL, "
+              "to_regclass('asyncbg_counts') IS NOT NULL")
+# The counters the ledger's triggers keep (schema version 3): at most 64 slots per status.
+COUNTS = """
+    SELECT status, sum(n)::bigint FROM asyncbg_counts GROUP BY status HAVING sum(n) <> 0
+"""
 ENDPOINTS = """
     SELECT url, count(*) FILTER (WHERE state = 'pending'), count(*) FILTER (WHERE state = 'failed'),
            (array_agg(error ORDER BY next_at DESC) FILTER (WHERE error IS NOT NULL))[1],
@@ -101,7 +106,7 @@ class PostgresSource:
         self._url = url
         self.location = redacted(url)
         self._pool: Any = None
-        self._outbox = False
+        self._outbox = self._counters = False
 
     async def open(self) -> None:
         try:
@@ -121,7 +126,8 @@ class PostgresSource:
             await pool.close()
             raise LedgerUnavailable(f"{self.location}: cannot connect ({exc})") from exc
         self._pool = pool
-        self._outbox = bool((await self._fetch(HAS_OUTBOX))[0][0])
+        [(outbox, counters)] = await self._fetch(HAS_TABLES)
+        self._outbox, self._counters = bool(outbox), bool(counters)
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None
@@ -142,6 +148,11 @@ class PostgresSource:
             return Start(int(total), unfinished, live, int(max_seq))
 
         return await self._snapshot(read)  # type: ignore[no-any-return]
+
+    async def counts(self) -> dict[str, int] | None:
+        if not self._counters:
+            return None
+        return {status: int(n) for status, n in await self._fetch(COUNTS)}
 
     async def aggregate(self, *, since: float, window: int) -> Aggregate:
         async def scan(cur: Any) -> Aggregate:

@@ -10,6 +10,10 @@ Two kinds of read, so that a big ledger costs a bounded amount per live update:
 - :meth:`Source.start`, :meth:`Source.window` and :meth:`Source.rows` read indexes only: the
   index of unfinished jobs (with a ``LIMIT`` for the window), the one on ``seq`` (jobs claimed
   since) and primary-key lookups. ``start`` runs once, ``window`` and ``rows`` on every update.
+- :meth:`Source.counts` reads the jobs per status from counters the ledger keeps exact with
+  triggers (PostgreSQL's ``asyncbg_counts``, an SQLite journal's ``job_counts``): a few dozen
+  rows however many jobs there are, read on every update. A ledger without them (an SQLite
+  journal no asyncbg of this version has written to yet) says None.
 - :meth:`Source.aggregate` and :meth:`Source.usage` scan every job. :class:`~._tally.Tally`
   runs them in the background, at most a fixed share of the time (see there).
 """
@@ -205,6 +209,10 @@ class Source(Protocol):
 
     async def start(self, *, window: int) -> Start:
         """Counts from indexes (every job; the unfinished ones by status) and the window."""
+        ...
+
+    async def counts(self) -> Mapping[str, int] | None:
+        """Every job by status, exact, from the ledger's counters; None when it keeps none."""
         ...
 
     async def aggregate(self, *, since: float, window: int) -> Aggregate:

@@ -68,6 +68,8 @@ TOTAL = "SELECT count(*), COALESCE(max(seq), 0) FROM jobs"
 UNFINISHED = """
     SELECT status, count(*) FROM jobs WHERE state IN ('new', 'sending', 'live') GROUP BY status
 """
+# The counters the ledger's triggers keep (see _sqlite_queries.CREATE_COUNTS): a dozen rows.
+COUNTS = "SELECT status, sum(n) FROM job_counts GROUP BY status HAVING sum(n) <> 0"
 ROWS = f"SELECT {_ROW}, response FROM jobs WHERE key IN (SELECT value FROM json_each(?))"
 # Each body is parsed once (one json_extract of every path, into a small array).
 USAGE = f"""
@@ -134,7 +136,7 @@ class SQLiteSource:
             try:
                 db.execute("PRAGMA query_only = 1")
                 self._tables = {
-                    name for name in ("jobs", "events", "workers", "outbox")
+                    name for name in ("jobs", "events", "workers", "outbox", "job_counts")
                     if db.execute(HAS_TABLE, (name,)).fetchone()}
             except BaseException:
                 db.close()
@@ -166,6 +168,11 @@ class SQLiteSource:
             return Start(int(total), unfinished, live, int(max_seq))
 
         return await self._read(read)
+
+    async def counts(self) -> dict[str, int] | None:
+        if "job_counts" not in self._tables:
+            return None
+        return await self._read(lambda db: {s: int(n) for s, n in db.execute(COUNTS)})
 
     async def aggregate(self, *, since: float, window: int) -> Aggregate:
         def scan(db: sqlite3.Connection) -> Aggregate:
