@@ -3,6 +3,7 @@ same picture from a PostgreSQL ledger as from an SQLite journal."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -422,3 +423,29 @@ def test_cancel_on_a_postgres_ledger_needs_the_token_and_is_recorded(pg_dsn: str
     records = {r.key: r for r in anyio.run(_records, pg_dsn)}
     assert (records["keep-0"].state, records["keep-0"].status) == ("done", "cancelled")
     assert records["keep-1"].state == "live"  # not this process's to write
+
+
+def test_terminal_to_seen_shows_the_bodies_times_or_says_why_it_is_empty(tmp_path: Path) -> None:
+    import sqlite3
+
+    from starlette.testclient import TestClient
+
+    path = tmp_path / "j.db"
+    anyio.run(_one_finished, path)
+
+    def page() -> str:
+        with TestClient(asyncbg.dashboard_app(path)) as web:
+            for _ in range(200):  # the bodies are read by a background scan: wait for it
+                if web.get("/summary.json").json()["output_tokens"] is not None:
+                    break
+                time.sleep(0.05)
+            return web.get("/").text
+
+    assert "the fake server's do not" in page()  # the fake's bodies carry no completed_at
+    with sqlite3.connect(path) as db:  # as OpenAI's do: recorded 3 s after the server ended it
+        db.execute("UPDATE jobs SET response = CAST(json_set(CAST(response AS TEXT), "
+                   "'$.completed_at', updated - 3) AS BLOB)")
+    db.close()
+    shown = page()
+    assert 'id="seen-empty"' not in shown
+    assert "time from terminal to seen" in shown
