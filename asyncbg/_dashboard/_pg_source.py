@@ -23,6 +23,7 @@ from ._source import (
     UsageRow,
     Worker,
     bucket_sql,
+    from_counters,
     row_of,
     usage_rows,
     worker_of,
@@ -51,15 +52,31 @@ AGGREGATE = f"""
     FROM asyncbg_jobs GROUP BY 1, 2, 3, 4, 5
 """
 NEWEST = "SELECT COALESCE(max(updated), 0), COALESCE(max(seq), 0) FROM asyncbg_jobs"
-# The partial index asyncbg_jobs_open (claim order, unfinished rows) serves this.
+# Two partial indexes of schema version 3 serve this, each bounded whatever the ledger's size:
+# live jobs no one holds (asyncbg_jobs_waiting_live, in claim order), and the jobs workers hold
+# (asyncbg_jobs_leased: as many as the fleet runs at once). A `sending` row without a lease (its
+# process died before the create's answer) runs nowhere: it is left out, and counted by the
+# counters.
 WINDOW = f"""
-    SELECT {_ROW} FROM asyncbg_jobs
-    WHERE state IN ('new', 'sending', 'live') AND state <> 'new'
-    ORDER BY seq LIMIT %(limit)s
+    SELECT {_ROW} FROM (
+        (SELECT {_ROW} FROM asyncbg_jobs WHERE lease_until IS NULL AND state = 'live'
+         ORDER BY seq LIMIT %(limit)s)
+        UNION ALL
+        (SELECT {_ROW} FROM asyncbg_jobs
+         WHERE lease_until IS NOT NULL AND state IN ('new', 'sending', 'live')
+           AND state <> 'new'
+         ORDER BY seq LIMIT %(limit)s)
+    ) AS sent ORDER BY seq LIMIT %(limit)s
 """
 # Params: after, after. Walks the unique index on seq from ``after``.
 CLAIMED_SINCE = "SELECT count(*), COALESCE(max(seq), %s) FROM asyncbg_jobs WHERE seq > %s"
 TOTAL = "SELECT count(*), COALESCE(max(seq), 0) FROM asyncbg_jobs"
+# With counters: the highest seq from its unique index, the counts from the counters.
+MAX_SEQ = "SELECT COALESCE(max(seq), 0) FROM asyncbg_jobs"
+STATES = """
+    SELECT state, status, sum(n)::bigint FROM asyncbg_counts GROUP BY state, status
+    HAVING sum(n) <> 0
+"""
 # The partial index of unfinished jobs serves this.
 UNFINISHED = """
     SELECT status, count(*) FROM asyncbg_jobs WHERE state IN ('new', 'sending', 'live')
@@ -139,10 +156,16 @@ class PostgresSource:
 
     async def start(self, *, window: int) -> Start:
         async def read(cur: Any) -> Start:
-            await cur.execute(TOTAL)
-            total, max_seq = await cur.fetchone()
-            await cur.execute(UNFINISHED)
-            unfinished = {status: int(n) for status, n in await cur.fetchall()}
+            if self._counters:  # a dozen rows and an index, not a count of every job
+                await cur.execute(MAX_SEQ)
+                [max_seq] = await cur.fetchone()
+                await cur.execute(STATES)
+                total, unfinished = from_counters(await cur.fetchall())
+            else:
+                await cur.execute(TOTAL)
+                total, max_seq = await cur.fetchone()
+                await cur.execute(UNFINISHED)
+                unfinished = {status: int(n) for status, n in await cur.fetchall()}
             await cur.execute(WINDOW, {"limit": window})
             live = [row_of(r) for r in await cur.fetchall()]
             return Start(int(total), unfinished, live, int(max_seq))

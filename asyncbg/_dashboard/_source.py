@@ -38,6 +38,7 @@ __all__ = [
     "Start",
     "UsageRow",
     "Worker",
+    "from_counters",
     "latency_bucket",
     "row_of",
     "usage_rows",
@@ -168,6 +169,16 @@ def row_of(values: Sequence[Any], body: bytes | None = None) -> Row:
      owner) = values[:11]
     return Row(key, int(seq), state, status, response_id, error_code, error, http_status,
                float(created), float(updated), owner, body=body)
+
+
+def from_counters(rows: Iterable[Sequence[Any]]) -> tuple[int, dict[str, int]]:
+    """Every job, and the unfinished ones by status, from counter rows ``state, status, n``."""
+    total, unfinished = 0, dict[str, int]()
+    for state, status, n in rows:
+        total += int(n)
+        if state in ("new", "sending", "live"):
+            unfinished[status] = unfinished.get(status, 0) + int(n)
+    return total, unfinished
 
 
 def worker_of(values: Sequence[Any]) -> Worker:

@@ -30,6 +30,7 @@ from ._source import (
     UsageRow,
     Worker,
     bucket_sql,
+    from_counters,
     row_of,
     usage_rows,
     worker_of,
@@ -70,6 +71,8 @@ UNFINISHED = """
 """
 # The counters the ledger's triggers keep (see _sqlite_queries.CREATE_COUNTS): a dozen rows.
 COUNTS = "SELECT status, sum(n) FROM job_counts GROUP BY status HAVING sum(n) <> 0"
+STATES = "SELECT state, status, n FROM job_counts WHERE n <> 0"
+MAX_SEQ = "SELECT COALESCE(max(seq), 0) FROM jobs"
 ROWS = f"SELECT {_ROW}, response FROM jobs WHERE key IN (SELECT value FROM json_each(?))"
 # Each body is parsed once (one json_extract of every path, into a small array).
 USAGE = f"""
@@ -162,8 +165,12 @@ class SQLiteSource:
     async def start(self, *, window: int) -> Start:
         def read(db: sqlite3.Connection) -> Start:
             with _snapshot(db):
-                total, max_seq = db.execute(TOTAL).fetchone()
-                unfinished = dict(db.execute(UNFINISHED).fetchall())
+                if "job_counts" in self._tables:  # a dozen rows, not a count of every job
+                    [max_seq] = db.execute(MAX_SEQ).fetchone()
+                    total, unfinished = from_counters(db.execute(STATES))
+                else:
+                    total, max_seq = db.execute(TOTAL).fetchone()
+                    unfinished = dict(db.execute(UNFINISHED).fetchall())
                 live = [row_of(r) for r in db.execute(WINDOW, (window,))]
             return Start(int(total), unfinished, live, int(max_seq))
 
