@@ -6,7 +6,6 @@ the receiver is a plain HTTP server on 127.0.0.1 answering what the test sets.""
 from __future__ import annotations
 
 import http.server
-import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,9 +15,8 @@ import pytest
 from asyncbg._cli import main
 from asyncbg.testing import new_secret
 
-from .conftest import HttpFake
 from .test_batch_cli import request, write_input
-from .test_cli_integrity import undo_cli_logging
+from .test_cli_run2 import env  # noqa: F401 (a fixture: the fake's URL and a key)
 
 
 class Receiver:
@@ -57,19 +55,6 @@ def receiver() -> Iterator[Receiver]:
         thread.join(timeout=5)
 
 
-@pytest.fixture
-def env(http_fake: HttpFake, monkeypatch: pytest.MonkeyPatch) -> Iterator[HttpFake]:
-    for name in [n for n in os.environ if n.startswith("OPENAI_")]:
-        monkeypatch.delenv(name)
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
-    monkeypatch.setenv("OPENAI_BASE_URL", http_fake.base_url)
-    monkeypatch.setenv("ASYNCBG_NOTIFY_SECRET", new_secret())
-    try:
-        yield http_fake
-    finally:
-        undo_cli_logging()
-
-
 def run(tmp: Path, url: str, wait: float = 0.5) -> int:
     write_input(tmp / "in.jsonl", [request(f"r{i}") for i in range(3)])
     return main(["run", str(tmp / "in.jsonl"), "-o", str(tmp / "out.jsonl"), "--notify", url,
@@ -80,9 +65,12 @@ def notes_of(err: str) -> list[str]:
     return [line for line in err.splitlines() if line.startswith("notifications")]
 
 
+@pytest.mark.usefixtures("env")
 def test_the_summary_names_notifications_left_and_what_to_run(
-    env: HttpFake, receiver: Receiver, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    receiver: Receiver, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setenv("ASYNCBG_NOTIFY_SECRET", new_secret())
     (tmp_path / "ok").mkdir()
     assert run(tmp_path / "ok", receiver.url) == 0
     assert receiver.posts == 3

@@ -51,16 +51,14 @@ class Actions:
         self._timeout = timeout
         self._lock = anyio.Lock()  # one action at a time: no two managers on one key
 
-    async def cancel(self, keys: Sequence[str] | None) -> list[Cancelled]:
-        """Cancel ``keys`` (None: every live job) on the server and record the outcomes."""
+    async def cancel(self, keys: Sequence[str]) -> list[Cancelled]:
+        """Cancel ``keys`` on the server and record the outcomes."""
         from .. import BackgroundManager
 
         async with self._lock:
             ledger = self._open_ledger()
             await ledger.open()
             try:
-                if keys is None:
-                    keys = [r.key for r in await ledger.records() if r.state == "live"]
                 client = self._make_client()
                 jobs = []
                 done: list[Cancelled] = []

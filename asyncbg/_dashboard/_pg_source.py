@@ -68,6 +68,15 @@ WINDOW = f"""
          ORDER BY seq LIMIT %(limit)s)
     ) AS sent ORDER BY seq LIMIT %(limit)s
 """
+# The same two partial indexes as the window.
+LIVE_KEYS = """
+    SELECT key FROM (
+        SELECT key, seq FROM asyncbg_jobs WHERE lease_until IS NULL AND state = 'live'
+        UNION ALL
+        SELECT key, seq FROM asyncbg_jobs
+        WHERE lease_until IS NOT NULL AND state IN ('new', 'sending', 'live') AND state = 'live'
+    ) AS live ORDER BY seq
+"""
 # Params: after, after. Walks the unique index on seq from ``after``.
 CLAIMED_SINCE = "SELECT count(*), COALESCE(max(seq), %s) FROM asyncbg_jobs WHERE seq > %s"
 TOTAL = "SELECT count(*), COALESCE(max(seq), 0) FROM asyncbg_jobs"
@@ -209,6 +218,9 @@ class PostgresSource:
             return rows, int(claimed), int(max_seq)
 
         return await self._snapshot(read)  # type: ignore[no-any-return]
+
+    async def live_keys(self) -> list[str]:
+        return [key for (key,) in await self._fetch(LIVE_KEYS)]
 
     async def rows(self, keys: Sequence[str]) -> list[Row]:
         if not keys:

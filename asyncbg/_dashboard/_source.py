@@ -240,6 +240,11 @@ class Source(Protocol):
         claimed after seq ``after``, and the highest seq."""
         ...
 
+    async def live_keys(self) -> Sequence[str]:
+        """Every job live on the server, in claim order (through the indexes of unfinished
+        jobs: no body is read), for "cancel every live job"."""
+        ...
+
     async def rows(self, keys: Sequence[str]) -> Sequence[Row]:
         """These jobs as they are now, with their bodies (primary-key lookups)."""
         ...

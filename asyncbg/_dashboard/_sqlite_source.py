@@ -62,6 +62,10 @@ WINDOW = f"""
     WHERE state IN ('new', 'sending', 'live') AND state <> 'new'
     ORDER BY seq LIMIT ?
 """
+LIVE_KEYS = """
+    SELECT key FROM jobs WHERE state IN ('new', 'sending', 'live') AND state = 'live'
+    ORDER BY seq
+"""
 # Params: after, after. Walks the index on seq from ``after``.
 CLAIMED_SINCE = "SELECT count(*), COALESCE(max(seq), ?) FROM jobs WHERE seq > ?"
 # The smallest index serves count(*); the partial index the unfinished ones.
@@ -207,6 +211,9 @@ class SQLiteSource:
             return rows, int(claimed), int(max_seq)
 
         return await self._read(read)
+
+    async def live_keys(self) -> list[str]:
+        return await self._read(lambda db: [key for (key,) in db.execute(LIVE_KEYS)])
 
     async def rows(self, keys: Sequence[str]) -> list[Row]:
         if not keys:
