@@ -97,3 +97,33 @@ def test_the_summary_names_notifications_left_and_what_to_run(
     receiver.status = 200  # what the summary said to run works
     assert main(["notify", "--ledger", str(journal), "--retry-failed"]) == 0
     assert "delivered 3 notification(s); 0 still pending, 0 failed" in capsys.readouterr().out
+
+
+@pytest.mark.usefixtures("env")
+def test_the_readmes_notification_commands_work_as_written(
+    receiver: Receiver, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import re
+    import shlex
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Completion notifications", 1)[1].split("\n## ", 1)[0]
+    [block] = re.findall(r"```sh\n(.*?)```", section, re.S)
+    block = block.replace("whsec_...", new_secret()).replace(
+        "https://hooks.example.com/asyncbg", receiver.url)
+    monkeypatch.chdir(tmp_path)
+    write_input(tmp_path / "requests.jsonl", [request(f"r{i}") for i in range(3)])
+    commands = [shlex.split(line, comments=True) for line in block.splitlines()]
+    assert [c[0] for c in commands] == ["export", "asyncbg", "asyncbg", "asyncbg"]
+    for argv in commands:
+        if argv[0] == "export":
+            name, _, value = argv[1].partition("=")
+            monkeypatch.setenv(name, value)
+            continue
+        assert argv[0] == "asyncbg", argv
+        assert main(argv[1:]) == 0, (argv, capsys.readouterr().err)
+    assert receiver.posts == 3  # one notification per line, delivered by the run itself
+    out = capsys.readouterr().out
+    assert "jobs        3  (completed 3)" in out  # status (it lists notifications left)
+    assert "delivered 0 notification(s); 0 still pending, 0 failed" in out  # notify
