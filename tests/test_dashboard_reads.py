@@ -449,3 +449,73 @@ def test_terminal_to_seen_shows_the_bodies_times_or_says_why_it_is_empty(tmp_pat
     shown = page()
     assert 'id="seen-empty"' not in shown
     assert "time from terminal to seen" in shown
+
+
+@pytest.mark.asyncio
+async def test_an_sqlite_journals_counters_stay_exact_through_every_kind_of_write(
+    tmp_path: Path,
+) -> None:
+    """What the dashboard reads as jobs by status is the truth, however the rows were written:
+    enqueues, claims, sends, outcomes (the server's and local ones), requeues, releases and
+    resends, by two processes' ledgers on one file."""
+    import contextlib
+    import random
+    import sqlite3
+
+    from asyncbg._dashboard._sqlite_source import SQLiteSource
+    from asyncbg._ledgers import LedgerError, Outcome, canonical, digest
+    from asyncbg._ledgers._sqlite_shared import SharedSQLiteLedger
+
+    def items(n: int, prefix: str) -> list[tuple[str, str, bytes]]:
+        params = [{"model": "m", "input": f"{prefix}{i}"} for i in range(n)]
+        return [(f"{prefix}{i}", digest(p), canonical(p)) for i, p in enumerate(params)]
+
+    def truth() -> dict[str, int]:
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            return {s: int(n) for s, n in db.execute(
+                "SELECT status, count(*) FROM jobs GROUP BY status")}
+
+    path = tmp_path / "shared.journal"
+    ledgers = [SharedSQLiteLedger(path, lease=30.0), SharedSQLiteLedger(path, lease=30.0)]
+    for led in ledgers:
+        await led.open()
+    source = SQLiteSource(path)
+    await source.open()
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    statuses = ["queued", "in_progress", "completed", "failed", "cancelled", "incomplete"]
+    try:
+        await ledgers[0].enqueue(items(300, "big"))
+        for step in range(150):
+            led = rng.choice(ledgers)
+            held = list(led.held())
+            action = rng.randrange(8)
+            try:
+                if action == 0:
+                    await led.enqueue(items(rng.randrange(1, 10), f"s{step}-"))
+                elif action == 1:
+                    await led.acquire(rng.randrange(1, 20), 30.0)
+                elif action == 2 and held:
+                    await led.sending(rng.choice(held), resubmit=rng.random() < 0.5)
+                elif action == 3 and held:
+                    key = rng.choice(held)
+                    status = rng.choice(statuses)
+                    await led.record(key, Outcome(status, f"resp_{key}", body=b"{}"))
+                elif action == 4 and held:
+                    await led.record(rng.choice(held), Outcome("failed", error="x"))  # local
+                elif action == 5:
+                    await led.requeue(held)
+                elif action == 6 and held:
+                    await led.release(rng.sample(held, k=min(len(held), 5)))
+                elif action == 7:
+                    key, dig, req = items(1, f"c{step}-")[0]
+                    await led.claim(key, dig, req)
+            except LedgerError:  # a lease another one took, a key in another state: the
+                pass  # write did not happen, and the counters must say so too
+            if step % 25 == 24:
+                assert await source.counts() == truth(), f"seed {seed}, step {step}"
+        assert await source.counts() == truth(), f"seed {seed}"
+    finally:
+        await source.close()
+        for led in ledgers:
+            await led.close()
