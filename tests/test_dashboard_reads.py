@@ -362,6 +362,36 @@ def test_a_journal_from_before_the_counters_gains_them_when_next_opened(tmp_path
     assert anyio.run(picture) == ({"completed": 1}, 0, {"completed": 1})
 
 
+def test_counters_added_while_the_dashboard_runs_are_used_from_the_next_update(
+        tmp_path: Path) -> None:
+    import sqlite3
+
+    from asyncbg._dashboard._sqlite_source import SQLiteSource
+
+    path = tmp_path / "j.db"
+    anyio.run(_one_finished, path)
+    with sqlite3.connect(path) as db:  # as asyncbg 0.2 left it
+        for trigger in ("insert", "update", "delete"):
+            db.execute(f"DROP TRIGGER job_counts_{trigger}")
+        db.execute("DROP TABLE job_counts")
+    db.close()
+
+    async def main() -> None:
+        source = SQLiteSource(path)
+        await source.open()
+        try:
+            tally = Tally(source, clock=lambda: 0.0)
+            await tally.start()
+            assert not tally.exact and tally.view().unsorted == 1
+            await _one_finished(path)  # a run of this version writes to it meanwhile
+            await tally.update()
+            assert tally.exact and dict(tally.view().by_status) == {"completed": 1}
+        finally:
+            await source.close()
+
+    anyio.run(main)
+
+
 def test_cancel_on_a_postgres_ledger_needs_the_token_and_is_recorded(pg_dsn: str) -> None:
     from starlette.testclient import TestClient
 

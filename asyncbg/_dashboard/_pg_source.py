@@ -182,8 +182,11 @@ class PostgresSource:
         return await self._snapshot(read)  # type: ignore[no-any-return]
 
     async def counts(self) -> dict[str, int] | None:
-        if not self._counters:
-            return None
+        if not self._counters:  # a writer of this version upgrades the schema (version 3)
+            [(_, counters)] = await self._fetch(HAS_TABLES)
+            self._counters = bool(counters)
+            if not self._counters:
+                return None
         return {status: int(n) for status, n in await self._fetch(COUNTS)}
 
     async def aggregate(self, *, since: float, window: int) -> Aggregate:

@@ -181,9 +181,14 @@ class SQLiteSource:
         return await self._read(read)
 
     async def counts(self) -> dict[str, int] | None:
-        if "job_counts" not in self._tables:
-            return None
-        return await self._read(lambda db: {s: int(n) for s, n in db.execute(COUNTS)})
+        def read(db: sqlite3.Connection) -> dict[str, int] | None:
+            if "job_counts" not in self._tables:  # a writer of this version may add them
+                if db.execute(HAS_TABLE, ("job_counts",)).fetchone() is None:
+                    return None
+                self._tables.add("job_counts")
+            return {s: int(n) for s, n in db.execute(COUNTS)}
+
+        return await self._read(read)
 
     async def aggregate(self, *, since: float, window: int) -> Aggregate:
         def scan(db: sqlite3.Connection) -> Aggregate:

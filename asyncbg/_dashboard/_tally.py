@@ -182,8 +182,7 @@ class Tally:
         gone = await self.source.rows(left) if left else []
         if generation == self._generation:  # no full scan landed meanwhile
             self._advance(rows, claimed, max_seq, gone)
-        if self.exact:
-            await self._read_counts()  # what the window's difference guessed, made exact
+        await self._read_counts()  # what the window's difference guessed, made exact
         self._now = now
         await self._small_tables()
         self._error = None
