@@ -34,6 +34,7 @@ if typing.TYPE_CHECKING:
     from ._manager import BackgroundManager, ManagerStatistics
     from ._notify._notify import Notify
     from ._otel import OpenTelemetry, serve_metrics
+    from ._outcomes import Escalation, Hedge
     from ._policies import PollPolicy, RetryPolicy
     from ._spend._pacing import RateLimit
     from ._spend._pricing import Price
@@ -61,6 +62,8 @@ __all__ = [
     "BackgroundManager",
     "BudgetExceeded",
     "DuplicateKeyError",
+    "Escalation",
+    "Hedge",
     "Job",
     "JobCancelled",
     "JobFailed",
@@ -96,6 +99,8 @@ _LAZY: dict[str, tuple[str, str]] = {
     "BackgroundManager": ("._manager", "BackgroundManager"),
     "BudgetExceeded": ("._errors", "BudgetExceeded"),
     "DuplicateKeyError": ("._errors", "DuplicateKeyError"),
+    "Escalation": ("._outcomes", "Escalation"),
+    "Hedge": ("._outcomes", "Hedge"),
     "Job": ("._engine._job", "Job"),
     "JobCancelled": ("._errors", "JobCancelled"),
     "JobFailed": ("._errors", "JobFailed"),
