@@ -19,7 +19,7 @@ from ._deliveries import summary, summary_text
 from ._ops import open_ledger, say
 
 __all__ = ["SECRET_ENV", "add_command", "add_options", "notify", "notify_option",
-           "summary", "summary_row", "summary_text"]
+           "summary", "summary_row", "summary_text", "to_deliver"]
 
 SECRET_ENV = "ASYNCBG_NOTIFY_SECRET"
 
@@ -78,6 +78,15 @@ def add_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                    help="lowest log level shown on stderr (default: warning)")
     p.add_argument("--log-json", action="store_true",
                    help="log one JSON object per line instead of readable text")
+
+
+async def to_deliver(ledger: Ledger, args: argparse.Namespace) -> bool:
+    """Whether a run with ``--notify URL`` has notifications to URL pending in ``ledger`` (a
+    killed run's, say): a rerun with no line left to send must still run its sender."""
+    url = getattr(args, "notify", None)
+    if not url or not isinstance(ledger, Outbox):
+        return False
+    return any(d.state == "pending" and d.url == url for d in await ledger.deliveries())
 
 
 async def summary_row(ledger: Ledger, location: object) -> tuple[str, str] | None:

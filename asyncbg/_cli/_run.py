@@ -31,7 +31,7 @@ from .._outcomes._journal import attempt_of, final_record, final_view
 from . import _metrics
 from ._formats import FORMATS, Format, close
 from ._input import BatchRequest, Index, NotUtf8
-from ._notify import notify_option
+from ._notify import notify_option, to_deliver
 from ._notify import summary_row as notes_row
 from ._ops import cancel_live, say
 from ._output import (
@@ -325,7 +325,8 @@ class _Run:
         del records  # the bodies: from here on memory follows the concurrency
         for bad in self.index.bad:
             say(f"{self.source}:{bad.line}: {bad.reason}; line skipped")
-        if await anyio.to_thread.run_sync(self._all_served):
+        if await anyio.to_thread.run_sync(self._all_served) and not await to_deliver(
+                ledger, self.args):  # nor a notification for --notify (see _notify.py)
             # nothing to send: no SDK, no manager
             return self._report(await _records(ledger, self.index.lines),
                                 await notes_row(ledger, self.journal))
