@@ -332,18 +332,24 @@ def test_mounted_in_another_app(tmp_path: Path) -> None:
             assert web.get("/asyncbg/static/dash.js").status_code == 200
 
 
-def test_a_journal_from_before_the_counters_gains_them_when_next_opened(tmp_path: Path) -> None:
+def _journal_without_counters(tmp_path: Path) -> Path:
+    """A journal with one finished job, as asyncbg 0.2 left it: no counters."""
     import sqlite3
-
-    from asyncbg._dashboard._sqlite_source import SQLiteSource
 
     path = tmp_path / "j.db"
     anyio.run(_one_finished, path)
-    with sqlite3.connect(path) as db:  # as asyncbg 0.2 left it
+    with sqlite3.connect(path) as db:
         for trigger in ("insert", "update", "delete"):
             db.execute(f"DROP TRIGGER job_counts_{trigger}")
         db.execute("DROP TABLE job_counts")
     db.close()
+    return path
+
+
+def test_a_journal_from_before_the_counters_gains_them_when_next_opened(tmp_path: Path) -> None:
+    from asyncbg._dashboard._sqlite_source import SQLiteSource
+
+    path = _journal_without_counters(tmp_path)
 
     async def picture() -> tuple[dict[str, int] | None, int, dict[str, int]]:
         source = SQLiteSource(path)
@@ -364,17 +370,9 @@ def test_a_journal_from_before_the_counters_gains_them_when_next_opened(tmp_path
 
 def test_counters_added_while_the_dashboard_runs_are_used_from_the_next_update(
         tmp_path: Path) -> None:
-    import sqlite3
-
     from asyncbg._dashboard._sqlite_source import SQLiteSource
 
-    path = tmp_path / "j.db"
-    anyio.run(_one_finished, path)
-    with sqlite3.connect(path) as db:  # as asyncbg 0.2 left it
-        for trigger in ("insert", "update", "delete"):
-            db.execute(f"DROP TRIGGER job_counts_{trigger}")
-        db.execute("DROP TABLE job_counts")
-    db.close()
+    path = _journal_without_counters(tmp_path)
 
     async def main() -> None:
         source = SQLiteSource(path)
