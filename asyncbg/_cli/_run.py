@@ -31,7 +31,8 @@ from .._outcomes._journal import attempt_of, final_record, final_view
 from . import _metrics
 from ._formats import FORMATS, Format, close
 from ._input import BatchRequest, Index, NotUtf8
-from ._notify import notify_option
+from ._notify import notify_option, to_deliver
+from ._notify import summary_row as notes_row
 from ._ops import cancel_live, say
 from ._output import (
     Existing,
@@ -324,9 +325,11 @@ class _Run:
         del records  # the bodies: from here on memory follows the concurrency
         for bad in self.index.bad:
             say(f"{self.source}:{bad.line}: {bad.reason}; line skipped")
-        if await anyio.to_thread.run_sync(self._all_served):
+        if await anyio.to_thread.run_sync(self._all_served) and not await to_deliver(
+                ledger, self.args):  # nor a notification for --notify (see _notify.py)
             # nothing to send: no SDK, no manager
-            return self._report(await _records(ledger, self.index.lines))
+            return self._report(await _records(ledger, self.index.lines),
+                                await notes_row(ledger, self.journal))
         if self.open_client() is None:
             return 2  # it said why (no API key, say); the output stands as the journal has it
         try:
@@ -340,8 +343,9 @@ class _Run:
         if interrupts.interrupted:
             return await self._interrupted(ledger, interrupts)
         if self.submitted == 0:  # nothing changed: the output written at the start stands
-            return self._report(await _records(ledger, self.index.lines))
-        return self._report(await self._rewrite(ledger))
+            return self._report(await _records(ledger, self.index.lines),
+                                await notes_row(ledger, self.journal))
+        return self._report(await self._rewrite(ledger), await notes_row(ledger, self.journal))
 
     async def _send(self, client: Any, ledger: Ledger, interrupts: Interrupts) -> None:
         from .. import Job, RateLimit
@@ -564,7 +568,8 @@ class _Run:
             say(line)
         return interrupts.exit_code
 
-    def _report(self, records: dict[str, Record]) -> int:
+    def _report(self, records: dict[str, Record],
+                notes: tuple[str, str] | None = None) -> int:
         failure = connection_failure(self.sent, self.refused, self.refusal)
         if failure is not None:
             say(failure)  # one line, not one per job: the server could not be reached at all
@@ -586,6 +591,8 @@ class _Run:
         if not_run:
             extra.append(("not run", f"{not_run} lines, for the budget: rerun with a larger "
                                       "--max-cost to run exactly those"))
+        if notes is not None:  # notifications still pending or failed: see _notify.py
+            extra.append(notes)
         extra += [("wall time", f"{self.tally.elapsed():.1f}s"), ("output", self.out.path),
                   ("journal", self.journal)]
         print(summary(self.lines, records, extra=extra, not_run=self.not_run,
