@@ -475,11 +475,10 @@ class _Run:
         """Whether every line is one the journal has finished with its very request: then the
         run counts them all (in a thread: it reads the input once more) and sends nothing.
         Runs that ask the manager for more than the lines (a budget, which counts the journal's
-        spend; notifications, which deliver what an earlier run left pending; metrics) always
-        go through it."""
+        spend; metrics) always go through it; so do notifications left pending (see
+        ``to_deliver``)."""
         args = self.args
-        if (args.max_cost is not None or getattr(args, "notify", None)
-                or getattr(args, "metrics_port", None) is not None
+        if (args.max_cost is not None or getattr(args, "metrics_port", None) is not None
                 or len(self.done) != len(self.lines)):
             return False
         served: list[tuple[str, _Done]] = []
