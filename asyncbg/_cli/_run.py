@@ -28,6 +28,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from .. import BackgroundManager, Job, JournalMismatchError, Price, RateLimit
 from .._ledgers import Ledger, LedgerError, Record, SQLiteLedger, digest
 from . import _metrics
+from ._by import by_problem, send_by
 from ._formats import FORMATS, Format, close
 from ._input import Index, NotUtf8
 from ._notify import notify_option
@@ -114,6 +115,13 @@ async def run(args: argparse.Namespace) -> int:
         return 2
     if (problem := _unpriced(args, index)) is not None:
         say(problem)
+        return 2
+    if getattr(args, "dry_run", False):  # --dry-run: the estimate, nothing sent (_estimate.py)
+        from ._estimate import dry_run
+
+        return dry_run(args, source)
+    if (problem := by_problem(args)) is not None:  # --by: see _by.py
+        say(f"{problem}; nothing was sent")
         return 2
     existing = Existing()
     if target is not None:
@@ -223,6 +231,9 @@ class _Run:
         self.sent = self.refused = 0
         self.refusal: str | None = None
         self.output_failed = False
+        #: --by: the journal holds a key per way; what each way cost, for the summary.
+        self.by_mode = getattr(args, "by", None) is not None
+        self.by_summary: str | None = None
 
     def _order(self) -> Iterator[str]:
         return itertools.chain(self.index.lines, self.others)
@@ -287,7 +298,7 @@ class _Run:
 
     async def _run(self, client: Any, ledger: Ledger, work: anyio.CancelScope,
                    interrupts: Interrupts) -> int:
-        records = await _records(ledger)
+        records = await _records(ledger, by=self.by_mode)
         unknown = [c for c in self.existing.custom_ids if c not in records]
         if unknown:
             say(f"{self.out.path} has lines the journal {self.journal} does not know "
@@ -315,7 +326,7 @@ class _Run:
         if interrupts.interrupted:
             return await self._interrupted(client, ledger, interrupts)
         if self.submitted == 0:  # nothing changed: the output written at the start stands
-            return self._report(await _records(ledger))
+            return self._report(await _records(ledger, by=self.by_mode))
         return self._report(await self._rewrite(ledger))
 
     async def _send(self, client: Any, ledger: Ledger, interrupts: Interrupts) -> None:
@@ -330,6 +341,9 @@ class _Run:
                                               tokens_per_minute=args.tpm)
         if (notify := notify_option(args)) is not None:  # --notify URL: see _notify.py
             options["notify"] = notify
+        if getattr(args, "by", None) is not None:  # --by: the cheapest way in time (_by.py)
+            await send_by(self, client, ledger, interrupts, options)
+            return
         provider = {"anthropic": "anthropic", "gemini": "gcp.gemini"}.get(
             getattr(args, "provider", None) or "openai", "openai")
         async with _metrics.hooks_for(args, provider_name=provider) as hooks:
@@ -473,7 +487,7 @@ class _Run:
                 "from the journal at the end")
 
     async def _rewrite(self, ledger: Ledger) -> dict[str, Record]:
-        records = await _records(ledger)
+        records = await _records(ledger, by=self.by_mode)
         try:
             await anyio.to_thread.run_sync(self.out.rewrite, records, self._order())
         except BrokenPipeError:
@@ -513,6 +527,8 @@ class _Run:
         ]
         if self.possible_duplicates:
             extra.append(("possible duplicates", self.possible_duplicates))
+        if self.by_summary is not None:
+            extra.append(("ways", self.by_summary))
         extra.append(("cost", f"{self.stats.dollars()} (priced jobs, this run and earlier ones)"
                       if self.args.max_cost is not None else self.stats.dollars()))
         not_run = sum(r.error_code == "budget_exceeded" and r.response_id is None
@@ -560,5 +576,10 @@ def _collapse(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return exc
 
 
-async def _records(ledger: Ledger) -> dict[str, Record]:
+async def _records(ledger: Ledger, *, by: bool = False) -> dict[str, Record]:
+    """The journal by key; with ``--by``, one record per line (its latest way)."""
+    if by:
+        from .._deadline._journal import line_records
+
+        return line_records(await ledger.records())
     return {r.key: r for r in await ledger.records()}

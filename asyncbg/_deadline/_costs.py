@@ -9,14 +9,15 @@ final answer as a background response: the same run, all of it sent the expensiv
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._ledgers import Record
 from .._spend._pricing import Price, PriceBook
 from ._policy import ORDER, Way
 
-__all__ = ["WayCosts"]
+__all__ = ["WayCosts", "journal_costs"]
 
 
 @dataclass(slots=True)
@@ -86,3 +87,30 @@ def _usage(body: bytes | None, model: str | None) -> tuple[dict[str, Any] | None
         return None, model
     named = data.get("model")
     return data["usage"], named if isinstance(named, str) else model
+
+
+def journal_costs(records: Iterable[Record], prices: Mapping[str, Price] | None = None
+                  ) -> WayCosts:
+    """What a deadline run's journal says was paid on each way, and each line's final answer
+    at full price (this run and earlier ones)."""
+    from ._journal import latest, split_key
+
+    costs = WayCosts.with_prices(prices)
+    records = list(records)
+    for record in records:
+        parts = split_key(record.key)
+        if parts is not None and record.body is not None:
+            costs.paid(parts[1], record.body, _model_of(record))
+    for way, record in latest(records).values():
+        if record.terminal:
+            costs.ended(way, record.body, _model_of(record))
+    return costs
+
+
+def _model_of(record: Record) -> str | None:
+    try:
+        request = json.loads(record.request or b"{}")
+    except ValueError:
+        return None
+    model = request.get("model") if isinstance(request, dict) else None
+    return model if isinstance(model, str) else None

@@ -105,6 +105,18 @@ class DeadlineLine:
     def status(self) -> JobStatus:
         return self.job.status if self.job is not None else JobStatus.PENDING
 
+    @property
+    def error(self) -> str | None:
+        return self.job.error if self.job is not None else None
+
+    @property
+    def error_code(self) -> str | None:
+        return self.job.error_code if self.job is not None else None
+
+    @property
+    def response_id(self) -> str | None:
+        return self.job.response_id if self.job is not None else None
+
     async def wait(self, timeout: float | None = None) -> Job:
         """Wait for the line's outcome; its final job. ``TimeoutError`` leaves it running."""
         with anyio.fail_after(timeout):
@@ -288,6 +300,13 @@ class DeadlineManager:
             del self._lines[key]
             for way in ORDER:
                 self._managers(way).forget(way_key(key, way))
+
+    async def cancel_all(self) -> None:
+        """Cancel every line that has no outcome yet, where it runs (no move follows)."""
+        async with anyio.create_task_group() as tg:
+            for line in list(self._lines.values()):
+                if not line.done:
+                    tg.start_soon(line.cancel)
 
     @property
     def lines(self) -> list[DeadlineLine]:

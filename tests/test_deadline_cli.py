@@ -1,0 +1,82 @@
+"""``asyncbg run --by`` and ``--dry-run`` from the command line, against the fake over HTTP."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from asyncbg._cli import build_parser
+from asyncbg._cli._run import run
+
+from .conftest import HttpFake
+from .test_batch_cli import output, request, run_cli, write_input
+
+pytestmark = pytest.mark.asyncio
+
+
+async def test_by_24h_runs_the_lines_as_one_batch_and_a_rerun_sends_nothing(
+    http_fake: HttpFake, tmp_path: Path
+) -> None:
+    write_input(tmp_path / "in.jsonl", [request(f"r{i}") for i in range(6)])
+    code, err = await run_cli(http_fake, tmp_path, "--by", "24h")
+    assert code == 0, err
+    c = http_fake.server.counters
+    assert c.batch_creates == 1 and c.creates == 0  # a batch window fits: no response
+    lines = output(tmp_path)
+    assert sorted(str(line["custom_id"]) for line in lines) == [f"r{i}" for i in range(6)]
+    assert all(line["error"] is None for line in lines)
+    ways = next(row for row in err.splitlines() if row.lstrip().startswith("ways"))
+    assert "batch 6 lines $" in ways and "all at full price $" in ways and "saved $" in ways
+    code, err = await run_cli(http_fake, tmp_path, "--by", "24h")
+    assert code == 0, err
+    assert c.batch_creates == 1 and c.creates == 0 and c.file_uploads == 1  # nothing again
+    assert len(output(tmp_path)) == 6
+
+
+async def test_by_2h_runs_flex_responses(http_fake: HttpFake, tmp_path: Path) -> None:
+    write_input(tmp_path / "in.jsonl", [request(f"f{i}") for i in range(3)])
+    code, err = await run_cli(http_fake, tmp_path, "--by", "2h")
+    assert code == 0, err
+    assert http_fake.server.counters.creates == 3 and http_fake.server.counters.batch_creates == 0
+    assert "flex 3 lines $" in err
+    journal = tmp_path / "out.jsonl.journal"
+    import sqlite3
+
+    with sqlite3.connect(journal) as db:
+        keys = sorted(k for (k,) in db.execute("SELECT key FROM jobs"))
+    assert keys == ["f0@flex", "f1@flex", "f2@flex"]  # one key per way in the journal
+
+
+async def test_dry_run_prints_the_estimate_and_sends_nothing(
+    http_fake: HttpFake, tmp_path: Path
+) -> None:
+    write_input(tmp_path / "in.jsonl",
+                [request(f"d{i}", max_output_tokens=1000) for i in range(4)])
+    code, out = await run_cli(http_fake, tmp_path, "--dry-run", "--by", "24h")
+    assert code == 0, out
+    assert "requests" in out and "batch $" in out and "Nothing was sent" in out
+    assert "lines would start on batch" in out
+    c = http_fake.server.counters
+    assert c.creates == c.batch_creates == c.file_uploads == 0
+    assert not (tmp_path / "out.jsonl").exists()
+    assert not (tmp_path / "out.jsonl.journal").exists()
+
+
+@pytest.mark.parametrize(("options", "says"), [
+    (["--by", "soon"], "neither a duration"),
+    (["--by", "2h", "--provider", "anthropic"], "needs --provider openai"),
+    (["--by", "2h", "--max-cost", "5"], "--by and --max-cost"),
+])
+async def test_a_bad_by_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], options: list[str], says: str
+) -> None:
+    source = write_input(tmp_path / "in.jsonl", [request("a")])
+    if "anthropic" in options:
+        source.write_text(json.dumps({"custom_id": "a", "params": {"model": "m"}}) + "\n")
+    args = build_parser().parse_args(["run", str(source), "-o", str(tmp_path / "o.jsonl"),
+                                      *options])
+    assert await run(args) == 2
+    err = capsys.readouterr().err
+    assert says in err and "nothing was sent" in err and len(err.strip().splitlines()) == 1
