@@ -11,16 +11,28 @@ from asyncbg._cli import build_parser
 from asyncbg._cli._run import run
 
 from .conftest import HttpFake
-from .test_batch_cli import output, request, run_cli, write_input
+from .test_batch_cli import output, request, write_input
 
 pytestmark = pytest.mark.asyncio
 
 
+async def run_here(fake: HttpFake, tmp: Path, monkeypatch: pytest.MonkeyPatch,
+                   *options: str) -> int:
+    """``asyncbg run`` in this process (no interpreter to start): its exit status."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    monkeypatch.setenv("OPENAI_BASE_URL", fake.base_url)
+    args = build_parser().parse_args(["run", str(tmp / "in.jsonl"), "-o",
+                                      str(tmp / "out.jsonl"), *options])
+    return await run(args)
+
+
 async def test_by_24h_runs_the_lines_as_one_batch_and_a_rerun_sends_nothing(
-    http_fake: HttpFake, tmp_path: Path
+    http_fake: HttpFake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str]
 ) -> None:
     write_input(tmp_path / "in.jsonl", [request(f"r{i}") for i in range(6)])
-    code, err = await run_cli(http_fake, tmp_path, "--by", "24h")
+    code = await run_here(http_fake, tmp_path, monkeypatch, "--by", "24h")
+    err = capsys.readouterr().err
     assert code == 0, err
     c = http_fake.server.counters
     assert c.batch_creates == 1 and c.creates == 0  # a batch window fits: no response
@@ -29,15 +41,19 @@ async def test_by_24h_runs_the_lines_as_one_batch_and_a_rerun_sends_nothing(
     assert all(line["error"] is None for line in lines)
     ways = next(row for row in err.splitlines() if row.lstrip().startswith("ways"))
     assert "batch 6 lines $" in ways and "all at full price $" in ways and "saved $" in ways
-    code, err = await run_cli(http_fake, tmp_path, "--by", "24h")
-    assert code == 0, err
+    code = await run_here(http_fake, tmp_path, monkeypatch, "--by", "24h")
+    assert code == 0, capsys.readouterr().err
     assert c.batch_creates == 1 and c.creates == 0 and c.file_uploads == 1  # nothing again
     assert len(output(tmp_path)) == 6
 
 
-async def test_by_2h_runs_flex_responses(http_fake: HttpFake, tmp_path: Path) -> None:
+async def test_by_2h_runs_flex_responses(
+    http_fake: HttpFake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str]
+) -> None:
     write_input(tmp_path / "in.jsonl", [request(f"f{i}") for i in range(3)])
-    code, err = await run_cli(http_fake, tmp_path, "--by", "2h")
+    code = await run_here(http_fake, tmp_path, monkeypatch, "--by", "2h")
+    err = capsys.readouterr().err
     assert code == 0, err
     assert http_fake.server.counters.creates == 3 and http_fake.server.counters.batch_creates == 0
     assert "flex 3 lines $" in err
@@ -50,11 +66,13 @@ async def test_by_2h_runs_flex_responses(http_fake: HttpFake, tmp_path: Path) ->
 
 
 async def test_dry_run_prints_the_estimate_and_sends_nothing(
-    http_fake: HttpFake, tmp_path: Path
+    http_fake: HttpFake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str]
 ) -> None:
     write_input(tmp_path / "in.jsonl",
                 [request(f"d{i}", max_output_tokens=1000) for i in range(4)])
-    code, out = await run_cli(http_fake, tmp_path, "--dry-run", "--by", "24h")
+    code = await run_here(http_fake, tmp_path, monkeypatch, "--dry-run", "--by", "24h")
+    out = capsys.readouterr().out
     assert code == 0, out
     assert "requests" in out and "batch $" in out and "Nothing was sent" in out
     assert "lines would start on batch" in out
