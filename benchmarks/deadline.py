@@ -66,7 +66,8 @@ async def by_deadline(lines: int, hours: float, stuck: float, seed: int) -> dict
     async with anyio.create_task_group() as tg:
         tg.start_soon(_ticking, clock, done)
         async with asyncbg.DeadlineManager(
-                client, by=hours * 3600, clock=clock, on_done=lambda _: ends.append(clock.now), poll_policy=FAST, batch_poll_policy=FAST,
+                client, by=hours * 3600, clock=clock, on_done=lambda _: ends.append(clock.now),
+                poll_policy=FAST, batch_poll_policy=FAST,
                 batch_delay=0.05, max_concurrency=lines,
                 policy=POLICY) as dm:
             for i in range(lines):
