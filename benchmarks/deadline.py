@@ -10,7 +10,8 @@ the deadline policy; it advances 20 s every few milliseconds, so a day passes in
 Responses (flex and background) take a lognormal time around 10 minutes (clamped to 1 min-1 h;
 the policy's needs are set to match: background 1 h, flex 2 h, batch 20 h);
 batch requests the same, and ``--stuck`` of them never end (the batch is cancelled before the
-deadline, and their lines move). Tokens come from the fake's usage model; dollars from the
+deadline, and their lines move; a batch is polled at least every 20 ms of real time, as a
+fake hour lasts half a second). Tokens come from the fake's usage model; dollars from the
 genai-prices dataset for gpt-5.2.
 """
 
@@ -27,7 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import anyio
 
 import asyncbg
+from asyncbg._providers import _batching
 from asyncbg.testing import FakeResponsesServer, LatencyModel, fake_client
+
+# A batch's polls are shared for up to 30 real seconds (nothing, for a batch of hours); here a
+# fake hour passes in half a real second, so a batch is polled at least every 20 ms instead.
+_batching.MAX_FRESH = 0.02
 
 FAST = asyncbg.PollPolicy(first_poll=0.005, min_interval=0.005, max_interval=0.02)
 LATENCY = LatencyModel.lognormal(600.0, 0.8, low=60.0, high=3600.0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import anyio
 import pytest
 
 from asyncbg._cli import build_parser
@@ -98,3 +99,41 @@ async def test_a_bad_by_is_one_line_and_exit_2(
     assert await run(args) == 2
     err = capsys.readouterr().err
     assert says in err and "nothing was sent" in err and len(err.strip().splitlines()) == 1
+
+
+async def test_an_interrupted_by_run_rerun_moves_the_late_batch_and_creates_no_line_twice(
+    http_fake: HttpFake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    from asyncbg import DeadlinePolicy
+    from asyncbg._cli import _by
+
+    clock = [0.0]
+    monkeypatch.setattr(_by, "CLOCK", lambda: clock[0])
+    monkeypatch.setattr(_by, "POLICY", DeadlinePolicy(batch_needs=500, flex_needs=100,
+                                                      background_needs=10, check_every=0.01))
+    server = http_fake.server
+    for i in range(4):
+        server.batches.script(f"s{i}@batch", duration=0.01 if i < 2 else None,
+                              outcome=None if i < 2 else "stuck")
+    write_input(tmp_path / "in.jsonl", [request(f"s{i}") for i in range(4)])
+    async with anyio.create_task_group() as tg:  # the first run stops abruptly, mid-batch
+        tg.start_soon(run_here, http_fake, tmp_path, monkeypatch, "--by", "1000s")
+        with anyio.fail_after(20):
+            while server.counters.batch_polls == 0:  # noqa: ASYNC110 - the fake's counters
+                await anyio.sleep(0.01)
+        tg.cancel_scope.cancel()
+    assert server.counters.batch_creates == 1 and server.counters.creates == 0
+    # The rerun has 5 s left (a duration --by counts from each run's start): too little for
+    # the batch, so it is cancelled and its two stuck lines go to background, once each.
+    code = await run_here(http_fake, tmp_path, monkeypatch, "--by", "5s")
+    err = capsys.readouterr().err
+    assert code == 0, err
+    c = server.counters
+    assert c.batch_creates == 1 and c.batch_cancels == 1 and c.creates == 2
+    lines = {str(line["custom_id"]): line for line in output(tmp_path)}
+    assert sorted(lines) == ["s0", "s1", "s2", "s3"]
+    assert all(line["error"] is None for line in lines.values())
+    assert "batch 2 lines $" in err and "background 2 lines $" in err
+    code = await run_here(http_fake, tmp_path, monkeypatch, "--by", "5s")
+    assert code == 0 and (c.batch_creates, c.creates) == (1, 2)  # a third run sends nothing

@@ -24,7 +24,7 @@ from .. import JournalMismatchError
 from .._deadline._costs import journal_costs
 from .._deadline._manager import DeadlineLine, DeadlineManager
 from .._deadline._policy import DeadlinePolicy, parse_by
-from .._ledgers import Ledger
+from .._ledgers import Ledger, LedgerError
 from ._formats import BATCH_DELAY
 from ._ops import say
 from ._progress import Display, Live
@@ -47,7 +47,8 @@ def by_problem(args: argparse.Namespace) -> str | None:
     if args.provider != "openai":
         return ("--by runs OpenAI lines on the Batch API, flex or background responses: it "
                 "needs --provider openai (the default)")
-    for option, value in (("--max-cost", args.max_cost), ("--notify", args.notify)):
+    for option, value in (("--max-cost", args.max_cost), ("--notify", args.notify),
+                          ("--metrics-port", getattr(args, "metrics_port", None))):
         if value:
             return f"--by and {option} cannot be used together yet"
     try:
@@ -78,21 +79,28 @@ async def send_by(run: _Run, client: Any, ledger: Ledger, interrupts: Interrupts
 
     mode = Display.mode_for(Console(file=sys.stderr), progress=args.progress)
     display = Display(run.tally, live, mode=mode, every=args.progress_every)
+    failure: LedgerError | None = None
     with send, receive:
-        async with dm, anyio.create_task_group() as tg:
+        async with dm:
             interrupts.on_cancel = dm.cancel_all
-            tg.start_soon(display.run)
             try:
-                async with anyio.create_task_group() as work:
-                    work.start_soon(_collect, run, dm, ledger, receive, collected)
-                    sent = await _submit(run, dm, interrupts)
-                    for _ in range(sent):  # every line written
-                        await collected.acquire()
-                    work.cancel_scope.cancel()
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(display.run)
+                    try:
+                        async with anyio.create_task_group() as work:
+                            work.start_soon(_collect, run, dm, ledger, receive, collected)
+                            sent = await _submit(run, dm, interrupts)
+                            for _ in range(sent):  # every line written
+                                await collected.acquire()
+                            work.cancel_scope.cancel()
+                    except* LedgerError as group:
+                        failure = cast(LedgerError, group.exceptions[0])
+                    tg.cancel_scope.cancel()
             finally:
                 interrupts.on_cancel = None
                 live()
-                tg.cancel_scope.cancel()
+            if failure is not None:
+                raise failure  # as itself, not in a group: the run says it in one line
     run.by_summary = journal_costs(await ledger.records(), options.get("prices")).text()
 
 

@@ -148,7 +148,8 @@ class DeadlineManager:
     ``journal`` (a path or a :class:`~asyncbg.Ledger`; in memory when None) records each line
     under one key per way (``<key>@batch``, ``<key>@flex``, ``<key>@background``): a rerun
     with the same journal continues every line where it stands, creating nothing twice.
-    ``ways`` restricts the ways (e.g. ``("flex", "background")``). Other keyword arguments
+    ``ways`` restricts the slower ways (``("flex",)``: no batch; background is always
+    allowed). Other keyword arguments
     (``poll_policy``, ``retry_policy``, ``rate_limit``, ``cancel_on_exit``...) go to the
     :class:`~asyncbg.BackgroundManager` of background and flex responses; ``batch_poll_policy``,
     ``max_batch_size`` and ``batch_delay`` shape the batches.
@@ -183,9 +184,9 @@ class DeadlineManager:
             raise ValueError(f"by= must be a finite time, got {by!r}")
         self.by = float(by)
         self.policy = policy or DeadlinePolicy()
-        self.ways = frozenset(Way(w) for w in (ways if ways is not None else ORDER))
-        if not self.ways:
-            raise ValueError("ways= needs at least one way")
+        # Background is always there: the last resort when nothing slower fits.
+        self.ways = frozenset(Way(w) for w in (ways if ways is not None else ORDER)) | {
+            Way.BACKGROUND}
         self.clock = clock
         self.on_done = on_done
         ledger = journal if isinstance(journal, Ledger) else (
