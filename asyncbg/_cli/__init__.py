@@ -153,8 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "finish by then: the Batch API (half price) when a batch window fits, "
                           "flex (about half) while flex keeps its pace, background otherwise; "
                           "a line still unfinished moves to a faster way in time, cancelled on "
-                          "the first before it is sent on the second. Rerun with the same --by "
-                          "journal to continue")
+                          "the first before it is sent on the second. A rerun continues every "
+                          "line where it stands; a duration counts from each run's start (a "
+                          "timestamp keeps one deadline across reruns)")
     run.add_argument("--dry-run", action="store_true",
                      help="send nothing: print what the file would cost each way (as "
                           "`asyncbg estimate`), and with --by the way its lines would start on")
