@@ -442,9 +442,10 @@ class DeadlineManager:
                 _log.info("deadline.batch_cancelled", batch_id=batch_id, lines=len(lines),
                           to=target.value)
             else:
-                for line in lines:
+                assert self._tg is not None
+                for line in lines:  # at once: each cancel returns when its job has ended
                     if line.job is not None:
-                        await line.job.cancel()
+                        self._tg.start_soon(line.job.cancel)
         except (RequestError, LedgerError) as exc:
             # Nothing moved: the next look tries again (a marker already written is harmless:
             # it was never sent, and the move it names is the one being retried).
