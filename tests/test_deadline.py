@@ -65,6 +65,13 @@ class Counting(FakeResponsesServer):
                     self.sent[key, way.value] += 1
         return await super().handle(method, path, query, body)
 
+    def script_batch(self, *, done: tuple[str, ...] = (), stuck: tuple[str, ...] = ()) -> None:
+        """Lines whose batch requests end at once, and lines whose batch requests never do."""
+        for line in done:
+            self.batches.script(way_key(line, Way.BATCH), duration=0.01)
+        for line in stuck:
+            self.batches.script(way_key(line, Way.BATCH), outcome="stuck")
+
     def per_line(self) -> Counter[str]:
         total: Counter[str] = Counter()
         for (line, _way), n in self.sent.items():
@@ -111,10 +118,7 @@ def server(clock: Clock) -> Counting:
 async def test_a_late_batch_is_cancelled_and_only_its_unrun_lines_go_to_background(
     server: Counting, clock: Clock
 ) -> None:
-    for line in ("a", "b"):
-        server.batches.script(way_key(line, Way.BATCH), duration=0.01)
-    for line in ("c", "d"):
-        server.batches.script(way_key(line, Way.BATCH), outcome="stuck")
+    server.script_batch(done=("a", "b"), stuck=("c", "d"))
     client = fake_client(server)
     async with manager(client, clock) as dm:
         lines = [await dm.submit_request(request(k), key=k) for k in "abcd"]
@@ -149,8 +153,7 @@ async def test_a_late_batch_is_cancelled_and_only_its_unrun_lines_go_to_backgrou
 async def test_one_run_mixes_batch_flex_and_background_and_creates_no_line_twice(
     server: Counting, clock: Clock
 ) -> None:
-    for line in ("b1", "b2"):
-        server.batches.script(way_key(line, Way.BATCH), duration=0.01)
+    server.script_batch(done=("b1", "b2"))
     server.scripts["f2", "flex"] = {"fake_outcome": "stuck"}  # flex runs out of pace
     client = fake_client(server)
     async with manager(client, clock) as dm:
@@ -191,10 +194,7 @@ async def test_an_interrupted_run_rerun_continues_each_line_and_creates_none_twi
     server: Counting, clock: Clock, tmp_path: Path
 ) -> None:
     journal = str(tmp_path / "by.journal")
-    for line in ("x1", "x2"):
-        server.batches.script(way_key(line, Way.BATCH), duration=0.01)
-    for line in ("x3", "x4"):
-        server.batches.script(way_key(line, Way.BATCH), outcome="stuck")
+    server.script_batch(done=("x1", "x2"), stuck=("x3", "x4"))
     client = fake_client(server)
 
     class Interrupt(Exception):
@@ -249,7 +249,7 @@ async def test_a_move_cut_short_is_finished_by_the_rerun_before_anything_is_sent
     """Killed after the journal marked a move but before the batch was cancelled: the rerun
     cancels the batch first, then sends, even though the time left no longer asks for it."""
     journal = str(tmp_path / "by.journal")
-    server.batches.script(way_key("m", Way.BATCH), outcome="stuck")
+    server.script_batch(stuck=("m",))
     client = fake_client(server)
     with pytest.raises(KeyboardInterrupt):
         async with manager(client, clock, journal=journal, cancel_on_exit=False) as dm:

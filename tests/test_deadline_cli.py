@@ -27,14 +27,22 @@ async def run_here(fake: HttpFake, tmp: Path, monkeypatch: pytest.MonkeyPatch,
     return await run(args)
 
 
+async def run_ok(fake: HttpFake, tmp: Path, monkeypatch: pytest.MonkeyPatch,
+                 capsys: pytest.CaptureFixture[str], lines: list[str], *options: str) -> str:
+    """Run ``lines`` with ``options``; the run's stderr, once it exited 0."""
+    write_input(tmp / "in.jsonl", [request(line) for line in lines])
+    code = await run_here(fake, tmp, monkeypatch, *options)
+    err = capsys.readouterr().err
+    assert code == 0, err
+    return err
+
+
 async def test_by_24h_runs_the_lines_as_one_batch_and_a_rerun_sends_nothing(
     http_fake: HttpFake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str]
 ) -> None:
-    write_input(tmp_path / "in.jsonl", [request(f"r{i}") for i in range(6)])
-    code = await run_here(http_fake, tmp_path, monkeypatch, "--by", "24h")
-    err = capsys.readouterr().err
-    assert code == 0, err
+    err = await run_ok(http_fake, tmp_path, monkeypatch, capsys, ["r0", "r1", "r2", "r3", "r4",
+                                                                  "r5"], "--by", "24h")
     c = http_fake.server.counters
     assert c.batch_creates == 1 and c.creates == 0  # a batch window fits: no response
     lines = output(tmp_path)
@@ -52,10 +60,7 @@ async def test_by_2h_runs_flex_responses(
     http_fake: HttpFake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str]
 ) -> None:
-    write_input(tmp_path / "in.jsonl", [request(f"f{i}") for i in range(3)])
-    code = await run_here(http_fake, tmp_path, monkeypatch, "--by", "2h")
-    err = capsys.readouterr().err
-    assert code == 0, err
+    err = await run_ok(http_fake, tmp_path, monkeypatch, capsys, ["f0", "f1", "f2"], "--by", "2h")
     assert http_fake.server.counters.creates == 3 and http_fake.server.counters.batch_creates == 0
     assert "flex 3 lines $" in err
     journal = tmp_path / "out.jsonl.journal"
