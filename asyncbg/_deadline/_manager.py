@@ -330,12 +330,13 @@ class DeadlineManager:
             record = await self.journal.get(way_key(line.key, way))
             if record is not None:
                 found[way] = record
+        sent = latest(r for r in found.values() if r.state != "new")
+        if not sent:  # nothing was sent (a claim without a create is no move): choose now
+            return self.policy.start(self.time_left(), self._ways_now()), None
+        way, record = sent[line.key]
+        # A key claimed and never sent on a faster way: the marker of a move begun.
         marker = next((w for w in reversed(ORDER) if w in found and found[w].state == "new"),
                       None)
-        sent = latest(r for r in found.values() if r.state != "new")
-        if not sent:
-            return marker or self.policy.start(self.time_left(), self._ways_now()), None
-        way, record = sent[line.key]
         if marker is not None and ORDER.index(marker) <= ORDER.index(way):
             marker = None  # claimed before this way ran: not a move of it
         if not record.terminal:
