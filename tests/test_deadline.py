@@ -316,3 +316,50 @@ def test_by_takes_durations_and_timestamps_with_an_offset() -> None:
                       ("0h", "more than 0"), ("2020-01-01T00:00:00Z", "passed")):
         with pytest.raises(ValueError, match=says):
             parse_by(bad, 1.9e9)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("seed", [1, 2, 3, 7])
+async def test_random_lines_clocks_and_stalls_never_create_a_line_twice(
+    server: Counting, clock: Clock, seed: int
+) -> None:
+    """Lines submitted at random moments, batch and flex requests that take random times or
+    never end, a clock that jumps: every line completes, on no way twice, and never on a way
+    after one that gave it a result."""
+    import random
+
+    rng = random.Random(seed)
+    keys = [f"k{i}" for i in range(16)]
+    for key in keys:
+        if rng.random() < 0.4:
+            server.script_batch(stuck=(key,))
+        else:
+            server.batches.script(way_key(key, Way.BATCH), duration=rng.uniform(0.01, 400))
+        if rng.random() < 0.4:
+            server.scripts[key, "flex"] = {"fake_outcome": "stuck"}
+        else:
+            server.scripts[key, "flex"] = {"fake_duration": f"{rng.uniform(0.01, 150):.2f}"}
+    client = fake_client(server)
+    async with manager(client, clock) as dm:
+        lines = []
+        for key in keys:
+            lines.append(await dm.submit_request(request(key), key=key))
+            if rng.random() < 0.3:
+                await accepted(*lines)
+                clock.now += rng.uniform(0, 150)
+        with anyio.fail_after(20):
+            # Time goes on (past the deadline too) until every line has ended: the engine
+            # reacts however slowly it may; the checks below hold all the same.
+            while not all(ln.done for ln in lines):
+                await anyio.sleep(0.002)
+                clock.now += rng.uniform(0, 40)
+        finals = [await ln.wait() for ln in lines]
+    await client.close()
+    assert [job.status for job in finals] == [JobStatus.COMPLETED] * len(keys)
+    assert max(server.sent.values()) == 1, server.sent
+    order = [w.value for w in (Way.BATCH, Way.FLEX, Way.BACKGROUND)]
+    for ln in lines:
+        assert ln.way is not None
+        later = order[order.index(ln.way.value) + 1:]
+        assert not any(server.sent[ln.key, w] for w in later)  # nothing after its result
+        assert server.per_line()[ln.key] == 1 + len(ln.moves)  # one send per way it took

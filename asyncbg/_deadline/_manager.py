@@ -363,7 +363,10 @@ class DeadlineManager:
         if way is Way.FLEX and self.clock() - line.started > self.policy.flex_needs:
             self._flex_lost_pace(line)
         target = line.moving
-        if target is None and way is Way.BATCH and job.error_code in _EXPIRED:
+        if target is None and way is Way.BATCH and (
+                job.error_code in _EXPIRED
+                or batch_of(job.response_id) in self._cancelled_batches):
+            # Expired, or in a batch a move cancelled before this line had its id there.
             target = self.policy.start(self.time_left(), self._ways_now(), after=way)
         line.moving = None
         if target is not None and not line.cancelled and not_run(job.status, job.error_code):
@@ -438,8 +441,12 @@ class DeadlineManager:
                 # re-attached one by one after it was cancelled need no second request.
                 if batch_id in self._cancelled_batches:
                     return
-                await self._batch_api.cancel_batch(batch_id)
-                self._cancelled_batches.add(batch_id)
+                self._cancelled_batches.add(batch_id)  # before: its lines may end at once
+                try:
+                    await self._batch_api.cancel_batch(batch_id)
+                except BaseException:
+                    self._cancelled_batches.discard(batch_id)
+                    raise
                 _log.info("deadline.batch_cancelled", batch_id=batch_id, lines=len(lines),
                           to=target.value)
             else:
