@@ -363,3 +363,17 @@ async def test_random_lines_clocks_and_stalls_never_create_a_line_twice(
         later = order[order.index(ln.way.value) + 1:]
         assert not any(server.sent[ln.key, w] for w in later)  # nothing after its result
         assert server.per_line()[ln.key] == 1 + len(ln.moves)  # one send per way it took
+
+
+@pytest.mark.asyncio
+async def test_a_deadline_manager_needs_an_openai_client_and_the_cheapest_mode() -> None:
+    from datetime import datetime
+
+    client = fake_client(FakeResponsesServer())
+    with pytest.raises(TypeError, match=r"openai\.AsyncOpenAI"):
+        DeadlineManager(object(), by=1.0)
+    with pytest.raises(ValueError, match="deadline_mode"):
+        DeadlineManager(client, by=1.0, deadline_mode="fastest")
+    with pytest.raises(ValueError, match="time zone"):
+        DeadlineManager(client, by=datetime(2030, 1, 1))
+    await client.close()

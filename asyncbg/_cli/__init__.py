@@ -2,7 +2,7 @@
 ``fake-server``.
 
 One module per verb: ``_run`` (a Batch API file, with ``_input`` reading it, ``_output`` the
-output view of the journal and ``_signals`` the interrupts), ``_ops`` (``status`` and
+output view of the journal, ``_signals`` the interrupts, ``_by`` --by), ``_ops`` (``status`` and
 ``cancel``), ``_estimate`` (``estimate``), ``_demo`` (``demo`` and ``fake-server``),
 ``_fleet`` (``submit``, ``worker``, ``results``, ``retry``), ``_notify`` (``notify``, and
 ``--notify``), ``_dashboard`` (``dashboard``); ``_progress`` and ``_logging`` are shared.

@@ -174,6 +174,12 @@ class DeadlineManager:
         clock: Callable[[], float] = time.time,
         **options: Any,
     ) -> None:
+        import openai
+
+        if not isinstance(client, openai.AsyncOpenAI):
+            raise TypeError("DeadlineManager runs lines on OpenAI's Batch API, flex and "
+                            f"background responses: it needs an openai.AsyncOpenAI, not "
+                            f"{type(client).__name__}")
         if deadline_mode != "cheapest":
             raise ValueError(f"deadline_mode must be 'cheapest', got {deadline_mode!r}")
         if isinstance(by, datetime):
