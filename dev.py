@@ -97,7 +97,8 @@ def chromium_for_tests(env: dict[str, str]) -> None:
     (the browser tests then fail under CI and are skipped elsewhere)."""
     if env.get("ASYNCBG_TEST_CHROMIUM"):
         return
-    if not CHROMIUM.exists() and shutil.which("apt-get") and getattr(os, "geteuid", lambda: 1)() == 0:
+    root = getattr(os, "geteuid", lambda: 1)() == 0
+    if not CHROMIUM.exists() and shutil.which("apt-get") and root:
         print("dev.py: installing Debian's chromium for the dashboard's browser tests",
               file=sys.stderr)
         quiet = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}

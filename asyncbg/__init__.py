@@ -40,6 +40,7 @@ if typing.TYPE_CHECKING:
     from ._manager import BackgroundManager, ManagerStatistics
     from ._notify._notify import Notify
     from ._otel import OpenTelemetry, serve_metrics
+    from ._outcomes import Escalation, Hedge
     from ._policies import PollPolicy, RetryPolicy
     from ._spend._pacing import RateLimit
     from ._spend._pricing import Price
@@ -71,6 +72,8 @@ __all__ = [
     "DeadlinePolicy",
     "DeadlineStatistics",
     "DuplicateKeyError",
+    "Escalation",
+    "Hedge",
     "Job",
     "JobCancelled",
     "JobFailed",
@@ -111,6 +114,8 @@ _LAZY: dict[str, tuple[str, str]] = {
     "DeadlinePolicy": ("._deadline._policy", "DeadlinePolicy"),
     "DeadlineStatistics": ("._deadline._manager", "DeadlineStatistics"),
     "DuplicateKeyError": ("._errors", "DuplicateKeyError"),
+    "Escalation": ("._outcomes", "Escalation"),
+    "Hedge": ("._outcomes", "Hedge"),
     "Job": ("._engine._job", "Job"),
     "JobCancelled": ("._errors", "JobCancelled"),
     "JobFailed": ("._errors", "JobFailed"),

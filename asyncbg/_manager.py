@@ -34,6 +34,7 @@ from ._ledgers import Ledger, MemoryLedger, open_ledger
 from ._ledgers._base import ClaimOutcome, canonical, digest
 from ._ledgers._shared import SharedLedger, keep_leases
 from ._notify._notify import Notify
+from ._outcomes import Escalation, Hedge, Outcomes
 from ._policies import PollPolicy, RetryPolicy
 from ._providers import OpenAIResponses, Provider
 from ._spend._pacing import RateLimit
@@ -86,6 +87,11 @@ class ManagerStatistics:
     #: (a server's Retry-After, or a backoff after an error): not in flight.
     requests_in_flight: int = 0
     retrying: int = 0
+    #: ``hedge=``: copies sent, copies that finished first, and what the losers cost (US
+    #: dollars; the extra spend that ``Hedge(max_extra=...)`` caps).
+    hedges: int = 0
+    hedges_won: int = 0
+    hedge_cost: float = 0.0
 
 
 class BackgroundManager:
@@ -117,6 +123,11 @@ class BackgroundManager:
     of each (sync or async; see :meth:`Job.add_done_callback`). ``notify`` posts a signed
     webhook for every job outcome (:class:`~asyncbg.Notify`), written to the journal with the
     outcome and kept there until a receiver took it; without a journal the outbox is in memory.
+
+    ``escalate`` (:class:`~asyncbg.Escalation`) and ``hedge`` (:class:`~asyncbg.Hedge`) are
+    every job's defaults for the ``submit`` arguments of the same names. ``fallbacks`` names
+    the open managers that run an escalation step naming another provider
+    (``{"anthropic": BackgroundManager(AnthropicBatches(...))}``), each with its own journal.
     """
 
     def __init__(
@@ -143,6 +154,9 @@ class BackgroundManager:
         ledger_patience: float = 60.0,
         exit_grace: float = 10.0,
         hooks: Sequence[Hooks] = (),
+        escalate: Escalation | None = None,
+        hedge: Hedge | None = None,
+        fallbacks: Mapping[str, BackgroundManager] | None = None,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency!r}")
@@ -197,6 +211,13 @@ class BackgroundManager:
         # journal_bodies=False: results go only to the caller; the journal keeps no bodies.
         self._scheduler.journal_bodies = journal_bodies
         self._scheduler.callbacks.on_done = on_done
+        #: Checked answers, escalation ladders and hedges (asyncbg/_outcomes/).
+        self._outcomes = Outcomes(self, escalate=escalate, hedge=hedge, fallbacks=fallbacks,
+                                  spawn=lambda *a, **k: self._tg.start_soon(*a, **k)
+                                  if self._tg is not None else None,
+                                  callbacks=self._scheduler.callbacks)
+        if on_done is not None:
+            self._scheduler.callbacks.on_done = self._outcomes.users_only(on_done)
         #: Outbound webhooks (None without ``notify=``); see asyncbg/_notify/_notify.py.
         self.notify = notify
         self._sender: Sender | None = None
@@ -307,9 +328,10 @@ class BackgroundManager:
         """Leaving normally: every job terminal and its callbacks run (they may submit more),
         then the notifications delivered, for up to ``notify.wait_on_exit`` seconds."""
         while True:
+            await self._outcomes.wait_idle()
             await self._scheduler.wait_idle()
             await self._scheduler.callbacks.wait_drained()
-            if not self._scheduler.jobs_left():
+            if not self._scheduler.jobs_left() and not self._outcomes.ladders:
                 break
         if self._sender is not None:
             await self._sender.finish()
@@ -327,7 +349,10 @@ class BackgroundManager:
 
     async def submit(
         self, *, key: str | None = None, poll_policy: PollPolicy | None = None,
-        deadline: float | None = None, **params: Any,
+        deadline: float | None = None, text_format: type[Any] | None = None,
+        validate: Callable[[Any], object] | None = None,
+        escalate: Escalation | bool | None = None, hedge: Hedge | bool | None = None,
+        **params: Any,
     ) -> Job:
         """Queue one ``responses.create(**params, background=True)`` and return its job at once.
 
@@ -343,17 +368,35 @@ class BackgroundManager:
         With a journal, a key already there is never created again: a finished job is served
         from the journal without a request, a live one resumes polling its response id, and a
         different request under the same key raises :class:`JournalMismatchError`.
+
+        ``text_format`` (a pydantic model, as in the SDK's ``responses.parse``) asks for that
+        JSON schema and makes ``await job.parsed()`` return an instance; ``validate(response)``
+        raises to reject an answer. An answer that does not parse or validate leaves the job
+        completed with the reason in ``job.invalid``. ``escalate`` (an
+        :class:`~asyncbg.Escalation`) sends further attempts when one ends incomplete,
+        invalid or failed; ``hedge`` (a :class:`~asyncbg.Hedge`) sends a copy of a job that
+        runs long. Both default to the manager's; ``False`` turns them off for this job.
         """
         return await self.submit_request(params, key=key, poll_policy=poll_policy,
-                                         deadline=deadline)
+                                         deadline=deadline, text_format=text_format,
+                                         validate=validate, escalate=escalate, hedge=hedge)
 
     async def submit_request(
         self, params: Mapping[str, Any], *, key: str | None = None,
         poll_policy: PollPolicy | None = None, deadline: float | None = None,
+        text_format: type[Any] | None = None, validate: Callable[[Any], object] | None = None,
+        escalate: Escalation | bool | None = None, hedge: Hedge | bool | None = None,
     ) -> Job:
         """:meth:`submit` with the request as one mapping, so that no request field (``key``,
         say) can collide with asyncbg's own keywords. Batch files use this."""
         self._require_open()
+        layered = self._outcomes.wanted(escalate=escalate, hedge=hedge,
+                                        text_format=text_format, validate=validate)
+        if layered is not None:
+            return await self._outcomes.submit(
+                params, key=key, escalate=layered[0], hedge=layered[1],
+                text_format=text_format, validate=validate, poll_policy=poll_policy,
+                deadline=deadline)
         if key is None:
             key = f"job-{next(self._auto_key)}"
             while key in self._jobs:
@@ -523,6 +566,7 @@ class BackgroundManager:
             rate_limited=self.meter.pacer.statistics().rate_limited,
             requests_in_flight=s.requests_limiter.total - s.requests_limiter.free,
             retrying=s.retrying,
+            **self._outcomes.counters(),
             **(self._sender.counters() if self._sender is not None else {}),
         )
 

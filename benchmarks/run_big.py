@@ -3,6 +3,7 @@
 
     python benchmarks/run_big.py                       # 20,000 lines, --concurrency 256
     python benchmarks/run_big.py --lines 2000 --json out.json
+    python benchmarks/run_big.py --lines 1000000 --stop-after 120   # memory on a huge file
 
 It starts ``asyncbg fake-server`` and then ``asyncbg run`` as separate processes and reports,
 for the run: wall time, the time to the first output line, peak RSS (the run's process alone,
@@ -112,9 +113,15 @@ def main() -> None:
     p.add_argument("--noop-only", action="store_true",
                    help="only the rerun with nothing to do, on a journal written directly "
                         "(seconds instead of minutes; no server is asked anything)")
+    p.add_argument("--stop-after", type=float, metavar="SECONDS",
+                   help="interrupt the run (Ctrl-C) after this long, sampling its RSS every few "
+                        "seconds: memory on a file too big to finish here")
     args = p.parse_args()
     if args.noop_only:
         noop_only(args)
+        return
+    if args.stop_after:
+        stopped(args)
         return
 
     port = _free_port()
@@ -148,6 +155,66 @@ def main() -> None:
             subprocess.run([sys.executable, "-m", "asyncbg", "--help"], check=True,
                            stdout=subprocess.DEVNULL)
             results["help_s"] = round(time.monotonic() - help_t0, 2)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    print(json.dumps(results, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
+
+def _rss_mib(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def stopped(args: argparse.Namespace) -> None:
+    """A run on ``--lines`` lines, interrupted after ``--stop-after`` seconds: its RSS over
+    time (is it bounded while the file is not?), the lines it wrote, and the interrupt's exit."""
+    import signal
+
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "asyncbg", "fake-server", "--port",
+                               str(port), "--median", str(args.median)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/v1"
+    env = {**os.environ, "OPENAI_API_KEY": "sk-bench", "OPENAI_BASE_URL": url}
+    results: dict[str, Any] = {"lines": args.lines, "concurrency": args.concurrency,
+                               "median_s": args.median, "stop_after_s": args.stop_after}
+    try:
+        wait_ready(url, server)
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+            t0 = time.monotonic()
+            write_input(work / "in.jsonl", args.lines)
+            results["input_mib"] = round((work / "in.jsonl").stat().st_size / 2**20)
+            results["write_input_s"] = round(time.monotonic() - t0, 1)
+            out = work / "out.jsonl"
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "asyncbg", "run", str(work / "in.jsonl"), "-o", str(out),
+                 "--concurrency", str(args.concurrency)],
+                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            t0 = time.monotonic()
+            samples: list[tuple[float, float | None, int]] = []
+            while time.monotonic() - t0 < args.stop_after and proc.poll() is None:
+                time.sleep(5)
+                written = sum(1 for _ in out.open()) if out.exists() else 0
+                samples.append((round(time.monotonic() - t0), _rss_mib(proc.pid), written))
+            proc.send_signal(signal.SIGINT)
+            _, status, usage = os.wait4(proc.pid, 0)
+            assert proc.stderr is not None
+            err = proc.stderr.read().decode()
+            results.update(
+                rc=os.waitstatus_to_exitcode(status), peak_rss_mib=usage.ru_maxrss // 1024,
+                samples_s_rss_mib_lines=[(t, None if r is None else round(r), n)
+                                         for t, r, n in samples],
+                output_lines=sum(1 for _ in out.open()) if out.exists() else 0,
+                stderr_tail=err.strip().splitlines()[-4:])
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -219,7 +219,7 @@ def lines_of(path: Path) -> dict[str, dict[str, Any]]:
     return {x["custom_id"]: x for x in lines}
 
 
-async def started(proc: Process, fake: HttpFake, creates: int, timeout: float = 10.0) -> None:
+async def started(proc: Process, fake: HttpFake, creates: int, timeout: float = 30.0) -> None:
     """Wait until the fake has seen ``creates`` creates (the run is under way)."""
     with anyio.fail_after(timeout):
         while fake.server.counters.creates < creates:
@@ -227,7 +227,7 @@ async def started(proc: Process, fake: HttpFake, creates: int, timeout: float = 
             await anyio.sleep(0.02)
 
 
-async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+async def until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
     with anyio.fail_after(timeout):
         while True:
             if condition():
@@ -235,7 +235,7 @@ async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
             await anyio.sleep(0.02)
 
 
-async def ended(proc: Process, timeout: float = 5.0) -> tuple[int, str]:
+async def ended(proc: Process, timeout: float = 20.0) -> tuple[int, str]:
     with anyio.fail_after(timeout):
         code = await proc.wait()
     assert proc.stderr is not None

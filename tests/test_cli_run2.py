@@ -225,6 +225,12 @@ def test_a_budget_with_an_unpriced_model_exits_2_naming_it(
     assert "my-model" in err and "--price" in err and "gpt-5.2" not in err
     assert len(err.strip().splitlines()) == 1 and env.server.counters.creates == 0
     assert run(tmp_path, "--max-cost", "5", "--price", "my-model=1,2") == 0
+    capsys.readouterr()
+    # Without a budget the run goes on, and its one warning says what a CLI user can pass.
+    write_input(tmp_path / "in.jsonl", [request("c", model="other-model")])
+    assert run(tmp_path, output=str(tmp_path / "other.jsonl")) == 0
+    err = capsys.readouterr().err
+    assert "price.unknown" in err and "--price MODEL=INPUT,OUTPUT" in err, err
 
 
 def test_lines_not_run_for_the_budget_say_budget_exceeded(
@@ -517,3 +523,34 @@ def test_help_imports_no_sdk_and_no_engine() -> None:
         capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_a_rerun_with_nothing_to_do_loads_no_sdk_and_needs_no_key(
+    env: HttpFake, tmp_path: Path
+) -> None:
+    """The no-op rerun of a big file was seconds of importing the SDK and building a manager it
+    never used: now it counts the journal's lines and rewrites the output, nothing more."""
+    env.server.latency = LatencyModel.fixed(0.01)
+    write_input(tmp_path / "in.jsonl", [request(f"r{i}") for i in range(12)])
+    assert run(tmp_path, "--concurrency", "4") == 0
+    before = (tmp_path / "out.jsonl").read_bytes()
+    argv = ["run", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "out.jsonl")]
+    script = (
+        f"import sys\nfrom asyncbg._cli import main\nrc = main({argv!r})\n"
+        "heavy = [m for m in ('openai', 'asyncbg._manager') if m in sys.modules]\n"
+        "sys.stderr.write(f'RESULT {rc} {heavy}\\n')\n")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, env=clean)
+    assert "RESULT 0 []" in done.stderr, done.stderr
+    assert "completed 12" in done.stderr
+    assert (tmp_path / "out.jsonl").read_bytes() == before
+    assert env.server.counters.creates == 12
+    # One line changed: now there is something to do, and without a key the run says so.
+    write_input(tmp_path / "in.jsonl", [request("r0", input="changed"),
+                                        *(request(f"r{i}") for i in range(1, 12))])
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, env=clean)
+    assert "RESULT 2" in done.stderr and "OPENAI_API_KEY" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    assert (tmp_path / "out.jsonl").read_bytes() == before  # the output stands as it was

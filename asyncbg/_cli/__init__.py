@@ -111,6 +111,24 @@ def _price(text: str) -> tuple[str, tuple[float, ...]]:
     return model, tuple(_non_negative(part.strip()) for part in parts)
 
 
+def _escalation(path: str) -> object:
+    """``--escalate-file``: an :class:`~asyncbg.Escalation` as JSON (``on``, ``steps``,
+    ``max_attempts``)."""
+    import json
+
+    from .._outcomes._ladder import Escalation
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        return Escalation.from_json(data, where=path)
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # json.JSONDecodeError is one
+        reason = str(exc) if str(exc).startswith(path) else f"{path}: not JSON: {exc}"
+        raise argparse.ArgumentTypeError(reason) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="asyncbg", description="Run many OpenAI background-mode Responses at once.")
@@ -178,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="when stderr is not a terminal, print a progress line every 30 s "
                           "(on a terminal a progress bar is always shown)")
     run.add_argument("--progress-every", type=_positive, default=30.0, help=argparse.SUPPRESS)
+    run.add_argument("--escalate-file", type=_escalation, metavar="LADDER.json",
+                     help='retry lines that end incomplete, invalid or failed with the steps of '
+                          'an escalation ladder: {"on": ["incomplete"], "steps": '
+                          '[{"max_output_tokens": 8000}, {"model": "gpt-5.2"}], '
+                          '"max_attempts": 3}; each attempt is its own journal entry (KEY#2...)')
     _notify.add_options(run)
     _metrics.add_option(run)  # --metrics-port PORT
     _add_logging_options(run)

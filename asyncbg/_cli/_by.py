@@ -48,7 +48,8 @@ def by_problem(args: argparse.Namespace) -> str | None:
         return ("--by runs OpenAI lines on the Batch API, flex or background responses: it "
                 "needs --provider openai (the default)")
     for option, value in (("--max-cost", args.max_cost), ("--notify", args.notify),
-                          ("--metrics-port", getattr(args, "metrics_port", None))):
+                          ("--metrics-port", getattr(args, "metrics_port", None)),
+                          ("--escalate-file", getattr(args, "escalate_file", None))):
         if value:
             return f"--by and {option} cannot be used together yet"
     try:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .._ledgers import Record
+from .._providers._prepare import background_request, batch_request
 from ._input import BadLine, BatchRequest, Check, Index, check_request, index_lines, iter_lines
 from ._ops import open_client, say
 from ._output import (
@@ -63,6 +64,13 @@ class Format:
     fields: tuple[str, ...]
     open: Callable[[argparse.Namespace], Any]
     batch: bool = True
+
+    def prepare(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """The request the provider sends for a line's body (what the journal digests), with
+        no SDK loaded: a rerun learns from it whether anything is left to send."""
+        if self.batch:
+            return batch_request(body, api_name=self.name)
+        return background_request(body, stream=False)
 
     def index(self, path: Path, args: argparse.Namespace) -> Index:
         """The first pass over an input file (see :func:`~._input.index_lines`)."""

@@ -87,7 +87,9 @@ def output_line(record: Record) -> dict[str, Any] | None:
     """The Batch API output line of a finished record; None while it is not finished.
 
     ``response`` carries the server's final body (with the HTTP status it came with) whenever
-    the server created a response; ``error`` is set on every line that did not complete.
+    the server created a response; ``error`` is set on every line that did not complete. A
+    line that took several attempts (``--escalate-file``) shows the final one's answer and
+    lists them all under ``attempts`` (custom_id, status, response id, usage).
     """
     if not record.terminal:
         return None
@@ -99,12 +101,17 @@ def output_line(record: Record) -> dict[str, Any] | None:
             "request_id": record.request_id,
             "body": body,
         }
-    return {
+    line = {
         "id": line_id(record),
         "custom_id": record.key,
         "response": response,
         "error": error_of(record, body),
     }
+    if getattr(record, "attempts", None):  # an escalation ladder folded under its key
+        from .._outcomes._journal import attempts_field
+
+        line.update(attempts_field(record))
+    return line
 
 
 def tokens_of(body: Mapping[str, Any] | None) -> dict[str, int]:

@@ -16,21 +16,22 @@ import itertools
 import math
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from .. import BackgroundManager, Job, JournalMismatchError, Price, RateLimit
+from .._errors import JournalMismatchError
 from .._ledgers import Ledger, LedgerError, Record, SQLiteLedger, digest
+from .._outcomes._journal import attempt_of, final_record, final_view
 from . import _metrics
 from ._by import by_problem, send_by
 from ._formats import FORMATS, Format, close
-from ._input import Index, NotUtf8
+from ._input import BatchRequest, Index, NotUtf8
 from ._notify import notify_option
 from ._ops import cancel_live, say
 from ._output import (
@@ -47,6 +48,9 @@ from ._output import (
 from ._progress import Display, Live, Tally
 from ._report import connection_failure, interrupt_message, name_failures, summary
 from ._signals import Interrupts
+
+if TYPE_CHECKING:  # the manager loads the SDK: only a run with something to send needs it
+    from .. import BackgroundManager, Job, Price
 
 __all__ = ["run"]
 
@@ -110,6 +114,13 @@ async def run(args: argparse.Namespace) -> int:
             say(f"{source}: {problem}")
         say(f"duplicate {fmt.id_name} values; nothing was sent")
         return 2
+    if getattr(args, "escalate_file", None) is not None and (
+            clash := next((k for k in index.lines if (base := attempt_of(k)) is not None
+                           and base in index.lines), None)):
+        say(f"{source}:{index.lines[clash]}: {fmt.id_name} {clash!r} is the name an escalation "
+            f"gives to a later attempt of {attempt_of(clash)!r}: rename it to run with "
+            "--escalate-file; nothing was sent")
+        return 2
     if not index.lines and not index.bad:
         say(f"no requests in {source}; nothing was sent")
         return 2
@@ -139,15 +150,10 @@ async def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         say(f"{exc}; nothing was sent")
         return 2
-    client = fmt.open(args)
-    if client is None:
-        return 2
-    try:
-        return await _Run(args, fmt, source, fmt.output_file(target), journal, index,
-                          existing).main(client)
-    finally:
-        with anyio.CancelScope(shield=True):
-            await close(client)
+    session = _Run(args, fmt, source, fmt.output_file(target), journal, index, existing)
+    if not journal.exists() and session.open_client() is None:
+        return 2  # a first run: the client's own checks (the API key) come before the journal
+    return await session.main()
 
 
 def _bad_base_url(args: argparse.Namespace) -> str | None:
@@ -184,6 +190,8 @@ def _unpriced(args: argparse.Namespace, index: Index) -> str | None:
 
 def prices_of(args: argparse.Namespace) -> dict[str, Price]:
     """``--price`` options as ``BackgroundManager(prices=...)``."""
+    from .._spend._pricing import Price
+
     return {model: Price(input=p[0], output=p[1], cached_input=p[2] if len(p) > 2 else None)
             for model, p in (getattr(args, "price", None) or [])}
 
@@ -231,6 +239,9 @@ class _Run:
         self.sent = self.refused = 0
         self.refusal: str | None = None
         self.output_failed = False
+        #: The provider's client, opened once there is something to send (a rerun with
+        #: nothing left to do loads no SDK).
+        self.client: Any = None
         #: --by: the journal holds a key per way; what each way cost, for the summary.
         self.by_mode = getattr(args, "by", None) is not None
         self.by_summary: str | None = None
@@ -238,7 +249,7 @@ class _Run:
     def _order(self) -> Iterator[str]:
         return itertools.chain(self.index.lines, self.others)
 
-    async def main(self, client: Any) -> int:
+    async def main(self) -> int:
         interrupts = Interrupts(cancel_live=self.args.cancel_on_interrupt,
                                 cancel_timeout=CANCEL_TIMEOUT)
         try:
@@ -246,16 +257,25 @@ class _Run:
                 work = anyio.CancelScope()
                 await tg.start(interrupts.watch, work)
                 try:
-                    code = await self._journaled(client, work, interrupts)
+                    code = await self._journaled(work, interrupts)
                 finally:
                     tg.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             # Only the run itself can fail here (the watcher never raises): show its own error.
             raise group.exceptions[0] if len(group.exceptions) == 1 else group from None
+        finally:
+            if self.client is not None:
+                with anyio.CancelScope(shield=True):
+                    await close(self.client)
         return code
 
-    async def _journaled(self, client: Any, work: anyio.CancelScope,
-                         interrupts: Interrupts) -> int:
+    def open_client(self) -> Any:
+        """The provider's client, opened on first use; None after saying why it cannot be."""
+        if self.client is None:
+            self.client = self.fmt.open(self.args)
+        return self.client
+
+    async def _journaled(self, work: anyio.CancelScope, interrupts: Interrupts) -> int:
         if not isinstance(self.out, StdoutOutput):
             try:
                 self.out.path.parent.mkdir(parents=True, exist_ok=True)
@@ -272,7 +292,7 @@ class _Run:
             say(f"{exc}; nothing was sent")
             return 2
         try:
-            return await self._run(client, ledger, work, interrupts)
+            return await self._run(ledger, work, interrupts)
         except LedgerError as exc:
             say(self._ledger_failure(exc))
             return 2
@@ -296,9 +316,9 @@ class _Run:
                     "server: run the same command again once the journal works, to collect it")
         return f"{text}; nothing was sent"
 
-    async def _run(self, client: Any, ledger: Ledger, work: anyio.CancelScope,
+    async def _run(self, ledger: Ledger, work: anyio.CancelScope,
                    interrupts: Interrupts) -> int:
-        records = await _records(ledger, by=self.by_mode)
+        records = await _records(ledger, self.index.lines, by=self.by_mode)
         unknown = [c for c in self.existing.custom_ids if c not in records]
         if unknown:
             say(f"{self.out.path} has lines the journal {self.journal} does not know "
@@ -315,21 +335,28 @@ class _Run:
         del records  # the bodies: from here on memory follows the concurrency
         for bad in self.index.bad:
             say(f"{self.source}:{bad.line}: {bad.reason}; line skipped")
+        if await anyio.to_thread.run_sync(self._all_served):
+            # nothing to send: no SDK, no manager
+            return self._report(await _records(ledger, self.index.lines, by=self.by_mode))
+        if self.open_client() is None:
+            return 2  # it said why (no API key, say); the output stands as the journal has it
         try:
             with work:
-                await self._send(client, ledger, interrupts)
+                await self._send(self.client, ledger, interrupts)
         except _metrics.MetricsPortError as exc:
             say(f"{exc}; nothing was sent")
             return 2
         finally:
             self.out.close()
         if interrupts.interrupted:
-            return await self._interrupted(client, ledger, interrupts)
+            return await self._interrupted(ledger, interrupts)
         if self.submitted == 0:  # nothing changed: the output written at the start stands
-            return self._report(await _records(ledger, by=self.by_mode))
+            return self._report(await _records(ledger, self.index.lines, by=self.by_mode))
         return self._report(await self._rewrite(ledger))
 
     async def _send(self, client: Any, ledger: Ledger, interrupts: Interrupts) -> None:
+        from .. import Job, RateLimit
+
         args = self.args
         options = self.fmt.manager_options(args, client)
         if args.max_cost is not None:
@@ -341,6 +368,8 @@ class _Run:
                                               tokens_per_minute=args.tpm)
         if (notify := notify_option(args)) is not None:  # --notify URL: see _notify.py
             options["notify"] = notify
+        if getattr(args, "escalate_file", None) is not None:  # an Escalation (asyncbg/_outcomes)
+            options["escalate"] = args.escalate_file
         if getattr(args, "by", None) is not None:  # --by: the cheapest way in time (_by.py)
             await send_by(self, client, ledger, interrupts, options)
             return
@@ -356,6 +385,8 @@ class _Run:
     async def _manage(self, client: Any, ledger: Ledger, interrupts: Interrupts,
                       options: dict[str, Any], on_done: Callable[[Job], None],
                       receive: MemoryObjectReceiveStream[Job]) -> None:
+        from .. import BackgroundManager
+
         args = self.args
         async with BackgroundManager(client, journal=ledger, **options, cancel_on_exit=False,
                                      on_done=on_done) as mgr:
@@ -420,9 +451,7 @@ class _Run:
                 break  # stop creating (--cancel-on-interrupt cancels before the work stops)
             if self.index.lines.get(req.custom_id) != req.line:
                 continue  # the file changed since it was checked: only checked lines run
-            done = self.done.get(req.custom_id)
-            if unclaimed and done is not None and done.digest == digest(
-                    mgr.provider.prepare(req.body, stream=False)):
+            if unclaimed and (done := self._served(req)) is not None:
                 self.tally.add(done.status, done.tokens)
                 self.tokens[req.custom_id] = done.tokens
                 continue
@@ -440,6 +469,40 @@ class _Run:
         for _ in range(window):  # every submitted job collected
             await slots.acquire()
 
+    def _served(self, req: BatchRequest) -> _Done | None:
+        """The journal's finished record of a line, if it ran the very request the line asks
+        for now: such a line is counted, not submitted."""
+        done = self.done.get(req.custom_id)
+        if done is None:
+            return None
+        try:
+            prepared = self.fmt.prepare(req.body)
+        except ValueError:
+            return None  # the provider refuses it: submitting says why
+        return done if done.digest == digest(prepared) else None
+
+    def _all_served(self) -> bool:
+        """Whether every line is one the journal has finished with its very request: then the
+        run counts them all (in a thread: it reads the input once more) and sends nothing.
+        Budgeted runs always go through the manager, which counts the journal's spend."""
+        if self.args.max_cost is not None or len(self.done) != len(self.lines):
+            return False
+        if self.by_mode:
+            return False  # --by: the summary says what each way cost (asyncbg/_cli/_by.py)
+        served: list[tuple[str, _Done]] = []
+        for req in self.fmt.requests(self.source, self.args):
+            if self.index.lines.get(req.custom_id) != req.line:
+                continue  # the file changed since it was checked: only checked lines count
+            if (done := self._served(req)) is None:
+                return False
+            served.append((req.custom_id, done))
+        if len(served) != len(self.lines):
+            return False
+        for key, done in served:
+            self.tally.add(done.status, done.tokens)
+            self.tokens[key] = done.tokens
+        return True
+
     async def _collect(self, mgr: BackgroundManager, ledger: Ledger,
                        jobs_done: MemoryObjectReceiveStream[Job], slots: anyio.Semaphore) -> None:
         """Count and write each job as it ends, in batches: one write and fsync per batch."""
@@ -452,7 +515,7 @@ class _Run:
                     break
             records = []
             for job in batch:
-                record = await ledger.get(job.key)
+                record = await final_record(ledger, job)  # a ladder shows its final attempt
                 self._count(job, record)
                 if record is not None:
                     records.append(record)
@@ -487,7 +550,7 @@ class _Run:
                 "from the journal at the end")
 
     async def _rewrite(self, ledger: Ledger) -> dict[str, Record]:
-        records = await _records(ledger, by=self.by_mode)
+        records = await _records(ledger, self.index.lines, by=self.by_mode)
         try:
             await anyio.to_thread.run_sync(self.out.rewrite, records, self._order())
         except BrokenPipeError:
@@ -499,13 +562,12 @@ class _Run:
 
     # -- endings ---------------------------------------------------------------------------
 
-    async def _interrupted(self, client: Any, ledger: Ledger,
-                           interrupts: Interrupts) -> int:
+    async def _interrupted(self, ledger: Ledger, interrupts: Interrupts) -> int:
         await interrupts.settle(GRACE)
-        if interrupts.cancel_live:
+        if interrupts.cancel_live and self.open_client() is not None:
             # Whatever the run's own cancel_all left live (or a second signal asked for).
             with interrupts.cleanup:
-                await cancel_live(client, ledger, timeout=CANCEL_TIMEOUT)
+                await cancel_live(self.client, ledger, timeout=CANCEL_TIMEOUT)
         records = await self._rewrite(ledger)
         name_failures(self.source, self.lines, records, unfinished=False)
         for line in interrupt_message(self.lines, records, signal_name=interrupts.name,
@@ -576,10 +638,13 @@ def _collapse(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return exc
 
 
-async def _records(ledger: Ledger, *, by: bool = False) -> dict[str, Record]:
-    """The journal by key; with ``--by``, one record per line (its latest way)."""
+async def _records(ledger: Ledger, own: Container[str], *, by: bool = False
+                   ) -> dict[str, Record]:
+    """The journal's records, each escalation ladder folded under its line's key
+    (asyncbg/_outcomes/_journal.py); ``own``, the input's custom_ids, are never attempts.
+    With ``--by``, one record per line: its latest way (asyncbg/_deadline/_journal.py)."""
     if by:
         from .._deadline._journal import line_records
 
         return line_records(await ledger.records())
-    return {r.key: r for r in await ledger.records()}
+    return final_view({r.key: r for r in await ledger.records()}, own)

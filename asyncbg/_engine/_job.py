@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 import anyio
 
 from .. import _log
-from .._errors import BudgetExceeded, JobCancelled, JobFailed, JobIncomplete, ManagerStateError
+from .._errors import (
+    AsyncbgError,
+    BudgetExceeded,
+    JobCancelled,
+    JobFailed,
+    JobIncomplete,
+    ManagerStateError,
+)
 from .._status import JobStatus
 
 if TYPE_CHECKING:
@@ -86,6 +93,7 @@ class Job:
         "_error_code",
         "_finish_seq",
         "_listeners",
+        "_outcome",
         "_owner",
         "_response",
         "_started",
@@ -119,6 +127,8 @@ class Job:
         self._started = anyio.current_time()
         self._stream: _Stream | None = None
         self._detached = False
+        #: The ladder of a job submitted with checks, escalation or hedging (asyncbg/_outcomes/).
+        self._outcome: Any = None
 
     # -- state -----------------------------------------------------------------------------
 
@@ -183,6 +193,30 @@ class Job:
     def cost(self) -> float | None:
         """US dollars this job cost, once it is terminal with a known usage and price."""
         return self._cost
+
+    @property
+    def invalid(self) -> str | None:
+        """Why a completed answer is not usable (it does not parse as ``text_format``, or
+        ``validate`` rejected it), or None. Such a job stays completed: it was paid for."""
+        return self._outcome.invalid if self._outcome is not None else None
+
+    @property
+    def attempts(self) -> tuple[Job, ...]:
+        """Every attempt sent for this job, in order (escalation steps and hedge copies, each
+        its own job with its own key and cost); a job without a ladder is its own one."""
+        return tuple(self._outcome.attempts) if self._outcome is not None else (self,)
+
+    async def parsed(self, timeout: float | None = None) -> Any:
+        """The final answer as an instance of the ``text_format`` given to ``submit``; raises
+        :class:`~asyncbg.JobFailed` when the job did not complete or its answer is
+        :attr:`invalid`."""
+        await self.result(timeout)
+        if self._outcome is None:
+            raise AsyncbgError(f"job {self.key!r} was submitted without text_format=")
+        if self.invalid is not None:
+            raise JobFailed(self, f"job {self.key!r} ({self.response_id}) completed, but its "
+                            f"answer is invalid: {self.invalid}")
+        return self._outcome.parsed()
 
     @property
     def text(self) -> str:

@@ -19,6 +19,7 @@ import httpx2
 
 from .._http import RequestError, Transient, Unreachable, classify_status
 from .._status import JobStatus
+from ._prepare import plain
 
 __all__ = ["Remote", "Result", "plain", "sdk_error", "status_body",
            "verify_standard_webhook"]
@@ -55,19 +56,6 @@ def status_body(rid: str, batch_id: str, cid: str, status: str) -> bytes:
     """The body of an answer that carries no result: which batch, which request, what state."""
     return json.dumps({"id": rid, "object": "batch.request", "batch_id": batch_id,
                        "custom_id": cid, "status": status}).encode()
-
-
-def plain(value: Any) -> Any:
-    """``value`` with SDK models turned into plain JSON data, so requests journal and digest
-    stably whichever form the caller used."""
-    dump = getattr(value, "model_dump", None)
-    if callable(dump):
-        return dump(mode="json", exclude_none=True)
-    if isinstance(value, Mapping):
-        return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [plain(v) for v in value]
-    return value
 
 
 def sdk_error(exc: Exception, what: str, base_url: str) -> RequestError:

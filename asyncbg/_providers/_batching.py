@@ -42,7 +42,8 @@ from .._http import NotFound, Rejected, RequestError, Transient
 from .._policies import PollPolicy
 from .._status import JobStatus
 from ._base import Answer, WebhookEvent
-from ._batch_common import Remote, Result, plain, status_body
+from ._batch_common import Remote, Result, status_body
+from ._prepare import batch_request
 
 __all__ = ["BatchApi"]
 
@@ -147,9 +148,7 @@ class BatchApi:
     # -- the Provider verbs ----------------------------------------------------------------
 
     def prepare(self, params: Mapping[str, Any], *, stream: bool) -> dict[str, Any]:
-        if params.get("stream"):
-            raise ValueError(f"requests of the {self.api_name} cannot stream; drop stream=True")
-        return {name: plain(value) for name, value in params.items()}
+        return batch_request(params, api_name=self.api_name)
 
     def is_stream(self, params: Mapping[str, Any]) -> bool:
         return False

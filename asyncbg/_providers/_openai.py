@@ -34,6 +34,7 @@ from .._policies import PollPolicy, parse_poll_after
 from .._status import JobStatus
 from ._base import Answer, WebhookEvent
 from ._lean import LeanConnectError, LeanError, read_status
+from ._prepare import background_request
 from ._sse import iter_events
 
 __all__ = ["OpenAIResponses"]
@@ -68,13 +69,7 @@ class OpenAIResponses:
     # -- requests ----------------------------------------------------------------------------
 
     def prepare(self, params: Mapping[str, Any], *, stream: bool) -> dict[str, Any]:
-        prepared = {**params, "background": True}
-        prepared.setdefault("store", True)
-        if stream:
-            prepared.setdefault("stream", True)
-        if not prepared.get("stream"):
-            prepared.pop("stream", None)
-        return prepared
+        return background_request(params, stream=stream)
 
     def is_stream(self, params: Mapping[str, Any]) -> bool:
         return bool(params.get("stream"))

@@ -204,7 +204,8 @@ class PriceBook:
             entry = self._entries[model] = self._lookup(model)
             if entry is None:  # cached: one warning per model
                 _log.warning("price.unknown", model=model,
-                             hint="pass prices={model: asyncbg.Price(...)} to count its cost")
+                             hint="pass prices={model: asyncbg.Price(...)} to count its cost "
+                                  "(asyncbg run: --price MODEL=INPUT,OUTPUT)")
         return entry
 
     def _lookup(self, model: str) -> Price | ModelInfo | None:

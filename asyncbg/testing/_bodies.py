@@ -127,6 +127,13 @@ def event_script(r: Resp, n_deltas: int) -> list[tuple[int, float, dict[str, Any
 
 
 def reply(r: Resp) -> str:
+    """The answer's text: ``metadata["fake_reply.MODEL"]`` for this model, else
+    ``metadata["fake_reply"]``, else an echo of the input (a ladder test scripts a bad answer
+    from one model and a good one from the next)."""
+    for name in (f"fake_reply.{r.model}", "fake_reply"):
+        text = r.metadata.get(name)
+        if isinstance(text, str):
+            return text
     return f"echo: {r.input_text[:500]}"
 
 

@@ -22,6 +22,9 @@ class LatencyModel:
     ``"lognormal"`` (median ``median``, shape ``sigma``, clamped to ``[low, high]``). A response
     spends ``queue_fraction`` of its time ``queued`` and the rest ``in_progress``.
 
+    ``tail`` is the share of responses that take ``tail_factor`` times as long (a slow
+    replica: drawn per response, so a second copy of the same request is usually quick).
+
     A request overrides the model through ``metadata``: ``fake_duration`` (seconds) and
     ``fake_queue`` (seconds spent queued).
     """
@@ -32,6 +35,8 @@ class LatencyModel:
     high: float = math.inf
     sigma: float = 1.0
     queue_fraction: float = 0.2
+    tail: float = 0.0
+    tail_factor: float = 10.0
 
     @classmethod
     def fixed(cls, seconds: float, *, queue_fraction: float = 0.2) -> LatencyModel:
@@ -59,8 +64,17 @@ class LatencyModel:
             raise ValueError("LatencyModel needs 0 <= low <= high and median >= 0")
         if not 0 <= self.queue_fraction <= 1:
             raise ValueError("LatencyModel.queue_fraction must be in [0, 1]")
+        if not (0 <= self.tail <= 1 and self.tail_factor >= 0):
+            raise ValueError("LatencyModel needs 0 <= tail <= 1 and tail_factor >= 0")
 
     def sample(self, rng: random.Random) -> float:
+        value = self._draw(rng)
+        # Drawn only with a tail, so that the sequences of existing seeds stay as they were.
+        if self.tail > 0 and rng.random() < self.tail:
+            value *= self.tail_factor
+        return value
+
+    def _draw(self, rng: random.Random) -> float:
         if self.kind == "fixed":
             return self.median
         if self.kind == "uniform":
@@ -107,6 +121,21 @@ def script(
                 f"metadata.fake_outcome must be one of {', '.join(OUTCOMES)}; got {outcome!r}"
             )
     return duration, queued, outcome
+
+
+def truncated(outcome: Outcome, cap: int | None, metadata: Mapping[str, Any]) -> Outcome:
+    """``incomplete`` for a response that would complete but whose ``max_output_tokens`` is
+    below ``metadata["fake_needs_output_tokens"]`` (the answer it needs); else ``outcome``.
+    Raises ``ValueError`` on a malformed count."""
+    if outcome != "completed" or "fake_needs_output_tokens" not in metadata:
+        return outcome
+    needs = metadata["fake_needs_output_tokens"]
+    try:
+        count = int(needs)
+    except (TypeError, ValueError):
+        raise ValueError("metadata.fake_needs_output_tokens must be a whole number; got "
+                         f"{needs!r}") from None
+    return "incomplete" if cap is not None and cap < count else outcome
 
 
 def _seconds(value: object, name: str) -> float:

@@ -8,7 +8,7 @@ from typing import Any
 
 #: Request fields a response echoes back when the request set them.
 _ECHOED = ("background_options", "include", "instructions", "max_tool_calls", "reasoning",
-           "tools")
+           "text", "tools")
 
 
 @dataclass(frozen=True, slots=True)

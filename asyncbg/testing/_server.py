@@ -26,7 +26,7 @@ from ._bodies import events, response_body
 from ._faults import Fault, FaultRates, Route, fault_answer
 from ._hooks import WebhookSender
 from ._limits import FakeRateLimit, RateLimiter, Refusal, retry_headers
-from ._model import LatencyModel, Outcomes, script
+from ._model import LatencyModel, Outcomes, script, truncated
 from ._requests import Rejection, parse_create
 from ._state import LIVE, Counters, Resp, Timeline
 from ._usage import UsageModel
@@ -291,6 +291,7 @@ class FakeResponsesServer:
             duration, queued, outcome = script(self.latency, self.outcomes, self._rng,
                                                req.metadata)
             tokens = self.usage.plan(self._usage_rng, len(req.input_text), req.metadata)
+            outcome = truncated(outcome, req.max_output_tokens, req.metadata)
         except ValueError as exc:
             return self._reject(str(exc), "metadata", "invalid_value")
         now = self.clock()
