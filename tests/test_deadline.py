@@ -44,6 +44,8 @@ class Counting(FakeResponsesServer):
     def __init__(self, clock: Clock) -> None:
         super().__init__(latency=LatencyModel.fixed(0.05), clock=clock)
         self.sent: Counter[tuple[str, str]] = Counter()
+        #: Flex short of capacity: its creates are answered 429 with a long Retry-After.
+        self.flex_busy = False
         #: (line, "flex" | "background") -> metadata that scripts that response.
         self.scripts: dict[tuple[str, str], dict[str, str]] = {}
 
@@ -54,6 +56,10 @@ class Counting(FakeResponsesServer):
             line = data["metadata"]["line"]
             way = "flex" if data.get("service_tier") == "flex" else "background"
             self.sent[line, way] += 1
+            if way == "flex" and self.flex_busy:
+                answer = self._error(429, "Resource Unavailable", "rate_limit_error")
+                answer.headers["retry-after"] = "100"
+                return answer
             script = self.scripts.get((line, way))
             if script:
                 data["metadata"] = {**data["metadata"], **script}
@@ -377,3 +383,26 @@ async def test_a_deadline_manager_needs_an_openai_client_and_the_cheapest_mode()
     with pytest.raises(ValueError, match="time zone"):
         DeadlineManager(client, by=datetime(2030, 1, 1))
     await client.close()
+
+
+@pytest.mark.asyncio
+async def test_flex_short_of_capacity_does_not_hold_back_the_lines_moved_to_background(
+    server: Counting, clock: Clock
+) -> None:
+    """Flex answers 429 with a long Retry-After: its creates wait, and the line that must
+    leave flex is cancelled there unsent and created on background at once."""
+    server.flex_busy = True
+    client = fake_client(server)
+    async with manager(client, clock, ways=("flex",)) as dm:
+        ln = await dm.submit_request(request("f"), key="f")
+        assert ln.way is Way.FLEX
+        await until(lambda: server.sent["f", "flex"] == 1, "flex refused it")
+        clock.now = 995.0  # 5 s left: it must leave flex, whose creates wait 100 s
+        await until(lambda: server.sent["f", "background"] == 1, "f moved")
+        await accepted(ln)
+        clock.now = 996.0
+        with anyio.fail_after(5):  # not the 100 s that flex's creates are held
+            assert (await ln.wait()).status is JobStatus.COMPLETED
+    await client.close()
+    assert ln.way is Way.BACKGROUND and ln.moves == [(Way.FLEX, Way.BACKGROUND)]
+    assert server.counters.creates == 1  # flex never created it: nothing was paid there

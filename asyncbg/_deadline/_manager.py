@@ -1,7 +1,7 @@
 """DeadlineManager: every line the cheapest way that is expected to finish by a deadline.
 
-Two :class:`~asyncbg.BackgroundManager` share one journal: one runs lines as background
-responses (flex ones with ``service_tier="flex"``), the other through the OpenAI Batch API. Each
+Three :class:`~asyncbg.BackgroundManager` share one journal, one per way: background
+responses, flex ones (``service_tier="flex"``) and the OpenAI Batch API. Each
 line starts on the way :class:`~asyncbg.DeadlinePolicy` picks for the time left; one task looks
 at the clock every ``policy.check_every`` seconds and moves the lines that must move.
 
@@ -149,9 +149,9 @@ class DeadlineManager:
     under one key per way (``<key>@batch``, ``<key>@flex``, ``<key>@background``): a rerun
     with the same journal continues every line where it stands, creating nothing twice.
     ``ways`` restricts the slower ways (``("flex",)``: no batch; background is always
-    allowed). Other keyword arguments
-    (``poll_policy``, ``retry_policy``, ``rate_limit``, ``cancel_on_exit``...) go to the
-    :class:`~asyncbg.BackgroundManager` of background and flex responses; ``batch_poll_policy``,
+    allowed). Other keyword arguments (``poll_policy``, ``retry_policy``, ``rate_limit``...)
+    go to the :class:`~asyncbg.BackgroundManager` of background responses and to that of flex
+    ones (each has its own: ``rate_limit`` caps each of them); ``batch_poll_policy``,
     ``max_batch_size`` and ``batch_delay`` shape the batches.
     """
 
@@ -201,19 +201,26 @@ class DeadlineManager:
         self.costs = WayCosts.with_prices(prices)
         self.flex_kept_pace = True
         self.moved = 0
-        self._responses = BackgroundManager(client, journal=ledger, prices=prices,
-                                            max_concurrency=max_concurrency,
-                                            cancel_on_exit=cancel_on_exit, **options)
         from .._providers import OpenAIBatch
+
+        def responses() -> BackgroundManager:
+            return BackgroundManager(client, journal=ledger, prices=prices,
+                                     max_concurrency=max_concurrency,
+                                     cancel_on_exit=cancel_on_exit, **options)
 
         # Always there, even without the batch way: a rerun may find lines live on a batch.
         self._batch_api = OpenAIBatch(client, max_batch_size=max_batch_size,
                                       batch_delay=batch_delay)
-        self._batches = BackgroundManager(
+        batches = BackgroundManager(
             self._batch_api, journal=ledger, prices=prices, cancel_on_exit=cancel_on_exit,
             max_concurrency=BATCH_CONCURRENCY,
             poll_policy=batch_poll_policy or options.get("poll_policy"),
             retry_policy=options.get("retry_policy"))
+        #: One manager per way, fastest first (each outlives the slower ones, whose lines move
+        #: to it). Flex has its own: a 429 for want of flex capacity holds back that manager's
+        #: creates, and must not hold back the background lines that are the urgent ones.
+        self._by_way: dict[Way, BackgroundManager] = {
+            Way.BACKGROUND: responses(), Way.FLEX: responses(), Way.BATCH: batches}
         self._lines: dict[str, DeadlineLine] = {}
         #: Batches this manager has cancelled for a move.
         self._cancelled_batches: set[str] = set()
@@ -226,10 +233,9 @@ class DeadlineManager:
         if self._stack is not None:
             raise ManagerStateError("a DeadlineManager can be entered only once")
         stack = AsyncExitStack()
-        # Background first: it outlives the batches, whose lines move to it.
-        await stack.enter_async_context(self._responses)
         try:
-            await stack.enter_async_context(self._batches)
+            for mgr in self._by_way.values():  # background first: it exits last
+                await stack.enter_async_context(mgr)
             tg = anyio.create_task_group()
             await tg.__aenter__()
         except BaseException as exc:
@@ -326,7 +332,7 @@ class DeadlineManager:
         return self.ways if self.flex_kept_pace else self.ways - {Way.FLEX}
 
     def _managers(self, way: Way) -> BackgroundManager:
-        return self._batches if way is Way.BATCH else self._responses
+        return self._by_way[way]
 
     async def _where(self, line: DeadlineLine) -> tuple[Way, Way | None]:
         """The way to send ``line`` on now, and the way a move begun by an earlier run goes
@@ -486,11 +492,11 @@ class DeadlineManager:
     # -- statistics ------------------------------------------------------------------------
 
     def statistics(self) -> DeadlineStatistics:
-        a, b = self._responses.statistics(), self._batches.statistics()
+        each = [mgr.statistics() for mgr in self._by_way.values()]
         c = self.costs
         return DeadlineStatistics(
             lines={w.value: n for w, n in c.lines.items()},
             dollars={w.value: d for w, d in c.dollars.items()},
             full_price=c.full_price, moved=self.moved, flex_kept_pace=self.flex_kept_pace,
-            requests=a.requests + b.requests, polls=a.polls + b.polls,
-            retries=a.retries + b.retries, live=a.live + b.live)
+            requests=sum(m.requests for m in each), polls=sum(m.polls for m in each),
+            retries=sum(m.retries for m in each), live=sum(m.live for m in each))
