@@ -426,3 +426,32 @@ async def test_flex_short_of_capacity_does_not_hold_back_the_lines_moved_to_back
     await client.close()
     assert ln.way is Way.BACKGROUND and ln.moves == [(Way.FLEX, Way.BACKGROUND)]
     assert server.counters.creates == 1  # flex never created it: nothing was paid there
+
+
+@pytest.mark.asyncio
+async def test_waiting_for_a_slot_of_our_own_is_not_flex_losing_its_pace(
+    server: Counting, clock: Clock
+) -> None:
+    """One flex slot: the second line waits 80 s for the first, then runs 80 s. Each ran
+    within flex's 100 s once the server had it, so flex has kept its pace."""
+    server.scripts["q1", "flex"] = server.scripts["q2", "flex"] = {"fake_duration": "80"}
+    client = fake_client(server)
+    async with manager(client, clock, ways=("flex",), max_concurrency=1) as dm:
+        clock.now = 500.0  # 500 s left: flex
+        q1, q2 = [await dm.submit_request(request(k), key=k) for k in ("q1", "q2")]
+        await accepted(q1)
+        clock.now = 580.0  # q1 ends; q2 has waited 80 s for the slot
+        await q1.wait(timeout=10)
+        await accepted(q2)
+        await anyio.sleep(0.02)  # a few looks at the clock
+        clock.now = 661.0  # q2 has been on the server 81 s, 161 s since it was submitted
+        assert (await q2.wait(timeout=10)).status is JobStatus.COMPLETED
+        await anyio.sleep(0.02)
+        assert dm.flex_kept_pace
+        clock.now = 662.0
+        q3 = await dm.submit_request(request("q3"), key="q3")
+        assert q3.way is Way.FLEX  # flex is still chosen
+        await accepted(q3)
+        clock.now = 700.0
+        await q3.wait(timeout=10)
+    await client.close()

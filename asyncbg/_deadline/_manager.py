@@ -80,8 +80,8 @@ class DeadlineLine:
     ``job`` changes when the line moves; ``await line.wait()`` returns its final job.
     """
 
-    __slots__ = ("_final", "cancelled", "job", "key", "moves", "moving", "params", "started",
-                 "way")
+    __slots__ = ("_final", "accepted", "cancelled", "job", "key", "moves", "moving", "params",
+                 "started", "way")
 
     def __init__(self, key: str, params: Mapping[str, Any]) -> None:
         self.key = key
@@ -94,6 +94,8 @@ class DeadlineLine:
         self.moving: Way | None = None
         self.cancelled = False
         self.started = math.nan
+        #: When a look first saw the current job accepted by the server (None: not yet).
+        self.accepted: float | None = None
         self._final = anyio.Event()
 
     @property
@@ -362,7 +364,7 @@ class DeadlineManager:
     async def _send(self, line: DeadlineLine, way: Way) -> None:
         mgr = self._managers(way)
         job = await mgr.submit_request(way_params(line.params, way), key=way_key(line.key, way))
-        line.way, line.job, line.started = way, job, self.clock()
+        line.way, line.job, line.started, line.accepted = way, job, self.clock(), None
         job.add_done_callback(lambda job: self._ended(line, job))
 
     async def _ended(self, line: DeadlineLine, job: Job) -> None:
@@ -372,7 +374,8 @@ class DeadlineManager:
         way = line.way
         model = str(line.params.get("model") or "") or None
         self.costs.paid(way, job.body, model)
-        if way is Way.FLEX and self.clock() - line.started > self.policy.flex_needs:
+        if way is Way.FLEX and line.accepted is not None and (
+                self.clock() - line.accepted > self.policy.flex_needs):
             self._flex_lost_pace(line)
         target = line.moving
         if target is None and way is Way.BATCH and (
@@ -412,10 +415,7 @@ class DeadlineManager:
         """Start the moves the time left calls for."""
         now = self.clock()
         left = self.by - now
-        for line in self._lines.values():
-            if line.way is Way.FLEX and line.job is not None and not line.job.done and \
-                    now - line.started > self.policy.flex_needs:
-                self._flex_lost_pace(line)
+        self._pace(now)
         ways = self._ways_now()
         due: dict[tuple[Way, str | None], list[DeadlineLine]] = {}
         for line in self._lines.values():
@@ -481,6 +481,26 @@ class DeadlineManager:
         prepared = mgr.provider.prepare(way_params(line.params, target), stream=mgr.stream)
         await self.journal.claim(way_key(line.key, target), digest(prepared),
                                  canonical(prepared))
+
+    def _pace(self, now: float) -> None:
+        """Whether flex keeps its pace: no flex line has run longer than flex needs, counted
+        from when the server accepted it (first seen with its id at a look), or from its
+        submit while it waits with a free slot (flex's 429s: no capacity). A line waiting for
+        one of this manager's own slots is not flex being slow."""
+        flex = self._by_way[Way.FLEX]
+        slots_free = flex.statistics().live < flex.max_concurrency
+        for line in self._lines.values():
+            job = line.job
+            if line.way is not Way.FLEX or job is None or job.done:
+                continue
+            if job.response_id is None:
+                since = line.started if slots_free else now
+            else:
+                if line.accepted is None:
+                    line.accepted = now
+                since = line.accepted
+            if now - since > self.policy.flex_needs:
+                self._flex_lost_pace(line)
 
     def _flex_lost_pace(self, line: DeadlineLine) -> None:
         if self.flex_kept_pace:
