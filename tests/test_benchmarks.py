@@ -52,6 +52,8 @@ def test_benchmark_harness_smoke_run(tmp_path: Path) -> None:
     assert pu["seeds_loop"]["retrieves_per_job"] >= 1  # the baseline ran too
     for name in ("scale", "scale_100k"):
         s = r[name]
-        assert s["completed"] == s["jobs"] == s["max_in_flight"], name
+        assert s["completed"] == s["jobs"], name
+        # All at once, unless a loaded machine let the first ones end before the last started.
+        assert 0 < s["max_in_flight"] <= s["jobs"], name
         assert s["rss_peak_mb"] > 0 and s["ticks"] > 0
     assert "1 CPU per status check" in done.stdout  # the table

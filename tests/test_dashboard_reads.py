@@ -62,6 +62,9 @@ class CountingSource:
         self.calls.append("start")  # 10 jobs: 7 finished, 3 live
         return Start(10, {"in_progress": 3}, [_row(i) for i in range(3)], 10)
 
+    async def counts(self) -> dict[str, int] | None:
+        return None  # a journal no asyncbg of this version wrote to: no counters
+
     async def aggregate(self, *, since: float, window: int) -> Aggregate:
         self.calls.append("aggregate")
         self.clock[0] += self.scan_cost
@@ -125,6 +128,33 @@ async def test_a_full_window_does_not_count_the_jobs_after_it_twice() -> None:
     view = tally.view()
     assert dict(view.by_status) == {"in_progress": 4, "completed": 1}
     assert view.unsorted == 5
+
+
+class CountedSource(CountingSource):
+    """A ledger with counters: k0 finished and seq 11 went from waiting to finished between two
+    updates (the window never saw it)."""
+
+    def __init__(self) -> None:
+        super().__init__([0.0], 0.0)
+        self.truth = {"in_progress": 3, "completed": 7}
+
+    async def counts(self) -> dict[str, int] | None:
+        self.calls.append("counts")
+        return dict(self.truth)
+
+
+@pytest.mark.asyncio
+async def test_counters_make_the_counts_exact_from_the_first_page_on() -> None:
+    source = CountedSource()
+    tally = Tally(source, clock=lambda: 0.0)  # type: ignore[arg-type]
+    await tally.start()
+    view = tally.view()
+    assert (view.total, view.unsorted, view.finished) == (10, 0, 7)
+    assert dict(view.by_status) == {"in_progress": 3, "completed": 7}
+    source.truth = {"in_progress": 2, "completed": 9}
+    await tally.update()
+    assert dict(tally.view().by_status) == {"in_progress": 2, "completed": 9}
+    assert source.calls == ["start", "counts", "window", "rows:1", "counts"]
 
 
 # -- the same picture from either kind of ledger --------------------------------------------------
@@ -193,10 +223,11 @@ async def test_the_tally_matches_the_ledger_and_follows_it(ledger_spec: str) -> 
     await source.open()
     try:
         await tally.start()
-        assert tally.view().total == len(scripts)
+        counts, tokens, live = _truth(await _records(ledger_spec))
+        view = tally.view()  # exact at once: the ledger's counters, no scan
+        assert (view.total, view.unsorted, dict(view.by_status)) == (len(scripts), 0, counts)
         assert await tally.scan() and await tally.update_usage()
         view = tally.view()
-        counts, tokens, live = _truth(await _records(ledger_spec))
         assert dict(view.by_status) == counts
         assert view.input_tokens is not None and view.output_tokens is not None
         assert view.input_tokens + view.output_tokens == tokens
@@ -295,12 +326,224 @@ def test_mounted_in_another_app(tmp_path: Path) -> None:
             page = web.get("/asyncbg/").text
             assert 'href="/asyncbg/static/dash.css"' in page
             assert 'href="/asyncbg/jobs/one"' not in page  # finished: not in the live table
-            by_status: dict[str, int] = {}
-            for _ in range(200):  # finished jobs are counted by a background scan: wait for it
-                by_status = web.get("/asyncbg/summary.json").json()["by_status"]
-                if by_status:
-                    break
-                time.sleep(0.05)
-            assert by_status == {"completed": 1}
+            # Exact on the first read: the journal's counters, not a background scan.
+            assert web.get("/asyncbg/summary.json").json()["by_status"] == {"completed": 1}
             assert "completed" in web.get("/asyncbg/jobs/one").text
             assert web.get("/asyncbg/static/dash.js").status_code == 200
+
+
+def _journal_without_counters(tmp_path: Path) -> Path:
+    """A journal with one finished job, as asyncbg 0.2 left it: no counters."""
+    import sqlite3
+
+    path = tmp_path / "j.db"
+    anyio.run(_one_finished, path)
+    with sqlite3.connect(path) as db:
+        for trigger in ("insert", "update", "delete"):
+            db.execute(f"DROP TRIGGER job_counts_{trigger}")
+        db.execute("DROP TABLE job_counts")
+    db.close()
+    return path
+
+
+def test_a_journal_from_before_the_counters_gains_them_when_next_opened(tmp_path: Path) -> None:
+    from asyncbg._dashboard._sqlite_source import SQLiteSource
+
+    path = _journal_without_counters(tmp_path)
+
+    async def picture() -> tuple[dict[str, int] | None, int, dict[str, int]]:
+        source = SQLiteSource(path)
+        await source.open()
+        try:
+            tally = Tally(source, clock=lambda: 0.0)
+            await tally.start()
+            view = tally.view()
+            return await source.counts(), view.unsorted, dict(view.by_status)
+        finally:
+            await source.close()
+
+    # Read-only, the dashboard cannot add them: finished jobs wait for the scan, as before.
+    assert anyio.run(picture) == (None, 1, {})
+    anyio.run(_one_finished, path)  # the next run opens it for writing: counters, filled
+    assert anyio.run(picture) == ({"completed": 1}, 0, {"completed": 1})
+
+
+def test_counters_added_while_the_dashboard_runs_are_used_from_the_next_update(
+        tmp_path: Path) -> None:
+    from asyncbg._dashboard._sqlite_source import SQLiteSource
+
+    path = _journal_without_counters(tmp_path)
+
+    async def main() -> None:
+        source = SQLiteSource(path)
+        await source.open()
+        try:
+            tally = Tally(source, clock=lambda: 0.0)
+            await tally.start()
+            assert not tally.exact and tally.view().unsorted == 1
+            await _one_finished(path)  # a run of this version writes to it meanwhile
+            await tally.update()
+            assert tally.exact and dict(tally.view().by_status) == {"completed": 1}
+        finally:
+            await source.close()
+
+    anyio.run(main)
+
+
+def test_cancel_on_a_postgres_ledger_needs_the_token_and_is_recorded(pg_dsn: str) -> None:
+    from starlette.testclient import TestClient
+
+    server = FakeResponsesServer(latency=LatencyModel.fixed(0.0))
+
+    async def leave_live() -> None:  # a fleet's jobs, left running (like a worker's SIGTERM)
+        client = fake_client(server)
+        with anyio.CancelScope() as interrupted:
+            async with asyncbg.BackgroundManager(client, journal=pg_dsn, poll_policy=POLL,
+                                                 cancel_on_exit=False) as mgr:
+                jobs = [await mgr.submit(model="gpt-5.2", input=k, key=k,
+                                         metadata={"fake_duration": "10000"})
+                        for k in ("keep-0", "keep-1")]
+                for job in jobs:
+                    await job.wait_accepted()
+                interrupted.cancel()
+        await client.close()
+
+    async def hold(key: str) -> None:  # a live worker's lease on it (for a minute)
+        from asyncbg._fleet import shared_ledger
+        from asyncbg._ledgers import ClaimOutcome
+
+        worker = shared_ledger(pg_dsn, lease=60.0)
+        await worker.open()
+        record = await worker.get(key)
+        assert record is not None
+        assert (await worker.claim(key, record.digest, record.request)).outcome is \
+            ClaimOutcome.RESUME
+
+    anyio.run(leave_live)
+    anyio.run(hold, "keep-1")  # closed without a release, as if its worker were busy
+    ids = {r.key: r.response_id for r in anyio.run(_records, pg_dsn)}
+    app = asyncbg.dashboard_app(pg_dsn, allow_actions=True, token=TOKEN,
+                                client=lambda: fake_client(server))
+    with TestClient(app) as web:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"X-Asyncbg-Token": "wrong"}):
+            refused = web.post("/actions/cancel", json={"keys": ["keep-0"]}, headers=headers)
+            assert refused.status_code == 401
+        assert server.status_of(ids["keep-0"]) == "queued"  # nothing was sent
+        assert web.get("/summary.json").json()["by_status"] == {"queued": 2}
+
+        answer = web.post("/actions/cancel", json={"keys": ["keep-0"]},
+                          headers={"Authorization": f"Bearer {TOKEN}"})
+        assert answer.status_code == 200, answer.text
+        assert [(c["key"], c["response_id"], c["status"]) for c in answer.json()["cancelled"]
+                ] == [("keep-0", ids["keep-0"], "cancelled")]
+        assert server.status_of(ids["keep-0"]) == "cancelled"
+        assert server.status_of(ids["keep-1"]) == "queued"  # only that one
+        assert web.get("/summary.json").json()["by_status"] == {"queued": 1, "cancelled": 1}
+
+        # keep-1's worker holds its lease: cancelled on the server, the worker records it.
+        answer = web.post("/actions/cancel", json={"all": True},
+                          headers={"X-Asyncbg-Token": TOKEN})
+        assert answer.status_code == 200, answer.text
+        [held] = answer.json()["cancelled"]
+        assert (held["key"], held["status"]) == ("keep-1", "cancelled"), held
+        assert "the worker that holds it" in held["error"]
+        assert server.status_of(ids["keep-1"]) == "cancelled"
+    records = {r.key: r for r in anyio.run(_records, pg_dsn)}
+    assert (records["keep-0"].state, records["keep-0"].status) == ("done", "cancelled")
+    assert records["keep-1"].state == "live"  # not this process's to write
+
+
+def test_terminal_to_seen_shows_the_bodies_times_or_says_why_it_is_empty(tmp_path: Path) -> None:
+    import sqlite3
+
+    from starlette.testclient import TestClient
+
+    path = tmp_path / "j.db"
+    anyio.run(_one_finished, path)
+
+    def page() -> str:
+        with TestClient(asyncbg.dashboard_app(path)) as web:
+            for _ in range(200):  # the bodies are read by a background scan: wait for it
+                if web.get("/summary.json").json()["output_tokens"] is not None:
+                    break
+                time.sleep(0.05)
+            return web.get("/").text
+
+    assert "the fake server's do not" in page()  # the fake's bodies carry no completed_at
+    with sqlite3.connect(path) as db:  # as OpenAI's do: recorded 3 s after the server ended it
+        db.execute("UPDATE jobs SET response = CAST(json_set(CAST(response AS TEXT), "
+                   "'$.completed_at', updated - 3) AS BLOB)")
+    db.close()
+    shown = page()
+    assert 'id="seen-empty"' not in shown
+    assert "time from terminal to seen" in shown
+
+
+@pytest.mark.asyncio
+async def test_an_sqlite_journals_counters_stay_exact_through_every_kind_of_write(
+    tmp_path: Path,
+) -> None:
+    """What the dashboard reads as jobs by status is the truth, however the rows were written:
+    enqueues, claims, sends, outcomes (the server's and local ones), requeues, releases and
+    resends, by two processes' ledgers on one file."""
+    import contextlib
+    import random
+    import sqlite3
+
+    from asyncbg._dashboard._sqlite_source import SQLiteSource
+    from asyncbg._ledgers import LedgerError, Outcome, canonical, digest
+    from asyncbg._ledgers._sqlite_shared import SharedSQLiteLedger
+
+    def items(n: int, prefix: str) -> list[tuple[str, str, bytes]]:
+        params = [{"model": "m", "input": f"{prefix}{i}"} for i in range(n)]
+        return [(f"{prefix}{i}", digest(p), canonical(p)) for i, p in enumerate(params)]
+
+    def truth() -> dict[str, int]:
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            return {s: int(n) for s, n in db.execute(
+                "SELECT status, count(*) FROM jobs GROUP BY status")}
+
+    path = tmp_path / "shared.journal"
+    ledgers = [SharedSQLiteLedger(path, lease=30.0), SharedSQLiteLedger(path, lease=30.0)]
+    for led in ledgers:
+        await led.open()
+    source = SQLiteSource(path)
+    await source.open()
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    statuses = ["queued", "in_progress", "completed", "failed", "cancelled", "incomplete"]
+    try:
+        await ledgers[0].enqueue(items(300, "big"))
+        for step in range(150):
+            led = rng.choice(ledgers)
+            held = list(led.held())
+            action = rng.randrange(8)
+            try:
+                if action == 0:
+                    await led.enqueue(items(rng.randrange(1, 10), f"s{step}-"))
+                elif action == 1:
+                    await led.acquire(rng.randrange(1, 20), 30.0)
+                elif action == 2 and held:
+                    await led.sending(rng.choice(held), resubmit=rng.random() < 0.5)
+                elif action == 3 and held:
+                    key = rng.choice(held)
+                    status = rng.choice(statuses)
+                    await led.record(key, Outcome(status, f"resp_{key}", body=b"{}"))
+                elif action == 4 and held:
+                    await led.record(rng.choice(held), Outcome("failed", error="x"))  # local
+                elif action == 5:
+                    await led.requeue(held)
+                elif action == 6 and held:
+                    await led.release(rng.sample(held, k=min(len(held), 5)))
+                elif action == 7:
+                    key, dig, req = items(1, f"c{step}-")[0]
+                    await led.claim(key, dig, req)
+            except LedgerError:  # a lease another one took, a key in another state: the
+                pass  # write did not happen, and the counters must say so too
+            if step % 25 == 24:
+                assert await source.counts() == truth(), f"seed {seed}, step {step}"
+        assert await source.counts() == truth(), f"seed {seed}"
+    finally:
+        await source.close()
+        for led in ledgers:
+            await led.close()

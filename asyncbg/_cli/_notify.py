@@ -12,14 +12,14 @@ import os
 
 import anyio
 
-from .._ledgers import LedgerError
+from .._ledgers import Ledger, LedgerError
 from .._ledgers._outbox import Outbox
 from .._notify._notify import Notify
 from ._deliveries import summary, summary_text
 from ._ops import open_ledger, say
 
 __all__ = ["SECRET_ENV", "add_command", "add_options", "notify", "notify_option",
-           "summary", "summary_text"]
+           "summary", "summary_row", "summary_text", "to_deliver"]
 
 SECRET_ENV = "ASYNCBG_NOTIFY_SECRET"
 
@@ -78,6 +78,38 @@ def add_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                    help="lowest log level shown on stderr (default: warning)")
     p.add_argument("--log-json", action="store_true",
                    help="log one JSON object per line instead of readable text")
+
+
+async def to_deliver(ledger: Ledger, args: argparse.Namespace) -> bool:
+    """Whether a run with ``--notify URL`` has notifications to URL pending in ``ledger`` (a
+    killed run's, say): a rerun with no line left to send must still run its sender."""
+    url = getattr(args, "notify", None)
+    if not url or not isinstance(ledger, Outbox):
+        return False
+    return any(d.state == "pending" and d.url == url for d in await ledger.deliveries())
+
+
+async def summary_row(ledger: Ledger, location: object) -> tuple[str, str] | None:
+    """The ``notifications`` row of ``asyncbg run``'s summary, when some are still pending or
+    failed in ``ledger`` (named ``location`` in the command to run next); None otherwise, and
+    when the ledger cannot say (the summary is not the place to fail a finished run)."""
+    if not isinstance(ledger, Outbox):
+        return None
+    try:
+        deliveries = await ledger.deliveries()
+    except LedgerError:
+        return None
+    if not deliveries:
+        return None
+    pending = sum(d.state == "pending" for d in deliveries)
+    failed = len(deliveries) - pending
+    said = f"{pending} pending, {failed} failed"
+    last = min((d for d in deliveries if d.error is not None), key=lambda d: d.age,
+               default=None)
+    if last is not None:
+        said += f" (latest error: {last.error})"
+    retry = " --retry-failed" if failed else ""
+    return "notifications", f"{said}; send them with `asyncbg notify --ledger {location}{retry}`"
 
 
 async def notify(args: argparse.Namespace) -> int:

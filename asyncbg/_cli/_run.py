@@ -32,7 +32,8 @@ from . import _metrics
 from ._by import by_problem, send_by
 from ._formats import FORMATS, Format, close
 from ._input import BatchRequest, Index, NotUtf8
-from ._notify import notify_option
+from ._notify import notify_option, to_deliver
+from ._notify import summary_row as notes_row
 from ._ops import cancel_live, say
 from ._output import (
     Existing,
@@ -335,9 +336,11 @@ class _Run:
         del records  # the bodies: from here on memory follows the concurrency
         for bad in self.index.bad:
             say(f"{self.source}:{bad.line}: {bad.reason}; line skipped")
-        if await anyio.to_thread.run_sync(self._all_served):
+        if await anyio.to_thread.run_sync(self._all_served) and not await to_deliver(
+                ledger, self.args):  # nor a notification for --notify (see _notify.py)
             # nothing to send: no SDK, no manager
-            return self._report(await _records(ledger, self.index.lines, by=self.by_mode))
+            return self._report(await _records(ledger, self.index.lines, by=self.by_mode),
+                                await notes_row(ledger, self.journal))
         if self.open_client() is None:
             return 2  # it said why (no API key, say); the output stands as the journal has it
         try:
@@ -351,8 +354,9 @@ class _Run:
         if interrupts.interrupted:
             return await self._interrupted(ledger, interrupts)
         if self.submitted == 0:  # nothing changed: the output written at the start stands
-            return self._report(await _records(ledger, self.index.lines, by=self.by_mode))
-        return self._report(await self._rewrite(ledger))
+            return self._report(await _records(ledger, self.index.lines, by=self.by_mode),
+                                await notes_row(ledger, self.journal))
+        return self._report(await self._rewrite(ledger), await notes_row(ledger, self.journal))
 
     async def _send(self, client: Any, ledger: Ledger, interrupts: Interrupts) -> None:
         from .. import Job, RateLimit
@@ -484,8 +488,13 @@ class _Run:
     def _all_served(self) -> bool:
         """Whether every line is one the journal has finished with its very request: then the
         run counts them all (in a thread: it reads the input once more) and sends nothing.
-        Budgeted runs always go through the manager, which counts the journal's spend."""
-        if self.args.max_cost is not None or len(self.done) != len(self.lines):
+        Runs that ask the manager for more than the lines (a budget, which counts the journal's
+        spend; notifications, which deliver what an earlier run left pending; metrics) always
+        go through it."""
+        args = self.args
+        if (args.max_cost is not None or getattr(args, "notify", None)
+                or getattr(args, "metrics_port", None) is not None
+                or len(self.done) != len(self.lines)):
             return False
         if self.by_mode:
             return False  # --by: the summary says what each way cost (asyncbg/_cli/_by.py)
@@ -575,7 +584,8 @@ class _Run:
             say(line)
         return interrupts.exit_code
 
-    def _report(self, records: dict[str, Record]) -> int:
+    def _report(self, records: dict[str, Record],
+                notes: tuple[str, str] | None = None) -> int:
         failure = connection_failure(self.sent, self.refused, self.refusal)
         if failure is not None:
             say(failure)  # one line, not one per job: the server could not be reached at all
@@ -599,6 +609,8 @@ class _Run:
         if not_run:
             extra.append(("not run", f"{not_run} lines, for the budget: rerun with a larger "
                                       "--max-cost to run exactly those"))
+        if notes is not None:  # notifications still pending or failed: see _notify.py
+            extra.append(notes)
         extra += [("wall time", f"{self.tally.elapsed():.1f}s"), ("output", self.out.path),
                   ("journal", self.journal)]
         print(summary(self.lines, records, extra=extra, not_run=self.not_run,

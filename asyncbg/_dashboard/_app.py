@@ -312,7 +312,10 @@ class Board:
                                    and all(isinstance(k, str) for k in keys)):
             return JSONResponse({"error": 'send {"keys": ["..."]} or {"all": true}'}, 400)
         try:
-            done = await self.actions.cancel(None if everything else keys)
+            # Every live job: from the indexes of unfinished jobs, no body is read.
+            chosen = list(await self.source.live_keys()) if everything else keys
+            assert chosen is not None
+            done = await self.actions.cancel(chosen)
         except LedgerError as exc:
             return JSONResponse({"error": str(exc)}, 503)
         await self.refresh(force=True)

@@ -23,6 +23,7 @@ from ._source import (
     UsageRow,
     Worker,
     bucket_sql,
+    from_counters,
     row_of,
     usage_rows,
     worker_of,
@@ -51,15 +52,40 @@ AGGREGATE = f"""
     FROM asyncbg_jobs GROUP BY 1, 2, 3, 4, 5
 """
 NEWEST = "SELECT COALESCE(max(updated), 0), COALESCE(max(seq), 0) FROM asyncbg_jobs"
-# The partial index asyncbg_jobs_open (claim order, unfinished rows) serves this.
+# Two partial indexes of schema version 3 serve this, each bounded whatever the ledger's size:
+# live jobs no one holds (asyncbg_jobs_waiting_live, in claim order), and the jobs workers hold
+# (asyncbg_jobs_leased: as many as the fleet runs at once). A `sending` row without a lease (its
+# process died before the create's answer) runs nowhere: it is left out, and counted by the
+# counters.
 WINDOW = f"""
-    SELECT {_ROW} FROM asyncbg_jobs
-    WHERE state IN ('new', 'sending', 'live') AND state <> 'new'
-    ORDER BY seq LIMIT %(limit)s
+    SELECT {_ROW} FROM (
+        (SELECT {_ROW} FROM asyncbg_jobs WHERE lease_until IS NULL AND state = 'live'
+         ORDER BY seq LIMIT %(limit)s)
+        UNION ALL
+        (SELECT {_ROW} FROM asyncbg_jobs
+         WHERE lease_until IS NOT NULL AND state IN ('new', 'sending', 'live')
+           AND state <> 'new'
+         ORDER BY seq LIMIT %(limit)s)
+    ) AS sent ORDER BY seq LIMIT %(limit)s
+"""
+# The same two partial indexes as the window.
+LIVE_KEYS = """
+    SELECT key FROM (
+        SELECT key, seq FROM asyncbg_jobs WHERE lease_until IS NULL AND state = 'live'
+        UNION ALL
+        SELECT key, seq FROM asyncbg_jobs
+        WHERE lease_until IS NOT NULL AND state IN ('new', 'sending', 'live') AND state = 'live'
+    ) AS live ORDER BY seq
 """
 # Params: after, after. Walks the unique index on seq from ``after``.
 CLAIMED_SINCE = "SELECT count(*), COALESCE(max(seq), %s) FROM asyncbg_jobs WHERE seq > %s"
 TOTAL = "SELECT count(*), COALESCE(max(seq), 0) FROM asyncbg_jobs"
+# With counters: the highest seq from its unique index, the counts from the counters.
+MAX_SEQ = "SELECT COALESCE(max(seq), 0) FROM asyncbg_jobs"
+STATES = """
+    SELECT state, status, sum(n)::bigint FROM asyncbg_counts GROUP BY state, status
+    HAVING sum(n) <> 0
+"""
 # The partial index of unfinished jobs serves this.
 UNFINISHED = """
     SELECT status, count(*) FROM asyncbg_jobs WHERE state IN ('new', 'sending', 'live')
@@ -83,7 +109,12 @@ WORKERS = f"""
     SELECT owner, host, pid, started, seen, lease FROM asyncbg_workers
     WHERE seen + lease > {_NOW} ORDER BY started, owner
 """
-HAS_OUTBOX = "SELECT to_regclass('asyncbg_outbox') IS NOT NULL"
+HAS_TABLES = ("SELECT to_regclass('asyncbg_outbox') IS NOT NULL, "
+              "to_regclass('asyncbg_counts') IS NOT NULL")
+# The counters the ledger's triggers keep (schema version 3): at most 64 slots per status.
+COUNTS = """
+    SELECT status, sum(n)::bigint FROM asyncbg_counts GROUP BY status HAVING sum(n) <> 0
+"""
 ENDPOINTS = """
     SELECT url, count(*) FILTER (WHERE state = 'pending'), count(*) FILTER (WHERE state = 'failed'),
            (array_agg(error ORDER BY next_at DESC) FILTER (WHERE error IS NOT NULL))[1],
@@ -101,7 +132,7 @@ class PostgresSource:
         self._url = url
         self.location = redacted(url)
         self._pool: Any = None
-        self._outbox = False
+        self._outbox = self._counters = False
 
     async def open(self) -> None:
         try:
@@ -121,7 +152,8 @@ class PostgresSource:
             await pool.close()
             raise LedgerUnavailable(f"{self.location}: cannot connect ({exc})") from exc
         self._pool = pool
-        self._outbox = bool((await self._fetch(HAS_OUTBOX))[0][0])
+        [(outbox, counters)] = await self._fetch(HAS_TABLES)
+        self._outbox, self._counters = bool(outbox), bool(counters)
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None
@@ -133,15 +165,29 @@ class PostgresSource:
 
     async def start(self, *, window: int) -> Start:
         async def read(cur: Any) -> Start:
-            await cur.execute(TOTAL)
-            total, max_seq = await cur.fetchone()
-            await cur.execute(UNFINISHED)
-            unfinished = {status: int(n) for status, n in await cur.fetchall()}
+            if self._counters:  # a dozen rows and an index, not a count of every job
+                await cur.execute(MAX_SEQ)
+                [max_seq] = await cur.fetchone()
+                await cur.execute(STATES)
+                total, unfinished = from_counters(await cur.fetchall())
+            else:
+                await cur.execute(TOTAL)
+                total, max_seq = await cur.fetchone()
+                await cur.execute(UNFINISHED)
+                unfinished = {status: int(n) for status, n in await cur.fetchall()}
             await cur.execute(WINDOW, {"limit": window})
             live = [row_of(r) for r in await cur.fetchall()]
             return Start(int(total), unfinished, live, int(max_seq))
 
         return await self._snapshot(read)  # type: ignore[no-any-return]
+
+    async def counts(self) -> dict[str, int] | None:
+        if not self._counters:  # a writer of this version upgrades the schema (version 3)
+            [(_, counters)] = await self._fetch(HAS_TABLES)
+            self._counters = bool(counters)
+            if not self._counters:
+                return None
+        return {status: int(n) for status, n in await self._fetch(COUNTS)}
 
     async def aggregate(self, *, since: float, window: int) -> Aggregate:
         async def scan(cur: Any) -> Aggregate:
@@ -175,6 +221,9 @@ class PostgresSource:
             return rows, int(claimed), int(max_seq)
 
         return await self._snapshot(read)  # type: ignore[no-any-return]
+
+    async def live_keys(self) -> list[str]:
+        return [key for (key,) in await self._fetch(LIVE_KEYS)]
 
     async def rows(self, keys: Sequence[str]) -> list[Row]:
         if not keys:

@@ -10,6 +10,10 @@ Two kinds of read, so that a big ledger costs a bounded amount per live update:
 - :meth:`Source.start`, :meth:`Source.window` and :meth:`Source.rows` read indexes only: the
   index of unfinished jobs (with a ``LIMIT`` for the window), the one on ``seq`` (jobs claimed
   since) and primary-key lookups. ``start`` runs once, ``window`` and ``rows`` on every update.
+- :meth:`Source.counts` reads the jobs per status from counters the ledger keeps exact with
+  triggers (PostgreSQL's ``asyncbg_counts``, an SQLite journal's ``job_counts``): a few dozen
+  rows however many jobs there are, read on every update. A ledger without them (an SQLite
+  journal no asyncbg of this version has written to yet) says None.
 - :meth:`Source.aggregate` and :meth:`Source.usage` scan every job. :class:`~._tally.Tally`
   runs them in the background, at most a fixed share of the time (see there).
 """
@@ -34,6 +38,7 @@ __all__ = [
     "Start",
     "UsageRow",
     "Worker",
+    "from_counters",
     "latency_bucket",
     "row_of",
     "usage_rows",
@@ -166,6 +171,16 @@ def row_of(values: Sequence[Any], body: bytes | None = None) -> Row:
                float(created), float(updated), owner, body=body)
 
 
+def from_counters(rows: Iterable[Sequence[Any]]) -> tuple[int, dict[str, int]]:
+    """Every job, and the unfinished ones by status, from counter rows ``state, status, n``."""
+    total, unfinished = 0, dict[str, int]()
+    for state, status, n in rows:
+        total += int(n)
+        if state in ("new", "sending", "live"):
+            unfinished[status] = unfinished.get(status, 0) + int(n)
+    return total, unfinished
+
+
 def worker_of(values: Sequence[Any]) -> Worker:
     """A :class:`Worker` from ``owner, host, pid, started, seen, lease``; ``held`` is filled
     in from the live window."""
@@ -207,6 +222,10 @@ class Source(Protocol):
         """Counts from indexes (every job; the unfinished ones by status) and the window."""
         ...
 
+    async def counts(self) -> Mapping[str, int] | None:
+        """Every job by status, exact, from the ledger's counters; None when it keeps none."""
+        ...
+
     async def aggregate(self, *, since: float, window: int) -> Aggregate:
         """Scan every job (see :class:`AggregateRow`), and the first ``window`` jobs that
         reached the server and are not finished, in one snapshot."""
@@ -219,6 +238,11 @@ class Source(Protocol):
     async def window(self, *, limit: int, after: int) -> tuple[Sequence[Row], int, int]:
         """The first ``limit`` jobs sent and unfinished (claim order); how many jobs were
         claimed after seq ``after``, and the highest seq."""
+        ...
+
+    async def live_keys(self) -> Sequence[str]:
+        """Every job live on the server, in claim order (through the indexes of unfinished
+        jobs: no body is read), for "cancel every live job"."""
         ...
 
     async def rows(self, keys: Sequence[str]) -> Sequence[Row]:

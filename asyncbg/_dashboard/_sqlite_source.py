@@ -30,6 +30,7 @@ from ._source import (
     UsageRow,
     Worker,
     bucket_sql,
+    from_counters,
     row_of,
     usage_rows,
     worker_of,
@@ -61,6 +62,10 @@ WINDOW = f"""
     WHERE state IN ('new', 'sending', 'live') AND state <> 'new'
     ORDER BY seq LIMIT ?
 """
+LIVE_KEYS = """
+    SELECT key FROM jobs WHERE state IN ('new', 'sending', 'live') AND state = 'live'
+    ORDER BY seq
+"""
 # Params: after, after. Walks the index on seq from ``after``.
 CLAIMED_SINCE = "SELECT count(*), COALESCE(max(seq), ?) FROM jobs WHERE seq > ?"
 # The smallest index serves count(*); the partial index the unfinished ones.
@@ -68,6 +73,10 @@ TOTAL = "SELECT count(*), COALESCE(max(seq), 0) FROM jobs"
 UNFINISHED = """
     SELECT status, count(*) FROM jobs WHERE state IN ('new', 'sending', 'live') GROUP BY status
 """
+# The counters the ledger's triggers keep (see _sqlite_queries.CREATE_COUNTS): a dozen rows.
+COUNTS = "SELECT status, sum(n) FROM job_counts GROUP BY status HAVING sum(n) <> 0"
+STATES = "SELECT state, status, n FROM job_counts WHERE n <> 0"
+MAX_SEQ = "SELECT COALESCE(max(seq), 0) FROM jobs"
 ROWS = f"SELECT {_ROW}, response FROM jobs WHERE key IN (SELECT value FROM json_each(?))"
 # Each body is parsed once (one json_extract of every path, into a small array).
 USAGE = f"""
@@ -134,7 +143,7 @@ class SQLiteSource:
             try:
                 db.execute("PRAGMA query_only = 1")
                 self._tables = {
-                    name for name in ("jobs", "events", "workers", "outbox")
+                    name for name in ("jobs", "events", "workers", "outbox", "job_counts")
                     if db.execute(HAS_TABLE, (name,)).fetchone()}
             except BaseException:
                 db.close()
@@ -160,10 +169,24 @@ class SQLiteSource:
     async def start(self, *, window: int) -> Start:
         def read(db: sqlite3.Connection) -> Start:
             with _snapshot(db):
-                total, max_seq = db.execute(TOTAL).fetchone()
-                unfinished = dict(db.execute(UNFINISHED).fetchall())
+                if "job_counts" in self._tables:  # a dozen rows, not a count of every job
+                    [max_seq] = db.execute(MAX_SEQ).fetchone()
+                    total, unfinished = from_counters(db.execute(STATES))
+                else:
+                    total, max_seq = db.execute(TOTAL).fetchone()
+                    unfinished = dict(db.execute(UNFINISHED).fetchall())
                 live = [row_of(r) for r in db.execute(WINDOW, (window,))]
             return Start(int(total), unfinished, live, int(max_seq))
+
+        return await self._read(read)
+
+    async def counts(self) -> dict[str, int] | None:
+        def read(db: sqlite3.Connection) -> dict[str, int] | None:
+            if "job_counts" not in self._tables:  # a writer of this version may add them
+                if db.execute(HAS_TABLE, ("job_counts",)).fetchone() is None:
+                    return None
+                self._tables.add("job_counts")
+            return {s: int(n) for s, n in db.execute(COUNTS)}
 
         return await self._read(read)
 
@@ -193,6 +216,9 @@ class SQLiteSource:
             return rows, int(claimed), int(max_seq)
 
         return await self._read(read)
+
+    async def live_keys(self) -> list[str]:
+        return await self._read(lambda db: [key for (key,) in db.execute(LIVE_KEYS)])
 
     async def rows(self, keys: Sequence[str]) -> list[Row]:
         if not keys:

@@ -239,6 +239,9 @@ class SQLiteLedger(SQLiteOutbox):
                 if kind != "current":  # and the outbox
                     for sql in q.UPGRADE_V4:
                         db.execute(sql)
+                if db.execute(q.HAS_COUNTS).fetchone() is None:  # counters for readers
+                    for sql in q.CREATE_COUNTS:
+                        db.execute(sql)
                 # Written even when already there: a real write, so that a read-only journal
                 # is refused now rather than at the first claim.
                 for sql in q.V2_MARK:

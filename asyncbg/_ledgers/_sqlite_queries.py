@@ -12,6 +12,11 @@ Schema history (``PRAGMA user_version``; ``PRAGMA application_id`` marks the fil
   :class:`SQLiteLedger` leaves them empty.
 - version 4: the ``outbox`` table of webhook notifications (see :mod:`._outbox`), each written
   in the transaction of the outcome it announces and deleted once a receiver answered 2xx.
+
+Beside the versions, added to a journal of any version the first time it is opened for writing
+(so that no version number is taken): ``job_counts``, the number of jobs per state and status,
+kept exact by triggers in the transaction of every write, so that a reader (the dashboard, on a
+read-only connection) counts a million jobs by reading a dozen rows.
 """
 
 from __future__ import annotations
@@ -109,6 +114,40 @@ UPGRADE_V4 = (
     )
     """,
     "CREATE INDEX outbox_pending ON outbox (url, next_at) WHERE state = 'pending'",
+)
+HAS_COUNTS = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'job_counts'"
+# Made and filled in one transaction under the write lock: no write between the count and the
+# triggers that keep it. Updates count only when a state or status changes.
+CREATE_COUNTS = (
+    """
+    CREATE TABLE job_counts (
+        state  TEXT NOT NULL,
+        status TEXT NOT NULL,
+        n      INTEGER NOT NULL,
+        PRIMARY KEY (state, status)
+    ) WITHOUT ROWID
+    """,
+    """
+    CREATE TRIGGER job_counts_insert AFTER INSERT ON jobs BEGIN
+        INSERT INTO job_counts (state, status, n) VALUES (NEW.state, NEW.status, 1)
+        ON CONFLICT (state, status) DO UPDATE SET n = n + 1;
+    END
+    """,
+    """
+    CREATE TRIGGER job_counts_delete AFTER DELETE ON jobs BEGIN
+        UPDATE job_counts SET n = n - 1 WHERE state = OLD.state AND status = OLD.status;
+    END
+    """,
+    """
+    CREATE TRIGGER job_counts_update AFTER UPDATE OF state, status ON jobs
+    WHEN OLD.state IS NOT NEW.state OR OLD.status IS NOT NEW.status BEGIN
+        UPDATE job_counts SET n = n - 1 WHERE state = OLD.state AND status = OLD.status;
+        INSERT INTO job_counts (state, status, n) VALUES (NEW.state, NEW.status, 1)
+        ON CONFLICT (state, status) DO UPDATE SET n = n + 1;
+    END
+    """,
+    "INSERT INTO job_counts (state, status, n) "
+    "SELECT state, status, count(*) FROM jobs GROUP BY state, status",
 )
 # Pragmas take no parameters; both values are constants of this module.
 V2_MARK = (
