@@ -10,6 +10,12 @@ import typing
 
 if typing.TYPE_CHECKING:
     from ._dashboard import dashboard_app
+    from ._deadline._manager import (
+        DeadlineLine,
+        DeadlineManager,
+        DeadlineStatistics,
+    )
+    from ._deadline._policy import DeadlinePolicy, Way
     from ._engine._job import Job
     from ._engine._webhooks import webhook_app
     from ._errors import (
@@ -61,6 +67,10 @@ __all__ = [
     "AsyncbgError",
     "BackgroundManager",
     "BudgetExceeded",
+    "DeadlineLine",
+    "DeadlineManager",
+    "DeadlinePolicy",
+    "DeadlineStatistics",
     "DuplicateKeyError",
     "Escalation",
     "Hedge",
@@ -86,6 +96,7 @@ __all__ = [
     "Record",
     "RetryPolicy",
     "SQLiteLedger",
+    "Way",
     "__version__",
     "dashboard_app",
     "serve_metrics",
@@ -98,6 +109,10 @@ _LAZY: dict[str, tuple[str, str]] = {
     "AsyncbgError": ("._errors", "AsyncbgError"),
     "BackgroundManager": ("._manager", "BackgroundManager"),
     "BudgetExceeded": ("._errors", "BudgetExceeded"),
+    "DeadlineLine": ("._deadline._manager", "DeadlineLine"),
+    "DeadlineManager": ("._deadline._manager", "DeadlineManager"),
+    "DeadlinePolicy": ("._deadline._policy", "DeadlinePolicy"),
+    "DeadlineStatistics": ("._deadline._manager", "DeadlineStatistics"),
     "DuplicateKeyError": ("._errors", "DuplicateKeyError"),
     "Escalation": ("._outcomes", "Escalation"),
     "Hedge": ("._outcomes", "Hedge"),
@@ -123,6 +138,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "Record": ("._ledgers", "Record"),
     "RetryPolicy": ("._policies", "RetryPolicy"),
     "SQLiteLedger": ("._ledgers", "SQLiteLedger"),
+    "Way": ("._deadline._policy", "Way"),
     "dashboard_app": ("._dashboard", "dashboard_app"),
     "serve_metrics": ("._otel", "serve_metrics"),
     "webhook_app": ("._engine._webhooks", "webhook_app"),

@@ -2,7 +2,7 @@
 ``fake-server``.
 
 One module per verb: ``_run`` (a Batch API file, with ``_input`` reading it, ``_output`` the
-output view of the journal and ``_signals`` the interrupts), ``_ops`` (``status`` and
+output view of the journal, ``_signals`` the interrupts, ``_by`` --by), ``_ops`` (``status`` and
 ``cancel``), ``_estimate`` (``estimate``), ``_demo`` (``demo`` and ``fake-server``),
 ``_fleet`` (``submit``, ``worker``, ``results``, ``retry``), ``_notify`` (``notify``, and
 ``--notify``), ``_dashboard`` (``dashboard``); ``_progress`` and ``_logging`` are shared.
@@ -165,6 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--deadline", type=_positive, metavar="SECONDS",
                      help="cancel a response on the server when it has not finished this many "
                           "seconds after it was submitted (default: no deadline)")
+    run.add_argument("--by", metavar="WHEN",
+                     help="a deadline: 2h, 8h, 24h, 1h30m or an ISO timestamp with its offset "
+                          "(2026-12-04T08:00:00Z). Each line runs the cheapest way expected to "
+                          "finish by then: the Batch API (half price) when a batch window fits, "
+                          "flex (about half) while flex keeps its pace, background otherwise; "
+                          "a line still unfinished moves to a faster way in time, cancelled on "
+                          "the first before it is sent on the second. A rerun continues every "
+                          "line where it stands; a duration counts from each run's start (a "
+                          "timestamp keeps one deadline across reruns)")
+    run.add_argument("--dry-run", action="store_true",
+                     help="send nothing: print what the file would cost each way (as "
+                          "`asyncbg estimate`), and with --by the way its lines would start on")
     run.add_argument("--max-cost", type=_non_negative, metavar="DOLLARS",
                      help="a budget in US dollars for the whole run (journal included): lines "
                           "that cannot fit are not sent; a rerun with a larger budget runs them. "

@@ -175,25 +175,55 @@ def text(summary: Mapping[str, Any]) -> str:
 
 def estimate(args: argparse.Namespace) -> int:
     """``asyncbg estimate FILE [--provider P] [--json]``: sends nothing, needs no key."""
+    configure_logging(level="error", json=False)  # an unknown price is said in the table
+    summary = _estimate(Path(args.input), args, counted="counted")
+    if summary is None:
+        return 2
+    emit(json.dumps(summary, indent=2) if args.json else text(summary))
+    return 0
+
+
+def dry_run(args: argparse.Namespace, source: Path) -> int:
+    """``asyncbg run --dry-run``: the estimate of what the run would send, and with ``--by``
+    the way its lines would start on; sends nothing (the input was checked already)."""
+    from .._deadline._policy import Way
+    from . import _by
+
+    if (problem := _by.by_problem(args)) is not None:
+        say(f"{problem}; nothing was sent")
+        return 2
+    summary = _estimate(source, args, counted="skipped")
+    if summary is None:
+        return 2
+    out = text(summary)
+    if getattr(args, "by", None) is not None:
+        way = _by.POLICY.start(args.by_at - _by.CLOCK(), set(Way))
+        dollars = summary["total"][way.value]
+        out += (f"\n--by {args.by}: lines would start on {way.value} "
+                f"({_money(dollars, way.value, args.provider)}); those still unfinished near "
+                "the deadline move to a faster way")
+    emit(out)
+    return 0
+
+
+def _estimate(source: Path, args: argparse.Namespace, *, counted: str) -> dict[str, Any] | None:
+    """The file's estimate, or None after saying why it cannot be read (``counted``: what
+    becomes of a bad line, in words)."""
     from ._formats import FORMATS
 
-    configure_logging(level="error", json=False)  # an unknown price is said in the table
-    source = Path(args.input)
     fmt = FORMATS[args.provider]
     try:
         index = fmt.index(source, args)
         requests = list(fmt.requests(source, args))
     except OSError as exc:
         say(f"{source} cannot be read: {exc.strerror or exc}")
-        return 2
+        return None
     except ValueError as exc:  # a line that is not UTF-8: the message names FILE:LINE
         say(str(exc))
-        return 2
+        return None
     for bad in index.bad:
-        say(f"{source}:{bad.line}: {bad.reason}; line not counted")
+        say(f"{source}:{bad.line}: {bad.reason}; line not {counted}")
     if not requests:
         say(f"no requests in {source}")
-        return 2
-    summary = summarize([(r.custom_id, r.body) for r in requests], args.provider)
-    emit(json.dumps(summary, indent=2) if args.json else text(summary))
-    return 0
+        return None
+    return summarize([(r.custom_id, r.body) for r in requests], args.provider)

@@ -29,6 +29,7 @@ from .._errors import JournalMismatchError
 from .._ledgers import Ledger, LedgerError, Record, SQLiteLedger, digest
 from .._outcomes._journal import attempt_of, final_record, final_view
 from . import _metrics
+from ._by import by_problem, send_by
 from ._formats import FORMATS, Format, close
 from ._input import BatchRequest, Index, NotUtf8
 from ._notify import notify_option, to_deliver
@@ -126,6 +127,13 @@ async def run(args: argparse.Namespace) -> int:
         return 2
     if (problem := _unpriced(args, index)) is not None:
         say(problem)
+        return 2
+    if getattr(args, "dry_run", False):  # --dry-run: the estimate, nothing sent (_estimate.py)
+        from ._estimate import dry_run
+
+        return dry_run(args, source)
+    if (problem := by_problem(args)) is not None:  # --by: see _by.py
+        say(f"{problem}; nothing was sent")
         return 2
     existing = Existing()
     if target is not None:
@@ -235,6 +243,9 @@ class _Run:
         #: The provider's client, opened once there is something to send (a rerun with
         #: nothing left to do loads no SDK).
         self.client: Any = None
+        #: --by: the journal holds a key per way; what each way cost, for the summary.
+        self.by_mode = getattr(args, "by", None) is not None
+        self.by_summary: str | None = None
 
     def _order(self) -> Iterator[str]:
         return itertools.chain(self.index.lines, self.others)
@@ -308,7 +319,7 @@ class _Run:
 
     async def _run(self, ledger: Ledger, work: anyio.CancelScope,
                    interrupts: Interrupts) -> int:
-        records = await _records(ledger, self.index.lines)
+        records = await _records(ledger, self.index.lines, by=self.by_mode)
         unknown = [c for c in self.existing.custom_ids if c not in records]
         if unknown:
             say(f"{self.out.path} has lines the journal {self.journal} does not know "
@@ -328,7 +339,7 @@ class _Run:
         if await anyio.to_thread.run_sync(self._all_served) and not await to_deliver(
                 ledger, self.args):  # nor a notification for --notify (see _notify.py)
             # nothing to send: no SDK, no manager
-            return self._report(await _records(ledger, self.index.lines),
+            return self._report(await _records(ledger, self.index.lines, by=self.by_mode),
                                 await notes_row(ledger, self.journal))
         if self.open_client() is None:
             return 2  # it said why (no API key, say); the output stands as the journal has it
@@ -343,7 +354,7 @@ class _Run:
         if interrupts.interrupted:
             return await self._interrupted(ledger, interrupts)
         if self.submitted == 0:  # nothing changed: the output written at the start stands
-            return self._report(await _records(ledger, self.index.lines),
+            return self._report(await _records(ledger, self.index.lines, by=self.by_mode),
                                 await notes_row(ledger, self.journal))
         return self._report(await self._rewrite(ledger), await notes_row(ledger, self.journal))
 
@@ -363,6 +374,9 @@ class _Run:
             options["notify"] = notify
         if getattr(args, "escalate_file", None) is not None:  # an Escalation (asyncbg/_outcomes)
             options["escalate"] = args.escalate_file
+        if getattr(args, "by", None) is not None:  # --by: the cheapest way in time (_by.py)
+            await send_by(self, client, ledger, interrupts, options)
+            return
         provider = {"anthropic": "anthropic", "gemini": "gcp.gemini"}.get(
             getattr(args, "provider", None) or "openai", "openai")
         async with _metrics.hooks_for(args, provider_name=provider) as hooks:
@@ -481,6 +495,8 @@ class _Run:
         if (args.max_cost is not None or getattr(args, "metrics_port", None) is not None
                 or len(self.done) != len(self.lines)):
             return False
+        if self.by_mode:
+            return False  # --by: the summary says what each way cost (asyncbg/_cli/_by.py)
         served: list[tuple[str, _Done]] = []
         for req in self.fmt.requests(self.source, self.args):
             if self.index.lines.get(req.custom_id) != req.line:
@@ -542,7 +558,7 @@ class _Run:
                 "from the journal at the end")
 
     async def _rewrite(self, ledger: Ledger) -> dict[str, Record]:
-        records = await _records(ledger, self.index.lines)
+        records = await _records(ledger, self.index.lines, by=self.by_mode)
         try:
             await anyio.to_thread.run_sync(self.out.rewrite, records, self._order())
         except BrokenPipeError:
@@ -582,6 +598,8 @@ class _Run:
         ]
         if self.possible_duplicates:
             extra.append(("possible duplicates", self.possible_duplicates))
+        if self.by_summary is not None:
+            extra.append(("ways", self.by_summary))
         extra.append(("cost", f"{self.stats.dollars()} (priced jobs, this run and earlier ones)"
                       if self.args.max_cost is not None else self.stats.dollars()))
         not_run = sum(r.error_code == "budget_exceeded" and r.response_id is None
@@ -631,7 +649,13 @@ def _collapse(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return exc
 
 
-async def _records(ledger: Ledger, own: Container[str]) -> dict[str, Record]:
+async def _records(ledger: Ledger, own: Container[str], *, by: bool = False
+                   ) -> dict[str, Record]:
     """The journal's records, each escalation ladder folded under its line's key
-    (asyncbg/_outcomes/_journal.py); ``own``, the input's custom_ids, are never attempts."""
+    (asyncbg/_outcomes/_journal.py); ``own``, the input's custom_ids, are never attempts.
+    With ``--by``, one record per line: its latest way (asyncbg/_deadline/_journal.py)."""
+    if by:
+        from .._deadline._journal import line_records
+
+        return line_records(await ledger.records())
     return final_view({r.key: r for r in await ledger.records()}, own)
