@@ -12,6 +12,7 @@ import pytest
 
 from asyncbg import JobStatus
 from asyncbg._ledgers._base import ClaimOutcome, Outcome, digest
+from asyncbg._ledgers._hops import Hops
 from asyncbg._ledgers._sqlite import SQLiteLedger
 
 pytestmark = pytest.mark.asyncio
@@ -125,3 +126,29 @@ async def test_a_write_cancelled_before_its_trip_is_withdrawn(tmp_path: Path) ->
         assert by_key["b"].state == "done"
     finally:
         await ledger.close()
+
+
+async def test_a_carrier_cancelled_before_its_trip_hands_the_waiting_calls_on() -> None:
+    limiter = anyio.CapacityLimiter(1)
+    hops: Hops[list[str]] = Hops(limiter)
+    ran: list[str] = []
+    scopes = {name: anyio.CancelScope() for name in ("c", "w")}
+
+    async def call(name: str) -> None:
+        with scopes.get(name, anyio.CancelScope()):
+            await hops.call(ran, lambda r: r.append(name))
+
+    await limiter.acquire()  # the thread is busy: every carrier waits for it
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call, "c")  # carries its own call, waiting for the thread
+            await anyio.sleep(0.01)
+            tg.start_soon(call, "w")
+            tg.start_soon(call, "x")
+            await anyio.sleep(0.01)
+            scopes["c"].cancel()  # w takes over, carrying w and x, waiting for the thread
+            await anyio.sleep(0.01)
+            scopes["w"].cancel()  # x must take over: nobody else is left to carry it
+            await anyio.sleep(0.01)
+            limiter.release()
+    assert ran == ["x"]

@@ -70,14 +70,18 @@ class Hops(Generic[C]):
             if call in self._waiting:  # not carried yet: withdrawn
                 self._waiting.remove(call)
             raise
+        finally:
+            if not self._carrying and self._waiting:
+                # This task stopped carrying (cancelled) with calls still waiting: the first
+                # of them carries on.
+                self._waiting[0].wake.set()
         if call.error is not None:
             raise call.error
         result: T = call.result
         return result
 
     async def _carry(self, connection: C) -> None:
-        """Carry the waiting calls, hop after hop, until none waits; then, if a call arrived
-        while this task was being cancelled, hand the carrying to it."""
+        """Carry the waiting calls, hop after hop, until none waits."""
         self._carrying = True
         try:
             while self._waiting:
@@ -94,8 +98,6 @@ class Hops(Generic[C]):
                             self._waiting.append(c)
         finally:
             self._carrying = False
-            if self._waiting:
-                self._waiting[0].wake.set()
 
 
 def _run(connection: Any, calls: list[_Call]) -> None:
