@@ -56,6 +56,9 @@ class GeminiBatches(BatchApi):
     so two seconds to gather a burst of submits costs nothing. Batches are polled under the
     manager's ``poll_policy``; for batches expected to take hours, pass a slower one such as
     ``PollPolicy(first_poll=30, min_interval=30, max_interval=120)``.
+
+    A request whose batch expired before it ran (its window ran out) is sent again in a new
+    batch, up to ``batch_retries`` times (default 1); a request with a result never is.
     """
 
     api_max_requests = 1_000_000
@@ -63,13 +66,14 @@ class GeminiBatches(BatchApi):
     api_name = "Gemini Batch API"
 
     def __init__(self, client: genai.Client, *, max_batch_size: int = 1000,
-                 batch_delay: float = 2.0) -> None:
+                 batch_delay: float = 2.0, batch_retries: int = 1) -> None:
         try:
             from google.genai import types  # noqa: F401 - the SDK is an optional extra
         except ImportError as exc:  # pragma: no cover - the test extra installs it
             raise ImportError("GeminiBatches needs the google-genai SDK: "
                               "pip install 'asyncbg[gemini]'") from exc
-        super().__init__(max_batch_size=max_batch_size, batch_delay=batch_delay)
+        super().__init__(max_batch_size=max_batch_size, batch_delay=batch_delay,
+                         batch_retries=batch_retries)
         self.client = client
         self._aio = client.aio
 
