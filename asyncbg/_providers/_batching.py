@@ -401,7 +401,7 @@ class BatchApi:
             self._expired[cid] = self._expired.get(cid, 0) + 1
             self.reruns += 1
             return Answer(JobStatus.PENDING, response_id, result.body, result.http_status,
-                          error=f"{result.error}; sent again in a new batch "
+                          error=f"{(result.error or 'expired').rstrip('.')}: sent again in a new batch "
                           f"({self._expired[cid]} of {self.batch_retries})",
                           error_code=result.error_code)
         return Answer(result.status, response_id, result.body, result.http_status,
