@@ -400,8 +400,9 @@ class BatchApi:
             # Never run, never paid for: the engine sends it again, in a new batch.
             self._expired[cid] = self._expired.get(cid, 0) + 1
             self.reruns += 1
+            reason = (result.error or "expired").rstrip(".")
             return Answer(JobStatus.PENDING, response_id, result.body, result.http_status,
-                          error=f"{(result.error or 'expired').rstrip('.')}: sent again in a new batch "
+                          error=f"{reason}: sent again in a new batch "
                           f"({self._expired[cid]} of {self.batch_retries})",
                           error_code=result.error_code)
         return Answer(result.status, response_id, result.body, result.http_status,

@@ -168,8 +168,11 @@ class FakeBatches:
     ) -> FakeAnswer | None:
         """Answer a request on a batch route; ``None`` if ``path`` is none of them."""
         parts = [p for p in path.split("/") if p]
+        upload = parts[:1] == ["upload"]  # Gemini's resumable uploads: /upload/v1beta/files
+        if upload:
+            parts.pop(0)
         version = parts.pop(0) if parts[:1] in (["v1"], ["v1beta"], ["v1alpha"]) else "v1"
-        name = self._api_of(version, method, parts, query)
+        name = "gemini" if upload else self._api_of(version, method, parts, query)
         api = self._apis["openai" if name == "both" else name]
         hit = api.match(method, parts)
         if hit is None:
@@ -199,7 +202,7 @@ class FakeBatches:
             return "gemini"
         if parts[:1] == ["messages"]:
             return "anthropic"
-        if parts[-1:] and parts[-1].endswith((":batchGenerateContent", ":cancel")):
+        if parts[-1:] and parts[-1].endswith((":batchGenerateContent", ":cancel", ":download")):
             return "gemini"
         if parts[:1] == ["batches"] and len(parts) == 2 and (
             self._gemini.owns(parts[1]) or not parts[1].startswith("batch_")
