@@ -71,13 +71,15 @@ async def test_a_file_batch_re_attached_downloads_its_results_once(
     never = asyncbg.PollPolicy(first_poll=60, min_interval=60, max_interval=60)
     try:
         with pytest.raises(Boom):
-            async with asyncbg.BackgroundManager(
-                    GeminiBatches(client, batch_delay=0.05, inline_limit=0), journal=journal,
+            async with asyncbg.BackgroundManager(  # one batch, sent when all 30 have joined
+                    GeminiBatches(client, batch_delay=30, max_batch_size=30, inline_limit=0),
+                    journal=journal,
                     cancel_on_exit=False, **{**BATCHING, "poll_policy": never}) as mgr:
                 jobs = [await mgr.submit(key=k, **_request(k)) for k in keys]
                 for job in jobs:
                     await job.wait_accepted()
                 raise Boom
+        assert server.counters.batch_creates == 1 and server.counters.file_uploads == 1
         await anyio.sleep(0.3)  # the batch has ended on the server
         server.counters.reset()
         async with asyncbg.BackgroundManager(
