@@ -93,7 +93,7 @@ async def measure(*, jobs: int, batch_size: int, provider: str) -> dict[str, Any
         server.counters.reset()
 
         second, client = _provider(provider, server, batch_size)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         try:
             async with asyncbg.BackgroundManager(second, journal=journal,
                                                  max_concurrency=jobs) as mgr:
@@ -102,11 +102,13 @@ async def measure(*, jobs: int, batch_size: int, provider: str) -> dict[str, Any
         finally:
             await _close(client)
         reattach_s = time.perf_counter() - t0
+        reattach_cpu_s = time.process_time() - cpu0
     c = server.counters
     return {
         "provider": provider, "jobs": jobs, "batches": batches,
         "completed": sum(j.status is asyncbg.JobStatus.COMPLETED for j in again),
         "submit_s": round(submit_s, 2), "reattach_s": round(reattach_s, 2),
+        "reattach_cpu_s": round(reattach_cpu_s, 2),
         "result_downloads": c.result_fetches, "batch_polls": c.batch_polls,
         "batch_creates": c.batch_creates,
         "provider_requests": getattr(second, "requests", None),

@@ -47,6 +47,9 @@ class AnthropicBatches(BatchApi):
     per batch per interval; for batches expected to take hours, pass a slower one such as
     ``PollPolicy(first_poll=30, min_interval=30, max_interval=120)``. Jobs are identified by
     custom ids, their keys where the API accepts them (``^[a-zA-Z0-9_-]{1,64}$``), else a digest.
+
+    A request whose batch expired before it ran (its window ran out) is sent again in a new
+    batch, up to ``batch_retries`` times (default 1); a request with a result never is.
     """
 
     api_max_requests = 100_000
@@ -54,13 +57,14 @@ class AnthropicBatches(BatchApi):
     api_name = "Anthropic Message Batches API"
 
     def __init__(self, client: anthropic.AsyncAnthropic, *, max_batch_size: int = 1000,
-                 batch_delay: float = 2.0) -> None:
+                 batch_delay: float = 2.0, batch_retries: int = 1) -> None:
         try:
             import anthropic  # noqa: F401 - the SDK is an optional extra
         except ImportError as exc:
             raise ImportError("AnthropicBatches needs the anthropic SDK: "
                               "pip install 'asyncbg[anthropic]'") from exc
-        super().__init__(max_batch_size=max_batch_size, batch_delay=batch_delay)
+        super().__init__(max_batch_size=max_batch_size, batch_delay=batch_delay,
+                         batch_retries=batch_retries)
         self.client = client
         self._sdk = client.with_options(max_retries=0)  # the scheduler owns retries
 

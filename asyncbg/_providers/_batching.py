@@ -19,6 +19,11 @@ crash without sending anything again. Three things happen here, the same for eve
   been handed out (jobs re-attached from a journal arrive one by one), or until nobody has
   asked for one for :data:`KEEP_IDLE` seconds: a re-attach of N jobs costs one download per
   batch, not one per job.
+* **Expired requests.** A request that its batch's window (24 hours) ran out on was never run
+  and costs nothing: its check answers ``PENDING`` (``error_code="expired"``), which tells the
+  engine to send it again, in a new batch, up to ``batch_retries`` times per job in a process
+  (counted in :attr:`BatchApi.reruns`); after that it ends ``FAILED`` with code ``expired``.
+  A request that has a result is never sent again.
 * **Cancelling.** Cancelling a job whose batch still holds other live jobs ends it here
   (``CANCELLED``, saying so; its result is dropped when it comes). Cancelling the last live job
   of a batch cancels the batch on the server; what finished before the cancel took effect is
@@ -57,6 +62,9 @@ MAX_FRESH = 30.0
 #: that have not asked yet (a re-attach brings them one by one); a job asking later still gets
 #: its result, by a new download.
 KEEP_IDLE = 600.0
+#: The error codes of a request that its batch's window ran out on, unrun (OpenAI's own, and
+#: asyncbg's for Anthropic and Gemini).
+EXPIRED = frozenset({"expired", "batch_expired"})
 
 
 class _Group:
@@ -129,11 +137,19 @@ class BatchApi:
     api_max_bytes: int = 200_000_000
     api_name: str = "batch API"
 
-    def __init__(self, *, max_batch_size: int, batch_delay: float) -> None:
+    def __init__(self, *, max_batch_size: int, batch_delay: float,
+                 batch_retries: int = 1) -> None:
         if not max_batch_size >= 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size!r}")
         if not batch_delay >= 0:
             raise ValueError(f"batch_delay must be >= 0 seconds, got {batch_delay!r}")
+        if not (isinstance(batch_retries, int) and batch_retries >= 0):
+            raise ValueError(f"batch_retries must be an int >= 0, got {batch_retries!r}")
+        self.batch_retries = batch_retries
+        #: custom id -> times it was sent again after its batch expired (this process).
+        self._expired: dict[str, int] = {}
+        #: Requests handed back to be sent again after their batch expired.
+        self.reruns = 0
         self.max_batch_size = min(max_batch_size, self.api_max_requests)
         self.batch_delay = float(batch_delay)
         self._open: dict[str, _Group] = {}
@@ -378,6 +394,16 @@ class BatchApi:
         b.handed.add(cid)
         b.used = anyio.current_time()
         self.forget(b, cid, drop=False)
+        if result.error_code in EXPIRED and result.status.terminal and (
+                self._expired.get(cid, 0) < self.batch_retries):
+            # Never run, never paid for: the engine sends it again, in a new batch.
+            self._expired[cid] = self._expired.get(cid, 0) + 1
+            self.reruns += 1
+            reason = (result.error or "expired").rstrip(".")
+            return Answer(JobStatus.PENDING, response_id, result.body, result.http_status,
+                          error=f"{reason}: sent again in a new batch "
+                          f"({self._expired[cid]} of {self.batch_retries})",
+                          error_code=result.error_code)
         return Answer(result.status, response_id, result.body, result.http_status,
                       error=result.error, error_code=result.error_code)
 

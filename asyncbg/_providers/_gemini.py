@@ -1,14 +1,17 @@
-"""Gemini's Batch Mode (the Gemini Developer API) behind the Provider seam, with inlined requests.
+"""Gemini's Batch Mode (the Gemini Developer API) behind the Provider seam.
 
 A group of jobs of one model (the API takes one model per batch) becomes one batch of inlined
 requests, each tagged ``metadata={"key": <custom id>}``; once the batch has ended, its inlined
 responses come with the batch itself and are handed to the jobs by that key (see
-:mod:`asyncbg._providers._batching`). ``google-genai`` is an optional extra, imported when a
-provider is made; calls go through ``client.aio``.
+:mod:`asyncbg._providers._batching`). A group past the API's 20 MB for inlined requests goes
+as an input file instead: a JSONL file of ``{"key", "request"}`` lines uploaded through the
+Files API, and its results read from the batch's responses file. ``google-genai`` is an
+optional extra, imported when a provider is made; calls go through ``client.aio``.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Mapping
@@ -45,9 +48,10 @@ class GeminiBatches(BatchApi):
 
     ``submit(model=..., contents=..., config=...)`` takes ``generate_content``'s parameters;
     ``job.result()`` is a ``google.genai.types.GenerateContentResponse``. Jobs of one model are
-    gathered into one batch of inlined requests until ``max_batch_size`` of them wait or
-    ``batch_delay`` seconds have passed since the first, within the API's documented limit for
-    inlined requests (20 MB per batch; no request count is documented).
+    gathered into one batch until ``max_batch_size`` of them wait or ``batch_delay`` seconds
+    have passed since the first. A batch of up to ``inline_limit`` bytes (the API's documented
+    20 MB for inlined requests) is sent inlined; a bigger one is uploaded as a JSONL input file
+    (the Files API takes up to 2 GB) and its results are read from its responses file.
 
     The defaults suit production. ``max_batch_size=1000``: a batch's responses come only once
     all of it has ended, so a smaller batch hands back finished work sooner, holds fewer jobs
@@ -56,20 +60,28 @@ class GeminiBatches(BatchApi):
     so two seconds to gather a burst of submits costs nothing. Batches are polled under the
     manager's ``poll_policy``; for batches expected to take hours, pass a slower one such as
     ``PollPolicy(first_poll=30, min_interval=30, max_interval=120)``.
+
+    A request whose batch expired before it ran (its window ran out) is sent again in a new
+    batch, up to ``batch_retries`` times (default 1); a request with a result never is.
     """
 
     api_max_requests = 1_000_000
-    api_max_bytes = 20_000_000
+    api_max_bytes = 2_000_000_000  # an input file; inlined requests stop at inline_limit
     api_name = "Gemini Batch API"
 
     def __init__(self, client: genai.Client, *, max_batch_size: int = 1000,
-                 batch_delay: float = 2.0) -> None:
+                 batch_delay: float = 2.0, batch_retries: int = 1,
+                 inline_limit: int = 20_000_000) -> None:
         try:
             from google.genai import types  # noqa: F401 - the SDK is an optional extra
         except ImportError as exc:  # pragma: no cover - the test extra installs it
             raise ImportError("GeminiBatches needs the google-genai SDK: "
                               "pip install 'asyncbg[gemini]'") from exc
-        super().__init__(max_batch_size=max_batch_size, batch_delay=batch_delay)
+        super().__init__(max_batch_size=max_batch_size, batch_delay=batch_delay,
+                         batch_retries=batch_retries)
+        if not inline_limit >= 0:
+            raise ValueError(f"inline_limit must be a number of bytes >= 0, got {inline_limit!r}")
+        self.inline_limit = inline_limit
         self.client = client
         self._aio = client.aio
 
@@ -122,11 +134,32 @@ class GeminiBatches(BatchApi):
 
         config = types.CreateBatchJobConfig(http_options=_one_attempt(),
                                             display_name=f"asyncbg-{len(items)}-requests")
-        job = await self._call("create", self._aio.batches.create(model=bucket, src=items,
+        src: Any = items
+        if sum(len(json.dumps(item, default=str)) + 1 for item in items) > self.inline_limit:
+            src = await self._upload(order, items)
+        job = await self._call("create", self._aio.batches.create(model=bucket, src=src,
                                                                   config=config))
         if not job.name:
             raise Transient("create: the batch came back without a name", maybe_sent=True)
         return str(job.name)
+
+    async def _upload(self, order: list[str], items: list[Any]) -> str:
+        """Upload ``items`` as an input file of ``{"key", "request"}`` lines, each request as
+        the SDK itself writes an inlined one; the file's name."""
+        from google.genai import batches, types
+
+        api = self.client._api_client
+        lines = [json.dumps({"key": cid,
+                             "request": batches._InlinedRequest_to_mldev(api, item)["request"]},
+                            default=str).encode() + b"\n"
+                 for cid, item in zip(order, items, strict=True)]
+        config = types.UploadFileConfig(mime_type="jsonl", http_options=_one_attempt(),
+                                        display_name=f"asyncbg-{len(items)}-requests")
+        uploaded = await self._call("upload", self._aio.files.upload(
+            file=io.BytesIO(b"".join(lines)), config=config))
+        if not uploaded.name:
+            raise Transient("upload: the file came back without a name", maybe_sent=True)
+        return str(uploaded.name)
 
     async def _poll(self, batch_id: str) -> Remote:
         from google.genai import types
@@ -147,6 +180,8 @@ class GeminiBatches(BatchApi):
     async def _results(self, batch_id: str, remote: Remote,
                        order: list[str] | None) -> dict[str, Result]:
         job: types.BatchJob = remote.handle
+        if job.dest is not None and job.dest.file_name:
+            return await self._file_results(batch_id, remote.raw_status, job.dest.file_name)
         responses = job.dest.inlined_responses if job.dest is not None else None
         results: dict[str, Result] = {}
         for n, r in enumerate(responses or []):
@@ -154,6 +189,32 @@ class GeminiBatches(BatchApi):
             if cid is None:  # responses come in request order
                 cid = order[n] if order is not None and n < len(order) else str(n)
             results[cid] = _result(batch_id, remote.raw_status, r)
+        return results
+
+    async def _file_results(self, batch_id: str, state: str, name: str) -> dict[str, Result]:
+        """The results of a batch from an input file: its responses file, one line a job."""
+        import pydantic
+        from google.genai import types
+
+        config = types.DownloadFileConfig(http_options=_one_attempt())
+        content = await self._call("results", self._aio.files.download(file=name,
+                                                                       config=config))
+        results: dict[str, Result] = {}
+        for line in bytes(content).splitlines():
+            if not line.strip():
+                continue
+            data = json.loads(line)
+            cid = str(data.get("key"))
+            try:
+                r = types.InlinedResponse.model_validate(
+                    {k: data[k] for k in ("response", "error") if k in data})
+            except pydantic.ValidationError as exc:
+                rid = f"{batch_id}#{cid}"
+                results[cid] = Result(JobStatus.FAILED, json.dumps(data).encode(),
+                                      f"{rid}: a results line google-genai cannot read: {exc}",
+                                      "invalid_response")
+                continue
+            results[cid] = _result(batch_id, state, r)
         return results
 
     def _no_result(self, batch_id: str, remote: Remote, cid: str) -> Result:

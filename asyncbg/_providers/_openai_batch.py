@@ -18,7 +18,7 @@ from openai.types.responses import Response
 from .. import _log
 from .._http import RequestError, error_text
 from .._status import JobStatus
-from ._batch_common import Remote, Result, sdk_error
+from ._batch_common import Remote, Result, sdk_error, status_body
 from ._batching import BatchApi
 from ._openai import _reason
 
@@ -53,6 +53,9 @@ class OpenAIBatch(BatchApi):
     A batch's input, output and error files stay on OpenAI's storage until deleted:
     :meth:`delete_files` deletes those of batches whose results were all handed out (call it
     once they are in the journal); ``keep_files=True`` keeps them.
+
+    A request whose batch expired before it ran (its window ran out) is sent again in a new
+    batch, up to ``batch_retries`` times (default 1); a request with a result never is.
     """
 
     api_max_requests = 50_000
@@ -60,8 +63,10 @@ class OpenAIBatch(BatchApi):
     api_name = "OpenAI Batch API"
 
     def __init__(self, client: openai.AsyncOpenAI, *, max_batch_size: int = 1000,
-                 batch_delay: float = 2.0, keep_files: bool = False) -> None:
-        super().__init__(max_batch_size=max_batch_size, batch_delay=batch_delay)
+                 batch_delay: float = 2.0, keep_files: bool = False,
+                 batch_retries: int = 1) -> None:
+        super().__init__(max_batch_size=max_batch_size, batch_delay=batch_delay,
+                         batch_retries=batch_retries)
         self.client = client
         self.keep_files = keep_files
         self._sdk = client.with_options(max_retries=0)  # the scheduler owns retries
@@ -123,6 +128,11 @@ class OpenAIBatch(BatchApi):
     def _no_result(self, batch_id: str, remote: Remote, cid: str) -> Result:
         if remote.raw_status == "failed":  # met again after a re-attach: lines unknown here
             return _whole(remote.handle)
+        if remote.raw_status == "expired":  # in neither file: it never ran either
+            rid = f"{batch_id}#{cid}"
+            return Result(JobStatus.FAILED, status_body(rid, batch_id, cid, "expired"),
+                          f"expired: batch {batch_id} reached the end of its window before "
+                          "this request ran", "batch_expired")
         return super()._no_result(batch_id, remote, cid)
 
     async def _delete_files(self, batch_ids: list[str]) -> int:

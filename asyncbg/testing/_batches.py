@@ -73,6 +73,7 @@ class FakeBatches:
         self._gate = gate
         self.timing = BatchTiming()
         self._scripts: dict[str, dict[str, Any]] = {}
+        self._uses: dict[str, int] = {}  # scripts good for so many more requests
         self._gemini = GeminiBatches(self)
         self._apis: dict[str, BatchApi] = {
             "openai": OpenAIBatches(self), "anthropic": AnthropicBatches(self),
@@ -91,15 +92,23 @@ class FakeBatches:
         output_tokens: int | None = None,
         reasoning_tokens: int | None = None,
         cached_tokens: int | None = None,
+        times: int | None = None,
     ) -> None:
         """Script every later batch request keyed ``custom_id`` (a Gemini request's key is
         its ``metadata["key"]``, else its index): how long it takes from the end of
         validation, how it ends, what it uses. Overrides the request's own ``fake_*``
-        metadata; calling it again replaces the script."""
+        metadata; calling it again replaces the script. ``times=n`` scripts only the next
+        ``n`` such requests (``outcome="stuck", times=1``: the request's first batch expires,
+        a batch that runs it again completes it)."""
+        if times is not None and times < 1:
+            raise ValueError(f"times must be >= 1, got {times!r}")
         values = {"fake_duration": duration, "fake_outcome": outcome,
                   "fake_input_tokens": input_tokens, "fake_output_tokens": output_tokens,
                   "fake_reasoning_tokens": reasoning_tokens, "fake_cached_tokens": cached_tokens}
         self._scripts[custom_id] = {k: v for k, v in values.items() if v is not None}
+        self._uses.pop(custom_id, None)
+        if times is not None:
+            self._uses[custom_id] = times
 
     def clear(self) -> None:
         """Forget every batch and file (scripts stay)."""
@@ -127,6 +136,10 @@ class FakeBatches:
         """When request ``key`` ends, how, and its tokens. Raises ``ValueError`` on a
         malformed ``fake_*`` value."""
         meta = {**metadata, **self._scripts.get(key, {})}
+        if key in self._uses:
+            self._uses[key] -= 1
+            if not self._uses[key]:
+                del self._uses[key], self._scripts[key]
         duration, outcome, tokens = self._draw(meta, input_chars)
         return ((math.inf if outcome == "stuck" else start + duration),
                 cast(Fate, outcome), tokens)
@@ -155,8 +168,11 @@ class FakeBatches:
     ) -> FakeAnswer | None:
         """Answer a request on a batch route; ``None`` if ``path`` is none of them."""
         parts = [p for p in path.split("/") if p]
+        upload = parts[:1] == ["upload"]  # Gemini's resumable uploads: /upload/v1beta/files
+        if upload:
+            parts.pop(0)
         version = parts.pop(0) if parts[:1] in (["v1"], ["v1beta"], ["v1alpha"]) else "v1"
-        name = self._api_of(version, method, parts, query)
+        name = "gemini" if upload else self._api_of(version, method, parts, query)
         api = self._apis["openai" if name == "both" else name]
         hit = api.match(method, parts)
         if hit is None:
@@ -186,7 +202,7 @@ class FakeBatches:
             return "gemini"
         if parts[:1] == ["messages"]:
             return "anthropic"
-        if parts[-1:] and parts[-1].endswith((":batchGenerateContent", ":cancel")):
+        if parts[-1:] and parts[-1].endswith((":batchGenerateContent", ":cancel", ":download")):
             return "gemini"
         if parts[:1] == ["batches"] and len(parts) == 2 and (
             self._gemini.owns(parts[1]) or not parts[1].startswith("batch_")

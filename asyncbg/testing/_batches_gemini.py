@@ -6,6 +6,12 @@
 ``_BatchJob_from_mldev``): a long-running operation whose ``metadata`` holds the batch, its
 ``state`` as ``BATCH_STATE_*`` (the SDK maps it to ``JOB_STATE_*``) and, once it has ended,
 ``output.inlinedResponses.inlinedResponses`` in request order.
+
+Batches from an input file are served too, with the Files API they need: a resumable upload
+(``POST /upload/v1beta/files``, then the bytes to the ``x-goog-upload-url`` it answered), a
+JSONL file of ``{"key", "request"}`` lines named by ``inputConfig.fileName``, and once the
+batch has ended ``output.responsesFile``: a JSONL file of ``{"key", "response"}`` or
+``{"key", "error"}`` lines, read by ``GET /v1beta/files/{id}:download?alt=media``.
 """
 
 from __future__ import annotations
@@ -44,9 +50,18 @@ class GeminiBatches:
     def __init__(self, ctx: Context) -> None:
         self._ctx = ctx
         self._batches: dict[str, Batch] = {}
+        self._files: dict[str, bytes] = {}
+        #: Resumable uploads under way: upload id -> (declared size, bytes so far, metadata).
+        self._uploads: dict[str, tuple[int, bytearray, dict[str, Any]]] = {}
 
     def clear(self) -> None:
         self._batches.clear()
+        self._files.clear()
+        self._uploads.clear()
+
+    def has_file(self, name: str) -> bool:
+        """Whether the Files API holds ``name`` (``files/...``)."""
+        return name.removeprefix("files/") in self._files
 
     def owns(self, bid: str) -> bool:
         return bid in self._batches
@@ -63,6 +78,10 @@ class GeminiBatches:
                 return "batch_cancel", self._cancel, (bid.removesuffix(":cancel"),)
             case ("GET", "batches", bid):
                 return "batch_retrieve", self._retrieve, (bid,)
+            case ("POST", "files"):
+                return "files", self._upload, ()
+            case ("GET", "files", fid) if fid.endswith(":download"):
+                return "batch_results", self._download, (fid.removesuffix(":download"),)
         return None
 
     def fault(self, status: int, message: str, kind: str) -> FakeAnswer:
@@ -77,10 +96,14 @@ class GeminiBatches:
         config = batch.get("inputConfig") if isinstance(batch, dict) else None
         if not isinstance(batch, dict) or not isinstance(config, dict):
             return _error(400, "batch.input_config is required.")
+        requests: Any
         if "fileName" in config:
-            return _error(400, "This fake serves inlined requests only, not input files.")
-        holder = config.get("requests")
-        requests = holder.get("requests") if isinstance(holder, dict) else None
+            requests = self._file_requests(str(config["fileName"]))
+            if isinstance(requests, FakeAnswer):
+                return requests
+        else:
+            holder = config.get("requests")
+            requests = holder.get("requests") if isinstance(holder, dict) else None
         if not isinstance(requests, list) or not requests:
             return _error(400, "batch.input_config.requests.requests must not be empty.")
         if not all(isinstance(r, dict) for r in requests):
@@ -91,10 +114,11 @@ class GeminiBatches:
         items = [self._item(n, r, start) for n, r in enumerate(requests)]
         bid = new_id("", 24, string.ascii_lowercase + string.digits)
         b = Batch(bid, now, ctx.wall(), ctx.timing, items,
-                  info={"model": model, "display_name": batch.get("displayName") or bid})
+                  info={"model": model, "display_name": batch.get("displayName") or bid,
+                        "file": "fileName" in config})
         self._batches[bid] = b
         ctx.created(b)
-        return json_answer(200, _operation(b, now))
+        return json_answer(200, _operation(b, now, self._store))
 
     def _item(self, n: int, entry: dict[str, Any], start: float) -> Item:
         metadata: dict[str, Any] = entry.get("metadata") or {}
@@ -120,9 +144,9 @@ class GeminiBatches:
         ctx = self._ctx
         ctx.polled()
         now = ctx.now()
-        if b.phase(now) == "ended":
+        if b.phase(now) == "ended" and not b.info["file"]:
             ctx.fetched()  # the results come inlined in the batch
-        return json_answer(200, _operation(b, now))
+        return json_answer(200, _operation(b, now, self._store))
 
     def _list(self, *, query: Query, body: bytes) -> FakeAnswer:
         try:
@@ -132,11 +156,76 @@ class GeminiBatches:
             return _error(400, "pageSize and pageToken must be integers.")
         newest = list(reversed(self._batches))
         now = self._ctx.now()
-        page: dict[str, Any] = {"operations": [_operation(self._batches[i], now)
+        page: dict[str, Any] = {"operations": [_operation(self._batches[i], now, self._store)
                                                for i in newest[start:start + size]]}
         if start + size < len(newest):
             page["nextPageToken"] = str(start + size)
         return json_answer(200, page)
+
+    # -- the Files API -----------------------------------------------------------------------
+
+    def _upload(self, *, query: Query, body: bytes) -> FakeAnswer:
+        """A resumable upload: its start (the file's metadata), then its bytes; the upload
+        is final once the declared size has arrived."""
+        uid = query.get("upload_id")
+        if uid is None:
+            try:
+                meta = json.loads(body or b"{}").get("file") or {}
+                size = int(meta.get("sizeBytes") or 0)
+            except (ValueError, AttributeError, TypeError):
+                return _error(400, "Invalid file metadata.")
+            uid = new_id("", 16, string.ascii_lowercase + string.digits)
+            self._uploads[uid] = (size, bytearray(), meta)
+            url = f"http://fake-gemini.invalid/upload/v1beta/files?upload_id={uid}"
+            return json_answer(200, {}, {"x-goog-upload-url": url,
+                                         "x-goog-upload-status": "active"})
+        upload = self._uploads.get(uid)
+        if upload is None:
+            return _not_found()
+        size, data, meta = upload
+        data += body
+        if len(data) < size:
+            return json_answer(200, {}, {"x-goog-upload-status": "active"})
+        del self._uploads[uid]
+        self._ctx.uploaded()
+        name = self._store(bytes(data))
+        info = {"name": name, "displayName": meta.get("displayName") or name,
+                "mimeType": meta.get("mimeType") or "application/octet-stream",
+                "sizeBytes": str(len(data)), "state": "ACTIVE", "source": "UPLOADED",
+                "createTime": rfc3339(self._ctx.wall())}
+        return json_answer(200, {"file": info}, {"x-goog-upload-status": "final"})
+
+    def _store(self, data: bytes) -> str:
+        fid = new_id("", 12, string.ascii_lowercase + string.digits)
+        self._files[fid] = data
+        return f"files/{fid}"
+
+    def _download(self, fid: str, *, query: Query, body: bytes) -> FakeAnswer:
+        data = self._files.get(fid)
+        if data is None:
+            return _not_found()
+        self._ctx.fetched()
+        return FakeAnswer(200, {"content-type": "application/octet-stream"}, data)
+
+    def _file_requests(self, name: str) -> list[Any] | FakeAnswer:
+        """An input file's ``{"key", "request"}`` lines as inlined requests keyed the same."""
+        data = self._files.get(name.removeprefix("files/"))
+        if data is None:
+            return _error(400, f"File {name} was not found.", "INVALID_ARGUMENT")
+        requests: list[Any] = []
+        for n, line in enumerate(data.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                return _error(400, f"{name} line {n} is not JSON.")
+            if not isinstance(entry, dict):
+                return _error(400, f"{name} line {n} is not an object.")
+            key = entry.get("key")
+            requests.append({"request": entry.get("request"),
+                             "metadata": {"key": str(key if key is not None else n - 1)}})
+        return requests
 
     def _cancel(self, bid: str, *, query: Query, body: bytes) -> FakeAnswer:
         b = self._batches.get(bid)
@@ -151,7 +240,7 @@ class GeminiBatches:
         return json_answer(200, {})
 
 
-def _operation(b: Batch, now: float) -> dict[str, Any]:
+def _operation(b: Batch, now: float, store: Callable[[bytes], str]) -> dict[str, Any]:
     phase = b.phase(now)
     ended = phase == "ended"
     n = len(b.items)
@@ -173,10 +262,20 @@ def _operation(b: Batch, now: float) -> dict[str, Any]:
     }
     if ended:
         metadata["endTime"] = rfc3339(b.wall(b.ended_at))
-        inlined = b.cache.get("inlined")
-        if inlined is None:
-            b.cache["inlined"] = inlined = [_response(b, i) for i in b.items]
-        metadata["output"] = {"inlinedResponses": {"inlinedResponses": inlined}}
+        if b.info["file"]:  # the responses as a file, written once
+            if "file" not in b.cache:
+                lines = []
+                for item in b.items:
+                    out = _response(b, item)
+                    out.pop("metadata", None)
+                    lines.append(json.dumps({"key": item.key, **out}).encode() + b"\n")
+                b.cache["file"] = store(b"".join(lines))
+            metadata["output"] = {"responsesFile": b.cache["file"]}
+        else:
+            inlined = b.cache.get("inlined")
+            if inlined is None:
+                b.cache["inlined"] = inlined = [_response(b, i) for i in b.items]
+            metadata["output"] = {"inlinedResponses": {"inlinedResponses": inlined}}
     return {"name": name, "metadata": metadata, "done": ended}
 
 
