@@ -92,6 +92,8 @@ class ManagerStatistics:
     hedges: int = 0
     hedges_won: int = 0
     hedge_cost: float = 0.0
+    #: Batch requests sent again in a new batch because their batch expired before they ran.
+    batch_reruns: int = 0
 
 
 class BackgroundManager:
@@ -305,6 +307,9 @@ class BackgroundManager:
             self._state = _State.CLOSED
             with anyio.CancelScope(shield=True):
                 try:
+                    if error is None and internal is None and stop is None:
+                        # Every result is in the journal: a batch API's files may go.
+                        await _delete_files(self.provider, self.cancel_timeout)
                     await self.provider.aclose()
                 finally:
                     if self.journal is not None:
@@ -567,6 +572,7 @@ class BackgroundManager:
             requests_in_flight=s.requests_limiter.total - s.requests_limiter.free,
             retrying=s.retrying,
             **self._outcomes.counters(),
+            batch_reruns=int(getattr(self.provider, "reruns", 0)),
             **(self._sender.counters() if self._sender is not None else {}),
         )
 
@@ -575,6 +581,15 @@ def _batch_requests(provider: Provider, steps: int) -> int:
     """What a batch provider's API received, or the scheduler's count for any other."""
     counted = getattr(provider, "requests", None)
     return counted if isinstance(counted, int) and getattr(provider, "batch", False) else steps
+
+
+async def _delete_files(provider: Provider, timeout: float) -> None:
+    """A batch provider's files of batches whose results were all handed out (OpenAI's
+    input, output and error files), deleted within ``timeout`` seconds; none for others."""
+    delete = getattr(provider, "delete_files", None)
+    if delete is not None:
+        with anyio.move_on_after(timeout):
+            await delete()
 
 
 def _cancelled(exc: BaseException) -> bool:

@@ -73,7 +73,9 @@ async def test_a_re_attach_downloads_each_batch_s_results_once_however_jobs_arri
     assert c.batch_polls <= 2 * 3  # a batch is polled once per window, not once per job
     # What the server counted: Gemini's inlined results come with the poll of an ended batch.
     downloads = 0 if api.name == "gemini" else c.result_fetches
-    assert provider.requests == c.batch_polls + downloads
+    # And OpenAI's input and output files, deleted as the manager left (two per batch).
+    deletes = 4 if api.name == "openai-batch" else 0
+    assert provider.requests == c.batch_polls + downloads + deletes
 
 
 async def test_a_job_asking_again_after_its_answer_still_gets_its_result(
@@ -83,8 +85,8 @@ async def test_a_job_asking_again_after_its_answer_still_gets_its_result(
     async with asyncbg.BackgroundManager(provider, **BATCHING) as mgr:
         job = await mgr.submit(key="a", **api.request("a"))
         await job.wait()
-    assert job.status is JobStatus.COMPLETED and job.response_id is not None
-    again = await provider.fetch(job.response_id)  # a push after the poll, say
+        assert job.status is JobStatus.COMPLETED and job.response_id is not None
+        again = await provider.fetch(job.response_id)  # a push after the poll, say
     assert again.status is JobStatus.COMPLETED and again.body == job.body
 
 
@@ -169,21 +171,21 @@ async def test_a_batch_event_wakes_its_jobs_with_no_poll_before_it(
 
 
 @pytest.mark.parametrize("keep", [False, True])
-async def test_openai_batch_files_are_deleted_once_every_result_is_handed_out(
-    keep: bool, server: FakeResponsesServer
+async def test_openai_batch_files_are_deleted_once_every_result_is_in_the_journal(
+    keep: bool, server: FakeResponsesServer, tmp_path: Path
 ) -> None:
     client = fake_client(server)
     try:
         provider = OpenAIBatch(client, batch_delay=0.05, keep_files=keep)
-        async with asyncbg.BackgroundManager(provider, **BATCHING) as mgr:
+        async with asyncbg.BackgroundManager(provider, journal=tmp_path / "j.db",
+                                             **BATCHING) as mgr:
             jobs = [await mgr.submit(key=f"f{i}", model="gpt-5", input=f"q{i}")
                     for i in range(3)]
             await mgr.wait_all(jobs)
+        # The manager left with every result recorded: it deleted the batch's files.
         batch = await client.batches.retrieve(str(batch_of(jobs[0].response_id)))
         files = [f for f in (batch.input_file_id, batch.output_file_id) if f]
         assert len(files) == 2
-        deleted = await provider.delete_files()
-        assert deleted == (0 if keep else 2)
         for file_id in files:
             if keep:
                 await client.files.retrieve(file_id)  # still there
@@ -191,5 +193,24 @@ async def test_openai_batch_files_are_deleted_once_every_result_is_handed_out(
                 with pytest.raises(openai.NotFoundError):
                     await client.files.retrieve(file_id)
         assert await provider.delete_files() == 0  # once
+    finally:
+        await client.close()
+
+
+async def test_openai_batch_files_stay_when_the_manager_leaves_by_an_error(
+    server: FakeResponsesServer, tmp_path: Path
+) -> None:
+    client = fake_client(server)
+    try:
+        provider = OpenAIBatch(client, batch_delay=0.05)
+        with pytest.raises(Boom):
+            async with asyncbg.BackgroundManager(provider, journal=tmp_path / "j.db",
+                                                 **BATCHING) as mgr:
+                job = await mgr.submit(key="f", model="gpt-5", input="q")
+                await job.wait()
+                raise Boom  # not every result is known to be recorded: nothing is deleted
+        batch = await client.batches.retrieve(str(batch_of(job.response_id)))
+        assert batch.output_file_id is not None
+        await client.files.retrieve(batch.output_file_id)  # still there
     finally:
         await client.close()

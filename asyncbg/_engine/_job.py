@@ -419,6 +419,11 @@ class JobControl:
         job._owner.callbacks.finished(job, callbacks or ())
         return True
 
+    def forget_response(self) -> None:
+        """The server holds no response for the job after all (a batch request whose batch
+        expired unrun): it is created again, under a new response id."""
+        self.job.response_id = None
+
     def start_stream(self) -> None:
         """Mark the job as a stream job, so that :meth:`Job.events` waits for its events."""
         if self.job._stream is None:

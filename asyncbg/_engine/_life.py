@@ -60,7 +60,8 @@ MOVES: dict[Stage, frozenset[Stage]] = {
     # A stream the server refuses, or that ends without a terminal event, is polled from here:
     # by its id when it has one (LIVE), else created plainly (CREATING).
     Stage.STREAMING: frozenset({Stage.CREATING, Stage.LIVE, Stage.ENDED}),
-    Stage.LIVE: frozenset({Stage.ENDED}),
+    # A batch request whose batch expired unrun (nothing paid): created again, in a new batch.
+    Stage.LIVE: frozenset({Stage.CREATING, Stage.ENDED}),
     # The owner's lease ran out: taken over here, to be created (again) or polled.
     Stage.FOLLOWING: frozenset({Stage.CREATING, Stage.LIVE, Stage.ENDED}),
     Stage.ENDED: frozenset(),

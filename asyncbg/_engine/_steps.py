@@ -425,6 +425,8 @@ class Steps:
         self._hook_request(entry, "fetch" if fetch else "poll", answer.http_status, started)
         entry.attempt = 0
         entry.not_found = 0
+        if answer.status is JobStatus.PENDING and not entry.asked(CANCEL):
+            return self._send_again(entry, answer)
         await self._take(entry, answer)
         if job.done:
             return None
@@ -445,6 +447,21 @@ class Steps:
             f"{exc.message}); it is lost, and its result with it",
             "response_lost", http_status=exc.http_status, request_id=exc.request_id)
         return None
+
+    def _send_again(self, entry: Entry, answer: Answer) -> float:
+        """The server says the job's request never ran and nothing was paid for it (a batch
+        request whose batch expired; the provider decides how often): create it again. Its
+        ``sending`` record replaces the old response id in the ledger, so a crash before then
+        re-attaches to the old one and is told the same again."""
+        job = entry.job
+        rid = job.response_id
+        _log.warning("job.sent_again", key=job.key, response_id=rid, reason=answer.error)
+        if rid is not None:
+            self._by_response_id.pop(rid, None)
+        entry.control.forget_response()
+        self.meter.unsent(job.key)  # reserved again when the create is admitted
+        move(entry, Stage.CREATING)
+        return 0.0
 
     def _next_delay(self, entry: Entry, answer: Answer) -> float:
         if entry.cancel_sent:
