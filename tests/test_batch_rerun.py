@@ -5,6 +5,7 @@ sent again. Each provider through its official SDK, on the fake."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import anyio
@@ -12,22 +13,26 @@ import pytest
 
 import asyncbg
 from asyncbg import JobStatus
+from asyncbg._cli import main
 from asyncbg._ledgers._sqlite import SQLiteLedger
 from asyncbg._providers._kinds import batch_of
-from asyncbg.testing import BatchTiming, FakeResponsesServer
+from asyncbg.testing import BatchTiming, FakeResponsesServer, LatencyModel
 
 from . import test_providers
+from .conftest import HttpFake
+from .test_batch_cli import request, write_input
+from .test_cli_run2 import env  # noqa: F401 - the fixture: an API key and the fake's URL
 from .test_providers import BATCHING, Api
 
 api = test_providers.api
 server = test_providers.server
 
-pytestmark = pytest.mark.asyncio
 
 #: A batch expires 0.15 s after its creation.
 EXPIRING = BatchTiming(validating=0.01, finalizing=0.01, cancelling=0.01, window=0.15)
 
 
+@pytest.mark.asyncio
 async def test_an_expired_request_runs_again_in_a_new_batch_once(
     api: Api, server: FakeResponsesServer, tmp_path: Path
 ) -> None:
@@ -64,6 +69,7 @@ async def test_an_expired_request_runs_again_in_a_new_batch_once(
         await ledger.close()
 
 
+@pytest.mark.asyncio
 async def test_a_rerun_after_a_crash_follows_the_request_to_its_new_batch(
     api: Api, server: FakeResponsesServer, tmp_path: Path
 ) -> None:
@@ -93,3 +99,22 @@ async def test_a_rerun_after_a_crash_follows_the_request_to_its_new_batch(
             await job.wait()
     assert job.status is JobStatus.COMPLETED
     assert server.counters.batch_creates == creates  # re-attached: nothing sent again
+
+
+@pytest.mark.usefixtures("env")
+def test_the_run_summary_counts_requests_sent_again(
+    http_fake: HttpFake, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``asyncbg run --provider openai-batch``: a request whose batch expired unrun is sent
+    again, its line completes, and the summary says how many were re-sent."""
+    http_fake.server.batches.timing = EXPIRING
+    http_fake.server.batches.script("late", outcome="stuck", times=1)
+    http_fake.server.latency = LatencyModel.fixed(0.01)  # what is not scripted runs at once
+    write_input(tmp_path / "in.jsonl", [request("ok"), request("late")])
+    out = tmp_path / "out.jsonl"
+    assert main(["run", str(tmp_path / "in.jsonl"), "-o", str(out),
+                 "--provider", "openai-batch"]) == 0
+    lines = {x["custom_id"]: x for x in map(json.loads, out.read_text().splitlines())}
+    assert lines["late"]["error"] is None and lines["ok"]["error"] is None
+    err = capsys.readouterr().err
+    assert "re-sent" in err and "1 batch requests whose batch expired" in err, err

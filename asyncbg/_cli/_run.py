@@ -233,6 +233,8 @@ class _Run:
         self.tally = Tally(total=len(index.lines))
         self.stats = Live()
         self.requests = self.polls = self.possible_duplicates = 0
+        #: Batch requests sent again in a new batch after theirs expired unrun.
+        self.batch_reruns = 0
         #: Lines handed to the manager (a rerun with nothing to do hands it none).
         self.submitted = 0
         #: Jobs collected that the journal had not already finished, and how many of them
@@ -408,6 +410,7 @@ class _Run:
                                   retrying=retrying)
                 self.requests, self.polls = stats.requests, stats.polls
                 self.possible_duplicates = stats.possible_duplicates
+                self.batch_reruns = stats.batch_reruns
                 return self.stats
 
             from rich.console import Console
@@ -598,6 +601,9 @@ class _Run:
         ]
         if self.possible_duplicates:
             extra.append(("possible duplicates", self.possible_duplicates))
+        if self.batch_reruns:
+            extra.append(("re-sent", f"{self.batch_reruns} batch requests whose batch expired "
+                                     "before they ran"))
         if self.by_summary is not None:
             extra.append(("ways", self.by_summary))
         extra.append(("cost", f"{self.stats.dollars()} (priced jobs, this run and earlier ones)"
