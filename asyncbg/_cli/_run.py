@@ -29,7 +29,6 @@ from .._errors import JournalMismatchError
 from .._ledgers import Ledger, LedgerError, Record, SQLiteLedger, digest
 from .._outcomes._journal import attempt_of, final_record, final_view
 from . import _metrics
-from ._by import by_problem, send_by
 from ._formats import FORMATS, Format, close
 from ._input import BatchRequest, Index, NotUtf8
 from ._notify import notify_option, to_deliver
@@ -132,7 +131,8 @@ async def run(args: argparse.Namespace) -> int:
         from ._estimate import dry_run
 
         return dry_run(args, source)
-    if (problem := by_problem(args)) is not None:  # --by: see _by.py
+    if getattr(args, "by", None) is not None and (
+            problem := _by().by_problem(args)) is not None:  # --by: see _by.py
         say(f"{problem}; nothing was sent")
         return 2
     existing = Existing()
@@ -155,6 +155,13 @@ async def run(args: argparse.Namespace) -> int:
     if not journal.exists() and session.open_client() is None:
         return 2  # a first run: the client's own checks (the API key) come before the journal
     return await session.main()
+
+
+def _by() -> Any:
+    """``--by`` (asyncbg/_cli/_by.py), loaded only when asked for: it loads the manager."""
+    from . import _by
+
+    return _by
 
 
 def _bad_base_url(args: argparse.Namespace) -> str | None:
@@ -377,7 +384,7 @@ class _Run:
         if getattr(args, "escalate_file", None) is not None:  # an Escalation (asyncbg/_outcomes)
             options["escalate"] = args.escalate_file
         if getattr(args, "by", None) is not None:  # --by: the cheapest way in time (_by.py)
-            await send_by(self, client, ledger, interrupts, options)
+            await _by().send_by(self, client, ledger, interrupts, options)
             return
         provider = {"anthropic": "anthropic", "gemini": "gcp.gemini"}.get(
             getattr(args, "provider", None) or "openai", "openai")
