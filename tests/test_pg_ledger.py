@@ -15,8 +15,9 @@ import pytest_asyncio
 
 from asyncbg import JournalMismatchError
 from asyncbg._ledgers import ClaimOutcome, LedgerError, Outcome, canonical, digest, open_ledger
+from asyncbg._ledgers import _pg_queries as pg_queries
 from asyncbg._ledgers._postgres import PostgresLedger
-from asyncbg._ledgers._shared import EnqueueMismatch, LeaseLost, SharedLedger
+from asyncbg._ledgers._shared import EnqueueMismatch, LeaseLost, SharedLedger, safety_margin
 from asyncbg._ledgers._sqlite_shared import SharedSQLiteLedger
 
 
@@ -67,6 +68,12 @@ async def other(make: Factory) -> AsyncIterator[SharedLedger]:
 async def run_out() -> None:
     """Wait until a lease taken now has run out."""
     await anyio.sleep(LEASE + 0.1)
+
+
+async def run_out_sending() -> None:
+    """Wait until a lease taken now, whose holder wrote ``sending``, can be taken over: one
+    safety margin after it ran out."""
+    await anyio.sleep(LEASE + safety_margin(LEASE) + 0.1)
 
 
 # -- the Ledger rules, as for every ledger ----------------------------------------------------
@@ -193,11 +200,62 @@ async def test_a_sending_key_taken_over_is_resent_and_counted(
 ) -> None:
     await ledger.claim("k", A, A_BYTES)
     await ledger.sending("k", resubmit=False)
-    await run_out()
+    await run_out_sending()
     claim = await other.claim("k", A, A_BYTES)
     assert claim.outcome is ClaimOutcome.RESEND
     await other.sending("k", resubmit=True)
     assert await other.resubmits() == 1
+
+
+@pytest.mark.asyncio
+async def test_a_create_in_flight_is_given_one_more_margin_to_be_recorded(
+    make: Factory
+) -> None:
+    """The lease of a key whose holder wrote ``sending`` ran out (a stalled process, a slow
+    network): nobody takes it for one more safety margin, in which the holder can still
+    record its create's answer; the takeover then polls that response instead of creating."""
+    lease = 1.2  # a margin of 0.4 s: room for a loaded machine between the steps below
+    holder, other = make(lease=lease), make(lease=lease)
+    await holder.open()
+    await other.open()
+    try:
+        await holder.enqueue([("k", A, A_BYTES), ("quiet", B, B_BYTES)])
+        assert len(await holder.acquire(2, lease)) == 2
+        await holder.claim("k", A, A_BYTES)
+        await holder.sending("k", resubmit=False)  # "quiet" stays new: nothing was sent
+        assert await holder.renew(["k", "quiet"], lease) == set()  # both run out from now
+        await anyio.sleep(lease + 0.05)
+        assert [r.key for r in await other.acquire(10, lease)] == ["quiet"]
+        assert (await other.claim("k", A, A_BYTES)).outcome is ClaimOutcome.FOLLOW
+        await holder.record("k", Outcome("queued", "resp_1"))  # still its epoch: recorded
+        await anyio.sleep(safety_margin(lease))
+        [taken] = await other.acquire(10, lease)
+        assert (taken.key, taken.state, taken.response_id) == ("k", "live", "resp_1")
+        claim = await other.claim("k", A, A_BYTES)
+        assert claim.outcome is ClaimOutcome.RESUME and await other.resubmits() == 0
+    finally:
+        await holder.close()
+        await other.close()
+
+
+@pytest.mark.asyncio
+async def test_only_a_create_sent_at_the_holders_epoch_delays_a_takeover(
+    ledger: SharedLedger, other: SharedLedger, make: Factory
+) -> None:
+    """A key still ``sending`` from an earlier holder, taken over and never sent again (its new
+    holder died at once), is taken at the end of the lease: no create of the last holder can
+    be in flight."""
+    await ledger.claim("k", A, A_BYTES)
+    await ledger.sending("k", resubmit=False)
+    await run_out_sending()
+    assert (await other.claim("k", A, A_BYTES)).outcome is ClaimOutcome.RESEND  # then dies
+    await run_out()
+    third = make(lease=LEASE)
+    await third.open()
+    try:
+        assert [r.key for r in await third.acquire(10, LEASE)] == ["k"]
+    finally:
+        await third.close()
 
 
 # -- the fleet: enqueue, acquire, renew, release -------------------------------------------------
@@ -248,7 +306,7 @@ async def test_a_full_worker_can_adopt_only_live_responses(
         await ledger.claim(key, *req(i=int(key[1])))
         await ledger.sending(key, resubmit=False)
     await ledger.record("k1", Outcome("queued", "resp_1"))
-    await run_out()
+    await run_out_sending()  # k0's create may have been in flight: one margin more
     adopted = await other.acquire(10, LEASE, live_only=True)
     assert [(r.key, r.response_id) for r in adopted] == [("k1", "resp_1")]
     assert [r.key for r in await other.acquire(10, LEASE)] == ["k0", "k2"]
@@ -364,7 +422,8 @@ async def test_workers_starting_together_make_the_schema_once(pg_dsn: str) -> No
         for led in ledgers:
             await led.close()
     with psycopg.connect(pg_dsn) as conn:
-        assert conn.execute("SELECT value FROM asyncbg_meta").fetchall() == [("3",)]
+        assert conn.execute("SELECT value FROM asyncbg_meta").fetchall() == [
+            (str(pg_queries.SCHEMA_VERSION),)]
 
 
 @pytest.mark.asyncio
@@ -380,7 +439,7 @@ async def test_foreign_and_newer_schemas_are_refused(pg_dsn: str) -> None:
     await led.close()
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute("UPDATE asyncbg_meta SET value = '7'")
-    with pytest.raises(LedgerError, match=r"newer asyncbg .*version 7; this one knows up to 3"):
+    with pytest.raises(LedgerError, match=r"newer asyncbg .*version 7; this one knows up to 4"):
         await PostgresLedger(pg_dsn).open()
 
 

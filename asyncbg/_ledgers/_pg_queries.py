@@ -18,6 +18,11 @@ Schema history (``asyncbg_meta.schema_version``):
   and deletes: one upsert per statement; updates: only those that change a state or status),
   spread over 64 slots by backend so that workers do not queue on one row, so that ``status``
   and ``unfinished()`` read a few dozen rows, not every job.
+- version 4: ``sent_epoch``, the epoch a ``sending`` record was written at. A takeover of a key
+  whose lease ran out while its holder's create was in flight (``sent_epoch = epoch``) waits one
+  more safety margin (:func:`~._shared.safety_margin`) before it takes the key: a create that
+  left just before the lease ran out has had its answer recorded by then (the old holder's
+  writes still match owner and epoch), or it is known lost.
 
 Creation and upgrades run in one transaction under ``pg_advisory_xact_lock``, so that workers
 starting together neither race nor see a half-made schema.
@@ -27,7 +32,7 @@ from __future__ import annotations
 
 # No __all__: the module is a namespace, imported as `q` by _postgres.py.
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: The key of the transaction-level advisory lock held while the schema is made or upgraded
 #: ("abgj" and 1), and of the session-level lock an ``exclusive=True`` ledger holds ("abgj", 2).
 SCHEMA_LOCK = 0x6162676A_00000001
@@ -191,6 +196,7 @@ UPGRADES: dict[int, tuple[str, ...]] = {
         "INSERT INTO asyncbg_counts (slot, state, status, n) "
         "SELECT 0, state, status, count(*) FROM asyncbg_jobs GROUP BY state, status",
     ),
+    3: ("ALTER TABLE asyncbg_jobs ADD COLUMN sent_epoch bigint",),
 }
 WRITE_SCHEMA_VERSION = """
     INSERT INTO asyncbg_meta (name, value) VALUES ('schema_version', %s)
@@ -225,13 +231,18 @@ CLAIM_INSERT = f"""
     ON CONFLICT (key) DO NOTHING
     RETURNING {_COLUMNS}, epoch
 """
-# Params: owner, key. `elsewhere`: another live owner holds it. CLAIM_READ decides outcomes
-# that change nothing (DONE, MISMATCH, FOLLOW) without a transaction; CLAIM_LOCK, inside one,
-# decides again before a write.
+#: When a lease can be taken over: once it ran out, and one safety margin (the param
+#: ``margin``) later when its holder's create may be in flight (it wrote ``sending`` at its
+#: epoch): by then that create's answer is recorded, or known lost (schema version 4).
+_TAKEN_OVER_AT = ("lease_until + CASE WHEN state = 'sending' AND sent_epoch = epoch "
+                  "THEN %(margin)s ELSE 0 END")
+# Params: owner, margin, key. `elsewhere`: another live owner holds it. CLAIM_READ decides
+# outcomes that change nothing (DONE, MISMATCH, FOLLOW) without a transaction; CLAIM_LOCK,
+# inside one, decides again before a write.
 _CLAIM_SELECT = f"""
     SELECT {_COLUMNS},
-           owner IS NOT NULL AND owner <> %s AND lease_until > {_NOW} AS elsewhere
-    FROM asyncbg_jobs WHERE key = %s
+           owner IS NOT NULL AND owner <> %(owner)s AND {_TAKEN_OVER_AT} > {_NOW} AS elsewhere
+    FROM asyncbg_jobs WHERE key = %(key)s
 """
 CLAIM_READ = _CLAIM_SELECT
 CLAIM_LOCK = _CLAIM_SELECT + " FOR UPDATE"
@@ -254,10 +265,10 @@ CLAIM_RESUME = f"""
 
 # -- writes, fenced by owner and epoch -------------------------------------------------------------
 
-# Params: resubmit (0/1), key, owner, epoch.
+# Params: resubmit (0/1), key, owner, epoch. The record carries the epoch it was sent at.
 SENDING = f"""
     UPDATE asyncbg_jobs SET state = 'sending', response_id = NULL, status = 'pending',
-        resubmits = resubmits + %s, updated = {_NOW}
+        resubmits = resubmits + %s, updated = {_NOW}, sent_epoch = epoch
     WHERE key = %s AND owner = %s AND epoch = %s
 """
 # Params: response_id, status, key, owner, epoch.
@@ -337,9 +348,9 @@ ENQUEUE_MISMATCH = """
     JOIN unnest(%s::text[], %s::text[]) WITH ORDINALITY AS i(key, digest, n) ON j.key = i.key
     WHERE j.digest <> i.digest ORDER BY i.n LIMIT 1
 """
-# Params: limit, owner, lease. Rows another acquire is taking right now are skipped, not waited
-# for; the UPDATE sees each row as it is once locked. Waiting rows (no lease) come from one
-# partial index in claim order, expired leases from another by expiry: neither reads a row
+# Params: limit, owner, lease, margin. Rows another acquire is taking right now are skipped,
+# not waited for; the UPDATE sees each row as it is once locked. Waiting rows (no lease) come
+# from one partial index in claim order, expired leases from another by expiry: neither reads a row
 # that is leased and running, however many there are. ACQUIRE_LIVE: only live responses.
 _ACQUIRE = f"""
     WITH waiting AS (
@@ -351,6 +362,7 @@ _ACQUIRE = f"""
     expired AS (
         SELECT key, seq FROM asyncbg_jobs
         WHERE lease_until <= {_NOW} AND lease_until IS NOT NULL AND {{states}}
+          AND {_TAKEN_OVER_AT} <= {_NOW}
         ORDER BY lease_until LIMIT %(limit)s
         FOR UPDATE SKIP LOCKED
     ),

@@ -49,6 +49,7 @@ from ._shared import (
     LeaseLost,
     WorkerInfo,
     new_owner,
+    safety_margin,
     shared_claim_outcome,
 )
 from ._urls import redacted as _redacted
@@ -332,7 +333,8 @@ class PostgresLedger(PostgresOutbox):
         request = bytes(request)
 
         async def decide(conn: Conn, sql: str) -> tuple[Record, ClaimOutcome]:
-            row = await self._fetchone(conn, sql, (self._owner, key))
+            row = await self._fetchone(conn, sql, {
+                "owner": self._owner, "key": key, "margin": safety_margin(self.lease)})
             if row is None:
                 raise LedgerError(f"{self.location}: key {key!r} vanished during a claim; "
                                   "something else deletes rows of asyncbg_jobs")
@@ -448,7 +450,8 @@ class PostgresLedger(PostgresOutbox):
             return []
         sql = q.ACQUIRE_LIVE if live_only else q.ACQUIRE
         rows = await self._run(lambda c: self._fetchall(c, sql, {
-            "limit": limit, "owner": self._owner, "lease": lease}))
+            "limit": limit, "owner": self._owner, "lease": lease,
+            "margin": safety_margin(lease)}))
         rows.sort(key=lambda row: row[-1])  # claim order
         records = []
         for row in rows:

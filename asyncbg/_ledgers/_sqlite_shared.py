@@ -1,7 +1,8 @@
 """SharedSQLiteLedger: one SQLite journal that several processes on one machine share.
 
 The same leases, epochs and rules as the PostgreSQL ledger (see :mod:`._shared`), kept in the
-version 3 columns of the journal. SQLite has no row locks: a whole-file write lock taken with
+version 3 columns of the journal and in what a shared journal adds on open (``sent_epoch`` and
+the partial indexes claims read: see :mod:`._sqlite_queries`). SQLite has no row locks: a whole-file write lock taken with
 ``BEGIN IMMEDIATE`` serialises acquires (and every other write), which for processes on one
 machine costs microseconds. The statements are in :mod:`._sqlite_queries`.
 
@@ -37,6 +38,7 @@ from ._shared import (
     LeaseLost,
     WorkerInfo,
     new_owner,
+    safety_margin,
     shared_claim_outcome,
 )
 from ._sqlite import SQLiteLedger, _record, _transaction
@@ -79,6 +81,17 @@ class SharedSQLiteLedger(SQLiteLedger):
     def held(self) -> dict[str, int]:
         return dict(self._held)
 
+    async def open(self) -> None:
+        first = self._db is None
+        await super().open()
+        if first:
+            try:
+                await self._call(_shared_schema)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await super().close()
+                raise
+
     async def close(self) -> None:
         if self._opens == 1 and self._db is not None:
             # Hand back what is still held: another process takes it now, not after the lease.
@@ -118,8 +131,9 @@ class SharedSQLiteLedger(SQLiteLedger):
                           (key, digest, request, now, now, self._owner, until)).rowcount == 1:
                 return Claim(ClaimOutcome.NEW, _get(db, key)), 1
             old = _get(db, key)
-            owner, _, lease_until = db.execute(q.LEASE_OF, (key,)).fetchone()
-            elsewhere = owner not in (None, self._owner) and (lease_until or 0) > now
+            owner, taken_over_at = db.execute(
+                q.LEASE_OF, {"key": key, "margin": safety_margin(self.lease)}).fetchone()
+            elsewhere = owner not in (None, self._owner) and (taken_over_at or 0) > now
             outcome = shared_claim_outcome(old.state, old.digest, digest,
                                            held_elsewhere=elsewhere)
             if outcome is ClaimOutcome.NEW:
@@ -207,7 +221,8 @@ class SharedSQLiteLedger(SQLiteLedger):
             taken = []
             with _transaction(db):  # BEGIN IMMEDIATE: the pick and the take are one step
                 keys = [row[0] for row in db.execute(
-                    q.ACQUIRE, (1 if live_only else 0, now, limit)).fetchall()]
+                    q.ACQUIRE_LIVE if live_only else q.ACQUIRE,
+                    {"now": now, "limit": limit, "margin": safety_margin(lease)}).fetchall()]
                 for key in keys:
                     epoch = int(db.execute(q.TAKE_LEASE,
                                            (self._owner, now + lease, key)).fetchone()[0])
@@ -302,6 +317,17 @@ class SharedSQLiteLedger(SQLiteLedger):
     def _write(self, db: sqlite3.Connection, sql: str, args: tuple[Any, ...]) -> None:
         with _transaction(db):
             db.execute(sql, args)
+
+
+def _shared_schema(db: sqlite3.Connection) -> None:
+    """Add what a shared journal needs to the file (see :mod:`._sqlite_queries`), once."""
+    if int(db.execute(q.SHARED_SCHEMA_THERE).fetchone()[0]) == q.SHARED_SCHEMA_PARTS:
+        return
+    with _transaction(db):  # under the write lock: another opener may have added some
+        if "sent_epoch" not in {row[0] for row in db.execute(q.READ_COLUMNS, ("jobs",))}:
+            db.execute(q.ADD_SENT_EPOCH)
+        for sql in q.SHARED_INDEXES:
+            db.execute(sql)
 
 
 def _get(db: sqlite3.Connection, key: str) -> Record:
