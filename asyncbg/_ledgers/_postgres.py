@@ -470,7 +470,10 @@ class PostgresLedger(PostgresOutbox):
                 "owner": self._owner, "host": socket.gethostname(), "pid": os.getpid(),
                 "lease": lease, "keys": list(held), "epochs": list(held.values())})
             self._registered = True
-            lost = set(held) - {row[0] for row in rows}
+            kept = {row[0] for row in rows}
+            # Only keys still held at the same epoch: one recorded finished while the renewal
+            # was on its way (its lease ended with it) is not lost.
+            lost = {key for key in set(held) - kept if self._held.get(key) == held[key]}
             self.forget(lost)
             return lost
 
