@@ -184,7 +184,8 @@ async def test_a_shared_sqlite_claim_reads_only_rows_it_can_take(tmp_path: Path)
                 db.close()
             taken = await worker.acquire(16, 300.0)
             assert [r.key for r in taken] == [f"r{leased}-{i}" for i in range(leased, leased + 10)]
-        assert steps[1] < steps[0] * 3, steps  # 30 times the leased rows (before: 28 times the steps)
+        # 30 times the leased rows, about the same steps (before: 28 times the steps).
+        assert steps[1] < steps[0] * 3, steps
     finally:
         busy.forget(list(busy.held()))
         await busy.close()

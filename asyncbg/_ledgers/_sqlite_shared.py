@@ -2,9 +2,10 @@
 
 The same leases, epochs and rules as the PostgreSQL ledger (see :mod:`._shared`), kept in the
 version 3 columns of the journal and in what a shared journal adds on open (``sent_epoch`` and
-the partial indexes claims read: see :mod:`._sqlite_queries`). SQLite has no row locks: a whole-file write lock taken with
-``BEGIN IMMEDIATE`` serialises acquires (and every other write), which for processes on one
-machine costs microseconds. The statements are in :mod:`._sqlite_queries`.
+the partial indexes claims read: see :mod:`._sqlite_queries`). SQLite has no row locks: a
+whole-file write lock taken with ``BEGIN IMMEDIATE`` serialises acquires (and every other
+write), which for processes on one machine costs microseconds. The statements are in
+:mod:`._sqlite_queries`.
 
 Why not on :class:`SQLiteLedger` itself: with leases, a key claimed by a process that was just
 killed is another owner's until the lease runs out, so an ``asyncbg run`` restarted at once would
