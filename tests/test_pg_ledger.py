@@ -258,6 +258,49 @@ async def test_only_a_create_sent_at_the_holders_epoch_delays_a_takeover(
         await third.close()
 
 
+@pytest.mark.asyncio
+async def test_writes_that_arrive_together_go_out_together_each_fenced(pg_dsn: str) -> None:
+    """Fenced writes that wait at the same moment share one statement (a worker running
+    hundreds of jobs does not queue them one by one on the pool), and each is still fenced:
+    the one whose lease went elsewhere fails alone, with nothing written for it."""
+    ledger = PostgresLedger(pg_dsn, lease=30.0)
+    await ledger.open()
+    try:
+        keys = [f"k{i}" for i in range(60)]
+        await ledger.enqueue([(key, *req(i=key)) for key in keys])
+        assert len(await ledger.acquire(60, 30.0)) == 60
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute("UPDATE asyncbg_jobs SET owner = 'another', epoch = epoch + 1 "
+                         "WHERE key = 'k7'")
+        failed: dict[str, BaseException] = {}
+
+        async def write(key: str, what: str) -> None:
+            try:
+                if what == "sending":
+                    await ledger.sending(key, resubmit=False)
+                else:
+                    await ledger.record(key, Outcome("queued", f"resp_{key}") if what == "live"
+                                        else DONE)
+            except LeaseLost as exc:
+                failed[key] = exc
+
+        for what in ("sending", "live", "done"):
+            before = ledger.round_trips
+            async with anyio.create_task_group() as tg:
+                for key in keys:
+                    tg.start_soon(write, key, what)
+            # The first alone, the others together (and one look at why k7 failed); one
+            # statement each would be 60.
+            assert ledger.round_trips - before <= 6, (what, ledger.round_trips - before)
+        assert list(failed) == ["k7"] and "held by another process" in str(failed["k7"])
+        records = {r.key: r for r in await ledger.records()}
+        assert records["k7"].state == "new"
+        assert {r.state for key, r in records.items() if key != "k7"} == {"done"}
+        assert records["k3"].body == DONE.body and records["k3"].http_status == 200
+    finally:
+        await ledger.close()
+
+
 # -- the fleet: enqueue, acquire, renew, release -------------------------------------------------
 
 @pytest.mark.asyncio

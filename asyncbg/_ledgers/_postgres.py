@@ -29,7 +29,7 @@ import math
 import os
 import socket
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import anyio
 import psycopg
@@ -102,7 +102,7 @@ class PostgresLedger(PostgresOutbox):
     """
 
     __slots__ = (
-        "_acquired", "_connect_timeout", "_exclusive", "_held", "_holder", "_kwargs",
+        "_acquired", "_connect_timeout", "_exclusive", "_groups", "_held", "_holder", "_kwargs",
         "_listener", "_max_connections", "_opens", "_owner", "_pool", "_registered",
         "_renewals", "_url", "lease", "round_trips", "timeout",
     )
@@ -151,6 +151,8 @@ class PostgresLedger(PostgresOutbox):
         self._acquired: dict[str, Record] = {}
         #: Statements sent (a transaction's BEGIN and COMMIT count): the ledger's cost.
         self.round_trips = 0
+        #: The fenced writes waiting to go out together, by kind (see _grouped).
+        self._groups = {kind: _Group() for kind in _GROUPED}
 
     def __repr__(self) -> str:
         return f"PostgresLedger({self.location!r}, exclusive={self._exclusive})"
@@ -367,21 +369,23 @@ class PostgresLedger(PostgresOutbox):
         return await self._run(claim)
 
     async def sending(self, key: str, *, resubmit: bool) -> None:
-        await self._fenced(key, q.SENDING, (1 if resubmit else 0, key))
+        await self._grouped("sending", key, (key, 1 if resubmit else 0))
 
     async def record(self, key: str, outcome: Outcome) -> None:
         state = state_after(outcome)
         o = outcome
         if state == "live":
-            await self._fenced(key, q.RECORD_LIVE, (o.response_id, o.status, key))
+            await self._grouped("live", key, (key, o.response_id, o.status))
             return
-        args = (state, o.response_id, o.status, o.body, o.error, o.error_code, o.http_status,
-                o.request_id, key)
         n = o.notification
         if n is None:
-            await self._fenced(key, q.RECORD_TERMINAL, args)
+            await self._grouped("terminal", key, (
+                key, state, o.response_id, o.status, o.body, o.error, o.error_code,
+                o.http_status, o.request_id))
         else:  # one statement: the outcome and its notification in one transaction
-            await self._fenced(key, q.RECORD_TERMINAL_NOTIFY, (n.id, n.url, n.body, *args))
+            await self._fenced(key, q.RECORD_TERMINAL_NOTIFY, (
+                n.id, n.url, n.body, state, o.response_id, o.status, o.body, o.error,
+                o.error_code, o.http_status, o.request_id, key))
         self._held.pop(key, None)  # finished: no lease to keep
 
     async def get(self, key: str) -> Record | None:
@@ -574,21 +578,81 @@ class PostgresLedger(PostgresOutbox):
 
     async def _fenced(self, key: str, sql: str, args: tuple[Any, ...]) -> None:
         """A write checked against this instance's owner and epoch for ``key``."""
-        async def write(conn: Conn) -> None:
+        async def write(conn: Conn) -> bool:
             epoch = self._held.get(key)
-            if epoch is not None:
-                cur = await self._execute(conn, sql, (*args, self._owner, epoch))
-                if cur.rowcount == 1:
-                    return
-            if await self._fetchone(conn, q.EXISTS, (key,)) is None:
-                raise unclaimed(key, self.location)
-            self.forget((key,))
-            raise LeaseLost(
-                f"the lease on key {key!r} in {self.location} is held by another process "
-                "now; this one wrote nothing and stops running it"
-            )
+            if epoch is None:
+                return False
+            return (await self._execute(conn, sql, (*args, self._owner, epoch))).rowcount == 1
 
-        await self._run(write)
+        if not await self._run(write):
+            await self._not_written(key)
+
+    async def _grouped(self, kind: str, key: str, row: tuple[Any, ...]) -> None:
+        """A fenced write (see :meth:`_fenced`) that goes out together with the others of its
+        kind that wait at the same moment: while one statement is on its way, the writes
+        arriving queue, and the first of them sends them all in the next one (one round trip
+        and one commit for hundreds of jobs, not one each on the pool's few connections).
+
+        Every write here may run twice (a retry after a dropped connection): they set values.
+        """
+        epoch = self._held.get(key)
+        if epoch is None:
+            await self._not_written(key)
+        write = _Write(key, (*row, epoch))
+        group = self._groups[kind]
+        group.waiting.append(write)
+        try:
+            while not write.done:
+                if group.busy:
+                    await group.turn.wait()
+                else:
+                    await self._write_group(kind, group)
+        finally:
+            if not write.done and write in group.waiting:  # cancelled before it was sent
+                group.waiting.remove(write)
+        if write.error is not None:
+            raise type(write.error)(str(write.error)) from write.error
+        if not write.written:
+            await self._not_written(key)
+
+    async def _write_group(self, kind: str, group: _Group) -> None:
+        sql, names = _GROUPED[kind]
+        batch, group.waiting = group.waiting, []
+        group.busy = True
+        try:
+            columns = [list(column) for column in zip(*(w.row for w in batch), strict=True)]
+            args = {"owner": self._owner, **dict(zip((*names, "epochs"), columns, strict=True))}
+            written = {row[0] for row in await self._run(
+                lambda c: self._fetchall(c, sql, args))}
+            for w in batch:
+                w.written = w.key in written
+        except LedgerError as exc:
+            for w in batch:
+                w.error = exc
+        except BaseException:
+            # Cancelled on its way (the one who sent it was): whether it committed is not
+            # known, so the others are told it may not have, and write again.
+            for w in batch:
+                w.error = LedgerUnavailable(
+                    f"{self.location}: a write was interrupted on its way; try again")
+            raise
+        finally:
+            for w in batch:
+                w.done = True
+            group.busy = False
+            turn, group.turn = group.turn, anyio.Event()
+            turn.set()
+
+    async def _not_written(self, key: str) -> NoReturn:
+        """Why a fenced write changed nothing: the key is missing (a bug) or its lease is
+        elsewhere now (it is forgotten here)."""
+        if await self._run(lambda c: self._fetchone(c, q.EXISTS, (key,))) is None:
+            raise unclaimed(key, self.location)
+        self.forget((key,))
+        raise LeaseLost(
+            f"the lease on key {key!r} in {self.location} is held by another process now; "
+            "this one wrote nothing and stops running it"
+        )
 
     async def _run(self, fn: Callable[[Conn], Awaitable[T]], *, renewal: bool = False,
                    retry: bool = True, timeout: float | None = None) -> T:
@@ -671,6 +735,41 @@ class PostgresLedger(PostgresOutbox):
                 "is up and that the URL, user and password are right"
             )
         return LedgerError(f"{self.location}: PostgreSQL error {state}: {detail}")
+
+
+#: The grouped writes: each one's statement, and the arrays its rows fill (the epochs last).
+_GROUPED: dict[str, tuple[str, tuple[str, ...]]] = {
+    "sending": (q.SENDING_MANY, ("keys", "resubmits")),
+    "live": (q.RECORD_LIVE_MANY, ("keys", "response_ids", "statuses")),
+    "terminal": (q.RECORD_TERMINAL_MANY, (
+        "keys", "states", "response_ids", "statuses", "bodies", "errors", "error_codes",
+        "http_statuses", "request_ids")),
+}
+
+
+class _Write:
+    """One grouped write: its row, and what became of it."""
+
+    __slots__ = ("done", "error", "key", "row", "written")
+
+    def __init__(self, key: str, row: tuple[Any, ...]) -> None:
+        self.key = key
+        self.row = row
+        self.done = False
+        self.written = False
+        self.error: LedgerError | None = None
+
+
+class _Group:
+    """The writes of one kind waiting to go out, and whether a statement is on its way
+    (``turn`` is set when it is back)."""
+
+    __slots__ = ("busy", "turn", "waiting")
+
+    def __init__(self) -> None:
+        self.waiting: list[_Write] = []
+        self.busy = False
+        self.turn = anyio.Event()
 
 
 async def _on_connection(pool: Pool, fn: Callable[[Conn], Awaitable[T]]) -> T:

@@ -1,0 +1,211 @@
+#!/usr/bin/env python3
+"""Queue throughput side by side with PgQueuer, on the same PostgreSQL and the same machine.
+
+    python benchmarks/pgqueuer_compare.py                 # 20,000 jobs each side
+    python benchmarks/pgqueuer_compare.py --jobs 50000 --repeat 3
+
+PgQueuer (https://github.com/janbjorge/pgqueuer) is a well-kept PostgreSQL job queue. It is not
+a dependency of asyncbg: this script runs it from a virtual environment of its own
+(``~/.cache/asyncbg-bench/pgqueuer``, made on first use with ``pip install pgqueuer asyncpg`` and
+this checkout), and runs each side in a process of its own, one after the other, each on a fresh
+database of the same server.
+
+What is measured, each side draining a queue filled beforehand (the fill is timed apart):
+
+- **PgQueuer**: dequeue -> run an instant no-op entrypoint -> ack, as its own benchmark does
+  (``tools/benchmark.py --strategy drain``: 5 consumers, each with its own asyncpg connection,
+  batches of 10), and with 1 and 10 consumers.
+- **asyncbg**: what a worker does for one job: claim it (``acquire``, in batches), record the
+  create as sent and the response it created, then its completion; the jobs are instant no-op
+  responses of the in-process fake server (created ``queued``, ``completed`` at the first poll),
+  run by :func:`asyncbg._fleet.run_worker` on a :class:`PostgresLedger`, as ``asyncbg worker``
+  runs them.
+
+Reported: jobs per second for each (the best configuration of each side) and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+VENV = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "asyncbg-bench" / "pgqueuer"
+VENV_PY = VENV / "bin" / "python"
+
+
+def pgqueuer_python() -> Path:
+    """A Python with pgqueuer, asyncpg and this checkout of asyncbg: made once, then reused."""
+    if not VENV_PY.exists():
+        print(f"pgqueuer_compare: making {VENV} (pip install pgqueuer asyncpg)", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+        subprocess.run([str(VENV_PY), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                        "-e", str(ROOT), "pgqueuer", "asyncpg"], check=True)
+    return VENV_PY
+
+
+# -- PgQueuer ---------------------------------------------------------------------------------------
+
+
+def pgqueuer_side(dsn: str, jobs: int, consumers: int, batch: int) -> dict[str, Any]:
+    import asyncio
+
+    import asyncpg
+    from pgqueuer import PgQueuer, types
+    from pgqueuer.db import AsyncpgDriver
+    from pgqueuer.models import Job
+    from pgqueuer.queries import Queries
+
+    async def main() -> dict[str, Any]:
+        queries = Queries(AsyncpgDriver(await asyncpg.connect(dsn)))
+        await queries.install()
+        started = time.perf_counter()
+        for i in range(0, jobs, 1000):
+            n = min(1000, jobs - i)
+            await queries.enqueue(["noop"] * n, [None] * n, [0] * n)
+        filled = time.perf_counter() - started
+        done = 0
+        pgqs = []
+        for _ in range(consumers):
+            q = Queries(AsyncpgDriver(await asyncpg.connect(dsn)))
+            pgq = PgQueuer(q.driver, queries=q)
+
+            @pgq.entrypoint("noop")
+            async def noop(job: Job) -> None:
+                nonlocal done
+                done += 1
+
+            pgqs.append(pgq)
+        cpu = time.process_time()
+        started = time.perf_counter()
+        await asyncio.gather(*(pgq.run(batch_size=batch, mode=types.QueueExecutionMode.drain)
+                               for pgq in pgqs))
+        elapsed = time.perf_counter() - started
+        left = sum(s.count for s in await queries.queue_size())
+        return {"side": "pgqueuer", "consumers": consumers, "batch": batch, "jobs": jobs,
+                "done": done, "left": left, "fill_s": round(filled, 2),
+                "elapsed_s": round(elapsed, 2), "jobs_per_s": round(done / elapsed, 1),
+                "cpu_s": round(time.process_time() - cpu, 2)}
+
+    try:
+        import uvloop
+        return uvloop.run(main())  # as PgQueuer's own benchmark runs
+    except ImportError:
+        return asyncio.run(main())
+
+
+# -- asyncbg -------------------------------------------------------------------------------------
+
+
+def asyncbg_side(dsn: str, jobs: int, concurrency: int) -> dict[str, Any]:
+    import anyio
+
+    from asyncbg import PollPolicy
+    from asyncbg._fleet import enqueue_requests, run_worker
+    from asyncbg._ledgers._postgres import PostgresLedger
+    from asyncbg.testing import FakeResponsesServer, LatencyModel, fake_client
+
+    async def main() -> dict[str, Any]:
+        setup = PostgresLedger(dsn)
+        await setup.open()
+        started = time.perf_counter()
+        await enqueue_requests(setup, ((f"j{i}", {
+            "model": "m", "input": f"job {i}", "metadata": {"fake_duration": "0.001"}})
+            for i in range(jobs)))
+        filled = time.perf_counter() - started
+        await setup.close()
+        server = FakeResponsesServer(latency=LatencyModel.fixed(0.001))
+        client = fake_client(server)
+        ledger = PostgresLedger(dsn, lease=30.0)
+        policy = PollPolicy(first_poll=0.002, min_interval=0.002, max_interval=0.05, jitter=0.0)
+        cpu = time.process_time()
+        started = time.perf_counter()
+        try:
+            await run_worker(client, ledger, concurrency=concurrency, lease=30.0,
+                             exit_when_idle=True, stop=anyio.Event(), poll_policy=policy,
+                             idle=0.05)
+        finally:
+            await client.close()
+        elapsed = time.perf_counter() - started
+        check = PostgresLedger(dsn)
+        await check.open()
+        counts = await check.counts()
+        await check.close()
+        done = sum(n for (state, status), n in counts.items()
+                   if state == "done" and status == "completed")
+        return {"side": "asyncbg", "concurrency": concurrency, "jobs": jobs, "done": done,
+                "creates": server.counters.creates, "fill_s": round(filled, 2),
+                "elapsed_s": round(elapsed, 2), "jobs_per_s": round(done / elapsed, 1),
+                "cpu_s": round(time.process_time() - cpu, 2),
+                "round_trips_per_job": round(ledger.round_trips / jobs, 2)}
+
+    return anyio.run(main)
+
+
+# -- the comparison ------------------------------------------------------------------------------
+
+
+def one(python: Path, args: list[str]) -> dict[str, Any]:
+    out = subprocess.run([str(python), __file__, *args], check=True, capture_output=True,
+                         text=True)
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--jobs", type=int, default=20000)
+    p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--json", metavar="PATH")
+    p.add_argument("--side", choices=["pgqueuer", "asyncbg"], help=argparse.SUPPRESS)
+    p.add_argument("--dsn", help=argparse.SUPPRESS)
+    p.add_argument("--consumers", type=int, default=5, help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, default=10, help=argparse.SUPPRESS)
+    p.add_argument("--concurrency", type=int, default=200, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.side == "pgqueuer":
+        print(json.dumps(pgqueuer_side(args.dsn, args.jobs, args.consumers, args.batch)))
+        return
+    if args.side == "asyncbg":
+        print(json.dumps(asyncbg_side(args.dsn, args.jobs, args.concurrency)))
+        return
+    from benchmarks.fleet import fresh_database, postgres
+
+    python = pgqueuer_python()
+    runs: list[dict[str, Any]] = []
+    with postgres() as server_dsn:
+        for rep in range(args.repeat):
+            for consumers in (1, 5, 10):
+                dsn = fresh_database(server_dsn, "bench_pgqueuer")
+                runs.append(one(python, ["--side", "pgqueuer", "--dsn", dsn, "--jobs",
+                                         str(args.jobs), "--consumers", str(consumers)]))
+                print(json.dumps(runs[-1]), file=sys.stderr)
+            for concurrency in (64, 200, 500):
+                dsn = fresh_database(server_dsn, "bench_asyncbg")
+                runs.append(one(Path(sys.executable), [
+                    "--side", "asyncbg", "--dsn", dsn, "--jobs", str(args.jobs),
+                    "--concurrency", str(concurrency)]))
+                print(json.dumps(runs[-1]), file=sys.stderr)
+            print(f"repeat {rep + 1} of {args.repeat} done", file=sys.stderr)
+    best = {side: max(r["jobs_per_s"] for r in runs if r["side"] == side)
+            for side in ("pgqueuer", "asyncbg")}
+    report = {"runs": runs, "best_jobs_per_s": best,
+              "asyncbg_over_pgqueuer": round(best["asyncbg"] / best["pgqueuer"], 2),
+              "cpus": os.cpu_count(), "load_after": os.getloadavg()}
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
