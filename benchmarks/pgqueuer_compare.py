@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Queue throughput side by side with PgQueuer, on the same PostgreSQL and the same machine.
 
-    python benchmarks/pgqueuer_compare.py                 # 20,000 jobs each side
+    python benchmarks/pgqueuer_compare.py                 # 20,000 jobs each side (~2 min)
     python benchmarks/pgqueuer_compare.py --jobs 50000 --repeat 3
 
 PgQueuer (https://github.com/janbjorge/pgqueuer) is a well-kept PostgreSQL job queue. It is not
@@ -14,14 +14,15 @@ What is measured, each side draining a queue filled beforehand (the fill is time
 
 - **PgQueuer**: dequeue -> run an instant no-op entrypoint -> ack, as its own benchmark does
   (``tools/benchmark.py --strategy drain``: 5 consumers, each with its own asyncpg connection,
-  batches of 10), and with 1 and 10 consumers.
-- **asyncbg**: what a worker does for one job: claim it (``acquire``, in batches), record the
-  create as sent and the response it created, then its completion; the jobs are instant no-op
-  responses of the in-process fake server (created ``queued``, ``completed`` at the first poll),
-  run by :func:`asyncbg._fleet.run_worker` on a :class:`PostgresLedger`, as ``asyncbg worker``
-  runs them.
+  under uvloop), in batches of 10 (its default) and 50.
+- **asyncbg, the queue** (``--side ledger``): what a worker's ledger does for one job, with the
+  same 5 consumers and batches on one :class:`PostgresLedger`: claim it (``acquire``), record
+  the create as sent, the response it created (an id), then its completion; no server.
+- **asyncbg, the whole worker** (``--side asyncbg``): :func:`asyncbg._fleet.run_worker` as
+  ``asyncbg worker`` runs it, against the in-process fake server (instant no-op responses:
+  created ``queued``, ``completed`` at the first poll), through the OpenAI SDK.
 
-Reported: jobs per second for each (the best configuration of each side) and the ratio.
+Reported: jobs per second for each and the ratio, queue against queue, at each batch size.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def pgqueuer_python() -> Path:
     return VENV_PY
 
 
-# -- PgQueuer ---------------------------------------------------------------------------------------
+# -- PgQueuer ------------------------------------------------------------------------------
 
 
 def pgqueuer_side(dsn: str, jobs: int, consumers: int, batch: int) -> dict[str, Any]:
@@ -151,6 +152,60 @@ def asyncbg_side(dsn: str, jobs: int, concurrency: int) -> dict[str, Any]:
     return anyio.run(main)
 
 
+def ledger_side(dsn: str, jobs: int, consumers: int, batch: int) -> dict[str, Any]:
+    """The queue alone, as PgQueuer's side is: ``consumers`` loops on one worker's ledger,
+    each taking ``batch`` jobs at a time and running them at once, each job recorded as sent,
+    as created (a response id), then completed, with no request to any server."""
+    import anyio
+
+    from asyncbg._fleet import enqueue_requests
+    from asyncbg._ledgers._base import Outcome, digest
+    from asyncbg._ledgers._postgres import PostgresLedger
+
+    async def main() -> dict[str, Any]:
+        ledger = PostgresLedger(dsn, lease=30.0)
+        await ledger.open()
+        started = time.perf_counter()
+        await enqueue_requests(ledger, ((f"j{i}", {"model": "m", "input": f"job {i}"})
+                                        for i in range(jobs)))
+        filled = time.perf_counter() - started
+        done = 0
+
+        async def run(key: str, request: bytes) -> None:
+            nonlocal done
+            claim = await ledger.claim(key, digest(json.loads(request)), request)
+            assert claim.outcome.value == "new", claim
+            await ledger.sending(key, resubmit=False)
+            await ledger.record(key, Outcome("queued", f"resp_{key}"))
+            await ledger.record(key, Outcome("completed", f"resp_{key}", body=b"{}",
+                                             http_status=200))
+            done += 1
+
+        async def consume() -> None:
+            while records := await ledger.acquire(batch, 30.0):
+                async with anyio.create_task_group() as tg:
+                    for record in records:
+                        tg.start_soon(run, record.key, record.request)
+
+        cpu = time.process_time()
+        trips = ledger.round_trips
+        started = time.perf_counter()
+        async with anyio.create_task_group() as tg:
+            for _ in range(consumers):
+                tg.start_soon(consume)
+        elapsed = time.perf_counter() - started
+        left = await ledger.unfinished()
+        per_job = (ledger.round_trips - trips) / jobs
+        await ledger.close()
+        return {"side": "asyncbg ledger", "consumers": consumers, "batch": batch,
+                "jobs": jobs, "done": done, "left": left, "fill_s": round(filled, 2),
+                "elapsed_s": round(elapsed, 2), "jobs_per_s": round(done / elapsed, 1),
+                "cpu_s": round(time.process_time() - cpu, 2),
+                "round_trips_per_job": round(per_job, 2)}
+
+    return anyio.run(main)
+
+
 # -- the comparison ------------------------------------------------------------------------------
 
 
@@ -164,9 +219,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--jobs", type=int, default=20000)
+    p.add_argument("--worker-jobs", type=int, default=5000,
+                   help="jobs for the whole worker (the engine's CPU per job is its limit)")
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--json", metavar="PATH")
-    p.add_argument("--side", choices=["pgqueuer", "asyncbg"], help=argparse.SUPPRESS)
+    p.add_argument("--side", choices=["pgqueuer", "asyncbg", "ledger"], help=argparse.SUPPRESS)
     p.add_argument("--dsn", help=argparse.SUPPRESS)
     p.add_argument("--consumers", type=int, default=5, help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=10, help=argparse.SUPPRESS)
@@ -175,6 +232,9 @@ def main() -> None:
     if args.side == "pgqueuer":
         print(json.dumps(pgqueuer_side(args.dsn, args.jobs, args.consumers, args.batch)))
         return
+    if args.side == "ledger":
+        print(json.dumps(ledger_side(args.dsn, args.jobs, args.consumers, args.batch)))
+        return
     if args.side == "asyncbg":
         print(json.dumps(asyncbg_side(args.dsn, args.jobs, args.concurrency)))
         return
@@ -182,24 +242,31 @@ def main() -> None:
 
     python = pgqueuer_python()
     runs: list[dict[str, Any]] = []
+
+    def run(side_python: Path, *extra: str) -> None:
+        runs.append(one(side_python, list(extra)))
+        print(json.dumps(runs[-1]), file=sys.stderr)
+
     with postgres() as server_dsn:
         for rep in range(args.repeat):
-            for consumers in (1, 5, 10):
-                dsn = fresh_database(server_dsn, "bench_pgqueuer")
-                runs.append(one(python, ["--side", "pgqueuer", "--dsn", dsn, "--jobs",
-                                         str(args.jobs), "--consumers", str(consumers)]))
-                print(json.dumps(runs[-1]), file=sys.stderr)
-            for concurrency in (64, 200, 500):
-                dsn = fresh_database(server_dsn, "bench_asyncbg")
-                runs.append(one(Path(sys.executable), [
-                    "--side", "asyncbg", "--dsn", dsn, "--jobs", str(args.jobs),
-                    "--concurrency", str(concurrency)]))
-                print(json.dumps(runs[-1]), file=sys.stderr)
+            for batch in (10, 50):  # PgQueuer's default batch, and a worker's (its free slots)
+                run(python, "--side", "pgqueuer", "--jobs", str(args.jobs), "--consumers", "5",
+                    "--batch", str(batch), "--dsn", fresh_database(server_dsn, "bench_pgq"))
+                run(Path(sys.executable), "--side", "ledger", "--jobs", str(args.jobs),
+                    "--consumers", "5", "--batch", str(batch),
+                    "--dsn", fresh_database(server_dsn, "bench_asyncbg"))
+            run(Path(sys.executable), "--side", "asyncbg", "--jobs", str(args.worker_jobs),
+                "--concurrency", "200", "--dsn", fresh_database(server_dsn, "bench_worker"))
             print(f"repeat {rep + 1} of {args.repeat} done", file=sys.stderr)
-    best = {side: max(r["jobs_per_s"] for r in runs if r["side"] == side)
-            for side in ("pgqueuer", "asyncbg")}
-    report = {"runs": runs, "best_jobs_per_s": best,
-              "asyncbg_over_pgqueuer": round(best["asyncbg"] / best["pgqueuer"], 2),
+    ratios = {}
+    for batch in (10, 50):
+        best = {side: max(r["jobs_per_s"] for r in runs
+                          if r["side"] == side and r.get("batch") == batch)
+                for side in ("pgqueuer", "asyncbg ledger")}
+        ratios[f"batch {batch}"] = {**best, "asyncbg_over_pgqueuer": round(
+            best["asyncbg ledger"] / best["pgqueuer"], 2)}
+    worker = max(r["jobs_per_s"] for r in runs if r["side"] == "asyncbg")
+    report = {"runs": runs, "queue": ratios, "worker_jobs_per_s": worker,
               "cpus": os.cpu_count(), "load_after": os.getloadavg()}
     text = json.dumps(report, indent=2)
     print(text)
