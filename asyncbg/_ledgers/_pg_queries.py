@@ -210,6 +210,8 @@ _COLUMNS = (
 _J_COLUMNS = ", ".join(f"j.{name.strip()}" for name in _COLUMNS.split(","))
 GET = f"SELECT {_COLUMNS} FROM asyncbg_jobs WHERE key = %s"
 RECORDS = f"SELECT {_COLUMNS} FROM asyncbg_jobs ORDER BY seq"
+#: Params: after (a seq), limit. One page of RECORDS, from the seq index.
+RECORDS_PAGE = f"SELECT seq, {_COLUMNS} FROM asyncbg_jobs WHERE seq > %s ORDER BY seq LIMIT %s"
 RESUBMITS = "SELECT COALESCE(sum(resubmits), 0) FROM asyncbg_jobs"
 #: Jobs per state and status, from the counters (version 3): a few dozen rows at any size.
 COUNTS = """

@@ -396,6 +396,13 @@ class PostgresLedger(PostgresOutbox):
         rows = await self._run(lambda c: self._fetchall(c, q.RECORDS))
         return [_record(row) for row in rows]
 
+    async def records_page(self, after: int, limit: int) -> list[tuple[int, Record]]:
+        """Up to ``limit`` records after the one at ``after`` (0: from the start), in claim
+        order, each with its place: :meth:`records` a page at a time, for a reader that
+        streams a ledger of any size (``asyncbg results``)."""
+        rows = await self._run(lambda c: self._fetchall(c, q.RECORDS_PAGE, (after, limit)))
+        return [(int(row[0]), _record(row[1:])) for row in rows]
+
     async def resubmits(self) -> int:
         row = await self._run(lambda c: self._fetchone(c, q.RESUBMITS))
         return int(row[0]) if row else 0

@@ -132,6 +132,8 @@ _COLUMNS = (
 )
 GET = f"SELECT {_COLUMNS} FROM jobs WHERE key = ?"
 RECORDS = f"SELECT {_COLUMNS} FROM jobs ORDER BY seq"
+#: Params: after (a seq), limit. One page of RECORDS, from the seq index.
+RECORDS_PAGE = f"SELECT seq, {_COLUMNS} FROM jobs WHERE seq > ? ORDER BY seq LIMIT ?"
 RESUBMITS = "SELECT COALESCE(SUM(resubmits), 0) FROM jobs"
 
 CLAIM_INSERT = """

@@ -45,7 +45,7 @@ from ._shared import (
 from ._sqlite import SQLiteLedger, _record, _transaction
 from ._sqlite_outbox import add_notice
 
-__all__ = ["SharedSQLiteLedger"]
+__all__ = ["SharedSQLiteLedger", "records_page"]
 
 #: Workers not seen for this long are deleted from the table when a process registers.
 _FORGET_AFTER = 86400.0
@@ -318,6 +318,16 @@ class SharedSQLiteLedger(SQLiteLedger):
     def _write(self, db: sqlite3.Connection, sql: str, args: tuple[Any, ...]) -> None:
         with _transaction(db):
             db.execute(sql, args)
+
+
+async def records_page(ledger: SQLiteLedger, after: int, limit: int
+                       ) -> list[tuple[int, Record]]:
+    """As :meth:`PostgresLedger.records_page`, for any SQLite journal (shared or not)."""
+    def page(db: sqlite3.Connection) -> list[tuple[int, Record]]:
+        return [(int(row[0]), _record(row[1:]))
+                for row in db.execute(q.RECORDS_PAGE, (after, limit))]
+
+    return await ledger._call(page)
 
 
 def _shared_schema(db: sqlite3.Connection) -> None:
