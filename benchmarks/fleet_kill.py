@@ -42,7 +42,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from benchmarks.fleet import fresh_database, postgres  # noqa: E402
+from benchmarks.fleet import emit, fresh_database, postgres  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -184,10 +184,7 @@ def main() -> None:
                                     and set(per_id.values()) == {1}),
         "worker_exit_codes": codes,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text)
+    emit(report, args.json)
 
 
 if __name__ == "__main__":

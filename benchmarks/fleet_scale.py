@@ -39,6 +39,7 @@ sys.path.insert(0, str(HERE.parent))
 from asyncbg._ledgers import _pg_queries as q  # noqa: E402
 from asyncbg._ledgers import canonical, digest  # noqa: E402
 from asyncbg._ledgers._postgres import PostgresLedger  # noqa: E402
+from asyncbg._ledgers._shared import SharedLedger  # noqa: E402
 
 
 def pct(values: list[float], p: float) -> float:
@@ -75,6 +76,17 @@ def lines(n: int, prefix: str = "line") -> list[tuple[str, str, bytes]]:
                   "store": True, "metadata": {"asyncbg_custom_id": f"{prefix}-{i}"}}
         items.append((f"{prefix}-{i}", digest(params), canonical(params)))
     return items
+
+
+async def timed_claims(worker: SharedLedger, claims: int) -> list[float]:
+    """Milliseconds of each of ``claims`` claims of 16 jobs."""
+    took = []
+    for _ in range(claims):
+        t = time.perf_counter()
+        got = await worker.acquire(16, 3600.0)
+        took.append((time.perf_counter() - t) * 1000)
+        assert len(got) == 16
+    return took
 
 
 async def measure(dsn: str, *, jobs: int, leased: int, claims: int) -> dict[str, object]:
@@ -115,12 +127,7 @@ async def measure(dsn: str, *, jobs: int, leased: int, claims: int) -> dict[str,
                         raise psycopg.Rollback
                 except psycopg.Rollback:
                     pass
-        claim = []
-        for _ in range(claims):
-            t = time.perf_counter()
-            got = await worker.acquire(16, 3600.0)
-            claim.append((time.perf_counter() - t) * 1000)
-            assert len(got) == 16
+        claim = await timed_claims(worker, claims)
         status, unfinished = [], []
         for _ in range(20):
             t = time.perf_counter()
@@ -188,12 +195,7 @@ async def measure_sqlite(path: Path, *, jobs: int, leased: int, claims: int
         print(f"enqueued {jobs:,} in {enqueue_s:.1f} s", file=sys.stderr, flush=True)
         for _ in range(0, leased, 10_000):
             await busy.acquire(10_000, 3600.0)
-        claim = []
-        for _ in range(claims):
-            t = time.perf_counter()
-            got = await worker.acquire(16, 3600.0)
-            claim.append((time.perf_counter() - t) * 1000)
-            assert len(got) == 16
+        claim = await timed_claims(worker, claims)
         unfinished = []
         for _ in range(5):
             t = time.perf_counter()

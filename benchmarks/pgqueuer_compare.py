@@ -238,7 +238,7 @@ def main() -> None:
     if args.side == "asyncbg":
         print(json.dumps(asyncbg_side(args.dsn, args.jobs, args.concurrency)))
         return
-    from benchmarks.fleet import fresh_database, postgres
+    from benchmarks.fleet import emit, fresh_database, postgres
 
     python = pgqueuer_python()
     runs: list[dict[str, Any]] = []
@@ -268,10 +268,7 @@ def main() -> None:
     worker = max(r["jobs_per_s"] for r in runs if r["side"] == "asyncbg")
     report = {"runs": runs, "queue": ratios, "worker_jobs_per_s": worker,
               "cpus": os.cpu_count(), "load_after": os.getloadavg()}
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text)
+    emit(report, args.json)
 
 
 if __name__ == "__main__":
