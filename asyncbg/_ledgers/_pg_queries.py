@@ -309,39 +309,45 @@ RECORD_TERMINAL_NOTIFY = f"""
 #: Why a fenced write changed nothing: the key is missing (a bug) or its lease is elsewhere.
 EXISTS = "SELECT 1 FROM asyncbg_jobs WHERE key = %s"
 
-# The same three writes for many keys at once (writes that arrive while one is on its way go
-# together in the next statement: see PostgresLedger._grouped). Params: owner, then one array
-# per column, the epochs last; each returns the keys it wrote (the others' leases are elsewhere).
-SENDING_MANY = f"""
-    UPDATE asyncbg_jobs j SET state = 'sending', response_id = NULL, status = 'pending',
-        resubmits = j.resubmits + b.resubmit, updated = {_NOW}, sent_epoch = j.epoch
-    FROM unnest(%(keys)s::text[], %(resubmits)s::integer[], %(epochs)s::bigint[])
-        AS b(key, resubmit, epoch)
-    WHERE j.key = b.key AND j.owner = %(owner)s AND j.epoch = b.epoch
-    RETURNING j.key
-"""
-RECORD_LIVE_MANY = f"""
-    UPDATE asyncbg_jobs j SET state = 'live', response_id = COALESCE(b.response_id, j.response_id),
-        status = b.status, updated = {_NOW}
-    FROM unnest(%(keys)s::text[], %(response_ids)s::text[], %(statuses)s::text[],
-                %(epochs)s::bigint[]) AS b(key, response_id, status, epoch)
-    WHERE j.key = b.key AND j.owner = %(owner)s AND j.epoch = b.epoch
-    RETURNING j.key
-"""
-RECORD_TERMINAL_MANY = f"""
-    UPDATE asyncbg_jobs j SET state = b.state,
-        response_id = COALESCE(b.response_id, j.response_id), status = b.status,
-        body = b.body, error = b.error, error_code = b.error_code,
-        http_status = b.http_status, request_id = b.request_id, updated = {_NOW},
-        lease_until = NULL
-    FROM unnest(%(keys)s::text[], %(states)s::text[], %(response_ids)s::text[],
-                %(statuses)s::text[], %(bodies)s::bytea[], %(errors)s::text[],
-                %(error_codes)s::text[], %(http_statuses)s::integer[],
-                %(request_ids)s::text[], %(epochs)s::bigint[])
-        AS b(key, state, response_id, status, body, error, error_code, http_status, request_id,
-             epoch)
-    WHERE j.key = b.key AND j.owner = %(owner)s AND j.epoch = b.epoch
-    RETURNING j.key
+# The same three writes for many keys at once, in one statement (writes that arrive while one
+# is on its way go together in the next: see PostgresLedger._grouped). A key has at most one
+# write waiting (the engine awaits each before the next), so the three parts touch different
+# rows. Params: owner, then one array per column of each part, the epochs last; it returns the
+# keys written (the others' leases are elsewhere).
+WRITE_MANY = f"""
+    WITH sent AS (
+        UPDATE asyncbg_jobs j SET state = 'sending', response_id = NULL, status = 'pending',
+            resubmits = j.resubmits + b.resubmit, updated = {_NOW}, sent_epoch = j.epoch
+        FROM unnest(%(s_keys)s::text[], %(s_resubmits)s::integer[], %(s_epochs)s::bigint[])
+            AS b(key, resubmit, epoch)
+        WHERE j.key = b.key AND j.owner = %(owner)s AND j.epoch = b.epoch
+        RETURNING j.key
+    ),
+    live AS (
+        UPDATE asyncbg_jobs j SET state = 'live',
+            response_id = COALESCE(b.response_id, j.response_id), status = b.status,
+            updated = {_NOW}
+        FROM unnest(%(l_keys)s::text[], %(l_response_ids)s::text[], %(l_statuses)s::text[],
+                    %(l_epochs)s::bigint[]) AS b(key, response_id, status, epoch)
+        WHERE j.key = b.key AND j.owner = %(owner)s AND j.epoch = b.epoch
+        RETURNING j.key
+    ),
+    ended AS (
+        UPDATE asyncbg_jobs j SET state = b.state,
+            response_id = COALESCE(b.response_id, j.response_id), status = b.status,
+            body = b.body, error = b.error, error_code = b.error_code,
+            http_status = b.http_status, request_id = b.request_id, updated = {_NOW},
+            lease_until = NULL
+        FROM unnest(%(t_keys)s::text[], %(t_states)s::text[], %(t_response_ids)s::text[],
+                    %(t_statuses)s::text[], %(t_bodies)s::bytea[], %(t_errors)s::text[],
+                    %(t_error_codes)s::text[], %(t_http_statuses)s::integer[],
+                    %(t_request_ids)s::text[], %(t_epochs)s::bigint[])
+            AS b(key, state, response_id, status, body, error, error_code, http_status,
+                 request_id, epoch)
+        WHERE j.key = b.key AND j.owner = %(owner)s AND j.epoch = b.epoch
+        RETURNING j.key
+    )
+    SELECT key FROM sent UNION ALL SELECT key FROM live UNION ALL SELECT key FROM ended
 """
 
 # -- the fleet -------------------------------------------------------------------------------------

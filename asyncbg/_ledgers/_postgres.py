@@ -102,7 +102,7 @@ class PostgresLedger(PostgresOutbox):
     """
 
     __slots__ = (
-        "_acquired", "_connect_timeout", "_exclusive", "_groups", "_held", "_holder", "_kwargs",
+        "_acquired", "_connect_timeout", "_exclusive", "_group", "_held", "_holder", "_kwargs",
         "_listener", "_max_connections", "_opens", "_owner", "_pool", "_registered",
         "_renewals", "_url", "lease", "round_trips", "timeout",
     )
@@ -151,8 +151,8 @@ class PostgresLedger(PostgresOutbox):
         self._acquired: dict[str, Record] = {}
         #: Statements sent (a transaction's BEGIN and COMMIT count): the ledger's cost.
         self.round_trips = 0
-        #: The fenced writes waiting to go out together, by kind (see _grouped).
-        self._groups = {kind: _Group() for kind in _GROUPED}
+        #: The fenced writes waiting to go out together (see _grouped).
+        self._group = _Group()
 
     def __repr__(self) -> str:
         return f"PostgresLedger({self.location!r}, exclusive={self._exclusive})"
@@ -595,25 +595,25 @@ class PostgresLedger(PostgresOutbox):
             await self._not_written(key)
 
     async def _grouped(self, kind: str, key: str, row: tuple[Any, ...]) -> None:
-        """A fenced write (see :meth:`_fenced`) that goes out together with the others of its
-        kind that wait at the same moment: while one statement is on its way, the writes
-        arriving queue, and the first of them sends them all in the next one (one round trip
-        and one commit for hundreds of jobs, not one each on the pool's few connections).
+        """A fenced write (see :meth:`_fenced`) that goes out together with the others that
+        wait at the same moment: while one statement is on its way, the writes arriving queue,
+        and the first of them sends them all in the next one (one round trip and one commit
+        for hundreds of jobs, not one each on the pool's few connections).
 
         Every write here may run twice (a retry after a dropped connection): they set values.
         """
         epoch = self._held.get(key)
         if epoch is None:
             await self._not_written(key)
-        write = _Write(key, (*row, epoch))
-        group = self._groups[kind]
+        write = _Write(kind, key, (*row, epoch))
+        group = self._group
         group.waiting.append(write)
         try:
             while not write.done:
                 if group.busy:
                     await group.turn.wait()
                 else:
-                    await self._write_group(kind, group)
+                    await self._write_group(group)
         finally:
             if not write.done and write in group.waiting:  # cancelled before it was sent
                 group.waiting.remove(write)
@@ -622,15 +622,17 @@ class PostgresLedger(PostgresOutbox):
         if not write.written:
             await self._not_written(key)
 
-    async def _write_group(self, kind: str, group: _Group) -> None:
-        sql, names = _GROUPED[kind]
+    async def _write_group(self, group: _Group) -> None:
         batch, group.waiting = group.waiting, []
         group.busy = True
         try:
-            columns = [list(column) for column in zip(*(w.row for w in batch), strict=True)]
-            args = {"owner": self._owner, **dict(zip((*names, "epochs"), columns, strict=True))}
+            args: dict[str, Any] = {"owner": self._owner}
+            for kind, names in _GROUPED.items():
+                rows = [w.row for w in batch if w.kind == kind]
+                columns = [list(c) for c in zip(*rows, strict=True)] or [[] for _ in names]
+                args.update(zip(names, columns, strict=True))
             written = {row[0] for row in await self._run(
-                lambda c: self._fetchall(c, sql, args))}
+                lambda c: self._fetchall(c, q.WRITE_MANY, args))}
             for w in batch:
                 w.written = w.key in written
         except LedgerError as exc:
@@ -744,22 +746,22 @@ class PostgresLedger(PostgresOutbox):
         return LedgerError(f"{self.location}: PostgreSQL error {state}: {detail}")
 
 
-#: The grouped writes: each one's statement, and the arrays its rows fill (the epochs last).
-_GROUPED: dict[str, tuple[str, tuple[str, ...]]] = {
-    "sending": (q.SENDING_MANY, ("keys", "resubmits")),
-    "live": (q.RECORD_LIVE_MANY, ("keys", "response_ids", "statuses")),
-    "terminal": (q.RECORD_TERMINAL_MANY, (
-        "keys", "states", "response_ids", "statuses", "bodies", "errors", "error_codes",
-        "http_statuses", "request_ids")),
+#: The grouped writes: the parameters of each part of q.WRITE_MANY, in the order of a row.
+_GROUPED: dict[str, tuple[str, ...]] = {
+    "sending": ("s_keys", "s_resubmits", "s_epochs"),
+    "live": ("l_keys", "l_response_ids", "l_statuses", "l_epochs"),
+    "terminal": ("t_keys", "t_states", "t_response_ids", "t_statuses", "t_bodies", "t_errors",
+                 "t_error_codes", "t_http_statuses", "t_request_ids", "t_epochs"),
 }
 
 
 class _Write:
     """One grouped write: its row, and what became of it."""
 
-    __slots__ = ("done", "error", "key", "row", "written")
+    __slots__ = ("done", "error", "key", "kind", "row", "written")
 
-    def __init__(self, key: str, row: tuple[Any, ...]) -> None:
+    def __init__(self, kind: str, key: str, row: tuple[Any, ...]) -> None:
+        self.kind = kind
         self.key = key
         self.row = row
         self.done = False
@@ -768,8 +770,8 @@ class _Write:
 
 
 class _Group:
-    """The writes of one kind waiting to go out, and whether a statement is on its way
-    (``turn`` is set when it is back)."""
+    """The writes waiting to go out, and whether a statement is on its way (``turn`` is set
+    when it is back)."""
 
     __slots__ = ("busy", "turn", "waiting")
 
