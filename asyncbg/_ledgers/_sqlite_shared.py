@@ -199,15 +199,16 @@ class SharedSQLiteLedger(SQLiteLedger):
 
         def enqueue(db: sqlite3.Connection) -> int:
             now = time.time()
-            new = 0
             with _transaction(db):
-                for key, digest, request in batch:
-                    if db.execute(q.ENQUEUE, (key, digest, request, now, now)).rowcount == 1:
-                        new += 1
-                        continue
-                    if db.execute(q.DIGEST_OF, (key,)).fetchone()[0] != digest:
-                        # Raised inside the transaction: everything is rolled back.
-                        raise EnqueueMismatch(key, self.location)
+                before = db.total_changes
+                db.executemany(q.ENQUEUE, ((key, digest, request, now, now)
+                                           for key, digest, request in batch))
+                new = db.total_changes - before
+                if new < len(batch):  # some keys were there: each with the same request?
+                    for key, digest, _ in batch:
+                        if db.execute(q.DIGEST_OF, (key,)).fetchone()[0] != digest:
+                            # Raised inside the transaction: everything is rolled back.
+                            raise EnqueueMismatch(key, self.location)
             return new
 
         return await self._call(enqueue)
