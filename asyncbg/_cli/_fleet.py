@@ -93,7 +93,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                         "likely)")
     p.add_argument("--db-patience", type=_positive, default=300.0, metavar="SECONDS",
                    help="how long to wait out a ledger that cannot be reached (a database "
-                        "restarting, a dropped connection) before stopping (default: 300)")
+                        "restarting or not up yet, a dropped connection) before stopping "
+                        "(default: 300)")
     from . import _metrics
     from ._notify import add_options as add_notify_options
 

@@ -267,29 +267,11 @@ CLAIM_RESUME = f"""
 
 # -- writes, fenced by owner and epoch -------------------------------------------------------------
 
-# Params: resubmit (0/1), key, owner, epoch. The record carries the epoch it was sent at.
-SENDING = f"""
-    UPDATE asyncbg_jobs SET state = 'sending', response_id = NULL, status = 'pending',
-        resubmits = resubmits + %s, updated = {_NOW}, sent_epoch = epoch
-    WHERE key = %s AND owner = %s AND epoch = %s
-"""
-# Params: response_id, status, key, owner, epoch.
-RECORD_LIVE = f"""
-    UPDATE asyncbg_jobs SET state = 'live', response_id = COALESCE(%s, response_id),
-        status = %s, updated = {_NOW}
-    WHERE key = %s AND owner = %s AND epoch = %s
-"""
-# Params: state, response_id, status, body, error, error_code, http_status, request_id,
-# key, owner, epoch. A finished key needs no lease any more.
-RECORD_TERMINAL = f"""
-    UPDATE asyncbg_jobs SET state = %s, response_id = COALESCE(%s, response_id), status = %s,
-        body = %s, error = %s, error_code = %s, http_status = %s, request_id = %s,
-        updated = {_NOW}, lease_until = NULL
-    WHERE key = %s AND owner = %s AND epoch = %s
-"""
-# Params: id, url, body (the notification), then RECORD_TERMINAL's. One statement, so one
-# transaction: the outcome and its notification are written together or not at all. It returns
-# the key when the fenced update matched.
+# A terminal outcome with its webhook notification (most go through WRITE_MANY below). Params:
+# id, url, body (the notification), then state, response_id, status, body, error, error_code,
+# http_status, request_id, key, owner, epoch. One statement, so one transaction: the outcome
+# and its notification are written together or not at all. It returns the key when the fenced
+# update matched. A finished key needs no lease any more.
 RECORD_TERMINAL_NOTIFY = f"""
     WITH notice AS (SELECT %s::text AS id, %s::text AS url, %s::bytea AS body),
     done AS (

@@ -7,6 +7,10 @@ Connections come from a :class:`psycopg_pool.AsyncConnectionPool` (as procrastin
 them), in autocommit: every write is a single statement, so it commits in one round trip, and a
 transaction (a claim that finds the key there, an enqueue) holds its connection to itself. Lease
 renewal has a pool of its own (one connection), so that it never waits behind other calls.
+The fenced writes of many jobs (``sending``, a response id, an outcome) that arrive while one is
+on its way go out together in the next statement (:meth:`PostgresLedger._grouped`), each still
+checked against its own owner and epoch: a worker running hundreds of jobs does not queue them
+one by one on the pool's few connections.
 
 Every call is bounded in time: ``connect_timeout`` to connect, the pool's ``timeout`` to get a
 connection, ``statement_timeout`` (and ``idle_in_transaction_session_timeout``) on the server,
