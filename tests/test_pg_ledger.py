@@ -301,6 +301,42 @@ async def test_writes_that_arrive_together_go_out_together_each_fenced(pg_dsn: s
         await ledger.close()
 
 
+@pytest.mark.asyncio
+async def test_grouped_writes_cancelled_on_their_way_or_waiting_leave_no_one_stuck(
+    pg_dsn: str,
+) -> None:
+    """The write that carries a statement is cancelled while the statement waits on a lock,
+    one queued behind it is cancelled before it is sent: neither is written, and the next
+    write goes out at once (nothing waits for a statement that will never come back)."""
+    ledger = PostgresLedger(pg_dsn, lease=30.0)
+    await ledger.open()
+    try:
+        await ledger.enqueue([(key, *req(i=key)) for key in ("k0", "k1", "k2")])
+        assert len(await ledger.acquire(3, 30.0)) == 3
+        async with await psycopg.AsyncConnection.connect(pg_dsn) as locker, \
+                locker.transaction():
+            await locker.execute("SELECT 1 FROM asyncbg_jobs WHERE key = 'k0' FOR UPDATE")
+            with anyio.fail_after(20):
+                async with anyio.create_task_group() as tg:
+                    carrier, queued = anyio.CancelScope(), anyio.CancelScope()
+
+                    async def write(key: str, scope: anyio.CancelScope) -> None:
+                        with scope:
+                            await ledger.sending(key, resubmit=False)
+
+                    tg.start_soon(write, "k0", carrier)  # blocks on the lock
+                    await anyio.sleep(0.3)
+                    tg.start_soon(write, "k2", queued)  # waits for the statement
+                    await anyio.sleep(0.1)
+                    queued.cancel()
+                    carrier.cancel()
+                await ledger.sending("k1", resubmit=False)  # at once, not stuck
+        states = {r.key: r.state for r in await ledger.records()}
+        assert states == {"k0": "new", "k1": "sending", "k2": "new"}
+    finally:
+        await ledger.close()
+
+
 # -- the fleet: enqueue, acquire, renew, release -------------------------------------------------
 
 @pytest.mark.asyncio
