@@ -127,10 +127,11 @@ async def run_worker(
     for every job this worker ends (and delivers what other workers left pending for its URL);
     with ``exit_when_idle`` it waits up to ``notify.wait_on_exit`` for them before returning.
 
-    A ledger that cannot be reached (a dropped connection, a database restarting) is waited out
-    with a backoff: live responses go on being polled, outcomes are written when it is back, and
-    no create is sent that could not be recorded. Only after ``db_patience`` seconds does the
-    worker give up, with :class:`~asyncbg.LedgerUnavailable`.
+    A ledger that cannot be reached (a dropped connection, a database restarting, or not up yet
+    when the worker starts) is waited out with a backoff: live responses go on being polled,
+    outcomes are written when it is back, and no create is sent that could not be recorded.
+    Only after ``db_patience`` seconds does the worker give up, with
+    :class:`~asyncbg.LedgerUnavailable`.
     """
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency!r}")
