@@ -306,8 +306,9 @@ async def test_grouped_writes_cancelled_on_their_way_or_waiting_leave_no_one_stu
     pg_dsn: str,
 ) -> None:
     """The write that carries a statement is cancelled while the statement waits on a lock,
-    one queued behind it is cancelled before it is sent: neither is written, and the next
-    write goes out at once (nothing waits for a statement that will never come back)."""
+    one queued behind it is cancelled before it is sent: the queued one is never written, and
+    the next write goes out at once (nothing waits for a statement that will never come
+    back)."""
     ledger = PostgresLedger(pg_dsn, lease=30.0)
     await ledger.open()
     try:
@@ -332,7 +333,10 @@ async def test_grouped_writes_cancelled_on_their_way_or_waiting_leave_no_one_stu
                     carrier.cancel()
                 await ledger.sending("k1", resubmit=False)  # at once, not stuck
         states = {r.key: r.state for r in await ledger.records()}
-        assert states == {"k0": "new", "k1": "sending", "k2": "new"}
+        # The carried statement may still commit once the lock is gone (the server learns of
+        # the cancel, or of the closed connection, only later): its write is not known.
+        assert states["k1"] == "sending" and states["k2"] == "new"
+        assert states["k0"] in ("new", "sending")
     finally:
         await ledger.close()
 
