@@ -127,10 +127,11 @@ async def run_worker(
     for every job this worker ends (and delivers what other workers left pending for its URL);
     with ``exit_when_idle`` it waits up to ``notify.wait_on_exit`` for them before returning.
 
-    A ledger that cannot be reached (a dropped connection, a database restarting) is waited out
-    with a backoff: live responses go on being polled, outcomes are written when it is back, and
-    no create is sent that could not be recorded. Only after ``db_patience`` seconds does the
-    worker give up, with :class:`~asyncbg.LedgerUnavailable`.
+    A ledger that cannot be reached (a dropped connection, a database restarting, or not up yet
+    when the worker starts) is waited out with a backoff: live responses go on being polled,
+    outcomes are written when it is back, and no create is sent that could not be recorded.
+    Only after ``db_patience`` seconds does the worker give up, with
+    :class:`~asyncbg.LedgerUnavailable`.
     """
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency!r}")
@@ -138,7 +139,8 @@ async def run_worker(
     worker = _Worker(ledger, concurrency=concurrency, lease=lease, stop=stop,
                      idle=min(1.0, lease / 4) if idle is None else idle,
                      exit_when_idle=exit_when_idle, patience=db_patience)
-    await ledger.open()
+    if not await _open_patiently(ledger, patience=db_patience, stop=stop):
+        return 0  # stopped before the ledger could be reached: nothing was taken
     try:
         error: Exception | None = None
         async with anyio.create_task_group() as tg:
@@ -171,6 +173,38 @@ async def run_worker(
                 await ledger.release(list(ledger.held()))  # at once, not after the lease
             finally:
                 await ledger.close()
+
+
+async def _open_patiently(ledger: SharedLedger, *, patience: float, stop: anyio.Event) -> bool:
+    """Open ``ledger``, waiting out a database that cannot be reached yet (starting, restarting,
+    a network away) with a backoff, as a running worker does: up to ``patience`` seconds, then
+    :class:`~asyncbg.LedgerUnavailable`. False when ``stop`` came first (nothing was opened)."""
+    started = anyio.current_time()
+    delay = 0.0
+    while True:
+        try:
+            await ledger.open()
+        except LedgerUnavailable as exc:
+            waited = anyio.current_time() - started
+            if waited >= patience:
+                raise LedgerUnavailable(
+                    f"{ledger.location} could not be reached for {patience:g} s ({exc}); the "
+                    "worker stops without having taken any job"
+                ) from exc
+            if not delay:  # the first failure: say once that it waits
+                _log.warning("worker.ledger_unavailable", ledger=ledger.location,
+                             error=str(exc), patience=patience,
+                             action="waiting for it before taking any job")
+            delay = min(delay * 2 or 0.25, 5.0)
+            with anyio.move_on_after(min(delay, patience - waited)):
+                await stop.wait()
+            if stop.is_set():
+                return False
+            continue
+        if delay:
+            _log.warning("worker.ledger_available", ledger=ledger.location,
+                         after=round(anyio.current_time() - started, 3))
+        return True
 
 
 class _Stopped(Exception):

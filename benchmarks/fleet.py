@@ -188,6 +188,14 @@ def run_fleet(server_dsn: str, base: str, *, name: str, workers: int, n: int, du
     return result
 
 
+def emit(report: dict[str, Any], path: str | None) -> None:
+    """Print ``report`` as JSON, and write it to ``path`` when one is given."""
+    text = json.dumps(report, indent=2)
+    print(text)
+    if path:
+        Path(path).write_text(text)
+
+
 def worker_main(args: argparse.Namespace) -> None:
     """One worker process: run_worker until idle, then print its counters as JSON."""
     import anyio
@@ -250,10 +258,7 @@ def main() -> None:
         "jobs_per_s_ratio": round(three["jobs_per_s"] / one["jobs_per_s"], 2),
         "cpus": os.cpu_count(),
     }
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text)
+    emit(out, args.json)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 
     python benchmarks/fleet_scale.py                 # 1,000,000 jobs (a few minutes on 2 cores)
     python benchmarks/fleet_scale.py --jobs 100000   # quicker
+    python benchmarks/fleet_scale.py --store sqlite  # claims on a shared SQLite journal
 
 PostgreSQL is $ASYNCBG_TEST_POSTGRES (a database of its own is made there and dropped after) or
 a throwaway server (tests/pg_server.py). Figures, each against the goal of issue 20:
@@ -38,6 +39,7 @@ sys.path.insert(0, str(HERE.parent))
 from asyncbg._ledgers import _pg_queries as q  # noqa: E402
 from asyncbg._ledgers import canonical, digest  # noqa: E402
 from asyncbg._ledgers._postgres import PostgresLedger  # noqa: E402
+from asyncbg._ledgers._shared import SharedLedger  # noqa: E402
 
 
 def pct(values: list[float], p: float) -> float:
@@ -76,6 +78,17 @@ def lines(n: int, prefix: str = "line") -> list[tuple[str, str, bytes]]:
     return items
 
 
+async def timed_claims(worker: SharedLedger, claims: int) -> list[float]:
+    """Milliseconds of each of ``claims`` claims of 16 jobs."""
+    took = []
+    for _ in range(claims):
+        t = time.perf_counter()
+        got = await worker.acquire(16, 3600.0)
+        took.append((time.perf_counter() - t) * 1000)
+        assert len(got) == 16
+    return took
+
+
 async def measure(dsn: str, *, jobs: int, leased: int, claims: int) -> dict[str, object]:
     submitter = PostgresLedger(dsn, timeout=600.0)
     busy = PostgresLedger(dsn, lease=3600.0)
@@ -107,19 +120,14 @@ async def measure(dsn: str, *, jobs: int, leased: int, claims: int) -> dict[str,
                     async with conn.transaction():
                         cur = await conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + q.ACQUIRE,
                                                  {"limit": 16, "owner": "probe",
-                                                  "lease": 3600.0})
+                                                  "lease": 3600.0, "margin": 1200.0})
                         [[plan]] = await cur.fetchall()
                         plan = json.loads(plan) if isinstance(plan, str) else plan
                         server_claim.append(float(plan[0]["Execution Time"]))
                         raise psycopg.Rollback
                 except psycopg.Rollback:
                     pass
-        claim = []
-        for _ in range(claims):
-            t = time.perf_counter()
-            got = await worker.acquire(16, 3600.0)
-            claim.append((time.perf_counter() - t) * 1000)
-            assert len(got) == 16
+        claim = await timed_claims(worker, claims)
         status, unfinished = [], []
         for _ in range(20):
             t = time.perf_counter()
@@ -169,13 +177,63 @@ async def measure(dsn: str, *, jobs: int, leased: int, claims: int) -> dict[str,
     }
 
 
+async def measure_sqlite(path: Path, *, jobs: int, leased: int, claims: int
+                         ) -> dict[str, object]:
+    """The same claims on a shared SQLite journal (processes on one machine)."""
+    from asyncbg._ledgers._sqlite_shared import SharedSQLiteLedger
+
+    submitter = SharedSQLiteLedger(path)
+    busy = SharedSQLiteLedger(path, lease=3600.0)
+    worker = SharedSQLiteLedger(path, lease=3600.0)
+    for led in (submitter, busy, worker):
+        await led.open()
+    try:
+        started = time.perf_counter()
+        for start in range(0, jobs, 100_000):
+            await submitter.enqueue(lines(min(100_000, jobs - start), prefix=f"c{start}"))
+        enqueue_s = time.perf_counter() - started
+        print(f"enqueued {jobs:,} in {enqueue_s:.1f} s", file=sys.stderr, flush=True)
+        for _ in range(0, leased, 10_000):
+            await busy.acquire(10_000, 3600.0)
+        claim = await timed_claims(worker, claims)
+        unfinished = []
+        for _ in range(5):
+            t = time.perf_counter()
+            left = await worker.unfinished()
+            unfinished.append((time.perf_counter() - t) * 1000)
+        assert left == jobs
+    finally:
+        busy.forget(list(busy.held()))
+        worker.forget(list(worker.held()))
+        for led in (submitter, busy, worker):
+            await led.close()
+    return {
+        "store": "sqlite", "jobs": jobs, "leased": leased,
+        "load_average_1m": round(os.getloadavg()[0], 2),
+        "enqueue_s": round(enqueue_s, 1),
+        "claim_ms_p50": round(pct(claim, 50), 2), "claim_ms_p99": round(pct(claim, 99), 2),
+        "unfinished_ms_p50": round(pct(unfinished, 50), 2),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=1_000_000)
     parser.add_argument("--leased", type=int, default=200_000,
                         help="jobs another worker holds while the claims are timed")
     parser.add_argument("--claims", type=int, default=200)
+    parser.add_argument("--store", choices=["postgres", "sqlite"], default="postgres",
+                        help="sqlite: a shared SQLite journal in a temporary directory")
     args = parser.parse_args()
+    if args.store == "sqlite":
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            report = anyio.run(lambda: measure_sqlite(
+                Path(tmp) / "fleet.db", jobs=args.jobs, leased=min(args.leased, args.jobs // 2),
+                claims=args.claims))
+        print(json.dumps(report, indent=2))
+        return 0
     with database() as dsn:
         report = anyio.run(lambda: measure(dsn, jobs=args.jobs,
                                            leased=min(args.leased, args.jobs // 2),

@@ -132,6 +132,29 @@ def test_results_replace_a_regular_file_through_a_link_or_go_to_stdout(
     assert [json.loads(line)["custom_id"] for line in out] == written
 
 
+def test_results_read_the_ledger_a_page_at_a_time(
+    db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ledger of a million jobs does not fit in memory: ``results`` streams it in pages, in
+    submission order, to a file or to stdout, and never reads every record at once."""
+    import asyncbg._cli._fleet
+    from asyncbg._ledgers import SQLiteLedger
+
+    async def everything(self: SQLiteLedger) -> None:
+        raise AssertionError("results read every record at once")
+
+    monkeypatch.setattr(SQLiteLedger, "records", everything)
+    monkeypatch.setattr(asyncbg._cli._fleet, "_PAGE", 2)
+    out = tmp_path / "out.jsonl"
+    assert main(["results", "--ledger", str(db), "-o", str(out)]) == 0
+    assert "wrote 5 lines" in capsys.readouterr().err
+    written = [json.loads(line)["custom_id"] for line in out.read_text().splitlines()]
+    assert written == ["q0", "q1", "q2", "q3", "q5"]
+    assert main(["results", "--ledger", str(db), "-o", "-"]) == 0
+    assert [json.loads(line)["custom_id"] for line in capsys.readouterr().out.splitlines()] \
+        == written
+
+
 # -- a worker on a mistyped path -----------------------------------------------------------------
 
 

@@ -1,13 +1,16 @@
 """A PostgreSQL ledger whose cost does not grow with its size: claims read only rows they can
-take, counts come from counters the triggers keep exact, a big enqueue goes through COPY, and a
-waiting worker is woken by LISTEN/NOTIFY. benchmarks/fleet_scale.py measures the same at a
-million jobs."""
+take (and so do a shared SQLite journal's), counts come from counters the triggers keep exact, a
+big enqueue goes through COPY, and a waiting worker is woken by LISTEN/NOTIFY.
+benchmarks/fleet_scale.py measures the same at a million jobs."""
 
 from __future__ import annotations
 
 import json
 import random
+import sqlite3
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -17,8 +20,10 @@ import pytest_asyncio
 
 from asyncbg._ledgers import Outcome, canonical, digest
 from asyncbg._ledgers import _pg_queries as q
+from asyncbg._ledgers import _sqlite_queries as sq
 from asyncbg._ledgers._postgres import PostgresLedger
 from asyncbg._ledgers._shared import EnqueueMismatch, LeaseLost
+from asyncbg._ledgers._sqlite_shared import SharedSQLiteLedger
 
 
 def items(n: int, prefix: str = "k", salt: str = "") -> list[tuple[str, str, bytes]]:
@@ -113,7 +118,8 @@ async def test_a_version_2_ledger_gains_the_indexes_and_its_counts(pg_dsn: str) 
     with psycopg.connect(pg_dsn) as conn:
         names = {row[0] for row in conn.execute(
             "SELECT indexname FROM pg_indexes WHERE tablename = 'asyncbg_jobs'")}
-        assert conn.execute("SELECT value FROM asyncbg_meta").fetchall() == [("3",)]
+        assert conn.execute("SELECT value FROM asyncbg_meta").fetchall() == [
+            (str(q.SCHEMA_VERSION),)]
     assert {"asyncbg_jobs_waiting", "asyncbg_jobs_leased"} <= names
     assert "asyncbg_jobs_open" not in names
 
@@ -139,7 +145,7 @@ async def test_a_claim_reads_only_rows_it_can_take_however_many_are_leased(
         for sql in (q.ACQUIRE, q.ACQUIRE_LIVE):
             with conn.transaction():
                 [[plan]] = conn.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}", {
-                    "limit": 16, "owner": "probe", "lease": 30.0}).fetchall()
+                    "limit": 16, "owner": "probe", "lease": 30.0, "margin": 10.0}).fetchall()
                 if isinstance(plan, str):
                     plan = json.loads(plan)
                 # 10 rows to take (and their index and heap visits), not 6,000 leased ones.
@@ -147,6 +153,43 @@ async def test_a_claim_reads_only_rows_it_can_take_however_many_are_leased(
                 raise psycopg.Rollback  # EXPLAIN ANALYZE ran the claim: take nothing
     assert [r.key for r in await worker.acquire(16, 30.0)] == [f"k{i}" for i in range(6000, 6010)]
     busy.forget(list(busy.held()))
+
+
+@pytest.mark.asyncio
+async def test_a_shared_sqlite_claim_reads_only_rows_it_can_take(tmp_path: Path) -> None:
+    """The same for a shared SQLite journal: SQLite's virtual machine steps (counted by a
+    progress handler) for a claim do not grow with the leased rows before the waiting ones."""
+    busy = SharedSQLiteLedger(tmp_path / "j.db", lease=300.0)
+    worker = SharedSQLiteLedger(tmp_path / "j.db", lease=300.0)
+    await busy.open()
+    await worker.open()
+    try:
+        steps = []
+        for leased in (200, 6000):
+            await busy.enqueue(items(leased + 10, prefix=f"r{leased}-"))
+            assert len(await busy.acquire(leased, 300.0)) == leased  # running elsewhere
+            db = sqlite3.connect(tmp_path / "j.db")
+            try:
+                count = [0]
+
+                def step(count: list[int] = count) -> int:
+                    count[0] += 1
+                    return 0
+
+                db.set_progress_handler(step, 1)
+                for sql in (sq.ACQUIRE, sq.ACQUIRE_LIVE):
+                    db.execute(sql, {"now": time.time(), "limit": 16, "margin": 10.0}).fetchall()
+                steps.append(count[0])
+            finally:
+                db.close()
+            taken = await worker.acquire(16, 300.0)
+            assert [r.key for r in taken] == [f"r{leased}-{i}" for i in range(leased, leased + 10)]
+        # 30 times the leased rows, about the same steps (before: 28 times the steps).
+        assert steps[1] < steps[0] * 3, steps
+    finally:
+        busy.forget(list(busy.held()))
+        await busy.close()
+        await worker.close()
 
 
 # -- enqueue --------------------------------------------------------------------------------------

@@ -14,14 +14,16 @@ import os
 import signal
 import stat
 import sys
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
+import anyio.from_thread
+import anyio.to_thread
 from anyio.abc import TaskStatus
 
-from .._ledgers import Ledger, LedgerError, SQLiteLedger, open_ledger
+from .._ledgers import Ledger, LedgerError, Record, SQLiteLedger, open_ledger
 from .._ledgers._shared import DEFAULT_LEASE, EnqueueMismatch
 from ._input import read_requests
 from ._ops import open_client, say
@@ -91,7 +93,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                         "likely)")
     p.add_argument("--db-patience", type=_positive, default=300.0, metavar="SECONDS",
                    help="how long to wait out a ledger that cannot be reached (a database "
-                        "restarting, a dropped connection) before stopping (default: 300)")
+                        "restarting or not up yet, a dropped connection) before stopping "
+                        "(default: 300)")
     from . import _metrics
     from ._notify import add_options as add_notify_options
 
@@ -266,22 +269,73 @@ async def results(args: argparse.Namespace) -> int:
         return 2
     if await _missing(ledger, args.ledger):
         return 2
-    records = await _with_ledger(ledger, lambda led: led.records(), "")
-    if records is None:
-        return 2
-    lines = [line for record in records if (line := output_line(record)) is not None]
-    unfinished = len(records) - len(lines)
-    if args.output == "-":
-        _write_stdout(lines)
-        return 0
+    counts = {"lines": 0, "unfinished": 0}
     try:
-        await anyio.to_thread.run_sync(_write_file, args.output, lines)
+        await ledger.open()
+        try:
+            if args.output == "-":
+                async for page in _pages(ledger):
+                    _write_stdout(_lines(page, counts))
+                return 0
+            await anyio.to_thread.run_sync(_write_file, args.output, _streamed(ledger, counts))
+        finally:
+            with anyio.CancelScope(shield=True):
+                await ledger.close()
+    except LedgerError as exc:
+        say(str(exc))
+        return 2
     except OSError as exc:
         say(f"cannot write {args.output}: {exc.strerror or exc}")
         return 2
-    say(f"wrote {len(lines)} lines to {args.output}"
+    unfinished = counts["unfinished"]
+    say(f"wrote {counts['lines']} lines to {args.output}"
         + (f"; {unfinished} jobs are not finished yet" if unfinished else ""))
     return 0
+
+
+#: Records read from the ledger at a time by ``results``: its memory does not grow with the
+#: ledger (a million jobs with their bodies would not fit).
+_PAGE = 1000
+
+
+async def _pages(ledger: Ledger) -> AsyncIterator[list[Record]]:
+    """Every record of ``ledger`` in claim order, a page at a time."""
+    from .._ledgers._postgres import PostgresLedger
+    from .._ledgers._sqlite_shared import records_page
+
+    after = 0
+    while True:
+        if isinstance(ledger, PostgresLedger):
+            page = await ledger.records_page(after, _PAGE)
+        else:
+            assert isinstance(ledger, SQLiteLedger)
+            page = await records_page(ledger, after, _PAGE)
+        if not page:
+            return
+        after = page[-1][0]
+        yield [record for _, record in page]
+
+
+def _lines(records: Iterable[Record], counts: dict[str, int]) -> Iterator[dict[str, Any]]:
+    """The output lines of the finished ``records``, counting lines and unfinished jobs."""
+    for record in records:
+        line = output_line(record)
+        if line is None:
+            counts["unfinished"] += 1
+        else:
+            counts["lines"] += 1
+            yield line
+
+
+def _streamed(ledger: Ledger, counts: dict[str, int]) -> Iterator[dict[str, Any]]:
+    """The output lines, for a worker thread: each page is read on the event loop."""
+    pages = _pages(ledger)
+
+    async def following() -> list[Record] | None:
+        return await anext(pages, None)
+
+    while (page := anyio.from_thread.run(following)) is not None:
+        yield from _lines(page, counts)
 
 
 def _refused_output(output: str, ledger: Ledger) -> str | None:
@@ -309,7 +363,7 @@ def _refused_output(output: str, ledger: Ledger) -> str | None:
     return None
 
 
-def _write_file(output: str, lines: list[dict[str, Any]]) -> None:
+def _write_file(output: str, lines: Iterable[dict[str, Any]]) -> None:
     """Replace the file atomically, through any symbolic link to it (the link stays one)."""
     write_atomic(Path(os.path.realpath(output)), lines)
 

@@ -18,6 +18,11 @@ Schema history (``asyncbg_meta.schema_version``):
   and deletes: one upsert per statement; updates: only those that change a state or status),
   spread over 64 slots by backend so that workers do not queue on one row, so that ``status``
   and ``unfinished()`` read a few dozen rows, not every job.
+- version 4: ``sent_epoch``, the epoch a ``sending`` record was written at. A takeover of a key
+  whose lease ran out while its holder's create was in flight (``sent_epoch = epoch``) waits one
+  more safety margin (:func:`~._shared.safety_margin`) before it takes the key: a create that
+  left just before the lease ran out has had its answer recorded by then (the old holder's
+  writes still match owner and epoch), or it is known lost.
 
 Creation and upgrades run in one transaction under ``pg_advisory_xact_lock``, so that workers
 starting together neither race nor see a half-made schema.
@@ -27,7 +32,7 @@ from __future__ import annotations
 
 # No __all__: the module is a namespace, imported as `q` by _postgres.py.
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: The key of the transaction-level advisory lock held while the schema is made or upgraded
 #: ("abgj" and 1), and of the session-level lock an ``exclusive=True`` ledger holds ("abgj", 2).
 SCHEMA_LOCK = 0x6162676A_00000001
@@ -191,6 +196,7 @@ UPGRADES: dict[int, tuple[str, ...]] = {
         "INSERT INTO asyncbg_counts (slot, state, status, n) "
         "SELECT 0, state, status, count(*) FROM asyncbg_jobs GROUP BY state, status",
     ),
+    3: ("ALTER TABLE asyncbg_jobs ADD COLUMN sent_epoch bigint",),
 }
 WRITE_SCHEMA_VERSION = """
     INSERT INTO asyncbg_meta (name, value) VALUES ('schema_version', %s)
@@ -204,6 +210,8 @@ _COLUMNS = (
 _J_COLUMNS = ", ".join(f"j.{name.strip()}" for name in _COLUMNS.split(","))
 GET = f"SELECT {_COLUMNS} FROM asyncbg_jobs WHERE key = %s"
 RECORDS = f"SELECT {_COLUMNS} FROM asyncbg_jobs ORDER BY seq"
+#: Params: after (a seq), limit. One page of RECORDS, from the seq index.
+RECORDS_PAGE = f"SELECT seq, {_COLUMNS} FROM asyncbg_jobs WHERE seq > %s ORDER BY seq LIMIT %s"
 RESUBMITS = "SELECT COALESCE(sum(resubmits), 0) FROM asyncbg_jobs"
 #: Jobs per state and status, from the counters (version 3): a few dozen rows at any size.
 COUNTS = """
@@ -225,13 +233,18 @@ CLAIM_INSERT = f"""
     ON CONFLICT (key) DO NOTHING
     RETURNING {_COLUMNS}, epoch
 """
-# Params: owner, key. `elsewhere`: another live owner holds it. CLAIM_READ decides outcomes
-# that change nothing (DONE, MISMATCH, FOLLOW) without a transaction; CLAIM_LOCK, inside one,
-# decides again before a write.
+#: When a lease can be taken over: once it ran out, and one safety margin (the param
+#: ``margin``) later when its holder's create may be in flight (it wrote ``sending`` at its
+#: epoch): by then that create's answer is recorded, or known lost (schema version 4).
+_TAKEN_OVER_AT = ("lease_until + CASE WHEN state = 'sending' AND sent_epoch = epoch "
+                  "THEN %(margin)s ELSE 0 END")
+# Params: owner, margin, key. `elsewhere`: another live owner holds it. CLAIM_READ decides
+# outcomes that change nothing (DONE, MISMATCH, FOLLOW) without a transaction; CLAIM_LOCK,
+# inside one, decides again before a write.
 _CLAIM_SELECT = f"""
     SELECT {_COLUMNS},
-           owner IS NOT NULL AND owner <> %s AND lease_until > {_NOW} AS elsewhere
-    FROM asyncbg_jobs WHERE key = %s
+           owner IS NOT NULL AND owner <> %(owner)s AND {_TAKEN_OVER_AT} > {_NOW} AS elsewhere
+    FROM asyncbg_jobs WHERE key = %(key)s
 """
 CLAIM_READ = _CLAIM_SELECT
 CLAIM_LOCK = _CLAIM_SELECT + " FOR UPDATE"
@@ -254,29 +267,11 @@ CLAIM_RESUME = f"""
 
 # -- writes, fenced by owner and epoch -------------------------------------------------------------
 
-# Params: resubmit (0/1), key, owner, epoch.
-SENDING = f"""
-    UPDATE asyncbg_jobs SET state = 'sending', response_id = NULL, status = 'pending',
-        resubmits = resubmits + %s, updated = {_NOW}
-    WHERE key = %s AND owner = %s AND epoch = %s
-"""
-# Params: response_id, status, key, owner, epoch.
-RECORD_LIVE = f"""
-    UPDATE asyncbg_jobs SET state = 'live', response_id = COALESCE(%s, response_id),
-        status = %s, updated = {_NOW}
-    WHERE key = %s AND owner = %s AND epoch = %s
-"""
-# Params: state, response_id, status, body, error, error_code, http_status, request_id,
-# key, owner, epoch. A finished key needs no lease any more.
-RECORD_TERMINAL = f"""
-    UPDATE asyncbg_jobs SET state = %s, response_id = COALESCE(%s, response_id), status = %s,
-        body = %s, error = %s, error_code = %s, http_status = %s, request_id = %s,
-        updated = {_NOW}, lease_until = NULL
-    WHERE key = %s AND owner = %s AND epoch = %s
-"""
-# Params: id, url, body (the notification), then RECORD_TERMINAL's. One statement, so one
-# transaction: the outcome and its notification are written together or not at all. It returns
-# the key when the fenced update matched.
+# A terminal outcome with its webhook notification (most go through WRITE_MANY below). Params:
+# id, url, body (the notification), then state, response_id, status, body, error, error_code,
+# http_status, request_id, key, owner, epoch. One statement, so one transaction: the outcome
+# and its notification are written together or not at all. It returns the key when the fenced
+# update matched. A finished key needs no lease any more.
 RECORD_TERMINAL_NOTIFY = f"""
     WITH notice AS (SELECT %s::text AS id, %s::text AS url, %s::bytea AS body),
     done AS (
@@ -295,6 +290,47 @@ RECORD_TERMINAL_NOTIFY = f"""
 """
 #: Why a fenced write changed nothing: the key is missing (a bug) or its lease is elsewhere.
 EXISTS = "SELECT 1 FROM asyncbg_jobs WHERE key = %s"
+
+# The same three writes for many keys at once, in one statement (writes that arrive while one
+# is on its way go together in the next: see PostgresLedger._grouped). A key has at most one
+# write waiting (the engine awaits each before the next), so the three parts touch different
+# rows. Params: owner, then one array per column of each part, the epochs last; it returns the
+# keys written (the others' leases are elsewhere).
+WRITE_MANY = f"""
+    WITH sent AS (
+        UPDATE asyncbg_jobs j SET state = 'sending', response_id = NULL, status = 'pending',
+            resubmits = j.resubmits + b.resubmit, updated = {_NOW}, sent_epoch = j.epoch
+        FROM unnest(%(s_keys)s::text[], %(s_resubmits)s::integer[], %(s_epochs)s::bigint[])
+            AS b(key, resubmit, epoch)
+        WHERE j.key = b.key AND j.owner = %(owner)s AND j.epoch = b.epoch
+        RETURNING j.key
+    ),
+    live AS (
+        UPDATE asyncbg_jobs j SET state = 'live',
+            response_id = COALESCE(b.response_id, j.response_id), status = b.status,
+            updated = {_NOW}
+        FROM unnest(%(l_keys)s::text[], %(l_response_ids)s::text[], %(l_statuses)s::text[],
+                    %(l_epochs)s::bigint[]) AS b(key, response_id, status, epoch)
+        WHERE j.key = b.key AND j.owner = %(owner)s AND j.epoch = b.epoch
+        RETURNING j.key
+    ),
+    ended AS (
+        UPDATE asyncbg_jobs j SET state = b.state,
+            response_id = COALESCE(b.response_id, j.response_id), status = b.status,
+            body = b.body, error = b.error, error_code = b.error_code,
+            http_status = b.http_status, request_id = b.request_id, updated = {_NOW},
+            lease_until = NULL
+        FROM unnest(%(t_keys)s::text[], %(t_states)s::text[], %(t_response_ids)s::text[],
+                    %(t_statuses)s::text[], %(t_bodies)s::bytea[], %(t_errors)s::text[],
+                    %(t_error_codes)s::text[], %(t_http_statuses)s::integer[],
+                    %(t_request_ids)s::text[], %(t_epochs)s::bigint[])
+            AS b(key, state, response_id, status, body, error, error_code, http_status,
+                 request_id, epoch)
+        WHERE j.key = b.key AND j.owner = %(owner)s AND j.epoch = b.epoch
+        RETURNING j.key
+    )
+    SELECT key FROM sent UNION ALL SELECT key FROM live UNION ALL SELECT key FROM ended
+"""
 
 # -- the fleet -------------------------------------------------------------------------------------
 
@@ -337,9 +373,9 @@ ENQUEUE_MISMATCH = """
     JOIN unnest(%s::text[], %s::text[]) WITH ORDINALITY AS i(key, digest, n) ON j.key = i.key
     WHERE j.digest <> i.digest ORDER BY i.n LIMIT 1
 """
-# Params: limit, owner, lease. Rows another acquire is taking right now are skipped, not waited
-# for; the UPDATE sees each row as it is once locked. Waiting rows (no lease) come from one
-# partial index in claim order, expired leases from another by expiry: neither reads a row
+# Params: limit, owner, lease, margin. Rows another acquire is taking right now are skipped,
+# not waited for; the UPDATE sees each row as it is once locked. Waiting rows (no lease) come
+# from one partial index in claim order, expired leases from another by expiry: neither reads a row
 # that is leased and running, however many there are. ACQUIRE_LIVE: only live responses.
 _ACQUIRE = f"""
     WITH waiting AS (
@@ -351,6 +387,7 @@ _ACQUIRE = f"""
     expired AS (
         SELECT key, seq FROM asyncbg_jobs
         WHERE lease_until <= {_NOW} AND lease_until IS NOT NULL AND {{states}}
+          AND {_TAKEN_OVER_AT} <= {_NOW}
         ORDER BY lease_until LIMIT %(limit)s
         FOR UPDATE SKIP LOCKED
     ),

@@ -7,6 +7,10 @@ Connections come from a :class:`psycopg_pool.AsyncConnectionPool` (as procrastin
 them), in autocommit: every write is a single statement, so it commits in one round trip, and a
 transaction (a claim that finds the key there, an enqueue) holds its connection to itself. Lease
 renewal has a pool of its own (one connection), so that it never waits behind other calls.
+The fenced writes of many jobs (``sending``, a response id, an outcome) that arrive while one is
+on its way go out together in the next statement (:meth:`PostgresLedger._grouped`), each still
+checked against its own owner and epoch: a worker running hundreds of jobs does not queue them
+one by one on the pool's few connections.
 
 Every call is bounded in time: ``connect_timeout`` to connect, the pool's ``timeout`` to get a
 connection, ``statement_timeout`` (and ``idle_in_transaction_session_timeout``) on the server,
@@ -29,7 +33,7 @@ import math
 import os
 import socket
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import anyio
 import psycopg
@@ -49,6 +53,7 @@ from ._shared import (
     LeaseLost,
     WorkerInfo,
     new_owner,
+    safety_margin,
     shared_claim_outcome,
 )
 from ._urls import redacted as _redacted
@@ -101,7 +106,7 @@ class PostgresLedger(PostgresOutbox):
     """
 
     __slots__ = (
-        "_acquired", "_connect_timeout", "_exclusive", "_held", "_holder", "_kwargs",
+        "_acquired", "_connect_timeout", "_exclusive", "_group", "_held", "_holder", "_kwargs",
         "_listener", "_max_connections", "_opens", "_owner", "_pool", "_registered",
         "_renewals", "_url", "lease", "round_trips", "timeout",
     )
@@ -150,6 +155,8 @@ class PostgresLedger(PostgresOutbox):
         self._acquired: dict[str, Record] = {}
         #: Statements sent (a transaction's BEGIN and COMMIT count): the ledger's cost.
         self.round_trips = 0
+        #: The fenced writes waiting to go out together (see _grouped).
+        self._group = _Group()
 
     def __repr__(self) -> str:
         return f"PostgresLedger({self.location!r}, exclusive={self._exclusive})"
@@ -332,7 +339,8 @@ class PostgresLedger(PostgresOutbox):
         request = bytes(request)
 
         async def decide(conn: Conn, sql: str) -> tuple[Record, ClaimOutcome]:
-            row = await self._fetchone(conn, sql, (self._owner, key))
+            row = await self._fetchone(conn, sql, {
+                "owner": self._owner, "key": key, "margin": safety_margin(self.lease)})
             if row is None:
                 raise LedgerError(f"{self.location}: key {key!r} vanished during a claim; "
                                   "something else deletes rows of asyncbg_jobs")
@@ -365,21 +373,23 @@ class PostgresLedger(PostgresOutbox):
         return await self._run(claim)
 
     async def sending(self, key: str, *, resubmit: bool) -> None:
-        await self._fenced(key, q.SENDING, (1 if resubmit else 0, key))
+        await self._grouped("sending", key, (key, 1 if resubmit else 0))
 
     async def record(self, key: str, outcome: Outcome) -> None:
         state = state_after(outcome)
         o = outcome
         if state == "live":
-            await self._fenced(key, q.RECORD_LIVE, (o.response_id, o.status, key))
+            await self._grouped("live", key, (key, o.response_id, o.status))
             return
-        args = (state, o.response_id, o.status, o.body, o.error, o.error_code, o.http_status,
-                o.request_id, key)
         n = o.notification
         if n is None:
-            await self._fenced(key, q.RECORD_TERMINAL, args)
+            await self._grouped("terminal", key, (
+                key, state, o.response_id, o.status, o.body, o.error, o.error_code,
+                o.http_status, o.request_id))
         else:  # one statement: the outcome and its notification in one transaction
-            await self._fenced(key, q.RECORD_TERMINAL_NOTIFY, (n.id, n.url, n.body, *args))
+            await self._fenced(key, q.RECORD_TERMINAL_NOTIFY, (
+                n.id, n.url, n.body, state, o.response_id, o.status, o.body, o.error,
+                o.error_code, o.http_status, o.request_id, key))
         self._held.pop(key, None)  # finished: no lease to keep
 
     async def get(self, key: str) -> Record | None:
@@ -389,6 +399,13 @@ class PostgresLedger(PostgresOutbox):
     async def records(self) -> list[Record]:
         rows = await self._run(lambda c: self._fetchall(c, q.RECORDS))
         return [_record(row) for row in rows]
+
+    async def records_page(self, after: int, limit: int) -> list[tuple[int, Record]]:
+        """Up to ``limit`` records after the one at ``after`` (0: from the start), in claim
+        order, each with its place: :meth:`records` a page at a time, for a reader that
+        streams a ledger of any size (``asyncbg results``)."""
+        rows = await self._run(lambda c: self._fetchall(c, q.RECORDS_PAGE, (after, limit)))
+        return [(int(row[0]), _record(row[1:])) for row in rows]
 
     async def resubmits(self) -> int:
         row = await self._run(lambda c: self._fetchone(c, q.RESUBMITS))
@@ -448,7 +465,8 @@ class PostgresLedger(PostgresOutbox):
             return []
         sql = q.ACQUIRE_LIVE if live_only else q.ACQUIRE
         rows = await self._run(lambda c: self._fetchall(c, sql, {
-            "limit": limit, "owner": self._owner, "lease": lease}))
+            "limit": limit, "owner": self._owner, "lease": lease,
+            "margin": safety_margin(lease)}))
         rows.sort(key=lambda row: row[-1])  # claim order
         records = []
         for row in rows:
@@ -467,7 +485,10 @@ class PostgresLedger(PostgresOutbox):
                 "owner": self._owner, "host": socket.gethostname(), "pid": os.getpid(),
                 "lease": lease, "keys": list(held), "epochs": list(held.values())})
             self._registered = True
-            lost = set(held) - {row[0] for row in rows}
+            kept = {row[0] for row in rows}
+            # Only keys still held at the same epoch: one recorded finished while the renewal
+            # was on its way (its lease ended with it) is not lost.
+            lost = {key for key in set(held) - kept if self._held.get(key) == held[key]}
             self.forget(lost)
             return lost
 
@@ -568,21 +589,83 @@ class PostgresLedger(PostgresOutbox):
 
     async def _fenced(self, key: str, sql: str, args: tuple[Any, ...]) -> None:
         """A write checked against this instance's owner and epoch for ``key``."""
-        async def write(conn: Conn) -> None:
+        async def write(conn: Conn) -> bool:
             epoch = self._held.get(key)
-            if epoch is not None:
-                cur = await self._execute(conn, sql, (*args, self._owner, epoch))
-                if cur.rowcount == 1:
-                    return
-            if await self._fetchone(conn, q.EXISTS, (key,)) is None:
-                raise unclaimed(key, self.location)
-            self.forget((key,))
-            raise LeaseLost(
-                f"the lease on key {key!r} in {self.location} is held by another process "
-                "now; this one wrote nothing and stops running it"
-            )
+            if epoch is None:
+                return False
+            return (await self._execute(conn, sql, (*args, self._owner, epoch))).rowcount == 1
 
-        await self._run(write)
+        if not await self._run(write):
+            await self._not_written(key)
+
+    async def _grouped(self, kind: str, key: str, row: tuple[Any, ...]) -> None:
+        """A fenced write (see :meth:`_fenced`) that goes out together with the others that
+        wait at the same moment: while one statement is on its way, the writes arriving queue,
+        and the first of them sends them all in the next one (one round trip and one commit
+        for hundreds of jobs, not one each on the pool's few connections).
+
+        Every write here may run twice (a retry after a dropped connection): they set values.
+        """
+        epoch = self._held.get(key)
+        if epoch is None:
+            await self._not_written(key)
+        write = _Write(kind, key, (*row, epoch))
+        group = self._group
+        group.waiting.append(write)
+        try:
+            while not write.done:
+                if group.busy:
+                    await group.turn.wait()
+                else:
+                    await self._write_group(group)
+        finally:
+            if not write.done and write in group.waiting:  # cancelled before it was sent
+                group.waiting.remove(write)
+        if write.error is not None:
+            raise type(write.error)(str(write.error)) from write.error
+        if not write.written:
+            await self._not_written(key)
+
+    async def _write_group(self, group: _Group) -> None:
+        batch, group.waiting = group.waiting, []
+        group.busy = True
+        try:
+            args: dict[str, Any] = {"owner": self._owner}
+            for kind, names in _GROUPED.items():
+                rows = [w.row for w in batch if w.kind == kind]
+                columns = [list(c) for c in zip(*rows, strict=True)] or [[] for _ in names]
+                args.update(zip(names, columns, strict=True))
+            written = {row[0] for row in await self._run(
+                lambda c: self._fetchall(c, q.WRITE_MANY, args))}
+            for w in batch:
+                w.written = w.key in written
+        except LedgerError as exc:
+            for w in batch:
+                w.error = exc
+        except BaseException:
+            # Cancelled on its way (the one who sent it was): whether it committed is not
+            # known, so the others are told it may not have, and write again.
+            for w in batch:
+                w.error = LedgerUnavailable(
+                    f"{self.location}: a write was interrupted on its way; try again")
+            raise
+        finally:
+            for w in batch:
+                w.done = True
+            group.busy = False
+            turn, group.turn = group.turn, anyio.Event()
+            turn.set()
+
+    async def _not_written(self, key: str) -> NoReturn:
+        """Why a fenced write changed nothing: the key is missing (a bug) or its lease is
+        elsewhere now (it is forgotten here)."""
+        if await self._run(lambda c: self._fetchone(c, q.EXISTS, (key,))) is None:
+            raise unclaimed(key, self.location)
+        self.forget((key,))
+        raise LeaseLost(
+            f"the lease on key {key!r} in {self.location} is held by another process now; "
+            "this one wrote nothing and stops running it"
+        )
 
     async def _run(self, fn: Callable[[Conn], Awaitable[T]], *, renewal: bool = False,
                    retry: bool = True, timeout: float | None = None) -> T:
@@ -665,6 +748,41 @@ class PostgresLedger(PostgresOutbox):
                 "is up and that the URL, user and password are right"
             )
         return LedgerError(f"{self.location}: PostgreSQL error {state}: {detail}")
+
+
+#: The grouped writes: the parameters of each part of q.WRITE_MANY, in the order of a row.
+_GROUPED: dict[str, tuple[str, ...]] = {
+    "sending": ("s_keys", "s_resubmits", "s_epochs"),
+    "live": ("l_keys", "l_response_ids", "l_statuses", "l_epochs"),
+    "terminal": ("t_keys", "t_states", "t_response_ids", "t_statuses", "t_bodies", "t_errors",
+                 "t_error_codes", "t_http_statuses", "t_request_ids", "t_epochs"),
+}
+
+
+class _Write:
+    """One grouped write: its row, and what became of it."""
+
+    __slots__ = ("done", "error", "key", "kind", "row", "written")
+
+    def __init__(self, kind: str, key: str, row: tuple[Any, ...]) -> None:
+        self.kind = kind
+        self.key = key
+        self.row = row
+        self.done = False
+        self.written = False
+        self.error: LedgerError | None = None
+
+
+class _Group:
+    """The writes waiting to go out, and whether a statement is on its way (``turn`` is set
+    when it is back)."""
+
+    __slots__ = ("busy", "turn", "waiting")
+
+    def __init__(self) -> None:
+        self.waiting: list[_Write] = []
+        self.busy = False
+        self.turn = anyio.Event()
 
 
 async def _on_connection(pool: Pool, fn: Callable[[Conn], Awaitable[T]]) -> T:

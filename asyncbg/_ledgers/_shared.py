@@ -9,6 +9,13 @@ checked against the owner and the epoch it was taken with: a process whose lease
 gets :class:`LeaseLost` and writes nothing, so it can neither record a result nor go on as if the
 key were its own.
 
+A create leaves only while a safety margin of its lease is left (by the sender's own monotonic
+clock), and its ``sending`` record carries the epoch it was sent at. A key whose lease ran out
+while its holder's create may be in flight (``sending`` at the holder's epoch) is taken over one
+safety margin later than others (:func:`safety_margin`): until then the holder's writes still
+match, so a create that left just before the lease ran out has had its answer recorded, or is
+known lost, before anyone creates the key again.
+
 :meth:`~asyncbg.Ledger.claim` takes the lease too: a key that another live owner holds comes
 back as :attr:`~asyncbg.ClaimOutcome.FOLLOW` (the caller follows the record); a key whose lease
 ran out is taken over (epoch + 1) and claimed by the usual rules.
@@ -43,6 +50,7 @@ __all__ = [
     "WorkerInfo",
     "keep_leases",
     "new_owner",
+    "safety_margin",
     "shared_claim_outcome",
 ]
 
@@ -156,6 +164,14 @@ class SharedLedger(Ledger, Protocol):
         """Return when work may have arrived (an enqueue, a release, a requeue announced by
         the database), or after ``timeout`` seconds; never raises for a lost connection."""
         ...
+
+
+def safety_margin(lease: float) -> float:
+    """How much of a lease a create needs left to leave (the worker's fence, by its own clock),
+    and how long past a lease's end a takeover of a key whose create may be in flight waits:
+    one renewal period, a third of the lease. Between the two, a create that left has had
+    two margins for its answer to be recorded by the process that sent it."""
+    return lease / 3
 
 
 def new_owner() -> str:

@@ -17,6 +17,12 @@ Beside the versions, added to a journal of any version the first time it is open
 (so that no version number is taken): ``job_counts``, the number of jobs per state and status,
 kept exact by triggers in the transaction of every write, so that a reader (the dashboard, on a
 read-only connection) counts a million jobs by reading a dozen rows.
+
+What a shared journal adds (:mod:`._sqlite_shared`, on open, idempotent, so a plain
+:class:`SQLiteLedger` neither needs nor minds them): ``sent_epoch``, the epoch a ``sending``
+record was written at (a takeover of a key whose create may be in flight waits one more safety
+margin), and the partial indexes a claim reads, so that it costs the same at a million jobs as
+at ten (``SHARED_SCHEMA``).
 """
 
 from __future__ import annotations
@@ -165,6 +171,8 @@ _COLUMNS = (
 )
 GET = f"SELECT {_COLUMNS} FROM jobs WHERE key = ?"
 RECORDS = f"SELECT {_COLUMNS} FROM jobs ORDER BY seq"
+#: Params: after (a seq), limit. One page of RECORDS, from the seq index.
+RECORDS_PAGE = f"SELECT seq, {_COLUMNS} FROM jobs WHERE seq > ? ORDER BY seq LIMIT ?"
 RESUBMITS = "SELECT COALESCE(SUM(resubmits), 0) FROM jobs"
 
 CLAIM_INSERT = """
@@ -220,12 +228,21 @@ SHARED_CLAIM_INSERT = """
             ?)
     ON CONFLICT (key) DO NOTHING
 """
-LEASE_OF = "SELECT owner, epoch, lease_until FROM jobs WHERE key = ?"
+#: When a lease can be taken over: once it ran out, and one safety margin later when its
+#: holder's create may be in flight (it wrote ``sending`` at its epoch).
+_TAKEN_OVER_AT = ("lease_until + CASE WHEN state = 'sending' AND sent_epoch = epoch "
+                  "THEN :margin ELSE 0 END")
+# Params: margin, key.
+LEASE_OF = f"SELECT owner, {_TAKEN_OVER_AT} FROM jobs WHERE key = :key"
 # Params: owner, lease_until, key. Every takeover bumps the epoch.
 TAKE_LEASE = "UPDATE jobs SET owner = ?, epoch = epoch + 1, lease_until = ? WHERE key = ? " \
     "RETURNING epoch"
 _FENCE = " AND owner = ? AND epoch = ?"
-SHARED_SENDING = SENDING.rstrip() + _FENCE
+# The record carries the epoch it was sent at (see _TAKEN_OVER_AT).
+SHARED_SENDING = """
+    UPDATE jobs SET state = 'sending', response_id = NULL, status = 'pending',
+        resubmits = resubmits + ?, updated = ?, sent_epoch = epoch
+    WHERE key = ?""" + _FENCE
 SHARED_RECORD_LIVE = RECORD_LIVE.rstrip() + _FENCE
 # A finished key needs no lease any more.
 SHARED_RECORD_TERMINAL = """
@@ -242,14 +259,44 @@ ENQUEUE = """
     ON CONFLICT (key) DO NOTHING
 """
 DIGEST_OF = "SELECT digest FROM jobs WHERE key = ?"
-# Params: live_only (0/1), now, limit. Run under BEGIN IMMEDIATE: no other writer between the
-# pick and the take.
-ACQUIRE = """
-    SELECT key FROM jobs
-    WHERE state IN ('new', 'sending', 'live') AND (? = 0 OR state = 'live')
-      AND (lease_until IS NULL OR lease_until <= ?)
-    ORDER BY seq LIMIT ?
+_OPEN = "state IN ('new', 'sending', 'live')"
+#: Made by a shared journal on open (CREATE ... IF NOT EXISTS, in one transaction); the column
+#: is added first when missing (ADD_SENT_EPOCH). What a claim reads: waiting rows in claim
+#: order (waiting live ones have their own, for a full worker that adopts only those), and
+#: leases by when they run out; no claim reads a row that is leased and running.
+ADD_SENT_EPOCH = "ALTER TABLE jobs ADD COLUMN sent_epoch INTEGER"
+SHARED_INDEXES = (
+    f"CREATE INDEX IF NOT EXISTS jobs_waiting ON jobs (seq) WHERE lease_until IS NULL AND {_OPEN}",
+    "CREATE INDEX IF NOT EXISTS jobs_waiting_live ON jobs (seq) "
+    "WHERE lease_until IS NULL AND state = 'live'",
+    "CREATE INDEX IF NOT EXISTS jobs_leased ON jobs (lease_until) "
+    f"WHERE lease_until IS NOT NULL AND {_OPEN}",
+)
+#: Whether the above are all there (a read, so that an open takes no write lock for them).
+SHARED_SCHEMA_THERE = """
+    SELECT (SELECT count(*) FROM pragma_table_info('jobs') WHERE name = 'sent_epoch')
+         + (SELECT count(*) FROM sqlite_master WHERE type = 'index'
+            AND name IN ('jobs_waiting', 'jobs_waiting_live', 'jobs_leased'))
 """
+SHARED_SCHEMA_PARTS = 4
+# Params: now, limit, margin. Run under BEGIN IMMEDIATE: no other writer between the pick and
+# the take. Each part walks its partial index and stops at `limit` rows.
+_ACQUIRE = f"""
+    SELECT key FROM (
+        SELECT key, seq FROM (
+            SELECT key, seq FROM jobs INDEXED BY {{waiting}}
+            WHERE lease_until IS NULL AND {{states}}
+            ORDER BY seq LIMIT :limit)
+        UNION ALL
+        SELECT key, seq FROM (
+            SELECT key, seq FROM jobs INDEXED BY jobs_leased
+            WHERE lease_until <= :now AND {_OPEN} AND {{states}}
+              AND {_TAKEN_OVER_AT} <= :now
+            ORDER BY lease_until LIMIT :limit))
+    ORDER BY seq LIMIT :limit
+"""
+ACQUIRE = _ACQUIRE.format(waiting="jobs_waiting", states=_OPEN)
+ACQUIRE_LIVE = _ACQUIRE.format(waiting="jobs_waiting_live", states="state = 'live'")
 # Params: lease_until, key, epoch, owner.
 RENEW = """
     UPDATE jobs SET lease_until = ?

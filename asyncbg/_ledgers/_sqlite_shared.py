@@ -1,9 +1,11 @@
 """SharedSQLiteLedger: one SQLite journal that several processes on one machine share.
 
 The same leases, epochs and rules as the PostgreSQL ledger (see :mod:`._shared`), kept in the
-version 3 columns of the journal. SQLite has no row locks: a whole-file write lock taken with
-``BEGIN IMMEDIATE`` serialises acquires (and every other write), which for processes on one
-machine costs microseconds. The statements are in :mod:`._sqlite_queries`.
+version 3 columns of the journal and in what a shared journal adds on open (``sent_epoch`` and
+the partial indexes claims read: see :mod:`._sqlite_queries`). SQLite has no row locks: a
+whole-file write lock taken with ``BEGIN IMMEDIATE`` serialises acquires (and every other
+write), which for processes on one machine costs microseconds. The statements are in
+:mod:`._sqlite_queries`.
 
 Why not on :class:`SQLiteLedger` itself: with leases, a key claimed by a process that was just
 killed is another owner's until the lease runs out, so an ``asyncbg run`` restarted at once would
@@ -37,12 +39,13 @@ from ._shared import (
     LeaseLost,
     WorkerInfo,
     new_owner,
+    safety_margin,
     shared_claim_outcome,
 )
 from ._sqlite import SQLiteLedger, _record, _transaction
 from ._sqlite_outbox import add_notice
 
-__all__ = ["SharedSQLiteLedger"]
+__all__ = ["SharedSQLiteLedger", "records_page"]
 
 #: Workers not seen for this long are deleted from the table when a process registers.
 _FORGET_AFTER = 86400.0
@@ -78,6 +81,17 @@ class SharedSQLiteLedger(SQLiteLedger):
 
     def held(self) -> dict[str, int]:
         return dict(self._held)
+
+    async def open(self) -> None:
+        first = self._db is None
+        await super().open()
+        if first:
+            try:
+                await self._call(_shared_schema)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await super().close()
+                raise
 
     async def close(self) -> None:
         if self._opens == 1 and self._db is not None:
@@ -118,8 +132,9 @@ class SharedSQLiteLedger(SQLiteLedger):
                           (key, digest, request, now, now, self._owner, until)).rowcount == 1:
                 return Claim(ClaimOutcome.NEW, _get(db, key)), 1
             old = _get(db, key)
-            owner, _, lease_until = db.execute(q.LEASE_OF, (key,)).fetchone()
-            elsewhere = owner not in (None, self._owner) and (lease_until or 0) > now
+            owner, taken_over_at = db.execute(
+                q.LEASE_OF, {"key": key, "margin": safety_margin(self.lease)}).fetchone()
+            elsewhere = owner not in (None, self._owner) and (taken_over_at or 0) > now
             outcome = shared_claim_outcome(old.state, old.digest, digest,
                                            held_elsewhere=elsewhere)
             if outcome is ClaimOutcome.NEW:
@@ -184,15 +199,16 @@ class SharedSQLiteLedger(SQLiteLedger):
 
         def enqueue(db: sqlite3.Connection) -> int:
             now = time.time()
-            new = 0
             with _transaction(db):
-                for key, digest, request in batch:
-                    if db.execute(q.ENQUEUE, (key, digest, request, now, now)).rowcount == 1:
-                        new += 1
-                        continue
-                    if db.execute(q.DIGEST_OF, (key,)).fetchone()[0] != digest:
-                        # Raised inside the transaction: everything is rolled back.
-                        raise EnqueueMismatch(key, self.location)
+                before = db.total_changes
+                db.executemany(q.ENQUEUE, ((key, digest, request, now, now)
+                                           for key, digest, request in batch))
+                new = db.total_changes - before
+                if new < len(batch):  # some keys were there: each with the same request?
+                    for key, digest, _ in batch:
+                        if db.execute(q.DIGEST_OF, (key,)).fetchone()[0] != digest:
+                            # Raised inside the transaction: everything is rolled back.
+                            raise EnqueueMismatch(key, self.location)
             return new
 
         return await self._call(enqueue)
@@ -207,7 +223,8 @@ class SharedSQLiteLedger(SQLiteLedger):
             taken = []
             with _transaction(db):  # BEGIN IMMEDIATE: the pick and the take are one step
                 keys = [row[0] for row in db.execute(
-                    q.ACQUIRE, (1 if live_only else 0, now, limit)).fetchall()]
+                    q.ACQUIRE_LIVE if live_only else q.ACQUIRE,
+                    {"now": now, "limit": limit, "margin": safety_margin(lease)}).fetchall()]
                 for key in keys:
                     epoch = int(db.execute(q.TAKE_LEASE,
                                            (self._owner, now + lease, key)).fetchone()[0])
@@ -302,6 +319,27 @@ class SharedSQLiteLedger(SQLiteLedger):
     def _write(self, db: sqlite3.Connection, sql: str, args: tuple[Any, ...]) -> None:
         with _transaction(db):
             db.execute(sql, args)
+
+
+async def records_page(ledger: SQLiteLedger, after: int, limit: int
+                       ) -> list[tuple[int, Record]]:
+    """As :meth:`PostgresLedger.records_page`, for any SQLite journal (shared or not)."""
+    def page(db: sqlite3.Connection) -> list[tuple[int, Record]]:
+        return [(int(row[0]), _record(row[1:]))
+                for row in db.execute(q.RECORDS_PAGE, (after, limit))]
+
+    return await ledger._call(page)
+
+
+def _shared_schema(db: sqlite3.Connection) -> None:
+    """Add what a shared journal needs to the file (see :mod:`._sqlite_queries`), once."""
+    if int(db.execute(q.SHARED_SCHEMA_THERE).fetchone()[0]) == q.SHARED_SCHEMA_PARTS:
+        return
+    with _transaction(db):  # under the write lock: another opener may have added some
+        if "sent_epoch" not in {row[0] for row in db.execute(q.READ_COLUMNS, ("jobs",))}:
+            db.execute(q.ADD_SENT_EPOCH)
+        for sql in q.SHARED_INDEXES:
+            db.execute(sql)
 
 
 def _get(db: sqlite3.Connection, key: str) -> Record:
