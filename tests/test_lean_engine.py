@@ -13,7 +13,7 @@ from asyncbg.testing import FakeRateLimit, FakeResponsesServer, LatencyModel, fa
 
 from .conftest import FAST_POLL, FAST_RETRY
 
-pytestmark = pytest.mark.asyncio
+
 
 
 def count_calls(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
@@ -29,6 +29,7 @@ def count_calls(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
     return calls
 
 
+@pytest.mark.asyncio
 @pytest.mark.parametrize("rate", [None, 60.0], ids=["no-limit", "rate-limited"])
 async def test_one_create_step_per_create_sent(
     monkeypatch: pytest.MonkeyPatch, rate: float | None
@@ -53,3 +54,16 @@ async def test_one_create_step_per_create_sent(
     assert creates[0] == sent  # a retried create (after a 429) is a step of its own
     assert admits[0] > sent  # and some did wait
     assert server.counters.rate_limited <= 0.02 * sent
+
+
+def test_the_cli_freezes_its_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+    import sys
+
+    from asyncbg import _cli
+
+    frozen: list[int] = []
+    monkeypatch.setattr(gc, "freeze", lambda: frozen.append(len(gc.get_objects())))
+    monkeypatch.setattr(gc, "collect", lambda *a: 0)
+    _cli._freeze_start_up()
+    assert len(frozen) == 1 and "openai" in sys.modules and "asyncbg._manager" in sys.modules
