@@ -1,19 +1,20 @@
-"""The engine's lean side: a paced create runs its step once, whatever it waited for."""
+"""The engine's lean side: a paced create runs its step once, whatever it waited for; the CLI
+freezes its start-up for the collector."""
 
 from __future__ import annotations
 
+import gc
+import sys
 from typing import Any
 
 import pytest
 
 import asyncbg
-from asyncbg import JobStatus
+from asyncbg import JobStatus, _cli
 from asyncbg._engine._scheduler import Scheduler
 from asyncbg.testing import FakeRateLimit, FakeResponsesServer, LatencyModel, fake_client
 
 from .conftest import FAST_POLL, FAST_RETRY
-
-
 
 
 def count_calls(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
@@ -57,11 +58,6 @@ async def test_one_create_step_per_create_sent(
 
 
 def test_the_cli_freezes_its_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
-    import gc
-    import sys
-
-    from asyncbg import _cli
-
     frozen: list[int] = []
     monkeypatch.setattr(gc, "freeze", lambda: frozen.append(len(gc.get_objects())))
     monkeypatch.setattr(gc, "collect", lambda *a: 0)
