@@ -348,6 +348,25 @@ def _silence_stdout() -> None:
         pass
 
 
+def _freeze_start_up() -> None:
+    """Leave what start-up made out of the cyclic collector's view (``gc.freeze()``).
+
+    The CLI owns its process. After ``import openai`` and the engine the heap holds about
+    100,000 tracked objects (the SDK's types, pydantic) that live as long as the process; every
+    full collection would walk them again, a pause of tens of milliseconds each, on top of the
+    jobs' own objects (see benchmarks/README.md, issue 23). A library never does this: only the
+    application knows when its start-up is over.
+    """
+    import gc
+
+    import openai  # noqa: F401 - loaded now, so that its objects are frozen with the rest
+
+    from .. import _manager  # noqa: F401
+
+    gc.collect()
+    gc.freeze()
+
+
 def _dispatch(argv: Sequence[str] | None) -> int:
     import anyio
 
@@ -370,6 +389,7 @@ def _dispatch(argv: Sequence[str] | None) -> int:
 
     configure_logging(level=args.log_level, json=args.log_json)
     if args.command in _fleet.COMMANDS:
+        _freeze_start_up()
         return anyio.run(_fleet.COMMANDS[args.command], args)
     if args.command == "notify":
         return anyio.run(_notify.notify, args)
@@ -378,6 +398,7 @@ def _dispatch(argv: Sequence[str] | None) -> int:
     from ._run import run
 
     command = {"run": run, "cancel": cancel, "demo": demo}[args.command]
+    _freeze_start_up()
     try:
         return anyio.run(command, args)
     except KeyboardInterrupt:

@@ -68,6 +68,8 @@ class Ticket:
         if self._booked:
             self._booked = False
             self._meter.pacer.create_abandoned(self._tokens)
+            if self._meter.on_answer is not None:
+                self._meter.on_answer()  # its place is free again: a waiting create may go
 
 
 class Meter:

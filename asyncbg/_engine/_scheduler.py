@@ -164,13 +164,20 @@ class Scheduler(SharedLedgerSteps):
             # A create takes its request slot after its ``sending`` write (see Permit); the
             # other steps take one here, which bounds the tasks a burst of due polls starts.
             permit = Permit(self.requests_limiter, held=kind != "create")
-            if kind != "create":
+            ticket: Ticket | None = None
+            if kind == "create":
+                admitted = self._admit(entry)  # a create that must wait starts no task
+                if admitted is False:
+                    continue
+                if isinstance(admitted, Ticket):
+                    ticket = admitted
+            else:
                 await self.requests_limiter.acquire()
                 if gen != entry.gen or entry.step is not None or entry.stage is Stage.ENDED:
                     permit.release()  # woken or ended while we waited
                     continue
             entry.step = kind
-            tg.start_soon(self._io, entry, permit)
+            tg.start_soon(self._io, entry, permit, ticket)
             started += 1
             if started % BURST == 0:
                 # The limiter does not suspend while slots are free: without this a burst of
@@ -199,13 +206,13 @@ class Scheduler(SharedLedgerSteps):
             return "follow"
         return None
 
-    async def _io(self, entry: Entry, permit: Permit) -> None:
+    async def _io(self, entry: Entry, permit: Permit, ticket: Ticket | None) -> None:
         """Run one step of ``entry``; whatever happens, give the permit back and reschedule."""
         after: float | None = None
         try:
             kind = entry.step
             if kind == "create":
-                after = await self._create(entry, permit)
+                after = await self._create(entry, permit, ticket)
             elif kind == "cancel":
                 after = await self._cancel_live(entry, permit)
             elif kind == "poll":

@@ -169,30 +169,47 @@ class Steps:
 
     # -- creating --------------------------------------------------------------------------
 
-    async def _create(self, entry: Entry, permit: Permit) -> float | None:
-        job = entry.job
-        params = entry.params
-        assert params is not None
-        if self._unreachable is not None and not self._reached_server:
-            await self._fail(entry, JobStatus.FAILED, self._unreachable, "connection_error")
-            return None
-        if self.refused is not None:
-            await self._fail(entry, JobStatus.FAILED, *self.refused)
-            return None
+    def _admit(self, entry: Entry) -> Ticket | bool:
+        """May ``entry``'s create go now? Its :class:`Ticket` when it may; True when the step
+        must run anyway to end the job (the server is unreachable or refused the account: a
+        ledger write); False when it waits (paced, parked for the budget, rescheduled) or
+        was dropped over budget. Synchronous, and asked by the scheduler before it starts a
+        step, so a create that must wait costs no task: one ``_create`` per create sent."""
+        if (self._unreachable is not None and not self._reached_server) or (
+                self.refused is not None):
+            return True
         meter = self.meter
-        admitted = meter.admit(job.key, params)
+        assert entry.params is not None
+        admitted = meter.admit(entry.job.key, entry.params)
         if admitted is None:
             # Nothing is sent; the record stays unsent, so a rerun with a larger budget runs it.
             self._drop(entry, JobStatus.FAILED, meter.budget_message(), "budget_exceeded")
+            return False
+        if isinstance(admitted, Ticket):
+            return admitted
+        if admitted == PARK:
+            self._budget_parked.append(entry)  # woken when a live job settles
+        elif meter.window_full():
+            self._paced.append(entry)  # woken by the next create's answer
+        else:
+            self._push(entry, admitted)  # paced: not an attempt, nothing sent
+        return False
+
+    async def _create(self, entry: Entry, permit: Permit, admitted: Ticket | None) -> float | None:
+        """Send ``entry``'s create with the ticket :meth:`_admit` gave it (None: it fails)."""
+        job = entry.job
+        if (self._unreachable is not None and not self._reached_server) or (
+                self.refused is not None) or admitted is None:
+            if admitted is not None:
+                with admitted:  # not sent: its place in the pacer's window goes back
+                    pass
+            if self._unreachable is not None and not self._reached_server:
+                await self._fail(entry, JobStatus.FAILED, self._unreachable, "connection_error")
+            else:
+                assert self.refused is not None
+                await self._fail(entry, JobStatus.FAILED, *self.refused)
             return None
-        if not isinstance(admitted, Ticket):
-            if admitted == PARK:
-                self._budget_parked.append(entry)  # woken when a live job settles
-                return None
-            if meter.window_full():
-                self._paced.append(entry)  # woken by the next create's answer
-                return None
-            return admitted  # paced: not an attempt, nothing sent
+        meter = self.meter
         if entry.stream:
             self._start_stream(entry, admitted)  # the stream's open is its create
             return None

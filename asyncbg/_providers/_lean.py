@@ -96,6 +96,7 @@ class LeanPoller:
     __slots__ = (
         "_closed",
         "_connect_errors",
+        "_content_type",
         "_default_query",
         "_headers",
         "_keepalive",
@@ -122,6 +123,7 @@ class LeanPoller:
         keepalive: float | None,
         qs: Querystring,
         default_query: Mapping[str, object],
+        content_type: str | None = None,
     ) -> None:
         import aiohttp
         import yarl
@@ -144,6 +146,7 @@ class LeanPoller:
         self._keepalive = keepalive
         self._qs = qs
         self._default_query = default_query
+        self._content_type = content_type
         self._yarl_url = yarl.URL
         self._connect_errors: tuple[type[BaseException], ...] = (
             aiohttp.ClientConnectorError,  # refused, DNS, TLS handshake and certificates, proxy
@@ -192,7 +195,7 @@ class LeanPoller:
         # wins over a default header of the same name.
         auth = client.auth_headers
         merged = _merge_headers(auth, client.default_headers, auth if azure else {})
-        merged.pop("content-type", None)  # the SDK drops it for GET
+        content_type = merged.pop("content-type", None)  # the SDK drops it for GET only
         names = set(merged)
         if not ({"authorization", "api-key"} & names if azure else "authorization" in names):
             # The SDK raises TypeError("Could not resolve authentication method") here.
@@ -250,6 +253,7 @@ class LeanPoller:
             keepalive=limits.keepalive_expiry,
             qs=client.qs,
             default_query=default_query,
+            content_type=content_type,
         )
 
     @property
@@ -275,27 +279,48 @@ class LeanPoller:
         :class:`RawAnswer`. Raises only :class:`LeanConnectError` (nothing was sent, including
         after :meth:`aclose`) and :class:`LeanTransportError` (sent, then the connection failed).
         """
-        url = self.url(path, params=params)
+        return await self._send("GET", self.url(path, params=params), None, None)
+
+    async def post(
+        self, path: str, body: bytes, *, headers: Mapping[str, str] | None = None
+    ) -> RawAnswer:
+        """POST ``body`` (JSON, already encoded) to ``path`` with the client's Content-Type and
+        ``headers`` beside the client's own; answers and raises as :meth:`get` does.
+
+        A :class:`LeanTransportError` means the request may have reached the server: a create
+        that raised it may exist there.
+        """
+        extra = dict(headers or {})
+        if self._content_type is not None:
+            extra.setdefault("content-type", self._content_type)
+        return await self._send("POST", self.url(path), body, extra)
+
+    async def _send(
+        self, method: str, url: str, body: bytes | None, headers: Mapping[str, str] | None
+    ) -> RawAnswer:
         session = self._session
         if session is None:
             if self._closed:
-                raise LeanConnectError(f"GET {url}: the LeanPoller is closed")
+                raise LeanConnectError(f"{method} {url}: the LeanPoller is closed")
             session = self._session = self._open()
         try:
-            async with session.get(
+            async with session.request(
+                method,
                 self._yarl_url(url, encoded=True),
+                data=body,
+                headers=headers,
                 allow_redirects=False,
                 timeout=self._timeout,
             ) as response:
-                body = await response.read()
-                return RawAnswer(response.status, response.headers, body)
+                data = await response.read()
+                return RawAnswer(response.status, response.headers, data)
         except self._connect_errors as exc:
-            raise LeanConnectError(f"GET {url}: could not connect: {exc!r}") from exc
+            raise LeanConnectError(f"{method} {url}: could not connect: {exc!r}") from exc
         except self._transport_errors as exc:
-            raise LeanTransportError(f"GET {url}: the connection failed: {exc!r}") from exc
+            raise LeanTransportError(f"{method} {url}: the connection failed: {exc!r}") from exc
         except RuntimeError as exc:  # "Session is closed": aclose() ran while this one waited
             if self._closed:
-                raise LeanConnectError(f"GET {url}: the LeanPoller is closed") from exc
+                raise LeanConnectError(f"{method} {url}: the LeanPoller is closed") from exc
             raise
 
     async def aclose(self) -> None:

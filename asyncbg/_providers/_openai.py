@@ -1,9 +1,10 @@
 """The OpenAI Responses API in background mode: the first provider.
 
-Creates, cancels and final fetches go through the SDK (``max_retries=0``: the scheduler owns
-retries) as raw answers, so the body is kept as the server sent it and no model is built on a
-live poll. Live status checks go over a lean aiohttp path when the client can be mirrored
-exactly (:mod:`asyncbg._providers._lean`), else through the SDK too. Background streams are
+Cancels and final fetches go through the SDK (``max_retries=0``: the scheduler owns retries) as
+raw answers, so the body is kept as the server sent it and no model is built on a live poll.
+Live status checks and creates go over a lean aiohttp path when the client can be mirrored
+exactly (:mod:`asyncbg._providers._lean`; a create's body is the SDK's own, byte for byte,
+:mod:`asyncbg._providers._lean_create`), else through the SDK too. Background streams are
 read as raw server-sent events; SDK models are built only when ``job.events()`` is read.
 """
 
@@ -34,6 +35,7 @@ from .._policies import PollPolicy, parse_poll_after
 from .._status import JobStatus
 from ._base import Answer, WebhookEvent
 from ._lean import LeanConnectError, LeanError, read_status
+from ._lean_create import CREATE_PATH, create_body, sdk_field_order
 from ._prepare import background_request
 from ._sse import iter_events
 
@@ -46,6 +48,9 @@ _CREATE_FIELDS = frozenset(inspect.signature(AsyncResponses.create).parameters) 
     "self", "extra_headers", "extra_query", "extra_body", "timeout",
 }
 
+#: What ``with_raw_response`` adds to the SDK's request; a lean create sends what it sent.
+_RAW_RESPONSE_HEADERS = {"x-stainless-raw-response": "true"}
+
 TERMINAL_EVENTS = frozenset(
     {"response.completed", "response.failed", "response.cancelled", "response.incomplete"}
 )
@@ -55,11 +60,15 @@ class OpenAIResponses:
     """Background-mode Responses (``client.responses.*``) on an ``AsyncOpenAI`` or
     ``AsyncAzureOpenAI`` client. ``BackgroundManager(client)`` wraps a bare client in this."""
 
-    def __init__(self, client: openai.AsyncOpenAI, *, lean_polls: bool = True) -> None:
+    def __init__(
+        self, client: openai.AsyncOpenAI, *, lean_polls: bool = True, lean_creates: bool = True
+    ) -> None:
         self.client = client
         plain = client.with_options(max_retries=0)
         self._raw = plain.responses.with_raw_response
         self._lean_polls = lean_polls
+        # Azure routes a create by its model to a deployment: the SDK keeps those.
+        self._lean_creates = lean_creates and not isinstance(client, openai.AsyncAzureOpenAI)
         self._lean: Any = None  # a LeanPoller once made; False when the client can't be mirrored
 
     @property
@@ -78,26 +87,58 @@ class OpenAIResponses:
         return policy.scale_for(params)
 
     async def create(self, params: Mapping[str, Any], *, key: str | None = None) -> Answer:
+        if self._lean_creates:
+            lean = self._lean_poller()
+            order = await sdk_field_order() if lean is not None else None
+            body = create_body(params, order) if order is not None else None
+            if body is not None:
+                answer = await self._lean_create(lean, body, params)
+                if answer is not None:
+                    return answer
         try:
             raw = await self._raw.create(**_sdk_kwargs(params, stream=False))
         except openai.APIStatusError as exc:
-            error = self._status_error(exc, "create")
-            if params.get("store") is False and "store" in error.message.lower():
-                error.message += (
-                    " (background mode keeps the response on the server for about 10 minutes "
-                    "and needs store=true; remove store=False, or run the request without "
-                    "asyncbg's background mode if you need zero data retention)"
-                )
-                error.args = (error.message,)
-            raise error from exc
+            raise self._create_error(self._status_error(exc, "create"), params) from exc
         except openai.APIConnectionError as exc:
             raise self._connection_error(exc, "create") from exc
         answer = self._answer(raw.http_response)
         limits = rate_limit_headers(raw.http_response.headers)
         return answer if limits is None else replace(answer, limits=limits)
 
+    async def _lean_create(
+        self, lean: Any, body: bytes, params: Mapping[str, Any]
+    ) -> Answer | None:
+        """The create sent as the SDK would send it, over the status checks' session; ``None``
+        for a redirect (the SDK's client follows it: the caller sends the create through it)."""
+        try:
+            got = await lean.post(CREATE_PATH, body, headers=_RAW_RESPONSE_HEADERS)
+        except LeanConnectError as exc:
+            raise Unreachable(f"cannot connect to {self.base_url}: {exc}") from exc
+        except LeanError as exc:
+            _log.debug("request.connection_lost", request="create", error=repr(exc))
+            raise Transient(f"create: connection lost: {exc}", maybe_sent=True) from exc
+        if 300 <= got.status < 400:
+            return None
+        if got.status >= 400:
+            error = classify_status(got.status, got.headers, got.body, "create")
+            raise self._create_error(error, params)
+        answer = self._parse(got.body, got.status, got.headers, lean.url(CREATE_PATH))
+        limits = rate_limit_headers(got.headers)
+        return answer if limits is None else replace(answer, limits=limits)
+
+    def _create_error(self, error: RequestError, params: Mapping[str, Any]) -> RequestError:
+        """``error`` with a hint when the server refused ``store=False`` in background mode."""
+        if params.get("store") is False and "store" in error.message.lower():
+            error.message += (
+                " (background mode keeps the response on the server for about 10 minutes "
+                "and needs store=true; remove store=False, or run the request without "
+                "asyncbg's background mode if you need zero data retention)"
+            )
+            error.args = (error.message,)
+        return error
+
     async def check(self, response_id: str) -> Answer:
-        lean = self._lean_poller()
+        lean = self._lean_poller() if self._lean_polls else None
         if lean is None:
             return await self.fetch(response_id)
         try:
@@ -219,7 +260,7 @@ class OpenAIResponses:
     def _lean_poller(self) -> Any:
         if self._lean is None:
             self._lean = False
-            if self._lean_polls:
+            if self._lean_polls or self._lean_creates:
                 try:
                     from ._lean import LeanPoller
                 except ImportError:  # pragma: no cover - aiohttp is a dependency

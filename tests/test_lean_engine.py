@@ -1,0 +1,65 @@
+"""The engine's lean side: a paced create runs its step once, whatever it waited for; the CLI
+freezes its start-up for the collector."""
+
+from __future__ import annotations
+
+import gc
+import sys
+from typing import Any
+
+import pytest
+
+import asyncbg
+from asyncbg import JobStatus, _cli
+from asyncbg._engine._scheduler import Scheduler
+from asyncbg.testing import FakeRateLimit, FakeResponsesServer, LatencyModel, fake_client
+
+from .conftest import FAST_POLL, FAST_RETRY
+
+
+def count_calls(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
+    """Count calls of ``Scheduler.<name>`` (a one-item list, read after the run)."""
+    calls = [0]
+    real = getattr(Scheduler, name)
+
+    def counted(self: Scheduler, *args: Any) -> Any:
+        calls[0] += 1
+        return real(self, *args)
+
+    monkeypatch.setattr(Scheduler, name, counted)
+    return calls
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("rate", [None, 60.0], ids=["no-limit", "rate-limited"])
+async def test_one_create_step_per_create_sent(
+    monkeypatch: pytest.MonkeyPatch, rate: float | None
+) -> None:
+    # 60 jobs at once: the pacer's slow start (and, with a limit, the server's rate) makes most
+    # wait. Waiting is decided before a step starts, so each create runs its step once.
+    creates = count_calls(monkeypatch, "_create")
+    admits = count_calls(monkeypatch, "_admit")
+    server = FakeResponsesServer(
+        latency=LatencyModel.fixed(0.01),
+        rate_limit=None if rate is None else FakeRateLimit.per_second(rate))
+    client = fake_client(server)
+    try:
+        async with asyncbg.BackgroundManager(client, max_concurrency=60, poll_policy=FAST_POLL,
+                                             retry_policy=FAST_RETRY) as mgr:
+            jobs = [await mgr.submit(model="m", input=str(i), metadata={"fake_duration": "0"})
+                    for i in range(60)]
+    finally:
+        await client.close()
+    assert all(j.status is JobStatus.COMPLETED for j in jobs)
+    sent = server.counters.creates + server.counters.rate_limited
+    assert creates[0] == sent  # a retried create (after a 429) is a step of its own
+    assert admits[0] > sent  # and some did wait
+    assert server.counters.rate_limited <= 0.02 * sent
+
+
+def test_the_cli_freezes_its_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    frozen: list[int] = []
+    monkeypatch.setattr(gc, "freeze", lambda: frozen.append(len(gc.get_objects())))
+    monkeypatch.setattr(gc, "collect", lambda *a: 0)
+    _cli._freeze_start_up()
+    assert len(frozen) == 1 and "openai" in sys.modules and "asyncbg._manager" in sys.modules
