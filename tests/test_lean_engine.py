@@ -61,5 +61,5 @@ def test_the_cli_freezes_its_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
     frozen: list[int] = []
     monkeypatch.setattr(gc, "freeze", lambda: frozen.append(len(gc.get_objects())))
     monkeypatch.setattr(gc, "collect", lambda *a: 0)
-    _cli._freeze_start_up()
+    _cli.freeze_start_up()
     assert len(frozen) == 1 and "openai" in sys.modules and "asyncbg._manager" in sys.modules

@@ -19,7 +19,7 @@ from .._providers._kinds import PROVIDER_NAMES
 from . import _dashboard, _demo, _fleet, _metrics, _notify
 from ._logging import LEVELS
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "freeze_start_up", "main"]
 
 _RUN = """\
 Run every line of an OpenAI Batch API input file as a background response and write Batch API
@@ -348,20 +348,23 @@ def _silence_stdout() -> None:
         pass
 
 
-def _freeze_start_up() -> None:
+def freeze_start_up(*, load_sdk: bool = True) -> None:
     """Leave what start-up made out of the cyclic collector's view (``gc.freeze()``).
 
     The CLI owns its process. After ``import openai`` and the engine the heap holds about
     100,000 tracked objects (the SDK's types, pydantic) that live as long as the process; every
     full collection would walk them again, a pause of tens of milliseconds each, on top of the
     jobs' own objects (see benchmarks/README.md, issue 23). A library never does this: only the
-    application knows when its start-up is over.
+    application knows when its start-up is over. ``asyncbg run`` calls it without
+    ``load_sdk`` first (a rerun with nothing to do loads no SDK), then again once it builds its
+    manager.
     """
     import gc
 
-    import openai  # noqa: F401 - loaded now, so that its objects are frozen with the rest
+    if load_sdk:
+        import openai  # noqa: F401 - loaded now, so that its objects are frozen with the rest
 
-    from .. import _manager  # noqa: F401
+        from .. import _manager  # noqa: F401
 
     gc.collect()
     gc.freeze()
@@ -389,7 +392,7 @@ def _dispatch(argv: Sequence[str] | None) -> int:
 
     configure_logging(level=args.log_level, json=args.log_json)
     if args.command in _fleet.COMMANDS:
-        _freeze_start_up()
+        freeze_start_up()
         return anyio.run(_fleet.COMMANDS[args.command], args)
     if args.command == "notify":
         return anyio.run(_notify.notify, args)
@@ -398,7 +401,7 @@ def _dispatch(argv: Sequence[str] | None) -> int:
     from ._run import run
 
     command = {"run": run, "cancel": cancel, "demo": demo}[args.command]
-    _freeze_start_up()
+    freeze_start_up(load_sdk=args.command != "run")  # run: see _run.py
     try:
         return anyio.run(command, args)
     except KeyboardInterrupt:

@@ -399,7 +399,9 @@ class _Run:
                       options: dict[str, Any], on_done: Callable[[Job], None],
                       receive: MemoryObjectReceiveStream[Job]) -> None:
         from .. import BackgroundManager
+        from . import freeze_start_up
 
+        freeze_start_up()  # the SDK and the engine are loaded now: out of the collector's view
         args = self.args
         async with BackgroundManager(client, journal=ledger, **options, cancel_on_exit=False,
                                      on_done=on_done) as mgr:

@@ -200,10 +200,10 @@ class SharedSQLiteLedger(SQLiteLedger):
         def enqueue(db: sqlite3.Connection) -> int:
             now = time.time()
             with _transaction(db):
-                before = db.total_changes
-                db.executemany(q.ENQUEUE, ((key, digest, request, now, now)
-                                           for key, digest, request in batch))
-                new = db.total_changes - before
+                # rowcount, not total_changes: the job_counts triggers' writes are not rows
+                # of ours.
+                new = db.executemany(q.ENQUEUE, ((key, digest, request, now, now)
+                                                 for key, digest, request in batch)).rowcount
                 if new < len(batch):  # some keys were there: each with the same request?
                     for key, digest, _ in batch:
                         if db.execute(q.DIGEST_OF, (key,)).fetchone()[0] != digest:
