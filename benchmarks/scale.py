@@ -82,7 +82,12 @@ async def phase(base_url: str, n: int, duration: float, interval: float | None,
     policy = None if interval is None else fixed(interval, jitter=0.1)
     base_rss = rss_kib("VmRSS")
     c = sdk_client(base_url)
-    if gc_mode == "freeze":
+    if gc_mode == "refreeze":
+        # What a CLI process could also do: freeze start-up, then the survivors of every full
+        # collection (live jobs), so that the next one walks only what came since.
+        gc.freeze()
+        gc.callbacks.append(_refreeze)
+    elif gc_mode == "freeze":
         gc.freeze()  # what an application can do: imports and the client leave the GC's view
     elif gc_mode == "off":
         gc.disable()
@@ -132,6 +137,11 @@ async def phase(base_url: str, n: int, duration: float, interval: float | None,
             "completed": stats.by_status.get("completed", 0)}
 
 
+def _refreeze(phase: str, info: dict[str, int]) -> None:
+    if phase == "stop" and info["generation"] == 2:
+        gc.freeze()
+
+
 def scale(n: int, duration: float, interval: float | None = None, gc_mode: str = "on", *,
           base_url: str | None = None) -> dict[str, Any]:
     """One scale run in a fresh client process, against a fresh fake server process (or, given
@@ -155,8 +165,9 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=10_000)
     p.add_argument("--duration", type=float, default=40.0, help="seconds each job runs")
     p.add_argument("--interval", type=float, help="a slow fixed poll interval (see above)")
-    p.add_argument("--gc", choices=("on", "freeze", "off"), default="on",
-                   help="the cyclic GC: on (default), gc.freeze() after startup, or disabled")
+    p.add_argument("--gc", choices=("on", "freeze", "refreeze", "off"), default="on",
+                   help="the cyclic GC: on (default), gc.freeze() after startup, that and after "
+                   "every full collection (refreeze), or disabled")
     p.add_argument("--base-url", help="a running fake server; default: start one")
     p.add_argument("--reset", action="store_true", help="reset its counters first")
     args = p.parse_args()
