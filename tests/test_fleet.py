@@ -178,26 +178,24 @@ def test_a_sigkilled_workers_jobs_are_taken_over_and_polled_by_their_ids(
     n = 45
     assert fleet_pg.cli("submit", str(write_input(tmp_path / "in.jsonl", n, 2.5)),
                         "--ledger", pg_dsn).returncode == 0
+    http_fake.hold()  # every response stays live until the victim is dead
     victim, *survivors = [fleet_pg.worker() for _ in range(3)]
-    wait_for(lambda: live_count(pg_dsn) == n and bool(owned_live(pg_dsn, victim.pid)))
+    wait_for(lambda: live_count(pg_dsn) == n and bool(owned_live(pg_dsn, victim.pid)),
+             timeout=120)
     orphans = owned_live(pg_dsn, victim.pid)
     polls_before = {rid: http_fake.server.counters.polls.get(rid, 0) for rid in orphans.values()}
     victim.kill()
-    killed_at = time.time()
     assert fleet_pg.wait(victim) == -signal.SIGKILL
+    http_fake.release()
     assert [fleet_pg.wait(p) for p in survivors] == [0, 0]
     results = fleet_pg.results()
     assert sorted(results) == sorted(f"q{i}" for i in range(n))
     assert {line["response"]["body"]["status"] for line in results.values()} == {"completed"}
     counters = http_fake.server.counters
     assert counters.creates == n + resubmits(pg_dsn)
-    finished = dict(rows(pg_dsn, "SELECT key, updated FROM asyncbg_jobs"))
     for key, rid in orphans.items():
         assert results[key]["response"]["body"]["id"] == rid  # the same response, polled on
-        assert counters.polls[rid] > polls_before[rid]
-        # Taken over once the lease ran out (idle 0.375 s), then polled (0.5 s); plus room
-        # for a loaded machine.
-        assert finished[key] - killed_at < LEASE + 0.375 + 0.5 + 2.0
+        assert counters.polls[rid] > polls_before[rid]  # by a survivor, once the lease ran out
 
 
 def test_a_sigtermed_worker_hands_its_leases_back_at_once(
@@ -207,15 +205,17 @@ def test_a_sigtermed_worker_hands_its_leases_back_at_once(
     assert fleet_pg.cli("submit", str(write_input(tmp_path / "in.jsonl", n, 2.0)),
                         "--ledger", pg_dsn).returncode == 0
     lease = 60.0  # it must not matter: the leases are handed back
+    http_fake.hold()  # every response stays live until the victim has stopped
     victim, survivor = (fleet_pg.worker(lease=lease, concurrency=15) for _ in range(2))
-    wait_for(lambda: live_count(pg_dsn) == n and bool(owned_live(pg_dsn, victim.pid)))
+    wait_for(lambda: live_count(pg_dsn) == n and bool(owned_live(pg_dsn, victim.pid)),
+             timeout=120)
     handed = owned_live(pg_dsn, victim.pid)
     victim.send_signal(signal.SIGTERM)
-    stopped_at = time.monotonic()
-    assert fleet_pg.wait(victim, timeout=10) == 128 + signal.SIGTERM
-    assert time.monotonic() - stopped_at < 20.0  # promptly (not the 60 s lease)
-    assert fleet_pg.wait(survivor, timeout=30) == 0
-    assert time.monotonic() - stopped_at < 40.0  # well before the 60 s lease
+    assert fleet_pg.wait(victim, timeout=lease / 2) == 128 + signal.SIGTERM  # not the lease
+    assert not rows(pg_dsn, "SELECT key FROM asyncbg_jobs WHERE owner LIKE %s",  # handed back
+                    f"%:{victim.pid}:%")
+    http_fake.release()
+    assert fleet_pg.wait(survivor, timeout=lease / 2) == 0  # well before the 60 s lease
     results = fleet_pg.results()
     assert len(results) == n
     counters = http_fake.server.counters
