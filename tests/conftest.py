@@ -81,6 +81,11 @@ class HeldClock:
         if self._held_at is None:
             self._held_at = self()
 
+    def advance(self, seconds: float) -> None:
+        """Move held time on by ``seconds`` (and keep it held)."""
+        assert self._held_at is not None, "advance() is for a held clock"
+        self._held_at += seconds
+
     def release(self) -> None:
         if self._held_at is not None:
             self._offset = time.monotonic() - self._held_at
