@@ -34,7 +34,15 @@ from .._ledgers import Ledger, LedgerError, Record
 from .._ledgers._base import ClaimOutcome, Outcome
 from .._ledgers._lock import current_holder
 from .._ledgers._outbox import Outbox
-from .._ledgers._overview import BatchGroup, Overview, from_records, live_records, overview
+from .._ledgers._overview import (
+    BatchGroup,
+    Overview,
+    fleet_status,
+    fleet_status_text,
+    from_records,
+    live_records,
+    overview,
+)
 from .._ledgers._shared import LeaseLost, SharedLedger, keep_leases
 from .._ledgers._sqlite_shared import SharedSQLiteLedger
 from .._ledgers._urls import url_like
@@ -103,7 +111,7 @@ async def open_ledger(spec: str | Path, *, exclusive: bool) -> Ledger | None:
     respects the workers' leases; ``exclusive`` also takes the run lock, so that no ``asyncbg
     run`` works on it meanwhile.
     """
-    from .._fleet import shared_ledger
+    from .._ledgers._open import shared_ledger
 
     ledger: Ledger
     if isinstance(spec, str) and url_like(spec):
@@ -270,8 +278,6 @@ def _advice(summary: Mapping[str, Any]) -> str:
 
 async def status(args: argparse.Namespace) -> int:
     """``asyncbg status --ledger PATH [--json]``: read the journal; no API key, no request."""
-    from .._fleet import fleet_status, fleet_status_text
-
     ledger = await open_ledger(args.ledger, exclusive=False)
     if ledger is None:
         return 2

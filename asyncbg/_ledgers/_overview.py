@@ -25,9 +25,10 @@ from .._providers._kinds import batch_of
 from .._spend._tokens import usage_tokens
 from . import _sqlite_queries as sq
 from ._base import Ledger, Record
+from ._shared import SharedLedger
 
-__all__ = ["BatchGroup", "LiveRow", "Overview", "body_tokens", "from_records", "live_records",
-           "overview"]
+__all__ = ["BatchGroup", "LiveRow", "Overview", "body_tokens", "fleet_status",
+           "fleet_status_text", "from_records", "live_records", "overview"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +136,29 @@ def body_tokens(body: bytes | None) -> tuple[int, int]:
         return 0, 0
     t = usage_tokens(usage)
     return t.input, t.output
+
+
+async def fleet_status(ledger: SharedLedger) -> dict[str, Any]:
+    """What ``asyncbg status`` adds for a shared ledger: the workers alive, with how many
+    leases each holds, and how many jobs are not finished (waiting, being sent or live)."""
+    workers = await ledger.workers()
+    return {
+        "unfinished": await ledger.unfinished(),
+        "workers_alive": len(workers),
+        "workers": [
+            {"owner": w.owner, "host": w.host, "pid": w.pid, "held": w.held,
+             "last_seen": w.seen, "lease": w.lease}
+            for w in workers
+        ],
+    }
+
+
+def fleet_status_text(status: Mapping[str, Any]) -> str:
+    """``fleet_status`` as lines for ``asyncbg status``."""
+    lines = [f"workers alive: {status['workers_alive']}"]
+    for w in status["workers"]:
+        lines.append(f"  {w['owner']}  pid {w['pid']} on {w['host']}  holding {w['held']}")
+    return "\n".join(lines)
 
 
 # -- SQLite ---------------------------------------------------------------------------------------

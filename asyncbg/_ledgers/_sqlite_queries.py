@@ -462,8 +462,8 @@ def _tokens(body: str) -> str:
     """
 
 
-#: Params: a body (BLOB). What the triggers add, for tests and for readers that want one body.
-TOKENS = _tokens("?")
+#: Params: body (a BLOB). What the triggers add, for tests and for readers that want one body.
+TOKENS = _tokens(":body")
 HAS_TALLIES = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'job_tallies'"
 _TALLY = "INSERT INTO job_tallies (id, resubmits, input, output, leased) SELECT 0, {rows} " \
     "WHERE true ON CONFLICT (id) DO UPDATE SET resubmits = resubmits + excluded.resubmits, " \
