@@ -61,5 +61,16 @@ def test_the_cli_freezes_its_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
     frozen: list[int] = []
     monkeypatch.setattr(gc, "freeze", lambda: frozen.append(len(gc.get_objects())))
     monkeypatch.setattr(gc, "collect", lambda *a: 0)
+    # The interpreter keeps its own reference to the real list: this one is never called.
+    monkeypatch.setattr(gc, "callbacks", [])
     _cli.freeze_start_up()
     assert len(frozen) == 1 and "openai" in sys.modules and "asyncbg._manager" in sys.modules
+    _cli.freeze_start_up(load_sdk=False)  # run freezes twice: the hook is added once
+    assert gc.callbacks == [_cli._refreeze] and len(frozen) == 2
+    # What survives a full collection is frozen too; a young collection freezes nothing.
+    for generation in (0, 1):
+        _cli._refreeze("stop", {"generation": generation})
+    _cli._refreeze("start", {"generation": 2})
+    assert len(frozen) == 2
+    _cli._refreeze("stop", {"generation": 2})
+    assert len(frozen) == 3
