@@ -23,6 +23,9 @@ Schema history (``asyncbg_meta.schema_version``):
   more safety margin (:func:`~._shared.safety_margin`) before it takes the key: a create that
   left just before the lease ran out has had its answer recorded by then (the old holder's
   writes still match owner and epoch), or it is known lost.
+- version 5: the counters kept per statement for updates too: one trigger with transition
+  tables in place of the per-row one, so that a statement writing hundreds of jobs' states
+  (the grouped writes) makes one upsert per (state, status) it changed, not two per row.
 
 Creation and upgrades run in one transaction under ``pg_advisory_xact_lock``, so that workers
 starting together neither race nor see a half-made schema.
@@ -32,7 +35,7 @@ from __future__ import annotations
 
 # No __all__: the module is a namespace, imported as `q` by _postgres.py.
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 #: The key of the transaction-level advisory lock held while the schema is made or upgraded
 #: ("abgj" and 1), and of the session-level lock an ``exclusive=True`` ledger holds ("abgj", 2).
 SCHEMA_LOCK = 0x6162676A_00000001
@@ -197,6 +200,30 @@ UPGRADES: dict[int, tuple[str, ...]] = {
         "SELECT 0, state, status, count(*) FROM asyncbg_jobs GROUP BY state, status",
     ),
     3: ("ALTER TABLE asyncbg_jobs ADD COLUMN sent_epoch bigint",),
+    4: (
+        # The per-row trigger goes and the statement's comes in one transaction: DROP TRIGGER
+        # locks the table against writers until the commit, so no update goes uncounted.
+        "DROP TRIGGER asyncbg_count_update ON asyncbg_jobs",
+        "DROP FUNCTION asyncbg_count_change()",
+        # Every update statement (a trigger with transition tables cannot name columns):
+        # what it moved, per (state, status), from its rows before and after, in sorted order;
+        # those that moved nothing (claims, renewals, releases) upsert nothing.
+        """
+        CREATE FUNCTION asyncbg_count_moves() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            INSERT INTO asyncbg_counts AS c (slot, state, status, n)
+            SELECT pg_backend_pid() % 64, m.state, m.status, sum(m.n)
+            FROM (SELECT state, status, 1 AS n FROM new_rows
+                  UNION ALL SELECT state, status, -1 FROM old_rows) AS m
+            GROUP BY m.state, m.status HAVING sum(m.n) <> 0 ORDER BY m.state, m.status
+            ON CONFLICT (slot, state, status) DO UPDATE SET n = c.n + EXCLUDED.n;
+            RETURN NULL;
+        END $$
+        """,
+        "CREATE TRIGGER asyncbg_count_update AFTER UPDATE ON asyncbg_jobs "
+        "REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows "
+        "FOR EACH STATEMENT EXECUTE FUNCTION asyncbg_count_moves()",
+    ),
 }
 WRITE_SCHEMA_VERSION = """
     INSERT INTO asyncbg_meta (name, value) VALUES ('schema_version', %s)
