@@ -302,6 +302,44 @@ async def test_writes_that_arrive_together_go_out_together_each_fenced(pg_dsn: s
 
 
 @pytest.mark.asyncio
+async def test_grouped_writes_keep_every_value_as_it_was_given(pg_dsn: str) -> None:
+    """The grouped writes carry their rows as JSON (bodies as base64): any bytes, text with
+    quotes, backslashes and non-ASCII, missing values and big numbers come back as given."""
+    ledger = PostgresLedger(pg_dsn, lease=30.0)
+    await ledger.open()
+    outcomes = [
+        Outcome("completed", "resp_\"q\\", body=bytes(range(256)) * 3, http_status=200,
+                request_id="rq-é"),
+        Outcome("failed", error='bad "input" \\ ünïcode ✓\n', error_code="x\ty"),
+        Outcome("incomplete", "resp_2", body=b"", http_status=None, request_id=None),
+        Outcome("cancelled", None),
+    ]
+    try:
+        keys = [f"k'{i}\"" for i in range(len(outcomes))]
+        await ledger.enqueue([(key, *req(i=key)) for key in keys])
+        assert len(await ledger.acquire(10, 30.0)) == len(keys)
+        async with anyio.create_task_group() as tg:  # sending, together
+            for key in keys:
+                tg.start_soon(lambda key=key: ledger.sending(key, resubmit=True))
+        async with anyio.create_task_group() as tg:  # live, together
+            for key in keys:
+                tg.start_soon(ledger.record, key, Outcome("in_progress", f"live_{key}"))
+        async with anyio.create_task_group() as tg:  # the outcomes, together
+            for key, outcome in zip(keys, outcomes, strict=True):
+                tg.start_soon(ledger.record, key, outcome)
+        records = {r.key: r for r in await ledger.records()}
+        for key, o in zip(keys, outcomes, strict=True):
+            r = records[key]
+            assert (r.status, r.body, r.error, r.error_code, r.http_status, r.request_id) == (
+                o.status, o.body, o.error, o.error_code, o.http_status, o.request_id)
+            assert r.response_id == (o.response_id or f"live_{key}")
+            assert r.resubmits == 1
+        assert ledger.held() == {}
+    finally:
+        await ledger.close()
+
+
+@pytest.mark.asyncio
 async def test_grouped_writes_cancelled_on_their_way_or_waiting_leave_no_one_stuck(
     pg_dsn: str,
 ) -> None:

@@ -321,14 +321,16 @@ EXISTS = "SELECT 1 FROM asyncbg_jobs WHERE key = %s"
 # The same three writes for many keys at once, in one statement (writes that arrive while one
 # is on its way go together in the next: see PostgresLedger._grouped). A key has at most one
 # write waiting (the engine awaits each before the next), so the three parts touch different
-# rows. Params: owner, then one array per column of each part, the epochs last; it returns the
-# keys written (the others' leases are elsewhere).
+# rows. Params: owner, then each part's rows as one JSON array of arrays (text: the same types
+# at every call, so the statement is prepared once and planned once per connection, and the
+# client dumps one string per part, not one array per column); a terminal body is base64. It
+# returns the keys written (the others' leases are elsewhere).
 WRITE_MANY = f"""
     WITH sent AS (
         UPDATE asyncbg_jobs j SET state = 'sending', response_id = NULL, status = 'pending',
             resubmits = j.resubmits + b.resubmit, updated = {_NOW}, sent_epoch = j.epoch
-        FROM unnest(%(s_keys)s::text[], %(s_resubmits)s::integer[], %(s_epochs)s::bigint[])
-            AS b(key, resubmit, epoch)
+        FROM (SELECT w->>0 AS key, (w->>1)::integer AS resubmit, (w->>2)::bigint AS epoch
+              FROM jsonb_array_elements(%(sent)s::jsonb) AS w) AS b
         WHERE j.key = b.key AND j.owner = %(owner)s AND j.epoch = b.epoch
         RETURNING j.key
     ),
@@ -336,8 +338,9 @@ WRITE_MANY = f"""
         UPDATE asyncbg_jobs j SET state = 'live',
             response_id = COALESCE(b.response_id, j.response_id), status = b.status,
             updated = {_NOW}
-        FROM unnest(%(l_keys)s::text[], %(l_response_ids)s::text[], %(l_statuses)s::text[],
-                    %(l_epochs)s::bigint[]) AS b(key, response_id, status, epoch)
+        FROM (SELECT w->>0 AS key, w->>1 AS response_id, w->>2 AS status,
+                     (w->>3)::bigint AS epoch
+              FROM jsonb_array_elements(%(live)s::jsonb) AS w) AS b
         WHERE j.key = b.key AND j.owner = %(owner)s AND j.epoch = b.epoch
         RETURNING j.key
     ),
@@ -347,12 +350,11 @@ WRITE_MANY = f"""
             body = b.body, error = b.error, error_code = b.error_code,
             http_status = b.http_status, request_id = b.request_id, updated = {_NOW},
             lease_until = NULL
-        FROM unnest(%(t_keys)s::text[], %(t_states)s::text[], %(t_response_ids)s::text[],
-                    %(t_statuses)s::text[], %(t_bodies)s::bytea[], %(t_errors)s::text[],
-                    %(t_error_codes)s::text[], %(t_http_statuses)s::integer[],
-                    %(t_request_ids)s::text[], %(t_epochs)s::bigint[])
-            AS b(key, state, response_id, status, body, error, error_code, http_status,
-                 request_id, epoch)
+        FROM (SELECT w->>0 AS key, w->>1 AS state, w->>2 AS response_id, w->>3 AS status,
+                     decode(w->>4, 'base64') AS body, w->>5 AS error, w->>6 AS error_code,
+                     (w->>7)::integer AS http_status, w->>8 AS request_id,
+                     (w->>9)::bigint AS epoch
+              FROM jsonb_array_elements(%(ended)s::jsonb) AS w) AS b
         WHERE j.key = b.key AND j.owner = %(owner)s AND j.epoch = b.epoch
         RETURNING j.key
     )

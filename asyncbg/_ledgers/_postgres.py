@@ -29,9 +29,11 @@ twice. The ledger object goes on working once the server is back.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import socket
+from base64 import b64encode
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from typing import Any, NoReturn, TypeVar
 
@@ -383,8 +385,9 @@ class PostgresLedger(PostgresOutbox):
             return
         n = o.notification
         if n is None:
+            body = None if o.body is None else b64encode(o.body).decode("ascii")
             await self._grouped("terminal", key, (
-                key, state, o.response_id, o.status, o.body, o.error, o.error_code,
+                key, state, o.response_id, o.status, body, o.error, o.error_code,
                 o.http_status, o.request_id))
         else:  # one statement: the outcome and its notification in one transaction
             await self._fenced(key, q.RECORD_TERMINAL_NOTIFY, (
@@ -630,13 +633,13 @@ class PostgresLedger(PostgresOutbox):
         batch, group.waiting = group.waiting, []
         group.busy = True
         try:
-            args: dict[str, Any] = {"owner": self._owner}
-            for kind, names in _GROUPED.items():
-                rows = [w.row for w in batch if w.kind == kind]
-                columns = [list(c) for c in zip(*rows, strict=True)] or [[] for _ in names]
-                args.update(zip(names, columns, strict=True))
+            parts: dict[str, list[tuple[Any, ...]]] = {kind: [] for kind in _GROUPED}
+            for w in batch:
+                parts[w.kind].append(w.row)
+            args = {"owner": self._owner, **{
+                name: _dumps(parts[kind]) for kind, name in _GROUPED.items()}}
             written = {row[0] for row in await self._run(
-                lambda c: self._fetchall(c, q.WRITE_MANY, args))}
+                lambda c: self._fetchall(c, q.WRITE_MANY, args, prepare=True))}
             for w in batch:
                 w.written = w.key in written
         except LedgerError as exc:
@@ -696,15 +699,17 @@ class PostgresLedger(PostgresOutbox):
         except psycopg.Error as exc:
             raise self._error(exc) from exc
 
-    async def _execute(self, conn: Conn, sql: str, args: Args = None) -> Cursor:
+    async def _execute(self, conn: Conn, sql: str, args: Args = None, *,
+                       prepare: bool | None = None) -> Cursor:
         self.round_trips += 1
-        return await conn.execute(sql, args)
+        return await conn.execute(sql, args, prepare=prepare)
 
     async def _fetchone(self, conn: Conn, sql: str, args: Args = None) -> tuple[Any, ...] | None:
         return await (await self._execute(conn, sql, args)).fetchone()
 
-    async def _fetchall(self, conn: Conn, sql: str, args: Args = None) -> list[tuple[Any, ...]]:
-        return await (await self._execute(conn, sql, args)).fetchall()
+    async def _fetchall(self, conn: Conn, sql: str, args: Args = None, *,
+                        prepare: bool | None = None) -> list[tuple[Any, ...]]:
+        return await (await self._execute(conn, sql, args, prepare=prepare)).fetchall()
 
     def _bound(self, timeout: float | None = None) -> float:
         """The client's deadline for a call whose statements have ``timeout`` on the server."""
@@ -750,13 +755,9 @@ class PostgresLedger(PostgresOutbox):
         return LedgerError(f"{self.location}: PostgreSQL error {state}: {detail}")
 
 
-#: The grouped writes: the parameters of each part of q.WRITE_MANY, in the order of a row.
-_GROUPED: dict[str, tuple[str, ...]] = {
-    "sending": ("s_keys", "s_resubmits", "s_epochs"),
-    "live": ("l_keys", "l_response_ids", "l_statuses", "l_epochs"),
-    "terminal": ("t_keys", "t_states", "t_response_ids", "t_statuses", "t_bodies", "t_errors",
-                 "t_error_codes", "t_http_statuses", "t_request_ids", "t_epochs"),
-}
+#: The grouped writes: each kind's parameter of q.WRITE_MANY (its rows, as JSON).
+_GROUPED = {"sending": "sent", "live": "live", "terminal": "ended"}
+_dumps = json.JSONEncoder(separators=(",", ":")).encode
 
 
 class _Write:
