@@ -207,10 +207,10 @@ async def test_a_claim_reads_only_rows_it_can_take_however_many_are_leased(
     assert len(await busy.acquire(6000, 300.0)) == 6000  # running elsewhere
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute("VACUUM ANALYZE asyncbg_jobs")
-        for sql in (q.ACQUIRE, q.ACQUIRE_LIVE):
+        for sql in (q.acquire(16), q.acquire(16, live_only=True)):
             with conn.transaction():
                 [[plan]] = conn.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}", {
-                    "limit": 16, "owner": "probe", "lease": 30.0, "margin": 10.0}).fetchall()
+                    "owner": "probe", "lease": 30.0, "margin": 10.0}).fetchall()
                 if isinstance(plan, str):
                     plan = json.loads(plan)
                 # 10 rows to take (and their index and heap visits), not 6,000 leased ones.

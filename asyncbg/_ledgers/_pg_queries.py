@@ -34,6 +34,7 @@ starting together neither race nor see a half-made schema.
 from __future__ import annotations
 
 # No __all__: the module is a namespace, imported as `q` by _postgres.py.
+import functools
 
 SCHEMA_VERSION = 5
 #: The key of the transaction-level advisory lock held while the schema is made or upgraded
@@ -402,35 +403,47 @@ ENQUEUE_MISMATCH = """
     JOIN unnest(%s::text[], %s::text[]) WITH ORDINALITY AS i(key, digest, n) ON j.key = i.key
     WHERE j.digest <> i.digest ORDER BY i.n LIMIT 1
 """
-# Params: limit, owner, lease, margin. Rows another acquire is taking right now are skipped,
-# not waited for; the UPDATE sees each row as it is once locked. Waiting rows (no lease) come
-# from one partial index in claim order, expired leases from another by expiry: neither reads a row
-# that is leased and running, however many there are. ACQUIRE_LIVE: only live responses.
+# Params: owner, lease, margin; the limit is written into the statement (acquire(): a plan made
+# once for a limit of n is good for every call with n, where a plan for LIMIT $1 is made for
+# any limit and may sort every waiting row). Rows another acquire is taking right now are
+# skipped, not waited for; the UPDATE sees each row as it is once locked. Waiting rows (no
+# lease) come from one partial index in claim order, expired leases from another by expiry:
+# neither reads a row that is leased and running, however many there are. ``live_only``: only
+# live responses.
 _ACQUIRE = f"""
     WITH waiting AS (
         SELECT key, seq FROM asyncbg_jobs
         WHERE lease_until IS NULL AND {{states}}
-        ORDER BY seq LIMIT %(limit)s
+        ORDER BY seq LIMIT {{limit}}
         FOR UPDATE SKIP LOCKED
     ),
     expired AS (
         SELECT key, seq FROM asyncbg_jobs
         WHERE lease_until <= {_NOW} AND lease_until IS NOT NULL AND {{states}}
           AND {_TAKEN_OVER_AT} <= {_NOW}
-        ORDER BY lease_until LIMIT %(limit)s
+        ORDER BY lease_until LIMIT {{limit}}
         FOR UPDATE SKIP LOCKED
     ),
     picked AS (
         SELECT key FROM (SELECT * FROM waiting UNION ALL SELECT * FROM expired) AS p
-        ORDER BY seq LIMIT %(limit)s
+        ORDER BY seq LIMIT {{limit}}
     )
     UPDATE asyncbg_jobs j
     SET owner = %(owner)s, epoch = j.epoch + 1, lease_until = {_NOW} + %(lease)s
     FROM picked WHERE j.key = picked.key
     RETURNING {_J_COLUMNS}, j.epoch, j.seq
 """
-ACQUIRE = _ACQUIRE.format(states="state IN ('new', 'sending', 'live')")
-ACQUIRE_LIVE = _ACQUIRE.format(states="state = 'live'")
+
+
+@functools.lru_cache(maxsize=512)
+def acquire(limit: int, *, live_only: bool = False) -> str:
+    """The claim of up to ``limit`` (a positive int) jobs, or of live responses only."""
+    if not (isinstance(limit, int) and limit > 0):
+        raise ValueError(f"limit must be a positive int, got {limit!r}")
+    states = "state = 'live'" if live_only else "state IN ('new', 'sending', 'live')"
+    return _ACQUIRE.format(states=states, limit=int(limit))
+
+
 # One round trip for the heartbeat and every renewal. Rows taken over since (another owner, or
 # another epoch) or finished are not returned: their leases are lost.
 RENEW = f"""

@@ -466,10 +466,9 @@ class PostgresLedger(PostgresOutbox):
                       ) -> list[Record]:
         if limit < 1:
             return []
-        sql = q.ACQUIRE_LIVE if live_only else q.ACQUIRE
+        sql = q.acquire(limit, live_only=live_only)
         rows = await self._run(lambda c: self._fetchall(c, sql, {
-            "limit": limit, "owner": self._owner, "lease": lease,
-            "margin": safety_margin(lease)}))
+            "owner": self._owner, "lease": lease, "margin": safety_margin(lease)}))
         rows.sort(key=lambda row: row[-1])  # claim order
         records = []
         for row in rows:
