@@ -379,6 +379,58 @@ async def test_grouped_writes_cancelled_on_their_way_or_waiting_leave_no_one_stu
         await ledger.close()
 
 
+@pytest.mark.asyncio
+async def test_a_waiting_batch_whose_leader_is_cancelled_is_sent_by_the_next(
+    pg_dsn: str,
+) -> None:
+    """Writes queued behind a statement wait each on its own batch, and only the first (the
+    leader) is woken to send it; when the leader is cancelled before its turn, the next one
+    sends the batch: nothing waits for a leader that is gone, and the cancelled one is not
+    written."""
+    ledger = PostgresLedger(pg_dsn, lease=30.0)
+    await ledger.open()
+    keys = ["k0", "k1", "k2", "k3"]
+
+    async def until(condition: Callable[[], bool]) -> None:
+        for _ in range(4000):  # the test's fail_after bounds it first
+            if condition():
+                return
+            await anyio.sleep(0.005)
+        raise AssertionError("never came")
+
+    try:
+        await ledger.enqueue([(key, *req(i=key)) for key in keys])
+        assert len(await ledger.acquire(4, 30.0)) == 4
+        group = ledger._group
+        locker = await psycopg.AsyncConnection.connect(pg_dsn)
+        try:
+            await locker.execute("SELECT 1 FROM asyncbg_jobs WHERE key = 'k0' FOR UPDATE")
+            with anyio.fail_after(20):
+                async with anyio.create_task_group() as tg:
+                    scopes = {key: anyio.CancelScope() for key in keys}
+
+                    async def write(key: str) -> None:
+                        with scopes[key]:
+                            await ledger.sending(key, resubmit=False)
+
+                    tg.start_soon(write, "k0")  # its statement waits on the lock
+                    await until(lambda: group.busy)
+                    for key in keys[1:]:
+                        tg.start_soon(write, key)
+                    await until(lambda: len(group.waiting.writes) == 3)
+                    assert group.waiting.leader is not None
+                    assert group.waiting.leader.key == "k1"
+                    scopes["k1"].cancel()
+                    await until(lambda: len(group.waiting.writes) == 2)
+                    await locker.commit()  # k0's statement comes back: k2 sends k2 and k3
+        finally:
+            await locker.close()
+        states = {r.key: r.state for r in await ledger.records()}
+        assert states == {"k0": "sending", "k1": "new", "k2": "sending", "k3": "sending"}
+    finally:
+        await ledger.close()
+
+
 # -- the fleet: enqueue, acquire, renew, release -------------------------------------------------
 
 @pytest.mark.asyncio

@@ -613,50 +613,62 @@ class PostgresLedger(PostgresOutbox):
             await self._not_written(key)
         write = _Write(kind, key, (*row, epoch))
         group = self._group
-        group.waiting.append(write)
+        batch = group.waiting
+        if not batch.writes:
+            batch.leader = write  # the first to wait sends the batch when its turn comes
+        batch.writes.append(write)
         try:
+            # Each waiting task is woken once: when its batch is written, or (its leader) when
+            # the statement before it is back.
             while not write.done:
-                if group.busy:
-                    await group.turn.wait()
-                else:
+                if not group.busy:
                     await self._write_group(group)
+                elif batch.leader is write and not batch.sent:
+                    await batch.turn.wait()
+                else:
+                    await batch.written.wait()
         finally:
-            if not write.done and write in group.waiting:  # cancelled before it was sent
-                group.waiting.remove(write)
+            if not write.done and not batch.sent:  # cancelled before it was sent
+                batch.writes.remove(write)
+                if batch.leader is write and batch.writes:
+                    # Another leads: every waiter looks again, once.
+                    batch.leader = batch.writes[0]
+                    woken, batch.written = batch.written, anyio.Event()
+                    woken.set()
         if write.error is not None:
             raise type(write.error)(str(write.error)) from write.error
         if not write.written:
             await self._not_written(key)
 
     async def _write_group(self, group: _Group) -> None:
-        batch, group.waiting = group.waiting, []
-        group.busy = True
+        batch, group.waiting = group.waiting, _Batch()
+        batch.sent = group.busy = True
         try:
             parts: dict[str, list[tuple[Any, ...]]] = {kind: [] for kind in _GROUPED}
-            for w in batch:
+            for w in batch.writes:
                 parts[w.kind].append(w.row)
             args = {"owner": self._owner, **{
                 name: _dumps(parts[kind]) for kind, name in _GROUPED.items()}}
             written = {row[0] for row in await self._run(
                 lambda c: self._fetchall(c, q.WRITE_MANY, args, prepare=True))}
-            for w in batch:
+            for w in batch.writes:
                 w.written = w.key in written
         except LedgerError as exc:
-            for w in batch:
+            for w in batch.writes:
                 w.error = exc
         except BaseException:
             # Cancelled on its way (the one who sent it was): whether it committed is not
             # known, so the others are told it may not have, and write again.
-            for w in batch:
+            for w in batch.writes:
                 w.error = LedgerUnavailable(
                     f"{self.location}: a write was interrupted on its way; try again")
             raise
         finally:
-            for w in batch:
+            for w in batch.writes:
                 w.done = True
             group.busy = False
-            turn, group.turn = group.turn, anyio.Event()
-            turn.set()
+            batch.written.set()
+            group.waiting.turn.set()  # the next batch's leader sends it
 
     async def _not_written(self, key: str) -> NoReturn:
         """Why a fenced write changed nothing: the key is missing (a bug) or its lease is
@@ -773,16 +785,28 @@ class _Write:
         self.error: LedgerError | None = None
 
 
-class _Group:
-    """The writes waiting to go out, and whether a statement is on its way (``turn`` is set
-    when it is back)."""
+class _Batch:
+    """Writes that go out in one statement: ``turn`` is set when the statement before it is
+    back (its leader sends it then), ``written`` when its own is."""
 
-    __slots__ = ("busy", "turn", "waiting")
+    __slots__ = ("leader", "sent", "turn", "writes", "written")
 
     def __init__(self) -> None:
-        self.waiting: list[_Write] = []
-        self.busy = False
+        self.writes: list[_Write] = []
+        self.leader: _Write | None = None
+        self.sent = False
         self.turn = anyio.Event()
+        self.written = anyio.Event()
+
+
+class _Group:
+    """The writes waiting to go out, and whether a statement is on its way."""
+
+    __slots__ = ("busy", "waiting")
+
+    def __init__(self) -> None:
+        self.waiting = _Batch()
+        self.busy = False
 
 
 async def _on_connection(pool: Pool, fn: Callable[[Conn], Awaitable[T]]) -> T:
