@@ -118,8 +118,9 @@ async def measure(dsn: str, *, jobs: int, leased: int, claims: int) -> dict[str,
             for _ in range(20):
                 try:
                     async with conn.transaction():
-                        cur = await conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + q.ACQUIRE,
-                                                 {"limit": 16, "owner": "probe",
+                        cur = await conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) "
+                                                 + q.acquire(16),
+                                                 {"owner": "probe",
                                                   "lease": 3600.0, "margin": 1200.0})
                         [[plan]] = await cur.fetchall()
                         plan = json.loads(plan) if isinstance(plan, str) else plan

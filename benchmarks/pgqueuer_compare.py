@@ -28,11 +28,14 @@ Reported: jobs per second for each and the ratio, queue against queue, at each b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +155,8 @@ def asyncbg_side(dsn: str, jobs: int, concurrency: int) -> dict[str, Any]:
     return anyio.run(main)
 
 
-def ledger_side(dsn: str, jobs: int, consumers: int, batch: int) -> dict[str, Any]:
+def ledger_side(dsn: str, jobs: int, consumers: int, batch: int,
+                uvloop: bool = False) -> dict[str, Any]:
     """The queue alone, as PgQueuer's side is: ``consumers`` loops on one worker's ledger,
     each taking ``batch`` jobs at a time and running them at once, each job recorded as sent,
     as created (a response id), then completed, with no request to any server."""
@@ -201,17 +205,17 @@ def ledger_side(dsn: str, jobs: int, consumers: int, batch: int) -> dict[str, An
                 "jobs": jobs, "done": done, "left": left, "fill_s": round(filled, 2),
                 "elapsed_s": round(elapsed, 2), "jobs_per_s": round(done / elapsed, 1),
                 "cpu_s": round(time.process_time() - cpu, 2),
-                "round_trips_per_job": round(per_job, 2)}
+                "round_trips_per_job": round(per_job, 2), "uvloop": uvloop}
 
-    return anyio.run(main)
+    return anyio.run(main, backend_options={"use_uvloop": uvloop})
 
 
 # -- the comparison ------------------------------------------------------------------------------
 
 
-def one(python: Path, args: list[str]) -> dict[str, Any]:
-    out = subprocess.run([str(python), __file__, *args], check=True, capture_output=True,
-                         text=True)
+def one(python: Path, args: list[str], script: Path | None = None) -> dict[str, Any]:
+    out = subprocess.run([str(python), str(script or __file__), *args], check=True,
+                         capture_output=True, text=True)
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
@@ -223,6 +227,11 @@ def main() -> None:
                    help="jobs for the whole worker (the engine's CPU per job is its limit)")
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--json", metavar="PATH")
+    p.add_argument("--before", metavar="REF",
+                   help="also run the queue side of this git ref (e.g. main), from a checkout "
+                        "of its own (git worktree), in the same run: before and after")
+    p.add_argument("--uvloop", action="store_true",
+                   help="also run asyncbg's queue side under uvloop (as PgQueuer's runs)")
     p.add_argument("--side", choices=["pgqueuer", "asyncbg", "ledger"], help=argparse.SUPPRESS)
     p.add_argument("--dsn", help=argparse.SUPPRESS)
     p.add_argument("--consumers", type=int, default=5, help=argparse.SUPPRESS)
@@ -233,7 +242,8 @@ def main() -> None:
         print(json.dumps(pgqueuer_side(args.dsn, args.jobs, args.consumers, args.batch)))
         return
     if args.side == "ledger":
-        print(json.dumps(ledger_side(args.dsn, args.jobs, args.consumers, args.batch)))
+        print(json.dumps(ledger_side(args.dsn, args.jobs, args.consumers, args.batch,
+                                     uvloop=args.uvloop)))
         return
     if args.side == "asyncbg":
         print(json.dumps(asyncbg_side(args.dsn, args.jobs, args.concurrency)))
@@ -247,28 +257,64 @@ def main() -> None:
         runs.append(one(side_python, list(extra)))
         print(json.dumps(runs[-1]), file=sys.stderr)
 
-    with postgres() as server_dsn:
+    sides = ["pgqueuer", "asyncbg ledger"]
+    with contextlib.ExitStack() as stack:
+        before = None
+        if args.before:
+            before = stack.enter_context(checkout(args.before))
+            sides.append(f"asyncbg ledger ({args.before})")
+        if args.uvloop:
+            sides.append("asyncbg ledger (uvloop)")
+        server_dsn = stack.enter_context(postgres())
         for rep in range(args.repeat):
             for batch in (10, 50):  # PgQueuer's default batch, and a worker's (its free slots)
-                run(python, "--side", "pgqueuer", "--jobs", str(args.jobs), "--consumers", "5",
-                    "--batch", str(batch), "--dsn", fresh_database(server_dsn, "bench_pgq"))
-                run(Path(sys.executable), "--side", "ledger", "--jobs", str(args.jobs),
-                    "--consumers", "5", "--batch", str(batch),
+                common = ["--jobs", str(args.jobs), "--consumers", "5", "--batch", str(batch)]
+                run(python, "--side", "pgqueuer", *common,
+                    "--dsn", fresh_database(server_dsn, "bench_pgq"))
+                run(Path(sys.executable), "--side", "ledger", *common,
                     "--dsn", fresh_database(server_dsn, "bench_asyncbg"))
-            run(Path(sys.executable), "--side", "asyncbg", "--jobs", str(args.worker_jobs),
-                "--concurrency", "200", "--dsn", fresh_database(server_dsn, "bench_worker"))
-            print(f"repeat {rep + 1} of {args.repeat} done", file=sys.stderr)
-    ratios = {}
+                if before is not None:
+                    runs.append(one(Path(sys.executable), [
+                        "--side", "ledger", *common,
+                        "--dsn", fresh_database(server_dsn, "bench_before")],
+                        script=before / "benchmarks" / "pgqueuer_compare.py"))
+                    runs[-1]["side"] = sides[2]
+                    print(json.dumps(runs[-1]), file=sys.stderr)
+                if args.uvloop:
+                    run(Path(sys.executable), "--side", "ledger", *common, "--uvloop",
+                        "--dsn", fresh_database(server_dsn, "bench_uvloop"))
+                    runs[-1]["side"] = sides[-1]
+            if args.worker_jobs:
+                run(Path(sys.executable), "--side", "asyncbg", "--jobs", str(args.worker_jobs),
+                    "--concurrency", "200", "--dsn", fresh_database(server_dsn, "bench_worker"))
+            print(f"repeat {rep + 1} of {args.repeat} done, load {os.getloadavg()}",
+                  file=sys.stderr)
+    ratios: dict[str, Any] = {}
     for batch in (10, 50):
-        best = {side: max(r["jobs_per_s"] for r in runs
-                          if r["side"] == side and r.get("batch") == batch)
-                for side in ("pgqueuer", "asyncbg ledger")}
-        ratios[f"batch {batch}"] = {**best, "asyncbg_over_pgqueuer": round(
-            best["asyncbg ledger"] / best["pgqueuer"], 2)}
-    worker = max(r["jobs_per_s"] for r in runs if r["side"] == "asyncbg")
+        # Each repeat's ratio (both sides of it ran one after the other), and their spread.
+        per_run = {side: [r["jobs_per_s"] for r in runs
+                          if r["side"] == side and r.get("batch") == batch] for side in sides}
+        ratios[f"batch {batch}"] = {
+            "jobs_per_s": per_run,
+            **{f"{side} / pgqueuer": sorted(round(a / p, 2) for a, p in zip(
+                per_run[side], per_run["pgqueuer"], strict=True)) for side in sides[1:]}}
+    worker = [r["jobs_per_s"] for r in runs if r["side"] == "asyncbg"]
     report = {"runs": runs, "queue": ratios, "worker_jobs_per_s": worker,
               "cpus": os.cpu_count(), "load_after": os.getloadavg()}
     emit(report, args.json)
+
+
+@contextlib.contextmanager
+def checkout(ref: str) -> Iterator[Path]:
+    """A checkout of ``ref`` of this repository, for the time of the run (git worktree)."""
+    where = Path(tempfile.mkdtemp(prefix="asyncbg-before-"))
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(where),
+                    ref], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(where)],
+                       check=False)
 
 
 if __name__ == "__main__":

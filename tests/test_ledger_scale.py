@@ -124,6 +124,72 @@ async def test_a_version_2_ledger_gains_the_indexes_and_its_counts(pg_dsn: str) 
     assert "asyncbg_jobs_open" not in names
 
 
+@pytest.mark.asyncio
+async def test_the_previous_version_keeps_its_rows_and_exact_counts_and_counts_per_statement(
+    pg_dsn: str,
+) -> None:
+    """A ledger of the version before this one (the per-row counting trigger), with jobs in
+    every state, is upgraded on open: the rows and counts are kept, and from then on the
+    counters are kept by statement-level triggers, exact through grouped writes of every kind
+    in one statement."""
+    old = q.SCHEMA_VERSION - 1
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:  # as the previous asyncbg wrote it
+        with conn.transaction():
+            for sql in q.CREATE_V1:
+                conn.execute(sql)
+            for version in range(1, old):
+                for sql in q.UPGRADES[version]:
+                    conn.execute(sql)
+            conn.execute(q.WRITE_SCHEMA_VERSION, (str(old),))
+        conn.execute("INSERT INTO asyncbg_jobs (key, digest, request, state, status, created, "
+                     "updated) SELECT 'old' || i, 'd', 'r', 'new', 'pending', 0, 0 "
+                     "FROM generate_series(0, 39) AS i")
+        for state, status, keys in (("live", "queued", "old0, old1, old2"),
+                                    ("done", "completed", "old3, old4"),
+                                    ("local", "failed", "old5")):
+            names = ", ".join(f"'{k}'" for k in keys.split(", "))
+            conn.execute(f"UPDATE asyncbg_jobs SET state = '{state}', status = '{status}' "
+                         f"WHERE key IN ({names})")
+        conn.execute("DELETE FROM asyncbg_jobs WHERE key = 'old39'")
+    before = {("new", "pending"): 33, ("live", "queued"): 3, ("done", "completed"): 2,
+              ("local", "failed"): 1}
+    ledger = PostgresLedger(pg_dsn, lease=30.0)
+    await ledger.open()
+    try:
+        assert await ledger.counts() == actual_counts(pg_dsn) == before
+        with psycopg.connect(pg_dsn) as conn:
+            assert conn.execute("SELECT value FROM asyncbg_meta").fetchall() == [
+                (str(q.SCHEMA_VERSION),)]
+            kinds = conn.execute(
+                "SELECT tgname, (tgtype & 1) = 1 FROM pg_trigger "
+                "WHERE tgrelid = 'asyncbg_jobs'::regclass AND NOT tgisinternal "
+                "AND tgname LIKE 'asyncbg_count%'").fetchall()
+        assert kinds and not any(per_row for _, per_row in kinds), kinds  # per statement
+        taken = [r.key for r in await ledger.acquire(40, 30.0)]
+        assert len(taken) == 36  # 33 new and 3 live
+        new = [key for key in taken if key not in ("old0", "old1", "old2")]
+
+        async def write(i: int, key: str) -> None:
+            if i % 3 == 0:
+                await ledger.sending(key, resubmit=False)
+            elif i % 3 == 1:
+                await ledger.record(key, Outcome("in_progress", f"resp_{key}"))
+            else:
+                await ledger.record(key, Outcome("completed", f"resp_{key}", body=b"{}"))
+
+        for _ in range(2):  # every kind waiting together: one statement moves them all
+            async with anyio.create_task_group() as tg:
+                for i, key in enumerate(new):
+                    tg.start_soon(write, i, key)
+            new = [key for i, key in enumerate(new) if i % 3 != 2]
+            assert await ledger.counts() == actual_counts(pg_dsn)
+        await ledger.record("old0", Outcome("failed", error="x"))
+        await ledger.requeue(["old0"])
+        assert await ledger.counts() == actual_counts(pg_dsn)
+    finally:
+        await ledger.close()
+
+
 # -- claims ---------------------------------------------------------------------------------------
 
 
@@ -142,10 +208,10 @@ async def test_a_claim_reads_only_rows_it_can_take_however_many_are_leased(
     assert len(await busy.acquire(6000, 300.0)) == 6000  # running elsewhere
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute("VACUUM ANALYZE asyncbg_jobs")
-        for sql in (q.ACQUIRE, q.ACQUIRE_LIVE):
+        for sql in (q.acquire(16), q.acquire(16, live_only=True)):
             with conn.transaction():
                 [[plan]] = conn.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}", {
-                    "limit": 16, "owner": "probe", "lease": 30.0, "margin": 10.0}).fetchall()
+                    "owner": "probe", "lease": 30.0, "margin": 10.0}).fetchall()
                 if isinstance(plan, str):
                     plan = json.loads(plan)
                 # 10 rows to take (and their index and heap visits), not 6,000 leased ones.

@@ -302,6 +302,44 @@ async def test_writes_that_arrive_together_go_out_together_each_fenced(pg_dsn: s
 
 
 @pytest.mark.asyncio
+async def test_grouped_writes_keep_every_value_as_it_was_given(pg_dsn: str) -> None:
+    """The grouped writes carry their rows as JSON (bodies as base64): any bytes, text with
+    quotes, backslashes and non-ASCII, missing values and big numbers come back as given."""
+    ledger = PostgresLedger(pg_dsn, lease=30.0)
+    await ledger.open()
+    outcomes = [
+        Outcome("completed", "resp_\"q\\", body=bytes(range(256)) * 3, http_status=200,
+                request_id="rq-é"),
+        Outcome("failed", error='bad "input" \\ ünïcode ✓\n', error_code="x\ty"),
+        Outcome("incomplete", "resp_2", body=b"", http_status=None, request_id=None),
+        Outcome("cancelled", None),
+    ]
+    try:
+        keys = [f"k'{i}\"" for i in range(len(outcomes))]
+        await ledger.enqueue([(key, *req(i=key)) for key in keys])
+        assert len(await ledger.acquire(10, 30.0)) == len(keys)
+        async with anyio.create_task_group() as tg:  # sending, together
+            for key in keys:
+                tg.start_soon(lambda key=key: ledger.sending(key, resubmit=True))
+        async with anyio.create_task_group() as tg:  # live, together
+            for key in keys:
+                tg.start_soon(ledger.record, key, Outcome("in_progress", f"live_{key}"))
+        async with anyio.create_task_group() as tg:  # the outcomes, together
+            for key, outcome in zip(keys, outcomes, strict=True):
+                tg.start_soon(ledger.record, key, outcome)
+        records = {r.key: r for r in await ledger.records()}
+        for key, o in zip(keys, outcomes, strict=True):
+            r = records[key]
+            assert (r.status, r.body, r.error, r.error_code, r.http_status, r.request_id) == (
+                o.status, o.body, o.error, o.error_code, o.http_status, o.request_id)
+            assert r.response_id == (o.response_id or f"live_{key}")
+            assert r.resubmits == 1
+        assert ledger.held() == {}
+    finally:
+        await ledger.close()
+
+
+@pytest.mark.asyncio
 async def test_grouped_writes_cancelled_on_their_way_or_waiting_leave_no_one_stuck(
     pg_dsn: str,
 ) -> None:
@@ -337,6 +375,58 @@ async def test_grouped_writes_cancelled_on_their_way_or_waiting_leave_no_one_stu
         # the cancel, or of the closed connection, only later): its write is not known.
         assert states["k1"] == "sending" and states["k2"] == "new"
         assert states["k0"] in ("new", "sending")
+    finally:
+        await ledger.close()
+
+
+@pytest.mark.asyncio
+async def test_a_waiting_batch_whose_leader_is_cancelled_is_sent_by_the_next(
+    pg_dsn: str,
+) -> None:
+    """Writes queued behind a statement wait each on its own batch, and only the first (the
+    leader) is woken to send it; when the leader is cancelled before its turn, the next one
+    sends the batch: nothing waits for a leader that is gone, and the cancelled one is not
+    written."""
+    ledger = PostgresLedger(pg_dsn, lease=30.0)
+    await ledger.open()
+    keys = ["k0", "k1", "k2", "k3"]
+
+    async def until(condition: Callable[[], bool]) -> None:
+        for _ in range(4000):  # the test's fail_after bounds it first
+            if condition():
+                return
+            await anyio.sleep(0.005)
+        raise AssertionError("never came")
+
+    try:
+        await ledger.enqueue([(key, *req(i=key)) for key in keys])
+        assert len(await ledger.acquire(4, 30.0)) == 4
+        group = ledger._group
+        locker = await psycopg.AsyncConnection.connect(pg_dsn)
+        try:
+            await locker.execute("SELECT 1 FROM asyncbg_jobs WHERE key = 'k0' FOR UPDATE")
+            with anyio.fail_after(20):
+                async with anyio.create_task_group() as tg:
+                    scopes = {key: anyio.CancelScope() for key in keys}
+
+                    async def write(key: str) -> None:
+                        with scopes[key]:
+                            await ledger.sending(key, resubmit=False)
+
+                    tg.start_soon(write, "k0")  # its statement waits on the lock
+                    await until(lambda: group.busy)
+                    for key in keys[1:]:
+                        tg.start_soon(write, key)
+                    await until(lambda: len(group.waiting.writes) == 3)
+                    assert group.waiting.leader is not None
+                    assert group.waiting.leader.key == "k1"
+                    scopes["k1"].cancel()
+                    await until(lambda: len(group.waiting.writes) == 2)
+                    await locker.commit()  # k0's statement comes back: k2 sends k2 and k3
+        finally:
+            await locker.close()
+        states = {r.key: r.state for r in await ledger.records()}
+        assert states == {"k0": "sending", "k1": "new", "k2": "sending", "k3": "sending"}
     finally:
         await ledger.close()
 

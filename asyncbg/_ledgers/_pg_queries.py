@@ -28,6 +28,9 @@ Schema history (``asyncbg_meta.schema_version``):
   by triggers (inserts and deletes: one upsert per statement, from the rows with a body or a
   resubmit; updates: only those that change either), and partial indexes on live, sending and
   batched rows (the rows ``status`` lists).
+- version 6: the counters kept per statement for updates too: one trigger with transition
+  tables in place of the per-row one, so that a statement writing hundreds of jobs' states
+  (the grouped writes) makes one upsert per (state, status) it changed, not two per row.
 
 Creation and upgrades run in one transaction under ``pg_advisory_xact_lock``, so that workers
 starting together neither race nor see a half-made schema.
@@ -36,8 +39,9 @@ starting together neither race nor see a half-made schema.
 from __future__ import annotations
 
 # No __all__: the module is a namespace, imported as `q` by _postgres.py.
+import functools
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 #: The key of the transaction-level advisory lock held while the schema is made or upgraded
 #: ("abgj" and 1), and of the session-level lock an ``exclusive=True`` ledger holds ("abgj", 2).
 SCHEMA_LOCK = 0x6162676A_00000001
@@ -347,6 +351,30 @@ UPGRADES: dict[int, tuple[str, ...]] = {
         "CREATE INDEX asyncbg_jobs_batched ON asyncbg_jobs (response_id, status, created) "
         "WHERE strpos(response_id, '#') > 0",
     ),
+    5: (
+        # The per-row trigger goes and the statement's comes in one transaction: DROP TRIGGER
+        # locks the table against writers until the commit, so no update goes uncounted.
+        "DROP TRIGGER asyncbg_count_update ON asyncbg_jobs",
+        "DROP FUNCTION asyncbg_count_change()",
+        # Every update statement (a trigger with transition tables cannot name columns):
+        # what it moved, per (state, status), from its rows before and after, in sorted order;
+        # those that moved nothing (claims, renewals, releases) upsert nothing.
+        """
+        CREATE FUNCTION asyncbg_count_moves() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            INSERT INTO asyncbg_counts AS c (slot, state, status, n)
+            SELECT pg_backend_pid() % 64, m.state, m.status, sum(m.n)
+            FROM (SELECT state, status, 1 AS n FROM new_rows
+                  UNION ALL SELECT state, status, -1 FROM old_rows) AS m
+            GROUP BY m.state, m.status HAVING sum(m.n) <> 0 ORDER BY m.state, m.status
+            ON CONFLICT (slot, state, status) DO UPDATE SET n = c.n + EXCLUDED.n;
+            RETURN NULL;
+        END $$
+        """,
+        "CREATE TRIGGER asyncbg_count_update AFTER UPDATE ON asyncbg_jobs "
+        "REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows "
+        "FOR EACH STATEMENT EXECUTE FUNCTION asyncbg_count_moves()",
+    ),
 }
 WRITE_SCHEMA_VERSION = """
     INSERT INTO asyncbg_meta (name, value) VALUES ('schema_version', %s)
@@ -462,14 +490,16 @@ EXISTS = "SELECT 1 FROM asyncbg_jobs WHERE key = %s"
 # The same three writes for many keys at once, in one statement (writes that arrive while one
 # is on its way go together in the next: see PostgresLedger._grouped). A key has at most one
 # write waiting (the engine awaits each before the next), so the three parts touch different
-# rows. Params: owner, then one array per column of each part, the epochs last; it returns the
-# keys written (the others' leases are elsewhere).
+# rows. Params: owner, then each part's rows as one JSON array of arrays (text: the same types
+# at every call, so the statement is prepared once and planned once per connection, and the
+# client dumps one string per part, not one array per column); a terminal body is base64. It
+# returns the keys written (the others' leases are elsewhere).
 WRITE_MANY = f"""
     WITH sent AS (
         UPDATE asyncbg_jobs j SET state = 'sending', response_id = NULL, status = 'pending',
             resubmits = j.resubmits + b.resubmit, updated = {_NOW}, sent_epoch = j.epoch
-        FROM unnest(%(s_keys)s::text[], %(s_resubmits)s::integer[], %(s_epochs)s::bigint[])
-            AS b(key, resubmit, epoch)
+        FROM (SELECT w->>0 AS key, (w->>1)::integer AS resubmit, (w->>2)::bigint AS epoch
+              FROM jsonb_array_elements(%(sent)s::jsonb) AS w) AS b
         WHERE j.key = b.key AND j.owner = %(owner)s AND j.epoch = b.epoch
         RETURNING j.key
     ),
@@ -477,8 +507,9 @@ WRITE_MANY = f"""
         UPDATE asyncbg_jobs j SET state = 'live',
             response_id = COALESCE(b.response_id, j.response_id), status = b.status,
             updated = {_NOW}
-        FROM unnest(%(l_keys)s::text[], %(l_response_ids)s::text[], %(l_statuses)s::text[],
-                    %(l_epochs)s::bigint[]) AS b(key, response_id, status, epoch)
+        FROM (SELECT w->>0 AS key, w->>1 AS response_id, w->>2 AS status,
+                     (w->>3)::bigint AS epoch
+              FROM jsonb_array_elements(%(live)s::jsonb) AS w) AS b
         WHERE j.key = b.key AND j.owner = %(owner)s AND j.epoch = b.epoch
         RETURNING j.key
     ),
@@ -488,12 +519,11 @@ WRITE_MANY = f"""
             body = b.body, error = b.error, error_code = b.error_code,
             http_status = b.http_status, request_id = b.request_id, updated = {_NOW},
             lease_until = NULL
-        FROM unnest(%(t_keys)s::text[], %(t_states)s::text[], %(t_response_ids)s::text[],
-                    %(t_statuses)s::text[], %(t_bodies)s::bytea[], %(t_errors)s::text[],
-                    %(t_error_codes)s::text[], %(t_http_statuses)s::integer[],
-                    %(t_request_ids)s::text[], %(t_epochs)s::bigint[])
-            AS b(key, state, response_id, status, body, error, error_code, http_status,
-                 request_id, epoch)
+        FROM (SELECT w->>0 AS key, w->>1 AS state, w->>2 AS response_id, w->>3 AS status,
+                     decode(w->>4, 'base64') AS body, w->>5 AS error, w->>6 AS error_code,
+                     (w->>7)::integer AS http_status, w->>8 AS request_id,
+                     (w->>9)::bigint AS epoch
+              FROM jsonb_array_elements(%(ended)s::jsonb) AS w) AS b
         WHERE j.key = b.key AND j.owner = %(owner)s AND j.epoch = b.epoch
         RETURNING j.key
     )
@@ -541,35 +571,47 @@ ENQUEUE_MISMATCH = """
     JOIN unnest(%s::text[], %s::text[]) WITH ORDINALITY AS i(key, digest, n) ON j.key = i.key
     WHERE j.digest <> i.digest ORDER BY i.n LIMIT 1
 """
-# Params: limit, owner, lease, margin. Rows another acquire is taking right now are skipped,
-# not waited for; the UPDATE sees each row as it is once locked. Waiting rows (no lease) come
-# from one partial index in claim order, expired leases from another by expiry: neither reads a row
-# that is leased and running, however many there are. ACQUIRE_LIVE: only live responses.
+# Params: owner, lease, margin; the limit is written into the statement (acquire(): a plan made
+# once for a limit of n is good for every call with n, where a plan for LIMIT $1 is made for
+# any limit and may sort every waiting row). Rows another acquire is taking right now are
+# skipped, not waited for; the UPDATE sees each row as it is once locked. Waiting rows (no
+# lease) come from one partial index in claim order, expired leases from another by expiry:
+# neither reads a row that is leased and running, however many there are. ``live_only``: only
+# live responses.
 _ACQUIRE = f"""
     WITH waiting AS (
         SELECT key, seq FROM asyncbg_jobs
         WHERE lease_until IS NULL AND {{states}}
-        ORDER BY seq LIMIT %(limit)s
+        ORDER BY seq LIMIT {{limit}}
         FOR UPDATE SKIP LOCKED
     ),
     expired AS (
         SELECT key, seq FROM asyncbg_jobs
         WHERE lease_until <= {_NOW} AND lease_until IS NOT NULL AND {{states}}
           AND {_TAKEN_OVER_AT} <= {_NOW}
-        ORDER BY lease_until LIMIT %(limit)s
+        ORDER BY lease_until LIMIT {{limit}}
         FOR UPDATE SKIP LOCKED
     ),
     picked AS (
         SELECT key FROM (SELECT * FROM waiting UNION ALL SELECT * FROM expired) AS p
-        ORDER BY seq LIMIT %(limit)s
+        ORDER BY seq LIMIT {{limit}}
     )
     UPDATE asyncbg_jobs j
     SET owner = %(owner)s, epoch = j.epoch + 1, lease_until = {_NOW} + %(lease)s
     FROM picked WHERE j.key = picked.key
     RETURNING {_J_COLUMNS}, j.epoch, j.seq
 """
-ACQUIRE = _ACQUIRE.format(states="state IN ('new', 'sending', 'live')")
-ACQUIRE_LIVE = _ACQUIRE.format(states="state = 'live'")
+
+
+@functools.lru_cache(maxsize=512)
+def acquire(limit: int, *, live_only: bool = False) -> str:
+    """The claim of up to ``limit`` (a positive int) jobs, or of live responses only."""
+    if not (isinstance(limit, int) and limit > 0):
+        raise ValueError(f"limit must be a positive int, got {limit!r}")
+    states = "state = 'live'" if live_only else "state IN ('new', 'sending', 'live')"
+    return _ACQUIRE.format(states=states, limit=int(limit))
+
+
 # One round trip for the heartbeat and every renewal. Rows taken over since (another owner, or
 # another epoch) or finished are not returned: their leases are lost.
 RENEW = f"""

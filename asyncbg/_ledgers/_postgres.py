@@ -29,9 +29,11 @@ twice. The ledger object goes on working once the server is back.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import socket
+from base64 import b64encode
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
@@ -386,8 +388,9 @@ class PostgresLedger(PostgresOutbox):
             return
         n = o.notification
         if n is None:
+            body = None if o.body is None else b64encode(o.body).decode("ascii")
             await self._grouped("terminal", key, (
-                key, state, o.response_id, o.status, o.body, o.error, o.error_code,
+                key, state, o.response_id, o.status, body, o.error, o.error_code,
                 o.http_status, o.request_id))
         else:  # one statement: the outcome and its notification in one transaction
             await self._fenced(key, q.RECORD_TERMINAL_NOTIFY, (
@@ -466,10 +469,9 @@ class PostgresLedger(PostgresOutbox):
                       ) -> list[Record]:
         if limit < 1:
             return []
-        sql = q.ACQUIRE_LIVE if live_only else q.ACQUIRE
+        sql = q.acquire(limit, live_only=live_only)
         rows = await self._run(lambda c: self._fetchall(c, sql, {
-            "limit": limit, "owner": self._owner, "lease": lease,
-            "margin": safety_margin(lease)}))
+            "owner": self._owner, "lease": lease, "margin": safety_margin(lease)}))
         rows.sort(key=lambda row: row[-1])  # claim order
         records = []
         for row in rows:
@@ -642,50 +644,62 @@ class PostgresLedger(PostgresOutbox):
             await self._not_written(key)
         write = _Write(kind, key, (*row, epoch))
         group = self._group
-        group.waiting.append(write)
+        batch = group.waiting
+        if not batch.writes:
+            batch.leader = write  # the first to wait sends the batch when its turn comes
+        batch.writes.append(write)
         try:
+            # Each waiting task is woken once: when its batch is written, or (its leader) when
+            # the statement before it is back.
             while not write.done:
-                if group.busy:
-                    await group.turn.wait()
-                else:
+                if not group.busy:
                     await self._write_group(group)
+                elif batch.leader is write and not batch.sent:
+                    await batch.turn.wait()
+                else:
+                    await batch.written.wait()
         finally:
-            if not write.done and write in group.waiting:  # cancelled before it was sent
-                group.waiting.remove(write)
+            if not write.done and not batch.sent:  # cancelled before it was sent
+                batch.writes.remove(write)
+                if batch.leader is write and batch.writes:
+                    # Another leads: every waiter looks again, once.
+                    batch.leader = batch.writes[0]
+                    woken, batch.written = batch.written, anyio.Event()
+                    woken.set()
         if write.error is not None:
             raise type(write.error)(str(write.error)) from write.error
         if not write.written:
             await self._not_written(key)
 
     async def _write_group(self, group: _Group) -> None:
-        batch, group.waiting = group.waiting, []
-        group.busy = True
+        batch, group.waiting = group.waiting, _Batch()
+        batch.sent = group.busy = True
         try:
-            args: dict[str, Any] = {"owner": self._owner}
-            for kind, names in _GROUPED.items():
-                rows = [w.row for w in batch if w.kind == kind]
-                columns = [list(c) for c in zip(*rows, strict=True)] or [[] for _ in names]
-                args.update(zip(names, columns, strict=True))
+            parts: dict[str, list[tuple[Any, ...]]] = {kind: [] for kind in _GROUPED}
+            for w in batch.writes:
+                parts[w.kind].append(w.row)
+            args = {"owner": self._owner, **{
+                name: _dumps(parts[kind]) for kind, name in _GROUPED.items()}}
             written = {row[0] for row in await self._run(
-                lambda c: self._fetchall(c, q.WRITE_MANY, args))}
-            for w in batch:
+                lambda c: self._fetchall(c, q.WRITE_MANY, args, prepare=True))}
+            for w in batch.writes:
                 w.written = w.key in written
         except LedgerError as exc:
-            for w in batch:
+            for w in batch.writes:
                 w.error = exc
         except BaseException:
             # Cancelled on its way (the one who sent it was): whether it committed is not
             # known, so the others are told it may not have, and write again.
-            for w in batch:
+            for w in batch.writes:
                 w.error = LedgerUnavailable(
                     f"{self.location}: a write was interrupted on its way; try again")
             raise
         finally:
-            for w in batch:
+            for w in batch.writes:
                 w.done = True
             group.busy = False
-            turn, group.turn = group.turn, anyio.Event()
-            turn.set()
+            batch.written.set()
+            group.waiting.turn.set()  # the next batch's leader sends it
 
     async def _not_written(self, key: str) -> NoReturn:
         """Why a fenced write changed nothing: the key is missing (a bug) or its lease is
@@ -727,15 +741,17 @@ class PostgresLedger(PostgresOutbox):
         except psycopg.Error as exc:
             raise self._error(exc) from exc
 
-    async def _execute(self, conn: Conn, sql: str, args: Args = None) -> Cursor:
+    async def _execute(self, conn: Conn, sql: str, args: Args = None, *,
+                       prepare: bool | None = None) -> Cursor:
         self.round_trips += 1
-        return await conn.execute(sql, args)
+        return await conn.execute(sql, args, prepare=prepare)
 
     async def _fetchone(self, conn: Conn, sql: str, args: Args = None) -> tuple[Any, ...] | None:
         return await (await self._execute(conn, sql, args)).fetchone()
 
-    async def _fetchall(self, conn: Conn, sql: str, args: Args = None) -> list[tuple[Any, ...]]:
-        return await (await self._execute(conn, sql, args)).fetchall()
+    async def _fetchall(self, conn: Conn, sql: str, args: Args = None, *,
+                        prepare: bool | None = None) -> list[tuple[Any, ...]]:
+        return await (await self._execute(conn, sql, args, prepare=prepare)).fetchall()
 
     def _bound(self, timeout: float | None = None) -> float:
         """The client's deadline for a call whose statements have ``timeout`` on the server."""
@@ -781,13 +797,9 @@ class PostgresLedger(PostgresOutbox):
         return LedgerError(f"{self.location}: PostgreSQL error {state}: {detail}")
 
 
-#: The grouped writes: the parameters of each part of q.WRITE_MANY, in the order of a row.
-_GROUPED: dict[str, tuple[str, ...]] = {
-    "sending": ("s_keys", "s_resubmits", "s_epochs"),
-    "live": ("l_keys", "l_response_ids", "l_statuses", "l_epochs"),
-    "terminal": ("t_keys", "t_states", "t_response_ids", "t_statuses", "t_bodies", "t_errors",
-                 "t_error_codes", "t_http_statuses", "t_request_ids", "t_epochs"),
-}
+#: The grouped writes: each kind's parameter of q.WRITE_MANY (its rows, as JSON).
+_GROUPED = {"sending": "sent", "live": "live", "terminal": "ended"}
+_dumps = json.JSONEncoder(separators=(",", ":")).encode
 
 
 class _Write:
@@ -804,16 +816,28 @@ class _Write:
         self.error: LedgerError | None = None
 
 
-class _Group:
-    """The writes waiting to go out, and whether a statement is on its way (``turn`` is set
-    when it is back)."""
+class _Batch:
+    """Writes that go out in one statement: ``turn`` is set when the statement before it is
+    back (its leader sends it then), ``written`` when its own is."""
 
-    __slots__ = ("busy", "turn", "waiting")
+    __slots__ = ("leader", "sent", "turn", "writes", "written")
 
     def __init__(self) -> None:
-        self.waiting: list[_Write] = []
-        self.busy = False
+        self.writes: list[_Write] = []
+        self.leader: _Write | None = None
+        self.sent = False
         self.turn = anyio.Event()
+        self.written = anyio.Event()
+
+
+class _Group:
+    """The writes waiting to go out, and whether a statement is on its way."""
+
+    __slots__ = ("busy", "waiting")
+
+    def __init__(self) -> None:
+        self.waiting = _Batch()
+        self.busy = False
 
 
 async def _on_connection(pool: Pool, fn: Callable[[Conn], Awaitable[T]]) -> T:
