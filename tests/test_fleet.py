@@ -29,7 +29,7 @@ from asyncbg._ledgers._postgres import PostgresLedger
 from asyncbg.providers import OpenAIResponses
 from asyncbg.testing import FakeResponsesServer, LatencyModel, fake_client
 
-from .conftest import FAST_POLL, HttpFake
+from .conftest import FAST_POLL, HeldClock, HttpFake
 
 LEASE = 1.5
 
@@ -237,6 +237,7 @@ async def test_two_managers_submitting_one_key_create_it_once(pg_dsn: str) -> No
             asyncbg.BackgroundManager(clients[1], journal=pg_dsn, poll_policy=FAST_POLL) as two,
         ):
             owner = await one.submit(key="k", model="m", input="hello")
+            await owner.wait_accepted()  # created: the other process follows it
             # A deadline does not cancel another process's response; it is followed on.
             follower = await two.submit(key="k", model="m", input="hello", deadline=0.05)
             assert follower.status is JobStatus.PENDING
@@ -305,26 +306,42 @@ async def test_a_follower_takes_over_when_the_owner_process_dies(
         await client.close()
 
 
-async def _stalled(*_args: object) -> None:
-    await anyio.sleep_forever()
-
-
 @pytest.mark.asyncio
 async def test_a_process_that_lost_its_lease_can_neither_record_nor_cancel(
     pg_dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     server = FakeResponsesServer(latency=LatencyModel.fixed(1.0))
+    server.clock = clock = HeldClock()  # nothing ends until the other process has taken over
+    clock.hold()
     clients = [fake_client(server), fake_client(server)]
-    # A process whose renewals stall (a long pause, a partition): its leases run out.
-    monkeypatch.setattr(asyncbg._manager, "keep_leases", _stalled)
-    stalled = PostgresLedger(pg_dsn, lease=0.3)
+    # A process whose renewals stall (a long pause, a partition) once its creates are out: its
+    # leases run out.
+    stall = anyio.Event()
+    renew = asyncbg._manager.keep_leases
+
+    async def stalling(*args: Any) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(renew, *args)
+            await stall.wait()
+            tg.cancel_scope.cancel()
+        await anyio.sleep_forever()
+
+    monkeypatch.setattr(asyncbg._manager, "keep_leases", stalling)
+    stalled = PostgresLedger(pg_dsn, lease=3.0)
     try:
         async with asyncbg.BackgroundManager(clients[0], journal=stalled,
                                              poll_policy=FAST_POLL) as mgr:
             jobs = [await mgr.submit(key=key, model="m", input=key) for key in ("r", "c")]
             for job in jobs:
                 await job.wait_accepted()
-            await anyio.sleep(0.4)
+            stall.set()
+            def expired() -> int:
+                return int(rows(pg_dsn, "SELECT count(*) FROM asyncbg_jobs WHERE state = 'live' "
+                                        "AND lease_until < extract(epoch FROM now())")[0][0])
+
+            with anyio.fail_after(60):  # until the database says both leases ran out
+                while expired() < 2:  # noqa: ASYNC110 (the database's clock: no event)
+                    await anyio.sleep(0.05)
             monkeypatch.undo()
             taker = PostgresLedger(pg_dsn, lease=30.0)
             async with asyncbg.BackgroundManager(clients[1], journal=taker,
@@ -333,7 +350,8 @@ async def test_a_process_that_lost_its_lease_can_neither_record_nor_cancel(
                 assert {taker.held()[j.key] for j in jobs} == {2}  # new epochs
                 with contextlib.suppress(ManagerStateError):
                     await jobs[1].cancel()  # its lease is gone: no cancel is sent
-                with anyio.fail_after(10):
+                clock.release()
+                with anyio.fail_after(60):
                     await other.wait_all(taken)
                     for job in jobs:  # detached here, never recorded from here
                         with pytest.raises(ManagerStateError, match="left running"):

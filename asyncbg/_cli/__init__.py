@@ -317,6 +317,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     A reader that goes away (``asyncbg status | head``) ends any command quietly, here, once
     for all of them: no traceback, exit status 141 (128 + SIGPIPE) as a shell reports it.
     """
+    global _owns_process
+    if argv is None:  # the process's own entry point (python -m asyncbg, the asyncbg script)
+        _owns_process = True
     try:
         code = _dispatch(argv)
         sys.stdout.flush()  # inside the try: a closed pipe fails here, not at exit
@@ -348,6 +351,12 @@ def _silence_stdout() -> None:
         pass
 
 
+#: Whether the command line owns this process: ``main()`` called with no arguments, as the
+#: entry point does. Called with arguments (an application or a test running a command in its
+#: own process), the collector is left as the caller set it.
+_owns_process = False
+
+
 def freeze_start_up(*, load_sdk: bool = True, refreeze: bool = True) -> None:
     """Leave what start-up made out of the cyclic collector's view (``gc.freeze()``), and with
     ``refreeze``, what survives each full collection from then on.
@@ -369,6 +378,8 @@ def freeze_start_up(*, load_sdk: bool = True, refreeze: bool = True) -> None:
     """
     import gc
 
+    if not _owns_process:
+        return
     if load_sdk:
         import openai  # noqa: F401 - loaded now, so that its objects are frozen with the rest
 
