@@ -99,7 +99,7 @@ async def test_a_killed_run_leaves_its_notifications_and_the_rerun_delivers_them
     await receiver.up()
     code, _, err = await cli(env, *argv)
     assert code == 0, err
-    assert sorted(receiver.by_key()) == sorted(f"q{i}" for i in range(n))  # 0 lost
+    assert sorted(receiver.by_key()) == sorted(f"q{i}" for i in range(n)), err  # 0 lost
     assert receiver.duplicates == 0 and receiver.rejected == 0
     assert http_fake.server.counters.creates == n  # the rerun sent nothing but notifications
     assert pending_in(journal) == 0
@@ -163,7 +163,7 @@ async def test_two_workers_share_the_postgres_outbox_and_send_each_once(
                 await proc.wait()
     print("\n=====\n".join(logs))
     assert codes == [0, 0], logs
-    assert sorted(receiver.by_key()) == sorted(f"q{i}" for i in range(n))  # 0 lost
+    assert sorted(receiver.by_key()) == sorted(f"q{i}" for i in range(n)), err  # 0 lost
     assert receiver.duplicates == 0  # each was posted by one worker at a time
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         assert conn.execute("SELECT count(*) FROM asyncbg_outbox").fetchone() == (0,)

@@ -298,6 +298,12 @@ class SQLiteLedger(SQLiteOutbox):
                 # is refused now rather than at the first claim.
                 for sql in q.V2_MARK:
                     db.execute(sql)
+                if self._exclusive:
+                    # One run at a time holds this journal: a delivery another sender had taken
+                    # is a dead run's (killed mid-post), not one to wait a lease out for. At
+                    # worst (`asyncbg notify` on it meanwhile) it is posted twice: deliveries
+                    # are at least once, each with its webhook-id for the receiver to dedupe.
+                    db.execute(q.OUTBOX_RELEASE_ALL)
         except sqlite3.DatabaseError as exc:
             raise self._error(exc) from exc
         except OSError as exc:

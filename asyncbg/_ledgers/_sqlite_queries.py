@@ -368,6 +368,8 @@ OUTBOX_RELEASE = """
     UPDATE outbox SET owner = NULL, lease_until = NULL
     WHERE id IN (SELECT value FROM json_each(?)) AND owner = ?
 """
+# What every sender holds, handed back (a run opening its journal: the holders are gone).
+OUTBOX_RELEASE_ALL = "UPDATE outbox SET owner = NULL, lease_until = NULL WHERE owner IS NOT NULL"
 # Params: state, next_at, error, http_status, id, owner.
 OUTBOX_FAILED = """
     UPDATE outbox SET state = ?, next_at = ?, error = ?, http_status = ?,
