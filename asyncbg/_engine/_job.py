@@ -75,6 +75,38 @@ class _Stream:
         self.added: anyio.Event | None = None
 
 
+class _More:
+    """What only some jobs need (waiters, callbacks, a stream, a ladder): made on first use,
+    so that 100,000 jobs nobody awaits one by one do not each carry seven empty slots."""
+
+    __slots__ = ("accepted", "callbacks", "detached", "done", "listeners", "outcome", "stream")
+
+    def __init__(self) -> None:
+        self.done: anyio.Event | None = None
+        self.accepted: anyio.Event | None = None
+        self.callbacks: list[Callable[[Job], object]] | None = None
+        self.listeners: list[Callable[[Job], object]] | None = None
+        self.stream: _Stream | None = None
+        self.detached = False
+        #: The ladder of a job submitted with checks, escalation or hedging (asyncbg/_outcomes/).
+        self.outcome: Any = None
+
+
+class _End:
+    """What a terminal job keeps: its final answer and why it ended (made when it ends)."""
+
+    __slots__ = ("body", "cost", "error", "error_code", "finish_seq", "response")
+
+    def __init__(self, body: bytes | None, error: str | None, error_code: str | None,
+                 cost: float | None, finish_seq: int) -> None:
+        self.body = body
+        self.response: Any = None
+        self.error = error
+        self.error_code = error_code
+        self.cost = cost
+        self.finish_seq = finish_seq
+
+
 class Job:
     """One background job of a :class:`~asyncbg.BackgroundManager`.
 
@@ -83,22 +115,11 @@ class Job:
 
     __slots__ = (
         "__weakref__",
-        "_accepted",
-        "_body",
-        "_callbacks",
-        "_cost",
-        "_detached",
-        "_done",
-        "_error",
-        "_error_code",
-        "_finish_seq",
-        "_listeners",
-        "_outcome",
+        "_end",
+        "_more",
         "_owner",
-        "_response",
         "_started",
         "_status",
-        "_stream",
         "key",
         "request_id",
         "response_id",
@@ -113,22 +134,42 @@ class Job:
         self.request_id: str | None = None
         self._owner = owner
         self._status = JobStatus.PENDING
-        self._body: bytes | None = None
-        self._response: Any = None
-        self._error: str | None = None
-        self._error_code: str | None = None
-        self._cost: float | None = None
-        # Events are made on first wait: most jobs of a large fan-out are never awaited alone.
-        self._done: anyio.Event | None = None
-        self._accepted: anyio.Event | None = None
-        self._callbacks: list[Callable[[Job], object]] | None = None
-        self._listeners: list[Callable[[Job], object]] | None = None
-        self._finish_seq = -1
         self._started = anyio.current_time()
-        self._stream: _Stream | None = None
-        self._detached = False
-        #: The ladder of a job submitted with checks, escalation or hedging (asyncbg/_outcomes/).
-        self._outcome: Any = None
+        #: Set once the job is terminal (a live job keeps no answer: see ``body``).
+        self._end: _End | None = None
+        # Events, callbacks, a stream, a ladder: made on first use (most jobs of a large
+        # fan-out are never awaited alone).
+        self._more: _More | None = None
+
+    def _extra(self) -> _More:
+        more = self._more
+        if more is None:
+            more = self._more = _More()
+        return more
+
+    @property
+    def _body(self) -> bytes | None:
+        end = self._end
+        return end.body if end is not None else None
+
+    @property
+    def _detached(self) -> bool:
+        more = self._more
+        return more is not None and more.detached
+
+    @property
+    def _stream(self) -> _Stream | None:
+        more = self._more
+        return more.stream if more is not None else None
+
+    @property
+    def _outcome(self) -> Any:
+        more = self._more
+        return more.outcome if more is not None else None
+
+    @_outcome.setter
+    def _outcome(self, outcome: Any) -> None:
+        self._extra().outcome = outcome
 
     # -- state -----------------------------------------------------------------------------
 
@@ -153,10 +194,13 @@ class Job:
     def response(self) -> Any:
         """The final result the server sent (an OpenAI ``Response``) once the job is terminal;
         None while it is live (a live job keeps no body, see :attr:`body`)."""
-        if self._response is None and self._body is not None:
+        end = self._end
+        if end is None or end.body is None:
+            return None
+        if end.response is None:
             # Built on demand and leniently: real payloads omit fields strict validation wants.
-            self._response = self._owner.parse_result(self._body)
-        return self._response
+            end.response = self._owner.parse_result(end.body)
+        return end.response
 
     @property
     def body(self) -> bytes | None:
@@ -170,13 +214,13 @@ class Job:
     @property
     def error(self) -> str | None:
         """Why the job did not complete: the server's message, or asyncbg's. None otherwise."""
-        return self._error
+        return self._end.error if self._end is not None else None
 
     @property
     def error_code(self) -> str | None:
         """A short code for :attr:`error`: the server's, or asyncbg's own (e.g.
         ``connection_error``, ``response_lost``, ``deadline_exceeded``, ``request_failed``)."""
-        return self._error_code
+        return self._end.error_code if self._end is not None else None
 
     @property
     def usage(self) -> Any:
@@ -197,7 +241,7 @@ class Job:
     @property
     def cost(self) -> float | None:
         """US dollars this job cost, once it is terminal with a known usage and price."""
-        return self._cost
+        return self._end.cost if self._end is not None else None
 
     @property
     def invalid(self) -> str | None:
@@ -274,9 +318,10 @@ class Job:
                 f"job {self.key!r} was left running on the server when its manager exited "
                 "(cancel_on_exit=False); re-attach to it with a journal"
             )
-        if self._done is None:
-            self._done = anyio.Event()
-        await self._done.wait()
+        more = self._extra()
+        if more.done is None:
+            more.done = anyio.Event()
+        await more.done.wait()
         if not self.done:
             await self._wait_done()  # detached while waiting: raise as above
 
@@ -293,9 +338,10 @@ class Job:
         """
         with anyio.fail_after(timeout):
             if self.response_id is None and not self.done and not self._detached:
-                if self._accepted is None:
-                    self._accepted = anyio.Event()
-                await self._accepted.wait()
+                more = self._extra()
+                if more.accepted is None:
+                    more.accepted = anyio.Event()
+                await more.accepted.wait()
         return self.response_id
 
     async def result(self, timeout: float | None = None) -> Any:
@@ -307,8 +353,8 @@ class Job:
         message = f"job {self.key!r}"
         if self.response_id:
             message += f" ({self.response_id})"
-        message += f" {status.value}: {self._error or 'no reason given'}"
-        if self._error_code == "budget_exceeded":
+        message += f" {status.value}: {self.error or 'no reason given'}"
+        if self.error_code == "budget_exceeded":
             raise BudgetExceeded(self, message)
         if status is JobStatus.CANCELLED:
             raise JobCancelled(self, message)
@@ -335,14 +381,16 @@ class Job:
         if self.done:
             self._owner.callbacks.late(self, fn)
             return
-        if self._callbacks is None:
-            self._callbacks = []
-        self._callbacks.append(fn)
+        more = self._extra()
+        if more.callbacks is None:
+            more.callbacks = []
+        more.callbacks.append(fn)
 
     def remove_done_callback(self, fn: Callable[[Job], object]) -> None:
         """Forget a callback added with :meth:`add_done_callback` (no error if it is gone)."""
-        if self._callbacks is not None and fn in self._callbacks:
-            self._callbacks.remove(fn)
+        more = self._more
+        if more is not None and more.callbacks is not None and fn in more.callbacks:
+            more.callbacks.remove(fn)
 
     def add_listener(self, fn: Callable[[Job], object]) -> None:
         """Call ``fn(job)`` synchronously the moment the job ends (at once if it has ended).
@@ -353,19 +401,21 @@ class Job:
         if self.done:
             fn(self)
             return
-        if self._listeners is None:
-            self._listeners = []
-        self._listeners.append(fn)
+        more = self._extra()
+        if more.listeners is None:
+            more.listeners = []
+        more.listeners.append(fn)
 
     def remove_listener(self, fn: Callable[[Job], object]) -> None:
         """Forget a listener added with :meth:`add_listener` (no error if it is gone)."""
-        if self._listeners is not None and fn in self._listeners:
-            self._listeners.remove(fn)
+        more = self._more
+        if more is not None and more.listeners is not None and fn in more.listeners:
+            more.listeners.remove(fn)
 
     @property
     def finish_order(self) -> int:
         """A number that orders finished jobs by when they finished (-1 while live)."""
-        return self._finish_seq
+        return self._end.finish_seq if self._end is not None else -1
 
 
 class JobControl:
@@ -391,18 +441,13 @@ class JobControl:
         job = self.job
         if job.done:
             return False
-        if body is not None and status.terminal:
-            # A live job keeps no body (it is the bulk of a live job's memory, and a real
-            # create answer echoes the whole request): the engine needs only its id and status.
-            # The final body is kept: it is what ``result()`` returns.
-            job._body = body
-            job._response = None
         if request_id is not None:
             job.request_id = request_id
         if response_id is not None and job.response_id is None:
             job.response_id = response_id
-            if job._accepted is not None:
-                job._accepted.set()
+            more = job._more
+            if more is not None and more.accepted is not None:
+                more.accepted.set()
         changed = status is not job._status
         if not changed:
             return False
@@ -413,17 +458,19 @@ class JobControl:
                        status=status.value, previous=previous.value,
                        elapsed=round(job.elapsed, 3))
             return True
-        job._error = error
-        job._error_code = error_code
-        job._cost = cost
-        job._finish_seq = next(_finish_order)
+        # A live job keeps no body (it is the bulk of a live job's memory, and a real create
+        # answer echoes the whole request): the engine needs only its id and status. The final
+        # body is kept: it is what ``result()`` returns.
+        job._end = _End(body, error, error_code, cost, next(_finish_order))
         _log.debug("job.status_changed", key=job.key, response_id=job.response_id,
                    status=status.value, previous=previous.value, elapsed=round(job.elapsed, 3))
         _log.info("job.terminal", key=job.key, response_id=job.response_id,
                   status=status.value, elapsed=round(job.elapsed, 3), error=error)
         self._wake_all()
         self._call_listeners()
-        callbacks, job._callbacks = job._callbacks, None
+        callbacks = None
+        if job._more is not None:
+            callbacks, job._more.callbacks = job._more.callbacks, None
         job._owner.callbacks.finished(job, callbacks or ())
         return True
 
@@ -434,15 +481,17 @@ class JobControl:
 
     def start_stream(self) -> None:
         """Mark the job as a stream job, so that :meth:`Job.events` waits for its events."""
-        if self.job._stream is None:
-            self.job._stream = _Stream()
+        more = self.job._extra()
+        if more.stream is None:
+            more.stream = _Stream()
 
     def add_event(self, data: dict[str, Any]) -> bool:
         """Keep one stream event; False for one already seen (a resume replays nothing twice)."""
         job = self.job
-        stream = job._stream
+        more = job._extra()
+        stream = more.stream
         if stream is None:
-            stream = job._stream = _Stream()
+            stream = more.stream = _Stream()
         seq = data.get("sequence_number")
         if isinstance(seq, int):
             if stream.last_sequence is not None and seq <= stream.last_sequence:
@@ -463,14 +512,17 @@ class JobControl:
         and listeners (``wait_any`` and ``as_completed`` then raise ManagerStateError)."""
         job = self.job
         if not job.done:
-            job._detached = True
+            job._extra().detached = True
             self._wake_all()
             self._call_listeners()
 
     def _call_listeners(self) -> None:
         """Each listener once (the job ended, or was detached), in the order added."""
         job = self.job
-        listeners, job._listeners = job._listeners, None
+        more = job._more
+        if more is None:
+            return
+        listeners, more.listeners = more.listeners, None
         for fn in listeners or ():
             try:
                 fn(job)
@@ -479,12 +531,15 @@ class JobControl:
 
     def _wake_all(self) -> None:
         job = self.job
-        for event in (job._done, job._accepted):
+        more = job._more
+        if more is None:
+            return
+        for event in (more.done, more.accepted):
             if event is not None:
                 event.set()
-        if job._stream is not None and job._stream.added is not None:
-            job._stream.added.set()
-            job._stream.added = None
+        if more.stream is not None and more.stream.added is not None:
+            more.stream.added.set()
+            more.stream.added = None
 
 
 def decode(body: bytes) -> dict[str, Any]:

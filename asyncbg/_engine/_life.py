@@ -100,8 +100,8 @@ class Entry(JobControl):
         self.stage = Stage.WAITING
         #: The I/O step in flight ("create", "poll", "cancel", "follow", "stream"), or None.
         self.step: str | None = None
-        #: Bumped on every (re)scheduling: heap items of an older generation are stale.
-        self.gen = 0
+        #: The ``seq`` of its current heap item (see ``Scheduler._heap``); older items are stale.
+        self.gen = -1
         #: Attempts of the current request that failed (reset by every answer).
         self.attempt = 0
         self.started = 0.0

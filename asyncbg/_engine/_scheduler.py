@@ -96,7 +96,9 @@ class Scheduler(SharedLedgerSteps):
         self._budget_tripped = False
         self._paced: deque[Entry] = deque()
         self._budget_parked: deque[Entry] = deque()
-        self._heap: list[tuple[float, int, int, Entry]] = []
+        #: (due, seq, entry): ``seq`` is unique, and an item is current while it equals
+        #: ``entry.gen`` (an older item of a rescheduled job is stale, and skipped).
+        self._heap: list[tuple[float, int, Entry]] = []
         self._seq = itertools.count()
         self._pending: deque[Entry] = deque()
         self._entries: dict[str, Entry] = {}
@@ -166,7 +168,7 @@ class Scheduler(SharedLedgerSteps):
         for _ in range(SLICE):
             if not heap or heap[0][0] > now:
                 return False
-            _, _, gen, entry = heapq.heappop(heap)
+            _, gen, entry = heapq.heappop(heap)
             kind = self._due(entry, gen)
             if kind is None:
                 continue
@@ -304,10 +306,10 @@ class Scheduler(SharedLedgerSteps):
         if not delay > 0.0:  # negative, zero or NaN: now
             delay = 0.0
         delay = min(delay, MAX_DELAY)
-        entry.gen += 1
         if entry.deadline is not None and not entry.asked(CANCEL):
             delay = min(delay, max(entry.deadline - anyio.current_time(), 0.0))
-        item = (anyio.current_time() + delay, next(self._seq), entry.gen, entry)
+        seq = entry.gen = next(self._seq)
+        item = (anyio.current_time() + delay, seq, entry)
         heapq.heappush(self._heap, item)
         if self._heap[0] is item:
             self._kick.set()
@@ -353,7 +355,7 @@ class Scheduler(SharedLedgerSteps):
         if entry.stage is not Stage.WAITING:
             self._active -= 1
         move(entry, Stage.ENDED)
-        entry.gen += 1
+        entry.gen = -1  # whatever is in the heap for it is stale
         job = entry.job
         if not settled:
             if job.response_id is not None or entry.sent:

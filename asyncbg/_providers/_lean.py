@@ -7,6 +7,11 @@ query, headers, timeouts, TLS context) once, and sends exactly that through one 
 It is for live polls only: creates, cancels and the final retrieve stay with the SDK, which owns
 retries, error mapping and models.
 
+GETs (the status checks) go over a transport of their own, :mod:`._lean_wire` (the request
+written prebuilt on keep-alive connections, the answer read with httptools' C parser), wherever
+it can send what aiohttp would (it decodes gzip and deflate only); POSTs, and GETs where it
+cannot, go through the aiohttp session.
+
 When the poller cannot promise the same request (a custom ``http_client``, per-request
 credentials, proxies, another event loop library), :meth:`LeanPoller.for_client` returns ``None``
 and the caller keeps polling through the SDK.
