@@ -325,13 +325,17 @@ class Scheduler(SharedLedgerSteps):
             entry = pending.popleft()
             if entry.stage is not Stage.WAITING:
                 continue  # cancelled while waiting
-            if entry.deadline is not None and anyio.current_time() >= entry.deadline:
+            following = entry.job.key in self._following
+            # A deadline ends what this process would send, never another process's response
+            # that this job follows (however long its claim took to say so).
+            if not following and entry.deadline is not None and (
+                    anyio.current_time() >= entry.deadline):
                 self._drop(entry, JobStatus.CANCELLED, "its deadline passed before it was sent",
                            "deadline_exceeded")
                 continue
             self._active += 1
             entry.started = anyio.current_time()
-            if entry.job.key in self._following:
+            if following:
                 move(entry, Stage.FOLLOWING)  # read the ledger, not the server (see _follow)
                 self._push(entry, 0.0 if entry.cancel_by_user else entry.policy.first(entry.scale))
             elif entry.job.response_id is not None:
