@@ -155,11 +155,16 @@ def asyncbg_side(dsn: str, jobs: int, concurrency: int) -> dict[str, Any]:
     return anyio.run(main)
 
 
-def ledger_side(dsn: str, jobs: int, consumers: int, batch: int,
-                uvloop: bool = False) -> dict[str, Any]:
+def ledger_side(dsn: str, jobs: int, consumers: int, batch: int, *, uvloop: bool = False,
+                spawn: str = "asyncio") -> dict[str, Any]:
     """The queue alone, as PgQueuer's side is: ``consumers`` loops on one worker's ledger,
-    each taking ``batch`` jobs at a time and running them at once, each job recorded as sent,
-    as created (a response id), then completed, with no request to any server."""
+    each taking ``batch`` jobs at a time and running them at once (each in an asyncio task,
+    as PgQueuer's consumer runs its jobs; ``spawn="anyio"``: in an anyio task group, as this
+    script did before, whose own cost per task is about that of the queue's), each job
+    recorded as sent, as created (a response id), then completed, with no request to any
+    server."""
+    import asyncio
+
     import anyio
 
     from asyncbg._fleet import enqueue_requests
@@ -187,6 +192,9 @@ def ledger_side(dsn: str, jobs: int, consumers: int, batch: int,
 
         async def consume() -> None:
             while records := await ledger.acquire(batch, 30.0):
+                if spawn == "asyncio":
+                    await asyncio.gather(*(run(r.key, r.request) for r in records))
+                    continue
                 async with anyio.create_task_group() as tg:
                     for record in records:
                         tg.start_soon(run, record.key, record.request)
@@ -205,7 +213,8 @@ def ledger_side(dsn: str, jobs: int, consumers: int, batch: int,
                 "jobs": jobs, "done": done, "left": left, "fill_s": round(filled, 2),
                 "elapsed_s": round(elapsed, 2), "jobs_per_s": round(done / elapsed, 1),
                 "cpu_s": round(time.process_time() - cpu, 2),
-                "round_trips_per_job": round(per_job, 2), "uvloop": uvloop}
+                "round_trips_per_job": round(per_job, 2), "uvloop": uvloop, "spawn": spawn,
+                "code": str(Path(sys.modules["asyncbg"].__file__ or "").parent.parent)}
 
     return anyio.run(main, backend_options={"use_uvloop": uvloop})
 
@@ -213,9 +222,9 @@ def ledger_side(dsn: str, jobs: int, consumers: int, batch: int,
 # -- the comparison ------------------------------------------------------------------------------
 
 
-def one(python: Path, args: list[str], script: Path | None = None) -> dict[str, Any]:
-    out = subprocess.run([str(python), str(script or __file__), *args], check=True,
-                         capture_output=True, text=True)
+def one(python: Path, args: list[str]) -> dict[str, Any]:
+    out = subprocess.run([str(python), __file__, *args], check=True, capture_output=True,
+                         text=True)
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
@@ -237,13 +246,20 @@ def main() -> None:
     p.add_argument("--consumers", type=int, default=5, help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=10, help=argparse.SUPPRESS)
     p.add_argument("--concurrency", type=int, default=200, help=argparse.SUPPRESS)
+    p.add_argument("--code", help=argparse.SUPPRESS)
+    p.add_argument("--in-uvloop", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--spawn", choices=["asyncio", "anyio"], default="asyncio",
+                   help="how the queue side runs each job: an asyncio task (as PgQueuer's "
+                        "consumer does; default) or an anyio task group's")
     args = p.parse_args()
     if args.side == "pgqueuer":
         print(json.dumps(pgqueuer_side(args.dsn, args.jobs, args.consumers, args.batch)))
         return
     if args.side == "ledger":
+        if args.code:  # another checkout's asyncbg (--before), run by this same harness
+            sys.path.insert(0, args.code)
         print(json.dumps(ledger_side(args.dsn, args.jobs, args.consumers, args.batch,
-                                     uvloop=args.uvloop)))
+                                     uvloop=args.in_uvloop, spawn=args.spawn)))
         return
     if args.side == "asyncbg":
         print(json.dumps(asyncbg_side(args.dsn, args.jobs, args.concurrency)))
@@ -255,7 +271,7 @@ def main() -> None:
 
     def run(side_python: Path, *extra: str) -> None:
         runs.append(one(side_python, list(extra)))
-        print(json.dumps(runs[-1]), file=sys.stderr)
+        print(json.dumps(runs[-1]), file=sys.stderr)  # its side's label may change below
 
     sides = ["pgqueuer", "asyncbg ledger"]
     with contextlib.ExitStack() as stack:
@@ -271,17 +287,15 @@ def main() -> None:
                 common = ["--jobs", str(args.jobs), "--consumers", "5", "--batch", str(batch)]
                 run(python, "--side", "pgqueuer", *common,
                     "--dsn", fresh_database(server_dsn, "bench_pgq"))
-                run(Path(sys.executable), "--side", "ledger", *common,
+                ledger = ["--side", "ledger", *common, "--spawn", args.spawn]
+                run(Path(sys.executable), *ledger,
                     "--dsn", fresh_database(server_dsn, "bench_asyncbg"))
-                if before is not None:
-                    runs.append(one(Path(sys.executable), [
-                        "--side", "ledger", *common,
-                        "--dsn", fresh_database(server_dsn, "bench_before")],
-                        script=before / "benchmarks" / "pgqueuer_compare.py"))
+                if before is not None:  # the same harness, the other checkout's asyncbg
+                    run(Path(sys.executable), *ledger, "--code", str(before),
+                        "--dsn", fresh_database(server_dsn, "bench_before"))
                     runs[-1]["side"] = sides[2]
-                    print(json.dumps(runs[-1]), file=sys.stderr)
                 if args.uvloop:
-                    run(Path(sys.executable), "--side", "ledger", *common, "--uvloop",
+                    run(Path(sys.executable), *ledger, "--in-uvloop",
                         "--dsn", fresh_database(server_dsn, "bench_uvloop"))
                     runs[-1]["side"] = sides[-1]
             if args.worker_jobs:
