@@ -156,7 +156,7 @@ def asyncbg_side(dsn: str, jobs: int, concurrency: int) -> dict[str, Any]:
 
 
 def ledger_side(dsn: str, jobs: int, consumers: int, batch: int, *, uvloop: bool = False,
-                spawn: str = "asyncio") -> dict[str, Any]:
+                spawn: str = "asyncio", take: str = "slots") -> dict[str, Any]:
     """The queue alone, as PgQueuer's side is: ``consumers`` loops on one worker's ledger,
     each taking ``batch`` jobs at a time and running them at once (each in an asyncio task,
     as PgQueuer's consumer runs its jobs; ``spawn="anyio"``: in an anyio task group, as this
@@ -199,12 +199,39 @@ def ledger_side(dsn: str, jobs: int, consumers: int, batch: int, *, uvloop: bool
                     for record in records:
                         tg.start_soon(run, record.key, record.request)
 
+        async def consume_slots() -> None:
+            # Up to two batches running (PgQueuer's least max_concurrent_tasks); the next
+            # batch is taken as soon as one batch's worth of slots is free, as a worker takes
+            # its free slots, without waiting for the running ones to finish.
+            running: set[asyncio.Task[None]] = set()
+            freed = asyncio.Event()
+
+            def finished(task: asyncio.Task[None]) -> None:
+                running.discard(task)
+                task.result()  # a failed job fails the run
+                freed.set()
+
+            while True:
+                while 2 * batch - len(running) < batch:
+                    freed.clear()
+                    await freed.wait()
+                records = await ledger.acquire(batch, 30.0)
+                if not records:
+                    break
+                for r in records:
+                    task = asyncio.create_task(run(r.key, r.request))
+                    running.add(task)
+                    task.add_done_callback(finished)
+            while running:
+                freed.clear()
+                await freed.wait()
+
         cpu = time.process_time()
         trips = ledger.round_trips
         started = time.perf_counter()
         async with anyio.create_task_group() as tg:
             for _ in range(consumers):
-                tg.start_soon(consume)
+                tg.start_soon(consume_slots if take == "slots" else consume)
         elapsed = time.perf_counter() - started
         left = await ledger.unfinished()
         per_job = (ledger.round_trips - trips) / jobs
@@ -214,6 +241,7 @@ def ledger_side(dsn: str, jobs: int, consumers: int, batch: int, *, uvloop: bool
                 "elapsed_s": round(elapsed, 2), "jobs_per_s": round(done / elapsed, 1),
                 "cpu_s": round(time.process_time() - cpu, 2),
                 "round_trips_per_job": round(per_job, 2), "uvloop": uvloop, "spawn": spawn,
+                "take": take,
                 "code": str(Path(sys.modules["asyncbg"].__file__ or "").parent.parent)}
 
     return anyio.run(main, backend_options={"use_uvloop": uvloop})
@@ -247,6 +275,11 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=10, help=argparse.SUPPRESS)
     p.add_argument("--concurrency", type=int, default=200, help=argparse.SUPPRESS)
     p.add_argument("--code", help=argparse.SUPPRESS)
+    p.add_argument("--take", choices=["slots", "batch"], default="slots",
+                   help="when the queue side takes more jobs: as soon as a batch's worth of "
+                        "its 2 x batch slots is free (as PgQueuer's consumer and asyncbg's "
+                        "worker do; default), or once the whole batch it took is finished "
+                        "(this script before)")
     p.add_argument("--in-uvloop", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--spawn", choices=["asyncio", "anyio"], default="asyncio",
                    help="how the queue side runs each job: an asyncio task (as PgQueuer's "
@@ -259,7 +292,8 @@ def main() -> None:
         if args.code:  # another checkout's asyncbg (--before), run by this same harness
             sys.path.insert(0, args.code)
         print(json.dumps(ledger_side(args.dsn, args.jobs, args.consumers, args.batch,
-                                     uvloop=args.in_uvloop, spawn=args.spawn)))
+                                     uvloop=args.in_uvloop, spawn=args.spawn,
+                                     take=args.take)))
         return
     if args.side == "asyncbg":
         print(json.dumps(asyncbg_side(args.dsn, args.jobs, args.concurrency)))
@@ -287,7 +321,8 @@ def main() -> None:
                 common = ["--jobs", str(args.jobs), "--consumers", "5", "--batch", str(batch)]
                 run(python, "--side", "pgqueuer", *common,
                     "--dsn", fresh_database(server_dsn, "bench_pgq"))
-                ledger = ["--side", "ledger", *common, "--spawn", args.spawn]
+                ledger = ["--side", "ledger", *common, "--spawn", args.spawn, "--take",
+                          args.take]
                 run(Path(sys.executable), *ledger,
                     "--dsn", fresh_database(server_dsn, "bench_asyncbg"))
                 if before is not None:  # the same harness, the other checkout's asyncbg
