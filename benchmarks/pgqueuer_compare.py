@@ -2,7 +2,7 @@
 """Queue throughput side by side with PgQueuer, on the same PostgreSQL and the same machine.
 
     python benchmarks/pgqueuer_compare.py                 # 20,000 jobs each side (~2 min)
-    python benchmarks/pgqueuer_compare.py --jobs 50000 --repeat 3
+    python benchmarks/pgqueuer_compare.py --repeat 3 --worker-jobs 1000 --before main --uvloop
 
 PgQueuer (https://github.com/janbjorge/pgqueuer) is a well-kept PostgreSQL job queue. It is not
 a dependency of asyncbg: this script runs it from a virtual environment of its own
@@ -14,21 +14,32 @@ What is measured, each side draining a queue filled beforehand (the fill is time
 
 - **PgQueuer**: dequeue -> run an instant no-op entrypoint -> ack, as its own benchmark does
   (``tools/benchmark.py --strategy drain``: 5 consumers, each with its own asyncpg connection,
-  under uvloop), in batches of 10 (its default) and 50.
+  under uvloop), in batches of 10 (its default) and 50. Its consumer dequeues its next batch
+  without waiting for the jobs it started (each an asyncio task); acks are buffered.
 - **asyncbg, the queue** (``--side ledger``): what a worker's ledger does for one job, with the
   same 5 consumers and batches on one :class:`PostgresLedger`: claim it (``acquire``), record
-  the create as sent, the response it created (an id), then its completion; no server.
+  the create as sent, the response it created (an id), then its completion; no server. Each
+  job is an asyncio task (``--spawn anyio``: an anyio task group's, about as costly per job as
+  the queue itself); each consumer has 2 x batch slots (PgQueuer's least ``max_concurrent_tasks``)
+  and takes its next batch as soon as a batch's worth is free, as a worker takes its free slots
+  (``--take batch``: only once every job of the batch it took is finished, as this script did
+  before; each job's three writes are round trips one after the other, so that consumer waits
+  for the slowest of ten jobs of three round trips each). ``--before REF`` runs the same
+  harness on another checkout's asyncbg (``git worktree``) in the same run; ``--uvloop`` also
+  runs asyncbg's side under uvloop, as PgQueuer's runs (asyncbg's CLI does not use uvloop).
 - **asyncbg, the whole worker** (``--side asyncbg``): :func:`asyncbg._fleet.run_worker` as
   ``asyncbg worker`` runs it, against the in-process fake server (instant no-op responses:
   created ``queued``, ``completed`` at the first poll), through the OpenAI SDK.
 
-Reported: jobs per second for each and the ratio, queue against queue, at each batch size.
+Reported: jobs per second for each, each repeat's ratio of asyncbg's queue to PgQueuer (both
+ran one after the other) sorted, at each batch size; the load average after.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -313,6 +324,10 @@ def main() -> None:
         if args.before:
             before = stack.enter_context(checkout(args.before))
             sides.append(f"asyncbg ledger ({args.before})")
+        if args.uvloop and importlib.util.find_spec("uvloop") is None:
+            print("pgqueuer_compare: no uvloop here (pip install uvloop): --uvloop skipped",
+                  file=sys.stderr)
+            args.uvloop = False
         if args.uvloop:
             sides.append("asyncbg ledger (uvloop)")
         server_dsn = stack.enter_context(postgres())
