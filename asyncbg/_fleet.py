@@ -10,7 +10,6 @@ once, leaving every live response running on the server for another worker to po
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -21,10 +20,9 @@ from ._engine._hooks import Hooks
 from ._engine._job import Job
 from ._errors import DuplicateKeyError, JournalMismatchError
 from ._ledgers._base import LedgerUnavailable, Outcome, Record, canonical, digest
-from ._ledgers._open import open_ledger
-from ._ledgers._shared import DEFAULT_LEASE, SharedLedger
-from ._ledgers._sqlite import SQLiteLedger
-from ._ledgers._sqlite_shared import SharedSQLiteLedger
+from ._ledgers._open import shared_ledger
+from ._ledgers._overview import fleet_status, fleet_status_text
+from ._ledgers._shared import SharedLedger
 from ._manager import BackgroundManager
 from ._notify._notify import Notify
 from ._policies import PollPolicy, RetryPolicy
@@ -54,17 +52,6 @@ class ServerUnreachable(Exception):
 class AccountRefused(ServerUnreachable):
     """The server refused this worker's credentials or account (401/403, no credit): the
     worker stops and hands its jobs back for workers whose keys work."""
-
-
-def shared_ledger(spec: str | os.PathLike[str], *, lease: float = DEFAULT_LEASE) -> SharedLedger:
-    """The shared ledger ``spec`` names, not yet opened: a ``postgresql://`` URL, or the path
-    of an SQLite journal that processes on this machine share."""
-    ledger = open_ledger(spec)
-    if isinstance(ledger, SQLiteLedger):
-        return SharedSQLiteLedger(ledger.path, lease=lease)
-    assert isinstance(ledger, SharedLedger)
-    ledger.lease = lease
-    return ledger
 
 
 def prepared(body: Mapping[str, Any], custom_id: str) -> dict[str, Any]:
@@ -392,27 +379,3 @@ def _refused(job: Job, refused: tuple[str, str] | None) -> bool:
 
 def _unreached(job: Job) -> bool:
     return job.done and job.error_code == "connection_error" and job.response_id is None
-
-
-async def fleet_status(ledger: SharedLedger) -> dict[str, Any]:
-    """What ``asyncbg status`` adds for a shared ledger: the workers alive, with how many
-    leases each holds, and how many jobs are not finished (waiting, being sent or live)."""
-    workers = await ledger.workers()
-    return {
-        "unfinished": await ledger.unfinished(),
-        "workers_alive": len(workers),
-        "workers": [
-            {"owner": w.owner, "host": w.host, "pid": w.pid, "held": w.held,
-             "last_seen": w.seen, "lease": w.lease}
-            for w in workers
-        ],
-    }
-
-
-def fleet_status_text(status: Mapping[str, Any]) -> str:
-    """``fleet_status`` as lines for ``asyncbg status``."""
-    lines = [f"workers alive: {status['workers_alive']}"]
-    for w in status["workers"]:
-        lines.append(f"  {w['owner']}  pid {w['pid']} on {w['host']}  holding {w['held']}")
-    return "\n".join(lines)
-

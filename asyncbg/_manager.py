@@ -18,6 +18,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 from anyio.abc import TaskGroup
 
 from . import _log
@@ -46,6 +47,9 @@ if TYPE_CHECKING:
     from ._notify.send import Sender
 
 __all__ = ["BackgroundManager", "ManagerStatistics"]
+
+#: Submits between two moments where ``submit`` lets the event loop run the others.
+SUBMIT_SLICE = 64
 
 
 class _State(enum.Enum):
@@ -395,6 +399,11 @@ class BackgroundManager:
         """:meth:`submit` with the request as one mapping, so that no request field (``key``,
         say) can collide with asyncbg's own keywords. Batch files use this."""
         self._require_open()
+        if self._submitted % SUBMIT_SLICE == SUBMIT_SLICE - 1:
+            # Without a journal a submit never waits: a loop submitting 100,000 jobs would hold
+            # the event loop for seconds. Let the others run now and then (before anything is
+            # queued, so that a cancellation here leaves nothing behind).
+            await anyio.lowlevel.checkpoint()
         layered = self._outcomes.wanted(escalate=escalate, hedge=hedge,
                                         text_format=text_format, validate=validate)
         if layered is not None:

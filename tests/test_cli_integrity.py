@@ -484,10 +484,11 @@ async def test_status_and_cancel_over_an_interrupted_runs_journal(
 ) -> None:
     write_input(tmp_path / "in.jsonl", [
         request("done", metadata={"fake_duration": "0.05"}),
-        *(request(f"slow{i}", metadata={"fake_duration": "30"}) for i in range(3))])
+        *(request(f"slow{i}", metadata={"fake_duration": "600"}) for i in range(3))])
     async with await open_run(http_fake, tmp_path) as proc:
         await started(proc, http_fake, 4)
         await until(lambda: bool((tmp_path / "out.jsonl").read_text()))  # "done" finished
+        http_fake.hold()  # the slow ones stay live however slow the rest of the test is
         os.kill(proc.pid, signal.SIGINT)
         code, err = await ended(proc)
     assert code == 130, err

@@ -17,7 +17,8 @@ import socket
 import stat
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -478,33 +479,37 @@ def test_a_run_serves_its_metrics_while_it_works(env: HttpFake, tmp_path: Path) 
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
     env.server.latency = LatencyModel.fixed(1.5)
+    env.hold()  # the responses stay live until the metrics have been read
     (tmp_path / "in.jsonl").write_text("".join(request(f"r{i}") + "\n" for i in range(3)))
     env_vars = {**os.environ}
     proc = subprocess.Popen([sys.executable, "-m", "asyncbg", "run", str(tmp_path / "in.jsonl"),
                              "-o", str(tmp_path / "out.jsonl"), "--metrics-port", str(port)],
                             env=env_vars, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     with proc:
-        text = scrape(proc, port)
+        text = scrape(proc, port, then=env.release)
     assert proc.returncode == 0
     assert "asyncbg" in text or "gen_ai" in text, text[:500]
 
 
-def scrape(proc: subprocess.Popen[bytes], port: int) -> str:
-    """GET /metrics of a running command, once it serves; then wait for it to end."""
+def scrape(proc: subprocess.Popen[bytes], port: int,
+           then: Callable[[], None] = lambda: None) -> str:
+    """GET /metrics of a running command, once it serves; ``then()``; wait for it to end."""
     import urllib.request
 
     try:
         text = ""
-        for _ in range(200):  # until the run serves (it starts in a second or two)
+        deadline = time.monotonic() + 120  # until the run serves (a second or two, unloaded)
+        while time.monotonic() < deadline:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
                     text = r.read().decode()
                 break
             except OSError:
                 if proc.poll() is not None:
                     break
-                anyio.run(anyio.sleep, 0.05)
-        proc.wait(timeout=60)
+                time.sleep(0.05)
+        then()
+        proc.wait(timeout=120)
         return text
     finally:
         if proc.poll() is None:

@@ -37,15 +37,18 @@ def test_busy_workers_ride_out_a_postgresql_restart(
         submitted = fleet.cli("submit", str(write_input(tmp_path / "in.jsonl", n, 4.0)),
                               "--ledger", restartable.dsn)
         assert submitted.returncode == 0, submitted.stderr
+        http_fake.hold()  # no response ends until the database is down
         procs = [fleet.worker(concurrency=8, lease=6.0) for _ in range(2)]
-        deadline = time.monotonic() + 30
-        # Both workers busy: one alone holds at most 8 creates before its first job ends (4 s).
-        while http_fake.server.counters.creates < 12 and time.monotonic() < deadline:
+        deadline = time.monotonic() + 120
+        # Both workers busy: each holds 8 live responses, none of which can end yet.
+        while http_fake.server.counters.creates < 16 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert http_fake.server.counters.creates >= 12
+        assert http_fake.server.counters.creates == 16
         restartable.stop()
-        time.sleep(3.0)  # down: responses finish on the server meanwhile
+        http_fake.clock.advance(5.0)  # down: the 16 responses finish on the server meanwhile
+        time.sleep(3.0)  # and the workers see them end while they cannot record it
         restartable.start()
+        http_fake.release()
         assert [fleet.wait(p, timeout=120) for p in procs] == [0, 0]
         results = fleet.results()
     finally:

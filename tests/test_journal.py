@@ -8,6 +8,7 @@ import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import anyio
 import pytest
 from openai import AsyncOpenAI
 
@@ -16,7 +17,7 @@ from asyncbg import JobStatus, Journal, JournalMismatchError, Outcome
 from asyncbg._ledgers import canonical, digest
 from asyncbg.testing import FakeResponsesServer, fake_client
 
-from .conftest import manager, meta
+from .conftest import HeldClock, manager, meta
 
 # The core suite runs on both of anyio's backends (on trio, polls take the SDK path).
 pytestmark = pytest.mark.anyio
@@ -126,11 +127,20 @@ async def test_a_key_reused_with_a_different_request_is_an_error_naming_it(
 
 
 async def test_the_journal_is_private_and_records_each_status_and_the_final_json(
-    client: AsyncOpenAI, tmp_path: Path
+    client: AsyncOpenAI, server: FakeResponsesServer, tmp_path: Path
 ) -> None:
     db = tmp_path / "run.db"
+    server.clock = clock = HeldClock()  # each status lasts until the test moves time on
+    clock.hold()
     async with manager(client, journal=db) as mgr:
-        job = await mgr.submit(key="k", **params(metadata=meta(0.05)))
+        job = await mgr.submit(key="k", **params(metadata={**meta(1.0), "fake_queue": "0.5"}))
+        await job.wait_accepted()
+        clock.advance(0.6)
+        with anyio.fail_after(30):
+            while job.status is not JobStatus.IN_PROGRESS:  # noqa: ASYNC110 (no event for it)
+                await anyio.sleep(0.005)
+        clock.advance(0.6)
+        await job.wait()
     assert stat.S_IMODE(db.stat().st_mode) == 0o600
     con = sqlite3.connect(db)
     state, rid, status, body = con.execute(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -57,9 +58,26 @@ async def test_one_create_step_per_create_sent(
     assert server.counters.rate_limited <= 0.02 * sent
 
 
-def test_the_cli_freezes_its_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_cli_freezes_its_start_up(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     frozen: list[int] = []
     monkeypatch.setattr(gc, "freeze", lambda: frozen.append(len(gc.get_objects())))
     monkeypatch.setattr(gc, "collect", lambda *a: 0)
+    # The interpreter keeps its own reference to the real list: this one is never called.
+    monkeypatch.setattr(gc, "callbacks", [])
+    # A command run in a process it does not own (main() given its arguments: an application,
+    # this test) leaves the collector alone.
+    _cli.freeze_start_up()
+    assert _cli.main(["run", str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "o")]) == 2
+    assert frozen == [] and gc.callbacks == []
+    monkeypatch.setattr(_cli, "_owns_process", True)  # as main() called with none sets it
     _cli.freeze_start_up()
     assert len(frozen) == 1 and "openai" in sys.modules and "asyncbg._manager" in sys.modules
+    _cli.freeze_start_up(load_sdk=False)  # run freezes twice: the hook is added once
+    assert gc.callbacks == [_cli._refreeze] and len(frozen) == 2
+    # What survives a full collection is frozen too; a young collection freezes nothing.
+    for generation in (0, 1):
+        _cli._refreeze("stop", {"generation": generation})
+    _cli._refreeze("start", {"generation": 2})
+    assert len(frozen) == 2
+    _cli._refreeze("stop", {"generation": 2})
+    assert len(frozen) == 3

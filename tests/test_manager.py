@@ -13,7 +13,7 @@ import asyncbg
 from asyncbg import JobStatus
 from asyncbg.testing import FakeResponsesServer, FaultRates, LatencyModel, fake_client
 
-from .conftest import manager, meta
+from .conftest import HeldClock, manager, meta
 
 # The core suite runs on both of anyio's backends (on trio, polls take the SDK path).
 pytestmark = pytest.mark.anyio
@@ -414,18 +414,29 @@ async def test_the_servers_poll_after_hint_is_honoured(server: FakeResponsesServ
 
 
 async def test_discounted_windows_are_polled_less(server: FakeResponsesServer) -> None:
+    server.clock = clock = HeldClock()  # both stay live while the polls are counted
+    clock.hold()
     client = fake_client(server)
-    policy = asyncbg.PollPolicy(first_poll=0.005, min_interval=0.005, max_interval=0.005,
+    policy = asyncbg.PollPolicy(first_poll=0.05, min_interval=0.05, max_interval=0.05,
                                 jitter=0, window_scale={"8h": 20.0})
     try:
         async with manager(client, poll_policy=policy) as mgr:
-            flex = await mgr.submit(model="m", input="x", metadata=meta(0.3),
+            flex = await mgr.submit(model="m", input="x", metadata=meta(1.0),
                                     background_options={"completion_window": "8h"})
-            std = await mgr.submit(model="m", input="x", metadata=meta(0.3))
+            std = await mgr.submit(model="m", input="x", metadata=meta(1.0))
+            await flex.wait_accepted()
+            await std.wait_accepted()
+            polls = server.counters.polls
+            flex_id, std_id = str(flex.response_id), str(std.response_id)
+            with anyio.fail_after(120):
+                while polls.get(std_id, 0) < 21:  # noqa: ASYNC110 (no event for a poll)
+                    await anyio.sleep(0.01)
+            # every 0.05 s against every second: a loaded loop's lag narrows it, not to 3x
+            assert polls.get(flex_id, 0) * 3 < polls[std_id]
+            clock.advance(2.0)
+            await mgr.wait_all([flex, std])
     finally:
         await client.close()
-    polls = server.counters.polls
-    assert polls[flex.response_id] * 2 < polls[std.response_id]  # type: ignore[index]
 
 
 async def test_logging_events_carry_context_and_no_secrets(client: AsyncOpenAI) -> None:

@@ -27,9 +27,9 @@ from asyncbg._ledgers._shared import LeaseLost
 from asyncbg._ledgers._sqlite_shared import SharedSQLiteLedger
 from asyncbg._notify.send import Sender
 from asyncbg._notify.sign import signed_headers
-from asyncbg.testing import WebhookReceiver, new_secret
+from asyncbg.testing import FakeResponsesServer, WebhookReceiver, new_secret
 
-from .conftest import manager, meta
+from .conftest import HeldClock, manager, meta
 
 SECRET = new_secret()
 A = "a" * 64
@@ -64,8 +64,10 @@ def fast(url: str, **kwargs: Any) -> asyncbg.Notify:
 
 @pytest.mark.asyncio
 async def test_callbacks_run_in_completion_order_after_the_journal(
-    client: AsyncOpenAI, tmp_path: Path
+    client: AsyncOpenAI, server: FakeResponsesServer, tmp_path: Path
 ) -> None:
+    server.clock = clock = HeldClock()  # the jobs end when the test moves time on, one by one
+    clock.hold()
     calls: list[tuple[str, str]] = []
     journaled: list[str] = []
     mgr = manager(client, journal=tmp_path / "j.db",
@@ -89,6 +91,9 @@ async def test_callbacks_run_in_completion_order_after_the_journal(
                 job.add_done_callback(bad)
                 job.add_done_callback(slow_async)
                 job.add_done_callback(lambda j: calls.append(("sync", j.key)))
+            for job in jobs:
+                await job.wait_accepted()  # created while time stands still
+            clock.advance(0.05)
             await jobs[4].wait()
             late: list[str] = []
             jobs[4].add_done_callback(lambda j: late.append(j.key))  # ended: runs at once
@@ -98,6 +103,9 @@ async def test_callbacks_run_in_completion_order_after_the_journal(
                 calls.append(("late", job.key))
 
             jobs[4].add_done_callback(late_async)  # scheduled, runs before the manager exits
+            for job in reversed(jobs[:4]):
+                clock.advance(0.04)
+                await job.wait()
     order = [j.key for j in sorted(jobs, key=lambda j: j.finish_order)]
     assert order[0] == "k4" and order[-1] == "k0"  # not submission order
     expected = [(kind, key) for key in order for kind in ("async", "sync", "on_done")]

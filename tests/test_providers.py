@@ -53,7 +53,7 @@ class Api:
     model: str
 
     def provider(self, **kw: Any) -> Any:
-        kw.setdefault("batch_delay", 0.05)
+        kw.setdefault("batch_delay", 0.25)  # submits of one burst share a batch under load
         return self.make(self.client, **kw)
 
 
@@ -112,7 +112,9 @@ async def test_fan_out_groups_jobs_into_one_batch_polled_once_for_all(
 ) -> None:
     server.batches.script("boom", outcome="failed")
     keys = [f"q{i}" for i in range(40)] + ["boom"]
-    async with asyncbg.BackgroundManager(api.provider(), **BATCHING) as mgr:
+    # The batch goes when it is full, however slowly the submits come on a loaded machine.
+    provider = api.provider(max_batch_size=len(keys), batch_delay=30.0)
+    async with asyncbg.BackgroundManager(provider, **BATCHING) as mgr:
         jobs = {k: await mgr.submit(key=k, **api.request(k)) for k in keys}
         await mgr.wait_all(jobs.values())
         polls = mgr.statistics().polls
@@ -223,8 +225,9 @@ async def test_a_crash_reattaches_to_the_batch_without_sending_it_again(
     db = tmp_path / "run.journal"
     server.batches.script("late", duration=0.3)
     with pytest.raises(Boom):
-        async with asyncbg.BackgroundManager(api.provider(), journal=db, cancel_on_exit=False,
-                                             **BATCHING) as mgr:
+        async with asyncbg.BackgroundManager(api.provider(max_batch_size=2, batch_delay=30.0),
+                                             journal=db, cancel_on_exit=False,
+                                             **BATCHING) as mgr:  # one batch, when both came
             first = [await mgr.submit(key=k, **api.request(k)) for k in ("early", "late")]
             for job in first:
                 await job.wait_accepted()

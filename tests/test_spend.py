@@ -136,16 +136,20 @@ async def test_creates_are_paced_below_the_servers_rate_limit() -> None:
 
 
 async def test_a_known_rate_limit_is_never_exceeded() -> None:
+    # The client books its creates against 20 a second with a second's burst; the server
+    # holds half a second more (10 requests), the slack for creates that reach it bunched up
+    # behind a stalled event loop on a loaded machine. Unpaced (or with a minute's burst), 50
+    # creates (max_concurrency) would reach it at once and 20 would be refused.
     server = FakeResponsesServer(latency=LatencyModel.fixed(0.01),
                                  rate_limit=FakeRateLimit(requests_per_minute=1200,
-                                                          burst_seconds=1.0))
+                                                          burst_seconds=1.5))
     client = fake_client(server)
     try:
         async with asyncbg.BackgroundManager(
             client, max_concurrency=50, poll_policy=FAST_POLL, retry_policy=FAST_RETRY,
             rate_limit=asyncbg.RateLimit(requests_per_minute=1200),
         ) as mgr:
-            jobs = [await mgr.submit(model="m", input=str(i)) for i in range(40)]
+            jobs = [await mgr.submit(model="m", input=str(i)) for i in range(60)]
     finally:
         await client.close()
     assert all(j.status is JobStatus.COMPLETED for j in jobs)

@@ -317,6 +317,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     A reader that goes away (``asyncbg status | head``) ends any command quietly, here, once
     for all of them: no traceback, exit status 141 (128 + SIGPIPE) as a shell reports it.
     """
+    global _owns_process
+    if argv is None:  # the process's own entry point (python -m asyncbg, the asyncbg script)
+        _owns_process = True
     try:
         code = _dispatch(argv)
         sys.stdout.flush()  # inside the try: a closed pipe fails here, not at exit
@@ -348,8 +351,15 @@ def _silence_stdout() -> None:
         pass
 
 
-def freeze_start_up(*, load_sdk: bool = True) -> None:
-    """Leave what start-up made out of the cyclic collector's view (``gc.freeze()``).
+#: Whether the command line owns this process: ``main()`` called with no arguments, as the
+#: entry point does. Called with arguments (an application or a test running a command in its
+#: own process), the collector is left as the caller set it.
+_owns_process = False
+
+
+def freeze_start_up(*, load_sdk: bool = True, refreeze: bool = True) -> None:
+    """Leave what start-up made out of the cyclic collector's view (``gc.freeze()``), and with
+    ``refreeze``, what survives each full collection from then on.
 
     The CLI owns its process. After ``import openai`` and the engine the heap holds about
     100,000 tracked objects (the SDK's types, pydantic) that live as long as the process; every
@@ -358,9 +368,18 @@ def freeze_start_up(*, load_sdk: bool = True) -> None:
     application knows when its start-up is over. ``asyncbg run`` calls it without
     ``load_sdk`` first (a rerun with nothing to do loads no SDK), then again once it builds its
     manager.
+
+    ``refreeze``: 100,000 live jobs are some 500,000 tracked objects of their own, and a full
+    collection that walks them all pauses the event loop for hundreds of milliseconds. After
+    each full collection, what survived it (the live jobs, mostly) is frozen too, so the next
+    one walks only what came since. An object frozen this way is still freed when its last
+    reference goes (most are); only a reference cycle among frozen objects would stay, and
+    ``benchmarks/memory.py --gc refreeze`` shows the engine leaves none to speak of.
     """
     import gc
 
+    if not _owns_process:
+        return
     if load_sdk:
         import openai  # noqa: F401 - loaded now, so that its objects are frozen with the rest
 
@@ -368,6 +387,16 @@ def freeze_start_up(*, load_sdk: bool = True) -> None:
 
     gc.collect()
     gc.freeze()
+    if refreeze and _refreeze not in gc.callbacks:
+        gc.callbacks.append(_refreeze)
+
+
+def _refreeze(phase: str, info: dict[str, int]) -> None:
+    """A ``gc.callbacks`` hook: freeze the survivors of every full collection."""
+    if phase == "stop" and info.get("generation") == 2:
+        import gc
+
+        gc.freeze()
 
 
 def _dispatch(argv: Sequence[str] | None) -> int:

@@ -34,6 +34,15 @@ from .._ledgers import Ledger, LedgerError, Record
 from .._ledgers._base import ClaimOutcome, Outcome
 from .._ledgers._lock import current_holder
 from .._ledgers._outbox import Outbox
+from .._ledgers._overview import (
+    BatchGroup,
+    Overview,
+    fleet_status,
+    fleet_status_text,
+    from_records,
+    live_records,
+    overview,
+)
 from .._ledgers._shared import LeaseLost, SharedLedger, keep_leases
 from .._ledgers._sqlite_shared import SharedSQLiteLedger
 from .._ledgers._urls import url_like
@@ -45,7 +54,6 @@ if TYPE_CHECKING:  # the SDKs and the engine load when a command runs, not for `
 
 from ._deliveries import summary as delivery_summary
 from ._deliveries import summary_text as delivery_text
-from ._output import body_of, tokens_of
 from ._progress import ORDER, counts_text, rows
 
 __all__ = ["Cancelled", "cancel", "cancel_live", "emit", "open_client", "say", "status",
@@ -103,7 +111,7 @@ async def open_ledger(spec: str | Path, *, exclusive: bool) -> Ledger | None:
     respects the workers' leases; ``exclusive`` also takes the run lock, so that no ``asyncbg
     run`` works on it meanwhile.
     """
-    from .._fleet import shared_ledger
+    from .._ledgers._open import shared_ledger
 
     ledger: Ledger
     if isinstance(spec, str) and url_like(spec):
@@ -130,49 +138,48 @@ async def open_ledger(spec: str | Path, *, exclusive: bool) -> Ledger | None:
 # -- status -------------------------------------------------------------------------------------
 
 
-def summarize(records: Sequence[Record], location: str, *,
+def summarize(records: Sequence[Record] | Overview, location: str, *,
               now: float | None = None) -> dict[str, Any]:
-    """What ``asyncbg status --json`` prints: counts, live response ids, batches, tokens."""
+    """What ``asyncbg status --json`` prints: counts, live response ids, batches, tokens; from
+    a ledger's :class:`Overview` (or every record, read whole)."""
     now = time.time() if now is None else now
-    by_status = Counter(r.status for r in records)
-    tokens = {"input": 0, "output": 0, "total": 0}
-    for record in records:
-        if record.body is not None:
-            for name, value in tokens_of(body_of(record)).items():
-                tokens[name] += value
-    live = [r for r in records if r.state == "live"]
+    view = records if isinstance(records, Overview) else from_records(records)
+    by_status: Counter[str] = Counter()
+    by_state: Counter[str] = Counter()
+    for (state, status_), n in view.counts.items():
+        by_status[status_] += n
+        by_state[state] += n
+    inp, out = view.input_tokens, view.output_tokens
     return {
         "journal": location,
-        "total": len(records),
+        "total": view.total,
         "by_status": {name: by_status[name] for name in sorted(by_status, key=_rank)},
-        "by_state": dict(Counter(r.state for r in records)),
-        "live_response_ids": [r.response_id for r in live if r.response_id],
+        "by_state": {name: by_state[name] for name in sorted(by_state, key=_state_rank)},
+        "live_response_ids": [r.response_id for r in view.live if r.response_id],
         "live_by_provider": dict(Counter(provider_of(r.response_id) or "unknown"
-                                         for r in live)),
+                                         for r in view.live)),
         "live": [{"key": r.key, "response_id": r.response_id, "status": r.status}
-                 for r in live if batch_of(r.response_id) is None][:MAX_LIVE_LINES + 1],
-        "batches": batches(records, now=now),
-        "unconfirmed": [r.key for r in records if r.state == "sending"],
-        "possible_duplicates": sum(r.resubmits for r in records),
-        "tokens": tokens,
+                 for r in view.live if batch_of(r.response_id) is None][:MAX_LIVE_LINES + 1],
+        "batches": batches(view.batches, now=now),
+        "unconfirmed": list(view.sending),
+        "possible_duplicates": view.resubmits,
+        "tokens": {"input": inp, "output": out, "total": inp + out},
     }
 
 
-def batches(records: Iterable[Record], *, now: float) -> list[dict[str, Any]]:
+def batches(groups: Iterable[BatchGroup], *, now: float) -> list[dict[str, Any]]:
     """One entry per remote batch the journal knows: its provider, its jobs by status, its
     age and when the API expires what is left of it (estimated from its first job's time)."""
     found: dict[str, dict[str, Any]] = {}
-    for r in records:
-        batch_id = batch_of(r.response_id)
-        if batch_id is None:
-            continue
-        entry = found.get(batch_id)
+    for g in groups:
+        entry = found.get(g.batch_id)
         if entry is None:
-            entry = found[batch_id] = {"id": batch_id, "provider": provider_of(r.response_id),
-                                       "jobs": 0, "by_status": Counter(), "created": r.created}
-        entry["jobs"] += 1
-        entry["by_status"][r.status] += 1
-        entry["created"] = min(entry["created"], r.created)
+            entry = found[g.batch_id] = {
+                "id": g.batch_id, "provider": provider_of(f"{g.batch_id}#-"), "jobs": 0,
+                "by_status": Counter(), "created": g.created}
+        entry["jobs"] += g.count
+        entry["by_status"][g.status] += g.count
+        entry["created"] = min(entry["created"], g.created)
     out = []
     for entry in found.values():
         counts: Counter[str] = entry["by_status"]
@@ -183,7 +190,14 @@ def batches(records: Iterable[Record], *, now: float) -> list[dict[str, Any]]:
                     "live": live, "age": max(0.0, now - entry["created"]),
                     "expires_in": (None if window is None or not live
                                    else entry["created"] + window - now)})
-    return sorted(out, key=lambda e: e["created"])
+    return sorted(out, key=lambda e: (e["created"], e["id"]))
+
+
+_STATES = ("new", "sending", "live", "done", "local")
+
+
+def _state_rank(state: str) -> tuple[int, str]:
+    return (_STATES.index(state) if state in _STATES else len(_STATES), state)
 
 
 def _rank(status: str) -> tuple[int, str]:
@@ -264,14 +278,12 @@ def _advice(summary: Mapping[str, Any]) -> str:
 
 async def status(args: argparse.Namespace) -> int:
     """``asyncbg status --ledger PATH [--json]``: read the journal; no API key, no request."""
-    from .._fleet import fleet_status, fleet_status_text
-
     ledger = await open_ledger(args.ledger, exclusive=False)
     if ledger is None:
         return 2
     fleet: dict[str, Any] | None = None
     try:
-        records = await ledger.records()
+        view = await overview(ledger)
         if isinstance(ledger, SharedLedger):
             fleet = await fleet_status(ledger)
             if not fleet["workers_alive"] and isinstance(ledger, SharedSQLiteLedger) and (
@@ -284,7 +296,7 @@ async def status(args: argparse.Namespace) -> int:
         return 2
     finally:
         await ledger.close()
-    summary = summarize(records, ledger.location)
+    summary = summarize(view, ledger.location)
     if not url_like(args.ledger):
         real = await anyio.Path(args.ledger).resolve()  # the lock is beside the real file
         summary["held_by"] = current_holder(Path(f"{real}.lock"))
@@ -463,7 +475,7 @@ async def sweep_live(ledger: Ledger, providers: Mapping[str, Provider], *,
     """Cancel every live record of ``ledger`` on its own API (each batch once, as a whole)
     and record what the servers say, within ``timeout`` seconds."""
     sweep = _Sweep(ledger, providers)
-    live = [r for r in await ledger.records() if r.state == "live" and r.response_id]
+    live = [r for r in await live_records(ledger) if r.response_id]
     groups: dict[str, list[Record]] = defaultdict(list)
     responses: list[tuple[Provider, Record]] = []
     for r in live:
@@ -605,7 +617,7 @@ async def cancel(args: argparse.Namespace) -> int:
         return 2
     providers: dict[str, Provider] = {}
     try:
-        live = [r for r in await ledger.records() if r.state == "live" and r.response_id]
+        live = [r for r in await live_records(ledger) if r.response_id]
         if not live:
             emit(f"nothing to cancel: no live job in {ledger.location}")
             return 0

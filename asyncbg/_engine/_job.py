@@ -151,7 +151,8 @@ class Job:
 
     @property
     def response(self) -> Any:
-        """The latest result the server sent (an OpenAI ``Response``), or None before any."""
+        """The final result the server sent (an OpenAI ``Response``) once the job is terminal;
+        None while it is live (a live job keeps no body, see :attr:`body`)."""
         if self._response is None and self._body is not None:
             # Built on demand and leniently: real payloads omit fields strict validation wants.
             self._response = self._owner.parse_result(self._body)
@@ -159,7 +160,11 @@ class Job:
 
     @property
     def body(self) -> bytes | None:
-        """The latest answer's JSON exactly as the server sent it (None before any)."""
+        """The final answer's JSON exactly as the server sent it, once the job is terminal.
+
+        None while the job is live: a live job keeps only its id and status (100,000 live
+        jobs would otherwise hold 100,000 answers, each echoing its request). None also for a
+        job that ended without a final answer (never sent, lost, given up)."""
         return self._body
 
     @property
@@ -386,7 +391,10 @@ class JobControl:
         job = self.job
         if job.done:
             return False
-        if body is not None:
+        if body is not None and status.terminal:
+            # A live job keeps no body (it is the bulk of a live job's memory, and a real
+            # create answer echoes the whole request): the engine needs only its id and status.
+            # The final body is kept: it is what ``result()`` returns.
             job._body = body
             job._response = None
         if request_id is not None:

@@ -76,19 +76,21 @@ class IllegalMove(AssertionError):
     """A stage change that :data:`MOVES` does not allow: a bug in asyncbg."""
 
 
-class Entry:
-    """The scheduler's record of one job: what to send, where it stands, what it was asked."""
+class Entry(JobControl):
+    """The scheduler's record of one job: what to send, where it stands, what it was asked.
+
+    It is the job's :class:`JobControl` too (one object per job fewer for the cyclic
+    collector to walk: 100,000 napping jobs are 100,000 entries)."""
 
     __slots__ = (
-        "asks", "attempt", "cancel_reason", "cancel_sent", "control", "deadline", "gen", "job",
-        "not_found", "params", "policy", "resubmit", "scale", "sent", "stage", "started", "step",
-        "stream", "stream_scope", "unrecorded",
+        "asks", "attempt", "cancel_reason", "cancel_sent", "deadline", "gen", "not_found",
+        "params", "policy", "resubmit", "scale", "sent", "stage", "started", "step", "stream",
+        "stream_scope", "unrecorded",
     )
 
     def __init__(self, job: Job, params: dict[str, Any] | None, policy: PollPolicy,
                  scale: float, deadline: float | None, *, stream: bool = False) -> None:
-        self.job = job
-        self.control = JobControl(job)
+        super().__init__(job)
         self.params = params
         self.policy = policy
         self.scale = scale
@@ -115,6 +117,12 @@ class Entry:
         #: The id of a response the server created and the ledger has not taken yet.
         self.unrecorded: str | None = None
         self.stream_scope: anyio.CancelScope | None = None
+
+    @property
+    def control(self) -> JobControl:
+        """The only way the job's state changes (this entry itself; not an attribute pointing
+        back here, which would make every job a reference cycle)."""
+        return self
 
     def ask(self, what: int, reason: tuple[str, str] | None = None) -> None:
         """Ask the job for something (``CANCEL``/``FETCH``); looked at when its step ends."""

@@ -52,6 +52,9 @@ T = TypeVar("T")
 
 #: I/O tasks started before the scheduler lets the others run (see ``run``).
 BURST = 8
+#: Jobs the scheduler looks at (moved into a slot, or taken off the heap) in one pass before
+#: it lets the others run: a burst of 100,000 due jobs must not stall the event loop.
+SLICE = 256
 #: Terminal webhooks remembered for responses whose create answer has not arrived yet.
 EARLY_LIMIT = 10_000
 #: The longest any job naps, whatever a header or a policy said (an hour).
@@ -140,9 +143,12 @@ class Scheduler(SharedLedgerSteps):
             heap = self._heap
             while True:
                 self._kick = anyio.Event()
-                self._fill()
-                await self._start_due(tg)
-                if self._kick.is_set():
+                more = self._fill()
+                more = await self._start_due(tg) or more
+                if more or self._kick.is_set():
+                    # Let the others run between two passes: a pass does a bounded amount of
+                    # work (see SLICE), and 100,000 jobs submitted at once take many passes.
+                    await anyio.lowlevel.checkpoint()
                     continue
                 if heap:
                     with anyio.move_on_after(heap[0][0] - anyio.current_time()):
@@ -150,13 +156,16 @@ class Scheduler(SharedLedgerSteps):
                 else:
                     await self._kick.wait()
 
-    async def _start_due(self, tg: TaskGroup) -> None:
-        """Start a step for every job whose time has come (a method of its own, so that no
-        finished job stays reachable from the loop's locals)."""
+    async def _start_due(self, tg: TaskGroup) -> bool:
+        """Start a step for every job whose time has come, or for SLICE of them; True when
+        more are due (a method of its own, so that no finished job stays reachable from the
+        loop's locals)."""
         heap = self._heap
         now = anyio.current_time()
         started = 0
-        while heap and heap[0][0] <= now:
+        for _ in range(SLICE):
+            if not heap or heap[0][0] > now:
+                return False
             _, _, gen, entry = heapq.heappop(heap)
             kind = self._due(entry, gen)
             if kind is None:
@@ -184,6 +193,7 @@ class Scheduler(SharedLedgerSteps):
                 # due creates would all run their first steps (each ~1 ms of request building)
                 # in one loop iteration, stalling everything else.
                 await anyio.lowlevel.checkpoint()
+        return bool(heap) and heap[0][0] <= now
 
     def _due(self, entry: Entry, gen: int) -> str | None:
         """The step to run for a job whose time came, or None (stale, or settled here)."""
@@ -302,10 +312,14 @@ class Scheduler(SharedLedgerSteps):
         if self._heap[0] is item:
             self._kick.set()
 
-    def _fill(self) -> None:
-        """Move waiting jobs into free concurrency slots."""
+    def _fill(self) -> bool:
+        """Move waiting jobs into free concurrency slots, at most SLICE of them; True when
+        more could move now."""
         pending = self._pending
-        while pending and self._active < self.max_concurrency and self._closing_at is None:
+        for _ in range(SLICE):
+            if not pending or self._active >= self.max_concurrency or (
+                    self._closing_at is not None):
+                return False
             entry = pending.popleft()
             if entry.stage is not Stage.WAITING:
                 continue  # cancelled while waiting
@@ -326,6 +340,8 @@ class Scheduler(SharedLedgerSteps):
             else:
                 move(entry, Stage.CREATING)
                 self._push(entry, 0.0)
+        return bool(pending) and self._active < self.max_concurrency and (
+            self._closing_at is None)
 
     # -- ending: the one way out ----------------------------------------------------------------
 

@@ -6,11 +6,12 @@ import os
 from collections.abc import Callable
 
 from ._base import Ledger, LedgerError
+from ._shared import DEFAULT_LEASE, SharedLedger
 from ._sqlite import SQLiteLedger
 from ._urls import redacted as _redacted
 from ._urls import url_like
 
-__all__ = ["open_ledger"]
+__all__ = ["open_ledger", "shared_ledger"]
 
 
 def open_ledger(
@@ -47,6 +48,19 @@ def open_ledger(
     raise TypeError(
         f"a ledger is a path, a postgresql:// URL or a Ledger, not {type(spec).__name__}"
     )
+
+
+def shared_ledger(spec: str | os.PathLike[str], *, lease: float = DEFAULT_LEASE) -> SharedLedger:
+    """The shared ledger ``spec`` names, not yet opened: a ``postgresql://`` URL, or the path
+    of an SQLite journal that processes on this machine share."""
+    ledger = open_ledger(spec)
+    if isinstance(ledger, SQLiteLedger):
+        from ._sqlite_shared import SharedSQLiteLedger
+
+        return SharedSQLiteLedger(ledger.path, lease=lease)
+    assert isinstance(ledger, SharedLedger)
+    ledger.lease = lease
+    return ledger
 
 
 def _postgres(url: str, *, exclusive: bool) -> Ledger:

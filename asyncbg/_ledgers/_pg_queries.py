@@ -23,7 +23,12 @@ Schema history (``asyncbg_meta.schema_version``):
   more safety margin (:func:`~._shared.safety_margin`) before it takes the key: a create that
   left just before the lease ran out has had its answer recorded by then (the old holder's
   writes still match owner and epoch), or it is known lost.
-- version 5: the counters kept per statement for updates too: one trigger with transition
+- version 5: what ``asyncbg status`` reads at any size (:mod:`._overview`): ``asyncbg_tallies``
+  (possible duplicates and the tokens of the final bodies, by slot as ``asyncbg_counts``), kept
+  by triggers (inserts and deletes: one upsert per statement, from the rows with a body or a
+  resubmit; updates: only those that change either), and partial indexes on live, sending and
+  batched rows (the rows ``status`` lists).
+- version 6: the counters kept per statement for updates too: one trigger with transition
   tables in place of the per-row one, so that a statement writing hundreds of jobs' states
   (the grouped writes) makes one upsert per (state, status) it changed, not two per row.
 
@@ -36,7 +41,7 @@ from __future__ import annotations
 # No __all__: the module is a namespace, imported as `q` by _postgres.py.
 import functools
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 #: The key of the transaction-level advisory lock held while the schema is made or upgraded
 #: ("abgj" and 1), and of the session-level lock an ``exclusive=True`` ledger holds ("abgj", 2).
 SCHEMA_LOCK = 0x6162676A_00000001
@@ -202,6 +207,151 @@ UPGRADES: dict[int, tuple[str, ...]] = {
     ),
     3: ("ALTER TABLE asyncbg_jobs ADD COLUMN sent_epoch bigint",),
     4: (
+        # As for asyncbg_counts: no writer between the sums below and the triggers that keep
+        # them.
+        "LOCK TABLE asyncbg_jobs IN SHARE ROW EXCLUSIVE MODE",
+        # The tokens of a final body, as asyncbg._cli._output.tokens_of counts them (the first
+        # truthy of usage, usageMetadata, usage_metadata; OpenAI's, Anthropic's, Gemini's or
+        # Chat Completions' usage). `json`, not `jsonb`: the body is checked, not converted.
+        # Whatever a body holds, the function answers (zeros at worst): a write is never refused.
+        """
+        CREATE FUNCTION asyncbg_tokens(body bytea, OUT i bigint, OUT o bigint)
+        LANGUAGE plpgsql IMMUTABLE AS $$
+        DECLARE
+            b json;
+            u json;
+            v json;
+            t text;
+            name text;
+        BEGIN
+            i := 0;
+            o := 0;
+            IF body IS NULL THEN
+                RETURN;
+            END IF;
+            BEGIN
+                -- \\u0000 is valid JSON that PostgreSQL's JSON functions refuse; as \\u0001 the
+                -- text stays valid JSON (only a string's character changes), and counts alike.
+                b := replace(convert_from(body, 'UTF8'), '\\u0000', '\\u0001')::json;
+                IF json_typeof(b) <> 'object' THEN
+                    RETURN;
+                END IF;
+                FOREACH name IN ARRAY ARRAY['usage', 'usageMetadata', 'usage_metadata'] LOOP
+                    v := b -> name;
+                    t := json_typeof(v);
+                    IF t = 'object' AND EXISTS (SELECT FROM json_object_keys(v))
+                       OR t = 'array' AND json_array_length(v) > 0
+                       OR t = 'string' AND v #>> '{}' <> ''
+                       OR t = 'number' AND (v #>> '{}')::numeric <> 0
+                       OR t = 'boolean' AND v #>> '{}' = 'true' THEN
+                        u := v;
+                        EXIT;
+                    END IF;
+                END LOOP;
+                IF u IS NULL OR json_typeof(u) <> 'object' THEN
+                    RETURN;
+                END IF;
+                IF u -> 'input_tokens' IS NULL AND u -> 'usageMetadata' IS NOT NULL THEN
+                    u := u -> 'usageMetadata';
+                    IF json_typeof(u) <> 'object' THEN
+                        RETURN;
+                    END IF;
+                END IF;
+                IF u -> 'input_tokens' IS NOT NULL THEN
+                    i := asyncbg_token_count(u -> 'input_tokens');
+                    o := asyncbg_token_count(u -> 'output_tokens');
+                    IF coalesce(json_typeof(u -> 'cache_read_input_tokens'), 'null') <> 'null'
+                       OR coalesce(json_typeof(u -> 'cache_creation_input_tokens'), 'null')
+                          <> 'null' THEN
+                        i := i + asyncbg_token_count(u -> 'cache_read_input_tokens')
+                               + asyncbg_token_count(u -> 'cache_creation_input_tokens');
+                    END IF;
+                ELSIF u -> 'promptTokenCount' IS NOT NULL
+                      OR u -> 'candidatesTokenCount' IS NOT NULL THEN
+                    i := asyncbg_token_count(u -> 'promptTokenCount');
+                    o := asyncbg_token_count(u -> 'candidatesTokenCount')
+                         + asyncbg_token_count(u -> 'thoughtsTokenCount');
+                ELSIF u -> 'prompt_tokens' IS NOT NULL THEN
+                    i := asyncbg_token_count(u -> 'prompt_tokens');
+                    o := asyncbg_token_count(u -> 'completion_tokens');
+                END IF;
+            EXCEPTION WHEN others THEN  -- not JSON, not UTF-8, a count past bigint: nothing
+                i := 0;
+                o := 0;
+            END;
+        END $$
+        """,
+        """
+        CREATE FUNCTION asyncbg_token_count(v json) RETURNS bigint
+        LANGUAGE sql IMMUTABLE AS $$
+            SELECT CASE WHEN json_typeof(v) = 'number' THEN trunc((v #>> '{}')::numeric)::bigint
+                        ELSE 0 END
+        $$
+        """,
+        # Spread over slots by backend, as asyncbg_counts.
+        """
+        CREATE TABLE asyncbg_tallies (
+            slot      integer PRIMARY KEY,
+            resubmits bigint NOT NULL,
+            input     bigint NOT NULL,
+            output    bigint NOT NULL
+        )
+        """,
+        # Inserts and deletes: one upsert per statement, from the rows that change a sum (an
+        # enqueue's rows have no body and no resubmit: nothing is upserted).
+        """
+        CREATE FUNCTION asyncbg_tally_rows() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF TG_OP = 'INSERT' THEN
+                INSERT INTO asyncbg_tallies AS c (slot, resubmits, input, output)
+                SELECT pg_backend_pid() % 64, sum(r.resubmits), sum(k.i), sum(k.o)
+                FROM new_rows r, LATERAL asyncbg_tokens(r.body) k
+                WHERE r.resubmits <> 0 OR r.body IS NOT NULL HAVING count(*) > 0
+                ON CONFLICT (slot) DO UPDATE SET resubmits = c.resubmits + EXCLUDED.resubmits,
+                    input = c.input + EXCLUDED.input, output = c.output + EXCLUDED.output;
+            ELSE
+                INSERT INTO asyncbg_tallies AS c (slot, resubmits, input, output)
+                SELECT pg_backend_pid() % 64, -sum(r.resubmits), -sum(k.i), -sum(k.o)
+                FROM old_rows r, LATERAL asyncbg_tokens(r.body) k
+                WHERE r.resubmits <> 0 OR r.body IS NOT NULL HAVING count(*) > 0
+                ON CONFLICT (slot) DO UPDATE SET resubmits = c.resubmits + EXCLUDED.resubmits,
+                    input = c.input + EXCLUDED.input, output = c.output + EXCLUDED.output;
+            END IF;
+            RETURN NULL;
+        END $$
+        """,
+        # Updates: per row, only those that change the resubmits or the body.
+        """
+        CREATE FUNCTION asyncbg_tally_change() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            INSERT INTO asyncbg_tallies AS c (slot, resubmits, input, output)
+            SELECT pg_backend_pid() % 64, NEW.resubmits - OLD.resubmits, n.i - p.i, n.o - p.o
+            FROM asyncbg_tokens(NEW.body) n, asyncbg_tokens(OLD.body) p
+            ON CONFLICT (slot) DO UPDATE SET resubmits = c.resubmits + EXCLUDED.resubmits,
+                input = c.input + EXCLUDED.input, output = c.output + EXCLUDED.output;
+            RETURN NULL;
+        END $$
+        """,
+        "CREATE TRIGGER asyncbg_tally_insert AFTER INSERT ON asyncbg_jobs "
+        "REFERENCING NEW TABLE AS new_rows "
+        "FOR EACH STATEMENT EXECUTE FUNCTION asyncbg_tally_rows()",
+        "CREATE TRIGGER asyncbg_tally_delete AFTER DELETE ON asyncbg_jobs "
+        "REFERENCING OLD TABLE AS old_rows "
+        "FOR EACH STATEMENT EXECUTE FUNCTION asyncbg_tally_rows()",
+        "CREATE TRIGGER asyncbg_tally_update AFTER UPDATE OF resubmits, body ON asyncbg_jobs "
+        "FOR EACH ROW WHEN (OLD.resubmits IS DISTINCT FROM NEW.resubmits "
+        "OR OLD.body IS DISTINCT FROM NEW.body) "
+        "EXECUTE FUNCTION asyncbg_tally_change()",
+        "INSERT INTO asyncbg_tallies (slot, resubmits, input, output) "
+        "SELECT 0, COALESCE(sum(j.resubmits), 0), COALESCE(sum(k.i), 0), COALESCE(sum(k.o), 0) "
+        "FROM asyncbg_jobs j, LATERAL asyncbg_tokens(j.body) k",
+        # What status lists, each through an index of only those rows.
+        "CREATE INDEX asyncbg_jobs_live ON asyncbg_jobs (seq) WHERE state = 'live'",
+        "CREATE INDEX asyncbg_jobs_sending ON asyncbg_jobs (seq) WHERE state = 'sending'",
+        "CREATE INDEX asyncbg_jobs_batched ON asyncbg_jobs (response_id, status, created) "
+        "WHERE strpos(response_id, '#') > 0",
+    ),
+    5: (
         # The per-row trigger goes and the statement's comes in one transaction: DROP TRIGGER
         # locks the table against writers until the commit, so no update goes uncounted.
         "DROP TRIGGER asyncbg_count_update ON asyncbg_jobs",
@@ -245,6 +395,24 @@ RESUBMITS = "SELECT COALESCE(sum(resubmits), 0) FROM asyncbg_jobs"
 COUNTS = """
     SELECT state, status, sum(n)::bigint FROM asyncbg_counts
     GROUP BY state, status HAVING sum(n) <> 0 ORDER BY state, status
+"""
+SNAPSHOT = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
+TALLIES = """
+    SELECT COALESCE(sum(resubmits), 0)::bigint, COALESCE(sum(input), 0)::bigint,
+           COALESCE(sum(output), 0)::bigint
+    FROM asyncbg_tallies
+"""
+LIVE_ROWS = """
+    SELECT key, response_id, status, created FROM asyncbg_jobs WHERE state = 'live' ORDER BY seq
+"""
+LIVE_RECORDS = f"SELECT {_COLUMNS} FROM asyncbg_jobs WHERE state = 'live' ORDER BY seq"
+SENDING_KEYS = "SELECT key FROM asyncbg_jobs WHERE state = 'sending' ORDER BY seq"
+#: The jobs of remote batches by batch (what precedes the last #) and status, from the covering
+#: index asyncbg_jobs_batched.
+BATCH_GROUPS = """
+    SELECT regexp_replace(response_id, '#[^#]*$', ''), status, count(*), min(created)
+    FROM asyncbg_jobs WHERE strpos(response_id, '#') > 0 AND right(response_id, 1) <> '#'
+    GROUP BY 1, 2
 """
 UNFINISHED = """
     SELECT COALESCE(sum(n), 0)::bigint FROM asyncbg_counts

@@ -35,7 +35,7 @@ import os
 import socket
 from base64 import b64encode
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import anyio
 import psycopg
@@ -59,6 +59,9 @@ from ._shared import (
     shared_claim_outcome,
 )
 from ._urls import redacted as _redacted
+
+if TYPE_CHECKING:
+    from ._overview import Overview
 
 __all__ = ["PostgresLedger"]
 
@@ -575,6 +578,34 @@ class PostgresLedger(PostgresOutbox):
         if listener is not None:
             with anyio.CancelScope(shield=True):
                 await listener.close()
+
+    async def overview(self) -> Overview:
+        """What ``asyncbg status`` shows, from counters and indexes (see :mod:`._overview`),
+        in one snapshot."""
+        from ._overview import BatchGroup, LiveRow, Overview
+
+        async def read(conn: Conn) -> Overview:
+            async with conn.transaction():
+                self.round_trips += 2
+                await self._execute(conn, q.SNAPSHOT)
+                counts = await self._fetchall(conn, q.COUNTS)
+                tallies = await self._fetchone(conn, q.TALLIES)
+                live = await self._fetchall(conn, q.LIVE_ROWS)
+                sending = await self._fetchall(conn, q.SENDING_KEYS)
+                groups = await self._fetchall(conn, q.BATCH_GROUPS)
+            assert tallies is not None
+            return Overview(
+                {(state, status): int(n) for state, status, n in counts},
+                int(tallies[0]), int(tallies[1]), int(tallies[2]),
+                [LiveRow(*row) for row in live], [row[0] for row in sending],
+                [BatchGroup(b, st, int(n), float(c)) for b, st, n, c in groups if b])
+
+        return await self._run(read)
+
+    async def live_records(self) -> list[Record]:
+        """The live records in claim order, through the index of live rows."""
+        rows = await self._run(lambda c: self._fetchall(c, q.LIVE_RECORDS))
+        return [_record(row) for row in rows]
 
     async def counts(self) -> dict[tuple[str, str], int]:
         """How many jobs are in each ``(state, status)``: read from counters the triggers

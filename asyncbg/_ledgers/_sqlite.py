@@ -29,6 +29,7 @@ from ._sqlite_outbox import SQLiteOutbox, add_notice
 
 if TYPE_CHECKING:
     from ._lock import ExclusiveLock
+    from ._overview import Overview
 
 __all__ = ["SQLiteLedger"]
 
@@ -165,6 +166,17 @@ class SQLiteLedger(SQLiteOutbox):
     async def resubmits(self) -> int:
         return await self._call(lambda db: int(db.execute(q.RESUBMITS).fetchone()[0]))
 
+    async def live_records(self) -> list[Record]:
+        """The live records in claim order, through the index of live rows."""
+        return await self._call(lambda db: [_record(r) for r in db.execute(q.LIVE_RECORDS)])
+
+    async def overview(self) -> Overview | None:
+        """What ``asyncbg status`` shows, from counters and indexes (see :mod:`._overview`);
+        None when the file has no counters."""
+        from ._overview import sqlite_overview
+
+        return await self._call(sqlite_overview)
+
     # -- plumbing ---------------------------------------------------------------------------
 
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -278,6 +290,9 @@ class SQLiteLedger(SQLiteOutbox):
                         db.execute(sql)
                 if db.execute(q.HAS_COUNTS).fetchone() is None:  # counters for readers
                     for sql in q.CREATE_COUNTS:
+                        db.execute(sql)
+                if db.execute(q.HAS_TALLIES).fetchone() is None:  # and for `asyncbg status`
+                    for sql in q.CREATE_TALLIES:
                         db.execute(sql)
                 # Written even when already there: a real write, so that a read-only journal
                 # is refused now rather than at the first claim.

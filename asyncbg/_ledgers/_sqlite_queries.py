@@ -400,3 +400,135 @@ OUTBOX_NEXT = _NEXT.format(url="url = ?1")
 OUTBOX_NEXT_ANY = _NEXT.format(url="?1 IS NULL")
 # Params: now.
 OUTBOX_ALL = f"SELECT {_DELIVERY} FROM outbox ORDER BY created, rowid"
+
+# -- the overview (``asyncbg status``; see _overview.py) -----------------------------------------
+# Added to a journal of any version the first time it is opened for writing, like job_counts:
+# ``job_tallies`` (one row) sums what ``status`` reports beside the counts (possible duplicates,
+# tokens of the final bodies, how many keys were ever leased), kept by triggers in the
+# transaction of every write; partial indexes hold the rows it lists (live, sending, and the
+# jobs of remote batches). So ``status`` reads a dozen rows plus those it lists, at any size.
+
+
+def _tokens(body: str) -> str:
+    """A query of one row (i, o): the input and output tokens of the final body ``body`` (a
+    BLOB), as :func:`asyncbg._cli._output.tokens_of` counts them: the first of ``usage``,
+    ``usageMetadata``, ``usage_metadata`` that is truthy, read as OpenAI's (Responses),
+    Anthropic's (``cache_*`` present), Gemini's or Chat Completions' usage. A body that is not
+    JSON, or not an object, counts nothing (never an error: a write is never refused for it)."""
+    def truthy(path: str) -> str:
+        return (f"CASE json_type(b, '{path}') WHEN 'object' THEN b -> '{path}' <> '{{}}' "
+                f"WHEN 'array' THEN b -> '{path}' <> '[]' WHEN 'true' THEN 1 "
+                f"WHEN 'integer' THEN (b ->> '{path}') <> 0 WHEN 'real' THEN (b ->> '{path}') <> 0 "
+                f"WHEN 'text' THEN (b ->> '{path}') <> '' ELSE 0 END")
+
+    def first(path: str) -> str:
+        return f"WHEN {truthy(path)} THEN CASE WHEN json_type(b, '{path}') = 'object' " \
+               f"THEN b -> '{path}' END"
+
+    def n(name: str) -> str:
+        return f"coalesce(u ->> '$.{name}', 0)"
+
+    def has(name: str) -> str:
+        return f"json_type(u, '$.{name}') IS NOT NULL"
+
+    def given(name: str) -> str:  # present and not null
+        return f"coalesce(json_type(u, '$.{name}'), 'null') <> 'null'"
+
+    anthropic = f"({given('cache_read_input_tokens')} OR {given('cache_creation_input_tokens')})"
+    gemini = f"({has('promptTokenCount')} OR {has('candidatesTokenCount')})"
+    return f"""
+        SELECT CASE WHEN u IS NULL THEN 0
+                    WHEN {has('input_tokens')} THEN {n('input_tokens')} + CASE WHEN {anthropic}
+                        THEN {n('cache_read_input_tokens')} + {n('cache_creation_input_tokens')}
+                        ELSE 0 END
+                    WHEN {gemini} THEN {n('promptTokenCount')}
+                    WHEN {has('prompt_tokens')} THEN {n('prompt_tokens')}
+                    ELSE 0 END AS i,
+               CASE WHEN u IS NULL THEN 0
+                    WHEN {has('input_tokens')} THEN {n('output_tokens')}
+                    WHEN {gemini} THEN {n('candidatesTokenCount')} + {n('thoughtsTokenCount')}
+                    WHEN {has('prompt_tokens')} THEN {n('completion_tokens')}
+                    ELSE 0 END AS o
+        FROM (SELECT CASE WHEN json_type(u1, '$.input_tokens') IS NULL
+                               AND json_type(u1, '$.usageMetadata') IS NOT NULL
+                          THEN CASE WHEN json_type(u1, '$.usageMetadata') = 'object'
+                                    THEN u1 -> '$.usageMetadata' END
+                          ELSE u1 END AS u
+              FROM (SELECT CASE {first('$.usage')} {first('$.usageMetadata')}
+                                {first('$.usage_metadata')} END AS u1
+                    FROM (SELECT CASE WHEN {body} IS NOT NULL AND json_valid(CAST({body} AS TEXT))
+                                       AND json_type(CAST({body} AS TEXT)) = 'object'
+                                      THEN CAST({body} AS TEXT) END AS b)))
+    """
+
+
+#: Params: body (a BLOB). What the triggers add, for tests and for readers that want one body.
+TOKENS = _tokens(":body")
+HAS_TALLIES = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'job_tallies'"
+_TALLY = "INSERT INTO job_tallies (id, resubmits, input, output, leased) SELECT 0, {rows} " \
+    "WHERE true ON CONFLICT (id) DO UPDATE SET resubmits = resubmits + excluded.resubmits, " \
+    "input = input + excluded.input, output = output + excluded.output, " \
+    "leased = leased + excluded.leased;"
+#: Made and filled in one transaction under the write lock (as CREATE_COUNTS). The triggers
+#: fire only for rows that change a sum: an enqueue (no body, no resubmit, no lease) costs
+#: nothing, nor a renewal.
+CREATE_TALLIES = (
+    """
+    CREATE TABLE job_tallies (
+        id        INTEGER PRIMARY KEY CHECK (id = 0),
+        resubmits INTEGER NOT NULL,
+        input     INTEGER NOT NULL,
+        output    INTEGER NOT NULL,
+        leased    INTEGER NOT NULL      -- keys ever leased (epoch > 0): a fleet's ledger
+    )
+    """,
+    f"""
+    CREATE TRIGGER job_tallies_insert AFTER INSERT ON jobs
+    WHEN NEW.resubmits <> 0 OR NEW.response IS NOT NULL OR NEW.epoch > 0 BEGIN
+        {_TALLY.format(rows="NEW.resubmits, t.i, t.o, NEW.epoch > 0 FROM ("
+                       + _tokens("NEW.response") + ") AS t")}
+    END
+    """,
+    f"""
+    CREATE TRIGGER job_tallies_delete AFTER DELETE ON jobs
+    WHEN OLD.resubmits <> 0 OR OLD.response IS NOT NULL OR OLD.epoch > 0 BEGIN
+        {_TALLY.format(rows="-OLD.resubmits, -t.i, -t.o, -(OLD.epoch > 0) FROM ("
+                       + _tokens("OLD.response") + ") AS t")}
+    END
+    """,
+    f"""
+    CREATE TRIGGER job_tallies_update AFTER UPDATE OF resubmits, response, epoch ON jobs
+    WHEN OLD.resubmits IS NOT NEW.resubmits OR OLD.response IS NOT NEW.response
+         OR (OLD.epoch > 0) IS NOT (NEW.epoch > 0) BEGIN
+        {_TALLY.format(rows="NEW.resubmits - OLD.resubmits, n.i - o.i, n.o - o.o, "
+                       "(NEW.epoch > 0) - (OLD.epoch > 0) FROM ("
+                       + _tokens("NEW.response") + ") AS n, ("
+                       + _tokens("OLD.response") + ") AS o")}
+    END
+    """,
+    "INSERT INTO job_tallies (id, resubmits, input, output, leased) "
+    "SELECT 0, COALESCE(sum(resubmits), 0), "
+    f"COALESCE(sum((SELECT t.i FROM ({_tokens('jobs.response')}) AS t)), 0), "
+    f"COALESCE(sum((SELECT t.o FROM ({_tokens('jobs.response')}) AS t)), 0), "
+    "COALESCE(sum(epoch > 0), 0) FROM jobs",
+    # What status lists, each through its own index (the query repeats the index's condition).
+    "CREATE INDEX IF NOT EXISTS jobs_live ON jobs (seq) WHERE state = 'live'",
+    "CREATE INDEX IF NOT EXISTS jobs_sending ON jobs (seq) WHERE state = 'sending'",
+    "CREATE INDEX IF NOT EXISTS jobs_batched ON jobs (response_id, status, created) "
+    "WHERE instr(response_id, '#') > 0",
+)
+TALLIES = "SELECT resubmits, input, output, leased FROM job_tallies WHERE id = 0"
+STATE_COUNTS = "SELECT state, status, n FROM job_counts WHERE n <> 0"
+UNFINISHED_COUNTED = ("SELECT COALESCE(sum(n), 0) FROM job_counts "
+                      "WHERE state IN ('new', 'sending', 'live')")
+LIVE_ROWS = "SELECT key, response_id, status, created FROM jobs WHERE state = 'live' ORDER BY seq"
+LIVE_RECORDS = f"SELECT {_COLUMNS} FROM jobs WHERE state = 'live' ORDER BY seq"
+SENDING_KEYS = "SELECT key FROM jobs WHERE state = 'sending' ORDER BY seq"
+#: The jobs of remote batches (``<batch_id>#<custom_id>``, see _providers/_kinds.py) by batch
+#: and status, from the covering index jobs_batched: the batch id is what precedes the last #.
+BATCH_GROUPS = """
+    SELECT substr(response_id, 1, length(rtrim(response_id, replace(response_id, '#', ''))) - 1),
+           status, count(*), min(created)
+    FROM jobs WHERE instr(response_id, '#') > 0 AND substr(response_id, -1) <> '#'
+    GROUP BY 1, 2
+"""

@@ -292,7 +292,12 @@ class SharedSQLiteLedger(SQLiteLedger):
     async def used_by_a_fleet(self) -> bool:
         """Whether workers run (or ran) this ledger, rather than ``asyncbg run``: a key was
         ever leased."""
-        return await self._call(lambda db: bool(db.execute(q.USED_BY_A_FLEET).fetchone()[0]))
+        def used(db: sqlite3.Connection) -> bool:
+            if db.execute(q.HAS_TALLIES).fetchone() is not None:  # counted: read at any size
+                return bool(db.execute(q.TALLIES).fetchone()[3])
+            return bool(db.execute(q.USED_BY_A_FLEET).fetchone()[0])
+
+        return await self._call(used)
 
     async def workers(self) -> list[WorkerInfo]:
         def workers(db: sqlite3.Connection) -> list[WorkerInfo]:
@@ -302,7 +307,14 @@ class SharedSQLiteLedger(SQLiteLedger):
         return await self._call(workers)
 
     async def unfinished(self) -> int:
-        return await self._call(lambda db: int(db.execute(q.UNFINISHED).fetchone()[0]))
+        """How many jobs are waiting, being sent or live: from the counters the triggers keep
+        (a dozen rows at any size), or counted through an index when the file has none."""
+        def unfinished(db: sqlite3.Connection) -> int:
+            counted = db.execute(q.HAS_COUNTS).fetchone() is not None
+            return int(db.execute(q.UNFINISHED_COUNTED if counted else q.UNFINISHED
+                                  ).fetchone()[0])
+
+        return await self._call(unfinished)
 
     async def wait_for_work(self, timeout: float) -> None:
         """As :meth:`PostgresLedger.wait_for_work`, without a wake-up: SQLite has no

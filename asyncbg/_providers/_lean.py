@@ -108,6 +108,8 @@ class LeanPoller:
         "_ssl",
         "_timeout",
         "_transport_errors",
+        "_wire",
+        "_wire_origin",
         "_yarl_url",
     )
 
@@ -124,6 +126,7 @@ class LeanPoller:
         qs: Querystring,
         default_query: Mapping[str, object],
         content_type: str | None = None,
+        host_header: str | None = None,
     ) -> None:
         import aiohttp
         import yarl
@@ -162,6 +165,8 @@ class LeanPoller:
         )
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
+        self._wire, self._wire_origin = _wire_for(prefix, host_header, headers, ssl_context,
+                                                  self._timeout, keepalive)
 
     @classmethod
     def for_client(cls, client: openai.AsyncOpenAI) -> LeanPoller | None:
@@ -254,6 +259,7 @@ class LeanPoller:
             qs=client.qs,
             default_query=default_query,
             content_type=content_type,
+            host_header=request.headers.get("host"),
         )
 
     @property
@@ -279,7 +285,21 @@ class LeanPoller:
         :class:`RawAnswer`. Raises only :class:`LeanConnectError` (nothing was sent, including
         after :meth:`aclose`) and :class:`LeanTransportError` (sent, then the connection failed).
         """
-        return await self._send("GET", self.url(path, params=params), None, None)
+        url = self.url(path, params=params)
+        wire = self._wire
+        if wire is None:
+            return await self._send("GET", url, None, None)
+        # The status checks' own transport (asyncbg/_providers/_lean_wire.py).
+        from ._lean_wire import WireConnectError, WireError
+
+        try:
+            status, headers, body = await wire.get(url[self._wire_origin:])
+        except WireConnectError as exc:
+            reason = "the LeanPoller is closed" if self._closed else f"could not connect: {exc}"
+            raise LeanConnectError(f"GET {url}: {reason}") from exc
+        except WireError as exc:
+            raise LeanTransportError(f"GET {url}: the connection failed: {exc}") from exc
+        return RawAnswer(status, headers, body)
 
     async def post(
         self, path: str, body: bytes, *, headers: Mapping[str, str] | None = None
@@ -326,6 +346,8 @@ class LeanPoller:
     async def aclose(self) -> None:
         """Close the connection pool. Idempotent; later :meth:`get` calls raise LeanConnectError."""
         self._closed = True
+        if self._wire is not None:
+            self._wire.close()
         session, self._session = self._session, None
         if session is not None:
             await session.close()
@@ -354,8 +376,35 @@ class LeanPoller:
         )
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "open" if self._session is not None else "idle"
+        opened = self._session is not None or (self._wire is not None and self._wire.opened)
+        state = "closed" if self._closed else "open" if opened else "idle"
         return f"<LeanPoller {self._prefix} {state}>"
+
+
+def _wire_for(
+    prefix: str, host_header: str | None, headers: Mapping[str, str],
+    ssl_context: ssl.SSLContext | None, timeout: aiohttp.ClientTimeout,
+    keepalive: float | None,
+) -> tuple[Any, int]:
+    """The status checks' own transport for this origin, and the length of the origin in a
+    URL; ``(None, 0)`` where it cannot send exactly what aiohttp would (then aiohttp does)."""
+    from urllib.parse import urlsplit
+
+    from ._lean_wire import DECODES, Wire
+
+    parts = urlsplit(prefix)
+    codings = {c.partition(";")[0].strip().lower()
+               for c in headers.get("accept-encoding", "identity").split(",")}
+    if (host_header is None or parts.hostname is None or not codings <= DECODES | {"*", ""}
+            or parts.scheme not in ("http", "https")
+            or (parts.scheme == "https") != (ssl_context is not None)
+            or any("\r" in v or "\n" in v for v in headers.values())):
+        return None, 0
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    wire = Wire(host=parts.hostname, port=port, host_header=host_header, headers=headers,
+                ssl_context=ssl_context, connect_timeout=timeout.connect,
+                read_timeout=timeout.sock_read, keepalive=keepalive)
+    return wire, len(f"{parts.scheme}://{parts.netloc}")
 
 
 class _CannotMirror(Exception):
