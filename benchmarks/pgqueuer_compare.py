@@ -2,7 +2,7 @@
 """Queue throughput side by side with PgQueuer, on the same PostgreSQL and the same machine.
 
     python benchmarks/pgqueuer_compare.py                 # 20,000 jobs each side (~2 min)
-    python benchmarks/pgqueuer_compare.py --jobs 50000 --repeat 3
+    python benchmarks/pgqueuer_compare.py --repeat 3 --worker-jobs 1000 --before main --uvloop
 
 PgQueuer (https://github.com/janbjorge/pgqueuer) is a well-kept PostgreSQL job queue. It is not
 a dependency of asyncbg: this script runs it from a virtual environment of its own
@@ -14,21 +14,32 @@ What is measured, each side draining a queue filled beforehand (the fill is time
 
 - **PgQueuer**: dequeue -> run an instant no-op entrypoint -> ack, as its own benchmark does
   (``tools/benchmark.py --strategy drain``: 5 consumers, each with its own asyncpg connection,
-  under uvloop), in batches of 10 (its default) and 50.
+  under uvloop), in batches of 10 (its default) and 50. Its consumer dequeues its next batch
+  without waiting for the jobs it started (each an asyncio task); acks are buffered.
 - **asyncbg, the queue** (``--side ledger``): what a worker's ledger does for one job, with the
   same 5 consumers and batches on one :class:`PostgresLedger`: claim it (``acquire``), record
-  the create as sent, the response it created (an id), then its completion; no server.
+  the create as sent, the response it created (an id), then its completion; no server. Each
+  job is an asyncio task (``--spawn anyio``: an anyio task group's, about as costly per job as
+  the queue itself); each consumer has 2 x batch slots (PgQueuer's least ``max_concurrent_tasks``)
+  and takes its next batch as soon as a batch's worth is free, as a worker takes its free slots
+  (``--take batch``: only once every job of the batch it took is finished, as this script did
+  before; each job's three writes are round trips one after the other, so that consumer waits
+  for the slowest of ten jobs of three round trips each). ``--before REF`` runs the same
+  harness on another checkout's asyncbg (``git worktree``) in the same run; ``--uvloop`` also
+  runs asyncbg's side under uvloop, as PgQueuer's runs (asyncbg's CLI does not use uvloop).
 - **asyncbg, the whole worker** (``--side asyncbg``): :func:`asyncbg._fleet.run_worker` as
   ``asyncbg worker`` runs it, against the in-process fake server (instant no-op responses:
   created ``queued``, ``completed`` at the first poll), through the OpenAI SDK.
 
-Reported: jobs per second for each and the ratio, queue against queue, at each batch size.
+Reported: jobs per second for each, each repeat's ratio of asyncbg's queue to PgQueuer (both
+ran one after the other) sorted, at each batch size; the load average after.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -155,11 +166,16 @@ def asyncbg_side(dsn: str, jobs: int, concurrency: int) -> dict[str, Any]:
     return anyio.run(main)
 
 
-def ledger_side(dsn: str, jobs: int, consumers: int, batch: int,
-                uvloop: bool = False) -> dict[str, Any]:
+def ledger_side(dsn: str, jobs: int, consumers: int, batch: int, *, uvloop: bool = False,
+                spawn: str = "asyncio", take: str = "slots") -> dict[str, Any]:
     """The queue alone, as PgQueuer's side is: ``consumers`` loops on one worker's ledger,
-    each taking ``batch`` jobs at a time and running them at once, each job recorded as sent,
-    as created (a response id), then completed, with no request to any server."""
+    each taking ``batch`` jobs at a time and running them at once (each in an asyncio task,
+    as PgQueuer's consumer runs its jobs; ``spawn="anyio"``: in an anyio task group, as this
+    script did before, whose own cost per task is about that of the queue's), each job
+    recorded as sent, as created (a response id), then completed, with no request to any
+    server."""
+    import asyncio
+
     import anyio
 
     from asyncbg._fleet import enqueue_requests
@@ -187,16 +203,46 @@ def ledger_side(dsn: str, jobs: int, consumers: int, batch: int,
 
         async def consume() -> None:
             while records := await ledger.acquire(batch, 30.0):
+                if spawn == "asyncio":
+                    await asyncio.gather(*(run(r.key, r.request) for r in records))
+                    continue
                 async with anyio.create_task_group() as tg:
                     for record in records:
                         tg.start_soon(run, record.key, record.request)
+
+        async def consume_slots() -> None:
+            # Up to two batches running (PgQueuer's least max_concurrent_tasks); the next
+            # batch is taken as soon as one batch's worth of slots is free, as a worker takes
+            # its free slots, without waiting for the running ones to finish.
+            running: set[asyncio.Task[None]] = set()
+            freed = asyncio.Event()
+
+            def finished(task: asyncio.Task[None]) -> None:
+                running.discard(task)
+                task.result()  # a failed job fails the run
+                freed.set()
+
+            while True:
+                while 2 * batch - len(running) < batch:
+                    freed.clear()
+                    await freed.wait()
+                records = await ledger.acquire(batch, 30.0)
+                if not records:
+                    break
+                for r in records:
+                    task = asyncio.create_task(run(r.key, r.request))
+                    running.add(task)
+                    task.add_done_callback(finished)
+            while running:
+                freed.clear()
+                await freed.wait()
 
         cpu = time.process_time()
         trips = ledger.round_trips
         started = time.perf_counter()
         async with anyio.create_task_group() as tg:
             for _ in range(consumers):
-                tg.start_soon(consume)
+                tg.start_soon(consume_slots if take == "slots" else consume)
         elapsed = time.perf_counter() - started
         left = await ledger.unfinished()
         per_job = (ledger.round_trips - trips) / jobs
@@ -205,7 +251,9 @@ def ledger_side(dsn: str, jobs: int, consumers: int, batch: int,
                 "jobs": jobs, "done": done, "left": left, "fill_s": round(filled, 2),
                 "elapsed_s": round(elapsed, 2), "jobs_per_s": round(done / elapsed, 1),
                 "cpu_s": round(time.process_time() - cpu, 2),
-                "round_trips_per_job": round(per_job, 2), "uvloop": uvloop}
+                "round_trips_per_job": round(per_job, 2), "uvloop": uvloop, "spawn": spawn,
+                "take": take,
+                "code": str(Path(sys.modules["asyncbg"].__file__ or "").parent.parent)}
 
     return anyio.run(main, backend_options={"use_uvloop": uvloop})
 
@@ -213,9 +261,9 @@ def ledger_side(dsn: str, jobs: int, consumers: int, batch: int,
 # -- the comparison ------------------------------------------------------------------------------
 
 
-def one(python: Path, args: list[str], script: Path | None = None) -> dict[str, Any]:
-    out = subprocess.run([str(python), str(script or __file__), *args], check=True,
-                         capture_output=True, text=True)
+def one(python: Path, args: list[str]) -> dict[str, Any]:
+    out = subprocess.run([str(python), __file__, *args], check=True, capture_output=True,
+                         text=True)
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
@@ -237,13 +285,26 @@ def main() -> None:
     p.add_argument("--consumers", type=int, default=5, help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=10, help=argparse.SUPPRESS)
     p.add_argument("--concurrency", type=int, default=200, help=argparse.SUPPRESS)
+    p.add_argument("--code", help=argparse.SUPPRESS)
+    p.add_argument("--take", choices=["slots", "batch"], default="slots",
+                   help="when the queue side takes more jobs: as soon as a batch's worth of "
+                        "its 2 x batch slots is free (as PgQueuer's consumer and asyncbg's "
+                        "worker do; default), or once the whole batch it took is finished "
+                        "(this script before)")
+    p.add_argument("--in-uvloop", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--spawn", choices=["asyncio", "anyio"], default="asyncio",
+                   help="how the queue side runs each job: an asyncio task (as PgQueuer's "
+                        "consumer does; default) or an anyio task group's")
     args = p.parse_args()
     if args.side == "pgqueuer":
         print(json.dumps(pgqueuer_side(args.dsn, args.jobs, args.consumers, args.batch)))
         return
     if args.side == "ledger":
+        if args.code:  # another checkout's asyncbg (--before), run by this same harness
+            sys.path.insert(0, args.code)
         print(json.dumps(ledger_side(args.dsn, args.jobs, args.consumers, args.batch,
-                                     uvloop=args.uvloop)))
+                                     uvloop=args.in_uvloop, spawn=args.spawn,
+                                     take=args.take)))
         return
     if args.side == "asyncbg":
         print(json.dumps(asyncbg_side(args.dsn, args.jobs, args.concurrency)))
@@ -255,7 +316,7 @@ def main() -> None:
 
     def run(side_python: Path, *extra: str) -> None:
         runs.append(one(side_python, list(extra)))
-        print(json.dumps(runs[-1]), file=sys.stderr)
+        print(json.dumps(runs[-1]), file=sys.stderr)  # its side's label may change below
 
     sides = ["pgqueuer", "asyncbg ledger"]
     with contextlib.ExitStack() as stack:
@@ -263,6 +324,10 @@ def main() -> None:
         if args.before:
             before = stack.enter_context(checkout(args.before))
             sides.append(f"asyncbg ledger ({args.before})")
+        if args.uvloop and importlib.util.find_spec("uvloop") is None:
+            print("pgqueuer_compare: no uvloop here (pip install uvloop): --uvloop skipped",
+                  file=sys.stderr)
+            args.uvloop = False
         if args.uvloop:
             sides.append("asyncbg ledger (uvloop)")
         server_dsn = stack.enter_context(postgres())
@@ -271,17 +336,16 @@ def main() -> None:
                 common = ["--jobs", str(args.jobs), "--consumers", "5", "--batch", str(batch)]
                 run(python, "--side", "pgqueuer", *common,
                     "--dsn", fresh_database(server_dsn, "bench_pgq"))
-                run(Path(sys.executable), "--side", "ledger", *common,
+                ledger = ["--side", "ledger", *common, "--spawn", args.spawn, "--take",
+                          args.take]
+                run(Path(sys.executable), *ledger,
                     "--dsn", fresh_database(server_dsn, "bench_asyncbg"))
-                if before is not None:
-                    runs.append(one(Path(sys.executable), [
-                        "--side", "ledger", *common,
-                        "--dsn", fresh_database(server_dsn, "bench_before")],
-                        script=before / "benchmarks" / "pgqueuer_compare.py"))
+                if before is not None:  # the same harness, the other checkout's asyncbg
+                    run(Path(sys.executable), *ledger, "--code", str(before),
+                        "--dsn", fresh_database(server_dsn, "bench_before"))
                     runs[-1]["side"] = sides[2]
-                    print(json.dumps(runs[-1]), file=sys.stderr)
                 if args.uvloop:
-                    run(Path(sys.executable), "--side", "ledger", *common, "--uvloop",
+                    run(Path(sys.executable), *ledger, "--in-uvloop",
                         "--dsn", fresh_database(server_dsn, "bench_uvloop"))
                     runs[-1]["side"] = sides[-1]
             if args.worker_jobs:

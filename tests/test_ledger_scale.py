@@ -320,8 +320,10 @@ async def test_a_lost_listening_connection_is_a_timed_wait_not_an_error(
     submitter, worker = pair
     await worker.wait_for_work(0.0)  # starts listening
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        # This test's database only: the server is shared with other tests' listeners.
         assert conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                            "WHERE query = %s", (q.LISTEN,)).fetchall() == [(True,)]
+                            "WHERE query = %s AND datname = current_database()",
+                            (q.LISTEN,)).fetchall() == [(True,)]
     with anyio.fail_after(10):
         await worker.wait_for_work(0.2)  # no error: the poll's wait, then listening again
         await worker.wait_for_work(0.2)

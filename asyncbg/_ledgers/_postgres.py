@@ -726,8 +726,10 @@ class PostgresLedger(PostgresOutbox):
                 f"the ledger {self.location} is not open; call `await ledger.open()` first"
             )
         limit = self._bound(timeout)
+        # anyio.fail_after without its generator: the only thing that can cancel this scope
+        # is its deadline, so leaving it without returning means the call timed out.
         try:
-            with anyio.fail_after(limit):
+            with anyio.CancelScope(deadline=anyio.current_time() + limit):
                 try:
                     return await _on_connection(pool, fn)
                 except psycopg.Error as exc:
@@ -740,6 +742,7 @@ class PostgresLedger(PostgresOutbox):
             raise self._timed_out(limit) from exc
         except psycopg.Error as exc:
             raise self._error(exc) from exc
+        raise self._timed_out(limit)
 
     async def _execute(self, conn: Conn, sql: str, args: Args = None, *,
                        prepare: bool | None = None) -> Cursor:
