@@ -308,7 +308,7 @@ async def test_a_postgresql_ledger_from_before_gains_its_counters_backfilled(
         conn.execute("DROP FUNCTION IF EXISTS asyncbg_count_rows, asyncbg_count_change, "
                      "asyncbg_count_moves, "
                      "asyncbg_tokens, asyncbg_token_count, asyncbg_tally_rows, "
-                     "asyncbg_tally_change")
+                     "asyncbg_tally_change, asyncbg_tally_moves")
         for sql in q.CREATE_V1:
             conn.execute(sql)
         for version in range(1, BEFORE_TALLIES):

@@ -28,9 +28,10 @@ Schema history (``asyncbg_meta.schema_version``):
   by triggers (inserts and deletes: one upsert per statement, from the rows with a body or a
   resubmit; updates: only those that change either), and partial indexes on live, sending and
   batched rows (the rows ``status`` lists).
-- version 6: the counters kept per statement for updates too: one trigger with transition
-  tables in place of the per-row one, so that a statement writing hundreds of jobs' states
-  (the grouped writes) makes one upsert per (state, status) it changed, not two per row.
+- version 6: the counters and the tallies kept per statement for updates too: triggers with
+  transition tables in place of the per-row ones, so that a statement writing hundreds of
+  jobs' states (the grouped writes) makes one upsert per (state, status) it changed and one of
+  the tallies, not two or three per row.
 
 Creation and upgrades run in one transaction under ``pg_advisory_xact_lock``, so that workers
 starting together neither race nor see a half-made schema.
@@ -374,6 +375,32 @@ UPGRADES: dict[int, tuple[str, ...]] = {
         "CREATE TRIGGER asyncbg_count_update AFTER UPDATE ON asyncbg_jobs "
         "REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows "
         "FOR EACH STATEMENT EXECUTE FUNCTION asyncbg_count_moves()",
+        # The tallies likewise: one upsert per update statement, from the rows whose resubmits
+        # or body it changed (a claim's, a renewal's: none; a terminal write's: its bodies,
+        # each parsed once), in place of a function call and an upsert per such row.
+        "DROP TRIGGER asyncbg_tally_update ON asyncbg_jobs",
+        "DROP FUNCTION asyncbg_tally_change()",
+        """
+        CREATE FUNCTION asyncbg_tally_moves() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            INSERT INTO asyncbg_tallies AS c (slot, resubmits, input, output)
+            SELECT pg_backend_pid() % 64, sum(n.resubmits - o.resubmits), sum(nk.i - ok.i),
+                   sum(nk.o - ok.o)
+            FROM old_rows o JOIN new_rows n ON n.key = o.key,
+                 LATERAL asyncbg_tokens(CASE WHEN n.body IS DISTINCT FROM o.body
+                                             THEN n.body END) nk,
+                 LATERAL asyncbg_tokens(CASE WHEN n.body IS DISTINCT FROM o.body
+                                             THEN o.body END) ok
+            WHERE n.resubmits IS DISTINCT FROM o.resubmits OR n.body IS DISTINCT FROM o.body
+            HAVING count(*) > 0
+            ON CONFLICT (slot) DO UPDATE SET resubmits = c.resubmits + EXCLUDED.resubmits,
+                input = c.input + EXCLUDED.input, output = c.output + EXCLUDED.output;
+            RETURN NULL;
+        END $$
+        """,
+        "CREATE TRIGGER asyncbg_tally_update AFTER UPDATE ON asyncbg_jobs "
+        "REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows "
+        "FOR EACH STATEMENT EXECUTE FUNCTION asyncbg_tally_moves()",
     ),
 }
 WRITE_SCHEMA_VERSION = """
