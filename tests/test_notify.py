@@ -27,7 +27,7 @@ from asyncbg._ledgers._shared import LeaseLost
 from asyncbg._ledgers._sqlite_shared import SharedSQLiteLedger
 from asyncbg._notify.send import Sender
 from asyncbg._notify.sign import signed_headers
-from asyncbg.testing import WebhookReceiver, new_secret
+from asyncbg.testing import FakeResponsesServer, WebhookReceiver, new_secret
 
 from .conftest import manager, meta
 
@@ -64,8 +64,20 @@ def fast(url: str, **kwargs: Any) -> asyncbg.Notify:
 
 @pytest.mark.asyncio
 async def test_callbacks_run_in_completion_order_after_the_journal(
-    client: AsyncOpenAI, tmp_path: Path
+    server: FakeResponsesServer, client: AsyncOpenAI, tmp_path: Path
 ) -> None:
+    # The server's clock is the test's: each job ends when the test says, in the reverse of
+    # submission order, whatever the machine's load (no race between close end times).
+    base = time.monotonic()
+    now = [base]
+    server.clock = lambda: now[0]
+
+    async def end(i: int) -> None:
+        while not all(j.response_id for j in jobs):  # noqa: ASYNC110 - every create answered
+            await anyio.sleep(0.005)
+        now[0] = base + 0.04 * (5 - i) + 0.001
+        await jobs[i].wait()
+
     calls: list[tuple[str, str]] = []
     journaled: list[str] = []
     mgr = manager(client, journal=tmp_path / "j.db",
@@ -89,7 +101,7 @@ async def test_callbacks_run_in_completion_order_after_the_journal(
                 job.add_done_callback(bad)
                 job.add_done_callback(slow_async)
                 job.add_done_callback(lambda j: calls.append(("sync", j.key)))
-            await jobs[4].wait()
+            await end(4)
             late: list[str] = []
             jobs[4].add_done_callback(lambda j: late.append(j.key))  # ended: runs at once
             assert late == ["k4"]
@@ -98,6 +110,8 @@ async def test_callbacks_run_in_completion_order_after_the_journal(
                 calls.append(("late", job.key))
 
             jobs[4].add_done_callback(late_async)  # scheduled, runs before the manager exits
+            for i in (3, 2, 1, 0):
+                await end(i)
     order = [j.key for j in sorted(jobs, key=lambda j: j.finish_order)]
     assert order[0] == "k4" and order[-1] == "k0"  # not submission order
     expected = [(kind, key) for key in order for kind in ("async", "sync", "on_done")]

@@ -33,6 +33,7 @@ import math
 import os
 import socket
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import anyio
@@ -209,9 +210,14 @@ class PostgresLedger(PostgresOutbox):
             await conn.close()
         pools = (self._new_pool("asyncbg-ledger", self._max_connections),
                  self._new_pool("asyncbg-renewals", 1))
-        try:  # each with its first connection ready, as the first calls expect
-            for pool in pools:
-                await pool.open(wait=True, timeout=self._connect_timeout + self._bound())
+        try:  # each with its first connection ready, as the first calls expect (together)
+            try:
+                async with anyio.create_task_group() as tg:
+                    for pool in pools:
+                        tg.start_soon(partial(pool.open, wait=True,
+                                              timeout=self._connect_timeout + self._bound()))
+            except BaseExceptionGroup as group:  # one pool's failure, as it was
+                raise group.exceptions[0] from None
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 for pool in pools:
