@@ -273,6 +273,7 @@ def measure(name: str, spec: str, rounds: int, path: Path | None) -> dict[str, A
         result["rounds"].append(r)
         print(f"{name}: {r}", file=sys.stderr, flush=True)
     result["subprocess_ms"] = subprocess_ms(spec)
+    print(f"{name}: {json.dumps(result)}", file=sys.stderr, flush=True)
     return result
 
 

@@ -78,18 +78,7 @@ def test_postgresql_counts_the_tokens_of_a_body_as_status_did(pg_dsn: str, body:
         if conn.execute("SELECT to_regproc('asyncbg_tokens')").fetchone() == (None,):
             anyio.run(_make_schema, pg_dsn)
         row = conn.execute("SELECT i, o FROM asyncbg_tokens(%s)", (body,)).fetchone()
-        try:  # the upgrade's backfill in one query (it falls back to the above on an error)
-            fast = conn.execute(FAST_TOKENS, (body,)).fetchone()
-        except psycopg.Error:
-            conn.rollback()
-            fast = None
     assert row == body_tokens(body)
-    if fast is not None:
-        assert tuple(fast[0]) == body_tokens(body)
-
-
-FAST_TOKENS = ("SELECT asyncbg_usage_tokens("
-               "replace(convert_from(%s, 'UTF8'), '\\u0000', '\\u0001')::json)")
 
 
 async def _make_schema(dsn: str) -> None:
@@ -314,8 +303,8 @@ async def test_a_postgresql_ledger_from_before_gains_its_counters_backfilled(
         conn.execute("DROP TABLE IF EXISTS asyncbg_meta, asyncbg_jobs, asyncbg_workers, "
                      "asyncbg_outbox, asyncbg_counts, asyncbg_tallies CASCADE")
         conn.execute("DROP FUNCTION IF EXISTS asyncbg_count_rows, asyncbg_count_change, "
-                     "asyncbg_tokens, asyncbg_usage_tokens, asyncbg_truthy, "
-                     "asyncbg_token_count, asyncbg_tally_rows, asyncbg_tally_change")
+                     "asyncbg_tokens, asyncbg_token_count, asyncbg_tally_rows, "
+                     "asyncbg_tally_change")
         for sql in q.CREATE_V1:
             conn.execute(sql)
         for version in range(1, q.SCHEMA_VERSION - 1):

@@ -206,75 +206,18 @@ UPGRADES: dict[int, tuple[str, ...]] = {
         # As for asyncbg_counts: no writer between the sums below and the triggers that keep
         # them.
         "LOCK TABLE asyncbg_jobs IN SHARE ROW EXCLUSIVE MODE",
-        # The tokens of a final body, as asyncbg._ledgers._overview.body_tokens counts them
-        # (the first truthy of usage, usageMetadata, usage_metadata; OpenAI's, Anthropic's,
-        # Gemini's or Chat Completions' usage), in SQL: (input, output) of a parsed body, for
-        # the backfill below (a million bodies in one query: seconds).
-        """
-        CREATE FUNCTION asyncbg_truthy(v json) RETURNS boolean LANGUAGE sql IMMUTABLE AS $$
-            SELECT CASE json_typeof(v)
-                WHEN 'object' THEN EXISTS (SELECT FROM json_object_keys(v))
-                WHEN 'array' THEN json_array_length(v) > 0
-                WHEN 'string' THEN v #>> '{}' <> ''
-                WHEN 'number' THEN (v #>> '{}')::numeric <> 0
-                WHEN 'boolean' THEN v #>> '{}' = 'true'
-                ELSE false END
-        $$
-        """,
         """
         CREATE FUNCTION asyncbg_token_count(v json) RETURNS bigint LANGUAGE sql IMMUTABLE AS $$
             SELECT CASE WHEN json_typeof(v) = 'number' THEN trunc((v #>> '{}')::numeric)::bigint
                         ELSE 0 END
         $$
         """,
-        """
-        CREATE FUNCTION asyncbg_usage_tokens(b json) RETURNS bigint[]
-        LANGUAGE sql IMMUTABLE AS $$
-            SELECT CASE
-                WHEN u IS NULL THEN ARRAY[0, 0]::bigint[]
-                WHEN u -> 'input_tokens' IS NOT NULL THEN ARRAY[
-                    asyncbg_token_count(u -> 'input_tokens')
-                    + CASE WHEN coalesce(json_typeof(u -> 'cache_read_input_tokens'), 'null')
-                                <> 'null'
-                             OR coalesce(json_typeof(u -> 'cache_creation_input_tokens'), 'null')
-                                <> 'null'
-                           THEN asyncbg_token_count(u -> 'cache_read_input_tokens')
-                                + asyncbg_token_count(u -> 'cache_creation_input_tokens')
-                           ELSE 0 END,
-                    asyncbg_token_count(u -> 'output_tokens')]
-                WHEN u -> 'promptTokenCount' IS NOT NULL
-                     OR u -> 'candidatesTokenCount' IS NOT NULL THEN ARRAY[
-                    asyncbg_token_count(u -> 'promptTokenCount'),
-                    asyncbg_token_count(u -> 'candidatesTokenCount')
-                    + asyncbg_token_count(u -> 'thoughtsTokenCount')]
-                WHEN u -> 'prompt_tokens' IS NOT NULL THEN ARRAY[
-                    asyncbg_token_count(u -> 'prompt_tokens'),
-                    asyncbg_token_count(u -> 'completion_tokens')]
-                ELSE ARRAY[0, 0]::bigint[] END
-            FROM (SELECT CASE WHEN u1 -> 'input_tokens' IS NULL
-                                   AND u1 -> 'usageMetadata' IS NOT NULL
-                              THEN CASE WHEN json_typeof(u1 -> 'usageMetadata') = 'object'
-                                        THEN u1 -> 'usageMetadata' END
-                              ELSE u1 END AS u
-                  FROM (SELECT CASE
-                      WHEN json_typeof(b) IS DISTINCT FROM 'object' THEN NULL
-                      WHEN asyncbg_truthy(b -> 'usage') THEN CASE
-                          WHEN json_typeof(b -> 'usage') = 'object' THEN b -> 'usage' END
-                      WHEN asyncbg_truthy(b -> 'usageMetadata') THEN CASE
-                          WHEN json_typeof(b -> 'usageMetadata') = 'object'
-                          THEN b -> 'usageMetadata' END
-                      WHEN asyncbg_truthy(b -> 'usage_metadata') THEN CASE
-                          WHEN json_typeof(b -> 'usage_metadata') = 'object'
-                          THEN b -> 'usage_metadata' END
-                      END AS u1) AS s1) AS s2
-        $$
-        """,
-        # The same of a body as stored, for the triggers: zeros when it is not UTF-8 JSON (or
-        # a count does not fit), never an error (a write is never refused for its body). In
-        # PL/pgSQL, not a call of the above: a SQL function with subqueries is planned again at
-        # every call from a trigger (about 20 ms a body where this takes 50 us). The tests hold
-        # both to the Python count. \u0000 (valid JSON that PostgreSQL's JSON functions refuse)
-        # is read as \u0001: the text stays valid JSON, only a string's character changes.
+        # The tokens of a final body, as asyncbg._ledgers._overview.body_tokens counts them
+        # (the first truthy of usage, usageMetadata, usage_metadata; OpenAI's, Anthropic's,
+        # Gemini's or Chat Completions' usage): zeros when it is not UTF-8 JSON (or a count
+        # does not fit), never an error (a write is never refused for its body). PL/pgSQL, not
+        # a SQL function with subqueries: that one is set up again at every call (20 ms a
+        # body from a trigger, where this takes about 50 us).
         """
         CREATE FUNCTION asyncbg_tokens(body bytea, OUT i bigint, OUT o bigint)
         LANGUAGE plpgsql IMMUTABLE AS $$
@@ -396,26 +339,10 @@ UPGRADES: dict[int, tuple[str, ...]] = {
         "FOR EACH ROW WHEN (OLD.resubmits IS DISTINCT FROM NEW.resubmits "
         "OR OLD.body IS DISTINCT FROM NEW.body) "
         "EXECUTE FUNCTION asyncbg_tally_change()",
-        # The sums so far: in one pass of SQL when every body parses (the usual case: a
-        # million bodies in seconds), else body by body, each on its own.
-        """
-        DO $$
-        BEGIN
-            BEGIN
-                INSERT INTO asyncbg_tallies (slot, resubmits, input, output)
-                SELECT 0, COALESCE(sum(resubmits), 0), COALESCE(sum(t[1]), 0),
-                       COALESCE(sum(t[2]), 0)
-                FROM (SELECT resubmits, asyncbg_usage_tokens(
-                          replace(convert_from(body, 'UTF8'), '\\u0000', '\\u0001')::json) AS t
-                      FROM asyncbg_jobs) AS s;
-            EXCEPTION WHEN others THEN
-                INSERT INTO asyncbg_tallies (slot, resubmits, input, output)
-                SELECT 0, COALESCE(sum(j.resubmits), 0), COALESCE(sum(k.i), 0),
-                       COALESCE(sum(k.o), 0)
-                FROM asyncbg_jobs j, LATERAL asyncbg_tokens(j.body) k;
-            END;
-        END $$
-        """,
+        # The sums so far (about a minute at a million jobs: see _UPGRADE_TIMEOUT).
+        "INSERT INTO asyncbg_tallies (slot, resubmits, input, output) "
+        "SELECT 0, COALESCE(sum(j.resubmits), 0), COALESCE(sum(k.i), 0), COALESCE(sum(k.o), 0) "
+        "FROM asyncbg_jobs j, LATERAL asyncbg_tokens(j.body) k",
         # What status lists, each through an index of only those rows.
         "CREATE INDEX asyncbg_jobs_live ON asyncbg_jobs (seq) WHERE state = 'live'",
         "CREATE INDEX asyncbg_jobs_sending ON asyncbg_jobs (seq) WHERE state = 'sending'",
