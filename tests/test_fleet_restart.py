@@ -28,6 +28,11 @@ def restartable() -> Iterator[RestartableServer]:
         pytest.skip(f"no PostgreSQL server of its own: {exc}")
 
 
+# Two worker processes, jobs of 4 s and a database restart: about 20 s on an idle machine, over a
+# minute on a loaded one (process start-ups and pg_ctl slow down, not the fleet's logic). The
+# test bounds its own waits (30 s for the workers to be busy, 120 s for them to finish); the
+# suite's 60 s per test would cut it short under load.
+@pytest.mark.timeout(240)
 def test_busy_workers_ride_out_a_postgresql_restart(
     http_fake: HttpFake, restartable: RestartableServer, tmp_path: Path
 ) -> None:

@@ -35,6 +35,7 @@ import os
 import socket
 from base64 import b64encode
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import anyio
@@ -83,6 +84,9 @@ _CLAIM_UPDATES = {
 #: stuck statement first, and leaves the connection usable; the client's deadline is for a
 #: server or network that stopped answering.
 _MARGIN = 5.0
+#: How long a schema upgrade may take (server and client side), and an opener waits for one
+#: another process runs: filling new counters from every row of a big ledger takes minutes.
+_UPGRADE_TIMEOUT = 1800.0
 #: The server ended the session (a restart, pg_terminate_backend, starting up): the statement
 #: did not run, or was rolled back; a fresh connection may run it.
 _DROPPED = frozenset({"57P01", "57P02", "57P03"})
@@ -188,19 +192,20 @@ class PostgresLedger(PostgresOutbox):
         try:
             with anyio.fail_after(self._connect_timeout + self._bound()):
                 conn = await self._connect()
-                try:
-                    await self._prepare(conn)
-                    if self._exclusive:
+            try:
+                await self._prepare(conn)  # bounded on its own: an upgrade may take minutes
+                if self._exclusive:
+                    with anyio.fail_after(self._bound()):
                         row = await self._fetchone(conn, q.TRY_EXCLUSIVE, (q.EXCLUSIVE_LOCK,))
-                        if not (row and row[0]):
-                            raise LedgerError(
-                                f"{self.location} is in use by another asyncbg run "
-                                "(exclusive); wait for it to finish or stop it"
-                            )
-                except BaseException:
-                    with anyio.CancelScope(shield=True):
-                        await conn.close()
-                    raise
+                    if not (row and row[0]):
+                        raise LedgerError(
+                            f"{self.location} is in use by another asyncbg run "
+                            "(exclusive); wait for it to finish or stop it"
+                        )
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await conn.close()
+                raise
         except TimeoutError as exc:
             raise self._timed_out(self._connect_timeout + self._bound()) from exc
         except psycopg.Error as exc:
@@ -211,9 +216,14 @@ class PostgresLedger(PostgresOutbox):
             await conn.close()
         pools = (self._new_pool("asyncbg-ledger", self._max_connections),
                  self._new_pool("asyncbg-renewals", 1))
-        try:  # each with its first connection ready, as the first calls expect
-            for pool in pools:
-                await pool.open(wait=True, timeout=self._connect_timeout + self._bound())
+        try:  # each with its first connection ready, as the first calls expect (together)
+            try:
+                async with anyio.create_task_group() as tg:
+                    for pool in pools:
+                        tg.start_soon(partial(pool.open, wait=True,
+                                              timeout=self._connect_timeout + self._bound()))
+            except BaseExceptionGroup as group:  # one pool's failure, as it was
+                raise group.exceptions[0] from None
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 for pool in pools:
@@ -287,10 +297,18 @@ class PostgresLedger(PostgresOutbox):
 
     async def _prepare(self, conn: Conn) -> None:
         """Create or upgrade the schema, under a transaction-level advisory lock."""
-        if await self._version(conn) == q.SCHEMA_VERSION:
-            return  # the usual case: one round trip, no lock
+        with anyio.fail_after(self._bound()):
+            if await self._version(conn) == q.SCHEMA_VERSION:
+                return  # the usual case: one round trip, no lock
+        # An upgrade runs once, however long it takes (filling counters from every row of a
+        # big ledger: a minute or more at a million jobs), within its own bound.
+        with anyio.fail_after(_UPGRADE_TIMEOUT + _MARGIN):
+            await self._upgrade(conn)
+
+    async def _upgrade(self, conn: Conn) -> None:
         async with conn.transaction():
             self.round_trips += 2
+            await self._execute(conn, q.SET_LOCAL_TIMEOUT, (str(int(_UPGRADE_TIMEOUT * 1000)),))
             await self._execute(conn, q.LOCK_SCHEMA, (q.SCHEMA_LOCK,))
             version = await self._version(conn)  # again, under the lock
             if version is None:
