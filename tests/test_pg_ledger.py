@@ -214,7 +214,7 @@ async def test_a_create_in_flight_is_given_one_more_margin_to_be_recorded(
     """The lease of a key whose holder wrote ``sending`` ran out (a stalled process, a slow
     network): nobody takes it for one more safety margin, in which the holder can still
     record its create's answer; the takeover then polls that response instead of creating."""
-    lease = 1.2  # a margin of 0.4 s: room for a loaded machine between the steps below
+    lease = 3.0  # a margin of 1 s: room for a loaded machine between the steps below
     holder, other = make(lease=lease), make(lease=lease)
     await holder.open()
     await other.open()
