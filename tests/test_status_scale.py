@@ -343,26 +343,13 @@ async def _busy(ledger: SharedLedger, seed: int, rounds: int) -> None:
 
 
 @pytest.mark.asyncio
-async def test_concurrent_sqlite_writers_keep_the_overview_exact(tmp_path: Path) -> None:
-    path = tmp_path / "j.db"
-    ledgers = [SharedSQLiteLedger(path, lease=60.0) for _ in range(3)]
-    for ledger in ledgers:
-        await ledger.open()
-    try:
-        await ledgers[0].enqueue(items(200, "w"))
-        async with anyio.create_task_group() as tg:
-            for seed, ledger in enumerate(ledgers):
-                tg.start_soon(_busy, ledger, seed, 15)
-        await check(ledgers[0])
-    finally:
-        for ledger in ledgers:
-            ledger.forget(list(ledger.held()))
-            await ledger.close()
-
-
-@pytest.mark.asyncio
-async def test_concurrent_postgresql_writers_keep_the_overview_exact(pg_dsn: str) -> None:
-    ledgers = [PostgresLedger(pg_dsn, lease=60.0) for _ in range(3)]
+@pytest.mark.parametrize("store", ["sqlite", "postgres"])
+async def test_concurrent_writers_keep_the_overview_exact(
+    store: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    ledgers: list[SharedLedger] = [
+        SharedSQLiteLedger(tmp_path / "j.db", lease=60.0) if store == "sqlite"
+        else PostgresLedger(request.getfixturevalue("pg_dsn"), lease=60.0) for _ in range(3)]
     for ledger in ledgers:
         await ledger.open()
     try:
