@@ -194,6 +194,10 @@ def test_cancel_needs_the_token_and_cancels_on_the_server(world: World, page: An
     world.clock[0] = max(world.clock[0], 150.0)
     wait_for(lambda: ledger_counts(world.path).get("completed") == 5)
     page.goto(world.url)
+    # The page settled on that state: a live update that still removes rows would move the
+    # button between Playwright finding it and its click landing.
+    expect(shown(page, "completed")).to_have_text("5")
+    expect(page.locator("#live tbody tr[data-key]")).to_have_count(2)
     keep = page.locator('#live tr[data-key="keep-0"]')
     response_id = keep.locator("td.mono").first.inner_text()
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"X-Asyncbg-Token": "wrong"}):

@@ -25,7 +25,12 @@
 
   if (sections && window.EventSource) {
     var source = new EventSource(root + "events");
+    var shownHtml = null;
     source.addEventListener("update", function (event) {
+      // The same sections again: leave the page as it is. A rewrite between a button's
+      // mousedown and mouseup would send the click to the sections, not the button.
+      if (event.data === shownHtml) { say("live · updated " + new Date().toLocaleTimeString()); return; }
+      shownHtml = event.data;
       var tall = sections.querySelector(".scroll.tall");  // keep where the reader scrolled to
       var top = tall ? tall.scrollTop : 0;
       sections.innerHTML = event.data;
