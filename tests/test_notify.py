@@ -262,7 +262,11 @@ async def test_after_give_up_after_a_delivery_is_marked_failed_never_dropped(
     assert delivery.state == "failed" and delivery.http_status == 500
     assert delivery.error is not None and "gave up" in delivery.error
     assert mgr.statistics().notifications_given_up == 1
-    assert any(e["event"] == "notify.gave_up" and e["key"] == "k" for e in logs)
+    # Said for the delivery (its last attempt failed past the limit), or for the endpoint's
+    # backlog (the limit passed while the endpoint's backoff held it: which, is the machine's
+    # speed).
+    assert [e.get("key", e.get("count")) for e in logs if e["event"] == "notify.gave_up"] in (
+        ["k"], [1])
     assert SECRET not in repr(logs) and SECRET[6:] not in repr(logs)
     assert SECRET not in repr(mgr.notify)
 
