@@ -330,6 +330,60 @@ async def test_a_postgresql_ledger_from_before_gains_its_counters_backfilled(
         assert conn.execute(q.READ_SCHEMA_VERSION).fetchone() == (str(q.SCHEMA_VERSION),)
 
 
+@pytest.mark.asyncio
+async def test_bodies_written_before_their_token_columns_keep_the_tallies_exact(
+        pg_dsn: str) -> None:
+    """Rows of the version before (bodies without ``input_tokens``/``output_tokens``: their
+    tokens were parsed by the trigger) are taken away by parsing again when they change or go,
+    while bodies written now are counted from the columns the writer filled: the tallies stay
+    what a full read says through every kind of change to either."""
+    before = q.SCHEMA_VERSION - 1
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS asyncbg_meta, asyncbg_jobs, asyncbg_workers, "
+                     "asyncbg_outbox, asyncbg_counts, asyncbg_tallies CASCADE")
+        conn.execute("DROP FUNCTION IF EXISTS asyncbg_count_rows, asyncbg_count_change, "
+                     "asyncbg_count_moves, asyncbg_tokens, asyncbg_token_count, "
+                     "asyncbg_tally_rows, asyncbg_tally_change, asyncbg_tally_moves")
+        with conn.transaction():
+            for sql in q.CREATE_V1:
+                conn.execute(sql)
+            for version in range(1, before):
+                for sql in q.UPGRADES[version]:
+                    conn.execute(sql)
+            conn.execute(q.WRITE_SCHEMA_VERSION, (str(before),))
+        _fill_raw(lambda sql, args: conn.execute(
+            sql.format(jobs="asyncbg_jobs", body="body"), args), "%s", 120)
+    ledger = PostgresLedger(pg_dsn, lease=60.0)
+    await ledger.open()
+    try:
+        with psycopg.connect(pg_dsn) as conn:
+            assert conn.execute("SELECT count(*) FROM asyncbg_jobs WHERE body IS NOT NULL "
+                                "AND input_tokens IS NULL").fetchone() != (0,)
+        await check(ledger)
+        rng = random.Random(7)
+        await ledger.enqueue(items(30, "n"))
+        for r in await ledger.acquire(100, 60.0):  # old rows among them
+            await ledger.sending(r.key, resubmit=rng.random() < 0.3)
+            body = rng.choice([_bodies(rng), b'{"usage": {"input_tokens": 2.5}}', b"{}",
+                               b'{"usage": {"input_tokens": 3}, "x": NaN}'])
+            await ledger.record(r.key, Outcome("completed", f"resp_{r.key}", body=body))
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            written = conn.execute("SELECT count(*) FROM asyncbg_jobs "
+                                   "WHERE input_tokens IS NOT NULL").fetchone()
+            assert written is not None and written[0] > 20  # the columns' path was taken
+            # Old bodies and new ones go: each taken away as it was added.
+            conn.execute("DELETE FROM asyncbg_jobs WHERE key IN "
+                         "(SELECT key FROM asyncbg_jobs WHERE body IS NOT NULL "
+                         "ORDER BY key LIMIT 40)")
+            conn.execute("UPDATE asyncbg_jobs SET body = NULL WHERE key IN "
+                         "(SELECT key FROM asyncbg_jobs WHERE body IS NOT NULL "
+                         "ORDER BY key DESC LIMIT 10)")
+        await check(ledger)
+    finally:
+        ledger.forget(list(ledger.held()))
+        await ledger.close()
+
+
 async def _busy(ledger: SharedLedger, seed: int, rounds: int) -> None:
     rng = random.Random(seed)
     for _ in range(rounds):

@@ -16,6 +16,7 @@ the fast answer to it.
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -120,22 +121,63 @@ def from_records(records: Iterable[Record]) -> Overview:
                     read_from="records")
 
 
+#: What reading a body's usage may raise: not JSON (or nested past the parser's depth), or a
+#: usage of an odd shape (a list where an object was expected, a count that is a string).
+_ODD_BODY = (ValueError, TypeError, AttributeError, RecursionError)
+
+
 def body_tokens(body: bytes | None) -> tuple[int, int]:
     """(input, output) tokens of a final body, whichever provider's (as ``asyncbg status`` and
-    ``asyncbg results`` count them)."""
+    ``asyncbg results`` count them); none for a body that is not JSON or whose usage has an
+    odd shape."""
+    try:
+        return _tokens(body)
+    except _ODD_BODY:
+        return 0, 0
+
+
+def _tokens(body: bytes | None) -> tuple[int, int]:
     if body is None:
         return 0, 0
-    try:
-        parsed = json.loads(body)
-    except ValueError:
-        return 0, 0
+    parsed = json.loads(body)
     if not isinstance(parsed, dict):
         return 0, 0
     usage = parsed.get("usage") or parsed.get("usageMetadata") or parsed.get("usage_metadata")
     if not isinstance(usage, dict):
         return 0, 0
     t = usage_tokens(usage)
-    return t.input, t.output
+    return _whole(t.input), _whole(t.output)
+
+
+def _whole(count: Any) -> int:
+    """A count as the ledgers' triggers read it: a number's integer part, anything else 0."""
+    if type(count) is int:
+        return count
+    if type(count) is float and math.isfinite(count):
+        return int(count)
+    return 0
+
+
+_INT64 = range(-(2**63), 2**63)
+
+
+def column_tokens(body: bytes | None) -> tuple[int, int] | tuple[None, None]:
+    """A final body's tokens as a PostgreSQL ledger writes them beside it (schema 7), so that
+    its triggers add two columns and the server parses no body: :func:`body_tokens`, or
+    ``(None, None)`` (the trigger then parses the body, as before) when a count is not a plain
+    integer that fits a ``bigint`` (the few bodies on which the two might differ)."""
+    if body is None:
+        return None, None
+    if b"usage" not in body and b"\\u" not in body:
+        # The only ways to write a key named usage*: as is, or with \u escapes.
+        return 0, 0
+    try:
+        i, o = _tokens(body)
+    except _ODD_BODY:  # a body is never refused for its usage: the server parses it
+        return None, None
+    if type(i) is int and type(o) is int and i in _INT64 and o in _INT64:
+        return i, o
+    return None, None
 
 
 async def fleet_status(ledger: SharedLedger) -> dict[str, Any]:

@@ -32,6 +32,12 @@ Schema history (``asyncbg_meta.schema_version``):
   transition tables in place of the per-row ones, so that a statement writing hundreds of
   jobs' states (the grouped writes) makes one upsert per (state, status) it changed and one of
   the tallies, not two or three per row.
+- version 7: ``input_tokens`` and ``output_tokens``, a final body's tokens written with it by
+  the worker (:func:`~._overview.body_tokens`), so that the tallies' triggers add columns and
+  the server, which every worker of a fleet shares, parses no body (each parse was a PL/pgSQL
+  call and a subtransaction). NULL (rows written before, a count that does not fit): the body
+  is parsed, as before. The tallies are sums over the statement's rows after, less before, not
+  a join of the two.
 
 Creation and upgrades run in one transaction under ``pg_advisory_xact_lock``, so that workers
 starting together neither race nor see a half-made schema.
@@ -42,7 +48,7 @@ from __future__ import annotations
 # No __all__: the module is a namespace, imported as `q` by _postgres.py.
 import functools
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 #: The key of the transaction-level advisory lock held while the schema is made or upgraded
 #: ("abgj" and 1), and of the session-level lock an ``exclusive=True`` ledger holds ("abgj", 2).
 SCHEMA_LOCK = 0x6162676A_00000001
@@ -115,6 +121,21 @@ CREATE_V1 = (
     """,
 )
 #: Each entry upgrades the schema from version ``n`` to ``n + 1``.
+# One row's part of the tallies (schema 7): its resubmits and its body's tokens, from the
+# columns written with the body, or (NULL: written before them) by parsing it; rows without
+# either are left out. Format: rows (a transition table), sign ("" or "-").
+_ROW_TALLY = """
+    SELECT {sign}r.resubmits AS r,
+           {sign}CASE WHEN r.body IS NULL THEN 0 WHEN k.i IS NULL THEN r.input_tokens
+                      ELSE k.i END AS i,
+           {sign}CASE WHEN r.body IS NULL THEN 0 WHEN k.i IS NULL THEN r.output_tokens
+                      ELSE k.o END AS o
+    FROM {rows} r LEFT JOIN LATERAL (
+        SELECT t.i, t.o FROM asyncbg_tokens(r.body) t
+        WHERE r.input_tokens IS NULL OR r.output_tokens IS NULL) AS k ON true
+    WHERE r.resubmits <> 0 OR r.body IS NOT NULL
+"""
+
 UPGRADES: dict[int, tuple[str, ...]] = {
     1: (
         """
@@ -404,6 +425,50 @@ UPGRADES: dict[int, tuple[str, ...]] = {
         "REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows "
         "FOR EACH STATEMENT EXECUTE FUNCTION asyncbg_tally_moves()",
     ),
+    6: (
+        # Both NULL until a writer of this version writes a body (no table rewrite).
+        "ALTER TABLE asyncbg_jobs ADD COLUMN input_tokens bigint, "
+        "ADD COLUMN output_tokens bigint",
+        # Replaced in place: the triggers stay, and a statement runs the old functions or the
+        # new ones, which agree on every row written before (NULL columns: the body parsed).
+        f"""
+        CREATE OR REPLACE FUNCTION asyncbg_tally_rows() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF TG_OP = 'INSERT' THEN
+                INSERT INTO asyncbg_tallies AS c (slot, resubmits, input, output)
+                SELECT pg_backend_pid() % 64, sum(m.r), sum(m.i), sum(m.o)
+                FROM ({_ROW_TALLY.format(rows="new_rows", sign="")}) AS m
+                HAVING count(*) > 0
+                ON CONFLICT (slot) DO UPDATE SET resubmits = c.resubmits + EXCLUDED.resubmits,
+                    input = c.input + EXCLUDED.input, output = c.output + EXCLUDED.output;
+            ELSE
+                INSERT INTO asyncbg_tallies AS c (slot, resubmits, input, output)
+                SELECT pg_backend_pid() % 64, sum(m.r), sum(m.i), sum(m.o)
+                FROM ({_ROW_TALLY.format(rows="old_rows", sign="-")}) AS m
+                HAVING count(*) > 0
+                ON CONFLICT (slot) DO UPDATE SET resubmits = c.resubmits + EXCLUDED.resubmits,
+                    input = c.input + EXCLUDED.input, output = c.output + EXCLUDED.output;
+            END IF;
+            RETURN NULL;
+        END $$
+        """,
+        # An update changes the tallies by its rows' sums after, less before: rows it left as
+        # they were add and take away the same (and a row without a body or a resubmit is not
+        # read at all), so no join of the two is needed.
+        f"""
+        CREATE OR REPLACE FUNCTION asyncbg_tally_moves() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            INSERT INTO asyncbg_tallies AS c (slot, resubmits, input, output)
+            SELECT pg_backend_pid() % 64, sum(m.r), sum(m.i), sum(m.o)
+            FROM ({_ROW_TALLY.format(rows="new_rows", sign="")}
+                  UNION ALL {_ROW_TALLY.format(rows="old_rows", sign="-")}) AS m
+            HAVING sum(m.r) <> 0 OR sum(m.i) <> 0 OR sum(m.o) <> 0
+            ON CONFLICT (slot) DO UPDATE SET resubmits = c.resubmits + EXCLUDED.resubmits,
+                input = c.input + EXCLUDED.input, output = c.output + EXCLUDED.output;
+            RETURN NULL;
+        END $$
+        """,
+    ),
 }
 WRITE_SCHEMA_VERSION = """
     INSERT INTO asyncbg_meta (name, value) VALUES ('schema_version', %s)
@@ -477,8 +542,9 @@ CLAIM_LOCK = _CLAIM_SELECT + " FOR UPDATE"
 _TAKE = f"owner = %(owner)s, epoch = epoch + 1, lease_until = {_NOW} + %(lease)s"
 CLAIM_RESET = f"""
     UPDATE asyncbg_jobs SET digest = %(digest)s, request = %(request)s, state = 'new',
-        response_id = NULL, status = 'pending', body = NULL, error = NULL, error_code = NULL,
-        http_status = NULL, request_id = NULL, updated = {_NOW}, {_TAKE}
+        response_id = NULL, status = 'pending', body = NULL, input_tokens = NULL,
+        output_tokens = NULL, error = NULL, error_code = NULL, http_status = NULL,
+        request_id = NULL, updated = {_NOW}, {_TAKE}
     WHERE key = %(key)s RETURNING {_COLUMNS}, epoch
 """
 CLAIM_RESEND = f"""
@@ -493,15 +559,16 @@ CLAIM_RESUME = f"""
 # -- writes, fenced by owner and epoch -------------------------------------------------------------
 
 # A terminal outcome with its webhook notification (most go through WRITE_MANY below). Params:
-# id, url, body (the notification), then state, response_id, status, body, error, error_code,
-# http_status, request_id, key, owner, epoch. One statement, so one transaction: the outcome
-# and its notification are written together or not at all. It returns the key when the fenced
-# update matched. A finished key needs no lease any more.
+# id, url, body (the notification), then state, response_id, status, body, input_tokens,
+# output_tokens, error, error_code, http_status, request_id, key, owner, epoch. One statement,
+# so one transaction: the outcome and its notification are written together or not at all. It
+# returns the key when the fenced update matched. A finished key needs no lease any more.
 RECORD_TERMINAL_NOTIFY = f"""
     WITH notice AS (SELECT %s::text AS id, %s::text AS url, %s::bytea AS body),
     done AS (
         UPDATE asyncbg_jobs SET state = %s, response_id = COALESCE(%s, response_id),
-            status = %s, body = %s, error = %s, error_code = %s, http_status = %s,
+            status = %s, body = %s, input_tokens = %s, output_tokens = %s, error = %s,
+            error_code = %s, http_status = %s,
             request_id = %s, updated = {_NOW}, lease_until = NULL
         WHERE key = %s AND owner = %s AND epoch = %s
         RETURNING key
@@ -521,8 +588,9 @@ EXISTS = "SELECT 1 FROM asyncbg_jobs WHERE key = %s"
 # write waiting (the engine awaits each before the next), so the three parts touch different
 # rows. Params: owner, then each part's rows as one JSON array of arrays (text: the same types
 # at every call, so the statement is prepared once and planned once per connection, and the
-# client dumps one string per part, not one array per column); a terminal body is base64. It
-# returns the keys written (the others' leases are elsewhere).
+# client dumps one string per part, not one array per column); a terminal body is base64, with
+# its tokens (null: the trigger parses the body). It returns the keys written (the others'
+# leases are elsewhere).
 WRITE_MANY = f"""
     WITH sent AS (
         UPDATE asyncbg_jobs j SET state = 'sending', response_id = NULL, status = 'pending',
@@ -545,13 +613,15 @@ WRITE_MANY = f"""
     ended AS (
         UPDATE asyncbg_jobs j SET state = b.state,
             response_id = COALESCE(b.response_id, j.response_id), status = b.status,
-            body = b.body, error = b.error, error_code = b.error_code,
+            body = b.body, input_tokens = b.input_tokens, output_tokens = b.output_tokens,
+            error = b.error, error_code = b.error_code,
             http_status = b.http_status, request_id = b.request_id, updated = {_NOW},
             lease_until = NULL
         FROM (SELECT w->>0 AS key, w->>1 AS state, w->>2 AS response_id, w->>3 AS status,
-                     decode(w->>4, 'base64') AS body, w->>5 AS error, w->>6 AS error_code,
-                     (w->>7)::integer AS http_status, w->>8 AS request_id,
-                     (w->>9)::bigint AS epoch
+                     decode(w->>4, 'base64') AS body, (w->>5)::bigint AS input_tokens,
+                     (w->>6)::bigint AS output_tokens, w->>7 AS error, w->>8 AS error_code,
+                     (w->>9)::integer AS http_status, w->>10 AS request_id,
+                     (w->>11)::bigint AS epoch
               FROM jsonb_array_elements(%(ended)s::jsonb) AS w) AS b
         WHERE j.key = b.key AND j.owner = %(owner)s AND j.epoch = b.epoch
         RETURNING j.key
@@ -670,7 +740,8 @@ RELEASE = f"""
 REQUEUE = f"""
     WITH requeued AS (
         UPDATE asyncbg_jobs SET state = 'new', response_id = NULL, status = 'pending',
-            body = NULL, error = NULL, error_code = NULL, http_status = NULL, request_id = NULL,
+            body = NULL, input_tokens = NULL, output_tokens = NULL, error = NULL,
+            error_code = NULL, http_status = NULL, request_id = NULL,
             owner = NULL, lease_until = NULL, updated = {_NOW}
         WHERE key = ANY(%(keys)s::text[]) AND owner = %(owner)s AND state = 'local'
         RETURNING key
@@ -680,8 +751,9 @@ REQUEUE = f"""
 # An operator's retry: whoever ended them; never a key with a response id (paid for). Workers
 # see them at their next timed look (no NOTIFY here: the count is the statement's rowcount).
 REQUEUE_UNPAID = f"""
-    UPDATE asyncbg_jobs SET state = 'new', status = 'pending', body = NULL, error = NULL,
-        error_code = NULL, http_status = NULL, request_id = NULL, owner = NULL,
+    UPDATE asyncbg_jobs SET state = 'new', status = 'pending', body = NULL, input_tokens = NULL,
+        output_tokens = NULL, error = NULL, error_code = NULL, http_status = NULL,
+        request_id = NULL, owner = NULL,
         lease_until = NULL, updated = {_NOW}
     WHERE state = 'local' AND response_id IS NULL
       AND (%(code)s::text IS NULL OR error_code = %(code)s::text)

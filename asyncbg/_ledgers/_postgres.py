@@ -47,6 +47,7 @@ from psycopg.pq import TransactionStatus
 from .. import _log
 from . import _pg_queries as q
 from ._base import Claim, ClaimOutcome, LedgerError, LedgerUnavailable, Outcome, Record
+from ._overview import column_tokens
 from ._pg_outbox import PostgresOutbox
 from ._rules import claim_outcome, state_after, unclaimed
 from ._shared import (
@@ -405,14 +406,15 @@ class PostgresLedger(PostgresOutbox):
             await self._grouped("live", key, (key, o.response_id, o.status))
             return
         n = o.notification
+        tokens = column_tokens(o.body)  # parsed here, not by the server all workers share
         if n is None:
             body = None if o.body is None else b64encode(o.body).decode("ascii")
             await self._grouped("terminal", key, (
-                key, state, o.response_id, o.status, body, o.error, o.error_code,
+                key, state, o.response_id, o.status, body, *tokens, o.error, o.error_code,
                 o.http_status, o.request_id))
         else:  # one statement: the outcome and its notification in one transaction
             await self._fenced(key, q.RECORD_TERMINAL_NOTIFY, (
-                n.id, n.url, n.body, state, o.response_id, o.status, o.body, o.error,
+                n.id, n.url, n.body, state, o.response_id, o.status, o.body, *tokens, o.error,
                 o.error_code, o.http_status, o.request_id, key))
         self._held.pop(key, None)  # finished: no lease to keep
 
