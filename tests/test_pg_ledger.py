@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 import psycopg
 import pytest
 import pytest_asyncio
@@ -297,6 +298,35 @@ async def test_writes_that_arrive_together_go_out_together_each_fenced(pg_dsn: s
         assert records["k7"].state == "new"
         assert {r.state for key, r in records.items() if key != "k7"} == {"done"}
         assert records["k3"].body == DONE.body and records["k3"].http_status == 200
+    finally:
+        await ledger.close()
+
+
+@pytest.mark.asyncio
+async def test_two_writes_of_one_key_made_together_go_out_one_after_the_other(
+    pg_dsn: str,
+) -> None:
+    """A key's second write made while its first waits to go out (a poll's outcome beside a
+    create's answer) is not put in the same statement, where the server would apply one of the
+    two at random and call the other lost: it goes out after, and the last one made stands."""
+    ledger = PostgresLedger(pg_dsn, lease=30.0)
+    await ledger.open()
+    try:
+        await ledger.enqueue([(key, *req(i=key)) for key in ("k0", "k1")])
+        assert len(await ledger.acquire(2, 30.0)) == 2
+        await ledger.sending("k1", resubmit=False)
+        before = ledger.round_trips
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: ledger.sending("k0", resubmit=False))  # goes out at once
+            await anyio.lowlevel.checkpoint()
+            # Both wait behind it, in this order.
+            tg.start_soon(ledger.record, "k1", Outcome("queued", "resp_k1"))
+            await anyio.lowlevel.checkpoint()
+            tg.start_soon(ledger.record, "k1", DONE)
+        assert ledger.round_trips - before == 3
+        records = {r.key: r for r in await ledger.records()}
+        assert (records["k1"].state, records["k1"].body) == ("done", DONE.body)
+        assert records["k1"].response_id == DONE.response_id
     finally:
         await ledger.close()
 

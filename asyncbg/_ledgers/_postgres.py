@@ -166,7 +166,7 @@ class PostgresLedger(PostgresOutbox):
         #: Statements sent (a transaction's BEGIN and COMMIT count): the ledger's cost.
         self.round_trips = 0
         #: The fenced writes waiting to go out together (see _grouped).
-        self._group = _Group()
+        self._group = _Group(_IN_FLIGHT)
 
     def __repr__(self) -> str:
         return f"PostgresLedger({self.location!r}, exclusive={self._exclusive})"
@@ -659,20 +659,25 @@ class PostgresLedger(PostgresOutbox):
 
         Every write here may run twice (a retry after a dropped connection): they set values.
         """
+        group = self._group
+        # A key's writes reach the server in the order they were made: with statements side
+        # by side on their way, the next write of a key waits for the one before to be back.
+        while (ahead := group.keys.get(key)) is not None:
+            await ahead.written.wait()
         epoch = self._held.get(key)
         if epoch is None:
             await self._not_written(key)
         write = _Write(kind, key, (*row, epoch))
-        group = self._group
         batch = group.waiting
         if not batch.writes:
             batch.leader = write  # the first to wait sends the batch when its turn comes
         batch.writes.append(write)
+        group.keys[key] = batch
         try:
             # Each waiting task is woken once: when its batch is written, or (its leader) when
-            # the statement before it is back.
+            # a statement on its way is back.
             while not write.done:
-                if not group.busy:
+                if not batch.sent and group.in_flight < group.limit:
                     await self._write_group(group)
                 elif batch.leader is write and not batch.sent:
                     await batch.turn.wait()
@@ -681,6 +686,8 @@ class PostgresLedger(PostgresOutbox):
         finally:
             if not write.done and not batch.sent:  # cancelled before it was sent
                 batch.writes.remove(write)
+                if group.keys.get(key) is batch:
+                    del group.keys[key]
                 if batch.leader is write and batch.writes:
                     # Another leads: every waiter looks again, once.
                     batch.leader = batch.writes[0]
@@ -693,7 +700,8 @@ class PostgresLedger(PostgresOutbox):
 
     async def _write_group(self, group: _Group) -> None:
         batch, group.waiting = group.waiting, _Batch()
-        batch.sent = group.busy = True
+        batch.sent = True
+        group.in_flight += 1
         try:
             parts: dict[str, list[tuple[Any, ...]]] = {kind: [] for kind in _GROUPED}
             for w in batch.writes:
@@ -717,7 +725,9 @@ class PostgresLedger(PostgresOutbox):
         finally:
             for w in batch.writes:
                 w.done = True
-            group.busy = False
+                if group.keys.get(w.key) is batch:
+                    del group.keys[w.key]
+            group.in_flight -= 1
             batch.written.set()
             group.waiting.turn.set()  # the next batch's leader sends it
 
@@ -820,6 +830,9 @@ class PostgresLedger(PostgresOutbox):
         return LedgerError(f"{self.location}: PostgreSQL error {state}: {detail}")
 
 
+#: Grouped statements on their way at once. One: a second beside it carried fewer rows for
+#: more CPU per job and no more jobs/s (benchmarks/pgqueuer_compare.py, 2026-12-04).
+_IN_FLIGHT = 1
 #: The grouped writes: each kind's parameter of q.WRITE_MANY (its rows, as JSON).
 _GROUPED = {"sending": "sent", "live": "live", "terminal": "ended"}
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
@@ -854,13 +867,21 @@ class _Batch:
 
 
 class _Group:
-    """The writes waiting to go out, and whether a statement is on its way."""
+    """The writes waiting to go out, the statements on their way (up to ``limit``), and the
+    batch each key's write is in until it is back."""
 
-    __slots__ = ("busy", "waiting")
+    __slots__ = ("in_flight", "keys", "limit", "waiting")
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int) -> None:
         self.waiting = _Batch()
-        self.busy = False
+        self.in_flight = 0
+        self.limit = limit
+        self.keys: dict[str, _Batch] = {}
+
+    @property
+    def busy(self) -> bool:
+        """As many statements on their way as may be: the next batch waits for one."""
+        return self.in_flight >= self.limit
 
 
 async def _on_connection(pool: Pool, fn: Callable[[Conn], Awaitable[T]]) -> T:
