@@ -331,6 +331,56 @@ async def test_two_writes_of_one_key_made_together_go_out_one_after_the_other(
         await ledger.close()
 
 
+async def _until(condition: Callable[[], bool]) -> None:
+    for _ in range(4000):  # the test's fail_after bounds it first
+        if condition():
+            return
+        await anyio.sleep(0.005)
+    raise AssertionError("never came")
+
+
+@pytest.mark.asyncio
+async def test_a_key_s_write_cancelled_before_it_went_lets_the_next_one_go(
+    pg_dsn: str,
+) -> None:
+    """A key's write waits behind its earlier one; that one is cancelled before it was sent
+    (alone in its batch): the waiting one goes out, nothing waits for a batch never sent."""
+    ledger = PostgresLedger(pg_dsn, lease=30.0)
+    await ledger.open()
+    try:
+        await ledger.enqueue([(key, *req(i=key)) for key in ("k0", "k1")])
+        assert len(await ledger.acquire(2, 30.0)) == 2
+        await ledger.sending("k1", resubmit=False)
+        locker = await psycopg.AsyncConnection.connect(pg_dsn)
+        try:
+            await locker.execute("SELECT 1 FROM asyncbg_jobs WHERE key = 'k0' FOR UPDATE")
+            with anyio.fail_after(20):
+                async with anyio.create_task_group() as tg:
+                    first = anyio.CancelScope()
+
+                    async def live() -> None:
+                        with first:
+                            await ledger.record("k1", Outcome("queued", "resp_k1"))
+
+                    tg.start_soon(lambda: ledger.sending("k0", resubmit=False))  # held
+                    await _until(lambda: ledger._group.busy)
+                    tg.start_soon(live)
+                    await _until(lambda: "k1" in ledger._group.keys)
+                    tg.start_soon(ledger.record, "k1", DONE)  # waits for the live write
+                    for _ in range(5):  # it reaches its wait without any I/O
+                        await anyio.lowlevel.checkpoint()
+                    first.cancel()
+                    await _until(lambda: ledger._group.waiting.writes != []
+                                 and ledger._group.waiting.writes[0].kind == "terminal")
+                    await locker.commit()
+        finally:
+            await locker.close()
+        records = {r.key: r for r in await ledger.records()}
+        assert records["k1"].state == "done" and records["k0"].state == "sending"
+    finally:
+        await ledger.close()
+
+
 @pytest.mark.asyncio
 async def test_grouped_writes_keep_every_value_as_it_was_given(pg_dsn: str) -> None:
     """The grouped writes carry their rows as JSON (bodies as base64): any bytes, text with

@@ -688,11 +688,11 @@ class PostgresLedger(PostgresOutbox):
                 batch.writes.remove(write)
                 if group.keys.get(key) is batch:
                     del group.keys[key]
-                if batch.leader is write and batch.writes:
-                    # Another leads: every waiter looks again, once.
-                    batch.leader = batch.writes[0]
-                    woken, batch.written = batch.written, anyio.Event()
-                    woken.set()
+                if batch.leader is write:
+                    batch.leader = batch.writes[0] if batch.writes else None
+                # Every waiter looks again, once: another may lead, or make this key's next write.
+                woken, batch.written = batch.written, anyio.Event()
+                woken.set()
         if write.error is not None:
             raise type(write.error)(str(write.error)) from write.error
         if not write.written:
