@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 from asyncbg._ledgers import Outcome, SQLiteLedger, canonical, digest
 from asyncbg._ledgers import _pg_queries as q
 from asyncbg._ledgers import _sqlite_queries as sq
+from asyncbg._ledgers._outbox import Notice
 from asyncbg._ledgers._overview import (
     Overview,
     body_tokens,
@@ -366,7 +367,10 @@ async def test_bodies_written_before_their_token_columns_keep_the_tallies_exact(
             await ledger.sending(r.key, resubmit=rng.random() < 0.3)
             body = rng.choice([_bodies(rng), b'{"usage": {"input_tokens": 2.5}}', b"{}",
                                b'{"usage": {"input_tokens": 3}, "x": NaN}'])
-            await ledger.record(r.key, Outcome("completed", f"resp_{r.key}", body=body))
+            notice = (Notice(f"n-{r.key}", "http://receiver.invalid/", b"{}")
+                      if rng.random() < 0.3 else None)  # its own statement
+            await ledger.record(r.key, Outcome("completed", f"resp_{r.key}", body=body,
+                                               notification=notice))
         with psycopg.connect(pg_dsn, autocommit=True) as conn:
             written = conn.execute("SELECT count(*) FROM asyncbg_jobs "
                                    "WHERE input_tokens IS NOT NULL").fetchone()
