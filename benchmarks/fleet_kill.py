@@ -83,8 +83,8 @@ def creates_by_custom_id(server: Any) -> collections.Counter[str]:
 
 
 def first_creates_before_kills(server: Any, kills: list[float]) -> list[float | None]:
-    """For each line created more than once: how long (ms) before the latest kill preceding
-    its second create the first one reached the server (None: no kill between them)."""
+    """For each line created more than once: how long (ms) before the first kill that
+    followed it its first create reached the server (None: no kill between them)."""
     times: dict[str, list[float]] = collections.defaultdict(list)
     for r in list(server._responses.values()):
         times[r.metadata.get("asyncbg_custom_id", "?")].append(r.created)
@@ -93,7 +93,7 @@ def first_creates_before_kills(server: Any, kills: list[float]) -> list[float | 
         ts.sort()
         for first, again in itertools.pairwise(ts):
             between = [k for k in kills if first <= k <= again]
-            leads.append(round((between[-1] - first) * 1000, 1) if between else None)
+            leads.append(round((between[0] - first) * 1000, 1) if between else None)
     return sorted(leads, key=lambda v: -1.0 if v is None else v)
 
 
