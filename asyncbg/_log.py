@@ -9,14 +9,18 @@ the stdlib logger ``asyncbg``, where an unconfigured application sees only warni
 Events are names with key-value context (``job.terminal key='q1' status='failed'``). Nothing is
 bound and kept per job: a bound logger per job would cost memory across 100,000 jobs, so callers
 pass the context (key, response_id, status, attempt) with each event.
+
+structlog is not imported here: an application that configured it has imported it, so it is
+looked up in ``sys.modules`` (its import costs tens of milliseconds, most of them rich's, which
+``structlog.dev`` imports; ``asyncbg status`` logs nothing and does not pay for it).
 """
 
 from __future__ import annotations
 
 import logging
+import sys
+from types import ModuleType
 from typing import Any
-
-import structlog
 
 __all__ = ["debug", "enabled", "error", "exception", "info", "warning"]
 
@@ -29,13 +33,21 @@ _METHOD = {
 }
 
 
+def _configured() -> ModuleType | None:
+    """structlog, once the application has configured it; else None (never imported here)."""
+    structlog = sys.modules.get("structlog")
+    is_configured = getattr(structlog, "is_configured", None)  # None: not (fully) imported
+    return structlog if is_configured is not None and is_configured() else None
+
+
 def enabled(level: int) -> bool:
     """Whether an event at ``level`` would go anywhere (skip building costly context if not)."""
-    return structlog.is_configured() or _std.isEnabledFor(level)
+    return _configured() is not None or _std.isEnabledFor(level)
 
 
 def _emit(level: int, event: str, fields: dict[str, Any], exc_info: bool = False) -> None:
-    if structlog.is_configured():
+    structlog = _configured()
+    if structlog is not None:
         # A fresh proxy each time: one kept here would, under cache_logger_on_first_use, keep
         # the configuration of its first use for ever, whatever the application sets later.
         logger = structlog.get_logger("asyncbg")

@@ -132,7 +132,8 @@ def _escalation(path: str) -> object:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="asyncbg", description="Run many OpenAI background-mode Responses at once.")
-    parser.add_argument("--version", action="version", version=f"asyncbg {_version()}")
+    parser.add_argument("--version", action=_Version, nargs=0, dest=argparse.SUPPRESS,
+                        default=argparse.SUPPRESS, help="show program's version number and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser(
@@ -309,6 +310,15 @@ def _version() -> str:
     from .. import __version__
 
     return __version__
+
+
+class _Version(argparse.Action):
+    """``--version``, the version read only when asked for (importlib.metadata is not free)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        print(f"asyncbg {_version()}")
+        parser.exit()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -27,7 +27,6 @@ from .._ledgers import Ledger, LedgerError, Record, SQLiteLedger, open_ledger
 from .._ledgers._shared import DEFAULT_LEASE, EnqueueMismatch
 from ._input import read_requests
 from ._ops import open_client, say
-from ._output import _dumps, output_line, same_path, write_atomic
 
 __all__ = ["COMMANDS", "add_commands", "results", "retry", "submit", "worker"]
 
@@ -318,6 +317,8 @@ async def _pages(ledger: Ledger) -> AsyncIterator[list[Record]]:
 
 def _lines(records: Iterable[Record], counts: dict[str, int]) -> Iterator[dict[str, Any]]:
     """The output lines of the finished ``records``, counting lines and unfinished jobs."""
+    from ._output import output_line
+
     for record in records:
         line = output_line(record)
         if line is None:
@@ -356,6 +357,8 @@ def _refused_output(output: str, ledger: Ledger) -> str | None:
                 if stat.S_ISSOCK(mode) else "not a regular file")
         return f"{output} is {kind}: -o writes only a regular file (or - for stdout)"
     if isinstance(ledger, SQLiteLedger):
+        from ._output import same_path
+
         base = ledger.path
         for companion in ("", "-wal", "-shm", "-journal"):
             if same_path(path, base.with_name(base.name + companion)):
@@ -365,11 +368,15 @@ def _refused_output(output: str, ledger: Ledger) -> str | None:
 
 def _write_file(output: str, lines: Iterable[dict[str, Any]]) -> None:
     """Replace the file atomically, through any symbolic link to it (the link stays one)."""
+    from ._output import write_atomic
+
     write_atomic(Path(os.path.realpath(output)), lines)
 
 
 def _write_stdout(lines: Iterable[Mapping[str, Any]]) -> None:
     """The lines on stdout; a reader that goes away (``| head``) ends it quietly."""
+    from ._output import _dumps
+
     try:
         for line in lines:
             sys.stdout.write(_dumps(line))
