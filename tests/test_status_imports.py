@@ -11,12 +11,16 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.to_thread
+import psycopg
 import pytest
 
-from asyncbg._ledgers import Outcome, SQLiteLedger, canonical, digest
+from asyncbg._ledgers import Ledger, Outcome, SQLiteLedger, canonical, digest
+from asyncbg._ledgers._overview import overview
+from asyncbg._ledgers._postgres import PostgresLedger, _OneConnection
 from asyncbg._ledgers._sqlite_shared import SharedSQLiteLedger
 
 #: Modules `status` on an SQLite ledger must not load (nor any of their submodules).
@@ -51,7 +55,7 @@ def _request(n: int) -> tuple[str, bytes]:
     return digest(params), canonical(params)
 
 
-async def _fill(ledger: SQLiteLedger) -> None:
+async def _fill(ledger: Ledger) -> None:
     """Jobs in every state status lists: done with tokens, live, in a remote batch, being
     sent, failed locally, waiting."""
     await ledger.open()
@@ -111,3 +115,76 @@ def test_the_check_sees_a_heavy_import(tmp_path: Path) -> None:
                            "print('\\n'.join(sorted(sys.modules)))"],
                           capture_output=True, text=True, check=True, timeout=120)
     assert {"openai", "rich.console"} <= set(_heavy(done.stdout.split()))
+
+
+# -- PostgreSQL: one plain connection, no pool ---------------------------------------------------
+
+
+def _backends(admin: psycopg.Connection[tuple[Any, ...]]) -> list[int]:
+    """The server processes of the other sessions on this database."""
+    return [int(pid) for pid, in admin.execute(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+        "AND pid <> pg_backend_pid()").fetchall()]
+
+
+async def _fill_postgres(dsn: str) -> None:
+    ledger = PostgresLedger(dsn)
+    await ledger.open()
+    try:
+        await _fill(ledger)
+    finally:
+        await ledger.close()
+
+
+def test_status_on_postgres_loads_no_pool(pg_dsn: str) -> None:
+    anyio.run(_fill_postgres, pg_dsn)
+    out, modules = _loaded("status", "--ledger", pg_dsn)
+    assert "2 still running on the server" in out
+    # psycopg, and importlib.metadata that psycopg_binary reads its version with: nothing else.
+    assert "psycopg" in modules
+    assert not [m for m in _heavy(modules) if not m.startswith(("psycopg.", "importlib."))
+                and m != "psycopg"]
+
+
+@pytest.mark.asyncio
+async def test_a_ledger_without_a_pool_uses_one_connection_and_makes_it_again(
+    pg_dsn: str
+) -> None:
+    await _fill_postgres(pg_dsn)
+    admin = psycopg.connect(pg_dsn, autocommit=True)
+    ledger = PostgresLedger(pg_dsn, pool=False)
+    await ledger.open()
+    try:
+        [first] = _backends(admin)  # the connection that checked the schema, kept
+        async with anyio.create_task_group() as tg:  # calls at once take turns on it
+            for _ in range(4):
+                tg.start_soon(overview, ledger)
+            tg.start_soon(ledger.workers)
+            tg.start_soon(ledger.deliveries)
+        assert _backends(admin) == [first]
+        assert isinstance(ledger._pool, _OneConnection)
+        # The server drops it: the next call makes another, and answers.
+        admin.execute("SELECT pg_terminate_backend(%s)", (first,))
+        view = await overview(ledger)
+        assert view.total == 5 and view.read_from == "counters"
+        [second] = _backends(admin)
+        assert second != first
+        # A call cancelled mid-statement: that connection is not lent again.
+        scope = anyio.CancelScope()
+
+        async def sleep() -> None:
+            with scope:
+                await ledger._run(lambda c: c.execute("SELECT pg_sleep(30)"))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(sleep)
+            while not admin.execute(  # noqa: ASYNC110 - the server has no event for it
+                    "SELECT 1 FROM pg_stat_activity WHERE pid <> pg_backend_pid() AND "
+                    "state = 'active' AND query LIKE 'SELECT pg_sleep%%'").fetchone():
+                await anyio.sleep(0.01)
+            scope.cancel()
+        assert (await overview(ledger)).total == 5
+        assert len(set(_backends(admin)) - {second}) == 1
+    finally:
+        await ledger.close()
+        admin.close()

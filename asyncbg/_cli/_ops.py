@@ -103,20 +103,21 @@ def open_client(base_url: str | None) -> openai.AsyncOpenAI | None:
         return None
 
 
-async def open_ledger(spec: str | Path, *, exclusive: bool) -> Ledger | None:
+async def open_ledger(spec: str | Path, *, exclusive: bool, pool: bool = True) -> Ledger | None:
     """Open an existing journal or a fleet's ledger (``postgresql://...``), or None after
     saying why (it is missing or refused). Text that starts like a URL is never a path.
 
     A journal file opens as a shared one, which reads a run's journal and a fleet's alike and
     respects the workers' leases; ``exclusive`` also takes the run lock, so that no ``asyncbg
-    run`` works on it meanwhile.
+    run`` works on it meanwhile. ``pool=False``: a PostgreSQL ledger is read on one connection,
+    with no pool (a command that reads a few things and leaves).
     """
     from .._ledgers._open import shared_ledger
 
     ledger: Ledger
     if isinstance(spec, str) and url_like(spec):
         try:
-            ledger = shared_ledger(spec)
+            ledger = shared_ledger(spec, pool=pool)
         except LedgerError as exc:
             say(str(exc))
             return None
@@ -278,14 +279,14 @@ def _advice(summary: Mapping[str, Any]) -> str:
 
 async def status(args: argparse.Namespace) -> int:
     """``asyncbg status --ledger PATH [--json]``: read the journal; no API key, no request."""
-    ledger = await open_ledger(args.ledger, exclusive=False)
+    ledger = await open_ledger(args.ledger, exclusive=False, pool=False)
     if ledger is None:
         return 2
     fleet: dict[str, Any] | None = None
     try:
         view = await overview(ledger)
         if isinstance(ledger, SharedLedger):
-            fleet = await fleet_status(ledger)
+            fleet = await fleet_status(ledger, view)
             if not fleet["workers_alive"] and isinstance(ledger, SharedSQLiteLedger) and (
                     not await ledger.used_by_a_fleet()):
                 fleet = None  # an `asyncbg run` journal

@@ -138,12 +138,19 @@ def body_tokens(body: bytes | None) -> tuple[int, int]:
     return t.input, t.output
 
 
-async def fleet_status(ledger: SharedLedger) -> dict[str, Any]:
+#: The states of jobs not finished: waiting, being sent, live.
+_UNFINISHED = ("new", "sending", "live")
+
+
+async def fleet_status(ledger: SharedLedger, view: Overview | None = None) -> dict[str, Any]:
     """What ``asyncbg status`` adds for a shared ledger: the workers alive, with how many
-    leases each holds, and how many jobs are not finished (waiting, being sent or live)."""
+    leases each holds, and how many jobs are not finished (waiting, being sent or live): from
+    ``view``, the ledger's overview just read, when given (no second read)."""
     workers = await ledger.workers()
+    unfinished = (await ledger.unfinished() if view is None else
+                  sum(n for (state, _), n in view.counts.items() if state in _UNFINISHED))
     return {
-        "unfinished": await ledger.unfinished(),
+        "unfinished": unfinished,
         "workers_alive": len(workers),
         "workers": [
             {"owner": w.owner, "host": w.host, "pid": w.pid, "held": w.held,
