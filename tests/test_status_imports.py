@@ -108,6 +108,60 @@ def test_status_loads_nothing_heavy(tmp_path: Path, kind: str, json_out: bool) -
     assert not _heavy(modules), _heavy(modules)
 
 
+def _both(spec: str, *, json_out: bool) -> list[tuple[int, str, str]]:
+    """``status`` as the command line runs it on an SQLite journal (in this thread, no event
+    loop) and through the async reader every other ledger takes: code, stdout, stderr."""
+    import argparse
+    import contextlib
+    import io
+
+    from asyncbg._cli import _ops
+
+    found = []
+    for read in (_ops.run_status, lambda a: anyio.run(_ops.status, a)):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = read(argparse.Namespace(ledger=spec, json=json_out))
+        text = out.getvalue()
+        if json_out and code == 0:
+            summary = json.loads(text)
+            for b in summary["batches"]:
+                b.pop("age"), b.pop("expires_in")
+            text = json.dumps(summary)
+        found.append((code, text, err.getvalue()))
+    return found
+
+
+@pytest.mark.parametrize("kind", ["journal", "fleet", "missing", "not a journal"])
+def test_the_command_line_reader_says_what_the_async_one_says(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "ledger.db"
+    if kind in ("journal", "fleet"):
+        anyio.run(_fill, SQLiteLedger(path) if kind == "journal" else SharedSQLiteLedger(path))
+    if kind == "fleet":
+        async def lease() -> None:  # a key was leased once: the fleet's lines are shown
+            shared = SharedSQLiteLedger(path)
+            await shared.open()
+            try:
+                d, request = _request(9)
+                await shared.enqueue([("line-9", d, request)])
+                assert await shared.acquire(1, 60.0)
+            finally:
+                await shared.close()
+
+        anyio.run(lease)
+    if kind == "not a journal":
+        path.write_bytes(b"not an SQLite file, " * 100)
+    for json_out in (False, True):
+        fast, slow = _both(str(path), json_out=json_out)
+        assert fast == slow
+        code, out, err = fast
+        if kind in ("journal", "fleet"):
+            assert code == 0 and not err and (("workers alive" in out) is (
+                kind == "fleet" and not json_out))
+        else:
+            assert code == 2 and not out and len(err.splitlines()) == 1
+
+
 def test_the_check_sees_a_heavy_import(tmp_path: Path) -> None:
     """The same check, on a command that does load the SDK, finds it: the list is not empty
     by accident of how modules are named."""

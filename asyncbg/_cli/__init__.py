@@ -420,9 +420,9 @@ def _dispatch(argv: Sequence[str] | None) -> int:
     if args.command == "dashboard":
         return _dashboard.dashboard(args)
     if args.command == "status":
-        from ._ops import status
+        from ._ops import run_status
 
-        return anyio.run(status, args)
+        return run_status(args)
     if args.command == "estimate":
         from ._estimate import estimate
 

@@ -19,13 +19,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
-import anyio.from_thread
 import anyio.to_thread
 from anyio.abc import TaskStatus
 
 from .._ledgers import Ledger, LedgerError, Record, SQLiteLedger, open_ledger
 from .._ledgers._shared import DEFAULT_LEASE, EnqueueMismatch
-from ._input import read_requests
 from ._ops import open_client, say
 
 __all__ = ["COMMANDS", "add_commands", "results", "retry", "submit", "worker"]
@@ -141,6 +139,7 @@ def _logging_options(p: argparse.ArgumentParser) -> None:
 async def submit(args: argparse.Namespace) -> int:
     """``asyncbg submit INPUT --ledger LEDGER``: enqueue; print how many lines were new."""
     from .._fleet import enqueue_requests, shared_ledger  # the engine: imported when a command runs
+    from ._input import read_requests
     source = Path(args.input)
     try:
         parsed = read_requests(source)
@@ -330,6 +329,8 @@ def _lines(records: Iterable[Record], counts: dict[str, int]) -> Iterator[dict[s
 
 def _streamed(ledger: Ledger, counts: dict[str, int]) -> Iterator[dict[str, Any]]:
     """The output lines, for a worker thread: each page is read on the event loop."""
+    import anyio.from_thread  # concurrent.futures and more: for `results` only
+
     pages = _pages(ledger)
 
     async def following() -> list[Record] | None:
