@@ -15,11 +15,13 @@ $ASYNCBG_TEST_POSTGRES, whose DSN is kept in ``DIR/postgres``) and keeps them fo
 
 Figures per tree, ledger and round: ``subprocess_ms``, the wall time of ``python -m asyncbg
 status --ledger L`` (stdout to a pipe, as a script reads it), and ``python_c_pass_ms`` just
-before it; ``inprocess_first_ms``, the command called once (what ``asyncbg status`` calls
-after parsing its arguments) in a fresh interpreter that has imported ``asyncbg._cli``: what
-it imports on the way (psycopg, asyncio), opening the ledger, reading it, printing; and
-``inprocess_ms``, the median of 5 more calls in that interpreter; and ``heavy``,
-the modules of the list below that the command left in ``sys.modules``. Goal (issue 20):
+before it (``*_cpu_ms``: their user + system CPU time, which waiting for a core on a busy
+machine does not add to); ``inprocess_first_ms``, the command called once (what ``asyncbg
+status`` calls after parsing its arguments) in a fresh interpreter that has imported
+``asyncbg._cli``: what it imports on the way (psycopg, asyncio), opening the ledger, reading
+it, printing; ``inprocess_ms``, the median of 5 more calls in that interpreter; and
+``heavy``, the modules of the list below that the command left in ``sys.modules``. Goal
+(issue 20):
 the subprocess <= 100 ms more than ``python -c pass`` on a quiet machine; in-process <= 100 ms.
 """
 
@@ -71,19 +73,28 @@ def _env(tree: Path) -> dict[str, str]:
     return env
 
 
-def subprocess_ms(tree: Path, spec: str) -> float:
+def _timed(argv: list[str], **kwargs: Any) -> tuple[float, float, bytes]:
+    """Wall and CPU (user + system) milliseconds of a child process, and its stdout."""
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "asyncbg", "status", "--ledger", spec],
-                          capture_output=True, cwd=tree, env=_env(tree), check=False)
-    took = (time.perf_counter() - started) * 1000
-    assert done.returncode == 0 and b"jobs" in done.stdout, done.stderr
-    return took
+    child = subprocess.Popen(argv, stdout=subprocess.PIPE, **kwargs)
+    out = child.stdout.read() if child.stdout else b""
+    _, status, usage = os.wait4(child.pid, 0)
+    wall = (time.perf_counter() - started) * 1000
+    child.returncode = os.waitstatus_to_exitcode(status)
+    assert child.returncode == 0, argv
+    return wall, (usage.ru_utime + usage.ru_stime) * 1000, out
 
 
-def pass_ms() -> float:
-    started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "pass"], check=True)
-    return (time.perf_counter() - started) * 1000
+def subprocess_ms(tree: Path, spec: str) -> tuple[float, float]:
+    wall, cpu, out = _timed([sys.executable, "-m", "asyncbg", "status", "--ledger", spec],
+                            cwd=tree, env=_env(tree))
+    assert b"jobs" in out
+    return wall, cpu
+
+
+def pass_ms() -> tuple[float, float]:
+    wall, cpu, _ = _timed([sys.executable, "-c", "pass"])
+    return wall, cpu
 
 
 def inprocess(tree: Path, spec: str) -> dict[str, Any]:
@@ -150,13 +161,16 @@ def main() -> int:
             subprocess_ms(tree, spec)  # warm the page cache and the bytecode once
         for label in trees:
             report.setdefault(name, {})[label] = {
-                "subprocess_ms": [], "python_c_pass_ms": [], "inprocess_first_ms": [],
-                "inprocess_ms": [], "heavy": []}
+                "subprocess_ms": [], "python_c_pass_ms": [], "subprocess_cpu_ms": [],
+                "python_c_pass_cpu_ms": [], "inprocess_first_ms": [], "inprocess_ms": [],
+                "heavy": []}
         for _ in range(args.rounds):
             for label, tree in trees.items():
                 r = report[name][label]
-                r["python_c_pass_ms"].append(round(pass_ms(), 1))
-                r["subprocess_ms"].append(round(subprocess_ms(tree, spec), 1))
+                for key, (wall, cpu) in (("python_c_pass", pass_ms()),
+                                         ("subprocess", subprocess_ms(tree, spec))):
+                    r[f"{key}_ms"].append(round(wall, 1))
+                    r[f"{key}_cpu_ms"].append(round(cpu, 1))
                 found = inprocess(tree, spec)
                 r["inprocess_first_ms"].append(round(found["first"], 1))
                 r["inprocess_ms"].append(round(found["median"], 1))
@@ -166,6 +180,8 @@ def main() -> int:
             r["over_python_ms"] = [round(s - p, 1) for s, p in zip(
                 r["subprocess_ms"], r["python_c_pass_ms"], strict=True)]
             r["over_python_median_ms"] = round(statistics.median(r["over_python_ms"]), 1)
+            r["over_python_cpu_ms"] = [round(s - p, 1) for s, p in zip(
+                r["subprocess_cpu_ms"], r["python_c_pass_cpu_ms"], strict=True)]
             print(f"{name} {label}: {json.dumps(r)}", file=sys.stderr, flush=True)
     report["load_after"] = os.getloadavg()
     print(json.dumps(report, indent=2))
