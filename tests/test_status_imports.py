@@ -162,6 +162,27 @@ def test_the_command_line_reader_says_what_the_async_one_says(tmp_path: Path, ki
             assert code == 2 and not out and len(err.splitlines()) == 1
 
 
+@pytest.mark.parametrize("argv", [
+    ["status", "--ledger", "x.db"], ["status", "--ledger=x.db", "--json"], ["status"],
+    ["status", "--ledger"], ["status", "--bogus"], ["status", "-h"], ["status", "x", "y"],
+    ["status", "--ledger", "x", "--ledger", "y"], ["status", "--json", "--ledger", "-"]])
+def test_status_parses_alone_as_among_every_command(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``status`` builds only its own parser: same namespace, same errors, same help."""
+    from asyncbg._cli import _parser_for, build_parser
+
+    said = []
+    for parser in (_parser_for(argv), build_parser()):
+        try:
+            result: object = vars(parser.parse_args(argv))
+        except SystemExit as exc:
+            result = exc.code
+        said.append((result, capsys.readouterr()))
+    assert said[0] == said[1]
+    assert len(_parser_for(argv)._subparsers._group_actions[0].choices) == 1  # type: ignore[union-attr]
+
+
 def test_the_check_sees_a_heavy_import(tmp_path: Path) -> None:
     """The same check, on a command that does load the SDK, finds it: the list is not empty
     by accident of how modules are named."""
