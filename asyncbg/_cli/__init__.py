@@ -16,8 +16,6 @@ import sys
 from collections.abc import Sequence
 
 from .._providers._kinds import PROVIDER_NAMES
-from . import _dashboard, _demo, _fleet, _metrics, _notify
-from ._logging import LEVELS
 
 __all__ = ["build_parser", "freeze_start_up", "main"]
 
@@ -45,6 +43,8 @@ a budget with unpriced models, no API key, no connection, a journal that stopped
 
 
 def _add_logging_options(p: argparse.ArgumentParser) -> None:
+    from ._logging import LEVELS
+
     p.add_argument("--log-level", default="warning", choices=LEVELS,
                    help="lowest log level shown on stderr (default: warning)")
     p.add_argument("--log-json", action="store_true",
@@ -163,6 +163,9 @@ def _parser_for(argv: Sequence[str] | None) -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Each command's module when the whole parser is built (`status` builds its own alone).
+    from . import _dashboard, _demo, _fleet, _metrics, _notify
+
     parser, sub = _top()
 
     run = sub.add_parser(
@@ -439,6 +442,8 @@ def _dispatch(argv: Sequence[str] | None) -> int:
 
         return fake_server(args)
     if args.command == "dashboard":
+        from . import _dashboard
+
         return _dashboard.dashboard(args)
     if args.command == "status":
         from ._ops import run_status
@@ -451,6 +456,8 @@ def _dispatch(argv: Sequence[str] | None) -> int:
     from ._logging import configure_logging
 
     configure_logging(level=args.log_level, json=args.log_json)
+    from . import _fleet, _notify
+
     if args.command in _fleet.COMMANDS:
         freeze_start_up()
         return anyio.run(_fleet.COMMANDS[args.command], args)
