@@ -61,7 +61,8 @@ def _version() -> str:
         return "0+unknown"
 
 
-__version__ = _version()
+if typing.TYPE_CHECKING:
+    __version__: str  # read when first asked for: importlib.metadata costs tens of ms
 
 __all__ = [
     "AsyncbgError",
@@ -146,6 +147,9 @@ _LAZY: dict[str, tuple[str, str]] = {
 
 
 def __getattr__(name: str) -> typing.Any:
+    if name == "__version__":
+        version = globals()["__version__"] = _version()
+        return version
     try:
         module, attribute = _LAZY[name]
     except KeyError:

@@ -10,7 +10,6 @@ import math
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from email.utils import parsedate_to_datetime
 from time import time as _wall
 
 __all__ = ["PollPolicy", "RetryPolicy"]
@@ -174,6 +173,8 @@ def parse_retry_after(headers: Mapping[str, str]) -> float | None:
     seconds = _seconds(raw)
     if seconds is not None or not raw.strip() or _looks_numeric(raw):
         return seconds
+    from email.utils import parsedate_to_datetime  # rare (an HTTP date), and not free
+
     try:
         at = parsedate_to_datetime(raw).timestamp()
     except (TypeError, ValueError, OverflowError, IndexError):

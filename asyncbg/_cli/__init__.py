@@ -16,8 +16,6 @@ import sys
 from collections.abc import Sequence
 
 from .._providers._kinds import PROVIDER_NAMES
-from . import _dashboard, _demo, _fleet, _metrics, _notify
-from ._logging import LEVELS
 
 __all__ = ["build_parser", "freeze_start_up", "main"]
 
@@ -45,6 +43,8 @@ a budget with unpriced models, no API key, no connection, a journal that stopped
 
 
 def _add_logging_options(p: argparse.ArgumentParser) -> None:
+    from ._logging import LEVELS
+
     p.add_argument("--log-level", default="warning", choices=LEVELS,
                    help="lowest log level shown on stderr (default: warning)")
     p.add_argument("--log-json", action="store_true",
@@ -129,11 +129,44 @@ def _escalation(path: str) -> object:
         raise argparse.ArgumentTypeError(reason) from None
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _top() -> tuple[argparse.ArgumentParser,
+                    argparse._SubParsersAction[argparse.ArgumentParser]]:
+    """The parser's top level, without its commands."""
     parser = argparse.ArgumentParser(
         prog="asyncbg", description="Run many OpenAI background-mode Responses at once.")
-    parser.add_argument("--version", action="version", version=f"asyncbg {_version()}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action=_Version, nargs=0, dest=argparse.SUPPRESS,
+                        default=argparse.SUPPRESS, help="show program's version number and exit")
+    return parser, parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+
+def _add_status(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    status = sub.add_parser(
+        "status", help="what a run's journal holds: counts, live responses, tokens",
+        description="Summarize a run's journal: jobs by status, the responses still live on "
+                    "the server, tokens used. Sends no request and needs no API key; works "
+                    "while the run goes on.")
+    status.add_argument("--ledger", required=True, metavar="PATH",
+                        help="the run's journal (by default OUTPUT.jsonl.journal)")
+    status.add_argument("--json", action="store_true",
+                        help="print one JSON object (by_status, live_response_ids, tokens, ...)")
+
+
+def _parser_for(argv: Sequence[str] | None) -> argparse.ArgumentParser:
+    """The parser for ``argv``: for ``status``, which scripts run again and again, its own
+    alone (it parses and reports errors as the whole one does, in a fraction of the time)."""
+    words = sys.argv[1:] if argv is None else argv
+    if words[:1] == ["status"]:
+        parser, sub = _top()
+        _add_status(sub)
+        return parser
+    return build_parser()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # Each command's module when the whole parser is built (`status` builds its own alone).
+    from . import _dashboard, _demo, _fleet, _metrics, _notify
+
+    parser, sub = _top()
 
     run = sub.add_parser(
         "run", help="run a Batch API input file (JSONL) as background responses",
@@ -205,15 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     _metrics.add_option(run)  # --metrics-port PORT
     _add_logging_options(run)
 
-    status = sub.add_parser(
-        "status", help="what a run's journal holds: counts, live responses, tokens",
-        description="Summarize a run's journal: jobs by status, the responses still live on "
-                    "the server, tokens used. Sends no request and needs no API key; works "
-                    "while the run goes on.")
-    status.add_argument("--ledger", required=True, metavar="PATH",
-                        help="the run's journal (by default OUTPUT.jsonl.journal)")
-    status.add_argument("--json", action="store_true",
-                        help="print one JSON object (by_status, live_response_ids, tokens, ...)")
+    _add_status(sub)
 
     estimate = sub.add_parser(
         "estimate", help="what a batch file would cost: background, flex or batch",
@@ -311,6 +336,15 @@ def _version() -> str:
     return __version__
 
 
+class _Version(argparse.Action):
+    """``--version``, the version read only when asked for (importlib.metadata is not free)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        print(f"asyncbg {_version()}")
+        parser.exit()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m asyncbg`` and the ``asyncbg`` script.
 
@@ -402,17 +436,19 @@ def _refreeze(phase: str, info: dict[str, int]) -> None:
 def _dispatch(argv: Sequence[str] | None) -> int:
     import anyio
 
-    args = build_parser().parse_args(argv)
+    args = _parser_for(argv).parse_args(argv)
     if args.command == "fake-server":
         from ._demo import fake_server
 
         return fake_server(args)
     if args.command == "dashboard":
+        from . import _dashboard
+
         return _dashboard.dashboard(args)
     if args.command == "status":
-        from ._ops import status
+        from ._ops import run_status
 
-        return anyio.run(status, args)
+        return run_status(args)
     if args.command == "estimate":
         from ._estimate import estimate
 
@@ -420,6 +456,8 @@ def _dispatch(argv: Sequence[str] | None) -> int:
     from ._logging import configure_logging
 
     configure_logging(level=args.log_level, json=args.log_json)
+    from . import _fleet, _notify
+
     if args.command in _fleet.COMMANDS:
         freeze_start_up()
         return anyio.run(_fleet.COMMANDS[args.command], args)

@@ -6,13 +6,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from .._ledgers._outbox import Delivery
-from .._notify._notify import endpoint
 
 __all__ = ["summary", "summary_text"]
 
 
 def summary(deliveries: Sequence[Delivery]) -> dict[str, Any]:
     """The deliveries, as ``asyncbg status --json`` shows them under ``notifications``."""
+    if deliveries:  # the notifier's module (its engine's meter) loads only when there are some
+        from .._notify._notify import endpoint
+
     def item(d: Delivery) -> dict[str, Any]:
         return {"key": d.key, "webhook_id": d.id, "endpoint": endpoint(d.url),
                 "attempts": d.attempts, "age": round(d.age, 1), "error": d.error,

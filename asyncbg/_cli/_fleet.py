@@ -19,15 +19,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
-import anyio.from_thread
 import anyio.to_thread
 from anyio.abc import TaskStatus
 
 from .._ledgers import Ledger, LedgerError, Record, SQLiteLedger, open_ledger
 from .._ledgers._shared import DEFAULT_LEASE, EnqueueMismatch
-from ._input import read_requests
 from ._ops import open_client, say
-from ._output import _dumps, output_line, same_path, write_atomic
 
 __all__ = ["COMMANDS", "add_commands", "results", "retry", "submit", "worker"]
 
@@ -142,6 +139,7 @@ def _logging_options(p: argparse.ArgumentParser) -> None:
 async def submit(args: argparse.Namespace) -> int:
     """``asyncbg submit INPUT --ledger LEDGER``: enqueue; print how many lines were new."""
     from .._fleet import enqueue_requests, shared_ledger  # the engine: imported when a command runs
+    from ._input import read_requests
     source = Path(args.input)
     try:
         parsed = read_requests(source)
@@ -318,6 +316,8 @@ async def _pages(ledger: Ledger) -> AsyncIterator[list[Record]]:
 
 def _lines(records: Iterable[Record], counts: dict[str, int]) -> Iterator[dict[str, Any]]:
     """The output lines of the finished ``records``, counting lines and unfinished jobs."""
+    from ._output import output_line
+
     for record in records:
         line = output_line(record)
         if line is None:
@@ -329,6 +329,8 @@ def _lines(records: Iterable[Record], counts: dict[str, int]) -> Iterator[dict[s
 
 def _streamed(ledger: Ledger, counts: dict[str, int]) -> Iterator[dict[str, Any]]:
     """The output lines, for a worker thread: each page is read on the event loop."""
+    import anyio.from_thread  # concurrent.futures and more: for `results` only
+
     pages = _pages(ledger)
 
     async def following() -> list[Record] | None:
@@ -356,6 +358,8 @@ def _refused_output(output: str, ledger: Ledger) -> str | None:
                 if stat.S_ISSOCK(mode) else "not a regular file")
         return f"{output} is {kind}: -o writes only a regular file (or - for stdout)"
     if isinstance(ledger, SQLiteLedger):
+        from ._output import same_path
+
         base = ledger.path
         for companion in ("", "-wal", "-shm", "-journal"):
             if same_path(path, base.with_name(base.name + companion)):
@@ -365,11 +369,15 @@ def _refused_output(output: str, ledger: Ledger) -> str | None:
 
 def _write_file(output: str, lines: Iterable[dict[str, Any]]) -> None:
     """Replace the file atomically, through any symbolic link to it (the link stays one)."""
+    from ._output import write_atomic
+
     write_atomic(Path(os.path.realpath(output)), lines)
 
 
 def _write_stdout(lines: Iterable[Mapping[str, Any]]) -> None:
     """The lines on stdout; a reader that goes away (``| head``) ends it quietly."""
+    from ._output import _dumps
+
     try:
         for line in lines:
             sys.stdout.write(_dumps(line))

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import TYPE_CHECKING
 
 import anyio
 
 from .._ledgers import Ledger, LedgerError
 from .._ledgers._outbox import Outbox
-from .._notify._notify import Notify
 from ._deliveries import summary, summary_text
 from ._ops import open_ledger, say
+
+if TYPE_CHECKING:  # the notifier loads when a command sends (`asyncbg status` does not)
+    from .._notify._notify import Notify
 
 __all__ = ["SECRET_ENV", "add_command", "add_options", "notify", "notify_option",
            "summary", "summary_row", "summary_text", "to_deliver"]
@@ -56,6 +59,8 @@ def notify_option(args: argparse.Namespace) -> Notify | None:
     if not secret:
         raise ValueError(f"--notify needs the webhook secret in ${SECRET_ENV} "
                          "(a whsec_... secret the receiver shares)")
+    from .._notify._notify import Notify
+
     return Notify(url, secret=secret, wait_on_exit=args.notify_wait)
 
 
@@ -114,6 +119,7 @@ async def summary_row(ledger: Ledger, location: object) -> tuple[str, str] | Non
 
 async def notify(args: argparse.Namespace) -> int:
     """``asyncbg notify``: deliver what is pending, for up to ``--notify-wait`` seconds."""
+    from .._notify._notify import Notify
     from .._notify.send import Sender  # aiohttp: imported when asked for
 
     secret = os.environ.get(SECRET_ENV, "")

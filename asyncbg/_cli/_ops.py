@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sqlite3
 import sys
 import time
 from collections import Counter, defaultdict
@@ -33,18 +34,23 @@ from .._http import NotFound, Rejected, RequestError, Transient, Unreachable
 from .._ledgers import Ledger, LedgerError, Record
 from .._ledgers._base import ClaimOutcome, Outcome
 from .._ledgers._lock import current_holder
-from .._ledgers._outbox import Outbox
+from .._ledgers._outbox import Delivery, Outbox
 from .._ledgers._overview import (
     BatchGroup,
     Overview,
     fleet_status,
     fleet_status_text,
+    fleet_summary,
     from_records,
     live_records,
     overview,
+    sqlite_overview,
+    unfinished_in,
 )
-from .._ledgers._shared import LeaseLost, SharedLedger, keep_leases
-from .._ledgers._sqlite_shared import SharedSQLiteLedger
+from .._ledgers._shared import LeaseLost, SharedLedger, WorkerInfo, keep_leases
+from .._ledgers._sqlite import records_of
+from .._ledgers._sqlite_outbox import deliveries_of
+from .._ledgers._sqlite_shared import SharedSQLiteLedger, used_by_a_fleet, workers_of
 from .._ledgers._urls import url_like
 from .._providers._base import Answer, Provider
 from .._providers._kinds import ProviderName, batch_of, provider_of, window_of
@@ -56,8 +62,8 @@ from ._deliveries import summary as delivery_summary
 from ._deliveries import summary_text as delivery_text
 from ._progress import ORDER, counts_text, rows
 
-__all__ = ["Cancelled", "cancel", "cancel_live", "emit", "open_client", "say", "status",
-           "summarize"]
+__all__ = ["Cancelled", "cancel", "cancel_live", "emit", "open_client", "run_status", "say",
+           "status", "summarize"]
 
 #: Batches listed one per line by ``status``; more are summed up in one line.
 MAX_BATCH_LINES = 20
@@ -103,20 +109,21 @@ def open_client(base_url: str | None) -> openai.AsyncOpenAI | None:
         return None
 
 
-async def open_ledger(spec: str | Path, *, exclusive: bool) -> Ledger | None:
+async def open_ledger(spec: str | Path, *, exclusive: bool, pool: bool = True) -> Ledger | None:
     """Open an existing journal or a fleet's ledger (``postgresql://...``), or None after
     saying why (it is missing or refused). Text that starts like a URL is never a path.
 
     A journal file opens as a shared one, which reads a run's journal and a fleet's alike and
     respects the workers' leases; ``exclusive`` also takes the run lock, so that no ``asyncbg
-    run`` works on it meanwhile.
+    run`` works on it meanwhile. ``pool=False``: a PostgreSQL ledger is read on one connection,
+    with no pool (a command that reads a few things and leaves).
     """
     from .._ledgers._open import shared_ledger
 
     ledger: Ledger
     if isinstance(spec, str) and url_like(spec):
         try:
-            ledger = shared_ledger(spec)
+            ledger = shared_ledger(spec, pool=pool)
         except LedgerError as exc:
             say(str(exc))
             return None
@@ -276,16 +283,45 @@ def _advice(summary: Mapping[str, Any]) -> str:
             "their results are kept")
 
 
+def run_status(args: argparse.Namespace) -> int:
+    """``asyncbg status`` as the command line runs it. An SQLite journal is read in this
+    thread with no event loop: starting asyncio and anyio's backend is most of the cost of a
+    short command, and on a busy machine each trip to a worker thread waits for a core. Any
+    other ledger (PostgreSQL) is read by :func:`status`."""
+    if url_like(args.ledger):
+        return anyio.run(status, args)
+    path = Path(args.ledger)
+    if not path.exists():
+        say(f"no journal at {path} (pass the --journal of the run, by default "
+            "OUTPUT.jsonl.journal)")
+        return 2
+    ledger = SharedSQLiteLedger(path)
+    try:
+        view, workers, used, deliveries = ledger.read_once(_sqlite_status)
+    except LedgerError as exc:
+        say(str(exc))
+        return 2
+    fleet = fleet_summary(workers, unfinished_in(view)) if workers or used else None
+    return _show_status(args, ledger.location, view, fleet, delivery_summary(deliveries))
+
+
+def _sqlite_status(db: sqlite3.Connection) -> tuple[Overview, list[WorkerInfo], bool,
+                                                    list[Delivery]]:
+    """What status reads of an SQLite journal (as :func:`status` reads any ledger)."""
+    view = sqlite_overview(db) or from_records(records_of(db))
+    return view, workers_of(db), used_by_a_fleet(db), deliveries_of(db)
+
+
 async def status(args: argparse.Namespace) -> int:
     """``asyncbg status --ledger PATH [--json]``: read the journal; no API key, no request."""
-    ledger = await open_ledger(args.ledger, exclusive=False)
+    ledger = await open_ledger(args.ledger, exclusive=False, pool=False)
     if ledger is None:
         return 2
     fleet: dict[str, Any] | None = None
     try:
         view = await overview(ledger)
         if isinstance(ledger, SharedLedger):
-            fleet = await fleet_status(ledger)
+            fleet = await fleet_status(ledger, view)
             if not fleet["workers_alive"] and isinstance(ledger, SharedSQLiteLedger) and (
                     not await ledger.used_by_a_fleet()):
                 fleet = None  # an `asyncbg run` journal
@@ -296,9 +332,15 @@ async def status(args: argparse.Namespace) -> int:
         return 2
     finally:
         await ledger.close()
-    summary = summarize(view, ledger.location)
+    return _show_status(args, ledger.location, view, fleet, notes)
+
+
+def _show_status(args: argparse.Namespace, location: str, view: Overview,
+                 fleet: dict[str, Any] | None, notes: dict[str, Any]) -> int:
+    """Print what status read: text, or JSON with ``--json``."""
+    summary = summarize(view, location)
     if not url_like(args.ledger):
-        real = await anyio.Path(args.ledger).resolve()  # the lock is beside the real file
+        real = os.path.realpath(args.ledger)  # the lock is beside the real file
         summary["held_by"] = current_holder(Path(f"{real}.lock"))
     if fleet is not None:
         summary["fleet"] = fleet
@@ -311,7 +353,7 @@ async def status(args: argparse.Namespace) -> int:
     if "fleet" in summary:
         text += "\n" + fleet_status_text(summary["fleet"])
     if notes["pending"] or notes["failed"]:
-        text += "\n" + delivery_text(notes, ledger=ledger.location)
+        text += "\n" + delivery_text(notes, ledger=location)
     emit(text)
     return 0
 

@@ -12,21 +12,13 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Literal, TextIO
+from typing import TYPE_CHECKING, Literal, TextIO
 
 import anyio
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    Task,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-)
-from rich.text import Text
+
+if TYPE_CHECKING:  # rich loads with the bar: `asyncbg status` prints with this module's rows
+    from rich.console import Console
+    from rich.progress import Progress, TaskID
 
 __all__ = ["ORDER", "Display", "Live", "Tally", "counts_text", "plain_line", "rows"]
 
@@ -116,13 +108,23 @@ def plain_line(tally: Tally, live: Live, elapsed: float) -> str:
     )
 
 
-class _Rate(ProgressColumn):
-    def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text(f"{speed:.1f}/s" if speed else "-/s", style="progress.data.speed")
-
-
 def _bar(console: Console) -> Progress:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        Task,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class _Rate(ProgressColumn):
+        def render(self, task: Task) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text(f"{speed:.1f}/s" if speed else "-/s", style="progress.data.speed")
+
     return Progress(
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
@@ -185,6 +187,8 @@ class Display:
             stream.flush()
 
     async def _bar(self) -> None:
+        from rich.console import Console
+
         console = self.console or Console(file=sys.stderr)
         bar = _bar(console)
         with bar:

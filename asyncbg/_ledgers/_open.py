@@ -15,13 +15,15 @@ __all__ = ["open_ledger", "shared_ledger"]
 
 
 def open_ledger(
-    spec: str | os.PathLike[str] | Ledger, *, exclusive: bool = False
+    spec: str | os.PathLike[str] | Ledger, *, exclusive: bool = False, pool: bool = True
 ) -> Ledger:
     """The ledger ``spec`` names, not yet opened (the manager calls ``await ledger.open()``).
 
     A :class:`Ledger` passes through as it is (its own settings apply, ``exclusive`` is not
     used); a ``postgresql://`` URL names a PostgreSQL ledger; anything else is the path of an
-    SQLite journal. ``exclusive=True`` allows one run per journal at a time.
+    SQLite journal. ``exclusive=True`` allows one run per journal at a time. ``pool=False``:
+    a PostgreSQL ledger makes no connection pool, one connection serves every call (for a
+    short-lived reader; see :class:`~._postgres.PostgresLedger`).
 
     Text that starts like a URL (``postgresql:/user@host``, one slash; ``mysql://...``) but is
     not one asyncbg can use is a :class:`LedgerError`, never taken as a file path.
@@ -42,7 +44,7 @@ def open_ledger(
                 f"{_redacted(text)}: {scheme}:// ledgers are not supported; pass a file path "
                 "(an SQLite journal) or a postgresql:// URL"
             )
-        return factory(text, exclusive=exclusive)
+        return factory(text, exclusive=exclusive, pool=pool)
     if isinstance(spec, Ledger):
         return spec
     raise TypeError(
@@ -50,10 +52,12 @@ def open_ledger(
     )
 
 
-def shared_ledger(spec: str | os.PathLike[str], *, lease: float = DEFAULT_LEASE) -> SharedLedger:
+def shared_ledger(spec: str | os.PathLike[str], *, lease: float = DEFAULT_LEASE,
+                  pool: bool = True) -> SharedLedger:
     """The shared ledger ``spec`` names, not yet opened: a ``postgresql://`` URL, or the path
-    of an SQLite journal that processes on this machine share."""
-    ledger = open_ledger(spec)
+    of an SQLite journal that processes on this machine share (``pool`` as for
+    :func:`open_ledger`)."""
+    ledger = open_ledger(spec, pool=pool)
     if isinstance(ledger, SQLiteLedger):
         from ._sqlite_shared import SharedSQLiteLedger
 
@@ -63,7 +67,7 @@ def shared_ledger(spec: str | os.PathLike[str], *, lease: float = DEFAULT_LEASE)
     return ledger
 
 
-def _postgres(url: str, *, exclusive: bool) -> Ledger:
+def _postgres(url: str, *, exclusive: bool, pool: bool) -> Ledger:
     # Imported here: psycopg is an optional dependency (the `postgres` extra).
     try:
         from ._postgres import PostgresLedger
@@ -73,7 +77,7 @@ def _postgres(url: str, *, exclusive: bool) -> Ledger:
         raise LedgerError(
             "PostgreSQL ledgers need psycopg: pip install 'asyncbg[postgres]'"
         ) from exc
-    return PostgresLedger(url, exclusive=exclusive)
+    return PostgresLedger(url, exclusive=exclusive, pool=pool)
 
 
 _URL_SCHEMES: dict[str, Callable[..., Ledger]] = {

@@ -26,10 +26,11 @@ from .._providers._kinds import batch_of
 from .._spend._tokens import usage_tokens
 from . import _sqlite_queries as sq
 from ._base import Ledger, Record
-from ._shared import SharedLedger
+from ._shared import SharedLedger, WorkerInfo
 
 __all__ = ["BatchGroup", "LiveRow", "Overview", "body_tokens", "fleet_status",
-           "fleet_status_text", "from_records", "live_records", "overview"]
+           "fleet_status_text", "fleet_summary", "from_records", "live_records", "overview",
+           "unfinished_in"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,12 +181,28 @@ def column_tokens(body: bytes | None) -> tuple[int, int] | tuple[None, None]:
     return None, None
 
 
-async def fleet_status(ledger: SharedLedger) -> dict[str, Any]:
+#: The states of jobs not finished: waiting, being sent, live.
+_UNFINISHED = ("new", "sending", "live")
+
+
+async def fleet_status(ledger: SharedLedger, view: Overview | None = None) -> dict[str, Any]:
     """What ``asyncbg status`` adds for a shared ledger: the workers alive, with how many
-    leases each holds, and how many jobs are not finished (waiting, being sent or live)."""
+    leases each holds, and how many jobs are not finished (waiting, being sent or live): from
+    ``view``, the ledger's overview just read, when given (no second read)."""
     workers = await ledger.workers()
+    unfinished = await ledger.unfinished() if view is None else unfinished_in(view)
+    return fleet_summary(workers, unfinished)
+
+
+def unfinished_in(view: Overview) -> int:
+    """How many jobs of ``view`` are not finished (waiting, being sent or live)."""
+    return sum(n for (state, _), n in view.counts.items() if state in _UNFINISHED)
+
+
+def fleet_summary(workers: Sequence[WorkerInfo], unfinished: int) -> dict[str, Any]:
+    """:func:`fleet_status` from what was read."""
     return {
-        "unfinished": await ledger.unfinished(),
+        "unfinished": unfinished,
         "workers_alive": len(workers),
         "workers": [
             {"owner": w.owner, "host": w.host, "pid": w.pid, "held": w.held,

@@ -7,6 +7,10 @@ Connections come from a :class:`psycopg_pool.AsyncConnectionPool` (as procrastin
 them), in autocommit: every write is a single statement, so it commits in one round trip, and a
 transaction (a claim that finds the key there, an enqueue) holds its connection to itself. Lease
 renewal has a pool of its own (one connection), so that it never waits behind other calls.
+A short-lived command that sends a few statements and leaves (``asyncbg status``) opens the
+ledger with ``pool=False``: one connection, the one that checked the schema, for every call in
+turn; no pool, no connection made for nothing (each is a server process forked, and a machine
+under load makes a caller wait for it).
 The fenced writes of many jobs (``sending``, a response id, an outcome) that arrive while one is
 on its way go out together in the next statement (:meth:`PostgresLedger._grouped`), each still
 checked against its own owner and epoch: a worker running hundreds of jobs does not queue them
@@ -34,14 +38,14 @@ import json
 import math
 import os
 import socket
+import sys
 from base64 import b64encode
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias, TypeVar
 
 import anyio
 import psycopg
-import psycopg_pool
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import TransactionStatus
 
@@ -64,6 +68,8 @@ from ._shared import (
 from ._urls import redacted as _redacted
 
 if TYPE_CHECKING:
+    import psycopg_pool  # imported when a pool is made: pool=False does without it
+
     from ._overview import Overview
 
 __all__ = ["PostgresLedger"]
@@ -71,7 +77,7 @@ __all__ = ["PostgresLedger"]
 T = TypeVar("T")
 Conn = psycopg.AsyncConnection[tuple[Any, ...]]
 Cursor = psycopg.AsyncCursor[tuple[Any, ...]]
-Pool = psycopg_pool.AsyncConnectionPool[Conn]
+Pool: TypeAlias = "psycopg_pool.AsyncConnectionPool[Conn] | _OneConnection"
 Args = Sequence[Any] | dict[str, Any] | None
 
 #: Rows per statement when enqueuing (one transaction for the whole file all the same).
@@ -98,8 +104,13 @@ _DROPPED = frozenset({"57P01", "57P02", "57P03"})
 _TRANSIENT_CLASSES = frozenset({"08", "40", "53", "57", "58"})
 #: And single states: lock not available; read-only transaction (a standby after a failover).
 _TRANSIENT_STATES = frozenset({"55P03", "25006"})
-_POOL_ERRORS = (psycopg_pool.PoolTimeout, psycopg_pool.PoolClosed,
-                psycopg_pool.TooManyRequests)
+
+
+def _pool_error(exc: BaseException) -> bool:
+    """No connection from the pool in time, or the pool closed (never without a pool)."""
+    pool = sys.modules.get("psycopg_pool")
+    return pool is not None and isinstance(
+        exc, (pool.PoolTimeout, pool.PoolClosed, pool.TooManyRequests))
 
 
 class PostgresLedger(PostgresOutbox):
@@ -112,19 +123,23 @@ class PostgresLedger(PostgresOutbox):
 
     ``timeout`` bounds every statement on the server (``statement_timeout``) and the wait for
     a connection from the pool; ``connect_timeout`` bounds opening a connection;
-    ``max_connections`` is the pool's size (lease renewal has one more of its own). Settings
-    the URL gives itself (``keepalives_idle=``, ``connect_timeout=``...) win over the defaults.
+    ``max_connections`` is the pool's size (lease renewal has one more of its own);
+    ``pool=False`` makes no pool: the connection ``open`` makes serves every call in turn
+    (made again when the server dropped it), for a short-lived reader (``asyncbg status``);
+    with ``exclusive=True`` the pools are made all the same. Settings the URL gives itself
+    (``keepalives_idle=``, ``connect_timeout=``...) win over the defaults.
     """
 
     __slots__ = (
         "_acquired", "_connect_timeout", "_exclusive", "_group", "_held", "_holder", "_kwargs",
-        "_listener", "_live", "_max_connections", "_opens", "_owner", "_pool", "_registered",
-        "_renewals", "_url", "_writing", "lease", "round_trips", "timeout",
+        "_listener", "_live", "_max_connections", "_opens", "_owner", "_pool", "_pooled",
+        "_registered", "_renewals", "_url", "_writing", "lease", "round_trips", "timeout",
     )
 
     def __init__(self, url: str, *, exclusive: bool = False, lease: float = DEFAULT_LEASE,
                  owner: str | None = None, timeout: float = 30.0,
-                 connect_timeout: float = 10.0, max_connections: int = 4) -> None:
+                 connect_timeout: float = 10.0, max_connections: int = 4,
+                 pool: bool = True) -> None:
         if not lease > 0:
             raise ValueError(f"lease must be a positive number of seconds, got {lease!r}")
         if not (timeout > 0 and math.isfinite(timeout)):
@@ -151,6 +166,7 @@ class PostgresLedger(PostgresOutbox):
         self.timeout = timeout
         self._connect_timeout = connect_timeout
         self._max_connections = max_connections
+        self._pooled = pool or exclusive
         self._pool: Pool | None = None
         self._renewals: Pool | None = None
         #: The connection that holds the exclusive lock (``exclusive=True`` only).
@@ -218,6 +234,10 @@ class PostgresLedger(PostgresOutbox):
             raise self._error(exc) from exc
         if self._exclusive:
             self._holder = conn  # the session lock lasts as long as this connection
+        elif not self._pooled:  # one connection for every call: this one
+            self._pool = self._renewals = _OneConnection(self._connect, conn)
+            self._opens = 1
+            return
         else:
             await conn.close()
         pools = (self._new_pool("asyncbg-ledger", self._max_connections),
@@ -243,7 +263,9 @@ class PostgresLedger(PostgresOutbox):
         self._pool, self._renewals = pools
         self._opens = 1
 
-    def _new_pool(self, name: str, size: int) -> Pool:
+    def _new_pool(self, name: str, size: int) -> psycopg_pool.AsyncConnectionPool[Conn]:
+        import psycopg_pool
+
         return psycopg_pool.AsyncConnectionPool(
             self._url, kwargs=self._kwargs, min_size=1, max_size=size, open=False,
             configure=self._configure, name=name, timeout=self.timeout,
@@ -610,15 +632,14 @@ class PostgresLedger(PostgresOutbox):
         from ._overview import BatchGroup, LiveRow, Overview
 
         async def read(conn: Conn) -> Overview:
-            async with conn.transaction():
+            # Sent together (a pipeline): one wait for the server, not one per statement.
+            async with conn.pipeline(), conn.transaction():
                 self.round_trips += 2
                 await self._execute(conn, q.SNAPSHOT)
-                counts = await self._fetchall(conn, q.COUNTS)
-                tallies = await self._fetchone(conn, q.TALLIES)
-                live = await self._fetchall(conn, q.LIVE_ROWS)
-                sending = await self._fetchall(conn, q.SENDING_KEYS)
-                groups = await self._fetchall(conn, q.BATCH_GROUPS)
-            assert tallies is not None
+                found = [await self._execute(conn, sql) for sql in (
+                    q.COUNTS, q.TALLIES, q.LIVE_ROWS, q.SENDING_KEYS, q.BATCH_GROUPS)]
+            counts, tallies_, live, sending, groups = [await c.fetchall() for c in found]
+            tallies = tallies_[0]
             return Overview(
                 {(state, status): int(n) for state, status, n in counts},
                 int(tallies[0]), int(tallies[1]), int(tallies[2]),
@@ -811,7 +832,7 @@ class PostgresLedger(PostgresOutbox):
         """What a psycopg error means for the caller: may it pass, or must someone act?"""
         detail = _detail(exc)
         state = exc.sqlstate or ""
-        if isinstance(exc, _POOL_ERRORS):
+        if _pool_error(exc):
             return LedgerUnavailable(
                 f"{self.location}: no connection to the PostgreSQL server within "
                 f"{self.timeout:g} s ({detail}); it is down, restarting or out of connections"
@@ -895,6 +916,46 @@ class _Group:
         return self.in_flight >= self.limit
 
 
+class _OneConnection:
+    """In place of the pools with ``pool=False``: one connection, lent to one call at a time,
+    and made again at the next call when the server dropped it or a call left it mid-statement
+    (closed, as :func:`_on_connection` closes one)."""
+
+    __slots__ = ("_conn", "_connect", "_lock")
+
+    def __init__(self, connect: Callable[[], Awaitable[Conn]], conn: Conn) -> None:
+        self._connect = connect
+        self._conn: Conn | None = conn
+        self._lock = anyio.Lock()
+
+    async def getconn(self) -> Conn:
+        await self._lock.acquire()
+        try:
+            if self._conn is None or self._conn.closed:
+                self._conn = await self._connect()
+            return self._conn
+        except BaseException:
+            self._lock.release()
+            raise
+
+    async def putconn(self, conn: Conn) -> None:
+        if conn.closed:
+            self._conn = None
+        self._lock.release()
+
+    async def check(self) -> None:
+        """As the pool's: a connection the server dropped is not lent again."""
+        conn = self._conn
+        if conn is not None and conn.broken:
+            await conn.close()
+            self._conn = None
+
+    async def close(self, timeout: float = 0.0) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.close()
+
+
 async def _on_connection(pool: Pool, fn: Callable[[Conn], Awaitable[T]]) -> T:
     """``fn`` on a connection of ``pool``, handed back on every way out. One left mid-statement
     or mid-transaction (a cancellation, an error) is closed, never reused: the pool replaces
@@ -911,7 +972,7 @@ async def _on_connection(pool: Pool, fn: Callable[[Conn], Awaitable[T]]) -> T:
 
 def _dropped(exc: psycopg.Error) -> bool:
     """The server had dropped the connection: the statement did not run (or was rolled back)."""
-    if isinstance(exc, _POOL_ERRORS):
+    if _pool_error(exc):
         return False
     return exc.sqlstate in _DROPPED or (
         isinstance(exc, psycopg.OperationalError) and exc.sqlstate is None)

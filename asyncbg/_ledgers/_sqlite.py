@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from ._lock import ExclusiveLock
     from ._overview import Overview
 
-__all__ = ["SQLiteLedger"]
+__all__ = ["SQLiteLedger", "records_of"]
 
 T = TypeVar("T")
 
@@ -161,7 +161,7 @@ class SQLiteLedger(SQLiteOutbox):
         return await self._call(get)
 
     async def records(self) -> list[Record]:
-        return await self._call(lambda db: [_record(r) for r in db.execute(q.RECORDS)])
+        return await self._call(records_of)
 
     async def resubmits(self) -> int:
         return await self._call(lambda db: int(db.execute(q.RESUBMITS).fetchone()[0]))
@@ -378,6 +378,11 @@ def _columns(db: sqlite3.Connection, table: str) -> frozenset[str]:
 
 def _blob(value: bytes | str | None) -> bytes | None:
     return value.encode() if isinstance(value, str) else value
+
+
+def records_of(db: sqlite3.Connection) -> list[Record]:
+    """Every record of the journal open on ``db``, in claim order."""
+    return [_record(r) for r in db.execute(q.RECORDS)]
 
 
 def _record(row: tuple[Any, ...]) -> Record:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from . import _sqlite_queries as q
 from ._outbox import Delivery, Notice
 
-__all__ = ["SQLiteOutbox", "add_notice"]
+__all__ = ["SQLiteOutbox", "add_notice", "deliveries_of"]
 
 T = TypeVar("T")
 
@@ -107,8 +107,12 @@ class SQLiteOutbox:
         return await self._call(next_)
 
     async def deliveries(self) -> list[Delivery]:
-        return await self._call(
-            lambda db: [_delivery(row) for row in db.execute(q.OUTBOX_ALL, (time.time(),))])
+        return await self._call(deliveries_of)
+
+
+def deliveries_of(db: sqlite3.Connection) -> list[Delivery]:
+    """The outbox of the journal open on ``db`` (what :meth:`SQLiteOutbox.deliveries` reads)."""
+    return [_delivery(row) for row in db.execute(q.OUTBOX_ALL, (time.time(),))]
 
 
 @contextmanager

@@ -22,8 +22,8 @@ import os
 import socket
 import sqlite3
 import time
-from collections.abc import Collection, Iterable
-from typing import Any
+from collections.abc import Callable, Collection, Iterable
+from typing import Any, TypeVar
 
 import anyio
 
@@ -45,7 +45,9 @@ from ._shared import (
 from ._sqlite import SQLiteLedger, _record, _transaction
 from ._sqlite_outbox import add_notice
 
-__all__ = ["SharedSQLiteLedger", "records_page"]
+__all__ = ["SharedSQLiteLedger", "records_page", "used_by_a_fleet", "workers_of"]
+
+T = TypeVar("T")
 
 #: Workers not seen for this long are deleted from the table when a process registers.
 _FORGET_AFTER = 86400.0
@@ -292,19 +294,10 @@ class SharedSQLiteLedger(SQLiteLedger):
     async def used_by_a_fleet(self) -> bool:
         """Whether workers run (or ran) this ledger, rather than ``asyncbg run``: a key was
         ever leased."""
-        def used(db: sqlite3.Connection) -> bool:
-            if db.execute(q.HAS_TALLIES).fetchone() is not None:  # counted: read at any size
-                return bool(db.execute(q.TALLIES).fetchone()[3])
-            return bool(db.execute(q.USED_BY_A_FLEET).fetchone()[0])
-
-        return await self._call(used)
+        return await self._call(used_by_a_fleet)
 
     async def workers(self) -> list[WorkerInfo]:
-        def workers(db: sqlite3.Connection) -> list[WorkerInfo]:
-            now = time.time()
-            return [WorkerInfo(*row) for row in db.execute(q.WORKERS, (now, now))]
-
-        return await self._call(workers)
+        return await self._call(workers_of)
 
     async def unfinished(self) -> int:
         """How many jobs are waiting, being sent or live: from the counters the triggers keep
@@ -320,6 +313,30 @@ class SharedSQLiteLedger(SQLiteLedger):
         """As :meth:`PostgresLedger.wait_for_work`, without a wake-up: SQLite has no
         notifications between processes, so this is the timed poll (``timeout`` seconds)."""
         await anyio.sleep(timeout)
+
+    def read_once(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Open the file, run ``fn`` on it in this thread, close it: for a command that reads
+        once and leaves (``asyncbg status``), with no event loop to start and no trip to a
+        worker thread per read. The file is checked and its schema made or upgraded first, as
+        :meth:`open` does; sqlite3's errors come out as :class:`LedgerError`."""
+        if self._db is not None:
+            raise RuntimeError(f"the ledger {self.location} is open; read_once opens its own")
+        self._open_sync()
+        db, lock = self._db, self._lock
+        assert db is not None
+        try:
+            try:
+                _shared_schema(db)
+                return fn(db)
+            except sqlite3.DatabaseError as exc:
+                raise self._error(exc) from exc
+        finally:
+            self._db = self._lock = None
+            try:
+                db.close()
+            finally:
+                if lock is not None:
+                    lock.release()
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -341,6 +358,19 @@ async def records_page(ledger: SQLiteLedger, after: int, limit: int
                 for row in db.execute(q.RECORDS_PAGE, (after, limit))]
 
     return await ledger._call(page)
+
+
+def used_by_a_fleet(db: sqlite3.Connection) -> bool:
+    """:meth:`SharedSQLiteLedger.used_by_a_fleet` on the journal open on ``db``."""
+    if db.execute(q.HAS_TALLIES).fetchone() is not None:  # counted: read at any size
+        return bool(db.execute(q.TALLIES).fetchone()[3])
+    return bool(db.execute(q.USED_BY_A_FLEET).fetchone()[0])
+
+
+def workers_of(db: sqlite3.Connection) -> list[WorkerInfo]:
+    """The workers alive on the journal open on ``db`` (:meth:`SharedSQLiteLedger.workers`)."""
+    now = time.time()
+    return [WorkerInfo(*row) for row in db.execute(q.WORKERS, (now, now))]
 
 
 def _shared_schema(db: sqlite3.Connection) -> None:
