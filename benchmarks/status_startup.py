@@ -20,7 +20,8 @@ machine does not add to); ``inprocess_first_ms``, the command called once (what 
 status`` calls after parsing its arguments) in a fresh interpreter that has imported
 ``asyncbg._cli``: what it imports on the way (psycopg, asyncio), opening the ledger, reading
 it, printing; ``inprocess_ms``, the median of 5 more calls in that interpreter; and
-``heavy``, the modules of the list below that the command left in ``sys.modules``. Goal
+``heavy``, the modules of the list below that the command left in ``sys.modules``; medians
+of each; for PostgreSQL, ``python -c "import psycopg"`` each round too. Goal
 (issue 20):
 the subprocess <= 100 ms more than ``python -c pass`` on a quiet machine; in-process <= 100 ms.
 """
@@ -92,8 +93,8 @@ def subprocess_ms(tree: Path, spec: str) -> tuple[float, float]:
     return wall, cpu
 
 
-def pass_ms() -> tuple[float, float]:
-    wall, cpu, _ = _timed([sys.executable, "-c", "pass"])
+def pass_ms(code: str = "pass") -> tuple[float, float]:
+    wall, cpu, _ = _timed([sys.executable, "-c", code])
     return wall, cpu
 
 
@@ -165,6 +166,10 @@ def main() -> int:
                 "python_c_pass_cpu_ms": [], "inprocess_first_ms": [], "inprocess_ms": [],
                 "heavy": []}
         for _ in range(args.rounds):
+            if name == "postgres":  # the floor of any PostgreSQL command: psycopg's import
+                wall, cpu = pass_ms("import psycopg")
+                report[name].setdefault("import_psycopg_ms", []).append(round(wall, 1))
+                report[name].setdefault("import_psycopg_cpu_ms", []).append(round(cpu, 1))
             for label, tree in trees.items():
                 r = report[name][label]
                 for key, (wall, cpu) in (("python_c_pass", pass_ms()),
@@ -177,11 +182,15 @@ def main() -> int:
                 r["heavy"] = found["heavy"]
         for label in trees:
             r = report[name][label]
+            for key in ("subprocess_ms", "python_c_pass_ms", "inprocess_first_ms",
+                        "inprocess_ms"):
+                r[key.replace("_ms", "_median_ms")] = round(statistics.median(r[key]), 1)
             r["over_python_ms"] = [round(s - p, 1) for s, p in zip(
                 r["subprocess_ms"], r["python_c_pass_ms"], strict=True)]
             r["over_python_median_ms"] = round(statistics.median(r["over_python_ms"]), 1)
             r["over_python_cpu_ms"] = [round(s - p, 1) for s, p in zip(
                 r["subprocess_cpu_ms"], r["python_c_pass_cpu_ms"], strict=True)]
+            r["over_python_cpu_median_ms"] = round(statistics.median(r["over_python_cpu_ms"]), 1)
             print(f"{name} {label}: {json.dumps(r)}", file=sys.stderr, flush=True)
     report["load_after"] = os.getloadavg()
     print(json.dumps(report, indent=2))
