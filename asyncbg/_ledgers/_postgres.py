@@ -10,8 +10,7 @@ renewal has a pool of its own (one connection), so that it never waits behind ot
 The fenced writes of many jobs (``sending``, a response id, an outcome) that arrive while one is
 on its way go out together in the next statement (:meth:`PostgresLedger._grouped`), each still
 checked against its own owner and epoch: a worker running hundreds of jobs does not queue them
-one by one on the pool's few connections. Response ids go in a lane of their own, never behind
-a statement of other writes: a create's answer is recorded as soon as it can be.
+one by one on the pool's few connections.
 
 Every call is bounded in time: ``connect_timeout`` to connect, the pool's ``timeout`` to get a
 connection, ``statement_timeout`` (and ``idle_in_transaction_session_timeout``) on the server,
@@ -117,7 +116,7 @@ class PostgresLedger(PostgresOutbox):
 
     __slots__ = (
         "_acquired", "_connect_timeout", "_exclusive", "_group", "_held", "_holder", "_kwargs",
-        "_listener", "_live", "_max_connections", "_opens", "_owner", "_pool", "_registered",
+        "_listener", "_max_connections", "_opens", "_owner", "_pool", "_registered",
         "_renewals", "_url", "lease", "round_trips", "timeout",
     )
 
@@ -165,10 +164,8 @@ class PostgresLedger(PostgresOutbox):
         self._acquired: dict[str, Record] = {}
         #: Statements sent (a transaction's BEGIN and COMMIT count): the ledger's cost.
         self.round_trips = 0
-        #: The fenced writes waiting to go out together (see _grouped): ``sending`` and
-        #: outcomes in one lane, the response ids of answered creates in a lane of their own.
+        #: The fenced writes waiting to go out together (see _grouped).
         self._group = _Group()
-        self._live = _Group()
 
     def __repr__(self) -> str:
         return f"PostgresLedger({self.location!r}, exclusive={self._exclusive})"
@@ -658,19 +655,13 @@ class PostgresLedger(PostgresOutbox):
         and the first of them sends them all in the next one (one round trip and one commit
         for hundreds of jobs, not one each on the pool's few connections).
 
-        A ``live`` write (the response id of a create that was answered) has a lane of its
-        own: until it commits, a kill -9 leaves a paid response that the next owner creates
-        again, so it never waits behind a statement of ``sending`` rows or outcomes (bodies),
-        only behind another of response ids. Two statements at most are on their way; a key
-        has one write at a time, so the lanes never touch the same row at once.
-
         Every write here may run twice (a retry after a dropped connection): they set values.
         """
         epoch = self._held.get(key)
         if epoch is None:
             await self._not_written(key)
         write = _Write(kind, key, (*row, epoch))
-        group = self._live if kind == "live" else self._group
+        group = self._group
         batch = group.waiting
         if not batch.writes:
             batch.leader = write  # the first to wait sends the batch when its turn comes
