@@ -370,14 +370,16 @@ async def test_a_key_s_write_cancelled_before_it_went_lets_the_next_one_go(
                     tg.start_soon(lambda: ledger.sending("k0", resubmit=False))  # held
                     await _until(lambda: ledger._group.busy)
                     tg.start_soon(ended)  # waits behind it
-                    await _until(lambda: "k1" in ledger._writing)
+                    await _until(lambda: "k1" in ledger._group.keys)
                     tg.start_soon(live)  # waits for the write of k1 before it
                     for _ in range(5):  # it reaches its wait without any I/O
                         await anyio.lowlevel.checkpoint()
                     assert not went.is_set()
                     first.cancel()
-                    await went.wait()
+                    await _until(lambda: [w.kind for w in ledger._group.waiting.writes]
+                                 == ["live"])
                     await locker.commit()
+                    await went.wait()
         finally:
             await locker.close()
         records = {r.key: r for r in await ledger.records()}
@@ -513,57 +515,6 @@ async def test_a_waiting_batch_whose_leader_is_cancelled_is_sent_by_the_next(
             await locker.close()
         states = {r.key: r.state for r in await ledger.records()}
         assert states == {"k0": "sending", "k1": "new", "k2": "sending", "k3": "sending"}
-    finally:
-        await ledger.close()
-
-
-@pytest.mark.asyncio
-async def test_a_response_id_is_recorded_while_a_statement_of_other_writes_is_held(
-    pg_dsn: str,
-) -> None:
-    """The response id of an answered create (a ``live`` write) does not wait behind a grouped
-    statement of ``sending`` rows or outcomes that is slow (here: held on a row lock): a kill
-    -9 while it waited would leave a paid response that the next owner creates again. The
-    other writes still queue behind the held statement, and are written once it is back."""
-    ledger = PostgresLedger(pg_dsn, lease=60.0, timeout=60.0)
-    await ledger.open()
-
-    async def until(condition: Callable[[], bool]) -> None:
-        for _ in range(4000):  # the test's fail_after bounds it first
-            if condition():
-                return
-            await anyio.sleep(0.005)
-        raise AssertionError("never came")
-
-    def states() -> dict[str, tuple[str, str | None]]:
-        with psycopg.connect(pg_dsn, autocommit=True) as conn:
-            return {key: (state, rid) for key, state, rid in conn.execute(
-                "SELECT key, state, response_id FROM asyncbg_jobs")}
-
-    try:
-        keys = ["k0", "k1", "k2"]
-        await ledger.enqueue([(key, *req(i=key)) for key in keys])
-        assert len(await ledger.acquire(3, 60.0)) == 3
-        for key in keys:
-            await ledger.sending(key, resubmit=False)
-        locker = await psycopg.AsyncConnection.connect(pg_dsn)
-        try:
-            await locker.execute("SELECT 1 FROM asyncbg_jobs WHERE key = 'k0' FOR UPDATE")
-            with anyio.fail_after(30):  # a hang, if the response id waited for the lock
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(ledger.record, "k0", DONE)  # its statement waits on the lock
-                    await until(lambda: ledger._group.busy)
-                    tg.start_soon(ledger.record, "k2", DONE)  # queued behind it
-                    await until(lambda: len(ledger._group.waiting.writes) == 1)
-                    await ledger.record("k1", Outcome("queued", "resp_k1"))
-                    assert states() == {"k0": ("sending", None), "k1": ("live", "resp_k1"),
-                                        "k2": ("sending", None)}
-                    assert ledger._group.busy and len(ledger._group.waiting.writes) == 1
-                    await locker.commit()  # k0's statement comes back: k2 goes next
-        finally:
-            await locker.close()
-        assert states() == {"k0": ("done", "resp_1"), "k1": ("live", "resp_k1"),
-                            "k2": ("done", "resp_1")}
     finally:
         await ledger.close()
 

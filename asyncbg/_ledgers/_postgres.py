@@ -14,8 +14,7 @@ under load makes a caller wait for it).
 The fenced writes of many jobs (``sending``, a response id, an outcome) that arrive while one is
 on its way go out together in the next statement (:meth:`PostgresLedger._grouped`), each still
 checked against its own owner and epoch: a worker running hundreds of jobs does not queue them
-one by one on the pool's few connections. Response ids go in a lane of their own, never behind
-a statement of other writes: a create's answer is recorded as soon as it can be.
+one by one on the pool's few connections.
 
 Every call is bounded in time: ``connect_timeout`` to connect, the pool's ``timeout`` to get a
 connection, ``statement_timeout`` (and ``idle_in_transaction_session_timeout``) on the server,
@@ -132,8 +131,8 @@ class PostgresLedger(PostgresOutbox):
 
     __slots__ = (
         "_acquired", "_connect_timeout", "_exclusive", "_group", "_held", "_holder", "_kwargs",
-        "_listener", "_live", "_max_connections", "_opens", "_owner", "_pool", "_pooled",
-        "_registered", "_renewals", "_url", "_writing", "lease", "round_trips", "timeout",
+        "_listener", "_max_connections", "_opens", "_owner", "_pool", "_pooled",
+        "_registered", "_renewals", "_url", "lease", "round_trips", "timeout",
     )
 
     def __init__(self, url: str, *, exclusive: bool = False, lease: float = DEFAULT_LEASE,
@@ -182,12 +181,8 @@ class PostgresLedger(PostgresOutbox):
         self._acquired: dict[str, Record] = {}
         #: Statements sent (a transaction's BEGIN and COMMIT count): the ledger's cost.
         self.round_trips = 0
-        #: The fenced writes waiting to go out together (see _grouped): ``sending`` and
-        #: outcomes in one lane, the response ids of answered creates in a lane of their own;
-        #: the batch each key's write is in until it is back, across both.
-        self._writing: dict[str, _Batch] = {}
-        self._group = _Group(_IN_FLIGHT, self._writing)
-        self._live = _Group(_IN_FLIGHT, self._writing)
+        #: The fenced writes waiting to go out together (see _grouped).
+        self._group = _Group(_IN_FLIGHT)
 
     def __repr__(self) -> str:
         return f"PostgresLedger({self.location!r}, exclusive={self._exclusive})"
@@ -683,23 +678,18 @@ class PostgresLedger(PostgresOutbox):
         and the first of them sends them all in the next one (one round trip and one commit
         for hundreds of jobs, not one each on the pool's few connections).
 
-        A ``live`` write (the response id of a create that was answered) has a lane of its
-        own: until it commits, a kill -9 leaves a paid response that the next owner creates
-        again, so it never waits behind a statement of ``sending`` rows or outcomes (bodies),
-        only behind another of response ids. Two statements at most are on their way; a key's
-        next write waits for its last to be back, so the lanes never touch one row at once.
-
         Every write here may run twice (a retry after a dropped connection): they set values.
         """
-        # A key's writes reach the server in the order they were made: with statements side
-        # by side on their way, the next write of a key waits for the one before to be back.
-        while (ahead := self._writing.get(key)) is not None:
+        group = self._group
+        # A key's writes reach the server in the order they were made: its next write waits
+        # for the one before to be back (in one statement the server would apply one of two
+        # updates of a row, and the other would read as a lost lease).
+        while (ahead := group.keys.get(key)) is not None:
             await ahead.written.wait()
         epoch = self._held.get(key)
         if epoch is None:
             await self._not_written(key)
         write = _Write(kind, key, (*row, epoch))
-        group = self._live if kind == "live" else self._group
         batch = group.waiting
         if not batch.writes:
             batch.leader = write  # the first to wait sends the batch when its turn comes
@@ -862,8 +852,9 @@ class PostgresLedger(PostgresOutbox):
         return LedgerError(f"{self.location}: PostgreSQL error {state}: {detail}")
 
 
-#: Grouped statements of a lane on their way at once. One: a second beside it carried fewer
-#: rows for more CPU per job and no more jobs/s (benchmarks/pgqueuer_compare.py, 2026-12-04).
+#: Grouped statements on their way at once. One: a second beside it carried fewer rows for
+#: more CPU per job and no more jobs/s (benchmarks/pgqueuer_compare.py, 2026-12-04), and a
+#: lane of their own for response ids did not shorten a create's unrecorded window.
 _IN_FLIGHT = 1
 #: The grouped writes: each kind's parameter of q.WRITE_MANY (its rows, as JSON).
 _GROUPED = {"sending": "sent", "live": "live", "terminal": "ended"}
@@ -900,15 +891,15 @@ class _Batch:
 
 class _Group:
     """The writes waiting to go out, the statements on their way (up to ``limit``), and the
-    batch each key's write is in until it is back (shared by the lanes)."""
+    batch each key's write is in until it is back."""
 
     __slots__ = ("in_flight", "keys", "limit", "waiting")
 
-    def __init__(self, limit: int, keys: dict[str, _Batch]) -> None:
+    def __init__(self, limit: int) -> None:
         self.waiting = _Batch()
         self.in_flight = 0
         self.limit = limit
-        self.keys = keys
+        self.keys: dict[str, _Batch] = {}
 
     @property
     def busy(self) -> bool:
