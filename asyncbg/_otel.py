@@ -29,12 +29,13 @@ metrics in Prometheus text format on a port (``asyncbg run --metrics-port``).
 from __future__ import annotations
 
 import contextlib
-import socket
 import time
 import weakref
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from ._asgi import listen
 
 if TYPE_CHECKING:
     from ._engine._job import Job
@@ -287,7 +288,7 @@ async def serve_metrics(port: int, *, host: str = "127.0.0.1",
 
     registry = CollectorRegistry()
     provider = MeterProvider(metric_readers=[PrometheusMetricReader(registry=registry)])
-    sock = socket.create_server((host, port))
+    sock = listen(host, port)
     try:
         class QuietServer(uvicorn.Server):
             """uvicorn without its signal handlers: the program serving metrics owns them."""

@@ -114,17 +114,15 @@ def http_fake() -> Iterator[HttpFake]:
     """Served from its own thread and event loop: a pytest-asyncio fixture's setup and teardown
     run in different tasks, so a task group cannot span its ``yield``."""
     import asyncio
-    import socket
     import threading
 
     import uvicorn
 
+    from asyncbg._asgi import listen
     from asyncbg.testing import asgi_app
 
     server = FakeResponsesServer(latency=LatencyModel.uniform(0.05, 0.3))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(512)
+    sock = listen("127.0.0.1", 0)  # its connections send at once (TCP_NODELAY)
     web = uvicorn.Server(uvicorn.Config(asgi_app(server), log_level="error", lifespan="off"))
     thread = threading.Thread(target=asyncio.run, args=(web.serve([sock]),), daemon=True)
     thread.start()

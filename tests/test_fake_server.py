@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import AsyncIterator
 
 import anyio
@@ -12,6 +11,7 @@ import pytest
 import pytest_asyncio
 
 import asyncbg
+from asyncbg._asgi import listen
 from asyncbg.testing import (
     FakeOpenAI,
     FakeResponsesServer,
@@ -280,9 +280,7 @@ async def test_served_by_uvicorn_on_loopback_end_to_end() -> None:
 
     server = FakeResponsesServer(latency=LatencyModel.fixed(0.03))
     # Bound and listening before uvicorn starts, so clients can connect at once.
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(128)
+    sock = listen("127.0.0.1", 0)  # its connections send at once (TCP_NODELAY)
     port = sock.getsockname()[1]
     web = uvicorn.Server(uvicorn.Config(asgi_app(server), log_level="error", lifespan="on"))
     async with anyio.create_task_group() as tg:
@@ -322,3 +320,21 @@ async def test_the_fixture_uses_an_overridden_server(fake_openai: FakeOpenAI) ->
         job = await mgr.submit(model="m", input="x")
     assert job.status is asyncbg.JobStatus.FAILED
     assert json.dumps(fake_openai.counters.polls)
+
+
+async def test_the_listening_socket_s_connections_send_at_once() -> None:
+    """The socket the dashboard, the metrics server and the tests hand to uvicorn: its accepted
+    connections have Nagle's algorithm off (asyncio leaves it on for a socket not made with
+    IPPROTO_TCP named, and an answer in two writes then waited 40 ms for a delayed ACK)."""
+    import socket
+
+    with listen("127.0.0.1", 0) as sock, \
+            socket.create_connection(sock.getsockname()[:2]):
+        conn, _ = sock.accept()
+        with conn:
+            assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    with socket.create_server(("127.0.0.1", 0)) as plain, \
+            socket.create_connection(plain.getsockname()[:2]):
+        conn, _ = plain.accept()
+        with conn:  # what it was before
+            assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0

@@ -169,13 +169,11 @@ async def test_webhooks_need_a_secret(server: FakeResponsesServer) -> None:
 async def test_webhook_app_served_by_uvicorn_receives_real_http_deliveries(
     client: AsyncOpenAI, server: FakeResponsesServer
 ) -> None:
-    import socket
-
     import uvicorn
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(64)
+    from asyncbg._asgi import listen
+
+    sock = listen("127.0.0.1", 0)  # its connections send at once (TCP_NODELAY)
     url = f"http://127.0.0.1:{sock.getsockname()[1]}/"
     async with manager(client) as mgr:
         web = uvicorn.Server(uvicorn.Config(asyncbg.webhook_app(mgr), log_level="error",

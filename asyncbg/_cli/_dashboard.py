@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 from typing import Any
 
 import anyio
+
+from .._asgi import listen
 
 __all__ = ["add_command", "dashboard"]
 
@@ -83,7 +84,7 @@ def dashboard(args: argparse.Namespace) -> int:
         _say(str(exc))
         return 2
     try:
-        sock = socket.create_server((args.host, args.port))
+        sock = listen(args.host, args.port)
     except OSError as exc:
         _say(f"cannot listen on {args.host}:{args.port} ({exc.strerror or exc}); "
              "pass another --port")
