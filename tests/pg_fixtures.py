@@ -129,3 +129,22 @@ def pg_dsn(pg_server_dsn: str, pg_template: str) -> Iterator[str]:
     finally:
         with _connect(pg_server_dsn) as conn:
             _drop(conn, name)
+
+
+def make_old_schema(conn: psycopg.Connection[tuple[object, ...]], version: int) -> None:
+    """The tables as the asyncbg of PostgreSQL schema ``version`` made them (whatever the
+    database had of asyncbg's goes first), for tests of the upgrades from it."""
+    from asyncbg._ledgers import _pg_queries as q
+
+    conn.execute("DROP TABLE IF EXISTS asyncbg_meta, asyncbg_jobs, asyncbg_workers, "
+                 "asyncbg_outbox, asyncbg_counts, asyncbg_tallies CASCADE")
+    conn.execute("DROP FUNCTION IF EXISTS asyncbg_count_rows, asyncbg_count_change, "
+                 "asyncbg_count_moves, asyncbg_tokens, asyncbg_token_count, "
+                 "asyncbg_tally_rows, asyncbg_tally_change, asyncbg_tally_moves")
+    with conn.transaction():
+        for sql in q.CREATE_V1:
+            conn.execute(sql)
+        for step in range(1, version):
+            for sql in q.UPGRADES[step]:
+                conn.execute(sql)
+        conn.execute(q.WRITE_SCHEMA_VERSION, (str(version),))

@@ -25,6 +25,8 @@ from asyncbg._ledgers._postgres import PostgresLedger
 from asyncbg._ledgers._shared import EnqueueMismatch, LeaseLost
 from asyncbg._ledgers._sqlite_shared import SharedSQLiteLedger
 
+from .pg_fixtures import make_old_schema
+
 
 def items(n: int, prefix: str = "k", salt: str = "") -> list[tuple[str, str, bytes]]:
     out = []
@@ -132,15 +134,8 @@ async def test_the_previous_version_keeps_its_rows_and_exact_counts_and_counts_p
     every state, is upgraded on open: the rows and counts are kept, and from then on the
     counters are kept by statement-level triggers, exact through grouped writes of every kind
     in one statement."""
-    old = q.SCHEMA_VERSION - 1
     with psycopg.connect(pg_dsn, autocommit=True) as conn:  # as the previous asyncbg wrote it
-        with conn.transaction():
-            for sql in q.CREATE_V1:
-                conn.execute(sql)
-            for version in range(1, old):
-                for sql in q.UPGRADES[version]:
-                    conn.execute(sql)
-            conn.execute(q.WRITE_SCHEMA_VERSION, (str(old),))
+        make_old_schema(conn, q.SCHEMA_VERSION - 1)
         conn.execute("INSERT INTO asyncbg_jobs (key, digest, request, state, status, created, "
                      "updated) SELECT 'old' || i, 'd', 'r', 'new', 'pending', 0, 0 "
                      "FROM generate_series(0, 39) AS i")

@@ -41,6 +41,8 @@ from asyncbg._ledgers._postgres import PostgresLedger
 from asyncbg._ledgers._shared import LeaseLost, SharedLedger
 from asyncbg._ledgers._sqlite_shared import SharedSQLiteLedger
 
+from .pg_fixtures import make_old_schema
+
 # -- bodies: the tokens the triggers count are the tokens status counted ------------------------
 
 _COUNTS = st.one_of(st.none(), st.integers(0, 10**6))
@@ -306,19 +308,7 @@ BEFORE_TALLIES = next(version for version, sqls in q.UPGRADES.items()
 async def test_a_postgresql_ledger_from_before_gains_its_counters_backfilled(
         pg_dsn: str) -> None:
     with psycopg.connect(pg_dsn, autocommit=True) as conn:  # the schema before the tallies
-        conn.execute("DROP TABLE IF EXISTS asyncbg_meta, asyncbg_jobs, asyncbg_workers, "
-                     "asyncbg_outbox, asyncbg_counts, asyncbg_tallies CASCADE")
-        conn.execute("DROP FUNCTION IF EXISTS asyncbg_count_rows, asyncbg_count_change, "
-                     "asyncbg_count_moves, "
-                     "asyncbg_tokens, asyncbg_token_count, asyncbg_tally_rows, "
-                     "asyncbg_tally_change, asyncbg_tally_moves")
-        for sql in q.CREATE_V1:
-            conn.execute(sql)
-        for version in range(1, BEFORE_TALLIES):
-            with conn.transaction():
-                for sql in q.UPGRADES[version]:
-                    conn.execute(sql)
-        conn.execute(q.WRITE_SCHEMA_VERSION, (str(BEFORE_TALLIES),))
+        make_old_schema(conn, BEFORE_TALLIES)
         _fill_raw(lambda sql, args: conn.execute(
             sql.format(jobs="asyncbg_jobs", body="body"), args), "%s", 400)
     ledger = PostgresLedger(pg_dsn)
@@ -338,20 +328,8 @@ async def test_bodies_written_before_their_token_columns_keep_the_tallies_exact(
     tokens were parsed by the trigger) are taken away by parsing again when they change or go,
     while bodies written now are counted from the columns the writer filled: the tallies stay
     what a full read says through every kind of change to either."""
-    before = q.SCHEMA_VERSION - 1
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        conn.execute("DROP TABLE IF EXISTS asyncbg_meta, asyncbg_jobs, asyncbg_workers, "
-                     "asyncbg_outbox, asyncbg_counts, asyncbg_tallies CASCADE")
-        conn.execute("DROP FUNCTION IF EXISTS asyncbg_count_rows, asyncbg_count_change, "
-                     "asyncbg_count_moves, asyncbg_tokens, asyncbg_token_count, "
-                     "asyncbg_tally_rows, asyncbg_tally_change, asyncbg_tally_moves")
-        with conn.transaction():
-            for sql in q.CREATE_V1:
-                conn.execute(sql)
-            for version in range(1, before):
-                for sql in q.UPGRADES[version]:
-                    conn.execute(sql)
-            conn.execute(q.WRITE_SCHEMA_VERSION, (str(before),))
+        make_old_schema(conn, q.SCHEMA_VERSION - 1)
         _fill_raw(lambda sql, args: conn.execute(
             sql.format(jobs="asyncbg_jobs", body="body"), args), "%s", 120)
     ledger = PostgresLedger(pg_dsn, lease=60.0)
