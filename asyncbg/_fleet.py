@@ -10,8 +10,8 @@ once, leaving every live response running on the server for another worker to po
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import anyio
 
@@ -19,7 +19,7 @@ from . import _log
 from ._engine._hooks import Hooks
 from ._engine._job import Job
 from ._errors import DuplicateKeyError, JournalMismatchError
-from ._ledgers._base import LedgerUnavailable, Outcome, Record, canonical, digest
+from ._ledgers._base import LedgerError, LedgerUnavailable, Outcome, Record, canonical, digest
 from ._ledgers._open import shared_ledger
 from ._ledgers._overview import fleet_status, fleet_status_text
 from ._ledgers._shared import SharedLedger
@@ -156,10 +156,33 @@ async def run_worker(
     finally:
         with anyio.CancelScope(shield=True):
             try:
-                await worker.requeue_unreached()
-                await ledger.release(list(ledger.held()))  # at once, not after the lease
+                await _hand_back(worker, ledger, bound=min(_HAND_BACK, lease / 3))
             finally:
                 await ledger.close()
+
+
+#: The longest a stopping worker tries to hand its leases back (or a renewal period, if less).
+_HAND_BACK = 5.0
+
+
+async def _hand_back(worker: _Worker, ledger: SharedLedger, *, bound: float) -> None:
+    """Requeue what ended unreached and release every lease, at once rather than after the
+    lease runs out; within ``bound`` seconds. With the ledger away (a database down while the
+    worker is told to stop) nothing is lost by giving up: every live response's id is
+    recorded, and the leases run out by themselves, for other workers to take then."""
+    held = len(ledger.held())
+    error = f"no answer within {bound:g} s"
+    with anyio.move_on_after(bound):
+        try:
+            await worker.requeue_unreached()
+            await ledger.release(list(ledger.held()))
+            return
+        except LedgerError as exc:
+            error = str(exc)
+    _log.warning("worker.leases_not_handed_back", ledger=ledger.location, leases=held,
+                 error=error, action=f"they run out within {ledger.lease:g} s; other workers "
+                 "take the jobs then")
+    ledger.abandon()  # closing does not try again
 
 
 async def _open_patiently(ledger: SharedLedger, *, patience: float, stop: anyio.Event) -> bool:
@@ -194,6 +217,9 @@ async def _open_patiently(ledger: SharedLedger, *, patience: float, stop: anyio.
         return True
 
 
+T = TypeVar("T")
+
+
 class _Stopped(Exception):
     """Leaves the manager's block by an exception: live jobs are detached, not awaited."""
 
@@ -217,10 +243,14 @@ class _Worker:
         self.jobs: dict[str, Job] = {}
         self.wake = anyio.Event()
         self.next_adoption = 0.0
+        #: The scope of the ledger call under way, which a stop cuts short.
+        self.cut: anyio.CancelScope | None = None
 
     async def relay_stop(self) -> None:
         await self.stop.wait()
         self.wake.set()
+        if self.cut is not None:
+            self.cut.cancel()
 
     def _woken(self, _job: Job) -> None:
         self.wake.set()
@@ -229,17 +259,17 @@ class _Worker:
         while True:
             self.wake = anyio.Event()
             try:
-                await self._collect(mgr)
+                await self._unless_stopped(lambda: self._collect(mgr), None)
             except LedgerUnavailable as exc:
                 self._ledger_down(exc)
             if self.stop.is_set():
                 raise _Stopped
             try:
                 if self.to_requeue or self.to_release:
-                    await self._collect(mgr)
+                    await self._unless_stopped(lambda: self._collect(mgr), None)
                 records = await self._take_work(mgr)
                 idle = (self.exit_when_idle and not self.jobs and not records
-                        and await self.ledger.unfinished() == 0)
+                        and await self._unless_stopped(self.ledger.unfinished, -1) == 0)
             except LedgerUnavailable as exc:
                 # The database is away: what runs goes on (the engine retries its writes);
                 # nothing new is taken until it is back.
@@ -265,17 +295,35 @@ class _Worker:
                 await self.wake.wait()
             tg.cancel_scope.cancel()
 
+    async def _unless_stopped(self, call: Callable[[], Awaitable[T]], stopped: T) -> T:
+        """``call`` (a ledger call), cut short when the worker is told to stop: then
+        ``stopped``. With the database gone such a call waits for a connection up to the
+        ledger's timeout, which held a stop up that long. Nothing was sent for what a cut
+        call may have taken: those leases run out by themselves."""
+        if self.stop.is_set():
+            return stopped
+        with anyio.CancelScope() as self.cut:
+            try:
+                return await call()
+            finally:
+                self.cut = None
+        return stopped
+
     async def _take_work(self, mgr: BackgroundManager) -> list[Record]:
         free = self.concurrency - len(self.jobs)
         records: list[Record] = []
         if free > 0:
-            records = await self.ledger.acquire(free, self.lease)
+            records = await self._unless_stopped(
+                lambda: self.ledger.acquire(free, self.lease), [])
         elif anyio.current_time() >= self.next_adoption:
             # Full, but a dead worker's live responses are adopted all the same: they need
             # polls, not a slot for a create, and the server keeps a result only a while.
             self.next_adoption = anyio.current_time() + self.idle
-            records = await self.ledger.acquire(2 * self.concurrency - len(self.jobs),
-                                                self.lease, live_only=True)
+            records = await self._unless_stopped(
+                lambda: self.ledger.acquire(2 * self.concurrency - len(self.jobs), self.lease,
+                                            live_only=True), [])
+        if self.stop.is_set():
+            return []  # taken as it stopped: nothing is started (the hand-back releases them)
         for record in records:
             await self._start(mgr, record.key, record.request)
         return records

@@ -220,3 +220,81 @@ async def test_a_create_is_not_sent_when_too_little_of_its_lease_is_left(
         assert fine.status is asyncbg.JobStatus.COMPLETED
     finally:
         await client.close()
+
+
+class Unanswering(Outage):
+    """While ``down``, the calls wait as a pool waits for a database that is gone."""
+
+    waiting = 0
+
+    async def acquire(self, limit: int, lease: float, *, live_only: bool = False
+                      ) -> list[Record]:
+        if self.down:
+            self.waiting += 1
+            await anyio.sleep(3600)
+        return await super().acquire(limit, lease, live_only=live_only)
+
+    async def release(self, keys: Collection[str]) -> None:
+        if self.down:
+            await anyio.sleep(3600)
+        await super().release(keys)
+
+    async def requeue(self, keys: Collection[str]) -> None:
+        if self.down:
+            await anyio.sleep(3600)
+        await super().requeue(keys)
+
+
+async def test_a_worker_told_to_stop_while_its_database_is_down_stops_within_a_renewal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """SIGTERM (``stop``) with the database gone: the worker waits neither on the look for
+    more work under way nor on the hand-back of its leases (each waited about 35 s for a
+    connection, signals or not); it says they run out by themselves, and the live responses
+    stay recorded for the next worker to poll."""
+    server = FakeResponsesServer(latency=LatencyModel.fixed(0.01))  # responses of a minute
+    db = tmp_path / "fleet.db"
+    setup = SharedSQLiteLedger(db)
+    await setup.open()
+    await enqueue_requests(setup, lines(6, 60.0))
+    await setup.close()
+    ledger = Unanswering(db, lease=3.0)
+    client = fake_client(server)
+    stop = anyio.Event()
+
+    async def down_then_stop() -> None:
+        check = SharedSQLiteLedger(db)
+        await check.open()
+        try:
+            for _ in range(3000):  # the test's fail_after bounds it first
+                records = await check.records()
+                if len(records) == 6 and {r.state for r in records} == {"live"}:
+                    break
+                await anyio.sleep(0.01)
+        finally:
+            await check.close()
+        ledger.down = True
+        for _ in range(3000):  # a look for work is under way, waiting
+            if ledger.waiting:
+                break
+            await anyio.sleep(0.01)
+        stop.set()
+
+    try:
+        with anyio.fail_after(30):  # the hand-back alone would take an hour
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(down_then_stop)
+                code = await run_worker(client, ledger, concurrency=8, lease=3.0,
+                                        exit_when_idle=False, stop=stop,
+                                        poll_policy=FAST_POLL, retry_policy=FAST_RETRY,
+                                        idle=0.05, db_patience=30.0)
+    finally:
+        await client.close()
+    assert code == 0
+    assert "worker.leases_not_handed_back" in caplog.text
+    check = SharedSQLiteLedger(db)
+    await check.open()
+    records = await check.records()
+    await check.close()
+    assert len(records) == 6 and {r.state for r in records} == {"live"}
+    assert all(r.response_id for r in records) and server.counters.creates == 6

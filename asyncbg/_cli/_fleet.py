@@ -39,8 +39,9 @@ died (its lease ran out), up to --concurrency at a time; create or poll them as 
 does; renew the leases in batches every LEASE/3 seconds.
 
 SIGTERM or SIGINT: take nothing more, leave the live responses running on the server, hand every
-lease back at once (another worker goes on at once) and exit 143 or 130. The API key and base
-URL come from OPENAI_API_KEY and OPENAI_BASE_URL (or --base-url).
+lease back at once (another worker goes on at once; with the database away, after 5 s it says
+so and the leases run out by themselves) and exit 143 or 130. The API key and base URL come
+from OPENAI_API_KEY and OPENAI_BASE_URL (or --base-url).
 Exit status: 0 after --exit-when-idle found nothing waiting or live; 2 when the ledger or the
 server cannot be used.
 """

@@ -661,6 +661,10 @@ class PostgresLedger(PostgresOutbox):
             self._held.pop(key, None)
             self._acquired.pop(key, None)
 
+    def abandon(self) -> None:
+        self.forget(list(self._held))
+        self._registered = False  # its row in the workers' table ages out
+
     async def _fenced(self, key: str, sql: str, args: tuple[Any, ...]) -> None:
         """A write checked against this instance's owner and epoch for ``key``."""
         async def write(conn: Conn) -> bool:

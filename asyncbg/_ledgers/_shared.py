@@ -113,6 +113,11 @@ class SharedLedger(Ledger, Protocol):
         """The keys whose lease this instance holds, each with the epoch it took it at."""
         ...
 
+    def abandon(self) -> None:
+        """Let go of every lease here without writing anything (the database is away): the
+        leases run out on their own, and closing says no goodbye that would wait for it."""
+        ...
+
     async def enqueue(self, items: Iterable[Item]) -> int:
         """Add waiting jobs (state ``new``, no owner); returns how many keys were new.
 

@@ -345,6 +345,10 @@ class SharedSQLiteLedger(SQLiteLedger):
             self._held.pop(key, None)
             self._acquired.pop(key, None)
 
+    def abandon(self) -> None:
+        self.forget(list(self._held))
+        self._registered = False  # its row in the workers' table ages out
+
     def _write(self, db: sqlite3.Connection, sql: str, args: tuple[Any, ...]) -> None:
         with _transaction(db):
             db.execute(sql, args)
