@@ -38,6 +38,8 @@ __all__ = [
     "shared_ledger",
 ]
 
+T = TypeVar("T")
+
 #: The metadata key that names a job on the server, so that a response left behind by a create
 #: whose answer was lost (the one ambiguous case) can be matched to its job later.
 METADATA_KEY = "asyncbg_custom_id"
@@ -215,9 +217,6 @@ async def _open_patiently(ledger: SharedLedger, *, patience: float, stop: anyio.
             _log.warning("worker.ledger_available", ledger=ledger.location,
                          after=round(anyio.current_time() - started, 3))
         return True
-
-
-T = TypeVar("T")
 
 
 class _Stopped(Exception):

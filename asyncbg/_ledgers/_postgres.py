@@ -182,7 +182,7 @@ class PostgresLedger(PostgresOutbox):
         #: Statements sent (a transaction's BEGIN and COMMIT count): the ledger's cost.
         self.round_trips = 0
         #: The fenced writes waiting to go out together (see _grouped).
-        self._group = _Group(_IN_FLIGHT)
+        self._group = _Group()
 
     def __repr__(self) -> str:
         return f"PostgresLedger({self.location!r}, exclusive={self._exclusive})"
@@ -703,7 +703,7 @@ class PostgresLedger(PostgresOutbox):
             # Each waiting task is woken once: when its batch is written, or (its leader) when
             # a statement on its way is back.
             while not write.done:
-                if not batch.sent and group.in_flight < group.limit:
+                if not batch.sent and not group.busy:
                     await self._write_group(group)
                 elif batch.leader is write and not batch.sent:
                     await batch.turn.wait()
@@ -727,7 +727,7 @@ class PostgresLedger(PostgresOutbox):
     async def _write_group(self, group: _Group) -> None:
         batch, group.waiting = group.waiting, _Batch()
         batch.sent = True
-        group.in_flight += 1
+        group.busy = True
         try:
             parts: dict[str, list[tuple[Any, ...]]] = {kind: [] for kind in _GROUPED}
             for w in batch.writes:
@@ -753,7 +753,7 @@ class PostgresLedger(PostgresOutbox):
                 w.done = True
                 if group.keys.get(w.key) is batch:
                     del group.keys[w.key]
-            group.in_flight -= 1
+            group.busy = False
             batch.written.set()
             group.waiting.turn.set()  # the next batch's leader sends it
 
@@ -856,10 +856,6 @@ class PostgresLedger(PostgresOutbox):
         return LedgerError(f"{self.location}: PostgreSQL error {state}: {detail}")
 
 
-#: Grouped statements on their way at once. One: a second beside it carried fewer rows for
-#: more CPU per job and no more jobs/s (benchmarks/pgqueuer_compare.py, 2026-12-04), and a
-#: lane of their own for response ids did not shorten a create's unrecorded window.
-_IN_FLIGHT = 1
 #: The grouped writes: each kind's parameter of q.WRITE_MANY (its rows, as JSON).
 _GROUPED = {"sending": "sent", "live": "live", "terminal": "ended"}
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
@@ -894,21 +890,17 @@ class _Batch:
 
 
 class _Group:
-    """The writes waiting to go out, the statements on their way (up to ``limit``), and the
-    batch each key's write is in until it is back."""
+    """The writes waiting to go out, whether a statement is on its way (one at a time: a
+    second beside it carried fewer rows for more CPU per job and no more jobs/s, and a lane of
+    their own for response ids did not shorten a create's unrecorded window; see
+    benchmarks/README.md, 2026-12-04), and the batch each key's write is in until it is back."""
 
-    __slots__ = ("in_flight", "keys", "limit", "waiting")
+    __slots__ = ("busy", "keys", "waiting")
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self) -> None:
         self.waiting = _Batch()
-        self.in_flight = 0
-        self.limit = limit
+        self.busy = False
         self.keys: dict[str, _Batch] = {}
-
-    @property
-    def busy(self) -> bool:
-        """As many statements on their way as may be: the next batch waits for one."""
-        return self.in_flight >= self.limit
 
 
 class _OneConnection:
