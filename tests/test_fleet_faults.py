@@ -57,6 +57,15 @@ class Outage(SharedSQLiteLedger):
         return await super().unfinished()
 
 
+async def submitted(db: Path, items: list[tuple[str, dict[str, Any]]]) -> Path:
+    """A shared SQLite ledger at ``db`` with ``items`` waiting, as ``asyncbg submit`` leaves it."""
+    setup = SharedSQLiteLedger(db)
+    await setup.open()
+    await enqueue_requests(setup, items)
+    await setup.close()
+    return db
+
+
 def lines(n: int, duration: float) -> list[tuple[str, dict[str, Any]]]:
     return [(f"r{i}", {"model": "m", "input": f"line {i}",
                        "metadata": {"fake_duration": str(duration)}}) for i in range(n)]
@@ -66,11 +75,7 @@ async def test_a_worker_rides_out_a_ledger_outage_and_creates_each_line_once(
     tmp_path: Path,
 ) -> None:
     server = FakeResponsesServer(latency=LatencyModel.fixed(0.1))
-    db = tmp_path / "fleet.db"
-    setup = SharedSQLiteLedger(db)
-    await setup.open()
-    await enqueue_requests(setup, lines(40, 0.3))
-    await setup.close()
+    db = await submitted(tmp_path / "fleet.db", lines(40, 0.3))
     ledger = Outage(db, lease=5.0)
     client = fake_client(server)
 
@@ -110,11 +115,7 @@ async def test_a_worker_with_a_refused_key_stops_and_leaves_its_jobs_to_the_othe
     tmp_path: Path,
 ) -> None:
     server = FakeResponsesServer(latency=LatencyModel.fixed(0.05))
-    db = tmp_path / "fleet.db"
-    setup = SharedSQLiteLedger(db)
-    await setup.open()
-    await enqueue_requests(setup, lines(30, 0.05))
-    await setup.close()
+    db = await submitted(tmp_path / "fleet.db", lines(30, 0.05))
     good_client, bad_client = fake_client(server), fake_client(server)
     stop = anyio.Event()
     outcome: dict[str, object] = {}
@@ -253,11 +254,7 @@ async def test_a_worker_told_to_stop_while_its_database_is_down_stops_within_a_r
     connection, signals or not); it says they run out by themselves, and the live responses
     stay recorded for the next worker to poll."""
     server = FakeResponsesServer(latency=LatencyModel.fixed(0.01))  # responses of a minute
-    db = tmp_path / "fleet.db"
-    setup = SharedSQLiteLedger(db)
-    await setup.open()
-    await enqueue_requests(setup, lines(6, 60.0))
-    await setup.close()
+    db = await submitted(tmp_path / "fleet.db", lines(6, 60.0))
     ledger = Unanswering(db, lease=3.0)
     client = fake_client(server)
     stop = anyio.Event()

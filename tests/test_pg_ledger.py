@@ -302,33 +302,40 @@ async def test_writes_that_arrive_together_go_out_together_each_fenced(pg_dsn: s
         await ledger.close()
 
 
-@pytest.mark.asyncio
-async def test_two_writes_of_one_key_made_together_go_out_one_after_the_other(
-    pg_dsn: str,
-) -> None:
-    """A key's second write made while its first waits to go out (a poll's outcome beside a
-    create's answer) is not put in the same statement, where the server would apply one of the
-    two at random and call the other lost: it goes out after, and the last one made stands."""
+@pytest_asyncio.fixture
+async def k1_sent(pg_dsn: str) -> AsyncIterator[PostgresLedger]:
+    """A ledger holding k0 and k1, with k1 recorded as sent (its next write is a response id)."""
     ledger = PostgresLedger(pg_dsn, lease=30.0)
     await ledger.open()
     try:
         await ledger.enqueue([(key, *req(i=key)) for key in ("k0", "k1")])
         assert len(await ledger.acquire(2, 30.0)) == 2
         await ledger.sending("k1", resubmit=False)
-        before = ledger.round_trips
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(lambda: ledger.sending("k0", resubmit=False))  # goes out at once
-            await anyio.lowlevel.checkpoint()
-            # Both wait behind it, in this order.
-            tg.start_soon(ledger.record, "k1", Outcome("queued", "resp_k1"))
-            await anyio.lowlevel.checkpoint()
-            tg.start_soon(ledger.record, "k1", DONE)
-        assert ledger.round_trips - before == 3
-        records = {r.key: r for r in await ledger.records()}
-        assert (records["k1"].state, records["k1"].body) == ("done", DONE.body)
-        assert records["k1"].response_id == DONE.response_id
+        yield ledger
     finally:
         await ledger.close()
+
+
+@pytest.mark.asyncio
+async def test_two_writes_of_one_key_made_together_go_out_one_after_the_other(
+    k1_sent: PostgresLedger,
+) -> None:
+    """A key's second write made while its first waits to go out (a poll's outcome beside a
+    create's answer) is not put in the same statement, where the server would apply one of the
+    two at random and call the other lost: it goes out after, and the last one made stands."""
+    ledger = k1_sent
+    before = ledger.round_trips
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: ledger.sending("k0", resubmit=False))  # goes out at once
+        await anyio.lowlevel.checkpoint()
+        # Both wait behind it, in this order.
+        tg.start_soon(ledger.record, "k1", Outcome("queued", "resp_k1"))
+        await anyio.lowlevel.checkpoint()
+        tg.start_soon(ledger.record, "k1", DONE)
+    assert ledger.round_trips - before == 3
+    records = {r.key: r for r in await ledger.records()}
+    assert (records["k1"].state, records["k1"].body) == ("done", DONE.body)
+    assert records["k1"].response_id == DONE.response_id
 
 
 async def _until(condition: Callable[[], bool]) -> None:
@@ -341,52 +348,45 @@ async def _until(condition: Callable[[], bool]) -> None:
 
 @pytest.mark.asyncio
 async def test_a_key_s_write_cancelled_before_it_went_lets_the_next_one_go(
-    pg_dsn: str,
+    pg_dsn: str, k1_sent: PostgresLedger,
 ) -> None:
     """A key's write waits behind its earlier one, which waits behind a held statement; that
     one is cancelled before it was sent (alone in its batch): the waiting one goes out, and
     nothing waits for a batch never sent."""
-    ledger = PostgresLedger(pg_dsn, lease=30.0)
-    await ledger.open()
+    ledger = k1_sent
+    locker = await psycopg.AsyncConnection.connect(pg_dsn)
     try:
-        await ledger.enqueue([(key, *req(i=key)) for key in ("k0", "k1")])
-        assert len(await ledger.acquire(2, 30.0)) == 2
-        await ledger.sending("k1", resubmit=False)
-        locker = await psycopg.AsyncConnection.connect(pg_dsn)
-        try:
-            await locker.execute("SELECT 1 FROM asyncbg_jobs WHERE key = 'k0' FOR UPDATE")
-            with anyio.fail_after(20):
-                async with anyio.create_task_group() as tg:
-                    first, went = anyio.CancelScope(), anyio.Event()
+        await locker.execute("SELECT 1 FROM asyncbg_jobs WHERE key = 'k0' FOR UPDATE")
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                first, went = anyio.CancelScope(), anyio.Event()
 
-                    async def ended() -> None:
-                        with first:
-                            await ledger.record("k1", DONE)
+                async def ended() -> None:
+                    with first:
+                        await ledger.record("k1", DONE)
 
-                    async def live() -> None:
-                        await ledger.record("k1", Outcome("queued", "resp_k1"))
-                        went.set()
+                async def live() -> None:
+                    await ledger.record("k1", Outcome("queued", "resp_k1"))
+                    went.set()
 
-                    tg.start_soon(lambda: ledger.sending("k0", resubmit=False))  # held
-                    await _until(lambda: ledger._group.busy)
-                    tg.start_soon(ended)  # waits behind it
-                    await _until(lambda: "k1" in ledger._group.keys)
-                    tg.start_soon(live)  # waits for the write of k1 before it
-                    for _ in range(5):  # it reaches its wait without any I/O
-                        await anyio.lowlevel.checkpoint()
-                    assert not went.is_set()
-                    first.cancel()
-                    await _until(lambda: [w.kind for w in ledger._group.waiting.writes]
-                                 == ["live"])
-                    await locker.commit()
-                    await went.wait()
-        finally:
-            await locker.close()
-        records = {r.key: r for r in await ledger.records()}
-        assert (records["k1"].state, records["k1"].response_id) == ("live", "resp_k1")
-        assert records["k0"].state == "sending"
+                tg.start_soon(lambda: ledger.sending("k0", resubmit=False))  # held
+                await _until(lambda: ledger._group.busy)
+                tg.start_soon(ended)  # waits behind it
+                await _until(lambda: "k1" in ledger._group.keys)
+                tg.start_soon(live)  # waits for the write of k1 before it
+                for _ in range(5):  # it reaches its wait without any I/O
+                    await anyio.lowlevel.checkpoint()
+                assert not went.is_set()
+                first.cancel()
+                await _until(lambda: [w.kind for w in ledger._group.waiting.writes]
+                             == ["live"])
+                await locker.commit()
+                await went.wait()
     finally:
-        await ledger.close()
+        await locker.close()
+    records = {r.key: r for r in await ledger.records()}
+    assert (records["k1"].state, records["k1"].response_id) == ("live", "resp_k1")
+    assert records["k0"].state == "sending"
 
 
 @pytest.mark.asyncio
@@ -479,13 +479,6 @@ async def test_a_waiting_batch_whose_leader_is_cancelled_is_sent_by_the_next(
     await ledger.open()
     keys = ["k0", "k1", "k2", "k3"]
 
-    async def until(condition: Callable[[], bool]) -> None:
-        for _ in range(4000):  # the test's fail_after bounds it first
-            if condition():
-                return
-            await anyio.sleep(0.005)
-        raise AssertionError("never came")
-
     try:
         await ledger.enqueue([(key, *req(i=key)) for key in keys])
         assert len(await ledger.acquire(4, 30.0)) == 4
@@ -502,14 +495,14 @@ async def test_a_waiting_batch_whose_leader_is_cancelled_is_sent_by_the_next(
                             await ledger.sending(key, resubmit=False)
 
                     tg.start_soon(write, "k0")  # its statement waits on the lock
-                    await until(lambda: group.busy)
+                    await _until(lambda: group.busy)
                     for key in keys[1:]:
                         tg.start_soon(write, key)
-                    await until(lambda: len(group.waiting.writes) == 3)
+                    await _until(lambda: len(group.waiting.writes) == 3)
                     assert group.waiting.leader is not None
                     assert group.waiting.leader.key == "k1"
                     scopes["k1"].cancel()
-                    await until(lambda: len(group.waiting.writes) == 2)
+                    await _until(lambda: len(group.waiting.writes) == 2)
                     await locker.commit()  # k0's statement comes back: k2 sends k2 and k3
         finally:
             await locker.close()
