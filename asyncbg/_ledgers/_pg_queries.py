@@ -136,6 +136,16 @@ _ROW_TALLY = """
     WHERE r.resubmits <> 0 OR r.body IS NOT NULL
 """
 
+# Adds the sums of ``rows`` (parts as _ROW_TALLY makes them) to this backend's slot of the
+# tallies, unless they are all zero.
+_ADD_TALLIES = """
+    INSERT INTO asyncbg_tallies AS c (slot, resubmits, input, output)
+    SELECT pg_backend_pid() % 64, sum(m.r), sum(m.i), sum(m.o) FROM ({rows}) AS m
+    HAVING sum(m.r) <> 0 OR sum(m.i) <> 0 OR sum(m.o) <> 0
+    ON CONFLICT (slot) DO UPDATE SET resubmits = c.resubmits + EXCLUDED.resubmits,
+        input = c.input + EXCLUDED.input, output = c.output + EXCLUDED.output
+"""
+
 UPGRADES: dict[int, tuple[str, ...]] = {
     1: (
         """
@@ -435,19 +445,9 @@ UPGRADES: dict[int, tuple[str, ...]] = {
         CREATE OR REPLACE FUNCTION asyncbg_tally_rows() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN
             IF TG_OP = 'INSERT' THEN
-                INSERT INTO asyncbg_tallies AS c (slot, resubmits, input, output)
-                SELECT pg_backend_pid() % 64, sum(m.r), sum(m.i), sum(m.o)
-                FROM ({_ROW_TALLY.format(rows="new_rows", sign="")}) AS m
-                HAVING count(*) > 0
-                ON CONFLICT (slot) DO UPDATE SET resubmits = c.resubmits + EXCLUDED.resubmits,
-                    input = c.input + EXCLUDED.input, output = c.output + EXCLUDED.output;
+                {_ADD_TALLIES.format(rows=_ROW_TALLY.format(rows="new_rows", sign=""))};
             ELSE
-                INSERT INTO asyncbg_tallies AS c (slot, resubmits, input, output)
-                SELECT pg_backend_pid() % 64, sum(m.r), sum(m.i), sum(m.o)
-                FROM ({_ROW_TALLY.format(rows="old_rows", sign="-")}) AS m
-                HAVING count(*) > 0
-                ON CONFLICT (slot) DO UPDATE SET resubmits = c.resubmits + EXCLUDED.resubmits,
-                    input = c.input + EXCLUDED.input, output = c.output + EXCLUDED.output;
+                {_ADD_TALLIES.format(rows=_ROW_TALLY.format(rows="old_rows", sign="-"))};
             END IF;
             RETURN NULL;
         END $$
@@ -458,13 +458,8 @@ UPGRADES: dict[int, tuple[str, ...]] = {
         f"""
         CREATE OR REPLACE FUNCTION asyncbg_tally_moves() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN
-            INSERT INTO asyncbg_tallies AS c (slot, resubmits, input, output)
-            SELECT pg_backend_pid() % 64, sum(m.r), sum(m.i), sum(m.o)
-            FROM ({_ROW_TALLY.format(rows="new_rows", sign="")}
-                  UNION ALL {_ROW_TALLY.format(rows="old_rows", sign="-")}) AS m
-            HAVING sum(m.r) <> 0 OR sum(m.i) <> 0 OR sum(m.o) <> 0
-            ON CONFLICT (slot) DO UPDATE SET resubmits = c.resubmits + EXCLUDED.resubmits,
-                input = c.input + EXCLUDED.input, output = c.output + EXCLUDED.output;
+            {_ADD_TALLIES.format(rows=_ROW_TALLY.format(rows="new_rows", sign="")
+                                 + " UNION ALL " + _ROW_TALLY.format(rows="old_rows", sign="-"))};
             RETURN NULL;
         END $$
         """,
