@@ -32,7 +32,7 @@ from ._engine._steps import Stop
 from ._engine._webhooks import WebhookInbox
 from ._errors import DuplicateKeyError, JournalMismatchError, ManagerStateError
 from ._ledgers import Ledger, MemoryLedger, open_ledger
-from ._ledgers._base import ClaimOutcome, canonical, digest
+from ._ledgers._base import ClaimOutcome, LedgerError, canonical, digest
 from ._ledgers._shared import SharedLedger, keep_leases
 from ._notify._notify import Notify
 from ._outcomes import Escalation, Hedge, Outcomes
@@ -286,6 +286,7 @@ class BackgroundManager:
         internal: BaseException | None = None
         stop: Stop | None = None
         unrecorded: list[tuple[str, str]] = []
+        kept = ""
         self._state = _State.CLOSING
         try:
             self._scheduler.close(self.exit_grace)
@@ -306,6 +307,7 @@ class BackgroundManager:
                     unrecorded = await self._scheduler.shutdown(
                         cancel=self.cancel_on_exit and stop is None,
                         cancel_timeout=self.cancel_timeout)
+                    kept = await self._keep_unrecorded(unrecorded)
                     await self._scheduler.callbacks.run_rest(self.cancel_timeout)
         finally:
             self._state = _State.CLOSED
@@ -322,8 +324,7 @@ class BackgroundManager:
             failure = stop.error
             failure.unrecorded = unrecorded
             if unrecorded:
-                failure.args = (f"{failure}; responses created but never recorded were "
-                                "cancelled: " + ", ".join(f"{k} ({r})" for k, r in unrecorded),)
+                failure.args = (f"{failure}; {kept}",)
             if error is None or (crashed and _cancelled(error)):
                 raise failure from stop.error.__cause__
             _log.error("ledger.stopped", error=str(failure))
@@ -332,6 +333,32 @@ class BackgroundManager:
         if error is not None and exc is None:
             raise error  # the block ended normally but waiting for the jobs was cancelled
         return False
+
+    async def _keep_unrecorded(self, unrecorded: list[tuple[str, str]]) -> str:
+        """Responses the server created and the journal never took (it stayed unwritable):
+        they are paid for and left running, so keep their ids where the next run on this
+        journal finds them (an SQLite journal's ``.unrecorded`` file). What became of them,
+        in words ("" when there are none); said at warning level too."""
+        if not unrecorded:
+            return ""
+        named = ", ".join(f"{key} ({rid})" for key, rid in unrecorded)
+        text = (f"1 response created but not recorded is left running: {named}"
+                if len(unrecorded) == 1 else
+                f"{len(unrecorded)} responses created but not recorded are left running: {named}")
+        keep = getattr(self.journal, "keep_unrecorded", None)
+        if keep is None or isinstance(self.journal, SharedLedger):
+            text += "; nothing could keep their ids, so a rerun would create them again"
+        else:
+            try:
+                where = await keep(unrecorded)
+            except LedgerError as exc:
+                text += (f"; their ids could not be kept ({exc}), so a rerun would create "
+                         "them again")
+            else:
+                text += (f"; their ids are kept in {where}, and the next run on this journal "
+                         "re-attaches to them")
+        _log.warning("ledger.unrecorded", message=text)
+        return text
 
     async def _wait_for_everything(self) -> None:
         """Leaving normally: every job terminal and its callbacks run (they may submit more),
@@ -428,10 +455,8 @@ class BackgroundManager:
         if self.journal is None:
             self._scheduler.add(job, prepared, policy, deadline=at)
             return job
-        claimed_at = anyio.current_time()  # a lease taken by this claim runs from here
         try:
-            claim = await self.journal.claim(key, digest(prepared), canonical(prepared))
-            self._scheduler.lease_taken(key, claimed_at)
+            claim = await self._scheduler.claim(key, digest(prepared), canonical(prepared))
         except BaseException:
             del self._jobs[key]
             raise

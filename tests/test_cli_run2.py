@@ -341,7 +341,7 @@ def test_a_journal_that_fails_says_what_became_of_what_was_sent() -> None:
     exc.unrecorded = [("k1", "resp_1"), ("k2", "resp_2")]  # type: ignore[attr-defined]
     this.requests = 5
     said = _Run._ledger_failure(this, exc)
-    assert "k1 (resp_1), k2 (resp_2)" in said and "cancelled on the server" in said
+    assert "k1 (resp_1), k2 (resp_2)" in said and "left running on the server" in said
 
 
 def test_a_corrupt_journal_before_anything_was_sent_says_so(

@@ -126,7 +126,7 @@ async def test_a_ledger_down_past_patience_stops_leaving_recorded_responses_runn
     client: AsyncOpenAI, server: FakeResponsesServer
 ) -> None:
     ledger = FlakyLedger()
-    with pytest.raises(LedgerUnavailable, match=r"could not be written for 0\.3 s"):
+    with pytest.raises(LedgerUnavailable, match=r"could not be written for 0\.[3-9] s"):
         async with manager(client, journal=ledger, ledger_patience=0.3) as mgr:
             live = await mgr.submit(key="live", model="m", input="x", metadata=meta(30))
             await live.wait_accepted(timeout=10)
@@ -139,24 +139,130 @@ async def test_a_ledger_down_past_patience_stops_leaving_recorded_responses_runn
     assert record is not None and record.state == "live"
 
 
-async def test_an_unrecorded_response_is_cancelled_and_named_on_a_ledger_stop(
-    client: AsyncOpenAI, server: FakeResponsesServer
-) -> None:
-    ledger = FlakyLedger()
+def _down_after_sending(ledger: Any) -> None:
+    """From the first ``sending`` write on, the ledger is down: the create leaves, and the
+    write of its response id fails."""
     original = ledger.sending
 
     async def sending_then_down(key: str, *, resubmit: bool) -> None:
         await original(key, resubmit=resubmit)
-        ledger.down = True  # the create leaves; the write of its id fails
+        ledger.down = True
 
-    ledger.sending = sending_then_down  # type: ignore[method-assign]
-    with pytest.raises(LedgerUnavailable) as caught:
-        async with manager(client, journal=ledger, ledger_patience=0.3) as mgr:
-            await mgr.submit(key="k", model="m", input="x", metadata=meta(30))
-            await anyio.sleep(30)
-    assert [key for key, _ in caught.value.unrecorded] == ["k"]
-    rid = caught.value.unrecorded[0][1]
-    assert rid in str(caught.value) and server.status_of(rid) == "cancelled"
+    ledger.sending = sending_then_down
+
+
+async def test_an_unrecorded_response_is_held_past_patience_until_the_ledger_takes_it(
+    client: AsyncOpenAI, server: FakeResponsesServer
+) -> None:
+    ledger = FlakyLedger()
+    _down_after_sending(ledger)
+    async with manager(client, journal=ledger, ledger_patience=0.05) as mgr:
+        job = await mgr.submit(key="k", model="m", input="x", metadata=meta(0.05))
+        # Far past patience (backoff 0.05, 0.1, 0.2, ... s): a stop would have come by now.
+        await eventually(lambda: ledger.failed_writes >= 6, within=30)
+        assert not job.done and job.response_id is None  # not known before it is recorded
+        ledger.down = False
+        await job.wait(timeout=10)
+    assert job.status is JobStatus.COMPLETED
+    record = await ledger.get("k")
+    assert record is not None and record.state == "done"
+    assert server.counters.creates == 1 and server.counters.cancels == 0
+
+
+class _FailingWrites:
+    """An SQLite journal whose ``record`` writes fail (LedgerUnavailable) while ``down``."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from asyncbg._ledgers._sqlite import SQLiteLedger
+
+        self.down = False
+        self.failed_writes = 0
+        record, sending = SQLiteLedger.record, SQLiteLedger.sending
+
+        async def failing_record(ledger: SQLiteLedger, key: str, outcome: Any) -> None:
+            if self.down:
+                self.failed_writes += 1
+                raise LedgerUnavailable(f"{ledger.location}: the disk is full")
+            await record(ledger, key, outcome)
+
+        async def sending_then_down(ledger: SQLiteLedger, key: str, *, resubmit: bool) -> None:
+            await sending(ledger, key, resubmit=resubmit)
+            self.down = True
+
+        monkeypatch.setattr(SQLiteLedger, "record", failing_record)
+        monkeypatch.setattr(SQLiteLedger, "sending", sending_then_down)
+
+
+async def test_leaving_with_an_unrecorded_response_keeps_its_id_and_the_next_run_reattaches(
+    client: AsyncOpenAI, server: FakeResponsesServer, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from asyncbg._ledgers._sqlite import SQLiteLedger
+
+    db = tmp_path / "j.db"
+    faults = _FailingWrites(monkeypatch)
+    caught: list[BaseException] = []
+
+    async def run_until_cancelled() -> None:
+        try:
+            async with manager(client, journal=SQLiteLedger(db, exclusive=True),
+                               ledger_patience=0.05, exit_grace=0.2,
+                               cancel_on_exit=False) as mgr:
+                await mgr.submit(key="k", model="m", input="x", metadata=meta(0.5))
+                await anyio.sleep_forever()
+        except BaseException as exc:
+            caught.append(exc)
+            raise
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run_until_cancelled)
+            await eventually(lambda: faults.failed_writes >= 6, within=30)  # past patience
+            tg.cancel_scope.cancel()  # the application leaves (Ctrl-C, say)
+    assert caught and isinstance(caught[0], anyio.get_cancelled_exc_class())
+    assert server.counters.creates == 1 and server.counters.cancels == 0  # left running
+    kept = (tmp_path / "j.db.unrecorded").read_bytes().rstrip(b"\0")
+    assert kept.count(b'"key": "k"') == 1
+    faults.down = False  # the disk has room again
+    async with manager(client, journal=SQLiteLedger(db, exclusive=True)) as mgr:
+        again = await mgr.submit(key="k", model="m", input="x", metadata=meta(0.5))
+        await again.wait(timeout=10)
+    assert again.status is JobStatus.COMPLETED and server.counters.creates == 1
+    assert mgr.statistics().possible_duplicates == 0
+    assert not (tmp_path / "j.db.unrecorded").exists()  # emptied, and removed on close
+
+
+async def test_the_kept_ids_survive_a_torn_line_a_symlink_and_a_full_reservation(
+    tmp_path: Path,
+) -> None:
+    from asyncbg._ledgers._rescue import RESERVE, Rescue
+
+    rescue = Rescue(tmp_path / "j.db")
+    assert rescue.read() == [] and rescue.path == tmp_path / "j.db.unrecorded"
+    rescue.reserve()
+    assert rescue.path.stat().st_size == RESERVE and rescue.read() == []
+    rescue.keep([("a", "resp_a")])
+    rescue.keep([("b", "resp_b"), ("c", "resp_c")])  # after the first, not over it
+    with rescue.path.open("r+b") as f:  # a crash in the middle of a line
+        f.seek(len(rescue.path.read_bytes().rstrip(b"\0")))
+        f.write(b'{"key": "d", "resp')
+    assert rescue.read() == [("a", "resp_a"), ("b", "resp_b"), ("c", "resp_c")]
+    assert rescue.path.stat().st_size == RESERVE  # written over the zeros
+    rescue.clear()
+    assert rescue.read() == [] and rescue.path.stat().st_size == RESERVE
+    rescue.release()
+    assert not rescue.path.exists()
+    rescue.keep([("e", "resp_e")] * 2000)  # past the reservation: written all the same
+    assert len(rescue.read()) == 2000
+    rescue.release()
+    assert rescue.path.exists()  # it keeps ids: never removed
+    rescue.path.unlink()
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"")
+    rescue.path.symlink_to(target)
+    with pytest.raises(OSError):
+        rescue.keep([("a", "resp_a")])
+    assert target.read_bytes() == b""  # a symlink is not followed
 
 
 async def test_a_bug_is_internal_error_and_never_recorded(

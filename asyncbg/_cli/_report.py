@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Container, Mapping, Sequence
+from collections.abc import Collection, Container, Mapping, Sequence
 from pathlib import Path
 
 from .._ledgers import Record
@@ -80,19 +80,30 @@ def summary(lines: Mapping[str, int], records: Mapping[str, Record], *,
 
 
 def interrupt_message(lines: Mapping[str, int], records: Mapping[str, Record], *,
-                      signal_name: str, journal: Path) -> list[str]:
-    """How far an interrupted run got, and the two ways on."""
-    states = [records[c].state if c in records else "new" for c in lines]
-    finished = sum(state in ("done", "local") for state in states)
-    unsent = states.count("new") + states.count("sending")
+                      signal_name: str, journal: Path,
+                      kept: Collection[str] = ()) -> list[str]:
+    """How far an interrupted run got, and the two ways on. ``kept``: keys whose response
+    id the journal could not take, kept in ``JOURNAL.unrecorded`` (running, and re-attached
+    by the next run)."""
+    states = {c: records[c].state if c in records else "new" for c in lines}
+    finished = sum(state in ("done", "local") for state in states.values())
+    unsent = sum(state == "new" for state in states.values())
+    cut = sum(state == "sending" and c not in kept for c, state in states.items())
     # Every response the journal has an id for and no end, this input's or not: all are still
     # paid for (creates answered while the run stopped included: their ids were recorded).
-    live = sum(r.response_id is not None and not r.terminal for r in records.values())
+    live = sum(r.response_id is not None and not r.terminal for r in records.values()) + sum(
+        r.response_id is None and r.state == "sending"
+        for c in kept if (r := records.get(c)) is not None)
+    running = "1 response still running" if live == 1 else f"{live} responses still running"
     said = [f"interrupted ({signal_name}): {finished} of {len(lines)} lines finished; "
-            f"{live} responses still running on the server; {unsent} lines not sent"]
+            f"{running} on the server; {unsent} lines not sent"]
+    if cut:
+        said[0] += (f"; {cut} creates cut off before the server answered (the server may "
+                    "have started them: a rerun sends them again and counts each as a "
+                    "possible duplicate)")
     if live:
         said += ["run the same command again to collect them (nothing finished is sent again),",
                  f"or cancel them on the server: asyncbg cancel --ledger {journal}"]
-    elif unsent:
+    elif unsent or cut:
         said.append("run the same command again to send the rest")
     return said

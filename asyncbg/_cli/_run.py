@@ -27,6 +27,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from .._errors import JournalMismatchError
 from .._ledgers import Ledger, LedgerError, Record, SQLiteLedger, digest
+from .._ledgers._rescue import Rescue
 from .._outcomes._journal import attempt_of, final_record, final_view
 from . import _metrics
 from ._formats import FORMATS, Format, close
@@ -319,7 +320,7 @@ class _Run:
             named = ", ".join(f"{key} ({rid})" for key, rid in unrecorded)
             if unrecorded[0][1] not in text:
                 text += (f"; {len(unrecorded)} responses created but never recorded were "
-                         f"cancelled on the server: {named}")
+                         f"left running on the server: {named}")
             return f"{text}; the run stopped: run the same command again once the journal works"
         if self.requests:
             return (f"{text}; the run stopped, leaving what it had created running on the "
@@ -590,8 +591,12 @@ class _Run:
                 await cancel_live(self.client, ledger, timeout=CANCEL_TIMEOUT)
         records = await self._rewrite(ledger)
         name_failures(self.source, self.lines, records, unfinished=False)
+        try:  # responses the journal could not take, kept for the next run (see _rescue.py)
+            kept = {key for key, _ in Rescue(self.journal).read()}
+        except OSError:
+            kept = set()
         for line in interrupt_message(self.lines, records, signal_name=interrupts.name,
-                                      journal=self.journal):
+                                      journal=self.journal, kept=kept):
             say(line)
         return interrupts.exit_code
 

@@ -31,7 +31,7 @@ from anyio.abc import TaskGroup
 
 from .. import _log
 from .._http import Rejected, RequestError
-from .._ledgers._base import Ledger, LedgerError, LedgerUnavailable, Outcome
+from .._ledgers._base import Claim, Ledger, LedgerError, LedgerUnavailable, Outcome
 from .._ledgers._shared import LeaseLost, SharedLedger
 from .._policies import PollPolicy, RetryPolicy
 from .._providers._base import Answer, Provider
@@ -123,6 +123,8 @@ class Scheduler(SharedLedgerSteps):
         self._closing_at: float | None = None
         #: When the ledger started failing (None while it works).
         self._ledger_down: float | None = None
+        #: When the ledger's failure was last reported (a warning once a patience period).
+        self._ledger_said = 0.0
         self._ledger_backoff = LEDGER_BACKOFF
         #: Where the jobs' done callbacks run (the manager runs its task).
         self.callbacks = Callbacks()
@@ -433,18 +435,55 @@ class Scheduler(SharedLedgerSteps):
             self._ledger_ok()
             return result
 
+    async def claim(self, key: str, digest: str, request: bytes) -> Claim:
+        """Claim ``key`` in the ledger for a submit. A ledger that is unavailable (the disk
+        full, the database restarting) is waited out as every write is, so a submit waits
+        rather than fail; :class:`LedgerUnavailable` once patience runs out."""
+        assert self.ledger is not None
+        while True:
+            claimed_at = anyio.current_time()  # a lease taken by this claim runs from here
+            try:
+                claim = await self.ledger.claim(key, digest, request)
+            except LedgerUnavailable as exc:
+                try:
+                    delay = self._ledger_failed(exc)
+                except Stop as stop:
+                    raise stop.error from exc
+                await anyio.sleep(delay)
+                continue
+            self._ledger_ok()
+            self.lease_taken(key, claimed_at)
+            return claim
+
     def _ledger_failed(self, exc: LedgerError) -> float:
         """A ledger call failed: seconds to wait before trying again, or :class:`Stop` once the
-        ledger has failed for ``ledger_patience`` seconds (or the manager is leaving)."""
+        ledger has failed for ``ledger_patience`` seconds (or the manager is leaving).
+
+        Patience never runs out while a response the server created is not yet recorded: it
+        is paid for, and stopping would leave it for nobody (the next run would create it
+        again). The manager holds it, polls it and retries its write, and says so once a
+        patience period, until the ledger takes it or the manager is told to leave."""
         now = anyio.current_time()
         if self._ledger_down is None:
-            self._ledger_down = now
+            self._ledger_down = self._ledger_said = now
             _log.warning("ledger.unavailable", ledger=getattr(self.ledger, "location", None),
                          error=str(exc), patience=self.ledger_patience,
                          action="creates wait; writes are retried")
-        if (now - self._ledger_down >= self.ledger_patience
-                or (self._closing_at is not None and now >= self._closing_at)):
-            raise Stop(self._ledger_stop_error(exc))
+        if self._closing_at is not None and now >= self._closing_at:
+            raise Stop(self._ledger_stop_error(exc, closing=True))
+        if now - self._ledger_down >= self.ledger_patience:
+            held = self.unrecorded()
+            if not held:
+                raise Stop(self._ledger_stop_error(exc, closing=False))
+            if now - self._ledger_said >= self.ledger_patience:
+                self._ledger_said = now
+                _log.warning(
+                    "ledger.holding", ledger=getattr(self.ledger, "location", None),
+                    error=str(exc), down=round(now - self._ledger_down),
+                    unrecorded=", ".join(f"{key} ({rid})" for key, rid in held),
+                    action="responses the server created and the ledger has not taken are "
+                           "held and polled, and their writes retried; stopping now would "
+                           "leave them for nobody")
         delay, self._ledger_backoff = self._ledger_backoff, min(self._ledger_backoff * 2,
                                                                 LEDGER_BACKOFF_MAX)
         return delay
@@ -456,11 +495,17 @@ class Scheduler(SharedLedgerSteps):
             self._ledger_down = None
             self._ledger_backoff = LEDGER_BACKOFF
 
-    def _ledger_stop_error(self, exc: LedgerError) -> LedgerUnavailable:
+    def _ledger_stop_error(self, exc: LedgerError, *, closing: bool) -> LedgerUnavailable:
         location = getattr(self.ledger, "location", "the ledger")
+        assert self._ledger_down is not None
+        down = anyio.current_time() - self._ledger_down
+        if closing:
+            text = (f"{location} could not be written ({exc}) in the {round(down, 1):g} s "
+                    "before the manager stopped")
+        else:
+            text = f"{location} could not be written for {round(down, 1):g} s ({exc}); stopped"
         error = LedgerUnavailable(
-            f"{location} could not be written for {self.ledger_patience:g} s ({exc}); "
-            "stopped: live responses are left running and a rerun re-attaches to them")
+            f"{text}: live responses are left running and a rerun re-attaches to them")
         error.__cause__ = exc
         return error
 
@@ -653,8 +698,9 @@ class Scheduler(SharedLedgerSteps):
         cut off in flight may have started a response: it ends cancelled, and its ``sending``
         record makes the next run count it. Live jobs are cancelled on the server in one
         bounded sweep (``cancel``), or left running for a later run to re-attach (detached).
-        A response the server created but the ledger never took is always cancelled (nobody
-        could find it again); those are returned as (key, response id).
+        A response the server created but the ledger never took is treated the same (it is
+        paid for: only the caller's cancel cancels it); those are returned as (key, response
+        id), for the manager to keep where the next run finds them.
         """
         self._closing_at = self._closing_at or anyio.current_time()
         sweep: list[Entry] = []
@@ -664,7 +710,10 @@ class Scheduler(SharedLedgerSteps):
                 # The server said so: the job has this response, whatever the ledger holds.
                 entry.control.update(entry.job.status, response_id=entry.unrecorded)
                 unrecorded.append((entry.job.key, entry.unrecorded))
-                sweep.append(entry)
+                if cancel:
+                    sweep.append(entry)
+                else:
+                    self._detach(entry)
             elif entry.stage in (Stage.WAITING, Stage.CREATING, Stage.STREAMING) and \
                     entry.job.response_id is None:
                 if entry.sent:

@@ -239,10 +239,13 @@ class Steps:
                     return await self._send_create(entry, permit, ticket)
                 finally:
                     self._shields.discard(shield)
-        # The shield's exit deadline cut the create off: it may have started a response. The
-        # ``sending`` record stays, so the next run counts it as a possible duplicate.
-        _log.warning("job.create_abandoned", key=job.key,
-                     reason="the manager exited before the create was answered")
+        if entry.unrecorded is None:
+            # The shield's exit deadline cut the create off: it may have started a response.
+            # The ``sending`` record stays, so the next run counts it as a possible duplicate.
+            _log.warning("job.create_abandoned", key=job.key,
+                         reason="the manager exited before the create was answered")
+        # Otherwise it was answered and the ledger did not take the id in time: the
+        # manager's shutdown keeps it where the next run finds it (``Scheduler.shutdown``).
         return None
 
     async def _send_create(self, entry: Entry, permit: Permit, ticket: Ticket) -> float | None:

@@ -67,7 +67,8 @@ class LedgerError(AsyncbgError):
 
     The message names the ledger and says what to do. Raised by a manager that had to stop,
     ``unrecorded`` lists the responses the server created but the ledger never took, as
-    ``(key, response_id)``: they were cancelled on the server (nobody could find them again).
+    ``(key, response_id)``: they are left running (paid for), and an SQLite journal keeps
+    them in ``JOURNAL.unrecorded``, where its next open records them.
     """
 
     unrecorded: Sequence[tuple[str, str]] = ()

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -24,6 +24,7 @@ from . import _sqlite_queries as q
 from ._base import Claim, ClaimOutcome, LedgerError, Outcome, Record
 from ._hops import Hops
 from ._outbox import Notice
+from ._rescue import Rescue
 from ._rules import claim_outcome, state_after, unclaimed
 from ._sqlite_outbox import SQLiteOutbox, add_notice
 
@@ -56,7 +57,15 @@ class SQLiteLedger(SQLiteOutbox):
     journal is refused with a :class:`LedgerError`. ``exclusive=True`` allows one asyncbg run
     per journal at a time (a ``flock`` on ``PATH.lock``, released when the process ends however
     it ends); a ledger opened without it, e.g. to read a journal's status, takes no such lock.
+
+    Responses the server created that the journal could not take before a run had to stop
+    are kept in ``PATH.unrecorded`` (:meth:`keep_unrecorded`) and recorded live by the next
+    open, so that the next run re-attaches to them (see :mod:`._rescue`).
     """
+
+    #: Whether opens record the ids kept in ``PATH.unrecorded`` (a shared ledger's keys are
+    #: fenced by leases instead, and its workers hand back what they could not record).
+    _keeps_unrecorded: ClassVar[bool] = True
 
     __slots__ = ("_ahead", "_ahead_at", "_db", "_exclusive", "_hops", "_limiter", "_lock",
                  "_opens", "_path")
@@ -105,6 +114,8 @@ class SQLiteLedger(SQLiteOutbox):
         try:
             if db is not None:
                 await anyio.to_thread.run_sync(db.close, limiter=self._limiter)
+                if self._exclusive and self._keeps_unrecorded:
+                    await anyio.to_thread.run_sync(Rescue(self._path).release)
         finally:
             if lock is not None:
                 lock.release()
@@ -233,6 +244,8 @@ class SQLiteLedger(SQLiteOutbox):
                 raise self._error(exc) from exc
             try:
                 self._prepare(db, created)
+                if self._keeps_unrecorded:
+                    self._adopt_kept(db)
             except BaseException:
                 db.close()
                 raise
@@ -241,6 +254,42 @@ class SQLiteLedger(SQLiteOutbox):
                 lock.release()
             raise
         self._db, self._lock = db, lock
+
+    def _adopt_kept(self, db: sqlite3.Connection) -> None:
+        """Record the responses a stopped run kept in ``PATH.unrecorded`` (a create whose
+        answer the journal could not take), then clear them; a run reserves the file's space
+        for the next time."""
+        rescue = Rescue(self._path)
+        try:
+            kept = rescue.read()
+        except OSError as exc:
+            raise errors.from_os(exc, str(rescue.path)) from exc
+        if kept:
+            now = time.time()
+            try:
+                with _transaction(db):
+                    for key, rid in kept:
+                        if db.execute(q.ADOPT_KEPT, (rid, now, key)).rowcount:
+                            db.execute(q.EVENT, (key, "in_progress", now))
+            except sqlite3.DatabaseError as exc:
+                raise self._error(exc) from exc
+            try:
+                rescue.clear()
+            except OSError as exc:
+                raise errors.from_os(exc, str(rescue.path)) from exc
+        if self._exclusive:
+            rescue.reserve()
+
+    async def keep_unrecorded(self, pairs: list[tuple[str, str]]) -> Path:
+        """Keep the (key, response id) of responses created but not recorded where the next
+        open of this journal records them; the file's path. Raises :class:`LedgerError`."""
+        rescue = Rescue(self._path)
+        try:
+            await anyio.to_thread.run_sync(rescue.keep, pairs)
+        except OSError as exc:
+            raise LedgerError(f"{rescue.path} could not be written ({exc.strerror or exc})"
+                              ) from exc
+        return rescue.path
 
     def _make_file(self) -> bool:
         """Create the file owner-only before SQLite would (with the umask's mode); True if new."""

@@ -204,6 +204,12 @@ RECORD_TERMINAL = """
         response = ?, error = ?, error_code = ?, http_status = ?, request_id = ?, updated = ?
     WHERE key = ?
 """
+#: A response a stopped run kept in ``JOURNAL.unrecorded``: its create was answered and the
+#: journal never took the id. Only a ``sending`` record without an id takes it.
+ADOPT_KEPT = """
+    UPDATE jobs SET state = 'live', response_id = ?, status = 'in_progress', updated = ?
+    WHERE key = ? AND state = 'sending' AND response_id IS NULL
+"""
 EVENT = "INSERT INTO events (key, status, at) VALUES (?, ?, ?)"
 
 # Reading what a file holds, before anything is written to it.

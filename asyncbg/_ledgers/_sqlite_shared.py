@@ -62,6 +62,7 @@ class SharedSQLiteLedger(SQLiteLedger):
     """
 
     __slots__ = ("_acquired", "_held", "_owner", "_registered", "lease")
+    _keeps_unrecorded = False
 
     def __init__(self, path: str | os.PathLike[str], *, exclusive: bool = False,
                  lease: float = DEFAULT_LEASE, owner: str | None = None) -> None:
