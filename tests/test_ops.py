@@ -41,19 +41,23 @@ class Boom(Exception):
     pass
 
 
-def _provider(name: str, fake: HttpFake) -> Any:
-    """The provider ``name`` on the real SDK, over HTTP to ``fake``."""
+def _provider(name: str, fake: HttpFake, batch_of: int | None = None) -> Any:
+    """The provider ``name`` on the real SDK, over HTTP to ``fake``; with ``batch_of``, a
+    batch API's batch goes out when that many requests wait (however slowly they came), not
+    after 0.05 s."""
+    gather: dict[str, Any] = ({"batch_delay": 0.05} if batch_of is None else
+                              {"batch_delay": 120.0, "max_batch_size": batch_of})
     root = fake.base_url.removesuffix("/v1")
     if name == "openai":
         return AsyncOpenAI(api_key="sk-test", base_url=fake.base_url, max_retries=0)
     if name == "openai-batch":
         return OpenAIBatch(AsyncOpenAI(api_key="sk-test", base_url=fake.base_url,
-                                       max_retries=0), batch_delay=0.05)
+                                       max_retries=0), **gather)
     if name == "anthropic":
         import anthropic
 
         return AnthropicBatches(anthropic.AsyncAnthropic(api_key="sk-ant", base_url=root,
-                                                         max_retries=0), batch_delay=0.05)
+                                                         max_retries=0), **gather)
     import httpx2
     from google import genai
     from google.genai import types
@@ -62,7 +66,7 @@ def _provider(name: str, fake: HttpFake) -> Any:
     options = types.HttpOptions(base_url=root,
                                 async_client_args={"transport": httpx2.AsyncHTTPTransport()})
     return GeminiBatches(genai.Client(api_key="gm", vertexai=False, http_options=options),
-                         batch_delay=0.05)
+                         **gather)
 
 
 def _request(name: str, key: str) -> dict[str, Any]:
@@ -81,9 +85,10 @@ async def _close(target: Any) -> None:
 
 
 async def leave_live(name: str, fake: HttpFake, journal: str | Path, keys: list[str],
-                     *, wait: float = 0.0) -> None:
-    """Submit ``keys`` with a journal, wait ``wait`` seconds, and leave them running."""
-    target = _provider(name, fake)
+                     *, wait: float = 0.0, one_batch: bool = False) -> None:
+    """Submit ``keys`` with a journal, wait ``wait`` seconds, and leave them running; with
+    ``one_batch``, a batch API's requests all go in one batch."""
+    target = _provider(name, fake, len(keys) if one_batch else None)
     try:
         with pytest.raises(Boom):
             async with asyncbg.BackgroundManager(
@@ -157,7 +162,7 @@ async def test_cancel_cancels_each_api_s_batch_whole_and_keeps_finished_results(
         fake.batches.script(f"slow{i}", duration=60)
     journal = tmp_path / "run.journal"
     await leave_live(name, batch_fake, journal, ["quick", *(f"slow{i}" for i in range(4))],
-                     wait=0.3)  # "quick" has finished on the server; its batch has not
+                     wait=0.3, one_batch=True)  # "quick" has finished; its batch has not
     assert fake.counters.batch_creates == 1 and fake.counters.batch_cancels == 0
 
     code, out, err = await cli(batch_fake, "status", "--ledger", str(journal), only=name)
