@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -92,12 +95,41 @@ class HeldClock:
             self._held_at = None
 
 
+class CreateGate:
+    """Holds create requests at the door, before the fake sees them, while it is shut: a test
+    makes "these creates have left the client and are not answered yet" a state it controls.
+    Open unless :meth:`shut`; ``waiting`` counts the creates held now."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.opened = threading.Event()
+        self.opened.set()
+        self.waiting = 0
+
+    def shut(self) -> None:
+        self.opened.clear()
+
+    def open(self) -> None:
+        self.opened.set()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if (not self.opened.is_set() and scope["type"] == "http"
+                and scope["method"] == "POST" and scope["path"] == "/v1/responses"):
+            self.waiting += 1
+            try:
+                await asyncio.to_thread(self.opened.wait)
+            finally:
+                self.waiting -= 1
+        await self.app(scope, receive, send)
+
+
 class HttpFake:
     """A fake server served by uvicorn on 127.0.0.1 inside the test's event loop."""
 
-    def __init__(self, server: FakeResponsesServer, base_url: str) -> None:
+    def __init__(self, server: FakeResponsesServer, base_url: str, gate: CreateGate) -> None:
         self.server = server
         self.base_url = base_url
+        self.gate = gate
         self.clock = HeldClock()
         server.clock = self.clock
 
@@ -113,9 +145,6 @@ class HttpFake:
 def http_fake() -> Iterator[HttpFake]:
     """Served from its own thread and event loop: a pytest-asyncio fixture's setup and teardown
     run in different tasks, so a task group cannot span its ``yield``."""
-    import asyncio
-    import threading
-
     import uvicorn
 
     from asyncbg._asgi import listen
@@ -123,12 +152,14 @@ def http_fake() -> Iterator[HttpFake]:
 
     server = FakeResponsesServer(latency=LatencyModel.uniform(0.05, 0.3))
     sock = listen("127.0.0.1", 0)  # its connections send at once (TCP_NODELAY)
-    web = uvicorn.Server(uvicorn.Config(asgi_app(server), log_level="error", lifespan="off"))
+    gate = CreateGate(asgi_app(server))
+    web = uvicorn.Server(uvicorn.Config(gate, log_level="error", lifespan="off"))
     thread = threading.Thread(target=asyncio.run, args=(web.serve([sock]),), daemon=True)
     thread.start()
     try:
-        yield HttpFake(server, f"http://127.0.0.1:{sock.getsockname()[1]}/v1")
+        yield HttpFake(server, f"http://127.0.0.1:{sock.getsockname()[1]}/v1", gate)
     finally:
+        gate.open()  # nothing left waiting at the door
         web.should_exit = True
         thread.join(timeout=10)
         sock.close()
