@@ -284,7 +284,12 @@ async def results(args: argparse.Namespace) -> int:
         say(str(exc))
         return 2
     except OSError as exc:
-        say(f"cannot write {args.output}: {exc.strerror or exc}")
+        from ._output import count_lines
+
+        held = await anyio.to_thread.run_sync(count_lines, Path(args.output))
+        say(f"cannot write {args.output}: {exc.strerror or exc}; it is as it was ("
+            f"{'1 line' if held == 1 else f'{held} lines'}) and the ledger is whole: run this "
+            "again once it can be written (free some space, or choose another -o)")
         return 2
     unfinished = counts["unfinished"]
     say(f"wrote {counts['lines']} lines to {args.output}"
@@ -359,12 +364,12 @@ def _refused_output(output: str, ledger: Ledger) -> str | None:
                 if stat.S_ISSOCK(mode) else "not a regular file")
         return f"{output} is {kind}: -o writes only a regular file (or - for stdout)"
     if isinstance(ledger, SQLiteLedger):
-        from ._output import same_path
+        from ._output import companion_of
 
-        base = ledger.path
-        for companion in ("", "-wal", "-shm", "-journal"):
-            if same_path(path, base.with_name(base.name + companion)):
-                return f"{output} is the ledger itself ({base}); pass another -o"
+        what = companion_of(path, ledger.path)
+        if what is not None:
+            what = what.replace("the journal", "the ledger")
+            return f"{output} is {what} ({ledger.path}): -o must be another file"
     return None
 
 
