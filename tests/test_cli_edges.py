@@ -199,3 +199,20 @@ def test_companion_of_names_what_a_path_is() -> None:
     assert companion_of(Path("/x/j.db.unrecorded"), j) is not None
     assert companion_of(Path("/x/j.db.journal"), j) is None
     assert companion_of(Path("/x/out.jsonl"), j) is None
+
+
+# -- worker --create -----------------------------------------------------------------------
+
+
+def test_worker_create_makes_no_directories(
+    env: HttpFake, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "file").write_text("")
+    for ledger, what in ((tmp_path / "no" / "such" / "l.db", "does not exist"),
+                         (tmp_path / "file" / "l.db", "is not a directory")):
+        code = main(["worker", "--create", "--ledger", str(ledger), "--exit-when-idle"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1, err
+        assert f"cannot create the ledger {ledger}: {ledger.parent} {what}" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+    assert env.server.counters.creates == 0

@@ -202,6 +202,12 @@ async def worker(args: argparse.Namespace) -> int:
         return 2
     if not args.create and await _missing(ledger, args.ledger, hint=" or pass --create"):
         return 2
+    if args.create and isinstance(ledger, SQLiteLedger) and (
+            not await (parent := anyio.Path(ledger.path).parent).is_dir()):
+        what = "is not a directory" if await parent.exists() else "does not exist"
+        say(f"cannot create the ledger {ledger.path}: {parent} {what} (--create makes the "
+            "ledger's file, not directories)")
+        return 2
     client = open_client(args.base_url)
     if client is None:
         return 2
