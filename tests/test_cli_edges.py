@@ -7,6 +7,8 @@ from __future__ import annotations
 import collections
 import json
 import os
+import signal
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,6 +41,10 @@ def creates_by_line(fake: HttpFake) -> collections.Counter[str]:
     """How many responses the fake created for each input line (its input is ``q KEY``)."""
     return collections.Counter(r.input_text.removeprefix("q ")
                                for r in fake.server._responses.values())
+
+
+def names(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
 
 
 def whole_lines(path: Path) -> list[str]:
@@ -216,3 +222,130 @@ def test_worker_create_makes_no_directories(
         assert f"cannot create the ledger {ledger}: {ledger.parent} {what}" in err[0], err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
     assert env.server.counters.creates == 0
+
+
+# -- malformed input -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("data", "said"), [
+    (b"/home/me/data/requests.jsonl", "in.jsonl:1: not valid JSON (Expecting value: line 1 "
+                                      "column 1 (char 0)): '/home/me/data/requests.jsonl'"),
+    (b"", "no requests in"),
+    (b"\n  \r\n\n", "no requests in"),
+    (b"\x00" * 300, "in.jsonl:1: not valid JSON"),
+    (b"\x7fELF\x02\x01\x01\xff\xfe\x00", "in.jsonl:1: not UTF-8 text (byte 0xff at column 8)"),
+    (b"\xff\xfe{\x00}\x00", "in.jsonl:1: not UTF-8 text (byte 0xff at column 1)"),  # UTF-16
+])
+def test_an_input_with_nothing_that_can_run_is_a_usage_error(
+    env: HttpFake, tmp_path: Path, capsys: pytest.CaptureFixture[str], data: bytes, said: str
+) -> None:
+    (tmp_path / "in.jsonl").write_bytes(data)
+    out = tmp_path / "out.jsonl"
+    assert main(["run", str(tmp_path / "in.jsonl"), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].endswith("nothing was sent"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]  # no journal, no output
+    undo_cli_logging()
+    assert main(["submit", str(tmp_path / "in.jsonl"), "--ledger", str(tmp_path / "l.db")]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert lines[-1].endswith("nothing was enqueued") or lines[-1].endswith("was enqueued"), err
+    assert said.replace("in.jsonl:1: ", "") in err and "Traceback" not in err, err
+    assert not (tmp_path / "l.db").exists()
+
+
+def test_many_bad_lines_are_named_up_to_ten(
+    env: HttpFake, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "in.jsonl").write_bytes(b"\x00\n" * 25)
+    assert main(["run", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "out.jsonl")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 11 and err[9].startswith(f"asyncbg: {tmp_path / 'in.jsonl'}:10: "), err
+    assert err[-1].startswith("asyncbg: ... and 15 more bad lines; no requests in"), err
+
+
+def test_a_bom_and_crlf_line_ends_run(env: HttpFake, tmp_path: Path) -> None:
+    lines = [request("a"), request("b")]
+    (tmp_path / "in.jsonl").write_bytes(b"\xef\xbb\xbf" + "".join(x + "\r\n" for x in lines)
+                                        .encode())
+    assert main(["run", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "out.jsonl")]) == 0
+    assert sorted(whole_lines(tmp_path / "out.jsonl")) == ["a", "b"]
+
+
+def test_a_fifo_input_to_run_or_estimate_is_refused_unopened(
+    env: HttpFake, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """They read their input twice (checked, then sent): a FIFO would be read once, then wait
+    for ever. It is refused without being opened (an open would wait for a writer)."""
+    fifo = tmp_path / "in.jsonl"
+    os.mkfifo(fifo)
+    for argv in (["run", str(fifo), "-o", str(tmp_path / "out.jsonl")], ["estimate", str(fifo)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{fifo} is a FIFO (named pipe)" in err[0], err
+        undo_cli_logging()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+# -- Ctrl-C while starting -----------------------------------------------------------------
+
+
+async def reader_waiting(fifo: Path, proc: anyio.abc.Process) -> int:
+    """Open ``fifo`` for writing once the command has it open for reading (it then waits for
+    the first line): the write end, which the caller closes."""
+    with anyio.fail_after(60):
+        while True:
+            assert proc.returncode is None
+            try:
+                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+                break
+            except OSError:  # ENXIO: no reader yet
+                await anyio.sleep(0.02)
+        # Until it waits inside read(): a signal that lands just before the call starts would
+        # be seen only once the call returns (so in any program; a second Ctrl-C ends it).
+        while "pipe" not in await blocked_in(proc.pid):
+            assert proc.returncode is None
+            await anyio.sleep(0.02)
+    return fd
+
+
+async def blocked_in(pid: int) -> str:
+    """Where in the kernel a process waits (Linux); "pipe" where that cannot be known."""
+    try:
+        wchan = await anyio.Path(f"/proc/{pid}/wchan").read_text()
+    except OSError:
+        return "pipe"
+    return "" if "partner" in wchan else wchan  # wait_for_partner: still opening
+
+
+@pytest.mark.parametrize("command", ["submit", "escalate-file"])
+@pytest.mark.asyncio
+async def test_ctrl_c_while_reading_the_input_exits_130_quietly(
+    http_fake: HttpFake, tmp_path: Path, command: str
+) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    write_input(tmp_path / "in.jsonl", [request("a")])
+    argv = (["submit", str(fifo), "--ledger", str(tmp_path / "l.db")] if command == "submit"
+            else ["run", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "out.jsonl"),
+                  "--escalate-file", str(fifo)])
+    env = {**env_for(http_fake), "PYTHONFAULTHANDLER": "1"}  # SIGABRT shows where it hangs
+    async with await anyio.open_process([sys.executable, "-m", "asyncbg", *argv],
+                                        env=env, cwd=tmp_path) as proc:
+        fd = await reader_waiting(fifo, proc)
+        try:
+            proc.send_signal(signal.SIGINT)
+            with anyio.move_on_after(30):
+                await proc.wait()
+        finally:
+            os.close(fd)
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGABRT)
+        code = await proc.wait()
+        assert proc.stderr is not None
+        err = b"".join([chunk async for chunk in proc.stderr]).decode()
+    assert code == 130, err
+    assert not err, err  # quiet: no traceback, nothing to say
+    assert names(tmp_path) == ["fifo", "in.jsonl"]  # no journal, no ledger, no output
+    assert http_fake.server.counters.creates == 0

@@ -147,8 +147,8 @@ async def submit(args: argparse.Namespace) -> int:
     except OSError as exc:
         say(f"cannot read {source}: {exc.strerror or exc}")
         return 2
-    except UnicodeDecodeError as exc:
-        say(f"{source} is not UTF-8 text: {exc}")
+    except UnicodeDecodeError as exc:  # NotUtf8: FILE:LINE: not UTF-8 text ...
+        say(f"{exc}; nothing was enqueued")
         return 2
     problems = [f"{source}:{bad.line}: {bad.reason}" for bad in parsed.bad]
     problems += [f"{source}: {dup}" for dup in parsed.duplicates]
@@ -156,6 +156,9 @@ async def submit(args: argparse.Namespace) -> int:
         for problem in problems:
             say(problem)
         say(f"nothing from {source} was enqueued")
+        return 2
+    if not parsed.requests:
+        say(f"no requests in {source}; nothing was enqueued")
         return 2
     try:
         ledger = shared_ledger(args.ledger)

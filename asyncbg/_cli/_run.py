@@ -31,7 +31,7 @@ from .._ledgers._rescue import Rescue
 from .._outcomes._journal import attempt_of, final_record, final_view
 from . import _metrics
 from ._formats import FORMATS, Format, close
-from ._input import BatchRequest, Index, NotUtf8
+from ._input import BatchRequest, Index, NotUtf8, not_a_file
 from ._notify import notify_option, to_deliver
 from ._notify import summary_row as notes_row
 from ._ops import cancel_live, say
@@ -68,6 +68,8 @@ WINDOW = 4
 MIN_WINDOW = 64
 #: Jobs collected per output write (one write and one fsync each, off the event loop).
 BATCH = 256
+#: Bad lines named when not one line of the input can run (a binary file has many).
+_SHOWN = 10
 #: The variable each provider's SDK reads its base URL from.
 _BASE_URL_ENV = {"openai": "OPENAI_BASE_URL", "openai-batch": "OPENAI_BASE_URL",
                  "anthropic": "ANTHROPIC_BASE_URL", "gemini": "GOOGLE_GEMINI_BASE_URL"}
@@ -107,6 +109,9 @@ async def run(args: argparse.Namespace) -> int:
         except RefusedPath as exc:
             say(f"{exc}; nothing was sent")
             return 2
+    if (problem := not_a_file(source)) is not None:
+        say(f"{problem}; nothing was sent")
+        return 2
     try:
         index = fmt.index(source, args)
     except OSError as exc:
@@ -127,8 +132,13 @@ async def run(args: argparse.Namespace) -> int:
             f"gives to a later attempt of {attempt_of(clash)!r}: rename it to run with "
             "--escalate-file; nothing was sent")
         return 2
-    if not index.lines and not index.bad:
-        say(f"no requests in {source}; nothing was sent")
+    if not index.lines:  # empty, blank, or not one line that can run (a path, say)
+        for bad in index.bad[:_SHOWN]:
+            say(f"{source}:{bad.line}: {bad.reason}")
+        more = len(index.bad) - _SHOWN
+        say((f"... and {more} more bad lines; " if more > 0 else "")
+            + f"no requests in {source}{' that can run' if index.bad else ''}; nothing was "
+            "sent")
         return 2
     if (problem := _unpriced(args, index)) is not None:
         say(problem)
