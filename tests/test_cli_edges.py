@@ -349,3 +349,32 @@ async def test_ctrl_c_while_reading_the_input_exits_130_quietly(
     assert not err, err  # quiet: no traceback, nothing to say
     assert names(tmp_path) == ["fifo", "in.jsonl"]  # no journal, no ledger, no output
     assert http_fake.server.counters.creates == 0
+
+
+# -- a server that goes away ---------------------------------------------------------------
+
+
+def test_what_the_end_says_when_the_server_went_away() -> None:
+    from asyncbg._cli._report import connection_failure, interrupt_message, unreached_message
+
+    lines = {f"r{i}": i + 1 for i in range(20)}
+    records = {f"r{i}": record(f"r{i}") for i in range(16)}
+    records |= {f"r{i}": record(f"r{i}", state="local", status="failed",
+                                error="cannot connect to http://x/v1: refused",
+                                error_code="connection_error") for i in (16, 17)}
+    records["r18"] = record("r18", state="live", status="in_progress")
+    said = unreached_message(lines, records)
+    assert said is not None and said.startswith(
+        "2 lines could not reach the server: the output has 16 of its 20 lines; run the same "
+        "command again once the server answers to complete it"), said
+    assert unreached_message(lines, {k: records[k] for k in list(records)[:16]}) is None
+    first = interrupt_message(lines, records, signal_name="SIGINT", journal=Path("j.db"),
+                              output=Path("out.jsonl"))[0]
+    assert first.endswith("; the output has 16 of its 20 lines"), first
+    assert "output" not in interrupt_message(lines, records, signal_name="SIGINT",
+                                             journal=Path("j.db"))[0]
+    # every create failed once the server had gone: not "nothing was sent", nor a garbled URL
+    gone = connection_failure(4, 4, "create failed after 8 attempts; last error (reset)")
+    assert gone is not None and "nothing was sent" not in gone and "cannot connect to" not in gone
+    assert connection_failure(4, 4, "cannot connect to http://x/v1: refused") == (
+        "cannot connect to http://x/v1 (refused); nothing was sent")

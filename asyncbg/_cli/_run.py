@@ -49,7 +49,13 @@ from ._output import (
     tokens_of,
 )
 from ._progress import Display, Live, Tally
-from ._report import connection_failure, interrupt_message, name_failures, summary
+from ._report import (
+    connection_failure,
+    interrupt_message,
+    name_failures,
+    summary,
+    unreached_message,
+)
 from ._signals import Interrupts
 
 if TYPE_CHECKING:  # the manager loads the SDK: only a run with something to send needs it
@@ -638,8 +644,9 @@ class _Run:
             kept = {key for key, _ in Rescue(self.journal).read()}
         except OSError:
             kept = set()
+        output = None if isinstance(self.out, StdoutOutput) else self.out.path
         for line in interrupt_message(self.lines, records, signal_name=interrupts.name,
-                                      journal=self.journal, kept=kept):
+                                      journal=self.journal, kept=kept, output=output):
             say(line)
         if (failure := self._output_failure()) is not None:
             say(failure)
@@ -682,6 +689,8 @@ class _Run:
         if (failure := self._output_failure()) is not None:
             say(failure)
             return 2
+        if (unreached := unreached_message(self.lines, records)) is not None:
+            say(unreached)
         return 0 if bad == 0 and problems == 0 else 1
 
 
