@@ -8,6 +8,7 @@ import collections
 import json
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -378,3 +379,31 @@ def test_what_the_end_says_when_the_server_went_away() -> None:
     assert gone is not None and "nothing was sent" not in gone and "cannot connect to" not in gone
     assert connection_failure(4, 4, "cannot connect to http://x/v1: refused") == (
         "cannot connect to http://x/v1 (refused); nothing was sent")
+
+
+# -- status: a stdout that cannot be written, a journal it must not write ------------------
+
+
+def test_status_writes_nothing_to_the_journal_and_says_when_stdout_fails(
+    env: HttpFake, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_input(tmp_path / "in.jsonl", [request(f"r{i}") for i in range(3)])
+    journal = tmp_path / "j.db"
+    assert main(["run", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "out.jsonl"),
+                 "--journal", str(journal)]) == 0
+    before = journal.read_bytes()
+    status = [sys.executable, "-m", "asyncbg", "status", "--ledger", str(journal)]
+    done = subprocess.run([*status, "--json"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and json.loads(done.stdout)["by_status"] == {"completed": 3}
+    assert journal.read_bytes() == before  # read-only: no schema mark, no upgrade
+    if Path("/dev/full").exists():
+        with open("/dev/full", "w") as full:
+            done = subprocess.run([*status, "--json"], stdout=full, stderr=subprocess.PIPE,
+                                  text=True, timeout=60)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.strip().splitlines() == [
+            "asyncbg: cannot write to stdout: No space left on device"]
+    done = subprocess.run(status, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          timeout=60, preexec_fn=lambda: os.close(1))  # closed before exec
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == ["asyncbg: cannot write to stdout: stdout is closed"]

@@ -357,7 +357,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _owns_process = True
     try:
         code = _dispatch(argv)
-        sys.stdout.flush()  # inside the try: a closed pipe fails here, not at exit
+        if sys.stdout is not None:  # None: started with stdout closed (emit says so)
+            sys.stdout.flush()  # inside the try: a closed pipe fails here, not at exit
     except KeyboardInterrupt:
         # A Ctrl-C before a command's own handling started (``run`` and ``worker`` handle
         # theirs): while the options are read, the input opened, the journal opened.
@@ -370,6 +371,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ops = sys.modules.get(f"{__name__}._ops")
     if getattr(ops, "PIPE_CLOSED", False):  # emit() saw the reader go and let the work finish
         return 141
+    if getattr(ops, "STDOUT_FAILED", False):  # emit() could not write and said so
+        return 2
     return code
 
 
