@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Awaitable, Callable, Sequence
 
 from .._providers._kinds import PROVIDER_NAMES
 
@@ -356,7 +357,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         _owns_process = True
     try:
         code = _dispatch(argv)
-        sys.stdout.flush()  # inside the try: a closed pipe fails here, not at exit
+        if sys.stdout is not None:  # None: started with stdout closed (emit says so)
+            sys.stdout.flush()  # inside the try: a closed pipe fails here, not at exit
+    except KeyboardInterrupt:
+        # A Ctrl-C before a command's own handling started (``run`` and ``worker`` handle
+        # theirs): while the options are read, the input opened, the journal opened.
+        return 130
     except BaseException as exc:
         if not _closed_pipe(exc):
             raise
@@ -365,6 +371,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ops = sys.modules.get(f"{__name__}._ops")
     if getattr(ops, "PIPE_CLOSED", False):  # emit() saw the reader go and let the work finish
         return 141
+    if getattr(ops, "STDOUT_FAILED", False):  # emit() could not write and said so
+        return 2
     return code
 
 
@@ -434,8 +442,6 @@ def _refreeze(phase: str, info: dict[str, int]) -> None:
 
 
 def _dispatch(argv: Sequence[str] | None) -> int:
-    import anyio
-
     args = _parser_for(argv).parse_args(argv)
     if args.command == "fake-server":
         from ._demo import fake_server
@@ -460,17 +466,39 @@ def _dispatch(argv: Sequence[str] | None) -> int:
 
     if args.command in _fleet.COMMANDS:
         freeze_start_up()
-        return anyio.run(_fleet.COMMANDS[args.command], args)
+        return _run_async(_fleet.COMMANDS[args.command], args)
     if args.command == "notify":
-        return anyio.run(_notify.notify, args)
+        return _run_async(_notify.notify, args)
     from ._demo import demo
     from ._ops import cancel
     from ._run import run
 
     command = {"run": run, "cancel": cancel, "demo": demo}[args.command]
     freeze_start_up(load_sdk=args.command != "run")  # run: see _run.py
+    return _run_async(command, args)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _run_async(command: Callable[[argparse.Namespace], Awaitable[int]],
+               args: argparse.Namespace) -> int:
+    """``anyio.run(command, args)`` with Ctrl-C raising ``KeyboardInterrupt`` at once, as in
+    any Python program, until a command's own signal handling starts (``run``, ``worker``).
+
+    asyncio's runner would take the first SIGINT for itself and only cancel the main task:
+    a command blocked in a system call (opening a FIFO it reads its input from, say) would not
+    notice, and Ctrl-C would seem to do nothing. main() makes the interrupt exit 130."""
+    import signal
+
+    import anyio
+
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        return anyio.run(command, args)  # SIGINT ignored (nohup), or someone else's to take
+    previous = signal.signal(signal.SIGINT, _interrupt)
     try:
         return anyio.run(command, args)
-    except KeyboardInterrupt:
-        # A Ctrl-C before a command's own handling started (``run`` handles its own).
-        return 130
+    finally:
+        signal.signal(signal.SIGINT, previous)

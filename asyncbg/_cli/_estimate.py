@@ -210,8 +210,12 @@ def _estimate(source: Path, args: argparse.Namespace, *, counted: str) -> dict[s
     """The file's estimate, or None after saying why it cannot be read (``counted``: what
     becomes of a bad line, in words)."""
     from ._formats import FORMATS
+    from ._input import not_a_file
 
     fmt = FORMATS[args.provider]
+    if (problem := not_a_file(source)) is not None:
+        say(problem)
+        return None
     try:
         index = fmt.index(source, args)
         requests = list(fmt.requests(source, args))

@@ -147,8 +147,8 @@ async def submit(args: argparse.Namespace) -> int:
     except OSError as exc:
         say(f"cannot read {source}: {exc.strerror or exc}")
         return 2
-    except UnicodeDecodeError as exc:
-        say(f"{source} is not UTF-8 text: {exc}")
+    except UnicodeDecodeError as exc:  # NotUtf8: FILE:LINE: not UTF-8 text ...
+        say(f"{exc}; nothing was enqueued")
         return 2
     problems = [f"{source}:{bad.line}: {bad.reason}" for bad in parsed.bad]
     problems += [f"{source}: {dup}" for dup in parsed.duplicates]
@@ -156,6 +156,9 @@ async def submit(args: argparse.Namespace) -> int:
         for problem in problems:
             say(problem)
         say(f"nothing from {source} was enqueued")
+        return 2
+    if not parsed.requests:
+        say(f"no requests in {source}; nothing was enqueued")
         return 2
     try:
         ledger = shared_ledger(args.ledger)
@@ -201,6 +204,12 @@ async def worker(args: argparse.Namespace) -> int:
         say(str(exc))
         return 2
     if not args.create and await _missing(ledger, args.ledger, hint=" or pass --create"):
+        return 2
+    if args.create and isinstance(ledger, SQLiteLedger) and (
+            not await (parent := anyio.Path(ledger.path).parent).is_dir()):
+        what = "is not a directory" if await parent.exists() else "does not exist"
+        say(f"cannot create the ledger {ledger.path}: {parent} {what} (--create makes the "
+            "ledger's file, not directories)")
         return 2
     client = open_client(args.base_url)
     if client is None:
@@ -284,7 +293,12 @@ async def results(args: argparse.Namespace) -> int:
         say(str(exc))
         return 2
     except OSError as exc:
-        say(f"cannot write {args.output}: {exc.strerror or exc}")
+        from ._output import count_lines
+
+        held = await anyio.to_thread.run_sync(count_lines, Path(args.output))
+        say(f"cannot write {args.output}: {exc.strerror or exc}; it is as it was ("
+            f"{'1 line' if held == 1 else f'{held} lines'}) and the ledger is whole: run this "
+            "again once it can be written (free some space, or choose another -o)")
         return 2
     unfinished = counts["unfinished"]
     say(f"wrote {counts['lines']} lines to {args.output}"
@@ -359,12 +373,12 @@ def _refused_output(output: str, ledger: Ledger) -> str | None:
                 if stat.S_ISSOCK(mode) else "not a regular file")
         return f"{output} is {kind}: -o writes only a regular file (or - for stdout)"
     if isinstance(ledger, SQLiteLedger):
-        from ._output import same_path
+        from ._output import companion_of
 
-        base = ledger.path
-        for companion in ("", "-wal", "-shm", "-journal"):
-            if same_path(path, base.with_name(base.name + companion)):
-                return f"{output} is the ledger itself ({base}); pass another -o"
+        what = companion_of(path, ledger.path)
+        if what is not None:
+            what = what.replace("the journal", "the ledger")
+            return f"{output} is {what} ({ledger.path}): -o must be another file"
     return None
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ __all__ = [
     "check_request",
     "index_lines",
     "iter_lines",
+    "not_a_file",
     "read_lines",
     "read_requests",
 ]
@@ -108,13 +110,39 @@ def iter_lines(path: Path, check: Check) -> Iterator[BatchRequest | BadLine]:
             try:
                 item = json.loads(text)
             except ValueError as exc:
-                yield BadLine(number, f"not valid JSON ({exc})")
+                yield BadLine(number, f"not valid JSON ({exc}): {_start_of(text)}")
                 continue
             got = check(item) if isinstance(item, dict) else "a line must be a JSON object"
             if isinstance(got, str):
                 yield BadLine(number, got)
             else:
                 yield BatchRequest(number, *got)
+
+
+def _start_of(text: str, width: int = 30) -> str:
+    """The start of a line, quoted, to show what a line that is not JSON holds."""
+    text = text.strip()
+    return repr(text if len(text) <= width else text[:width] + "...")
+
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISSOCK, "a socket"))
+
+
+def not_a_file(path: Path) -> str | None:
+    """Why ``path`` cannot be an input that is read twice (every line checked before anything
+    is sent, then read again as it is sent), or None. Only stat-ed: a FIFO is not opened (an
+    open would wait for a writer). A path that cannot be stat-ed is left to the open to say."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+    return (f"{path} is {kind}: the input is read twice (every line is checked before "
+            "anything is sent), so it must be a regular file")
 
 
 def index_lines(path: Path, check: Check, id_name: str) -> Index:

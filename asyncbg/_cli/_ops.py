@@ -17,16 +17,18 @@ every live record is cancelled.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import os
 import sqlite3
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 
@@ -79,20 +81,46 @@ def say(message: str) -> None:
 
 #: Set once a reader went away from stdout: the command still ends with 141 (see main).
 PIPE_CLOSED = False
+#: Set once stdout could not be written (a full disk, a closed descriptor): said in one line,
+#: and the command ends with 2 (see main).
+STDOUT_FAILED = False
 
 
 def emit(text: str) -> None:
     """Print ``text`` on stdout; a reader that went away (``| head``) ends the output
     quietly: the rest is dropped, with no traceback, and the command's work goes on (a cancel
-    finishes cancelling); the command then exits 141, as every command does on a closed pipe."""
-    global PIPE_CLOSED
+    finishes cancelling); the command then exits 141, as every command does on a closed pipe.
+    A stdout that cannot be written otherwise (a file on a full disk, a closed descriptor) is
+    said in one line, the rest is dropped, and the command exits 2."""
+    global PIPE_CLOSED, STDOUT_FAILED
     try:
+        if sys.stdout is None:
+            raise OSError(errno.EBADF, "stdout is closed")
         print(text, flush=True)
     except BrokenPipeError:
         PIPE_CLOSED = True
+        silence_stdout()
+    except OSError as exc:
+        if not STDOUT_FAILED:
+            say(f"cannot write to stdout: {exc.strerror or exc}")
+        STDOUT_FAILED = True
+        silence_stdout()
+
+
+def silence_stdout() -> None:
+    """Point stdout at /dev/null, so that later writes and the flush at exit do not fail
+    again (what was buffered is dropped)."""
+    if sys.stdout is None:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of the process
+        return
+    try:
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())  # so the flush at exit does not fail again
+        os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
+    except (OSError, ValueError):
+        pass
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.flush()  # the buffer goes to /dev/null now
 
 
 def open_client(base_url: str | None) -> openai.AsyncOpenAI | None:
@@ -297,12 +325,48 @@ def run_status(args: argparse.Namespace) -> int:
         return 2
     ledger = SharedSQLiteLedger(path)
     try:
-        view, workers, used, deliveries = ledger.read_once(_sqlite_status)
+        read = _read_only(path, _sqlite_status)
+        # Not a current journal (or not one at all): opened as a ledger is, which says what
+        # the file is, and upgrades an earlier version's schema once (its first use).
+        view, workers, used, deliveries = (
+            read if read is not None else ledger.read_once(_sqlite_status))
     except LedgerError as exc:
         say(str(exc))
         return 2
     fleet = fleet_summary(workers, unfinished_in(view)) if workers or used else None
     return _show_status(args, ledger.location, view, fleet, delivery_summary(deliveries))
+
+
+T = TypeVar("T")
+
+
+def _read_only(path: Path, fn: Callable[[sqlite3.Connection], T]) -> T | None:
+    """``fn`` on a read-only connection to a journal of the current schema: status writes
+    nothing, and works on a read-only disk. None when the file is not such a journal (or
+    cannot be opened so): the caller opens it as a ledger, to say why or to upgrade it."""
+    from urllib.parse import quote
+
+    from .._ledgers import _sqlite_queries as q
+
+    uri = f"file:{quote(os.path.realpath(path))}?mode=ro"
+    if not os.access(path.parent, os.W_OK):  # nothing can be writing it: no -shm to make
+        uri += "&immutable=1"
+    try:
+        db = sqlite3.connect(uri, uri=True, timeout=5.0, isolation_level=None)
+    except sqlite3.Error:
+        return None
+    try:
+        current = (int(db.execute(q.READ_APPLICATION_ID).fetchone()[0]) == q.APPLICATION_ID
+                   and int(db.execute(q.READ_USER_VERSION).fetchone()[0]) == q.SCHEMA_VERSION
+                   and db.execute(q.HAS_COUNTS).fetchone() is not None
+                   and db.execute(q.HAS_TALLIES).fetchone() is not None)
+        if not current:
+            return None
+        return fn(db)
+    except sqlite3.Error:
+        return None
+    finally:
+        db.close()
 
 
 def _sqlite_status(db: sqlite3.Connection) -> tuple[Overview, list[WorkerInfo], bool,

@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from .._ledgers import Record
 from .._spend._tokens import usage_tokens
@@ -30,6 +30,8 @@ __all__ = [
     "RefusedPath",
     "StdoutOutput",
     "body_of",
+    "companion_of",
+    "count_lines",
     "error_of",
     "line_id",
     "output_line",
@@ -37,6 +39,7 @@ __all__ = [
     "read_existing",
     "same_path",
     "tokens_of",
+    "write_all",
     "write_atomic",
 ]
 
@@ -189,6 +192,25 @@ def same_path(a: Path, b: Path) -> bool:
         return False
 
 
+#: The files of a journal besides itself, and what each one is: SQLite's (beside the path as
+#: given, or the real file), the lock of its run and the ids it keeps (beside the real file).
+_COMPANIONS = (("-wal", "write-ahead log"), ("-shm", "shared-memory index"),
+               ("-journal", "rollback journal"), (".lock", "lock file"),
+               (".unrecorded", "file of responses created but not recorded"))
+
+
+def companion_of(output: Path, journal: Path) -> str | None:
+    """What ``output`` is of ``journal`` ("the journal itself", "the journal's lock file"
+    ...), when it names the journal or one of the files that go with it; None otherwise."""
+    if same_path(output, journal):
+        return "the journal itself"
+    bases = {str(journal), os.path.realpath(journal)}
+    for suffix, what in _COMPANIONS:
+        if any(same_path(output, Path(base + suffix)) for base in bases):
+            return f"the journal's {what}"
+    return None
+
+
 # -- writing -----------------------------------------------------------------------------------
 
 
@@ -205,22 +227,47 @@ def _mode_for(path: Path) -> int:
         return 0o666 & ~umask
 
 
-def write_atomic(path: Path, lines: Iterable[Mapping[str, Any] | str]) -> None:
-    """Replace ``path`` with ``lines`` (objects, or JSON text ending in a newline): a temporary
-    file beside it, fsync, then a rename.
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to ``fd`` (``os.write`` may write less than it is given: a disk
+    filling up writes what fits, then fails). Every output file asyncbg writes goes through
+    here."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
-    A reader (or a crash) sees either the old file or the new one, never a mix. The file keeps
-    its permissions.
+
+#: Bytes gathered before each write of :func:`write_atomic`.
+_CHUNK = 1 << 16
+
+
+def write_atomic(path: Path, lines: Iterable[Mapping[str, Any] | str]) -> int:
+    """Replace ``path`` with ``lines`` (objects, or JSON text ending in a newline): a temporary
+    file beside it, fsync, then a rename; returns how many lines it holds.
+
+    A reader (or a crash) sees either the old file or the new one, never a mix: when a write
+    fails (a full disk), the temporary file is removed and ``path`` is as it was. The file
+    keeps its permissions.
     """
     mode = _mode_for(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    count = 0
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        try:
+            chunk: list[bytes] = []
+            size = 0
             for line in lines:
-                f.write(line if isinstance(line, str) else _dumps(line))
-            f.flush()
-            os.fchmod(f.fileno(), mode)
-            os.fsync(f.fileno())
+                data = (line if isinstance(line, str) else _dumps(line)).encode()
+                chunk.append(data)
+                size += len(data)
+                count += 1
+                if size >= _CHUNK:
+                    write_all(fd, b"".join(chunk))
+                    chunk, size = [], 0
+            write_all(fd, b"".join(chunk))
+            os.fchmod(fd, mode)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -232,6 +279,19 @@ def write_atomic(path: Path, lines: Iterable[Mapping[str, Any] | str]) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+    return count
+
+
+def count_lines(path: Path) -> int:
+    """How many whole lines (ending in a newline, not blank) a file holds; 0 without one."""
+    count = 0
+    try:
+        with path.open("rb") as f:
+            for raw in f:
+                count += raw.endswith(b"\n") and bool(raw.strip())
+    except OSError:
+        return 0
+    return count
 
 
 #: Makes the output line of a finished record (None while it is not finished).
@@ -277,7 +337,8 @@ class OutputFile:
 
     Its methods block (they write and fsync): a run calls them through
     ``anyio.to_thread.run_sync``. Only a fingerprint of each written line is kept, so memory
-    does not grow with the bodies.
+    does not grow with the bodies. A write that fails (a full disk) leaves the file holding
+    whole lines only: an append cut short is cut back, a rewrite leaves the old file.
     """
 
     def __init__(self, path: Path, line: Line = output_line) -> None:
@@ -285,7 +346,11 @@ class OutputFile:
         self._line = line
         #: custom_id -> fingerprint of the line last written for it.
         self._written: dict[str, bytes] = {}
-        self._f: IO[str] | None = None
+        #: The file, open for appending, and its size in bytes (whole lines only).
+        self._fd: int | None = None
+        self._size = 0
+        #: How many lines the file holds (counted as they are written).
+        self.lines = 0
         self._lock: Any = None
 
     def lock(self) -> None:
@@ -303,7 +368,9 @@ class OutputFile:
             self._lock = None
 
     def rewrite(self, records: Mapping[str, Record], order: Iterable[str]) -> None:
-        """Rewrite the whole file from ``records``: one line per finished key, in ``order``."""
+        """Rewrite the whole file from ``records``: one line per finished key, in ``order``.
+
+        When it fails the file is as it was (and :attr:`lines` with it)."""
         self.close()
         written: dict[str, bytes] = {}
 
@@ -316,7 +383,7 @@ class OutputFile:
                     written[key] = _fingerprint(text)
                     yield text
 
-        write_atomic(self.path, lines())
+        self.lines = write_atomic(self.path, lines())
         self._written = written
 
     def append(self, record: Record) -> bool:
@@ -325,18 +392,34 @@ class OutputFile:
 
     def append_many(self, records: Iterable[Record]) -> int:
         """Append the lines of finished records, each unless that exact outcome is already
-        written, then flush and fsync once; returns how many lines were written."""
-        texts = self._new_lines(records)
-        if texts:
-            if self._f is None:
-                self._f = self.path.open("a", encoding="utf-8")
-            self._f.write("".join(texts))
-            self._f.flush()
-            os.fsync(self._f.fileno())
-        return len(texts)
+        written, then fsync once; returns how many lines were written.
 
-    def _new_lines(self, records: Iterable[Record]) -> list[str]:
-        texts = []
+        Raises ``OSError`` when the file cannot take them, after cutting the file back to the
+        whole lines it held (a disk that filled up mid-line leaves no half line)."""
+        marks = self._new_lines(records)
+        if not marks:
+            return 0
+        data = "".join(text for _, text, _ in marks).encode()
+        if self._fd is None:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                         0o666)
+            self._fd, self._size = fd, os.fstat(fd).st_size
+        try:
+            write_all(self._fd, data)
+            os.fsync(self._fd)
+        except OSError:
+            with contextlib.suppress(OSError):  # a rerun forgives a cut last line all the same
+                os.ftruncate(self._fd, self._size)
+            raise
+        self._size += len(data)
+        self.lines += len(marks)
+        for key, _, mark in marks:
+            self._written[key] = mark
+        return len(marks)
+
+    def _new_lines(self, records: Iterable[Record]) -> list[tuple[str, str, bytes]]:
+        """(key, text, fingerprint) of each line to write: not noted as written until it is."""
+        new: dict[str, tuple[str, str, bytes]] = {}
         for record in records:
             line = self._line(record)
             if line is None:
@@ -344,14 +427,14 @@ class OutputFile:
             text = _dumps(line)
             mark = _fingerprint(text)
             if self._written.get(record.key) != mark:
-                self._written[record.key] = mark
-                texts.append(text)
-        return texts
+                new.pop(record.key, None)  # the later outcome of a key given twice
+                new[record.key] = (record.key, text, mark)
+        return list(new.values())
 
     def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
-            self._f = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class StdoutOutput(OutputFile):
@@ -382,8 +465,11 @@ class StdoutOutput(OutputFile):
         self.append_many(chosen)
 
     def append_many(self, records: Iterable[Record]) -> int:
-        texts = self._new_lines(records)
-        if texts:
-            self._stream.write("".join(texts))
+        marks = self._new_lines(records)
+        if marks:
+            self._stream.write("".join(text for _, text, _ in marks))
             self._stream.flush()
-        return len(texts)
+            self.lines += len(marks)
+            for key, _, mark in marks:
+                self._written[key] = mark
+        return len(marks)

@@ -10,7 +10,8 @@ from .._ledgers import Record
 from ._output import body_of, tokens_of
 from ._progress import counts_text, rows
 
-__all__ = ["completed", "connection_failure", "interrupt_message", "name_failures", "summary"]
+__all__ = ["answered", "completed", "connection_failure", "interrupt_message", "name_failures",
+           "summary", "unreached_message"]
 
 
 def completed(record: Record | None) -> bool:
@@ -53,8 +54,36 @@ def connection_failure(sent: int, refused: int, message: str | None) -> str | No
     of them did, the first saying ``message``); None otherwise."""
     if not sent or refused < sent:
         return None
+    if not (message or "").startswith("cannot connect to "):  # the server went away mid-way
+        return (f"the server could not be reached ({message or 'connection failed'}); every "
+                f"one of the {sent} lines sent failed: run the same command again once it "
+                "answers (nothing finished is sent again)")
     url, _, reason = (message or "").removeprefix("cannot connect to ").partition(": ")
     return f"cannot connect to {url} ({reason or 'connection failed'}); nothing was sent"
+
+
+#: Error codes of a line that never reached the server: a rerun sends it again.
+UNREACHED = frozenset({"connection_error"})
+
+
+def answered(lines: Collection[str], records: Mapping[str, Record]) -> int:
+    """How many of ``lines`` have their final answer in the output: finished, and not for
+    want of a server (those a rerun sends again)."""
+    return sum((r := records.get(c)) is not None and r.terminal
+               and r.error_code not in UNREACHED for c in lines)
+
+
+def unreached_message(lines: Collection[str], records: Mapping[str, Record]) -> str | None:
+    """One line when some lines could not reach the server: how much of the output is there
+    and how to complete it; None when none."""
+    unreached = sum((r := records.get(c)) is not None and r.terminal
+                    and r.error_code in UNREACHED for c in lines)
+    if not unreached:
+        return None
+    what = "1 line" if unreached == 1 else f"{unreached} lines"
+    return (f"{what} could not reach the server: the output has {answered(lines, records)} "
+            f"of its {len(lines)} lines; run the same command again once the server answers "
+            "to complete it (nothing finished is sent again)")
 
 
 def summary(lines: Mapping[str, int], records: Mapping[str, Record], *,
@@ -81,10 +110,10 @@ def summary(lines: Mapping[str, int], records: Mapping[str, Record], *,
 
 def interrupt_message(lines: Mapping[str, int], records: Mapping[str, Record], *,
                       signal_name: str, journal: Path,
-                      kept: Collection[str] = ()) -> list[str]:
+                      kept: Collection[str] = (), output: Path | None = None) -> list[str]:
     """How far an interrupted run got, and the two ways on. ``kept``: keys whose response
     id the journal could not take, kept in ``JOURNAL.unrecorded`` (running, and re-attached
-    by the next run)."""
+    by the next run); ``output``: the run's output file, said how many of its lines it has."""
     states = {c: records[c].state if c in records else "new" for c in lines}
     finished = sum(state in ("done", "local") for state in states.values())
     unsent = sum(state == "new" for state in states.values())
@@ -97,6 +126,8 @@ def interrupt_message(lines: Mapping[str, int], records: Mapping[str, Record], *
     running = "1 response still running" if live == 1 else f"{live} responses still running"
     said = [f"interrupted ({signal_name}): {finished} of {len(lines)} lines finished; "
             f"{running} on the server; {unsent} lines not sent"]
+    if output is not None:
+        said[0] += f"; the output has {answered(lines, records)} of its {len(lines)} lines"
     if cut:
         said[0] += (f"; {cut} creates cut off before the server answered (the server may "
                     "have started them: a rerun sends them again and counts each as a "

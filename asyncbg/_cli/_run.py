@@ -31,7 +31,7 @@ from .._ledgers._rescue import Rescue
 from .._outcomes._journal import attempt_of, final_record, final_view
 from . import _metrics
 from ._formats import FORMATS, Format, close
-from ._input import BatchRequest, Index, NotUtf8
+from ._input import BatchRequest, Index, NotUtf8, not_a_file
 from ._notify import notify_option, to_deliver
 from ._notify import summary_row as notes_row
 from ._ops import cancel_live, say
@@ -42,12 +42,20 @@ from ._output import (
     RefusedPath,
     StdoutOutput,
     body_of,
+    companion_of,
+    count_lines,
     output_target,
     same_path,
     tokens_of,
 )
 from ._progress import Display, Live, Tally
-from ._report import connection_failure, interrupt_message, name_failures, summary
+from ._report import (
+    connection_failure,
+    interrupt_message,
+    name_failures,
+    summary,
+    unreached_message,
+)
 from ._signals import Interrupts
 
 if TYPE_CHECKING:  # the manager loads the SDK: only a run with something to send needs it
@@ -66,6 +74,8 @@ WINDOW = 4
 MIN_WINDOW = 64
 #: Jobs collected per output write (one write and one fsync each, off the event loop).
 BATCH = 256
+#: Bad lines named when not one line of the input can run (a binary file has many).
+_SHOWN = 10
 #: The variable each provider's SDK reads its base URL from.
 _BASE_URL_ENV = {"openai": "OPENAI_BASE_URL", "openai-batch": "OPENAI_BASE_URL",
                  "anthropic": "ANTHROPIC_BASE_URL", "gemini": "GOOGLE_GEMINI_BASE_URL"}
@@ -95,6 +105,9 @@ async def run(args: argparse.Namespace) -> int:
         if same_path(a, b):
             say(f"{what} are the same file ({a}); nothing was sent")
             return 2
+    if output is not None and (part := companion_of(output, journal)) is not None:
+        say(f"{output} is {part} ({journal}): -o must be another file; nothing was sent")
+        return 2
     target = None
     if output is not None:
         try:
@@ -102,6 +115,9 @@ async def run(args: argparse.Namespace) -> int:
         except RefusedPath as exc:
             say(f"{exc}; nothing was sent")
             return 2
+    if (problem := not_a_file(source)) is not None:
+        say(f"{problem}; nothing was sent")
+        return 2
     try:
         index = fmt.index(source, args)
     except OSError as exc:
@@ -122,8 +138,13 @@ async def run(args: argparse.Namespace) -> int:
             f"gives to a later attempt of {attempt_of(clash)!r}: rename it to run with "
             "--escalate-file; nothing was sent")
         return 2
-    if not index.lines and not index.bad:
-        say(f"no requests in {source}; nothing was sent")
+    if not index.lines:  # empty, blank, or not one line that can run (a path, say)
+        for bad in index.bad[:_SHOWN]:
+            say(f"{source}:{bad.line}: {bad.reason}")
+        more = len(index.bad) - _SHOWN
+        say((f"... and {more} more bad lines; " if more > 0 else "")
+            + f"no requests in {source}{' that can run' if index.bad else ''}; nothing was "
+            "sent")
         return 2
     if (problem := _unpriced(args, index)) is not None:
         say(problem)
@@ -249,7 +270,10 @@ class _Run:
         #: could not connect (the first one's message kept).
         self.sent = self.refused = 0
         self.refusal: str | None = None
-        self.output_failed = False
+        #: Why the output could not be written (then the end's rewrite tries again), and how
+        #: many lines it would hold when the end's rewrite failed.
+        self.output_error: OSError | None = None
+        self.output_total = 0
         #: The provider's client, opened once there is something to send (a rerun with
         #: nothing left to do loads no SDK).
         self.client: Any = None
@@ -340,8 +364,12 @@ class _Run:
                      for key, r in records.items() if r.state == "done" and key in self.lines}
         try:
             await anyio.to_thread.run_sync(self.out.rewrite, records, self._order())
+        except BrokenPipeError:
+            raise  # -o - and the reader went away: main() exits quietly
         except OSError as exc:
-            say(f"cannot write {self.out.path}: {exc.strerror or exc}; nothing was sent")
+            held = await anyio.to_thread.run_sync(count_lines, self.out.path)
+            say(f"cannot write {self.out.path}: {exc.strerror or exc} (it holds "
+                f"{_lines(held)}, as it did); nothing was sent")
             return 2
         del records  # the bodies: from here on memory follows the concurrency
         for bad in self.index.bad:
@@ -541,8 +569,11 @@ class _Run:
                 if record is not None:
                     records.append(record)
                 mgr.forget(job.key)  # the manager need not keep what the journal has
-                slots.release()
             await self._append(records)
+            # Only now: while a write is slow (or stalled) no more work is taken on than
+            # the window, and the results waiting to be written stay the window's.
+            for _ in batch:
+                slots.release()
 
     def _count(self, job: Job, record: Record | None) -> None:
         tokens = tokens_of(body_of(record))["total"] if record is not None else 0
@@ -559,27 +590,45 @@ class _Run:
             self.not_run[job.key] = job.error or "not run: the budget was spent"
 
     async def _append(self, records: list[Record]) -> None:
-        if self.output_failed or not records:
+        if self.output_error is not None or not records:
             return
         try:
             await anyio.to_thread.run_sync(self.out.append_many, records)
         except BrokenPipeError:
             raise  # -o - and the reader went away: main() exits quietly
         except OSError as exc:
-            self.output_failed = True
-            say(f"cannot append to {self.out.path}: {exc.strerror or exc}; it is rewritten "
-                "from the journal at the end")
+            self.output_error = exc
+            say(f"cannot write {self.out.path}: {exc.strerror or exc} (it holds "
+                f"{_lines(self.out.lines)}); the run goes on, the journal keeps every result, "
+                "and the output is rewritten from it at the end")
 
     async def _rewrite(self, ledger: Ledger) -> dict[str, Record]:
+        """Rewrite the output from the journal at the end; on failure :attr:`output_error`
+        says why (the file is left as it was, whole lines only)."""
         records = await _records(ledger, self.index.lines, by=self.by_mode)
         try:
             await anyio.to_thread.run_sync(self.out.rewrite, records, self._order())
         except BrokenPipeError:
             raise
         except OSError as exc:
-            say(f"cannot write {self.out.path}: {exc.strerror or exc}; the results are in the "
-                f"journal {self.journal}: run again once it can be written")
+            self.output_error = exc
+            self.output_total = sum(
+                (r := records.get(key)) is not None and self.fmt.line(r) is not None
+                for key in self._order())
+        else:
+            self.output_error = None
         return records
+
+    def _output_failure(self) -> str | None:
+        """One line for an output the end's rewrite could not write, or None."""
+        exc = self.output_error
+        if exc is None:
+            return None
+        return (f"cannot write {self.out.path}: {exc.strerror or exc}; it holds "
+                f"{self.out.lines} of its {_lines(self.output_total)}, and the journal "
+                f"{self.journal} has every result: once it can be written (free some space, "
+                "or choose another -o), run the same command again to complete it; nothing "
+                "is sent again")
 
     # -- endings ---------------------------------------------------------------------------
 
@@ -595,9 +644,12 @@ class _Run:
             kept = {key for key, _ in Rescue(self.journal).read()}
         except OSError:
             kept = set()
+        output = None if isinstance(self.out, StdoutOutput) else self.out.path
         for line in interrupt_message(self.lines, records, signal_name=interrupts.name,
-                                      journal=self.journal, kept=kept):
+                                      journal=self.journal, kept=kept, output=output):
             say(line)
+        if (failure := self._output_failure()) is not None:
+            say(failure)
         return interrupts.exit_code
 
     def _report(self, records: dict[str, Record],
@@ -634,7 +686,16 @@ class _Run:
                   ("journal", self.journal)]
         print(summary(self.lines, records, extra=extra, not_run=self.not_run,
                       tokens_by_key=self.tokens), file=sys.stderr)
+        if (failure := self._output_failure()) is not None:
+            say(failure)
+            return 2
+        if (unreached := unreached_message(self.lines, records)) is not None:
+            say(unreached)
         return 0 if bad == 0 and problems == 0 else 1
+
+
+def _lines(count: int) -> str:
+    return "1 line" if count == 1 else f"{count} lines"
 
 
 def _pacer(mgr: BackgroundManager) -> Any:
