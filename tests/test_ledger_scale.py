@@ -126,16 +126,21 @@ async def test_a_version_2_ledger_gains_the_indexes_and_its_counts(pg_dsn: str) 
     assert "asyncbg_jobs_open" not in names
 
 
+#: The last schema version with the per-row counting trigger.
+BEFORE_MOVES = next(version for version, sqls in q.UPGRADES.items()
+                    if any("asyncbg_count_moves()" in sql for sql in sqls))
+
+
 @pytest.mark.asyncio
 async def test_the_previous_version_keeps_its_rows_and_exact_counts_and_counts_per_statement(
     pg_dsn: str,
 ) -> None:
-    """A ledger of the version before this one (the per-row counting trigger), with jobs in
-    every state, is upgraded on open: the rows and counts are kept, and from then on the
-    counters are kept by statement-level triggers, exact through grouped writes of every kind
-    in one statement."""
+    """A ledger of the version before the counters per statement (the per-row counting
+    trigger), with jobs in every state, is upgraded on open: the rows and counts are kept, and
+    from then on the counters are kept by statement-level triggers, exact through grouped
+    writes of every kind in one statement."""
     with psycopg.connect(pg_dsn, autocommit=True) as conn:  # as the previous asyncbg wrote it
-        make_old_schema(conn, q.SCHEMA_VERSION - 1)
+        make_old_schema(conn, BEFORE_MOVES)
         conn.execute("INSERT INTO asyncbg_jobs (key, digest, request, state, status, created, "
                      "updated) SELECT 'old' || i, 'd', 'r', 'new', 'pending', 0, 0 "
                      "FROM generate_series(0, 39) AS i")

@@ -302,6 +302,9 @@ async def test_an_sqlite_journal_from_before_gains_its_counters_backfilled(
 #: The last PostgreSQL schema version without the tallies (the upgrade from it adds them).
 BEFORE_TALLIES = next(version for version, sqls in q.UPGRADES.items()
                       if any("CREATE TABLE asyncbg_tallies" in sql for sql in sqls))
+#: The last one without the token columns.
+BEFORE_TOKENS = next(version for version, sqls in q.UPGRADES.items()
+                     if any("ADD COLUMN input_tokens" in sql for sql in sqls))
 
 
 @pytest.mark.asyncio
@@ -329,7 +332,7 @@ async def test_bodies_written_before_their_token_columns_keep_the_tallies_exact(
     while bodies written now are counted from the columns the writer filled: the tallies stay
     what a full read says through every kind of change to either."""
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        make_old_schema(conn, q.SCHEMA_VERSION - 1)
+        make_old_schema(conn, BEFORE_TOKENS)
         _fill_raw(lambda sql, args: conn.execute(
             sql.format(jobs="asyncbg_jobs", body="body"), args), "%s", 120)
     ledger = PostgresLedger(pg_dsn, lease=60.0)

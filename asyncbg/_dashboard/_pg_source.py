@@ -77,6 +77,25 @@ LIVE_KEYS = """
         WHERE lease_until IS NOT NULL AND state IN ('new', 'sending', 'live') AND state = 'live'
     ) AS live ORDER BY seq
 """
+# Schema version 8 made those indexes on generated columns (``waiting``: the state of a row
+# nobody holds; ``leased``: the lease of an unfinished one), so that the state is in no index;
+# the same reads through them. A ledger of an older version (the dashboard upgrades nothing)
+# keeps the two statements above.
+WINDOW_8 = f"""
+    SELECT {_ROW} FROM (
+        (SELECT {_ROW} FROM asyncbg_jobs WHERE waiting = 'live' ORDER BY seq LIMIT %(limit)s)
+        UNION ALL
+        (SELECT {_ROW} FROM asyncbg_jobs WHERE leased IS NOT NULL AND state <> 'new'
+         ORDER BY seq LIMIT %(limit)s)
+    ) AS sent ORDER BY seq LIMIT %(limit)s
+"""
+LIVE_KEYS_8 = """
+    SELECT key FROM (
+        SELECT key, seq FROM asyncbg_jobs WHERE waiting = 'live'
+        UNION ALL
+        SELECT key, seq FROM asyncbg_jobs WHERE leased IS NOT NULL AND state = 'live'
+    ) AS live ORDER BY seq
+"""
 # Params: after, after. Walks the unique index on seq from ``after``.
 CLAIMED_SINCE = "SELECT count(*), COALESCE(max(seq), %s) FROM asyncbg_jobs WHERE seq > %s"
 TOTAL = "SELECT count(*), COALESCE(max(seq), 0) FROM asyncbg_jobs"
@@ -109,8 +128,11 @@ WORKERS = f"""
     SELECT owner, host, pid, started, seen, lease FROM asyncbg_workers
     WHERE seen + lease > {_NOW} ORDER BY started, owner
 """
-HAS_TABLES = ("SELECT to_regclass('asyncbg_outbox') IS NOT NULL, "
-              "to_regclass('asyncbg_counts') IS NOT NULL")
+HAS_TABLES = """
+    SELECT to_regclass('asyncbg_outbox') IS NOT NULL, to_regclass('asyncbg_counts') IS NOT NULL,
+           EXISTS (SELECT FROM pg_attribute WHERE attrelid = to_regclass('asyncbg_jobs')
+                   AND attname = 'waiting' AND NOT attisdropped)
+"""
 # The counters the ledger's triggers keep (schema version 3): at most 64 slots per status.
 COUNTS = """
     SELECT status, sum(n)::bigint FROM asyncbg_counts GROUP BY status HAVING sum(n) <> 0
@@ -133,6 +155,8 @@ class PostgresSource:
         self.location = redacted(url)
         self._pool: Any = None
         self._outbox = self._counters = False
+        #: The statements for the ledger's schema: WINDOW_8 and LIVE_KEYS_8 from version 8 on.
+        self._window, self._live_keys = WINDOW, LIVE_KEYS
 
     async def open(self) -> None:
         try:
@@ -152,8 +176,7 @@ class PostgresSource:
             await pool.close()
             raise LedgerUnavailable(f"{self.location}: cannot connect ({exc})") from exc
         self._pool = pool
-        [(outbox, counters)] = await self._fetch(HAS_TABLES)
-        self._outbox, self._counters = bool(outbox), bool(counters)
+        await self._look_at_schema()
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None
@@ -175,19 +198,24 @@ class PostgresSource:
                 total, max_seq = await cur.fetchone()
                 await cur.execute(UNFINISHED)
                 unfinished = {status: int(n) for status, n in await cur.fetchall()}
-            await cur.execute(WINDOW, {"limit": window})
+            await cur.execute(self._window, {"limit": window})
             live = [row_of(r) for r in await cur.fetchall()]
             return Start(int(total), unfinished, live, int(max_seq))
 
         return await self._snapshot(read)  # type: ignore[no-any-return]
 
     async def counts(self) -> dict[str, int] | None:
-        if not self._counters:  # a writer of this version upgrades the schema (version 3)
-            [(_, counters)] = await self._fetch(HAS_TABLES)
-            self._counters = bool(counters)
-            if not self._counters:
-                return None
+        if self._window is WINDOW:  # a writer of this version upgrades the schema
+            await self._look_at_schema()
+        if not self._counters:
+            return None
         return {status: int(n) for status, n in await self._fetch(COUNTS)}
+
+    async def _look_at_schema(self) -> None:
+        [(outbox, counters, hot)] = await self._fetch(HAS_TABLES)
+        self._outbox, self._counters = bool(outbox), bool(counters)
+        if hot:
+            self._window, self._live_keys = WINDOW_8, LIVE_KEYS_8
 
     async def aggregate(self, *, since: float, window: int) -> Aggregate:
         async def scan(cur: Any) -> Aggregate:
@@ -195,7 +223,7 @@ class PostgresSource:
             rows = [AggregateRow(*r) for r in await cur.fetchall()]
             await cur.execute(NEWEST)
             as_of, max_seq = await cur.fetchone()
-            await cur.execute(WINDOW, {"limit": window})
+            await cur.execute(self._window, {"limit": window})
             live = [row_of(r) for r in await cur.fetchall()]
             return Aggregate(rows, live, int(max_seq), float(as_of))
 
@@ -214,7 +242,7 @@ class PostgresSource:
 
     async def window(self, *, limit: int, after: int) -> tuple[list[Row], int, int]:
         async def read(cur: Any) -> tuple[list[Row], int, int]:
-            await cur.execute(WINDOW, {"limit": limit})
+            await cur.execute(self._window, {"limit": limit})
             rows = [row_of(r) for r in await cur.fetchall()]
             await cur.execute(CLAIMED_SINCE, (after, after))
             claimed, max_seq = await cur.fetchone()
@@ -223,7 +251,7 @@ class PostgresSource:
         return await self._snapshot(read)  # type: ignore[no-any-return]
 
     async def live_keys(self) -> list[str]:
-        return [key for (key,) in await self._fetch(LIVE_KEYS)]
+        return [key for (key,) in await self._fetch(self._live_keys)]
 
     async def rows(self, keys: Sequence[str]) -> list[Row]:
         if not keys:

@@ -644,7 +644,8 @@ class PostgresLedger(PostgresOutbox):
         return await self._run(read)
 
     async def live_records(self) -> list[Record]:
-        """The live records in claim order, through the index of live rows."""
+        """The live records in claim order, through the released rows' index and the lease
+        index (schema 8)."""
         rows = await self._run(lambda c: self._fetchall(c, q.LIVE_RECORDS))
         return [_record(row) for row in rows]
 
