@@ -559,3 +559,10 @@ def test_a_rerun_with_nothing_to_do_loads_no_sdk_and_needs_no_key(
     assert "RESULT 2" in done.stderr and "OPENAI_API_KEY" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
     assert (tmp_path / "out.jsonl").read_bytes() == before  # the output stands as it was
+
+
+def test_an_interrupt_counts_one_line_in_the_singular(tmp_path: Path) -> None:
+    from asyncbg._cli._report import interrupt_message
+
+    said = interrupt_message({"a": 1}, {}, signal_name="SIGINT", journal=tmp_path / "j")
+    assert "0 of 1 lines finished" in said[0] and "; 1 line not sent" in said[0], said

@@ -125,11 +125,12 @@ def interrupt_message(lines: Mapping[str, int], records: Mapping[str, Record], *
         for c in kept if (r := records.get(c)) is not None)
     running = "1 response still running" if live == 1 else f"{live} responses still running"
     said = [f"interrupted ({signal_name}): {finished} of {len(lines)} lines finished; "
-            f"{running} on the server; {unsent} lines not sent"]
+            f"{running} on the server; {unsent} line{'' if unsent == 1 else 's'} not sent"]
     if output is not None:
         said[0] += f"; the output has {answered(lines, records)} of its {len(lines)} lines"
     if cut:
-        said[0] += (f"; {cut} creates cut off before the server answered (the server may "
+        said[0] += (f"; {cut} create{'' if cut == 1 else 's'} cut off before the server "
+                    "answered (the server may "
                     "have started them: a rerun sends them again and counts each as a "
                     "possible duplicate)")
     if live:
