@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -19,23 +18,14 @@ import pytest
 from asyncbg._cli import main
 from asyncbg._cli._output import OutputFile, companion_of
 
+from . import test_cli_run2
 from .conftest import HttpFake
 from .io_faults import STALL_ENV, command, disk_limit
 from .test_batch_cli import request, write_input
 from .test_cli_integrity import env_for, record, undo_cli_logging
 
-
-@pytest.fixture
-def env(http_fake: HttpFake, monkeypatch: pytest.MonkeyPatch) -> Iterator[HttpFake]:
-    """An API key and the fake's URL in the environment; the CLI's logging undone after."""
-    for name in [n for n in os.environ if n.startswith("OPENAI_")]:
-        monkeypatch.delenv(name)
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
-    monkeypatch.setenv("OPENAI_BASE_URL", http_fake.base_url)
-    try:
-        yield http_fake
-    finally:
-        undo_cli_logging()
+#: An API key and the fake's URL in the environment; the CLI's logging undone after.
+env = test_cli_run2.env
 
 
 def creates_by_line(fake: HttpFake) -> collections.Counter[str]:
