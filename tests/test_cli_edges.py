@@ -45,6 +45,15 @@ def whole_lines(path: Path) -> list[str]:
     return [json.loads(line)["custom_id"] for line in data.splitlines()]
 
 
+def finished_journal(tmp_path: Path, keys: list[str]) -> Path:
+    """A journal (``tmp_path/j.db``) where ``keys`` ran to completion (output ``out.jsonl``)."""
+    write_input(tmp_path / "in.jsonl", [request(k) for k in keys])
+    journal = tmp_path / "j.db"
+    assert main(["run", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "out.jsonl"),
+                 "--journal", str(journal)]) == 0
+    return journal
+
+
 # -- a full disk under the output ----------------------------------------------------------
 
 
@@ -80,10 +89,7 @@ def test_a_full_disk_under_the_output_exits_2_with_whole_lines_and_a_rerun_compl
 def test_results_on_a_full_disk_leave_the_old_file_and_say_so(
     env: HttpFake, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    write_input(tmp_path / "in.jsonl", [request(f"r{i}") for i in range(12)])
-    journal = tmp_path / "j.db"
-    assert main(["run", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "out.jsonl"),
-                 "--journal", str(journal)]) == 0
+    journal = finished_journal(tmp_path, [f"r{i}" for i in range(12)])
     disk = tmp_path / "disk"
     disk.mkdir()
     old = disk / "res.jsonl"
@@ -176,10 +182,7 @@ def test_run_refuses_an_output_that_is_a_file_of_the_journal(
 def test_results_refuse_an_output_that_is_a_file_of_the_ledger(
     env: HttpFake, tmp_path: Path, capsys: pytest.CaptureFixture[str], suffix: str
 ) -> None:
-    write_input(tmp_path / "in.jsonl", [request("a")])
-    journal = tmp_path / "j.db"
-    assert main(["run", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "out.jsonl"),
-                 "--journal", str(journal)]) == 0
+    journal = finished_journal(tmp_path, ["a"])
     target = tmp_path / f"j.db{suffix}"
     before = target.read_bytes() if target.exists() else None
     capsys.readouterr()
@@ -377,10 +380,7 @@ def test_what_the_end_says_when_the_server_went_away() -> None:
 def test_status_writes_nothing_to_the_journal_and_says_when_stdout_fails(
     env: HttpFake, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    write_input(tmp_path / "in.jsonl", [request(f"r{i}") for i in range(3)])
-    journal = tmp_path / "j.db"
-    assert main(["run", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "out.jsonl"),
-                 "--journal", str(journal)]) == 0
+    journal = finished_journal(tmp_path, [f"r{i}" for i in range(3)])
     before = journal.read_bytes()
     status = [sys.executable, "-m", "asyncbg", "status", "--ledger", str(journal)]
     done = subprocess.run([*status, "--json"], capture_output=True, text=True, timeout=60)
