@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .._ledgers import Record
+from .._ledgers._rescue import SUFFIX as UNRECORDED
 from .._spend._tokens import usage_tokens
 
 __all__ = [
@@ -196,7 +197,7 @@ def same_path(a: Path, b: Path) -> bool:
 #: given, or the real file), the lock of its run and the ids it keeps (beside the real file).
 _COMPANIONS = (("-wal", "write-ahead log"), ("-shm", "shared-memory index"),
                ("-journal", "rollback journal"), (".lock", "lock file"),
-               (".unrecorded", "file of responses created but not recorded"))
+               (UNRECORDED, "file of responses created but not recorded"))
 
 
 def companion_of(output: Path, journal: Path) -> str | None:
