@@ -19,7 +19,7 @@ from . import _log
 from ._engine._hooks import Hooks
 from ._engine._job import Job
 from ._errors import DuplicateKeyError, JournalMismatchError
-from ._ledgers._base import LedgerError, LedgerUnavailable, Outcome, Record, canonical, digest
+from ._ledgers._base import LedgerError, LedgerUnavailable, Outcome, Record, fingerprint
 from ._ledgers._open import shared_ledger
 from ._ledgers._overview import fleet_status, fleet_status_text
 from ._ledgers._shared import SharedLedger
@@ -83,7 +83,7 @@ async def enqueue_requests(
     items = []
     for custom_id, body in requests:
         request = prepared(body, custom_id)
-        items.append((custom_id, digest(request), canonical(request)))
+        items.append((custom_id, *fingerprint(request)))
     return await ledger.enqueue(items)
 
 

@@ -32,7 +32,7 @@ from ._engine._steps import Stop
 from ._engine._webhooks import WebhookInbox
 from ._errors import DuplicateKeyError, JournalMismatchError, ManagerStateError
 from ._ledgers import Ledger, MemoryLedger, open_ledger
-from ._ledgers._base import ClaimOutcome, LedgerError, canonical, digest
+from ._ledgers._base import ClaimOutcome, LedgerError, fingerprint
 from ._ledgers._shared import SharedLedger, keep_leases
 from ._notify._notify import Notify
 from ._outcomes import Escalation, Hedge, Outcomes
@@ -456,7 +456,7 @@ class BackgroundManager:
             self._scheduler.add(job, prepared, policy, deadline=at)
             return job
         try:
-            claim = await self._scheduler.claim(key, digest(prepared), canonical(prepared))
+            claim = await self._scheduler.claim(key, *fingerprint(prepared))
         except BaseException:
             del self._jobs[key]
             raise

@@ -18,6 +18,8 @@ from pathlib import Path
 import anyio
 import pytest
 import pytest_asyncio
+from hypothesis import given
+from hypothesis import strategies as st
 
 import asyncbg._ledgers as ledgers
 from asyncbg._ledgers import (
@@ -31,6 +33,7 @@ from asyncbg._ledgers import (
     _sqlite_errors,
     canonical,
     digest,
+    fingerprint,
     open_ledger,
 )
 
@@ -38,6 +41,20 @@ from asyncbg._ledgers import (
 def req(**kw: object) -> tuple[str, bytes]:
     params = {"model": "m", "input": "x", **kw}
     return digest(params), canonical(params)
+
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+                     | st.text(), lambda inner: st.lists(inner, max_size=3)
+                     | st.dictionaries(st.text(), inner, max_size=3), max_leaves=10)
+
+
+@given(st.dictionaries(st.text(), _JSON, max_size=5))
+def test_a_fingerprint_is_the_digest_and_the_canonical_text_of_one_request(
+        params: dict[str, object]) -> None:
+    # What a claim takes, made with one encoding of the JSON; the digest of its text is the
+    # digest every journal has stored, whatever the keys' order.
+    assert fingerprint(params) == (digest(params), canonical(params))
+    assert fingerprint(dict(reversed(list(params.items())))) == fingerprint(params)
 
 
 A, A_BYTES = req()

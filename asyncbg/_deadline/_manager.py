@@ -31,7 +31,7 @@ from .. import _log
 from .._engine._job import Job
 from .._errors import AsyncbgError, DuplicateKeyError, ManagerStateError
 from .._http import RequestError
-from .._ledgers import Ledger, LedgerError, MemoryLedger, Record, canonical, digest, open_ledger
+from .._ledgers import Ledger, LedgerError, MemoryLedger, Record, fingerprint, open_ledger
 from .._manager import BackgroundManager
 from .._policies import PollPolicy
 from .._providers._kinds import batch_of
@@ -479,8 +479,7 @@ class DeadlineManager:
         """Claim ``line``'s key on ``target`` in the journal, sending nothing."""
         mgr = self._managers(target)
         prepared = mgr.provider.prepare(way_params(line.params, target), stream=mgr.stream)
-        await self.journal.claim(way_key(line.key, target), digest(prepared),
-                                 canonical(prepared))
+        await self.journal.claim(way_key(line.key, target), *fingerprint(prepared))
 
     def _pace(self, now: float) -> None:
         """Whether flex keeps its pace: no flex line has run longer than flex needs, counted

@@ -24,7 +24,7 @@ import anyio
 
 from .. import _log
 from .._http import RequestError
-from .._ledgers._base import ClaimOutcome, LedgerError, Record, canonical, digest
+from .._ledgers._base import ClaimOutcome, LedgerError, Record, fingerprint
 from .._ledgers._shared import LeaseLost, SharedLedger
 from .._policies import PollPolicy
 from .._providers._base import Answer
@@ -68,7 +68,7 @@ class SharedLedgerSteps(Steps):
             claim = None
             if record is None or not record.terminal:
                 claimed_at = anyio.current_time()
-                claim = await ledger.claim(job.key, digest(params), canonical(params))
+                claim = await ledger.claim(job.key, *fingerprint(params))
                 record = claim.record
                 if claim.outcome is not ClaimOutcome.FOLLOW:
                     self.lease_taken(job.key, claimed_at)

@@ -11,6 +11,7 @@ from ._base import (
     RecordState,
     canonical,
     digest,
+    fingerprint,
 )
 from ._memory import MemoryLedger
 from ._open import open_ledger
@@ -29,5 +30,6 @@ __all__ = [
     "SQLiteLedger",
     "canonical",
     "digest",
+    "fingerprint",
     "open_ledger",
 ]

@@ -43,6 +43,7 @@ __all__ = [
     "RecordState",
     "canonical",
     "digest",
+    "fingerprint",
 ]
 
 #: ``new``: claimed, nothing sent. ``sending``: a create may have left. ``live``: the server
@@ -60,6 +61,12 @@ def canonical(params: Mapping[str, Any]) -> bytes:
 def digest(params: Mapping[str, Any]) -> str:
     """A stable digest of a request: SHA-256 of its canonical JSON (as the journal always had)."""
     return hashlib.sha256(canonical(params)).hexdigest()
+
+
+def fingerprint(params: Mapping[str, Any]) -> tuple[str, bytes]:
+    """``(digest(params), canonical(params))``, what a claim takes, encoding the JSON once."""
+    text = canonical(params)
+    return hashlib.sha256(text).hexdigest(), text
 
 
 class LedgerError(AsyncbgError):
