@@ -2,7 +2,7 @@
 """Queue throughput side by side with PgQueuer, on the same PostgreSQL and the same machine.
 
     python benchmarks/pgqueuer_compare.py                 # 20,000 jobs each side (~2 min)
-    python benchmarks/pgqueuer_compare.py --repeat 3 --worker-jobs 1000 --before main --uvloop
+    python benchmarks/pgqueuer_compare.py --repeat 3 --worker-jobs 1000 --before main --asyncio-too
 
 PgQueuer (https://github.com/janbjorge/pgqueuer) is a well-kept PostgreSQL job queue. It is not
 a dependency of asyncbg: this script runs it from a virtual environment of its own
@@ -25,8 +25,9 @@ What is measured, each side draining a queue filled beforehand (the fill is time
   (``--take batch``: only once every job of the batch it took is finished, as this script did
   before; each job's three writes are round trips one after the other, so that consumer waits
   for the slowest of ten jobs of three round trips each). ``--before REF`` runs the same
-  harness on another checkout's asyncbg (``git worktree``) in the same run; ``--uvloop`` also
-  runs asyncbg's side under uvloop, as PgQueuer's runs (asyncbg's CLI does not use uvloop).
+  harness on another checkout's asyncbg (``git worktree``) in the same run. Both run on the
+  loop ``asyncbg worker`` runs on (uvloop's, as PgQueuer's side; ``asyncbg/_cli/_loop.py``);
+  ``--asyncio-too`` also runs this checkout's queue side on asyncio's own loop.
 - **asyncbg, the whole worker** (``--side asyncbg``): :func:`asyncbg._fleet.run_worker` as
   ``asyncbg worker`` runs it, against the in-process fake server (instant no-op responses:
   created ``queued``, ``completed`` at the first poll), through the OpenAI SDK.
@@ -121,7 +122,8 @@ def pgqueuer_side(dsn: str, jobs: int, consumers: int, batch: int) -> dict[str, 
 # -- asyncbg -------------------------------------------------------------------------------------
 
 
-def asyncbg_side(dsn: str, jobs: int, concurrency: int) -> dict[str, Any]:
+def asyncbg_side(dsn: str, jobs: int, concurrency: int, *, uvloop: bool = True
+                 ) -> dict[str, Any]:
     import anyio
 
     from asyncbg import PollPolicy
@@ -161,12 +163,12 @@ def asyncbg_side(dsn: str, jobs: int, concurrency: int) -> dict[str, Any]:
                 "creates": server.counters.creates, "fill_s": round(filled, 2),
                 "elapsed_s": round(elapsed, 2), "jobs_per_s": round(done / elapsed, 1),
                 "cpu_s": round(time.process_time() - cpu, 2),
-                "round_trips_per_job": round(ledger.round_trips / jobs, 2)}
+                "round_trips_per_job": round(ledger.round_trips / jobs, 2), "uvloop": uvloop}
 
-    return anyio.run(main)
+    return anyio.run(main, backend_options={"use_uvloop": uvloop})  # as `asyncbg worker` runs
 
 
-def ledger_side(dsn: str, jobs: int, consumers: int, batch: int, *, uvloop: bool = False,
+def ledger_side(dsn: str, jobs: int, consumers: int, batch: int, *, uvloop: bool = True,
                 spawn: str = "asyncio", take: str = "slots") -> dict[str, Any]:
     """The queue alone, as PgQueuer's side is: ``consumers`` loops on one worker's ledger,
     each taking ``batch`` jobs at a time and running them at once (each in an asyncio task,
@@ -278,8 +280,9 @@ def main() -> None:
     p.add_argument("--before", metavar="REF",
                    help="also run the queue side of this git ref (e.g. main), from a checkout "
                         "of its own (git worktree), in the same run: before and after")
-    p.add_argument("--uvloop", action="store_true",
-                   help="also run asyncbg's queue side under uvloop (as PgQueuer's runs)")
+    p.add_argument("--asyncio-too", action="store_true",
+                   help="also run asyncbg's queue side on asyncio's own loop (the worker runs "
+                        "on uvloop's, as PgQueuer's side does)")
     p.add_argument("--side", choices=["pgqueuer", "asyncbg", "ledger"], help=argparse.SUPPRESS)
     p.add_argument("--dsn", help=argparse.SUPPRESS)
     p.add_argument("--consumers", type=int, default=5, help=argparse.SUPPRESS)
@@ -291,7 +294,7 @@ def main() -> None:
                         "its 2 x batch slots is free (as PgQueuer's consumer and asyncbg's "
                         "worker do; default), or once the whole batch it took is finished "
                         "(this script before)")
-    p.add_argument("--in-uvloop", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--in-asyncio", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--spawn", choices=["asyncio", "anyio"], default="asyncio",
                    help="how the queue side runs each job: an asyncio task (as PgQueuer's "
                         "consumer does; default) or an anyio task group's")
@@ -303,11 +306,12 @@ def main() -> None:
         if args.code:  # another checkout's asyncbg (--before), run by this same harness
             sys.path.insert(0, args.code)
         print(json.dumps(ledger_side(args.dsn, args.jobs, args.consumers, args.batch,
-                                     uvloop=args.in_uvloop, spawn=args.spawn,
+                                     uvloop=not args.in_asyncio, spawn=args.spawn,
                                      take=args.take)))
         return
     if args.side == "asyncbg":
-        print(json.dumps(asyncbg_side(args.dsn, args.jobs, args.concurrency)))
+        print(json.dumps(asyncbg_side(args.dsn, args.jobs, args.concurrency,
+                                      uvloop=not args.in_asyncio)))
         return
     from benchmarks.fleet import emit, fresh_database, postgres
 
@@ -324,12 +328,11 @@ def main() -> None:
         if args.before:
             before = stack.enter_context(checkout(args.before))
             sides.append(f"asyncbg ledger ({args.before})")
-        if args.uvloop and importlib.util.find_spec("uvloop") is None:
-            print("pgqueuer_compare: no uvloop here (pip install uvloop): --uvloop skipped",
-                  file=sys.stderr)
-            args.uvloop = False
-        if args.uvloop:
-            sides.append("asyncbg ledger (uvloop)")
+        if importlib.util.find_spec("uvloop") is None:
+            sys.exit("pgqueuer_compare: no uvloop here (a dependency of asyncbg: "
+                     "pip install -e .)")
+        if args.asyncio_too:
+            sides.append("asyncbg ledger (asyncio loop)")
         server_dsn = stack.enter_context(postgres())
         for rep in range(args.repeat):
             for batch in (10, 50):  # PgQueuer's default batch, and a worker's (its free slots)
@@ -344,9 +347,9 @@ def main() -> None:
                     run(Path(sys.executable), *ledger, "--code", str(before),
                         "--dsn", fresh_database(server_dsn, "bench_before"))
                     runs[-1]["side"] = sides[2]
-                if args.uvloop:
-                    run(Path(sys.executable), *ledger, "--in-uvloop",
-                        "--dsn", fresh_database(server_dsn, "bench_uvloop"))
+                if args.asyncio_too:
+                    run(Path(sys.executable), *ledger, "--in-asyncio",
+                        "--dsn", fresh_database(server_dsn, "bench_asyncio"))
                     runs[-1]["side"] = sides[-1]
             if args.worker_jobs:
                 run(Path(sys.executable), "--side", "asyncbg", "--jobs", str(args.worker_jobs),

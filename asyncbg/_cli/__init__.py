@@ -484,21 +484,22 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def _run_async(command: Callable[[argparse.Namespace], Awaitable[int]],
                args: argparse.Namespace) -> int:
-    """``anyio.run(command, args)`` with Ctrl-C raising ``KeyboardInterrupt`` at once, as in
-    any Python program, until a command's own signal handling starts (``run``, ``worker``).
+    """``anyio.run(command, args)`` (on the loop :mod:`._loop` picks) with Ctrl-C raising
+    ``KeyboardInterrupt`` at once, as in any Python program, until a command's own signal
+    handling starts (``run``, ``worker``).
 
     asyncio's runner would take the first SIGINT for itself and only cancel the main task:
     a command blocked in a system call (opening a FIFO it reads its input from, say) would not
     notice, and Ctrl-C would seem to do nothing. main() makes the interrupt exit 130."""
     import signal
 
-    import anyio
+    from ._loop import run
 
     if (threading.current_thread() is not threading.main_thread()
             or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
-        return anyio.run(command, args)  # SIGINT ignored (nohup), or someone else's to take
+        return run(command, args)  # SIGINT ignored (nohup), or someone else's to take
     previous = signal.signal(signal.SIGINT, _interrupt)
     try:
-        return anyio.run(command, args)
+        return run(command, args)
     finally:
         signal.signal(signal.SIGINT, previous)

@@ -7,9 +7,8 @@ import os
 import sys
 from typing import Any
 
-import anyio
-
 from .._asgi import listen
+from . import _loop
 
 __all__ = ["add_command", "dashboard"]
 
@@ -79,7 +78,7 @@ def dashboard(args: argparse.Namespace) -> int:
         _say("warning: OPENAI_API_KEY is not set; cancels from the page will fail")
     board = app.state.board
     try:  # a missing or foreign ledger is one line now, not a traceback from the lifespan
-        anyio.run(_can_read, board.source)
+        _loop.run(_can_read, board.source)
     except LedgerError as exc:
         _say(str(exc))
         return 2

@@ -60,6 +60,7 @@ from .._providers._kinds import ProviderName, batch_of, provider_of, window_of
 if TYPE_CHECKING:  # the SDKs and the engine load when a command runs, not for `--help`
     import openai
 
+from . import _loop
 from ._deliveries import summary as delivery_summary
 from ._deliveries import summary_text as delivery_text
 from ._progress import ORDER, counts_text, rows
@@ -317,7 +318,7 @@ def run_status(args: argparse.Namespace) -> int:
     short command, and on a busy machine each trip to a worker thread waits for a core. Any
     other ledger (PostgreSQL) is read by :func:`status`."""
     if url_like(args.ledger):
-        return anyio.run(status, args)
+        return _loop.run(status, args)
     path = Path(args.ledger)
     if not path.exists():
         say(f"no journal at {path} (pass the --journal of the run, by default "

@@ -21,7 +21,7 @@ import ssl
 import time
 import zlib
 from collections.abc import Mapping
-from typing import Final
+from typing import Final, cast
 
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -79,8 +79,8 @@ class _Connection(asyncio.Protocol):
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport (uvloop's are not asyncio.Transport's subclasses, but alike).
+        self.transport = cast("asyncio.Transport", transport)
 
     def data_received(self, data: bytes) -> None:
         self.received = True
