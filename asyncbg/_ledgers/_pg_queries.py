@@ -667,14 +667,29 @@ EXISTS = "SELECT 1 FROM asyncbg_jobs WHERE key = %s"
 # rows. Params: owner, then each part's rows as one JSON array of arrays (text: the same types
 # at every call, so the statement is prepared once and planned once per connection, and the
 # client dumps one string per part, not one array per column); a terminal body is base64, with
-# its tokens (null: the trigger parses the body). It returns the keys written (the others'
-# leases are elsewhere).
+# its tokens (null: the trigger parses the body). It returns the keys not written (their leases
+# are elsewhere): none, nearly always, so nothing to send back and read.
 WRITE_MANY = f"""
-    WITH sent AS (
+    WITH sent_rows AS MATERIALIZED (
+        SELECT w->>0 AS key, (w->>1)::integer AS resubmit, (w->>2)::bigint AS epoch
+        FROM jsonb_array_elements(%(sent)s::jsonb) AS w
+    ),
+    live_rows AS MATERIALIZED (
+        SELECT w->>0 AS key, w->>1 AS response_id, w->>2 AS status, (w->>3)::bigint AS epoch
+        FROM jsonb_array_elements(%(live)s::jsonb) AS w
+    ),
+    ended_rows AS MATERIALIZED (
+        SELECT w->>0 AS key, w->>1 AS state, w->>2 AS response_id, w->>3 AS status,
+               decode(w->>4, 'base64') AS body, (w->>5)::bigint AS input_tokens,
+               (w->>6)::bigint AS output_tokens, w->>7 AS error, w->>8 AS error_code,
+               (w->>9)::integer AS http_status, w->>10 AS request_id,
+               (w->>11)::bigint AS epoch
+        FROM jsonb_array_elements(%(ended)s::jsonb) AS w
+    ),
+    sent AS (
         UPDATE asyncbg_jobs j SET state = 'sending', response_id = NULL, status = 'pending',
             resubmits = j.resubmits + b.resubmit, updated = {_NOW}, sent_epoch = j.epoch
-        FROM (SELECT w->>0 AS key, (w->>1)::integer AS resubmit, (w->>2)::bigint AS epoch
-              FROM jsonb_array_elements(%(sent)s::jsonb) AS w) AS b
+        FROM sent_rows b
         WHERE j.key = b.key AND j.owner = %(owner)s AND j.epoch = b.epoch
         RETURNING j.key
     ),
@@ -682,9 +697,7 @@ WRITE_MANY = f"""
         UPDATE asyncbg_jobs j SET state = 'live',
             response_id = COALESCE(b.response_id, j.response_id), status = b.status,
             updated = {_NOW}
-        FROM (SELECT w->>0 AS key, w->>1 AS response_id, w->>2 AS status,
-                     (w->>3)::bigint AS epoch
-              FROM jsonb_array_elements(%(live)s::jsonb) AS w) AS b
+        FROM live_rows b
         WHERE j.key = b.key AND j.owner = %(owner)s AND j.epoch = b.epoch
         RETURNING j.key
     ),
@@ -695,16 +708,13 @@ WRITE_MANY = f"""
             error = b.error, error_code = b.error_code,
             http_status = b.http_status, request_id = b.request_id, updated = {_NOW},
             lease_until = NULL
-        FROM (SELECT w->>0 AS key, w->>1 AS state, w->>2 AS response_id, w->>3 AS status,
-                     decode(w->>4, 'base64') AS body, (w->>5)::bigint AS input_tokens,
-                     (w->>6)::bigint AS output_tokens, w->>7 AS error, w->>8 AS error_code,
-                     (w->>9)::integer AS http_status, w->>10 AS request_id,
-                     (w->>11)::bigint AS epoch
-              FROM jsonb_array_elements(%(ended)s::jsonb) AS w) AS b
+        FROM ended_rows b
         WHERE j.key = b.key AND j.owner = %(owner)s AND j.epoch = b.epoch
         RETURNING j.key
     )
-    SELECT key FROM sent UNION ALL SELECT key FROM live UNION ALL SELECT key FROM ended
+    SELECT key FROM sent_rows WHERE key NOT IN (SELECT key FROM sent)
+    UNION ALL SELECT key FROM live_rows WHERE key NOT IN (SELECT key FROM live)
+    UNION ALL SELECT key FROM ended_rows WHERE key NOT IN (SELECT key FROM ended)
 """
 
 # -- the fleet -------------------------------------------------------------------------------------

@@ -735,10 +735,10 @@ class PostgresLedger(PostgresOutbox):
                 parts[w.kind].append(w.row)
             args = {"owner": self._owner, **{
                 name: _dumps(parts[kind]) for kind, name in _GROUPED.items()}}
-            written = {row[0] for row in await self._run(
+            refused = {row[0] for row in await self._run(
                 lambda c: self._fetchall(c, q.WRITE_MANY, args, prepare=True))}
             for w in batch.writes:
-                w.written = w.key in written
+                w.written = w.key not in refused
         except LedgerError as exc:
             for w in batch.writes:
                 w.error = exc
