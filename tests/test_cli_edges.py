@@ -218,6 +218,22 @@ def test_worker_create_makes_no_directories(
     assert env.server.counters.creates == 0
 
 
+def test_submit_makes_no_directories(tmp_path: Path) -> None:
+    """A mistyped --ledger is refused, as by ``worker --create``: no directory, no ledger."""
+    write_input(tmp_path / "in.jsonl", [request("a")])
+    (tmp_path / "file").write_text("")
+    for ledger, what in ((tmp_path / "no" / "such" / "l.db", "does not exist"),
+                         (tmp_path / "file" / "l.db", "is not a directory")):
+        done = subprocess.run([sys.executable, "-m", "asyncbg", "submit", "--ledger",
+                               str(ledger), str(tmp_path / "in.jsonl")],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and not done.stdout, done
+        assert done.stderr.splitlines() == [
+            f"asyncbg: cannot create the ledger {ledger}: {ledger.parent} {what} (submit makes "
+            "the ledger's file, not directories); nothing was enqueued"], done.stderr
+    assert names(tmp_path) == ["file", "in.jsonl"]
+
+
 # -- malformed input -----------------------------------------------------------------------
 
 

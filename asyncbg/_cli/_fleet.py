@@ -24,7 +24,7 @@ from anyio.abc import TaskStatus
 
 from .._ledgers import Ledger, LedgerError, Record, SQLiteLedger, open_ledger
 from .._ledgers._shared import DEFAULT_LEASE, EnqueueMismatch
-from ._ops import open_client, say
+from ._ops import missing_directory, open_client, say
 
 __all__ = ["COMMANDS", "add_commands", "results", "retry", "submit", "worker"]
 
@@ -162,6 +162,14 @@ async def submit(args: argparse.Namespace) -> int:
         return 2
     try:
         ledger = shared_ledger(args.ledger)
+    except LedgerError as exc:
+        say(f"{exc}; nothing was enqueued")
+        return 2
+    if isinstance(ledger, SQLiteLedger) and (what := missing_directory(ledger.path)):
+        say(f"cannot create the ledger {ledger.path}: {what} (submit makes the ledger's file, "
+            "not directories); nothing was enqueued")
+        return 2
+    try:
         await ledger.open()
     except LedgerError as exc:
         say(f"{exc}; nothing was enqueued")
@@ -206,10 +214,9 @@ async def worker(args: argparse.Namespace) -> int:
     if not args.create and await _missing(ledger, args.ledger, hint=" or pass --create"):
         return 2
     if args.create and isinstance(ledger, SQLiteLedger) and (
-            not await (parent := anyio.Path(ledger.path).parent).is_dir()):
-        what = "is not a directory" if await parent.exists() else "does not exist"
-        say(f"cannot create the ledger {ledger.path}: {parent} {what} (--create makes the "
-            "ledger's file, not directories)")
+            what := missing_directory(ledger.path)) is not None:
+        say(f"cannot create the ledger {ledger.path}: {what} (--create makes the ledger's "
+            "file, not directories)")
         return 2
     client = open_client(args.base_url)
     if client is None:

@@ -64,8 +64,8 @@ from ._deliveries import summary as delivery_summary
 from ._deliveries import summary_text as delivery_text
 from ._progress import ORDER, counts_text, rows
 
-__all__ = ["Cancelled", "cancel", "cancel_live", "emit", "open_client", "run_status", "say",
-           "status", "summarize"]
+__all__ = ["Cancelled", "cancel", "cancel_live", "emit", "missing_directory", "open_client",
+           "run_status", "say", "status", "summarize"]
 
 #: Batches listed one per line by ``status``; more are summed up in one line.
 MAX_BATCH_LINES = 20
@@ -121,6 +121,16 @@ def silence_stdout() -> None:
         pass
     with contextlib.suppress(OSError, ValueError):
         sys.stdout.flush()  # the buffer goes to /dev/null now
+
+
+def missing_directory(path: Path) -> str | None:
+    """Why a file cannot be made at ``path`` without making directories (``DIR does not
+    exist``, ``DIR is not a directory``), or None. The command line makes the files it is
+    given, never their directories: a mistyped path is refused, not built."""
+    parent = path.parent
+    if parent.is_dir():
+        return None
+    return f"{parent} {'is not a directory' if parent.exists() else 'does not exist'}"
 
 
 def open_client(base_url: str | None) -> openai.AsyncOpenAI | None:
