@@ -234,6 +234,32 @@ def test_submit_makes_no_directories(tmp_path: Path) -> None:
     assert names(tmp_path) == ["file", "in.jsonl"]
 
 
+def test_run_makes_no_directories_for_its_journal_or_output(
+    http_fake: HttpFake, tmp_path: Path
+) -> None:
+    write_input(tmp_path / "in.jsonl", [request("a")])
+    (tmp_path / "file").write_text("")
+    missing = tmp_path / "no" / "such"
+    for journal, output, named in (
+            (missing / "j.db", tmp_path / "out.jsonl", f"the journal {missing / 'j.db'}"),
+            (tmp_path / "j.db", missing / "out.jsonl", str(missing / "out.jsonl")),
+            (None, missing / "out.jsonl", f"the journal {missing / 'out.jsonl.journal'}"),
+            (tmp_path / "file" / "j.db", tmp_path / "out.jsonl",
+             f"the journal {tmp_path / 'file' / 'j.db'}")):
+        argv = ["run", str(tmp_path / "in.jsonl"), "-o", str(output)]
+        argv += ["--journal", str(journal)] if journal is not None else []
+        done = subprocess.run([sys.executable, "-m", "asyncbg", *argv], capture_output=True,
+                              text=True, timeout=60, env=env_for(http_fake))
+        path = Path(named.removeprefix("the journal "))
+        what = "is not a directory" if path.parent.exists() else "does not exist"
+        assert done.returncode == 2, done
+        assert done.stderr.splitlines() == [
+            f"asyncbg: cannot create {named}: {path.parent} {what} (run makes files, not "
+            "directories); nothing was sent"], done.stderr
+    assert names(tmp_path) == ["file", "in.jsonl"]
+    assert http_fake.server.counters.creates == 0
+
+
 # -- malformed input -----------------------------------------------------------------------
 
 

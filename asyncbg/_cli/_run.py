@@ -34,7 +34,7 @@ from ._formats import FORMATS, Format, close
 from ._input import BatchRequest, Index, NotUtf8, not_a_file
 from ._notify import notify_option, to_deliver
 from ._notify import summary_row as notes_row
-from ._ops import cancel_live, say
+from ._ops import cancel_live, missing_directory, say
 from ._output import (
     Existing,
     NotOurs,
@@ -108,6 +108,11 @@ async def run(args: argparse.Namespace) -> int:
     if output is not None and (part := companion_of(output, journal)) is not None:
         say(f"{output} is {part} ({journal}): -o must be another file; nothing was sent")
         return 2
+    for path, what in ((journal, "the journal "), (output, "")):
+        if path is not None and (where := missing_directory(path)) is not None:
+            say(f"cannot create {what}{path}: {where} (run makes files, not directories); "
+                "nothing was sent")
+            return 2
     target = None
     if output is not None:
         try:
@@ -311,13 +316,6 @@ class _Run:
         return self.client
 
     async def _journaled(self, work: anyio.CancelScope, interrupts: Interrupts) -> int:
-        if not isinstance(self.out, StdoutOutput):
-            try:
-                self.out.path.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                say(f"cannot create {self.out.path.parent}: {exc.strerror or exc}; nothing was "
-                    "sent")
-                return 2
         ledger = SQLiteLedger(self.journal, exclusive=True)
         try:
             self.out.lock()
