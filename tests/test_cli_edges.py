@@ -439,3 +439,59 @@ def test_status_writes_nothing_to_the_journal_and_says_when_stdout_fails(
                           timeout=60, preexec_fn=lambda: os.close(1))  # closed before exec
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines() == ["asyncbg: cannot write to stdout: stdout is closed"]
+
+
+def stdout_that(fails: str) -> int:
+    """A descriptor for a command's stdout that cannot be written: ``/dev/full`` (a disk that
+    is full) or the write end of a pipe whose reader went away (``| head -c0``)."""
+    if fails == "full":
+        return os.open("/dev/full", os.O_WRONLY)
+    read, write = os.pipe()
+    os.close(read)
+    return write
+
+
+STDOUT_COMMANDS = [
+    ["submit", "in.jsonl", "--ledger", "new.db"],
+    ["status", "--ledger", "j.db"],
+    ["status", "--ledger", "j.db", "--json"],
+    ["results", "--ledger", "j.db", "-o", "-"],
+    ["retry", "--ledger", "l.db"],
+    ["estimate", "in.jsonl"],
+    ["cancel", "--ledger", "j.db"],
+    ["run", "in.jsonl", "-o", "out.jsonl", "--journal", "j.db", "--dry-run"],
+    ["demo", "--jobs", "3", "--median", "0.01"],
+    ["--version"],
+    ["--help"],
+    ["results", "--help"],
+]
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+@pytest.mark.parametrize("fails", ["full", "closed pipe"])
+def test_every_command_says_one_line_on_a_full_stdout_and_nothing_on_a_closed_pipe(
+    env: HttpFake, tmp_path: Path, capsys: pytest.CaptureFixture[str], fails: str
+) -> None:
+    """A full stdout: one line, exit 2, what the command did stays done (``submit``'s lines
+    are in the ledger). A reader that went away: nothing said, exit 141, the same."""
+    finished_journal(tmp_path, ["a", "b"])
+    assert main(["submit", str(tmp_path / "in.jsonl"), "--ledger", str(tmp_path / "l.db")]) == 0
+    for argv in STDOUT_COMMANDS:
+        fd = stdout_that(fails)
+        try:
+            done = subprocess.run([sys.executable, "-m", "asyncbg", *argv], stdout=fd,
+                                  stderr=subprocess.PIPE, text=True, timeout=120, cwd=tmp_path,
+                                  env=env_for(env))
+        finally:
+            os.close(fd)
+        said = [line for line in done.stderr.strip().splitlines()
+                if not line.startswith("asyncbg demo: ")]  # what the demo is: not an error
+        if fails == "full":
+            assert (done.returncode, said) == (
+                2, ["asyncbg: cannot write to stdout: No space left on device"]), (argv, done)
+        else:
+            assert (done.returncode, said) == (141, []), (argv, done)
+    capsys.readouterr()
+    assert main(["status", "--ledger", str(tmp_path / "new.db"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["by_status"] == {"pending": 2}  # submitted
+

@@ -30,6 +30,7 @@ async def demo(args: argparse.Namespace) -> int:
 
     from .. import BackgroundManager, PollPolicy, RetryPolicy
     from ..testing import FakeResponsesServer, FaultRates, LatencyModel, Outcomes, fake_client
+    from ._ops import emit
     from ._progress import Display, Live, Tally, counts_text, rows
 
     server = FakeResponsesServer(
@@ -69,7 +70,7 @@ async def demo(args: argparse.Namespace) -> int:
                     tally.add(job.status.value, _tokens(job))
                 tg.cancel_scope.cancel()
         stats = mgr.statistics()
-        print(rows([
+        emit(rows([
             ("jobs", f"{tally.done}  ({counts_text(tally.by_status)})"),
             ("polls", f"{stats.polls}  ({stats.polls / max(tally.done, 1):.1f} per job)"
                       f"  requests {stats.requests}  retries {stats.retries}"),
@@ -80,7 +81,7 @@ async def demo(args: argparse.Namespace) -> int:
         ]))
         sample = next((j for j in jobs if j.status.value == "completed"), None)
         if sample is not None and sample.response is not None:
-            print(f"sample      {sample.key}: {sample.response.output_text!r}")
+            emit(f"sample      {sample.key}: {sample.response.output_text!r}")
     finally:
         await client.close()
     return 0

@@ -86,25 +86,28 @@ PIPE_CLOSED = False
 STDOUT_FAILED = False
 
 
-def emit(text: str) -> None:
+def emit(text: str, *, end: str = "\n") -> bool:
     """Print ``text`` on stdout; a reader that went away (``| head``) ends the output
     quietly: the rest is dropped, with no traceback, and the command's work goes on (a cancel
     finishes cancelling); the command then exits 141, as every command does on a closed pipe.
     A stdout that cannot be written otherwise (a file on a full disk, a closed descriptor) is
-    said in one line, the rest is dropped, and the command exits 2."""
+    said in one line, the rest is dropped, and the command exits 2. Every command writes its
+    stdout through here. Returns whether stdout still takes what is written."""
     global PIPE_CLOSED, STDOUT_FAILED
+    if PIPE_CLOSED or STDOUT_FAILED:
+        return False
     try:
         if sys.stdout is None:
             raise OSError(errno.EBADF, "stdout is closed")
-        print(text, flush=True)
+        print(text, end=end, flush=True)
+        return True
     except BrokenPipeError:
         PIPE_CLOSED = True
-        silence_stdout()
     except OSError as exc:
-        if not STDOUT_FAILED:
-            say(f"cannot write to stdout: {exc.strerror or exc}")
+        say(f"cannot write to stdout: {exc.strerror or exc}")
         STDOUT_FAILED = True
-        silence_stdout()
+    silence_stdout()
+    return False
 
 
 def silence_stdout() -> None:
