@@ -350,7 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
                       metavar="FAULT",
                       help="a scripted fault for the next requests (repeatable): KIND[,route=R]"
                            "[,times=N][,retry_after=S][,delay=S][,after=N]; KIND is 429, 500, "
-                           "503, 404, quota, html, reset, reset_after, slow or drop")
+                           "503, 404, quota, html, reset, reset_after, slow or drop. It meets the "
+                           "next N requests on the route, from the first; delay is a slow "
+                           "answer's, after the events a drop keeps")
     fake.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     _fleet.add_commands(sub)  # submit, worker, results: a fleet sharing one ledger
     _notify.add_command(sub)  # notify: send what a ledger's outbox holds

@@ -262,5 +262,8 @@ def fault(text: str) -> Fault:
     after = _number(fields.get("after", "0"), "after")
     if times != int(times) or after != int(after):
         raise argparse.ArgumentTypeError("times and after are whole numbers")
-    return Fault(kind, route, int(times), _retry_after(fields),  # type: ignore[arg-type]
-                 _number(fields.get("delay", "0"), "delay"), int(after))
+    try:
+        return Fault(kind, route, int(times), _retry_after(fields),  # type: ignore[arg-type]
+                     _number(fields.get("delay", "0"), "delay"), int(after))
+    except ValueError as exc:  # after= on a kind other than drop, delay= other than slow
+        raise argparse.ArgumentTypeError(str(exc)) from None
