@@ -419,8 +419,11 @@ class _Run:
             options["hooks"] = hooks
             send, receive = anyio.create_memory_object_stream[Job](max_buffer_size=math.inf)
             with send, receive:
-                await self._manage(client, ledger, interrupts, options, send.send_nowait,
-                                   receive)
+                try:
+                    await self._manage(client, ledger, interrupts, options, send.send_nowait,
+                                       receive)
+                finally:  # the manager has closed: nothing is held, no grace to end
+                    interrupts.held = interrupts.leave = None
 
     async def _manage(self, client: Any, ledger: Ledger, interrupts: Interrupts,
                       options: dict[str, Any], on_done: Callable[[Job], None],
@@ -433,6 +436,12 @@ class _Run:
         async with BackgroundManager(client, journal=ledger, **options, cancel_on_exit=False,
                                      on_done=on_done) as mgr:
             interrupts.on_cancel = mgr.cancel_all
+            # Responses the journal could not take make a stop wait for it (exit_grace): said,
+            # and a second Ctrl-C ends the wait (asyncbg/_cli/_signals.py).
+            interrupts.held = lambda: len(mgr.unrecorded())
+            interrupts.leave = mgr.leave_now
+            interrupts.exit_grace = mgr.exit_grace
+            interrupts.kept_in = str(Rescue(self.journal).path)
             for hook in options.get("hooks", ()):
                 hook.observe(mgr)  # gauges read from statistics(), for --metrics-port
 
