@@ -8,6 +8,7 @@ import collections
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -495,3 +496,34 @@ def test_every_command_says_one_line_on_a_full_stdout_and_nothing_on_a_closed_pi
     assert main(["status", "--ledger", str(tmp_path / "new.db"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["by_status"] == {"pending": 2}  # submitted
 
+
+
+def test_status_leaves_no_wal_files_beside_a_journal_and_does_not_disturb_a_writer(
+    env: HttpFake, tmp_path: Path
+) -> None:
+    """A fleet's journal is in WAL mode: a read-only connection makes its -wal and -shm and
+    cannot remove them. With nobody else on the journal, status leaves it as it found it;
+    with a writer there, it reads beside it (and the files are the writer's)."""
+    write_input(tmp_path / "in.jsonl", [request("a"), request("b")])
+    ledger = tmp_path / "l.db"
+    assert main(["submit", str(tmp_path / "in.jsonl"), "--ledger", str(ledger)]) == 0
+    status = [sys.executable, "-m", "asyncbg", "status", "--ledger", str(ledger), "--json"]
+    with sqlite3.connect(ledger) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    db.close()
+    assert names(tmp_path) == ["in.jsonl", "l.db"]
+    before = ledger.read_bytes()
+    done = subprocess.run(status, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and json.loads(done.stdout)["total"] == 2, done
+    assert names(tmp_path) == ["in.jsonl", "l.db"]  # no -wal, no -shm left behind
+    assert ledger.read_bytes() == before
+
+    writer = sqlite3.connect(ledger, isolation_level=None)
+    try:
+        writer.execute("BEGIN IMMEDIATE")  # a writer in the middle of its transaction
+        writer.execute("UPDATE jobs SET status = status")
+        done = subprocess.run(status, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and json.loads(done.stdout)["total"] == 2, done
+        writer.execute("COMMIT")  # undisturbed
+    finally:
+        writer.close()

@@ -361,14 +361,24 @@ def _read_only(path: Path, fn: Callable[[sqlite3.Connection], T]) -> T | None:
 
     from .._ledgers import _sqlite_queries as q
 
-    uri = f"file:{quote(os.path.realpath(path))}?mode=ro"
+    real = os.path.realpath(path)
     if not os.access(path.parent, os.W_OK):  # nothing can be writing it: no -shm to make
-        uri += "&immutable=1"
+        mode = "ro&immutable=1"
+    elif any(os.path.lexists(real + end) for end in ("-wal", "-shm", "-journal")):
+        mode = "ro"  # a writer is there (or a crashed one's log): read only, touch nothing
+    else:
+        # No connection is open: one that may write, so that its close, the last one, removes
+        # the -wal and -shm a read of a WAL journal makes (a read-only one leaves them behind).
+        # It writes nothing itself (query_only); a writer that comes meanwhile is served as by
+        # any reader, and its files are its own.
+        mode = "rw"
     try:
-        db = sqlite3.connect(uri, uri=True, timeout=5.0, isolation_level=None)
+        db = sqlite3.connect(f"file:{quote(real)}?mode={mode}", uri=True, timeout=5.0,
+                             isolation_level=None)
     except sqlite3.Error:
         return None
     try:
+        db.execute("PRAGMA query_only = ON")
         current = (int(db.execute(q.READ_APPLICATION_ID).fetchone()[0]) == q.APPLICATION_ID
                    and int(db.execute(q.READ_USER_VERSION).fetchone()[0]) == q.SCHEMA_VERSION
                    and db.execute(q.HAS_COUNTS).fetchone() is not None
