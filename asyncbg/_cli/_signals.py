@@ -28,8 +28,7 @@ _NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
 class Interrupts:
     """Watches SIGINT/SIGTERM for one run and says what the run should do about them."""
 
-    def __init__(self, *, cancel_live: bool = False, cancel_timeout: float = 10.0,
-                 exit_grace: float = 10.0, kept_in: str = "") -> None:
+    def __init__(self, *, cancel_live: bool = False, cancel_timeout: float = 10.0) -> None:
         #: The first signal received, or None.
         self.signal: signal.Signals | None = None
         #: Cancel live responses on the server before exiting (set by the option, or by a
@@ -48,8 +47,8 @@ class Interrupts:
         #: ``kept_in`` is where their ids go then.
         self.held: Callable[[], int] | None = None
         self.leave: Callable[[], None] | None = None
-        self.exit_grace = exit_grace
-        self.kept_in = kept_in
+        self.exit_grace = 10.0
+        self.kept_in = ""
         #: Whether the wait for held responses was said (a second signal then leaves at once).
         self.waiting = False
         self._first_at = 0.0
@@ -109,8 +108,9 @@ class Interrupts:
             self.signal = received
             self._first_at = anyio.current_time()
             if self.held is not None and self.held() and not self.cancel_live:
+                # Not "again to cancel": a second signal ends the wait for the journal, as
+                # the next line says (_say_waiting).
                 _say(f"{self.name}: stopping; live responses are left running on the server")
-                work.cancel()  # the next line says what the stop waits for
             elif self.cancel_live:
                 _say(f"{self.name}: stopping; cancelling the live responses on the server")
                 if self.on_cancel is not None:
