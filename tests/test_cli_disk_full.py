@@ -8,11 +8,13 @@ and the rerun, once there is room, re-attaches to them instead of creating them 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -21,6 +23,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from asyncbg.testing import LatencyModel
 
 from .conftest import HttpFake
 from .io_faults import GRACE_ENV, command
@@ -182,4 +186,49 @@ def test_ctrl_c_says_it_waits_for_the_journal_and_a_second_one_leaves_at_once(
     # The kept ones re-attached; a create whose answer had not come back when the run left
     # (none, as a rule) is sent again, as its `sending` record says.
     assert fake.counters.creates == 2 * len(ids) - len(kept)
+    assert not rescue.exists()
+
+
+def test_cancel_after_such_a_stop_cancels_the_responses_kept_beside_the_journal(
+    http_fake: HttpFake, tmp_path: Path, small_disk: Path,
+) -> None:
+    """The stop's last lines offer `asyncbg cancel --ledger JOURNAL`: it takes the ids kept in
+    JOURNAL.unrecorded as a rerun would (it said "nothing to cancel" before)."""
+    ids = [f"r{i}" for i in range(3)]
+    write_input(tmp_path / "in.jsonl", [request(i) for i in ids])
+    journal = small_disk / "j.db"
+    argv = ["run", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "out.jsonl"),
+            "--journal", str(journal)]
+    env = {**os.environ, "OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": http_fake.base_url,
+           GRACE_ENV: "0"}  # no wait for the journal: what this test looks at comes after
+    fake, gate = http_fake.server, http_fake.gate
+    fake.latency = LatencyModel.fixed(600)  # still running when cancelled
+
+    gate.shut()
+    first = subprocess.Popen(command(*argv), env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        _until(lambda: gate.waiting == len(ids), "every create at the fake's door")
+        filler = _fill(small_disk)
+        gate.open()
+        _until(lambda: fake.counters.creates == len(ids), "the fake to create every response")
+        first.send_signal(signal.SIGINT)
+        _, err = first.communicate(timeout=120)
+    finally:
+        first.kill()
+    assert first.returncode == 130, err
+    assert f"asyncbg cancel --ledger {journal}" in err
+    rescue = small_disk / "j.db.unrecorded"
+    kept = {json.loads(line)["key"] for line in rescue.read_bytes().rstrip(b"\0").splitlines()}
+    assert kept and kept <= set(ids), err
+
+    filler.unlink()
+    done = subprocess.run([sys.executable, "-m", "asyncbg", "cancel", "--ledger", str(journal)],
+                          env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done
+    assert f"cancelled {len(kept)} of {len(kept)} live responses; none is left live" in done.stdout
+    assert fake.counters.cancels == len(kept)
+    with contextlib.closing(sqlite3.connect(journal)) as db:
+        rows = dict(db.execute("SELECT key, status FROM jobs").fetchall())
+    assert {rows[k] for k in kept} == {"cancelled"}, rows
     assert not rescue.exists()
