@@ -562,6 +562,21 @@ class BackgroundManager:
                 if not job.done:
                     tg.start_soon(job.cancel)
 
+    # -- leaving ---------------------------------------------------------------------------
+
+    def unrecorded(self) -> list[tuple[str, str]]:
+        """Responses the server created that the journal has not taken (it cannot be written
+        now), as ``(key, response_id)``: held, polled and their writes retried; left running
+        and kept for the next run when the manager exits first."""
+        return self._scheduler.unrecorded()
+
+    def leave_now(self) -> None:
+        """End the exit's grace now: the creates still out, and the writes of their answers,
+        are given up at once instead of after ``exit_grace`` seconds (responses the journal
+        has not taken are left running and kept as :meth:`unrecorded` says). Meant for a
+        block that is being left (a second Ctrl-C); no create is sent after it."""
+        self._scheduler.close(0.0)
+
     # -- pushes ----------------------------------------------------------------------------
 
     async def handle_webhook(self, body: bytes, headers: Mapping[str, str]) -> int:

@@ -19,7 +19,8 @@ For a command as a user runs it (the suite runs commands in subprocesses)::
 with ``ASYNCBG_TEST_DISK=DIR:BYTES`` (a disk of BYTES) and/or ``ASYNCBG_TEST_STALL=DIR`` (each
 write to a file in DIR waits until ``DIR/.go`` exists; ``DIR/.stalled`` is created while one
 waits), then the same arguments as ``python -m asyncbg``. Linux: a descriptor's file is found
-through ``/proc/self/fd``.
+through ``/proc/self/fd``. ``ASYNCBG_TEST_EXIT_GRACE=SECONDS`` gives the command's manager that
+``exit_grace`` (a wait a test can tell from one cut short: ten minutes, say).
 """
 
 from __future__ import annotations
@@ -32,10 +33,12 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["DISK_ENV", "STALL_ENV", "command", "disk_limit", "stalled_writes", "write_hook"]
+__all__ = ["DISK_ENV", "GRACE_ENV", "STALL_ENV", "command", "disk_limit", "stalled_writes",
+           "write_hook"]
 
 DISK_ENV = "ASYNCBG_TEST_DISK"
 STALL_ENV = "ASYNCBG_TEST_STALL"
+GRACE_ENV = "ASYNCBG_TEST_EXIT_GRACE"
 
 _real_write = os.write
 Hook = Callable[[int, bytes | memoryview], int | None]
@@ -138,6 +141,12 @@ def main() -> int:
         hooks.append(disk_hook(Path(directory), int(size)))
     if directory := os.environ.get(STALL_ENV):
         hooks.append(stall_hook(Path(directory)))
+    if grace := os.environ.get(GRACE_ENV):
+        from asyncbg._manager import BackgroundManager
+
+        defaults = BackgroundManager.__init__.__kwdefaults__
+        assert defaults is not None and "exit_grace" in defaults
+        defaults["exit_grace"] = float(grace)
     from asyncbg._cli import main as asyncbg_main
 
     with write_hook(*hooks):

@@ -133,6 +133,11 @@ def test_fake_server_command_serves_the_api_with_faults_limits_latency_and_outco
     ("--fail-rate", "0.5,x=1", "unknown 'x'"),
     ("--rate-limit", "rpm=-1", "rpm must be a finite number > 0"),
     ("--inject", "boom", "the kind is one of"),
+    # after= counts a drop's events, not requests: a reset meets the next creates at once
+    ("--inject", "reset,route=create,times=4,after=16",
+     "after=16 is for a drop fault (the events a stream keeps before it is cut); a reset fault "
+     "meets the next 4 matching request(s) from the first"),
+    ("--inject", "503,delay=2", "delay=2 is for a slow fault"),
     ("--outcomes", "completed=0", "at least one weight"),
 ])
 def test_fake_server_flags_refuse_bad_values_in_one_line(

@@ -8,6 +8,7 @@ import collections
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -218,6 +219,48 @@ def test_worker_create_makes_no_directories(
     assert env.server.counters.creates == 0
 
 
+def test_submit_makes_no_directories(tmp_path: Path) -> None:
+    """A mistyped --ledger is refused, as by ``worker --create``: no directory, no ledger."""
+    write_input(tmp_path / "in.jsonl", [request("a")])
+    (tmp_path / "file").write_text("")
+    for ledger, what in ((tmp_path / "no" / "such" / "l.db", "does not exist"),
+                         (tmp_path / "file" / "l.db", "is not a directory")):
+        done = subprocess.run([sys.executable, "-m", "asyncbg", "submit", "--ledger",
+                               str(ledger), str(tmp_path / "in.jsonl")],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and not done.stdout, done
+        assert done.stderr.splitlines() == [
+            f"asyncbg: cannot create the ledger {ledger}: {ledger.parent} {what} (submit makes "
+            "the ledger's file, not directories); nothing was enqueued"], done.stderr
+    assert names(tmp_path) == ["file", "in.jsonl"]
+
+
+def test_run_makes_no_directories_for_its_journal_or_output(
+    http_fake: HttpFake, tmp_path: Path
+) -> None:
+    write_input(tmp_path / "in.jsonl", [request("a")])
+    (tmp_path / "file").write_text("")
+    missing = tmp_path / "no" / "such"
+    for journal, output, named in (
+            (missing / "j.db", tmp_path / "out.jsonl", f"the journal {missing / 'j.db'}"),
+            (tmp_path / "j.db", missing / "out.jsonl", str(missing / "out.jsonl")),
+            (None, missing / "out.jsonl", f"the journal {missing / 'out.jsonl.journal'}"),
+            (tmp_path / "file" / "j.db", tmp_path / "out.jsonl",
+             f"the journal {tmp_path / 'file' / 'j.db'}")):
+        argv = ["run", str(tmp_path / "in.jsonl"), "-o", str(output)]
+        argv += ["--journal", str(journal)] if journal is not None else []
+        done = subprocess.run([sys.executable, "-m", "asyncbg", *argv], capture_output=True,
+                              text=True, timeout=60, env=env_for(http_fake))
+        path = Path(named.removeprefix("the journal "))
+        what = "is not a directory" if path.parent.exists() else "does not exist"
+        assert done.returncode == 2, done
+        assert done.stderr.splitlines() == [
+            f"asyncbg: cannot create {named}: {path.parent} {what} (run makes files, not "
+            "directories); nothing was sent"], done.stderr
+    assert names(tmp_path) == ["file", "in.jsonl"]
+    assert http_fake.server.counters.creates == 0
+
+
 # -- malformed input -----------------------------------------------------------------------
 
 
@@ -397,3 +440,90 @@ def test_status_writes_nothing_to_the_journal_and_says_when_stdout_fails(
                           timeout=60, preexec_fn=lambda: os.close(1))  # closed before exec
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines() == ["asyncbg: cannot write to stdout: stdout is closed"]
+
+
+def stdout_that(fails: str) -> int:
+    """A descriptor for a command's stdout that cannot be written: ``/dev/full`` (a disk that
+    is full) or the write end of a pipe whose reader went away (``| head -c0``)."""
+    if fails == "full":
+        return os.open("/dev/full", os.O_WRONLY)
+    read, write = os.pipe()
+    os.close(read)
+    return write
+
+
+STDOUT_COMMANDS = [
+    ["submit", "in.jsonl", "--ledger", "new.db"],
+    ["status", "--ledger", "j.db"],
+    ["status", "--ledger", "j.db", "--json"],
+    ["results", "--ledger", "j.db", "-o", "-"],
+    ["retry", "--ledger", "l.db"],
+    ["estimate", "in.jsonl"],
+    ["cancel", "--ledger", "j.db"],
+    ["run", "in.jsonl", "-o", "out.jsonl", "--journal", "j.db", "--dry-run"],
+    ["demo", "--jobs", "3", "--median", "0.01"],
+    ["--version"],
+    ["--help"],
+    ["results", "--help"],
+]
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+@pytest.mark.parametrize("fails", ["full", "closed pipe"])
+def test_every_command_says_one_line_on_a_full_stdout_and_nothing_on_a_closed_pipe(
+    env: HttpFake, tmp_path: Path, capsys: pytest.CaptureFixture[str], fails: str
+) -> None:
+    """A full stdout: one line, exit 2, what the command did stays done (``submit``'s lines
+    are in the ledger). A reader that went away: nothing said, exit 141, the same."""
+    finished_journal(tmp_path, ["a", "b"])
+    assert main(["submit", str(tmp_path / "in.jsonl"), "--ledger", str(tmp_path / "l.db")]) == 0
+    for argv in STDOUT_COMMANDS:
+        fd = stdout_that(fails)
+        try:
+            done = subprocess.run([sys.executable, "-m", "asyncbg", *argv], stdout=fd,
+                                  stderr=subprocess.PIPE, text=True, timeout=120, cwd=tmp_path,
+                                  env=env_for(env))
+        finally:
+            os.close(fd)
+        said = [line for line in done.stderr.strip().splitlines()
+                if not line.startswith("asyncbg demo: ")]  # what the demo is: not an error
+        if fails == "full":
+            assert (done.returncode, said) == (
+                2, ["asyncbg: cannot write to stdout: No space left on device"]), (argv, done)
+        else:
+            assert (done.returncode, said) == (141, []), (argv, done)
+    capsys.readouterr()
+    assert main(["status", "--ledger", str(tmp_path / "new.db"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["by_status"] == {"pending": 2}  # submitted
+
+
+
+def test_status_leaves_no_wal_files_beside_a_journal_and_does_not_disturb_a_writer(
+    env: HttpFake, tmp_path: Path
+) -> None:
+    """A fleet's journal is in WAL mode: a read-only connection makes its -wal and -shm and
+    cannot remove them. With nobody else on the journal, status leaves it as it found it;
+    with a writer there, it reads beside it (and the files are the writer's)."""
+    write_input(tmp_path / "in.jsonl", [request("a"), request("b")])
+    ledger = tmp_path / "l.db"
+    assert main(["submit", str(tmp_path / "in.jsonl"), "--ledger", str(ledger)]) == 0
+    status = [sys.executable, "-m", "asyncbg", "status", "--ledger", str(ledger), "--json"]
+    with sqlite3.connect(ledger) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    db.close()
+    assert names(tmp_path) == ["in.jsonl", "l.db"]
+    before = ledger.read_bytes()
+    done = subprocess.run(status, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and json.loads(done.stdout)["total"] == 2, done
+    assert names(tmp_path) == ["in.jsonl", "l.db"]  # no -wal, no -shm left behind
+    assert ledger.read_bytes() == before
+
+    writer = sqlite3.connect(ledger, isolation_level=None)
+    try:
+        writer.execute("BEGIN IMMEDIATE")  # a writer in the middle of its transaction
+        writer.execute("UPDATE jobs SET status = status")
+        done = subprocess.run(status, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and json.loads(done.stdout)["total"] == 2, done
+        writer.execute("COMMIT")  # undisturbed
+    finally:
+        writer.close()

@@ -208,6 +208,19 @@ async def test_faults_match_their_route_and_count(
     await client.responses.retrieve(r.id)
 
 
+async def test_after_and_delay_are_refused_where_they_mean_nothing(
+    client: openai.AsyncOpenAI, server: FakeResponsesServer
+) -> None:
+    """``after`` counts a drop's events: on a reset it used to be ignored, and the reset met
+    the first create, not the 17th, as it was read."""
+    with pytest.raises(ValueError, match="after=16 is for a drop fault"):
+        server.inject("reset", route="create", after=16)
+    with pytest.raises(ValueError, match="delay=1 is for a slow fault"):
+        server.inject("503", delay=1)
+    await client.responses.create(model="m", input="x", background=True)  # nothing queued
+    assert server.counters.faults == 0
+
+
 async def test_slow_answer(server: FakeResponsesServer) -> None:
     c = fake_client(server)
     server.inject("slow", delay=0.05)

@@ -538,3 +538,28 @@ def test_advertises_only_codings_aiohttp_decodes(monkeypatch: pytest.MonkeyPatch
     assert _decodable("gzip, deflate, br, zstd") == "gzip, deflate"
     monkeypatch.setattr(compression_utils, "HAS_BROTLI", True)
     assert _decodable("gzip, deflate, br;q=0.9, zstd") == "gzip, deflate, br;q=0.9"
+
+
+@pytest.mark.asyncio
+async def test_a_refused_connection_is_named_in_a_few_words() -> None:
+    """What a user reads of a dead server: host:port and the OS's reason, whichever transport
+    met it (aiohttp's error carries its whole connection key in its repr)."""
+    import aiohttp
+
+    from asyncbg._providers._lean import connect_reason
+    from asyncbg._providers._lean_wire import Wire, WireConnectError
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens on it once closed
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(aiohttp.ClientConnectorError) as caught:
+            await session.get(f"http://127.0.0.1:{port}/v1")
+    assert connect_reason(caught.value) == f"127.0.0.1:{port}: connection refused"
+    wire = Wire(host="127.0.0.1", port=port, host_header=f"127.0.0.1:{port}", headers={},
+                ssl_context=None, connect_timeout=10, read_timeout=10, keepalive=None)
+    with pytest.raises(WireConnectError) as refused:
+        await wire.get("/v1")
+    assert refused.value.reason == f"127.0.0.1:{port}: connection refused"
+    wire.close()
+    assert connect_reason(TimeoutError(), "h", 443) == "h:443: timed out"

@@ -15,6 +15,10 @@ import os
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, NoReturn, cast
+
+if TYPE_CHECKING:
+    from _typeshed import SupportsWrite
 
 from .._providers._kinds import PROVIDER_NAMES
 
@@ -130,14 +134,37 @@ def _escalation(path: str) -> object:
         raise argparse.ArgumentTypeError(reason) from None
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with ``--help`` and ``--version`` written to stdout as every command writes
+    it (:func:`asyncbg._cli._ops.emit`): argparse itself drops a failed write without a word
+    and exits 0."""
+
+    def _print_message(self, message: str, file: SupportsWrite[str] | None = None) -> None:
+        if message and file is sys.stdout:
+            from ._ops import emit
+
+            emit(message, end="")
+        else:
+            super()._print_message(message, file)
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        ops = sys.modules.get(f"{__name__}._ops")
+        if status == 0 and getattr(ops, "PIPE_CLOSED", False):
+            status = 141
+        elif status == 0 and getattr(ops, "STDOUT_FAILED", False):
+            status = 2
+        super().exit(status, message)
+
+
 def _top() -> tuple[argparse.ArgumentParser,
                     argparse._SubParsersAction[argparse.ArgumentParser]]:
     """The parser's top level, without its commands."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="asyncbg", description="Run many OpenAI background-mode Responses at once.")
     parser.add_argument("--version", action=_Version, nargs=0, dest=argparse.SUPPRESS,
                         default=argparse.SUPPRESS, help="show program's version number and exit")
-    return parser, parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")  # _Parsers
+    return parser, cast("argparse._SubParsersAction[argparse.ArgumentParser]", sub)
 
 
 def _add_status(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -323,7 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
                       metavar="FAULT",
                       help="a scripted fault for the next requests (repeatable): KIND[,route=R]"
                            "[,times=N][,retry_after=S][,delay=S][,after=N]; KIND is 429, 500, "
-                           "503, 404, quota, html, reset, reset_after, slow or drop")
+                           "503, 404, quota, html, reset, reset_after, slow or drop. It meets the "
+                           "next N requests on the route, from the first; delay is a slow "
+                           "answer's, after the events a drop keeps")
     fake.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     _fleet.add_commands(sub)  # submit, worker, results: a fleet sharing one ledger
     _notify.add_command(sub)  # notify: send what a ledger's outbox holds
@@ -342,7 +371,9 @@ class _Version(argparse.Action):
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
                  values: object, option_string: str | None = None) -> None:
-        print(f"asyncbg {_version()}")
+        from ._ops import emit
+
+        emit(f"asyncbg {_version()}")
         parser.exit()
 
 
@@ -353,6 +384,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for all of them: no traceback, exit status 141 (128 + SIGPIPE) as a shell reports it.
     """
     global _owns_process
+    ops = sys.modules.get(f"{__name__}._ops")
+    if ops is not None:  # a command run before in this process (a test) said nothing of ours
+        vars(ops).update(PIPE_CLOSED=False, STDOUT_FAILED=False)
     if argv is None:  # the process's own entry point (python -m asyncbg, the asyncbg script)
         _owns_process = True
     try:

@@ -30,6 +30,7 @@ async def demo(args: argparse.Namespace) -> int:
 
     from .. import BackgroundManager, PollPolicy, RetryPolicy
     from ..testing import FakeResponsesServer, FaultRates, LatencyModel, Outcomes, fake_client
+    from ._ops import emit
     from ._progress import Display, Live, Tally, counts_text, rows
 
     server = FakeResponsesServer(
@@ -69,7 +70,7 @@ async def demo(args: argparse.Namespace) -> int:
                     tally.add(job.status.value, _tokens(job))
                 tg.cancel_scope.cancel()
         stats = mgr.statistics()
-        print(rows([
+        emit(rows([
             ("jobs", f"{tally.done}  ({counts_text(tally.by_status)})"),
             ("polls", f"{stats.polls}  ({stats.polls / max(tally.done, 1):.1f} per job)"
                       f"  requests {stats.requests}  retries {stats.retries}"),
@@ -80,7 +81,7 @@ async def demo(args: argparse.Namespace) -> int:
         ]))
         sample = next((j for j in jobs if j.status.value == "completed"), None)
         if sample is not None and sample.response is not None:
-            print(f"sample      {sample.key}: {sample.response.output_text!r}")
+            emit(f"sample      {sample.key}: {sample.response.output_text!r}")
     finally:
         await client.close()
     return 0
@@ -261,5 +262,8 @@ def fault(text: str) -> Fault:
     after = _number(fields.get("after", "0"), "after")
     if times != int(times) or after != int(after):
         raise argparse.ArgumentTypeError("times and after are whole numbers")
-    return Fault(kind, route, int(times), _retry_after(fields),  # type: ignore[arg-type]
-                 _number(fields.get("delay", "0"), "delay"), int(after))
+    try:
+        return Fault(kind, route, int(times), _retry_after(fields),  # type: ignore[arg-type]
+                     _number(fields.get("delay", "0"), "delay"), int(after))
+    except ValueError as exc:  # after= on a kind other than drop, delay= other than slow
+        raise argparse.ArgumentTypeError(str(exc)) from None

@@ -13,8 +13,7 @@ import argparse
 import os
 import signal
 import stat
-import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,7 +23,7 @@ from anyio.abc import TaskStatus
 
 from .._ledgers import Ledger, LedgerError, Record, SQLiteLedger, open_ledger
 from .._ledgers._shared import DEFAULT_LEASE, EnqueueMismatch
-from ._ops import open_client, say
+from ._ops import emit, missing_directory, open_client, say
 
 __all__ = ["COMMANDS", "add_commands", "results", "retry", "submit", "worker"]
 
@@ -162,6 +161,14 @@ async def submit(args: argparse.Namespace) -> int:
         return 2
     try:
         ledger = shared_ledger(args.ledger)
+    except LedgerError as exc:
+        say(f"{exc}; nothing was enqueued")
+        return 2
+    if isinstance(ledger, SQLiteLedger) and (what := missing_directory(ledger.path)):
+        say(f"cannot create the ledger {ledger.path}: {what} (submit makes the ledger's file, "
+            "not directories); nothing was enqueued")
+        return 2
+    try:
         await ledger.open()
     except LedgerError as exc:
         say(f"{exc}; nothing was enqueued")
@@ -180,7 +187,7 @@ async def submit(args: argparse.Namespace) -> int:
         with anyio.CancelScope(shield=True):
             await ledger.close()
     total = len(parsed.requests)
-    print(f"{new} new of {total} lines ({total - new} already in the ledger)", flush=True)
+    emit(f"{new} new of {total} lines ({total - new} already in the ledger)")
     return 0
 
 
@@ -206,10 +213,9 @@ async def worker(args: argparse.Namespace) -> int:
     if not args.create and await _missing(ledger, args.ledger, hint=" or pass --create"):
         return 2
     if args.create and isinstance(ledger, SQLiteLedger) and (
-            not await (parent := anyio.Path(ledger.path).parent).is_dir()):
-        what = "is not a directory" if await parent.exists() else "does not exist"
-        say(f"cannot create the ledger {ledger.path}: {parent} {what} (--create makes the "
-            "ledger's file, not directories)")
+            what := missing_directory(ledger.path)) is not None:
+        say(f"cannot create the ledger {ledger.path}: {what} (--create makes the ledger's "
+            "file, not directories)")
         return 2
     client = open_client(args.base_url)
     if client is None:
@@ -281,9 +287,12 @@ async def results(args: argparse.Namespace) -> int:
     try:
         await ledger.open()
         try:
-            if args.output == "-":
+            if args.output == "-":  # a reader that goes away (| head) ends it quietly
+                from ._output import _dumps
+
                 async for page in _pages(ledger):
-                    _write_stdout(_lines(page, counts))
+                    if not emit("".join(map(_dumps, _lines(page, counts))), end=""):
+                        break
                 return 0
             await anyio.to_thread.run_sync(_write_file, args.output, _streamed(ledger, counts))
         finally:
@@ -389,21 +398,6 @@ def _write_file(output: str, lines: Iterable[dict[str, Any]]) -> None:
     write_atomic(Path(os.path.realpath(output)), lines)
 
 
-def _write_stdout(lines: Iterable[Mapping[str, Any]]) -> None:
-    """The lines on stdout; a reader that goes away (``| head``) ends it quietly."""
-    from ._output import _dumps
-
-    try:
-        for line in lines:
-            sys.stdout.write(_dumps(line))
-        sys.stdout.flush()
-    except BrokenPipeError:
-        # Python would complain again while flushing at exit: point stdout at nothing.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-
-
 async def _with_ledger(ledger: L, work: Callable[[L], Awaitable[T]], after: str) -> T | None:
     """``work`` on the opened ``ledger``, closed again whatever happens; None after saying
     why the ledger failed (``after`` is added to that line)."""
@@ -446,7 +440,7 @@ async def retry(args: argparse.Namespace) -> int:
     if count is None:
         return 2
     which = f" with error code {args.code}" if args.code else ""
-    print(f"re-queued {count} lines that ended without a response{which}", flush=True)
+    emit(f"re-queued {count} lines that ended without a response{which}")
     if count:
         say(f"workers run them: `asyncbg worker --ledger {args.ledger}`")
     return 0

@@ -16,7 +16,7 @@ import anyio
 from .._ledgers import Ledger, LedgerError
 from .._ledgers._outbox import Outbox
 from ._deliveries import summary, summary_text
-from ._ops import open_ledger, say
+from ._ops import emit, open_ledger, say
 
 if TYPE_CHECKING:  # the notifier loads when a command sends (`asyncbg status` does not)
     from .._notify._notify import Notify
@@ -156,8 +156,8 @@ async def notify(args: argparse.Namespace) -> int:
         with anyio.CancelScope(shield=True):
             await ledger.close()
     delivered = sum(s.delivered for s in senders)
-    print(f"delivered {delivered} notification(s); {left['pending']} still pending, "
-          f"{left['failed']} failed")
+    emit(f"delivered {delivered} notification(s); {left['pending']} still pending, "
+         f"{left['failed']} failed")
     if left["pending"] or left["failed"]:
         say(summary_text(left))
     return 1 if left["pending"] or left["failed"] else 0

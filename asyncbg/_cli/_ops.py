@@ -65,8 +65,8 @@ from ._deliveries import summary as delivery_summary
 from ._deliveries import summary_text as delivery_text
 from ._progress import ORDER, counts_text, rows
 
-__all__ = ["Cancelled", "cancel", "cancel_live", "emit", "open_client", "run_status", "say",
-           "status", "summarize"]
+__all__ = ["Cancelled", "cancel", "cancel_live", "emit", "missing_directory", "open_client",
+           "run_status", "say", "status", "summarize"]
 
 #: Batches listed one per line by ``status``; more are summed up in one line.
 MAX_BATCH_LINES = 20
@@ -87,25 +87,28 @@ PIPE_CLOSED = False
 STDOUT_FAILED = False
 
 
-def emit(text: str) -> None:
+def emit(text: str, *, end: str = "\n") -> bool:
     """Print ``text`` on stdout; a reader that went away (``| head``) ends the output
     quietly: the rest is dropped, with no traceback, and the command's work goes on (a cancel
     finishes cancelling); the command then exits 141, as every command does on a closed pipe.
     A stdout that cannot be written otherwise (a file on a full disk, a closed descriptor) is
-    said in one line, the rest is dropped, and the command exits 2."""
+    said in one line, the rest is dropped, and the command exits 2. Every command writes its
+    stdout through here. Returns whether stdout still takes what is written."""
     global PIPE_CLOSED, STDOUT_FAILED
+    if PIPE_CLOSED or STDOUT_FAILED:
+        return False
     try:
         if sys.stdout is None:
             raise OSError(errno.EBADF, "stdout is closed")
-        print(text, flush=True)
+        print(text, end=end, flush=True)
+        return True
     except BrokenPipeError:
         PIPE_CLOSED = True
-        silence_stdout()
     except OSError as exc:
-        if not STDOUT_FAILED:
-            say(f"cannot write to stdout: {exc.strerror or exc}")
+        say(f"cannot write to stdout: {exc.strerror or exc}")
         STDOUT_FAILED = True
-        silence_stdout()
+    silence_stdout()
+    return False
 
 
 def silence_stdout() -> None:
@@ -122,6 +125,16 @@ def silence_stdout() -> None:
         pass
     with contextlib.suppress(OSError, ValueError):
         sys.stdout.flush()  # the buffer goes to /dev/null now
+
+
+def missing_directory(path: Path) -> str | None:
+    """Why a file cannot be made at ``path`` without making directories (``DIR does not
+    exist``, ``DIR is not a directory``), or None. The command line makes the files it is
+    given, never their directories: a mistyped path is refused, not built."""
+    parent = path.parent
+    if parent.is_dir():
+        return None
+    return f"{parent} {'is not a directory' if parent.exists() else 'does not exist'}"
 
 
 def open_client(base_url: str | None) -> openai.AsyncOpenAI | None:
@@ -349,14 +362,24 @@ def _read_only(path: Path, fn: Callable[[sqlite3.Connection], T]) -> T | None:
 
     from .._ledgers import _sqlite_queries as q
 
-    uri = f"file:{quote(os.path.realpath(path))}?mode=ro"
+    real = os.path.realpath(path)
     if not os.access(path.parent, os.W_OK):  # nothing can be writing it: no -shm to make
-        uri += "&immutable=1"
+        mode = "ro&immutable=1"
+    elif any(os.path.lexists(real + end) for end in ("-wal", "-shm", "-journal")):
+        mode = "ro"  # a writer is there (or a crashed one's log): read only, touch nothing
+    else:
+        # No connection is open: one that may write, so that its close, the last one, removes
+        # the -wal and -shm a read of a WAL journal makes (a read-only one leaves them behind).
+        # It writes nothing itself (query_only); a writer that comes meanwhile is served as by
+        # any reader, and its files are its own.
+        mode = "rw"
     try:
-        db = sqlite3.connect(uri, uri=True, timeout=5.0, isolation_level=None)
+        db = sqlite3.connect(f"file:{quote(real)}?mode={mode}", uri=True, timeout=5.0,
+                             isolation_level=None)
     except sqlite3.Error:
         return None
     try:
+        db.execute("PRAGMA query_only = ON")
         current = (int(db.execute(q.READ_APPLICATION_ID).fetchone()[0]) == q.APPLICATION_ID
                    and int(db.execute(q.READ_USER_VERSION).fetchone()[0]) == q.SCHEMA_VERSION
                    and db.execute(q.HAS_COUNTS).fetchone() is not None

@@ -34,7 +34,7 @@ from ._formats import FORMATS, Format, close
 from ._input import BatchRequest, Index, NotUtf8, not_a_file
 from ._notify import notify_option, to_deliver
 from ._notify import summary_row as notes_row
-from ._ops import cancel_live, say
+from ._ops import cancel_live, missing_directory, say
 from ._output import (
     Existing,
     NotOurs,
@@ -108,6 +108,11 @@ async def run(args: argparse.Namespace) -> int:
     if output is not None and (part := companion_of(output, journal)) is not None:
         say(f"{output} is {part} ({journal}): -o must be another file; nothing was sent")
         return 2
+    for path, what in ((journal, "the journal "), (output, "")):
+        if path is not None and (where := missing_directory(path)) is not None:
+            say(f"cannot create {what}{path}: {where} (run makes files, not directories); "
+                "nothing was sent")
+            return 2
     target = None
     if output is not None:
         try:
@@ -311,13 +316,6 @@ class _Run:
         return self.client
 
     async def _journaled(self, work: anyio.CancelScope, interrupts: Interrupts) -> int:
-        if not isinstance(self.out, StdoutOutput):
-            try:
-                self.out.path.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                say(f"cannot create {self.out.path.parent}: {exc.strerror or exc}; nothing was "
-                    "sent")
-                return 2
         ledger = SQLiteLedger(self.journal, exclusive=True)
         try:
             self.out.lock()
@@ -421,8 +419,11 @@ class _Run:
             options["hooks"] = hooks
             send, receive = anyio.create_memory_object_stream[Job](max_buffer_size=math.inf)
             with send, receive:
-                await self._manage(client, ledger, interrupts, options, send.send_nowait,
-                                   receive)
+                try:
+                    await self._manage(client, ledger, interrupts, options, send.send_nowait,
+                                       receive)
+                finally:  # the manager has closed: nothing is held, no grace to end
+                    interrupts.held = interrupts.leave = None
 
     async def _manage(self, client: Any, ledger: Ledger, interrupts: Interrupts,
                       options: dict[str, Any], on_done: Callable[[Job], None],
@@ -435,6 +436,12 @@ class _Run:
         async with BackgroundManager(client, journal=ledger, **options, cancel_on_exit=False,
                                      on_done=on_done) as mgr:
             interrupts.on_cancel = mgr.cancel_all
+            # Responses the journal could not take make a stop wait for it (exit_grace): said,
+            # and a second Ctrl-C ends the wait (asyncbg/_cli/_signals.py).
+            interrupts.held = lambda: len(mgr.unrecorded())
+            interrupts.leave = mgr.leave_now
+            interrupts.exit_grace = mgr.exit_grace
+            interrupts.kept_in = str(Rescue(self.journal).path)
             for hook in options.get("hooks", ()):
                 hook.observe(mgr)  # gauges read from statistics(), for --metrics-port
 

@@ -4,10 +4,15 @@ Live responses are paid for, so an interrupt does not throw them away: the run s
 leaves what is live running on the server (the journal has every response id), and exits; the
 same command run again collects them. A second signal while it stops, or
 ``--cancel-on-interrupt``, cancels them on the server first.
+
+Responses the server created that the journal could not take (its disk is full) make the stop
+wait up to the manager's exit grace for the journal; that wait is said in one line, and a
+second signal then ends it at once: their ids go to ``JOURNAL.unrecorded`` for the next run.
 """
 
 from __future__ import annotations
 
+import math
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -36,6 +41,16 @@ class Interrupts:
         self.on_cancel: Callable[[], Awaitable[None]] | None = None
         #: Cancelled by a third signal: whatever cleanup is still running gives up.
         self.cleanup = anyio.CancelScope()
+        #: Set while the run's manager is open: the responses the server created that the
+        #: journal has not taken, and how to stop waiting for them (``mgr.unrecorded``,
+        #: ``mgr.leave_now``); the stop waits for them up to ``exit_grace`` seconds, and
+        #: ``kept_in`` is where their ids go then.
+        self.held: Callable[[], int] | None = None
+        self.leave: Callable[[], None] | None = None
+        self.exit_grace = 10.0
+        self.kept_in = ""
+        #: Whether the wait for held responses was said (a second signal then leaves at once).
+        self.waiting = False
         self._first_at = 0.0
         self._again = anyio.Event()
 
@@ -60,10 +75,31 @@ class Interrupts:
         Start it with ``await tg.start(interrupts.watch, scope)``: once it has started, the
         signals no longer raise ``KeyboardInterrupt`` or kill the process.
         """
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            task_status.started()
-            async for received in signals:
-                await self.receive(signal.Signals(received), work)
+        async with anyio.create_task_group() as tg:
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                task_status.started()
+                async for received in signals:
+                    await self.receive(signal.Signals(received), work)
+                    if self.count == 1:
+                        tg.start_soon(self._say_waiting)
+
+    async def _say_waiting(self) -> None:
+        """Once the run stops: one line when it waits for responses the journal has not
+        taken (sampled, as the progress is, until the exit grace is over or the manager
+        closed)."""
+        until = self._first_at + self.exit_grace
+        while (held := self.held) is not None and anyio.current_time() < until:
+            count = held()
+            if count:
+                self.waiting = True
+                left = math.ceil(until - anyio.current_time())
+                what = "1 response" if count == 1 else f"{count} responses"
+                _say(f"waiting up to {left} s for the journal to take {what} the server "
+                     f"created (it cannot be written now); interrupt again to leave at once: "
+                     f"their ids are kept in {self.kept_in} and the next run re-attaches "
+                     "to them")
+                return
+            await anyio.sleep(0.1)
 
     async def receive(self, received: signal.Signals, work: anyio.CancelScope) -> None:
         """Act on one signal (``watch`` calls it; tests call it directly)."""
@@ -71,7 +107,11 @@ class Interrupts:
         if self.signal is None:
             self.signal = received
             self._first_at = anyio.current_time()
-            if self.cancel_live:
+            if self.held is not None and self.held() and not self.cancel_live:
+                # Not "again to cancel": a second signal ends the wait for the journal, as
+                # the next line says (_say_waiting).
+                _say(f"{self.name}: stopping; live responses are left running on the server")
+            elif self.cancel_live:
                 _say(f"{self.name}: stopping; cancelling the live responses on the server")
                 if self.on_cancel is not None:
                     with anyio.move_on_after(self.cancel_timeout):
@@ -80,6 +120,12 @@ class Interrupts:
                 _say(f"{self.name}: stopping; live responses are left running on the server "
                      "(interrupt again within a second to cancel them)")
             work.cancel()
+        elif self.waiting and self.count == 2:
+            if self.leave is not None:
+                self.leave()
+            _say(f"{self.name} again: leaving now; the ids of the responses the journal has "
+                 f"not taken go to {self.kept_in}")
+            self._again.set()
         elif self.count == 2:
             if not self.cancel_live:
                 self.cancel_live = True
@@ -87,6 +133,8 @@ class Interrupts:
                      "(interrupt once more to exit at once)")
             self._again.set()
         else:
+            if self.leave is not None:
+                self.leave()  # "exit at once": no wait for the journal either
             self.cleanup.cancel()
 
     async def settle(self, grace: float) -> None:

@@ -64,7 +64,9 @@ class SQLiteLedger(SQLiteOutbox):
     """
 
     #: Whether opens record the ids kept in ``PATH.unrecorded`` (a shared ledger's keys are
-    #: fenced by leases instead, and its workers hand back what they could not record).
+    #: fenced by leases instead, and its workers hand back what they could not record). An
+    #: exclusive open always does: nothing else is on the journal (``asyncbg cancel`` on a
+    #: stopped run's journal then cancels them too).
     _keeps_unrecorded: ClassVar[bool] = True
 
     __slots__ = ("_ahead", "_ahead_at", "_db", "_exclusive", "_hops", "_limiter", "_lock",
@@ -114,7 +116,7 @@ class SQLiteLedger(SQLiteOutbox):
         try:
             if db is not None:
                 await anyio.to_thread.run_sync(db.close, limiter=self._limiter)
-                if self._exclusive and self._keeps_unrecorded:
+                if self._exclusive:
                     await anyio.to_thread.run_sync(Rescue(self._path).release)
         finally:
             if lock is not None:
@@ -244,7 +246,7 @@ class SQLiteLedger(SQLiteOutbox):
                 raise self._error(exc) from exc
             try:
                 self._prepare(db, created)
-                if self._keeps_unrecorded:
+                if self._keeps_unrecorded or self._exclusive:
                     self._adopt_kept(db)
             except BaseException:
                 db.close()

@@ -67,7 +67,43 @@ class LeanError(Exception):
 
 
 class LeanConnectError(LeanError):
-    """No connection was made (refused, DNS, TLS, connect or pool timeout): nothing was sent."""
+    """No connection was made (refused, DNS, TLS, connect or pool timeout): nothing was sent.
+
+    ``reason`` says why in a few words, for a user's one line: ``api.example:443: connection
+    refused`` (the message adds the method and URL)."""
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason or message
+
+
+def connect_reason(exc: BaseException, host: str | None = None, port: int | None = None) -> str:
+    """Why a connection could not be made, in one short line: ``HOST:PORT: connection
+    refused``, the OS's own words without the libraries' reprs (aiohttp's carries its whole
+    connection key). ``host`` and ``port`` when ``exc`` does not carry them (aiohttp's do)."""
+    import errno
+    import os
+    import socket
+    import ssl
+
+    host = getattr(exc, "host", host)
+    port = getattr(exc, "port", port)
+    cause: BaseException = getattr(exc, "certificate_error", None) or getattr(
+        exc, "os_error", None) or exc
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        text = f"TLS certificate: {cause.verify_message or cause.reason or cause}"
+    elif isinstance(cause, ssl.SSLError):
+        text = f"TLS: {cause.reason or cause}"
+    elif isinstance(exc, TimeoutError) or isinstance(cause, TimeoutError):
+        text = "timed out"
+    elif isinstance(cause, socket.gaierror):
+        text = cause.strerror or str(cause)  # DNS: "Name or service not known"
+    elif isinstance(cause, OSError) and cause.errno is not None and cause.errno in errno.errorcode:
+        text = os.strerror(cause.errno)  # asyncio's own text names the address again
+    else:
+        text = str(cause) or type(cause).__name__
+    text = text[:1].lower() + text[1:]
+    return f"{host}:{port}: {text}" if host and port is not None else text
 
 
 class LeanTransportError(LeanError):
@@ -300,8 +336,10 @@ class LeanPoller:
         try:
             status, headers, body = await wire.get(url[self._wire_origin:])
         except WireConnectError as exc:
-            reason = "the LeanPoller is closed" if self._closed else f"could not connect: {exc}"
-            raise LeanConnectError(f"GET {url}: {reason}") from exc
+            if self._closed:
+                raise LeanConnectError(f"GET {url}: the LeanPoller is closed") from exc
+            raise LeanConnectError(f"GET {url}: could not connect: {exc.reason}",
+                                   reason=exc.reason) from exc
         except WireError as exc:
             raise LeanTransportError(f"GET {url}: the connection failed: {exc}") from exc
         return RawAnswer(status, headers, body)
@@ -340,7 +378,9 @@ class LeanPoller:
                 data = await response.read()
                 return RawAnswer(response.status, response.headers, data)
         except self._connect_errors as exc:
-            raise LeanConnectError(f"{method} {url}: could not connect: {exc!r}") from exc
+            reason = connect_reason(exc)
+            raise LeanConnectError(f"{method} {url}: could not connect: {reason}",
+                                   reason=reason) from exc
         except self._transport_errors as exc:
             raise LeanTransportError(f"{method} {url}: the connection failed: {exc!r}") from exc
         except RuntimeError as exc:  # "Session is closed": aclose() ran while this one waited

@@ -37,7 +37,11 @@ class WireError(Exception):
 
 
 class WireConnectError(WireError):
-    """No connection was made: nothing was sent."""
+    """No connection was made: nothing was sent. ``reason`` says why in a few words."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"could not connect: {reason}")
+        self.reason = reason
 
 
 class WireClosed(WireConnectError):
@@ -198,7 +202,9 @@ class Wire:
                     server_hostname=self._server_hostname),
                 self._connect_timeout)
         except (TimeoutError, OSError, ssl.SSLError) as exc:
-            raise WireConnectError(f"could not connect: {exc!r}") from exc
+            from ._lean import connect_reason
+
+            raise WireConnectError(connect_reason(exc, self._host, self._port)) from exc
         return conn
 
     async def _exchange(

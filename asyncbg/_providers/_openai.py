@@ -113,7 +113,7 @@ class OpenAIResponses:
         try:
             got = await lean.post(CREATE_PATH, body, headers=_RAW_RESPONSE_HEADERS)
         except LeanConnectError as exc:
-            raise Unreachable(f"cannot connect to {self.base_url}: {exc}") from exc
+            raise Unreachable(f"cannot connect to {self.base_url}: {exc.reason}") from exc
         except LeanError as exc:
             _log.debug("request.connection_lost", request="create", error=repr(exc))
             raise Transient(f"create: connection lost: {exc}", maybe_sent=True) from exc
@@ -144,7 +144,7 @@ class OpenAIResponses:
         try:
             got = await lean.get(f"responses/{response_id}")
         except LeanConnectError as exc:
-            raise Unreachable(f"cannot connect to {self.base_url}: {exc}") from exc
+            raise Unreachable(f"cannot connect to {self.base_url}: {exc.reason}") from exc
         except LeanError as exc:
             raise Transient(f"retrieve: {exc}", maybe_sent=True) from exc
         if 300 <= got.status < 400:

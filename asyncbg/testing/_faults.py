@@ -36,6 +36,10 @@ class Fault:
       (the case where a retried create starts a second response).
     * ``"slow"``: the answer is delayed by ``delay`` seconds.
     * ``"drop"``: a streamed answer (server-sent events) is cut after ``after`` events.
+
+    Every kind meets the next ``times`` matching requests, from the first: ``after`` counts
+    events of a drop, not requests, and is refused (``ValueError``) on another kind, as
+    ``delay`` is on a kind other than ``"slow"``: ignored, either would mislead.
     """
 
     kind: FaultKind
@@ -44,6 +48,15 @@ class Fault:
     retry_after: float | str | None = None
     delay: float = 0.0
     after: int = 0
+
+    def __post_init__(self) -> None:
+        for name, value, owner, what in (
+                ("after", self.after, "drop", "the events a stream keeps before it is cut"),
+                ("delay", self.delay, "slow", "how long the answer waits")):
+            if value and self.kind != owner:
+                raise ValueError(
+                    f"{name}={value:g} is for a {owner} fault ({what}); a {self.kind} fault "
+                    f"meets the next {self.times} matching request(s) from the first")
 
 
 @dataclass(frozen=True, slots=True)
