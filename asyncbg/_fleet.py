@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import anyio
+import anyio.to_thread
 
 from . import _log
 from ._engine._hooks import Hooks
@@ -130,6 +131,8 @@ async def run_worker(
                      exit_when_idle=exit_when_idle, patience=db_patience)
     if not await _open_patiently(ledger, patience=db_patience, stop=stop):
         return 0  # stopped before the ledger could be reached: nothing was taken
+    rescue = ledger.rescue()
+    await anyio.to_thread.run_sync(rescue.reserve)  # room to keep ids on a full disk too
     try:
         error: Exception | None = None
         async with anyio.create_task_group() as tg:
@@ -160,7 +163,10 @@ async def run_worker(
             try:
                 await _hand_back(worker, ledger, bound=min(_HAND_BACK, lease / 3))
             finally:
-                await ledger.close()
+                try:
+                    await ledger.close()
+                finally:
+                    await anyio.to_thread.run_sync(rescue.release)  # removed unless it keeps ids
 
 
 #: The longest a stopping worker tries to hand its leases back (or a renewal period, if less).
@@ -242,6 +248,9 @@ class _Worker:
         self.jobs: dict[str, Job] = {}
         self.wake = anyio.Event()
         self.next_adoption = 0.0
+        #: When to look again for responses kept by workers that left without recording them
+        #: (see adopt_kept): at once, then once a lease, and as soon as the ledger is back.
+        self.next_rescue = 0.0
         #: The scope of the ledger call under way, which a stop cuts short.
         self.cut: anyio.CancelScope | None = None
 
@@ -266,6 +275,8 @@ class _Worker:
             try:
                 if self.to_requeue or self.to_release:
                     await self._unless_stopped(lambda: self._collect(mgr), None)
+                if anyio.current_time() >= self.next_rescue:
+                    await self._adopt_kept()
                 records = await self._take_work(mgr)
                 idle = (self.exit_when_idle and not self.jobs and not records
                         and await self._unless_stopped(self.ledger.unfinished, -1) == 0)
@@ -340,8 +351,36 @@ class _Worker:
                 f"({exc}); the worker stops, leaving its live responses for a later worker"
             ) from exc
 
+    async def _adopt_kept(self) -> None:
+        """Record the responses that workers on this machine created and could not record
+        before they left (kept in the ledger's rescue file), by the fenced rule of
+        ``asyncbg._ledgers._rescue``: those adopted become live rows that this worker, or
+        another, takes and polls to their end. Raises :class:`LedgerUnavailable`."""
+        self.next_rescue = anyio.current_time() + self.lease
+        try:
+            adoption = await self._unless_stopped(self.ledger.adopt_kept, None)
+        except LedgerUnavailable:
+            self.next_rescue = 0.0  # again once the ledger is back
+            raise
+        except LedgerError as exc:  # a file that is not a regular one, or cannot be read
+            _log.warning("worker.kept_unreadable", error=str(exc))
+            return
+        if adoption is None or not adoption:
+            return
+        named = ", ".join(f"{k.key} ({k.response_id})" for k in adoption.duplicates)
+        _log.warning("worker.kept_adopted", file=str(adoption.path),
+                     adopted=len(adoption.adopted), already_recorded=len(adoption.recorded),
+                     duplicates=len(adoption.duplicates),
+                     action="the adopted are polled to their end instead of created again")
+        if adoption.duplicates:
+            _log.warning("worker.kept_duplicates", file=str(adoption.path), responses=named,
+                         reason="their lines were created again (or ended) before these "
+                                "could be adopted: paid for twice",
+                         action="left running on the server; nothing cancels them")
+
     def _ledger_up(self) -> None:
         if self.down_since is not None:
+            self.next_rescue = 0.0  # a worker that left meanwhile may have kept ids
             _log.warning("worker.ledger_available", ledger=self.ledger.location,
                          after=round(anyio.current_time() - self.down_since, 3))
             self.down_since = None
