@@ -26,13 +26,14 @@ import pytest
 from anyio.abc import SocketStream, TaskStatus
 
 from asyncbg._fleet import enqueue_requests
+from asyncbg._ledgers import LedgerError, Outcome
 from asyncbg._ledgers._postgres import PostgresLedger
+from asyncbg._ledgers._rescue import Kept, Rescue, state_file
+from asyncbg._ledgers._shared import LeaseLost, SharedLedger
 from asyncbg._ledgers._sqlite_shared import SharedSQLiteLedger
 
 from .conftest import HttpFake
 from .test_fleet_db_down import free_port, on_port
-
-pytestmark = pytest.mark.asyncio
 
 N = 4
 
@@ -138,6 +139,7 @@ def kept_lines(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_bytes().rstrip(b"\0").splitlines()]
 
 
+@pytest.mark.asyncio
 async def test_a_postgres_worker_keeps_what_it_could_not_record_and_the_next_adopts_it(
     http_fake: HttpFake, pg_dsn: str, tmp_path: Path,
 ) -> None:
@@ -180,6 +182,7 @@ async def test_a_postgres_worker_keeps_what_it_could_not_record_and_the_next_ado
     assert not kept[0].exists()
 
 
+@pytest.mark.asyncio
 async def test_a_state_directory_that_cannot_be_written_puts_the_ids_on_stderr(
     http_fake: HttpFake, pg_dsn: str, tmp_path: Path,
 ) -> None:
@@ -203,6 +206,7 @@ async def test_a_state_directory_that_cannot_be_written_puts_the_ids_on_stderr(
     assert "could not be kept" in said and "Not a directory" in said, said
 
 
+@pytest.mark.asyncio
 async def test_a_sqlite_worker_keeps_what_it_could_not_record_beside_the_ledger(
     http_fake: HttpFake, tmp_path: Path,
 ) -> None:
@@ -245,3 +249,142 @@ async def test_a_sqlite_worker_keeps_what_it_could_not_record_beside_the_ledger(
     await check.close()
     assert [r.status for r in records] == ["completed"] * N
     assert not companion.exists()
+
+
+# -- the fenced rule, on both ledgers -------------------------------------------------------------
+
+
+def shared(kind: str, where: str, owner: str) -> SharedLedger:
+    if kind == "postgres":
+        return PostgresLedger(where, owner=owner)
+    return SharedSQLiteLedger(where, owner=owner)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+@pytest.mark.asyncio
+async def test_a_kept_id_is_taken_only_by_a_row_not_sent_again_since(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Worker A sent k1..k4 at epoch 1 and left; B took them over (epoch 2). k1: B has not
+    sent: adopted, and B's send is fenced off. k2: B sent again and recorded its own response:
+    the kept one was paid twice. k3: B's create is out: the same. k4: the row has the kept id
+    already (recorded after all). k5: not in the ledger."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    where = (request.getfixturevalue("pg_dsn") if kind == "postgres"
+             else str(tmp_path / "fleet.db"))
+    a, b, c = (shared(kind, where, owner) for owner in ("A", "B", "C"))
+    for ledger in (a, b, c):
+        await ledger.open()
+    try:
+        keys = ["k1", "k2", "k3", "k4"]
+        await enqueue_requests(a, [(k, {"model": "m", "input": k}) for k in keys])
+        assert len(await a.acquire(4, 0.2)) == 4
+        for k in keys:
+            await a.sending(k, resubmit=False)
+        with anyio.fail_after(30):
+            while len(taken := await b.acquire(4, 0.2)) < 4:  # past the lease and its margin
+                assert not taken
+                await anyio.sleep(0.05)
+        assert set(await b.renew(keys, 30.0)) == set()
+        for k in ("k2", "k3", "k4"):
+            await b.sending(k, resubmit=True)
+        await b.record("k2", Outcome("in_progress", response_id="resp_b2"))
+        await b.record("k4", Outcome("in_progress", response_id="resp_a4"))
+        path = await a.keep_unrecorded([(k, f"resp_a{k[1]}") for k in [*keys, "k5"]])
+        assert path == c.rescue().path
+        adoption = await c.adopt_kept()
+        assert [k.key for k in adoption.adopted] == ["k1"]
+        assert [k.key for k in adoption.duplicates] == ["k2", "k3", "k5"]
+        assert [k.key for k in adoption.recorded] == ["k4"]
+        assert c.rescue().entries() == []  # every line was decided: removed
+        with pytest.raises(LeaseLost):
+            await b.sending("k1", resubmit=True)  # taken over meanwhile: it sends nothing
+        rows = {r.key: r for r in await c.records()}
+        assert (rows["k1"].state, rows["k1"].response_id) == ("live", "resp_a1")
+        assert rows["k2"].response_id == "resp_b2" and rows["k3"].response_id is None
+        assert [r.key for r in await c.acquire(4, 30.0, live_only=True)] == ["k1"]
+        assert (await c.adopt_kept()).adopted == ()  # nothing left: nothing again
+    finally:
+        for ledger in (a, b, c):
+            await ledger.close()
+
+
+# -- the file itself -----------------------------------------------------------------------------
+
+
+def test_a_rescue_file_that_is_a_symlink_or_not_a_regular_file_is_refused(
+    tmp_path: Path,
+) -> None:
+    target = tmp_path / "elsewhere"
+    target.write_text(json.dumps({"key": "k", "response_id": "resp_x", "epoch": 1}) + "\n")
+    link = tmp_path / "link.unrecorded"
+    link.symlink_to(target)
+    rescue = Rescue.at(link)
+    with pytest.raises(OSError):
+        rescue.entries()  # not followed
+    with pytest.raises(OSError):
+        rescue.keep([("k", "resp_y")], epochs={"k": 1})
+    with pytest.raises(OSError):
+        rescue.remove([Kept("k", "resp_x", 1)])
+    assert target.read_text().count("resp_") == 1  # untouched
+    fifo = tmp_path / "fifo.unrecorded"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError, match="not a regular file"):
+        Rescue.at(fifo).entries()
+    with pytest.raises(OSError, match="not a regular file"):
+        Rescue.at(fifo).keep([("k", "resp_y")])
+
+
+@pytest.mark.asyncio
+async def test_a_rescue_symlink_is_refused_by_the_worker_and_by_status(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    db = tmp_path / "fleet.db"
+    ledger = SharedSQLiteLedger(db)
+    await ledger.open()
+    try:
+        (tmp_path / "fleet.db.unrecorded").symlink_to(tmp_path / "elsewhere")
+        with pytest.raises(LedgerError, match="cannot be read"):
+            await ledger.adopt_kept()
+    finally:
+        await ledger.close()
+    from asyncbg._cli._ops import kept_summary
+
+    said = kept_summary(Rescue(db))
+    assert said is not None and said["error"] and said["ids"] == 0
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_a_torn_last_line_is_skipped_and_the_next_line_starts_afresh(tmp_path: Path) -> None:
+    rescue = Rescue.at(tmp_path / "state" / "x.unrecorded")  # its directory is made
+    rescue.reserve()
+    rescue.keep([("a", "resp_a"), ("b", "resp_b")], epochs={"a": 3, "b": 4},
+                note={"ledger": "postgresql://h:5432/db?schema=public"})
+    with rescue.path.open("r+b") as f:  # a crash in the middle of a line
+        f.seek(len(rescue.path.read_bytes().rstrip(b"\0")))
+        f.write(b'{"key": "c", "respo')
+    assert rescue.entries() == [Kept("a", "resp_a", 3), Kept("b", "resp_b", 4)]
+    rescue.keep([("d", "resp_d")], epochs={"d": 1})  # on a line of its own, not glued on
+    assert rescue.entries() == [Kept("a", "resp_a", 3), Kept("b", "resp_b", 4),
+                                Kept("d", "resp_d", 1)]
+    rescue.remove([Kept("a", "resp_a", 3)])  # the others stay, the torn line goes
+    assert rescue.entries() == [Kept("b", "resp_b", 4), Kept("d", "resp_d", 1)]
+    assert b"\"key\": \"c\"" not in rescue.path.read_bytes()
+    rescue.remove([Kept("b", "resp_b", 4), Kept("d", "resp_d", 1)])
+    assert rescue.entries() == [] and rescue.path.exists()  # zeroed, reservation kept
+    rescue.release()
+    assert not rescue.path.exists()
+
+
+def test_the_state_file_is_named_from_the_ledger_not_its_password(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    one = state_file("postgresql://h:5432/db?schema=public")
+    assert one.parent == tmp_path / "asyncbg" / "unrecorded"
+    assert one.name.endswith(".unrecorded")
+    assert one != state_file("postgresql://h:5432/db?schema=other")
+    monkeypatch.setenv("XDG_STATE_HOME", "relative")  # not absolute: ignored (the XDG spec)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert state_file("x").parent == tmp_path / "home" / ".local" / "state" / "asyncbg" / \
+        "unrecorded"
