@@ -38,6 +38,7 @@ import hashlib
 import json
 import os
 import stat
+import tempfile
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -105,7 +106,13 @@ def state_file(identity: str) -> Path:
     own (PostgreSQL): ``$XDG_STATE_HOME/asyncbg/unrecorded/`` (by default
     ``~/.local/state/...``), in a file named from a hash of ``identity`` (never a password)."""
     base = os.environ.get("XDG_STATE_HOME") or ""
-    root = Path(base) if os.path.isabs(base) else Path.home() / ".local" / "state"
+    if os.path.isabs(base):  # a relative one is ignored, as the XDG base directory spec says
+        root = Path(base)
+    else:
+        try:
+            root = Path.home() / ".local" / "state"
+        except RuntimeError:  # no home directory to be found: still somewhere of this user's
+            root = Path(tempfile.gettempdir()) / f"asyncbg-{os.getuid()}"
     name = hashlib.sha256(identity.encode()).hexdigest()[:24]
     return root / "asyncbg" / "unrecorded" / f"{name}{SUFFIX}"
 
