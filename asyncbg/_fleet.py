@@ -133,17 +133,19 @@ async def run_worker(
         return 0  # stopped before the ledger could be reached: nothing was taken
     rescue = ledger.rescue()
     await anyio.to_thread.run_sync(rescue.reserve)  # room to keep ids on a full disk too
+    mgr = BackgroundManager(
+        client, journal=ledger, cancel_on_exit=False,
+        max_concurrency=2 * concurrency,  # room for adopted responses (see run)
+        poll_policy=poll_policy, retry_policy=retry_policy, notify=notify,
+        ledger_patience=db_patience, hooks=hooks,
+    )
+    mgr._say_unrecorded = False  # said below, last: where their ids are kept, or the ids
+    error: BaseException | None = None
     try:
-        error: Exception | None = None
         async with anyio.create_task_group() as tg:
             tg.start_soon(worker.relay_stop)
             try:
-                async with BackgroundManager(
-                    client, journal=ledger, cancel_on_exit=False,
-                    max_concurrency=2 * concurrency,  # room for adopted responses (see run)
-                    poll_policy=poll_policy, retry_policy=retry_policy, notify=notify,
-                    ledger_patience=db_patience, hooks=hooks,
-                ) as mgr:
+                async with mgr:
                     for hook in hooks:
                         observe = getattr(hook, "observe", None)
                         if observe is not None:
@@ -155,9 +157,9 @@ async def run_worker(
                 error = exc
             finally:
                 tg.cancel_scope.cancel()
-        if error is not None:
-            raise error
-        return 0
+    except BaseException as exc:
+        error = exc
+        raise
     finally:
         with anyio.CancelScope(shield=True):
             try:
@@ -167,6 +169,17 @@ async def run_worker(
                     await ledger.close()
                 finally:
                     await anyio.to_thread.run_sync(rescue.release)  # removed unless it keeps ids
+        # Responses created and not recorded (the database went away): where their ids are
+        # kept for the next worker, or the ids themselves. The last word of a worker's exit.
+        said = mgr._unrecorded_said
+        if said and isinstance(error, LedgerError):
+            if said not in str(error):
+                error.args = (f"{error}; {said}",)
+        elif said:
+            _log.warning("worker.unrecorded", message=said)
+    if error is not None:
+        raise error
+    return 0
 
 
 #: The longest a stopping worker tries to hand its leases back (or a renewal period, if less).

@@ -239,6 +239,10 @@ class BackgroundManager:
         self._auto_key = itertools.count(1)
         self._state = _State.UNOPENED
         self._tg: TaskGroup | None = None
+        #: What became of the responses created and not recorded when it last left ("" when
+        #: none), and whether it says so itself (a fleet worker says it last, on its way out).
+        self._unrecorded_said = ""
+        self._say_unrecorded = True
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -364,7 +368,9 @@ class BackgroundManager:
                          "this machine adopts them (records them and polls them to their end)"
                          if fleet else f"; their ids are kept in {where}, and the next run on "
                          "this journal re-attaches to them")
-        _log.warning("ledger.unrecorded", message=text)
+        self._unrecorded_said = text
+        if self._say_unrecorded:
+            _log.warning("ledger.unrecorded", message=text)
         return text
 
     async def _wait_for_everything(self) -> None:

@@ -22,17 +22,18 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import anyio
+import openai
 import pytest
 from anyio.abc import SocketStream, TaskStatus
 
-from asyncbg._fleet import enqueue_requests
-from asyncbg._ledgers import LedgerError, Outcome
+from asyncbg._fleet import enqueue_requests, run_worker
+from asyncbg._ledgers import LedgerError, LedgerUnavailable, Outcome
 from asyncbg._ledgers._postgres import PostgresLedger
 from asyncbg._ledgers._rescue import Kept, Rescue, state_file
 from asyncbg._ledgers._shared import LeaseLost, SharedLedger
 from asyncbg._ledgers._sqlite_shared import SharedSQLiteLedger
 
-from .conftest import HttpFake
+from .conftest import FAST_POLL, HttpFake
 from .test_fleet_db_down import free_port, on_port
 
 N = 4
@@ -154,7 +155,9 @@ async def test_a_postgres_worker_keeps_what_it_could_not_record_and_the_next_ado
         assert code == 128 + signal.SIGTERM, err
         kept = list((tmp_path / "state" / "asyncbg" / "unrecorded").iterdir())
         assert len(kept) == 1, err
-        assert f"{N} response ids kept in {kept[0]}: the next asyncbg worker" in err, err
+        last = err.strip().splitlines()[-1]  # its last word
+        assert "worker.unrecorded" in last, err
+        assert f"{N} response ids kept in {kept[0]}: the next asyncbg worker" in last, err
         lines_kept = kept_lines(kept[0])
         assert sorted(k["key"] for k in lines_kept) == [f"r{i}" for i in range(N)]
         assert all(k["epoch"] == 1 and k["response_id"].startswith("resp_")
@@ -183,6 +186,46 @@ async def test_a_postgres_worker_keeps_what_it_could_not_record_and_the_next_ado
 
 
 @pytest.mark.asyncio
+async def test_a_worker_out_of_db_patience_names_the_file_in_its_error(
+    http_fake: HttpFake, pg_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """In-process, with a ledger whose calls give up within 1 s (the command line's wait for a
+    connection is 30 s): patience runs out, and the error (the exit line) names the file."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    url, target = await pg_ledger(pg_dsn)
+    ledger = PostgresLedger(url, timeout=1.0, connect_timeout=1.0)
+    client = openai.AsyncOpenAI(api_key="sk-test", base_url=http_fake.base_url)
+    caught: list[LedgerUnavailable] = []
+    try:
+        async with anyio.create_task_group() as tg:
+            relay = Relay(urlsplit(url).port or 0, target)
+            await tg.start(relay.serve)
+            http_fake.gate.shut()
+
+            async def work() -> None:
+                with pytest.raises(LedgerUnavailable) as raised:
+                    await run_worker(client, ledger, concurrency=N, lease=6.0,
+                                     exit_when_idle=False, stop=anyio.Event(),
+                                     poll_policy=FAST_POLL, idle=0.05, db_patience=1.0)
+                caught.append(raised.value)
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(work)
+            await until(lambda: http_fake.gate.waiting == N)
+            relay.stop()
+            http_fake.gate.open()
+            await anyio.sleep(120)  # the test's timeout bounds it; work() ends it
+    finally:
+        await client.close()
+    [kept] = (tmp_path / "state" / "asyncbg" / "unrecorded").iterdir()
+    said = str(caught[0])
+    assert "could not be reached for 1 s" in said, said
+    assert f"{N} response ids kept in {kept}: the next asyncbg worker" in said, said
+    assert len(kept_lines(kept)) == N
+    assert creates_per_line(http_fake) == {f"r{i}": 1 for i in range(N)}
+
+
+@pytest.mark.asyncio
 async def test_a_state_directory_that_cannot_be_written_puts_the_ids_on_stderr(
     http_fake: HttpFake, pg_dsn: str, tmp_path: Path,
 ) -> None:
@@ -197,7 +240,8 @@ async def test_a_state_directory_that_cannot_be_written_puts_the_ids_on_stderr(
         code, err = await kept_then_stopped(proc, http_fake, relay.stop)
         tg.cancel_scope.cancel()
     assert code == 128 + signal.SIGTERM, err
-    [said] = [line for line in err.splitlines() if "ledger.unrecorded" in line]
+    said = err.strip().splitlines()[-1]
+    assert "worker.unrecorded" in said, err
     made = {r.id: r.metadata["asyncbg_custom_id"]
             for r in http_fake.server._timeline.responses.values()}
     assert len(made) == N
