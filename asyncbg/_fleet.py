@@ -23,6 +23,7 @@ from ._errors import DuplicateKeyError, JournalMismatchError
 from ._ledgers._base import LedgerError, LedgerUnavailable, Outcome, Record, canonical, digest
 from ._ledgers._open import shared_ledger
 from ._ledgers._overview import fleet_status, fleet_status_text
+from ._ledgers._rescue import Adoption
 from ._ledgers._shared import SharedLedger
 from ._manager import BackgroundManager
 from ._notify._notify import Notify
@@ -161,9 +162,12 @@ async def run_worker(
         error = exc
         raise
     finally:
+        said = mgr._unrecorded_said
+        adoption = None
         with anyio.CancelScope(shield=True):
             try:
-                await _hand_back(worker, ledger, bound=min(_HAND_BACK, lease / 3))
+                adoption = await _hand_back(worker, ledger, bound=min(_HAND_BACK, lease / 3),
+                                            kept=bool(said))
             finally:
                 try:
                     await ledger.close()
@@ -171,7 +175,9 @@ async def run_worker(
                     await anyio.to_thread.run_sync(rescue.release)  # removed unless it keeps ids
         # Responses created and not recorded (the database went away): where their ids are
         # kept for the next worker, or the ids themselves. The last word of a worker's exit.
-        said = mgr._unrecorded_said
+        if adoption is not None and adoption.adopted:
+            said += (f"; the ledger came back as the worker left: {len(adoption.adopted)} of "
+                     "them recorded, for the fleet to poll")
         if said and isinstance(error, LedgerError):
             if said not in str(error):
                 error.args = (f"{error}; {said}",)
@@ -186,24 +192,34 @@ async def run_worker(
 _HAND_BACK = 5.0
 
 
-async def _hand_back(worker: _Worker, ledger: SharedLedger, *, bound: float) -> None:
+async def _hand_back(worker: _Worker, ledger: SharedLedger, *, bound: float,
+                     kept: bool) -> Adoption | None:
     """Requeue what ended unreached and release every lease, at once rather than after the
     lease runs out; within ``bound`` seconds. With the ledger away (a database down while the
     worker is told to stop) nothing is lost by giving up: every live response's id is
-    recorded, and the leases run out by themselves, for other workers to take then."""
+    recorded or kept (``kept``: in the rescue file), and the leases run out by themselves,
+    for other workers to take then.
+
+    Ids kept because the ledger was away are adopted first when it is back by now: released
+    without them, their ``sending`` rows would be taken and created again at once. The
+    adoption when there was one."""
     held = len(ledger.held())
     error = f"no answer within {bound:g} s"
+    adoption = None
     with anyio.move_on_after(bound):
         try:
+            if kept:
+                adoption = await ledger.adopt_kept()
             await worker.requeue_unreached()
             await ledger.release(list(ledger.held()))
-            return
+            return adoption
         except LedgerError as exc:
             error = str(exc)
     _log.warning("worker.leases_not_handed_back", ledger=ledger.location, leases=held,
                  error=error, action=f"they run out within {ledger.lease:g} s; other workers "
                  "take the jobs then")
     ledger.abandon()  # closing does not try again
+    return adoption
 
 
 async def _open_patiently(ledger: SharedLedger, *, patience: float, stop: anyio.Event) -> bool:

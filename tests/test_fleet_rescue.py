@@ -16,7 +16,8 @@ import sqlite3
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -27,7 +28,7 @@ import pytest
 from anyio.abc import SocketStream, TaskStatus
 
 from asyncbg._fleet import enqueue_requests, run_worker
-from asyncbg._ledgers import LedgerError, LedgerUnavailable, Outcome
+from asyncbg._ledgers import LedgerError, LedgerUnavailable, Outcome, Record
 from asyncbg._ledgers._postgres import PostgresLedger
 from asyncbg._ledgers._rescue import Kept, Rescue, state_file
 from asyncbg._ledgers._shared import LeaseLost, SharedLedger
@@ -223,6 +224,80 @@ async def test_a_worker_out_of_db_patience_names_the_file_in_its_error(
     assert f"{N} response ids kept in {kept}: the next asyncbg worker" in said, said
     assert len(kept_lines(kept)) == N
     assert creates_per_line(http_fake) == {f"r{i}": 1 for i in range(N)}
+
+
+class BackAsItLeaves(PostgresLedger):
+    """The database comes back just after the worker kept its ids, before its hand-back."""
+
+    back: Callable[[], Awaitable[object]]
+
+    async def keep_unrecorded(self, pairs: list[tuple[str, str]]) -> Path:
+        path = await super().keep_unrecorded(pairs)
+        await self.back()
+        while True:  # until the pool has connected again (its own backoff decides when)
+            try:
+                await self.unfinished()
+                return path
+            except LedgerError:
+                await anyio.sleep(0.1)
+
+
+@pytest.mark.asyncio
+async def test_kept_ids_are_adopted_before_the_hand_back_when_the_database_is_back(
+    http_fake: HttpFake, pg_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Released as they were (``sending``, no owner), the jobs would be taken and created
+    again at once by any worker: the hand-back adopts the kept ids first."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    url, target = await pg_ledger(pg_dsn)
+    ledger = BackAsItLeaves(url, timeout=2.0, connect_timeout=2.0)
+    client = openai.AsyncOpenAI(api_key="sk-test", base_url=http_fake.base_url)
+    stop = anyio.Event()
+    try:
+        async with anyio.create_task_group() as tg:
+            relay = Relay(urlsplit(url).port or 0, target)
+            await tg.start(relay.serve)
+            ledger.back = partial(tg.start, relay.serve)
+            http_fake.gate.shut()
+
+            async def work() -> None:
+                await run_worker(client, ledger, concurrency=N, lease=6.0,
+                                 exit_when_idle=False, stop=stop, poll_policy=FAST_POLL,
+                                 idle=0.05, db_patience=120.0)
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(work)
+            await until(lambda: http_fake.gate.waiting == N)
+            relay.stop()
+            http_fake.gate.open()
+            await until(lambda: http_fake.server.counters.creates == N)
+            await anyio.sleep(0.5)  # the answers reach the worker, whose writes of them fail
+            stop.set()
+            await anyio.sleep(120)  # the test's timeout bounds it; work() ends it
+        assert f"{N} of them recorded, for the fleet to poll" in caplog.text
+        rows = await records_of(pg_dsn)
+        assert [state for state, rid in rows.values() if rid] == ["live"] * N, rows
+        ledger = PostgresLedger(pg_dsn)
+        assert await run_worker(client, ledger, concurrency=N, lease=6.0, exit_when_idle=True,
+                                stop=anyio.Event(), poll_policy=FAST_POLL, idle=0.05) == 0
+    finally:
+        await client.close()
+    assert creates_per_line(http_fake) == {f"r{i}": 1 for i in range(N)}
+    assert [state for state, _ in (await records_of(pg_dsn)).values()] == ["done"] * N
+
+
+async def records_list(dsn: str) -> list[Record]:
+    check = PostgresLedger(dsn)
+    await check.open()
+    try:
+        return await check.records()
+    finally:
+        await check.close()
+
+
+async def records_of(dsn: str) -> dict[str, tuple[str, str | None]]:
+    return {r.key: (r.state, r.response_id) for r in await records_list(dsn)}
 
 
 @pytest.mark.asyncio
