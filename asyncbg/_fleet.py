@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import anyio
+import anyio.to_thread
 
 from . import _log
 from ._engine._hooks import Hooks
@@ -22,6 +23,7 @@ from ._errors import DuplicateKeyError, JournalMismatchError
 from ._ledgers._base import LedgerError, LedgerUnavailable, Outcome, Record, fingerprint
 from ._ledgers._open import shared_ledger
 from ._ledgers._overview import fleet_status, fleet_status_text
+from ._ledgers._rescue import Adoption
 from ._ledgers._shared import SharedLedger
 from ._manager import BackgroundManager
 from ._notify._notify import Notify
@@ -130,17 +132,21 @@ async def run_worker(
                      exit_when_idle=exit_when_idle, patience=db_patience)
     if not await _open_patiently(ledger, patience=db_patience, stop=stop):
         return 0  # stopped before the ledger could be reached: nothing was taken
+    rescue = ledger.rescue()
+    await anyio.to_thread.run_sync(rescue.reserve)  # room to keep ids on a full disk too
+    mgr = BackgroundManager(
+        client, journal=ledger, cancel_on_exit=False,
+        max_concurrency=2 * concurrency,  # room for adopted responses (see run)
+        poll_policy=poll_policy, retry_policy=retry_policy, notify=notify,
+        ledger_patience=db_patience, hooks=hooks,
+    )
+    mgr._say_unrecorded = False  # said below, last: where their ids are kept, or the ids
+    error: BaseException | None = None
     try:
-        error: Exception | None = None
         async with anyio.create_task_group() as tg:
             tg.start_soon(worker.relay_stop)
             try:
-                async with BackgroundManager(
-                    client, journal=ledger, cancel_on_exit=False,
-                    max_concurrency=2 * concurrency,  # room for adopted responses (see run)
-                    poll_policy=poll_policy, retry_policy=retry_policy, notify=notify,
-                    ledger_patience=db_patience, hooks=hooks,
-                ) as mgr:
+                async with mgr:
                     for hook in hooks:
                         observe = getattr(hook, "observe", None)
                         if observe is not None:
@@ -152,39 +158,68 @@ async def run_worker(
                 error = exc
             finally:
                 tg.cancel_scope.cancel()
-        if error is not None:
-            raise error
-        return 0
+    except BaseException as exc:
+        error = exc
+        raise
     finally:
+        said = mgr._unrecorded_said
+        adoption = None
         with anyio.CancelScope(shield=True):
             try:
-                await _hand_back(worker, ledger, bound=min(_HAND_BACK, lease / 3))
+                adoption = await _hand_back(worker, ledger, bound=min(_HAND_BACK, lease / 3),
+                                            kept=bool(said))
             finally:
-                await ledger.close()
+                try:
+                    await ledger.close()
+                finally:
+                    await anyio.to_thread.run_sync(rescue.release)  # removed unless it keeps ids
+        # Responses created and not recorded (the database went away): where their ids are
+        # kept for the next worker, or the ids themselves. The last word of a worker's exit.
+        if adoption is not None and adoption.adopted:
+            said += (f"; the ledger came back as the worker left: {len(adoption.adopted)} of "
+                     "them recorded, for the fleet to poll")
+        if said and isinstance(error, LedgerError):
+            if said not in str(error):
+                error.args = (f"{error}; {said}",)
+        elif said:
+            _log.warning("worker.unrecorded", message=said)
+    if error is not None:
+        raise error
+    return 0
 
 
 #: The longest a stopping worker tries to hand its leases back (or a renewal period, if less).
 _HAND_BACK = 5.0
 
 
-async def _hand_back(worker: _Worker, ledger: SharedLedger, *, bound: float) -> None:
+async def _hand_back(worker: _Worker, ledger: SharedLedger, *, bound: float,
+                     kept: bool) -> Adoption | None:
     """Requeue what ended unreached and release every lease, at once rather than after the
     lease runs out; within ``bound`` seconds. With the ledger away (a database down while the
     worker is told to stop) nothing is lost by giving up: every live response's id is
-    recorded, and the leases run out by themselves, for other workers to take then."""
+    recorded or kept (``kept``: in the rescue file), and the leases run out by themselves,
+    for other workers to take then.
+
+    Ids kept because the ledger was away are adopted first when it is back by now: released
+    without them, their ``sending`` rows would be taken and created again at once. The
+    adoption when there was one."""
     held = len(ledger.held())
     error = f"no answer within {bound:g} s"
+    adoption = None
     with anyio.move_on_after(bound):
         try:
+            if kept:
+                adoption = await ledger.adopt_kept()
             await worker.requeue_unreached()
             await ledger.release(list(ledger.held()))
-            return
+            return adoption
         except LedgerError as exc:
             error = str(exc)
     _log.warning("worker.leases_not_handed_back", ledger=ledger.location, leases=held,
                  error=error, action=f"they run out within {ledger.lease:g} s; other workers "
                  "take the jobs then")
     ledger.abandon()  # closing does not try again
+    return adoption
 
 
 async def _open_patiently(ledger: SharedLedger, *, patience: float, stop: anyio.Event) -> bool:
@@ -242,6 +277,9 @@ class _Worker:
         self.jobs: dict[str, Job] = {}
         self.wake = anyio.Event()
         self.next_adoption = 0.0
+        #: When to look again for responses kept by workers that left without recording them
+        #: (see adopt_kept): at once, then once a lease, and as soon as the ledger is back.
+        self.next_rescue = 0.0
         #: The scope of the ledger call under way, which a stop cuts short.
         self.cut: anyio.CancelScope | None = None
 
@@ -266,6 +304,8 @@ class _Worker:
             try:
                 if self.to_requeue or self.to_release:
                     await self._unless_stopped(lambda: self._collect(mgr), None)
+                if anyio.current_time() >= self.next_rescue:
+                    await self._adopt_kept()
                 records = await self._take_work(mgr)
                 idle = (self.exit_when_idle and not self.jobs and not records
                         and await self._unless_stopped(self.ledger.unfinished, -1) == 0)
@@ -340,8 +380,36 @@ class _Worker:
                 f"({exc}); the worker stops, leaving its live responses for a later worker"
             ) from exc
 
+    async def _adopt_kept(self) -> None:
+        """Record the responses that workers on this machine created and could not record
+        before they left (kept in the ledger's rescue file), by the fenced rule of
+        ``asyncbg._ledgers._rescue``: those adopted become live rows that this worker, or
+        another, takes and polls to their end. Raises :class:`LedgerUnavailable`."""
+        self.next_rescue = anyio.current_time() + self.lease
+        try:
+            adoption = await self._unless_stopped(self.ledger.adopt_kept, None)
+        except LedgerUnavailable:
+            self.next_rescue = 0.0  # again once the ledger is back
+            raise
+        except LedgerError as exc:  # a file that is not a regular one, or cannot be read
+            _log.warning("worker.kept_unreadable", error=str(exc))
+            return
+        if adoption is None or not adoption:
+            return
+        named = ", ".join(f"{k.key} ({k.response_id})" for k in adoption.duplicates)
+        _log.warning("worker.kept_adopted", file=str(adoption.path),
+                     adopted=len(adoption.adopted), already_recorded=len(adoption.recorded),
+                     duplicates=len(adoption.duplicates),
+                     action="the adopted are polled to their end instead of created again")
+        if adoption.duplicates:
+            _log.warning("worker.kept_duplicates", file=str(adoption.path), responses=named,
+                         reason="their lines were created again (or ended) before these "
+                                "could be adopted: paid for twice",
+                         action="left running on the server; nothing cancels them")
+
     def _ledger_up(self) -> None:
         if self.down_since is not None:
+            self.next_rescue = 0.0  # a worker that left meanwhile may have kept ids
             _log.warning("worker.ledger_available", ledger=self.ledger.location,
                          after=round(anyio.current_time() - self.down_since, 3))
             self.down_since = None

@@ -239,6 +239,10 @@ class BackgroundManager:
         self._auto_key = itertools.count(1)
         self._state = _State.UNOPENED
         self._tg: TaskGroup | None = None
+        #: What became of the responses created and not recorded when it last left ("" when
+        #: none), and whether it says so itself (a fleet worker says it last, on its way out).
+        self._unrecorded_said = ""
+        self._say_unrecorded = True
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -337,7 +341,8 @@ class BackgroundManager:
     async def _keep_unrecorded(self, unrecorded: list[tuple[str, str]]) -> str:
         """Responses the server created and the journal never took (it stayed unwritable):
         they are paid for and left running, so keep their ids where the next run on this
-        journal finds them (an SQLite journal's ``.unrecorded`` file). What became of them,
+        journal finds them (an SQLite journal's ``.unrecorded`` file), or a shared ledger's
+        next worker on this machine (see ``asyncbg._ledgers._rescue``). What became of them,
         in words ("" when there are none); said at warning level too."""
         if not unrecorded:
             return ""
@@ -346,18 +351,26 @@ class BackgroundManager:
                 if len(unrecorded) == 1 else
                 f"{len(unrecorded)} responses created but not recorded are left running: {named}")
         keep = getattr(self.journal, "keep_unrecorded", None)
-        if keep is None or isinstance(self.journal, SharedLedger):
-            text += "; nothing could keep their ids, so a rerun would create them again"
+        fleet = isinstance(self.journal, SharedLedger)
+        later = "a later worker" if fleet else "a rerun"
+        if keep is None:
+            text += f"; nothing could keep their ids, so {later} would create them again"
         else:
             try:
                 where = await keep(unrecorded)
             except LedgerError as exc:
-                text += (f"; their ids could not be kept ({exc}), so a rerun would create "
+                text += (f"; their ids could not be kept ({exc}), so {later} would create "
                          "them again")
             else:
-                text += (f"; their ids are kept in {where}, and the next run on this journal "
-                         "re-attaches to them")
-        _log.warning("ledger.unrecorded", message=text)
+                ids = "1 response id" if len(unrecorded) == 1 else \
+                    f"{len(unrecorded)} response ids"
+                text += (f"; {ids} kept in {where}: the next asyncbg worker on this ledger on "
+                         "this machine adopts them (records them and polls them to their end)"
+                         if fleet else f"; their ids are kept in {where}, and the next run on "
+                         "this journal re-attaches to them")
+        self._unrecorded_said = text
+        if self._say_unrecorded:
+            _log.warning("ledger.unrecorded", message=text)
         return text
 
     async def _wait_for_everything(self) -> None:

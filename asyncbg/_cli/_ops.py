@@ -49,6 +49,7 @@ from .._ledgers._overview import (
     sqlite_overview,
     unfinished_in,
 )
+from .._ledgers._rescue import Rescue
 from .._ledgers._shared import LeaseLost, SharedLedger, WorkerInfo, keep_leases
 from .._ledgers._sqlite import records_of
 from .._ledgers._sqlite_outbox import deliveries_of
@@ -309,9 +310,34 @@ def status_text(summary: Mapping[str, Any]) -> str:
         text += (f"\n{len(summary['unconfirmed'])} create(s) left without an answer recorded "
                  f"({'a worker' if fleet else 'a rerun'} sends them again): "
                  + ", ".join(summary["unconfirmed"][:10]))
+    kept = summary.get("unrecorded")
+    if kept and kept.get("error"):
+        text += f"\ncannot read {kept['file']} ({kept['error']}): response ids kept there wait"
+    elif kept:
+        n = kept["ids"]
+        who = ("the next `asyncbg worker` on this ledger on this machine records them and "
+               "polls them" if kept["fleet"] else "the next run on this journal re-attaches "
+               "to them")
+        text += (f"\n{'1 response id waits' if n == 1 else f'{n} response ids wait'} in "
+                 f"{kept['file']} to be adopted (created by a process that could not record "
+                 f"them): {who}")
     if live:
         text += "\n" + _advice(summary)
     return text
+
+
+def kept_summary(rescue: Rescue) -> dict[str, Any] | None:
+    """The response ids waiting in ``rescue``'s file to be adopted (see
+    ``asyncbg._ledgers._rescue``), read only; None when there are none."""
+    try:
+        kept = rescue.entries()
+    except OSError as exc:
+        return {"file": str(rescue.path), "ids": 0, "fleet": True,
+                "error": exc.strerror or str(exc)}
+    if not kept:
+        return None
+    return {"file": str(rescue.path), "ids": len(kept),
+            "fleet": any(k.epoch is not None for k in kept)}
 
 
 def _advice(summary: Mapping[str, Any]) -> str:
@@ -348,7 +374,8 @@ def run_status(args: argparse.Namespace) -> int:
         say(str(exc))
         return 2
     fleet = fleet_summary(workers, unfinished_in(view)) if workers or used else None
-    return _show_status(args, ledger.location, view, fleet, delivery_summary(deliveries))
+    return _show_status(args, ledger.location, view, fleet, delivery_summary(deliveries),
+                        kept_summary(ledger.rescue()))
 
 
 T = TypeVar("T")
@@ -415,18 +442,23 @@ async def status(args: argparse.Namespace) -> int:
                 fleet = None  # an `asyncbg run` journal
         # Pending and failed webhook notifications (an outbox: SQLite and PostgreSQL ledgers).
         notes = delivery_summary(await ledger.deliveries() if isinstance(ledger, Outbox) else [])
+        kept = (await anyio.to_thread.run_sync(kept_summary, ledger.rescue())
+                if isinstance(ledger, SharedLedger) else None)
     except LedgerError as exc:
         say(str(exc))
         return 2
     finally:
         await ledger.close()
-    return _show_status(args, ledger.location, view, fleet, notes)
+    return _show_status(args, ledger.location, view, fleet, notes, kept)
 
 
 def _show_status(args: argparse.Namespace, location: str, view: Overview,
-                 fleet: dict[str, Any] | None, notes: dict[str, Any]) -> int:
+                 fleet: dict[str, Any] | None, notes: dict[str, Any],
+                 kept: dict[str, Any] | None = None) -> int:
     """Print what status read: text, or JSON with ``--json``."""
     summary = summarize(view, location)
+    if kept is not None:
+        summary["unrecorded"] = kept
     if not url_like(args.ledger):
         real = os.path.realpath(args.ledger)  # the lock is beside the real file
         summary["held_by"] = current_holder(Path(f"{real}.lock"))

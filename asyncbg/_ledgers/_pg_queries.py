@@ -75,8 +75,11 @@ _NOW = "extract(epoch FROM now())::float8"
 
 # A scan of the catalog (an MVCC snapshot), not to_regclass(): under the schema lock, a backend
 # that looked before another one made the tables may still have "not there" in its catalog cache.
+#: With the database and schema: the ledger's identity, where a worker keeps what it could
+#: not record (see _rescue.py).
 READ_VERSION = """
-    SELECT bool_or(tablename = 'asyncbg_meta'), bool_or(tablename = 'asyncbg_jobs')
+    SELECT bool_or(tablename = 'asyncbg_meta'), bool_or(tablename = 'asyncbg_jobs'),
+           current_database(), current_schema()
     FROM pg_catalog.pg_tables
     WHERE schemaname = current_schema() AND tablename IN ('asyncbg_meta', 'asyncbg_jobs')
 """
@@ -660,6 +663,17 @@ RECORD_TERMINAL_NOTIFY = f"""
 """
 #: Why a fenced write changed nothing: the key is missing (a bug) or its lease is elsewhere.
 EXISTS = "SELECT 1 FROM asyncbg_jobs WHERE key = %s"
+# A fleet worker's kept response (see _rescue.py): taken only by a row still `sending` with no
+# id at the epoch it was sent at; then live, with no owner (any worker takes it to poll it),
+# and a new epoch (a holder since is fenced off).
+ADOPT_KEPT = f"""
+    UPDATE asyncbg_jobs SET state = 'live', response_id = %(response_id)s,
+        status = 'in_progress', updated = {_NOW}, owner = NULL, lease_until = NULL,
+        epoch = epoch + 1
+    WHERE key = %(key)s AND state = 'sending' AND response_id IS NULL
+      AND sent_epoch = %(epoch)s
+"""
+ROW_OF = "SELECT state, response_id FROM asyncbg_jobs WHERE key = %s"
 
 # The same three writes for many keys at once, in one statement (writes that arrive while one
 # is on its way go together in the next: see PostgresLedger._grouped). A key has at most one

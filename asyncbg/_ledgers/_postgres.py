@@ -41,6 +41,7 @@ import sys
 from base64 import b64encode
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias, TypeVar
 
 import anyio
@@ -53,6 +54,7 @@ from . import _pg_queries as q
 from ._base import Claim, ClaimOutcome, LedgerError, LedgerUnavailable, Outcome, Record
 from ._overview import column_tokens
 from ._pg_outbox import PostgresOutbox
+from ._rescue import Adoption, Rescue, forget_kept, keep_in, read_kept, state_file, verdict
 from ._rules import claim_outcome, state_after, unclaimed
 from ._shared import (
     DEFAULT_LEASE,
@@ -130,7 +132,8 @@ class PostgresLedger(PostgresOutbox):
     """
 
     __slots__ = (
-        "_acquired", "_connect_timeout", "_exclusive", "_group", "_held", "_holder", "_kwargs",
+        "_acquired", "_connect_timeout", "_exclusive", "_group", "_held", "_holder", "_identity",
+        "_kwargs",
         "_listener", "_max_connections", "_opens", "_owner", "_pool", "_pooled",
         "_registered", "_renewals", "_url", "lease", "round_trips", "timeout",
     )
@@ -179,6 +182,9 @@ class PostgresLedger(PostgresOutbox):
         #: key -> the record as acquire() took it, until the worker's claim of it (no round
         #: trip: nobody else writes a key whose lease we hold).
         self._acquired: dict[str, Record] = {}
+        #: Server, database and schema, once opened: what names the file a worker keeps
+        #: responses it could not record in (see rescue()).
+        self._identity: str | None = None
         #: Statements sent (a transaction's BEGIN and COMMIT count): the ledger's cost.
         self.round_trips = 0
         #: The fenced writes waiting to go out together (see _grouped).
@@ -354,6 +360,9 @@ class PostgresLedger(PostgresOutbox):
         """The schema version, None for an empty database; a foreign one is refused."""
         row = await self._fetchone(conn, q.READ_VERSION)
         has_meta, has_jobs = (bool(row[0]), bool(row[1])) if row else (False, False)
+        if row:
+            info = conn.info
+            self._identity = f"postgresql://{info.host}:{info.port}/{row[2]}?schema={row[3]}"
         if not has_meta:
             if has_jobs:
                 raise LedgerError(
@@ -654,6 +663,52 @@ class PostgresLedger(PostgresOutbox):
         keep, so that it costs the same at a million jobs as at ten."""
         rows = await self._run(lambda c: self._fetchall(c, q.COUNTS))
         return {(state, status): int(n) for state, status, n in rows}
+
+    # -- what a worker could not record -------------------------------------------------------
+
+    def rescue(self) -> Rescue:
+        """Where a worker on this machine keeps the responses it could not record: a file in
+        the user's state directory named from a hash of the server (host and port), the
+        database and the schema, which is what names the ledger's tables (the user and the
+        password are not part of it: see :func:`._rescue.state_file`). Known once opened."""
+        if self._identity is None:
+            raise LedgerError(f"the ledger {self.location} was never opened; nothing of it "
+                              "can have been kept")
+        return Rescue.at(state_file(self._identity))
+
+    async def keep_unrecorded(self, pairs: list[tuple[str, str]]) -> Path:
+        """As :meth:`SharedSQLiteLedger.keep_unrecorded`, in :meth:`rescue`'s file."""
+        return await keep_in(self.rescue(), pairs, epochs=self._held,
+                             note={"ledger": self.location, "owner": self._owner})
+
+    async def adopt_kept(self) -> Adoption:
+        """As :meth:`SharedSQLiteLedger.adopt_kept`: record, fenced, the responses workers on
+        this machine kept, and remove their lines. Raises :class:`LedgerError`."""
+        rescue = self.rescue()
+        kept = await read_kept(rescue)
+        if not kept:
+            return Adoption(rescue.path)
+
+        async def adopt(conn: Conn) -> Adoption:
+            adopted, duplicates, recorded = [], [], []
+            for k in kept:
+                if k.epoch is not None and (await self._execute(conn, q.ADOPT_KEPT, {
+                        "response_id": k.response_id, "key": k.key, "epoch": k.epoch})
+                        ).rowcount == 1:
+                    adopted.append(k)
+                    continue
+                row = await self._fetchone(conn, q.ROW_OF, (k.key,))
+                if verdict(k, None if row is None else (row[0], row[1])) == "recorded":
+                    recorded.append(k)
+                else:
+                    duplicates.append(k)
+            if adopted:
+                await self._execute(conn, q.WORK_ARRIVED)  # waiting workers look now
+            return Adoption(rescue.path, tuple(adopted), tuple(duplicates), tuple(recorded))
+
+        adoption = await self._run(adopt)
+        await forget_kept(rescue, kept)
+        return adoption
 
     # -- plumbing ------------------------------------------------------------------------------
 

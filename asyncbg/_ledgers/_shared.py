@@ -31,6 +31,7 @@ import secrets
 import socket
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NoReturn, Protocol, runtime_checkable
 
 import anyio
@@ -38,6 +39,7 @@ import anyio
 from .. import _log
 from .._errors import JournalMismatchError
 from ._base import ClaimOutcome, Ledger, LedgerError, Record, RecordState
+from ._rescue import Adoption, Rescue
 from ._rules import claim_outcome
 
 __all__ = [
@@ -168,6 +170,21 @@ class SharedLedger(Ledger, Protocol):
     async def wait_for_work(self, timeout: float) -> None:
         """Return when work may have arrived (an enqueue, a release, a requeue announced by
         the database), or after ``timeout`` seconds; never raises for a lost connection."""
+        ...
+
+    def rescue(self) -> Rescue:
+        """The file where a process on this machine keeps the responses it created and could
+        not record in this ledger (see :mod:`._rescue`)."""
+        ...
+
+    async def keep_unrecorded(self, pairs: list[tuple[str, str]]) -> Path:
+        """Keep ``(key, response id)`` pairs, with the epochs they were sent at, in
+        :meth:`rescue`'s file; its path. Raises :class:`~asyncbg.LedgerError`."""
+        ...
+
+    async def adopt_kept(self) -> Adoption:
+        """Record the responses kept in :meth:`rescue`'s file by the fenced rule of
+        :mod:`._rescue`, and remove their lines. Raises :class:`~asyncbg.LedgerError`."""
         ...
 
 

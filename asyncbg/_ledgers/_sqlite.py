@@ -263,20 +263,22 @@ class SQLiteLedger(SQLiteOutbox):
         for the next time."""
         rescue = Rescue(self._path)
         try:
-            kept = rescue.read()
+            # A fleet worker's lines (with an epoch) are for the next worker, which fences them
+            # by the leases (SharedSQLiteLedger.adopt_kept): a run leaves them where they are.
+            kept = [k for k in rescue.entries() if k.epoch is None]
         except OSError as exc:
             raise errors.from_os(exc, str(rescue.path)) from exc
         if kept:
             now = time.time()
             try:
                 with _transaction(db):
-                    for key, rid in kept:
+                    for key, rid, _ in kept:
                         if db.execute(q.ADOPT_KEPT, (rid, now, key)).rowcount:
                             db.execute(q.EVENT, (key, "in_progress", now))
             except sqlite3.DatabaseError as exc:
                 raise self._error(exc) from exc
             try:
-                rescue.clear()
+                rescue.remove(kept)
             except OSError as exc:
                 raise errors.from_os(exc, str(rescue.path)) from exc
         if self._exclusive:

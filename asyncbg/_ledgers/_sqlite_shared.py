@@ -23,6 +23,7 @@ import socket
 import sqlite3
 import time
 from collections.abc import Callable, Collection, Iterable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
@@ -31,6 +32,7 @@ from .. import _log
 from . import _sqlite_queries as q
 from ._base import Claim, ClaimOutcome, LedgerError, Outcome, Record
 from ._outbox import Notice
+from ._rescue import Adoption, Rescue, forget_kept, keep_in, read_kept, verdict
 from ._rules import claim_outcome, state_after, unclaimed
 from ._shared import (
     DEFAULT_LEASE,
@@ -291,6 +293,45 @@ class SharedSQLiteLedger(SQLiteLedger):
                 return int(db.execute(q.REQUEUE_UNPAID, (time.time(), code, code)).rowcount)
 
         return await self._call(requeue)
+
+    def rescue(self) -> Rescue:
+        """Where a worker keeps the responses it could not record: ``PATH.unrecorded``, the
+        file a run's journal keeps them in (see :mod:`._rescue`)."""
+        return Rescue(self._path)
+
+    async def keep_unrecorded(self, pairs: list[tuple[str, str]]) -> Path:
+        """Keep the (key, response id) of responses created but not recorded, each with the
+        epoch its create was sent at, for the next worker on this machine to adopt
+        (:meth:`adopt_kept`); the file's path. Raises :class:`LedgerError`."""
+        return await keep_in(self.rescue(), pairs, epochs=self._held,
+                             note={"ledger": self.location, "owner": self._owner})
+
+    async def adopt_kept(self) -> Adoption:
+        """Record the responses kept by workers that left without recording them, fenced
+        (see :mod:`._rescue`), and remove their lines. Raises :class:`LedgerError`."""
+        rescue = self.rescue()
+        kept = await read_kept(rescue)
+        if not kept:
+            return Adoption(rescue.path)
+
+        def adopt(db: sqlite3.Connection) -> Adoption:
+            now = time.time()
+            adopted, duplicates, recorded = [], [], []
+            with _transaction(db):
+                for k in kept:
+                    if k.epoch is not None and db.execute(
+                            q.ADOPT_KEPT_FENCED, (k.response_id, now, k.key, k.epoch)).rowcount:
+                        db.execute(q.EVENT, (k.key, "in_progress", now))
+                        adopted.append(k)
+                    elif verdict(k, db.execute(q.ROW_OF, (k.key,)).fetchone()) == "recorded":
+                        recorded.append(k)
+                    else:
+                        duplicates.append(k)
+            return Adoption(rescue.path, tuple(adopted), tuple(duplicates), tuple(recorded))
+
+        adoption = await self._call(adopt)
+        await forget_kept(rescue, kept)
+        return adoption
 
     async def used_by_a_fleet(self) -> bool:
         """Whether workers run (or ran) this ledger, rather than ``asyncbg run``: a key was
