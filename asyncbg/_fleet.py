@@ -167,7 +167,7 @@ async def run_worker(
         with anyio.CancelScope(shield=True):
             try:
                 adoption = await _hand_back(worker, ledger, bound=min(_HAND_BACK, lease / 3),
-                                            kept=bool(said))
+                                            kept=bool(said), unkept=mgr._unkept)
             finally:
                 try:
                     await ledger.close()
@@ -193,7 +193,7 @@ _HAND_BACK = 5.0
 
 
 async def _hand_back(worker: _Worker, ledger: SharedLedger, *, bound: float,
-                     kept: bool) -> Adoption | None:
+                     kept: bool, unkept: Sequence[tuple[str, str]] = ()) -> Adoption | None:
     """Requeue what ended unreached and release every lease, at once rather than after the
     lease runs out; within ``bound`` seconds. With the ledger away (a database down while the
     worker is told to stop) nothing is lost by giving up: every live response's id is
@@ -201,15 +201,15 @@ async def _hand_back(worker: _Worker, ledger: SharedLedger, *, bound: float,
     for other workers to take then.
 
     Ids kept because the ledger was away are adopted first when it is back by now: released
-    without them, their ``sending`` rows would be taken and created again at once. The
-    adoption when there was one."""
+    without them, their ``sending`` rows would be taken and created again at once; so are
+    ``unkept``, the ids the rescue file could not take. The adoption when there was one."""
     held = len(ledger.held())
     error = f"no answer within {bound:g} s"
     adoption = None
     with anyio.move_on_after(bound):
         try:
-            if kept:
-                adoption = await ledger.adopt_kept()
+            if kept or unkept:
+                adoption = await ledger.adopt_kept(unkept)
             await worker.requeue_unreached()
             await ledger.release(list(ledger.held()))
             return adoption

@@ -243,6 +243,9 @@ class BackgroundManager:
         #: none), and whether it says so itself (a fleet worker says it last, on its way out).
         self._unrecorded_said = ""
         self._say_unrecorded = True
+        #: Those of them whose ids nothing could keep: a fleet worker records them itself if
+        #: its ledger is back as it leaves.
+        self._unkept: list[tuple[str, str]] = []
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -354,11 +357,13 @@ class BackgroundManager:
         fleet = isinstance(self.journal, SharedLedger)
         later = "a later worker" if fleet else "a rerun"
         if keep is None:
+            self._unkept = list(unrecorded)
             text += f"; nothing could keep their ids, so {later} would create them again"
         else:
             try:
                 where = await keep(unrecorded)
             except LedgerError as exc:
+                self._unkept = list(unrecorded)
                 text += (f"; their ids could not be kept ({exc}), so {later} would create "
                          "them again")
             else:

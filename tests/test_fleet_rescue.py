@@ -232,24 +232,32 @@ class BackAsItLeaves(PostgresLedger):
     back: Callable[[], Awaitable[object]]
 
     async def keep_unrecorded(self, pairs: list[tuple[str, str]]) -> Path:
-        path = await super().keep_unrecorded(pairs)
-        await self.back()
-        while True:  # until the pool has connected again (its own backoff decides when)
-            try:
-                await self.unfinished()
-                return path
-            except LedgerError:
-                await anyio.sleep(0.1)
+        try:
+            return await super().keep_unrecorded(pairs)
+        finally:  # kept or not
+            await self.back()
+            while True:  # until the pool has connected again (its own backoff decides when)
+                try:
+                    await self.unfinished()
+                    break
+                except LedgerError:
+                    await anyio.sleep(0.1)
 
 
+@pytest.mark.parametrize("state", ["writable", "not a directory"])
 @pytest.mark.asyncio
 async def test_kept_ids_are_adopted_before_the_hand_back_when_the_database_is_back(
     http_fake: HttpFake, pg_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, state: str,
 ) -> None:
     """Released as they were (``sending``, no owner), the jobs would be taken and created
-    again at once by any worker: the hand-back adopts the kept ids first."""
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    again at once by any worker: the hand-back adopts the kept ids first, and records those
+    the rescue file could not take (a state directory that cannot be written) the same way."""
+    if state == "writable":
+        monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    else:
+        (tmp_path / "state").write_text("")
+        monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     url, target = await pg_ledger(pg_dsn)
     ledger = BackAsItLeaves(url, timeout=2.0, connect_timeout=2.0)
     client = openai.AsyncOpenAI(api_key="sk-test", base_url=http_fake.base_url)

@@ -54,7 +54,7 @@ from . import _pg_queries as q
 from ._base import Claim, ClaimOutcome, LedgerError, LedgerUnavailable, Outcome, Record
 from ._overview import column_tokens
 from ._pg_outbox import PostgresOutbox
-from ._rescue import Adoption, Rescue, forget_kept, keep_in, read_kept, state_file, verdict
+from ._rescue import Adoption, Kept, Rescue, forget_kept, keep_in, read_kept, state_file, verdict
 from ._rules import claim_outcome, state_after, unclaimed
 from ._shared import (
     DEFAULT_LEASE,
@@ -681,11 +681,17 @@ class PostgresLedger(PostgresOutbox):
         return await keep_in(self.rescue(), pairs, epochs=self._held,
                              note={"ledger": self.location, "owner": self._owner})
 
-    async def adopt_kept(self) -> Adoption:
+    async def adopt_kept(self, unkept: Sequence[tuple[str, str]] = ()) -> Adoption:
         """As :meth:`SharedSQLiteLedger.adopt_kept`: record, fenced, the responses workers on
         this machine kept, and remove their lines. Raises :class:`LedgerError`."""
         rescue = self.rescue()
-        kept = await read_kept(rescue)
+        try:
+            in_file = await read_kept(rescue)
+        except LedgerError:
+            if not unkept:
+                raise
+            in_file = []  # this process's own are recorded all the same
+        kept = in_file + [Kept(key, rid, self._held.get(key)) for key, rid in unkept]
         if not kept:
             return Adoption(rescue.path)
 
@@ -707,7 +713,7 @@ class PostgresLedger(PostgresOutbox):
             return Adoption(rescue.path, tuple(adopted), tuple(duplicates), tuple(recorded))
 
         adoption = await self._run(adopt)
-        await forget_kept(rescue, kept)
+        await forget_kept(rescue, in_file)
         return adoption
 
     # -- plumbing ------------------------------------------------------------------------------

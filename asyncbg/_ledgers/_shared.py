@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn, Protocol, runtime_checkable
@@ -182,9 +182,11 @@ class SharedLedger(Ledger, Protocol):
         :meth:`rescue`'s file; its path. Raises :class:`~asyncbg.LedgerError`."""
         ...
 
-    async def adopt_kept(self) -> Adoption:
+    async def adopt_kept(self, unkept: Sequence[tuple[str, str]] = ()) -> Adoption:
         """Record the responses kept in :meth:`rescue`'s file by the fenced rule of
-        :mod:`._rescue`, and remove their lines. Raises :class:`~asyncbg.LedgerError`."""
+        :mod:`._rescue`, and remove their lines; with them ``unkept``, this process's own
+        ``(key, response id)`` that its file could not take. Raises
+        :class:`~asyncbg.LedgerError`."""
         ...
 
 

@@ -22,7 +22,7 @@ import os
 import socket
 import sqlite3
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,7 +32,7 @@ from .. import _log
 from . import _sqlite_queries as q
 from ._base import Claim, ClaimOutcome, LedgerError, Outcome, Record
 from ._outbox import Notice
-from ._rescue import Adoption, Rescue, forget_kept, keep_in, read_kept, verdict
+from ._rescue import Adoption, Kept, Rescue, forget_kept, keep_in, read_kept, verdict
 from ._rules import claim_outcome, state_after, unclaimed
 from ._shared import (
     DEFAULT_LEASE,
@@ -306,11 +306,19 @@ class SharedSQLiteLedger(SQLiteLedger):
         return await keep_in(self.rescue(), pairs, epochs=self._held,
                              note={"ledger": self.location, "owner": self._owner})
 
-    async def adopt_kept(self) -> Adoption:
+    async def adopt_kept(self, unkept: Sequence[tuple[str, str]] = ()) -> Adoption:
         """Record the responses kept by workers that left without recording them, fenced
-        (see :mod:`._rescue`), and remove their lines. Raises :class:`LedgerError`."""
+        (see :mod:`._rescue`), and remove their lines; ``unkept``: this process's own that it
+        could not keep in the file, (key, response id) sent at the epochs it holds. Raises
+        :class:`LedgerError`."""
         rescue = self.rescue()
-        kept = await read_kept(rescue)
+        try:
+            in_file = await read_kept(rescue)
+        except LedgerError:
+            if not unkept:
+                raise
+            in_file = []  # this process's own are recorded all the same
+        kept = in_file + [Kept(key, rid, self._held.get(key)) for key, rid in unkept]
         if not kept:
             return Adoption(rescue.path)
 
@@ -330,7 +338,7 @@ class SharedSQLiteLedger(SQLiteLedger):
             return Adoption(rescue.path, tuple(adopted), tuple(duplicates), tuple(recorded))
 
         adoption = await self._call(adopt)
-        await forget_kept(rescue, kept)
+        await forget_kept(rescue, in_file)
         return adoption
 
     async def used_by_a_fleet(self) -> bool:
