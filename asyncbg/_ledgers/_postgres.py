@@ -93,6 +93,9 @@ _CLAIM_UPDATES = {
 #: stuck statement first, and leaves the connection usable; the client's deadline is for a
 #: server or network that stopped answering.
 _MARGIN = 5.0
+#: Seconds a call waits for a connection from the pool while the pool's attempts to connect
+#: fail (the server is down), rather than the whole timeout: see PostgresLedger._getconn.
+_OUTAGE_WAIT = 0.5
 #: How long a schema upgrade may take (server and client side), and an opener waits for one
 #: another process runs: filling new counters from every row of a big ledger takes minutes.
 _UPGRADE_TIMEOUT = 1800.0
@@ -132,8 +135,8 @@ class PostgresLedger(PostgresOutbox):
     """
 
     __slots__ = (
-        "_acquired", "_connect_timeout", "_exclusive", "_group", "_held", "_holder", "_identity",
-        "_kwargs",
+        "_acquired", "_connect_timeout", "_down", "_exclusive", "_group", "_held", "_holder",
+        "_identity", "_kwargs",
         "_listener", "_max_connections", "_opens", "_owner", "_pool", "_pooled",
         "_registered", "_renewals", "_url", "lease", "round_trips", "timeout",
     )
@@ -189,6 +192,9 @@ class PostgresLedger(PostgresOutbox):
         self.round_trips = 0
         #: The fenced writes waiting to go out together (see _grouped).
         self._group = _Group()
+        #: The server could not be reached at the last call (no call has reached it since):
+        #: a call waits for a connection from the pool only briefly then (see _getconn).
+        self._down = False
 
     def __repr__(self) -> str:
         return f"PostgresLedger({self.location!r}, exclusive={self._exclusive})"
@@ -838,23 +844,66 @@ class PostgresLedger(PostgresOutbox):
                 f"the ledger {self.location} is not open; call `await ledger.open()` first"
             )
         limit = self._bound(timeout)
+        errors = _connect_errors(pool)
         # anyio.fail_after without its generator: the only thing that can cancel this scope
         # is its deadline, so leaving it without returning means the call timed out.
         try:
             with anyio.CancelScope(deadline=anyio.current_time() + limit):
                 try:
-                    return await _on_connection(pool, fn)
+                    result = await self._on_connection(pool, fn, errors)
                 except psycopg.Error as exc:
                     if not (retry and _dropped(exc)):
                         raise
                     _log.info("ledger.reconnecting", ledger=self.location, error=_detail(exc))
                     await pool.check()  # the others are likely gone too: replace them now
-                    return await _on_connection(pool, fn)
+                    result = await self._on_connection(pool, fn, errors)
+                self._down = False
+                return result
         except TimeoutError as exc:
             raise self._timed_out(limit) from exc
+        except LedgerUnavailable:
+            self._down = True  # raised by _getconn: the pool cannot connect
+            raise
         except psycopg.Error as exc:
             raise self._error(exc) from exc
         raise self._timed_out(limit)
+
+    async def _on_connection(self, pool: Pool, fn: Callable[[Conn], Awaitable[T]],
+                             errors: int) -> T:
+        """``fn`` on a connection of ``pool``, handed back on every way out. One left
+        mid-statement or mid-transaction (a cancellation, an error) is closed, never reused:
+        the pool replaces it."""
+        conn = await self._getconn(pool, errors)
+        try:
+            return await fn(conn)
+        finally:
+            with anyio.CancelScope(shield=True):
+                if conn.pgconn.transaction_status != TransactionStatus.IDLE:
+                    await conn.close()  # local: frees the socket without waiting for the server
+                await pool.putconn(conn)
+
+    async def _getconn(self, pool: Pool, errors: int) -> Conn:
+        """A connection from ``pool``, waited for up to the timeout while the pool is busy or
+        slow to connect (a healthy server under load is not down), but only about
+        ``_OUTAGE_WAIT`` seconds once its attempts to connect fail: since the call began
+        (``errors`` is the pool's count of failed attempts then), or at the ledger's previous
+        call. Then :class:`LedgerUnavailable` at once, so that whoever waits out an outage
+        (a worker's ``--db-patience``) is not held a whole timeout at each call."""
+        if isinstance(pool, _OneConnection):
+            return await pool.getconn()  # connects itself: a refusal is an error at once
+        deadline = anyio.current_time() + self.timeout
+        while True:
+            left = deadline - anyio.current_time()
+            try:
+                return await pool.getconn(timeout=max(min(left, _OUTAGE_WAIT), 0.001))
+            except psycopg.Error as exc:
+                if not _pool_error(exc) or left <= _OUTAGE_WAIT:
+                    raise
+                if self._down or _connect_errors(pool) > errors:
+                    raise LedgerUnavailable(
+                        f"{self.location}: cannot connect to the PostgreSQL server (the "
+                        "attempts fail); it is down, restarting or unreachable"
+                    ) from exc
 
     async def _execute(self, conn: Conn, sql: str, args: Args = None, *,
                        prepare: bool | None = None) -> Cursor:
@@ -999,18 +1048,11 @@ class _OneConnection:
             await conn.close()
 
 
-async def _on_connection(pool: Pool, fn: Callable[[Conn], Awaitable[T]]) -> T:
-    """``fn`` on a connection of ``pool``, handed back on every way out. One left mid-statement
-    or mid-transaction (a cancellation, an error) is closed, never reused: the pool replaces
-    it."""
-    conn = await pool.getconn()
-    try:
-        return await fn(conn)
-    finally:
-        with anyio.CancelScope(shield=True):
-            if conn.pgconn.transaction_status != TransactionStatus.IDLE:
-                await conn.close()  # local: frees the socket without waiting for the server
-            await pool.putconn(conn)
+def _connect_errors(pool: Pool) -> int:
+    """How many of the pool's attempts to connect have failed (none without a pool)."""
+    if isinstance(pool, _OneConnection):
+        return 0
+    return pool.get_stats().get("connections_errors", 0)
 
 
 def _dropped(exc: psycopg.Error) -> bool:
