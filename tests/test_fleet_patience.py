@@ -7,6 +7,7 @@ restores it. The worker is the CLI, in a process of its own, with live responses
 
 from __future__ import annotations
 
+import logging
 import signal
 import subprocess
 import sys
@@ -139,3 +140,65 @@ async def test_a_worker_keeps_a_small_db_patience(pg_dsn: str, http_fake: HttpFa
     assert last.startswith("asyncbg: ") and "could not be reached for 3 s" in last, err
     assert "cannot connect to the PostgreSQL server" in last, err
 
+
+@pytest.mark.asyncio
+async def test_an_outage_is_said_once_without_psycopg_pool_lines(
+    pg_dsn: str, http_fake: HttpFake, tmp_path: Path
+) -> None:
+    """The worker's stderr across a short outage, at the default level: asyncbg's line when it
+    starts and when it ends, and none of psycopg_pool's (one a failed attempt to connect, they
+    were), which go to asyncbg's log at debug level."""
+    url, target = await relayed_ledger(pg_dsn)
+    relay = CuttableRelay(int(urlsplit(url).port or 0), target)
+    env = env_for(http_fake, tmp_path)
+    err = ""
+    async with anyio.create_task_group() as tg:
+        await tg.start(relay.serve)
+        proc = await anyio.open_process(
+            [sys.executable, "-m", "asyncbg", "worker", "--ledger", url, "--concurrency",
+             str(N)], env=env, stdout=None, stderr=subprocess.PIPE)
+
+        async def read() -> None:
+            nonlocal err
+            assert proc.stderr is not None
+            async for chunk in proc.stderr:
+                err += chunk.decode()
+
+        tg.start_soon(read)
+        try:
+            await until(lambda: http_fake.server.counters.creates == N)
+            relay.stop()
+            await until(lambda: "worker.ledger_unavailable" in err)
+            await until(lambda: relay.refused >= 5)  # the pools' attempts, several of them
+            relay.restore()
+            await until(lambda: "worker.ledger_available" in err)
+            proc.send_signal(signal.SIGTERM)
+            with anyio.fail_after(60):
+                code = await proc.wait()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+            tg.cancel_scope.cancel()
+    assert code == 128 + signal.SIGTERM, err  # stopped as asked
+    lines = err.strip().splitlines()
+    assert not [line for line in lines if "psycopg" in line or "connecting" in line
+                or "discarding" in line or line.startswith((" ", "\t"))], err
+    assert sum("worker.ledger_unavailable" in line for line in lines) == 1, err
+    assert sum("worker.ledger_available" in line for line in lines) == 1, err
+
+
+def test_the_pool_logs_of_others_are_left_alone(caplog: pytest.LogCaptureFixture) -> None:
+    """psycopg_pool's records outside asyncbg's pools go on as they were."""
+    from asyncbg._ledgers._postgres import _ours, _relay_pool_logs
+
+    _relay_pool_logs()
+    pool_logger = logging.getLogger("psycopg.pool")
+    with caplog.at_level(logging.DEBUG):
+        pool_logger.warning("error connecting in %r: %s", "app-pool", "refused")
+        with _ours():
+            pool_logger.warning("error connecting in %r: %s", "asyncbg-ledger", "refused")
+    by_logger = [(r.name, r.levelname, r.getMessage()) for r in caplog.records]
+    assert ("psycopg.pool", "WARNING", "error connecting in 'app-pool': refused") in by_logger
+    assert not [r for r in by_logger if r[0] == "psycopg.pool" and "asyncbg-ledger" in r[2]]
+    assert ("asyncbg", "DEBUG", "ledger.pool level='warning' message=\"error connecting in "
+            "'asyncbg-ledger': refused\"") in by_logger

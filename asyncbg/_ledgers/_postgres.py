@@ -29,17 +29,29 @@ otherwise (permissions, a schema too new); never a raw psycopg error. A connecti
 dropped (a restart, ``pg_terminate_backend``) is replaced and the call tried once more on a
 fresh one: every write here is fenced by owner and epoch, so running it twice records nothing
 twice. The ledger object goes on working once the server is back.
+
+psycopg_pool logs a warning at each failed attempt to connect and each dropped connection
+(``error connecting in 'asyncbg-ledger': ...``), straight to stderr in a program that has not
+set logging up: a worker riding out an outage would print one a second, in no format of ours.
+What its logger ``psycopg.pool`` says on behalf of this ledger's pools (in their tasks, or in
+a call of ours) goes instead to asyncbg's log as the debug event ``ledger.pool``
+(:class:`_PoolLogs`); what the outage means is said once, by whoever waits it out (the
+worker's ``worker.ledger_unavailable`` and ``worker.ledger_available``). Pools of the
+application's own are left alone.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
+import logging
 import math
 import os
 import socket
 import sys
 from base64 import b64encode
-from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias, TypeVar
@@ -108,6 +120,40 @@ _DROPPED = frozenset({"57P01", "57P02", "57P03"})
 _TRANSIENT_CLASSES = frozenset({"08", "40", "53", "57", "58"})
 #: And single states: lock not available; read-only transaction (a standby after a failover).
 _TRANSIENT_STATES = frozenset({"55P03", "25006"})
+
+
+#: True in asyncbg's own dealings with its pools, and in their tasks (which copy the context
+#: they are started in): what psycopg_pool logs there is ours to relay (see _PoolLogs).
+_OURS: contextvars.ContextVar[bool] = contextvars.ContextVar("asyncbg_pool", default=False)
+
+
+class _PoolLogs(logging.Filter):
+    """On the logger ``psycopg.pool``: a warning (or worse) logged for asyncbg's pools goes to
+    asyncbg's log at debug level (``ledger.pool``), and not on; any other record goes on as it
+    was (the pool's info records, seen only where the application asks psycopg for them)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING or not _OURS.get():
+            return True
+        _log.debug("ledger.pool", level=record.levelname.lower(), message=record.getMessage())
+        return False
+
+
+def _relay_pool_logs() -> None:
+    """Install :class:`_PoolLogs` on ``psycopg.pool`` (once)."""
+    logger = logging.getLogger("psycopg.pool")
+    if not any(isinstance(f, _PoolLogs) for f in logger.filters):
+        logger.addFilter(_PoolLogs())
+
+
+@contextlib.contextmanager
+def _ours() -> Iterator[None]:
+    """What psycopg_pool logs in this block (and in the tasks started in it) is relayed."""
+    token = _OURS.set(True)
+    try:
+        yield
+    finally:
+        _OURS.reset(token)
 
 
 def _pool_error(exc: BaseException) -> bool:
@@ -247,18 +293,20 @@ class PostgresLedger(PostgresOutbox):
             return
         else:
             await conn.close()
+        _relay_pool_logs()
         pools = (self._new_pool("asyncbg-ledger", self._max_connections),
                  self._new_pool("asyncbg-renewals", 1))
         try:  # each with its first connection ready, as the first calls expect (together)
             try:
-                async with anyio.create_task_group() as tg:
-                    for pool in pools:
-                        tg.start_soon(partial(pool.open, wait=True,
-                                              timeout=self._connect_timeout + self._bound()))
+                with _ours():  # the pools' tasks are started here, and keep the context
+                    async with anyio.create_task_group() as tg:
+                        for pool in pools:
+                            tg.start_soon(partial(pool.open, wait=True,
+                                                  timeout=self._connect_timeout + self._bound()))
             except BaseExceptionGroup as group:  # one pool's failure, as it was
                 raise group.exceptions[0] from None
         except BaseException as exc:
-            with anyio.CancelScope(shield=True):
+            with _ours(), anyio.CancelScope(shield=True):
                 for pool in pools:
                     await pool.close(timeout=1.0)
                 if self._holder is not None:
@@ -297,7 +345,7 @@ class PostgresLedger(PostgresOutbox):
             self._pool = self._renewals = None
             self._held.clear()
             self._acquired.clear()
-            with anyio.CancelScope(shield=True):
+            with _ours(), anyio.CancelScope(shield=True):
                 for pool in pools:
                     if pool is not None:
                         await pool.close(timeout=1.0)
@@ -848,7 +896,7 @@ class PostgresLedger(PostgresOutbox):
         # anyio.fail_after without its generator: the only thing that can cancel this scope
         # is its deadline, so leaving it without returning means the call timed out.
         try:
-            with anyio.CancelScope(deadline=anyio.current_time() + limit):
+            with _ours(), anyio.CancelScope(deadline=anyio.current_time() + limit):
                 try:
                     result = await self._on_connection(pool, fn, errors)
                 except psycopg.Error as exc:
