@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import anyio
@@ -202,3 +203,29 @@ def test_the_pool_logs_of_others_are_left_alone(caplog: pytest.LogCaptureFixture
     assert not [r for r in by_logger if r[0] == "psycopg.pool" and "asyncbg-ledger" in r[2]]
     assert ("asyncbg", "DEBUG", "ledger.pool level='warning' message=\"error connecting in "
             "'asyncbg-ledger': refused\"") in by_logger
+
+
+@pytest.mark.asyncio
+async def test_a_busy_pool_on_a_live_server_is_waited_for_not_reported_down(pg_dsn: str) -> None:
+    """The short wait for a connection is only for a pool whose attempts to connect fail: a
+    call that waits behind a long statement on a live server (the pool's one connection
+    busy for 2 s, four of the outage's waits) gets the connection when it is free."""
+    ledger = PostgresLedger(pg_dsn, max_connections=1, timeout=20)
+    await ledger.open()
+    try:
+        busy = anyio.Event()
+
+        async def long_statement() -> None:
+            async def sleep(conn: Any) -> None:
+                busy.set()
+                await conn.execute("SELECT pg_sleep(2)")
+
+            await ledger._run(sleep)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(long_statement)
+            await busy.wait()
+            assert await ledger.unfinished() == 0  # waited behind it; no LedgerUnavailable
+            assert not ledger._down
+    finally:
+        await ledger.close()
