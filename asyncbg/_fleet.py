@@ -265,6 +265,8 @@ class _Worker:
         self.ledger = ledger
         self.patience = patience
         self.down_since: float | None = None
+        #: Why the ledger could not be reached, the last time a call said.
+        self.down_error = ""
         self.to_requeue: set[str] = set()
         self.to_release: set[str] = set()
         #: (message, code) once the server refused this worker's account (see _collect).
@@ -295,10 +297,11 @@ class _Worker:
     async def run(self, mgr: BackgroundManager) -> None:
         while True:
             self.wake = anyio.Event()
+            began = anyio.current_time()  # the database was reachable before this, at best
             try:
                 await self._unless_stopped(lambda: self._collect(mgr), None)
             except LedgerUnavailable as exc:
-                self._ledger_down(exc)
+                self._ledger_down(exc, began)
             if self.stop.is_set():
                 raise _Stopped
             try:
@@ -312,8 +315,8 @@ class _Worker:
             except LedgerUnavailable as exc:
                 # The database is away: what runs goes on (the engine retries its writes);
                 # nothing new is taken until it is back.
-                self._ledger_down(exc)
-                with anyio.move_on_after(min(self.idle * 4, 5.0)):
+                self._ledger_down(exc, began)
+                with anyio.move_on_after(min(self.idle * 4, 5.0, self._patience_left())):
                     await self.stop.wait()
                 continue
             self._ledger_up()
@@ -336,17 +339,27 @@ class _Worker:
 
     async def _unless_stopped(self, call: Callable[[], Awaitable[T]], stopped: T) -> T:
         """``call`` (a ledger call), cut short when the worker is told to stop: then
-        ``stopped``. With the database gone such a call waits for a connection up to the
-        ledger's timeout, which held a stop up that long. Nothing was sent for what a cut
-        call may have taken: those leases run out by themselves."""
+        ``stopped``. With the database gone such a call may wait up to the ledger's timeout,
+        which held a stop up that long; and while the database is down, it is cut short
+        when the patience runs out (:class:`LedgerUnavailable`). Nothing was sent for what a
+        cut call may have taken: those leases run out by themselves."""
         if self.stop.is_set():
             return stopped
         with anyio.CancelScope() as self.cut:
+            if self.down_since is not None:
+                self.cut.deadline = self.down_since + self.patience
             try:
                 return await call()
             finally:
                 self.cut = None
+        if not self.stop.is_set():  # the patience ran out, the database still away
+            raise LedgerUnavailable(self.down_error)
         return stopped
+
+    def _patience_left(self) -> float:
+        if self.down_since is None:
+            return self.patience
+        return max(self.down_since + self.patience - anyio.current_time(), 0.0)
 
     async def _take_work(self, mgr: BackgroundManager) -> list[Record]:
         free = self.concurrency - len(self.jobs)
@@ -367,14 +380,17 @@ class _Worker:
             await self._start(mgr, record.key, record.request)
         return records
 
-    def _ledger_down(self, exc: LedgerUnavailable) -> None:
+    def _ledger_down(self, exc: LedgerUnavailable, began: float) -> None:
+        """The ledger could not be reached by a call made since ``began``: the outage is
+        counted from then (the first call that fails may have waited for a connection)."""
         now = anyio.current_time()
+        self.down_error = str(exc)
         if self.down_since is None:
-            self.down_since = now
+            self.down_since = began
             _log.warning("worker.ledger_unavailable", ledger=self.ledger.location,
                          error=str(exc), patience=self.patience,
                          action="running jobs go on; nothing new is taken")
-        elif now - self.down_since >= self.patience:
+        if now - self.down_since >= self.patience:
             raise LedgerUnavailable(
                 f"{self.ledger.location} could not be reached for {self.patience:g} s "
                 f"({exc}); the worker stops, leaving its live responses for a later worker"

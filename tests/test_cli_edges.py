@@ -235,6 +235,21 @@ def test_submit_makes_no_directories(tmp_path: Path) -> None:
     assert names(tmp_path) == ["file", "in.jsonl"]
 
 
+def test_demo_makes_no_directories_for_its_journal(tmp_path: Path) -> None:
+    """``demo --journal`` with a mistyped directory: one line, exit 2, nothing created (the
+    library's SQLiteLedger would have made the directories)."""
+    (tmp_path / "file").write_text("")
+    for journal, what in ((tmp_path / "no" / "such" / "j.db", "does not exist"),
+                          (tmp_path / "file" / "j.db", "is not a directory")):
+        done = subprocess.run([sys.executable, "-m", "asyncbg", "demo", "--jobs", "2",
+                               "--journal", str(journal)],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and not done.stdout, done
+        assert done.stderr.splitlines() == [
+            f"asyncbg: cannot create the journal {journal}: {journal.parent} {what} (demo "
+            "makes files, not directories); nothing was sent"], done.stderr
+    assert names(tmp_path) == ["file"]
+
 def test_run_makes_no_directories_for_its_journal_or_output(
     http_fake: HttpFake, tmp_path: Path
 ) -> None:

@@ -547,3 +547,50 @@ async def test_an_sqlite_journals_counters_stay_exact_through_every_kind_of_writ
         await source.close()
         for led in ledgers:
             await led.close()
+
+
+
+def test_the_dashboard_leaves_no_wal_files_beside_a_journal_nobody_is_on(tmp_path: Path) -> None:
+    """A WAL journal (a fleet's) read with nobody else on it: the dashboard's connections
+    leave no -wal/-shm behind (read-only ones made and kept them), and change nothing. With a
+    writer there, it reads beside it, read-only, and the writer goes on."""
+    import sqlite3
+
+    from asyncbg._dashboard._sqlite_source import SQLiteSource
+    from asyncbg._fleet import enqueue_requests
+    from asyncbg._ledgers._sqlite_shared import SharedSQLiteLedger
+
+    path = tmp_path / "l.db"
+
+    async def submit() -> None:
+        ledger = SharedSQLiteLedger(path)
+        await ledger.open()
+        await enqueue_requests(ledger, [("a", {"model": "m", "input": "x"})])
+        await ledger.close()
+
+    async def total() -> int:
+        source = SQLiteSource(path)
+        await source.open()
+        try:
+            return (await source.start(window=60)).total
+        finally:
+            await source.close()
+
+    anyio.run(submit)
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    db.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["l.db"]
+    before = path.read_bytes()
+    assert anyio.run(total) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["l.db"]  # no -wal, no -shm
+    assert path.read_bytes() == before
+
+    writer = sqlite3.connect(path, isolation_level=None)
+    try:
+        writer.execute("BEGIN IMMEDIATE")  # a writer in the middle of its transaction
+        writer.execute("UPDATE jobs SET status = status")
+        assert anyio.run(total) == 1
+        writer.execute("COMMIT")  # undisturbed
+    finally:
+        writer.close()

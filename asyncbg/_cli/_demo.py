@@ -29,10 +29,23 @@ async def demo(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from .. import BackgroundManager, PollPolicy, RetryPolicy
+    from .._ledgers import Ledger, LedgerError, SQLiteLedger, open_ledger
     from ..testing import FakeResponsesServer, FaultRates, LatencyModel, Outcomes, fake_client
-    from ._ops import emit
+    from ._ops import emit, missing_directory, say
     from ._progress import Display, Live, Tally, counts_text, rows
 
+    journal: Ledger | None = None
+    if args.journal is not None:
+        try:
+            journal = open_ledger(args.journal)
+        except LedgerError as exc:
+            say(f"{exc}; nothing was sent")
+            return 2
+        if isinstance(journal, SQLiteLedger) and (
+                where := missing_directory(journal.path)) is not None:
+            say(f"cannot create the journal {journal.path}: {where} (demo makes files, not "
+                "directories); nothing was sent")
+            return 2
     server = FakeResponsesServer(
         latency=LatencyModel.lognormal(args.median, 0.7, low=0.2, high=6.0),
         outcomes=Outcomes(completed=0.95, failed=0.03, incomplete=0.02),
@@ -49,7 +62,7 @@ async def demo(args: argparse.Namespace) -> int:
     try:
         async with BackgroundManager(
             client, max_concurrency=args.concurrency, poll_policy=poll, retry_policy=retry,
-            journal=args.journal,
+            journal=journal,
         ) as mgr:
 
             def live() -> Live:

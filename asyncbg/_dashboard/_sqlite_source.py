@@ -1,15 +1,21 @@
 """The dashboard's reads of an SQLite journal (a run's, or a fleet's shared one).
 
-A connection of its own, opened ``mode=ro``: in WAL mode readers never block the writer and the
-writer never blocks them. Each read runs in a worker thread, one at a time; a read that needs
-one snapshot (the full scan and the window) runs in one read transaction. The statements are
-here, to be reviewed together; the tables are :mod:`asyncbg._ledgers._sqlite_queries`'.
+Connections of its own, which write nothing (``PRAGMA query_only``): in WAL mode readers never
+block the writer and the writer never blocks them. With nobody on the journal when it opens (no
+``-wal``, ``-shm`` or ``-journal`` beside it) they are read-write connections, so that the last
+one's close removes the ``-wal`` and ``-shm`` that reading a WAL journal makes (a read-only
+connection leaves them behind), as ``asyncbg status`` does; with a writer there (or a crashed
+one's log), or a directory it cannot write, they are opened ``mode=ro``, touching nothing.
+Each read runs in a worker thread, one at a time; a read that needs one snapshot (the full
+scan and the window) runs in one read transaction. The statements are here, to be reviewed
+together; the tables are :mod:`asyncbg._ledgers._sqlite_queries`'.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -117,6 +123,16 @@ class _Connection:
         self.limiter = anyio.CapacityLimiter(1)
 
 
+def _mode(real: str) -> str:
+    """How to open the journal at ``real`` (see the module docstring): ``rw`` when nobody is
+    on it and its directory can be written, else ``ro``."""
+    if not os.access(os.path.dirname(real), os.W_OK):
+        return "ro"  # no -wal or -shm can be made there, nor removed
+    if any(os.path.lexists(real + end) for end in ("-wal", "-shm", "-journal")):
+        return "ro"  # a writer is there (or a crashed one's log): read only, touch nothing
+    return "rw"
+
+
 class SQLiteSource:
     """Reads the SQLite journal at ``path``; see the module docstring.
 
@@ -135,7 +151,8 @@ class SQLiteSource:
         if not await anyio.Path(self._path).is_file():
             raise LedgerError(f"{self.location}: no journal there (pass the --journal of the "
                               "run, by default OUTPUT.jsonl.journal)")
-        uri = f"file:{quote(str(self._path.resolve()))}?mode=ro"
+        real = str(self._path.resolve())
+        uri = f"file:{quote(real)}?mode={_mode(real)}"
 
         def connect() -> sqlite3.Connection:
             db = sqlite3.connect(uri, uri=True, timeout=2.0, check_same_thread=False,

@@ -29,17 +29,29 @@ otherwise (permissions, a schema too new); never a raw psycopg error. A connecti
 dropped (a restart, ``pg_terminate_backend``) is replaced and the call tried once more on a
 fresh one: every write here is fenced by owner and epoch, so running it twice records nothing
 twice. The ledger object goes on working once the server is back.
+
+psycopg_pool logs a warning at each failed attempt to connect and each dropped connection
+(``error connecting in 'asyncbg-ledger': ...``), straight to stderr in a program that has not
+set logging up: a worker riding out an outage would print one a second, in no format of ours.
+What its logger ``psycopg.pool`` says on behalf of this ledger's pools (in their tasks, or in
+a call of ours) goes instead to asyncbg's log as the debug event ``ledger.pool``
+(:class:`_PoolLogs`); what the outage means is said once, by whoever waits it out (the
+worker's ``worker.ledger_unavailable`` and ``worker.ledger_available``). Pools of the
+application's own are left alone.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
+import logging
 import math
 import os
 import socket
 import sys
 from base64 import b64encode
-from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias, TypeVar
@@ -93,6 +105,9 @@ _CLAIM_UPDATES = {
 #: stuck statement first, and leaves the connection usable; the client's deadline is for a
 #: server or network that stopped answering.
 _MARGIN = 5.0
+#: Seconds a call waits for a connection from the pool while the pool's attempts to connect
+#: fail (the server is down), rather than the whole timeout: see PostgresLedger._getconn.
+_OUTAGE_WAIT = 0.5
 #: How long a schema upgrade may take (server and client side), and an opener waits for one
 #: another process runs: filling new counters from every row of a big ledger takes minutes.
 _UPGRADE_TIMEOUT = 1800.0
@@ -105,6 +120,40 @@ _DROPPED = frozenset({"57P01", "57P02", "57P03"})
 _TRANSIENT_CLASSES = frozenset({"08", "40", "53", "57", "58"})
 #: And single states: lock not available; read-only transaction (a standby after a failover).
 _TRANSIENT_STATES = frozenset({"55P03", "25006"})
+
+
+#: True in asyncbg's own dealings with its pools, and in their tasks (which copy the context
+#: they are started in): what psycopg_pool logs there is ours to relay (see _PoolLogs).
+_OURS: contextvars.ContextVar[bool] = contextvars.ContextVar("asyncbg_pool", default=False)
+
+
+class _PoolLogs(logging.Filter):
+    """On the logger ``psycopg.pool``: a warning (or worse) logged for asyncbg's pools goes to
+    asyncbg's log at debug level (``ledger.pool``), and not on; any other record goes on as it
+    was (the pool's info records, seen only where the application asks psycopg for them)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING or not _OURS.get():
+            return True
+        _log.debug("ledger.pool", level=record.levelname.lower(), message=record.getMessage())
+        return False
+
+
+def _relay_pool_logs() -> None:
+    """Install :class:`_PoolLogs` on ``psycopg.pool`` (once)."""
+    logger = logging.getLogger("psycopg.pool")
+    if not any(isinstance(f, _PoolLogs) for f in logger.filters):
+        logger.addFilter(_PoolLogs())
+
+
+@contextlib.contextmanager
+def _ours() -> Iterator[None]:
+    """What psycopg_pool logs in this block (and in the tasks started in it) is relayed."""
+    token = _OURS.set(True)
+    try:
+        yield
+    finally:
+        _OURS.reset(token)
 
 
 def _pool_error(exc: BaseException) -> bool:
@@ -132,8 +181,8 @@ class PostgresLedger(PostgresOutbox):
     """
 
     __slots__ = (
-        "_acquired", "_connect_timeout", "_exclusive", "_group", "_held", "_holder", "_identity",
-        "_kwargs",
+        "_acquired", "_connect_timeout", "_down", "_exclusive", "_group", "_held", "_holder",
+        "_identity", "_kwargs",
         "_listener", "_max_connections", "_opens", "_owner", "_pool", "_pooled",
         "_registered", "_renewals", "_url", "lease", "round_trips", "timeout",
     )
@@ -189,6 +238,9 @@ class PostgresLedger(PostgresOutbox):
         self.round_trips = 0
         #: The fenced writes waiting to go out together (see _grouped).
         self._group = _Group()
+        #: The server could not be reached at the last call (no call has reached it since):
+        #: a call waits for a connection from the pool only briefly then (see _getconn).
+        self._down = False
 
     def __repr__(self) -> str:
         return f"PostgresLedger({self.location!r}, exclusive={self._exclusive})"
@@ -241,18 +293,20 @@ class PostgresLedger(PostgresOutbox):
             return
         else:
             await conn.close()
+        _relay_pool_logs()
         pools = (self._new_pool("asyncbg-ledger", self._max_connections),
                  self._new_pool("asyncbg-renewals", 1))
         try:  # each with its first connection ready, as the first calls expect (together)
             try:
-                async with anyio.create_task_group() as tg:
-                    for pool in pools:
-                        tg.start_soon(partial(pool.open, wait=True,
-                                              timeout=self._connect_timeout + self._bound()))
+                with _ours():  # the pools' tasks are started here, and keep the context
+                    async with anyio.create_task_group() as tg:
+                        for pool in pools:
+                            tg.start_soon(partial(pool.open, wait=True,
+                                                  timeout=self._connect_timeout + self._bound()))
             except BaseExceptionGroup as group:  # one pool's failure, as it was
                 raise group.exceptions[0] from None
         except BaseException as exc:
-            with anyio.CancelScope(shield=True):
+            with _ours(), anyio.CancelScope(shield=True):
                 for pool in pools:
                     await pool.close(timeout=1.0)
                 if self._holder is not None:
@@ -291,7 +345,7 @@ class PostgresLedger(PostgresOutbox):
             self._pool = self._renewals = None
             self._held.clear()
             self._acquired.clear()
-            with anyio.CancelScope(shield=True):
+            with _ours(), anyio.CancelScope(shield=True):
                 for pool in pools:
                     if pool is not None:
                         await pool.close(timeout=1.0)
@@ -844,23 +898,66 @@ class PostgresLedger(PostgresOutbox):
                 f"the ledger {self.location} is not open; call `await ledger.open()` first"
             )
         limit = self._bound(timeout)
+        errors = _connect_errors(pool)
         # anyio.fail_after without its generator: the only thing that can cancel this scope
         # is its deadline, so leaving it without returning means the call timed out.
         try:
-            with anyio.CancelScope(deadline=anyio.current_time() + limit):
+            with _ours(), anyio.CancelScope(deadline=anyio.current_time() + limit):
                 try:
-                    return await _on_connection(pool, fn)
+                    result = await self._on_connection(pool, fn, errors)
                 except psycopg.Error as exc:
                     if not (retry and _dropped(exc)):
                         raise
                     _log.info("ledger.reconnecting", ledger=self.location, error=_detail(exc))
                     await pool.check()  # the others are likely gone too: replace them now
-                    return await _on_connection(pool, fn)
+                    result = await self._on_connection(pool, fn, errors)
+                self._down = False
+                return result
         except TimeoutError as exc:
             raise self._timed_out(limit) from exc
+        except LedgerUnavailable:
+            self._down = True  # raised by _getconn: the pool cannot connect
+            raise
         except psycopg.Error as exc:
             raise self._error(exc) from exc
         raise self._timed_out(limit)
+
+    async def _on_connection(self, pool: Pool, fn: Callable[[Conn], Awaitable[T]],
+                             errors: int) -> T:
+        """``fn`` on a connection of ``pool``, handed back on every way out. One left
+        mid-statement or mid-transaction (a cancellation, an error) is closed, never reused:
+        the pool replaces it."""
+        conn = await self._getconn(pool, errors)
+        try:
+            return await fn(conn)
+        finally:
+            with anyio.CancelScope(shield=True):
+                if conn.pgconn.transaction_status != TransactionStatus.IDLE:
+                    await conn.close()  # local: frees the socket without waiting for the server
+                await pool.putconn(conn)
+
+    async def _getconn(self, pool: Pool, errors: int) -> Conn:
+        """A connection from ``pool``, waited for up to the timeout while the pool is busy or
+        slow to connect (a healthy server under load is not down), but only about
+        ``_OUTAGE_WAIT`` seconds once its attempts to connect fail: since the call began
+        (``errors`` is the pool's count of failed attempts then), or at the ledger's previous
+        call. Then :class:`LedgerUnavailable` at once, so that whoever waits out an outage
+        (a worker's ``--db-patience``) is not held a whole timeout at each call."""
+        if isinstance(pool, _OneConnection):
+            return await pool.getconn()  # connects itself: a refusal is an error at once
+        deadline = anyio.current_time() + self.timeout
+        while True:
+            left = deadline - anyio.current_time()
+            try:
+                return await pool.getconn(timeout=max(min(left, _OUTAGE_WAIT), 0.001))
+            except psycopg.Error as exc:
+                if not _pool_error(exc) or left <= _OUTAGE_WAIT:
+                    raise
+                if self._down or _connect_errors(pool) > errors:
+                    raise LedgerUnavailable(
+                        f"{self.location}: cannot connect to the PostgreSQL server (the "
+                        "attempts fail); it is down, restarting or unreachable"
+                    ) from exc
 
     async def _execute(self, conn: Conn, sql: str, args: Args = None, *,
                        prepare: bool | None = None) -> Cursor:
@@ -1005,18 +1102,11 @@ class _OneConnection:
             await conn.close()
 
 
-async def _on_connection(pool: Pool, fn: Callable[[Conn], Awaitable[T]]) -> T:
-    """``fn`` on a connection of ``pool``, handed back on every way out. One left mid-statement
-    or mid-transaction (a cancellation, an error) is closed, never reused: the pool replaces
-    it."""
-    conn = await pool.getconn()
-    try:
-        return await fn(conn)
-    finally:
-        with anyio.CancelScope(shield=True):
-            if conn.pgconn.transaction_status != TransactionStatus.IDLE:
-                await conn.close()  # local: frees the socket without waiting for the server
-            await pool.putconn(conn)
+def _connect_errors(pool: Pool) -> int:
+    """How many of the pool's attempts to connect have failed (none without a pool)."""
+    if isinstance(pool, _OneConnection):
+        return 0
+    return pool.get_stats().get("connections_errors", 0)
 
 
 def _dropped(exc: psycopg.Error) -> bool:

@@ -222,17 +222,27 @@ async def keep_leases(
     The first renewal happens at once, so that the process shows up among the workers. A key
     whose lease was lost goes to ``on_lost`` (stop running it here); the keys renewed go to
     ``on_renewed`` with the monotonic time the renewal was sent (their lease runs from then, by
-    this process's own clock). A failed renewal is logged and retried at the next period: the
-    leases then run out only if it keeps failing.
+    this process's own clock). A failed renewal is retried at the next period: the leases then
+    run out only if it keeps failing. The first failure of a run of them is a warning, the
+    others (a database down for minutes) debug events; the renewal that works again after them
+    is an info event.
     """
+    failed = 0
     while True:
         keys = list(ledger.held())
         sent_at = anyio.current_time()
         try:
             lost = await ledger.renew(keys, ledger.lease)
         except LedgerError as exc:
-            _log.warning("ledger.renew_failed", ledger=ledger.location, error=str(exc))
+            failed += 1
+            say = _log.warning if failed == 1 else _log.debug
+            say("ledger.renew_failed", ledger=ledger.location, error=str(exc),
+                action=f"retried every {ledger.lease / 3:g} s; the leases run out "
+                       f"{ledger.lease:g} s after the last renewal")
         else:
+            if failed:
+                _log.info("ledger.renewed", ledger=ledger.location, after_failures=failed)
+                failed = 0
             if on_renewed is not None:
                 on_renewed([key for key in keys if key not in lost], sent_at)
             for key in sorted(lost):
