@@ -35,18 +35,20 @@ def on_port(dsn: str, port: int, *, password: str | None = None) -> str:
     return urlunsplit(parts._replace(netloc=f"{auth}@127.0.0.1:{port}"))
 
 
+async def pipe(a: SocketStream, b: SocketStream) -> None:
+    """Copy ``a`` to ``b`` until ``a`` ends or breaks; then close ``b`` (one way of a relay)."""
+    try:
+        async for chunk in a:
+            await b.send(chunk)
+    except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+        pass
+    finally:
+        await b.aclose()
+
+
 async def relay(port: int, target: tuple[str, int], after: float) -> None:
     """Listen on ``port`` from ``after`` seconds on, relaying every connection to ``target``."""
     await anyio.sleep(after)
-
-    async def pipe(a: SocketStream, b: SocketStream) -> None:
-        try:
-            async for chunk in a:
-                await b.send(chunk)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-            pass
-        finally:
-            await b.aclose()
 
     async def serve(client: SocketStream) -> None:
         async with client, await anyio.connect_tcp(*target) as server, \

@@ -23,7 +23,7 @@ from asyncbg._fleet import enqueue_requests
 from asyncbg._ledgers._postgres import PostgresLedger
 
 from .conftest import HttpFake
-from .test_fleet_db_down import free_port, on_port
+from .test_fleet_db_down import free_port, on_port, pipe
 from .test_fleet_rescue import env_for, finished, until
 
 N = 2
@@ -46,15 +46,6 @@ class CuttableRelay:
         self.scopes: set[anyio.CancelScope] = set()
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        async def pipe(a: SocketStream, b: SocketStream) -> None:
-            try:
-                async for chunk in a:
-                    await b.send(chunk)
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                pass
-            finally:
-                await b.aclose()
-
         async def relay(client: SocketStream) -> None:
             async with client:
                 if self.cut:

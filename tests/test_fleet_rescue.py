@@ -35,7 +35,7 @@ from asyncbg._ledgers._shared import LeaseLost, SharedLedger
 from asyncbg._ledgers._sqlite_shared import SharedSQLiteLedger
 
 from .conftest import FAST_POLL, HttpFake
-from .test_fleet_db_down import free_port, on_port
+from .test_fleet_db_down import free_port, on_port, pipe
 
 N = 4
 
@@ -50,15 +50,6 @@ class Relay:
         self.scope: anyio.CancelScope | None = None
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        async def pipe(a: SocketStream, b: SocketStream) -> None:
-            try:
-                async for chunk in a:
-                    await b.send(chunk)
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                pass
-            finally:
-                await b.aclose()
-
         async def relay(client: SocketStream) -> None:
             async with client, await anyio.connect_tcp(*self.target) as server, \
                     anyio.create_task_group() as tg:
