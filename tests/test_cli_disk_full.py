@@ -66,6 +66,22 @@ def _fill(disk: Path) -> Path:
                 return filler
 
 
+def _answered_on_a_full_disk(http_fake: HttpFake, disk: Path, creates: int) -> Path:
+    """With ``creates`` creates held at the fake's door (their ``sending`` records journaled),
+    fill ``disk``, then let them through and wait for the server to make every response:
+    answers the journal has no room for. The filler, to unlink for room again."""
+    _until(lambda: http_fake.gate.waiting == creates, "every create at the fake's door")
+    filler = _fill(disk)
+    http_fake.gate.open()
+    _until(lambda: http_fake.server.counters.creates == creates,
+           "the fake to create every response")
+    return filler
+
+
+def _kept_keys(rescue: Path) -> set[str]:
+    return {json.loads(line)["key"] for line in rescue.read_bytes().rstrip(b"\0").splitlines()}
+
+
 def _until(condition: Callable[[], bool], what: str, within: float = 60) -> None:
     """Wait for a state the test makes; the bound only stops a broken run from hanging."""
     stop = time.monotonic() + within
@@ -90,10 +106,7 @@ def test_creates_answered_after_the_journals_disk_filled_are_kept_and_not_create
                              stderr=subprocess.PIPE, text=True)
     try:
         # Each line's ``sending`` record is journaled before its create leaves.
-        _until(lambda: gate.waiting == len(ids), "every create at the fake's door")
-        filler = _fill(small_disk)
-        gate.open()
-        _until(lambda: fake.counters.creates == len(ids), "the fake to create every response")
+        filler = _answered_on_a_full_disk(http_fake, small_disk, len(ids))
         first.send_signal(signal.SIGINT)
         _, err = first.communicate(timeout=120)
     finally:
@@ -145,10 +158,7 @@ def test_ctrl_c_says_it_waits_for_the_journal_and_a_second_one_leaves_at_once(
         return [line for line in list(said) if part in line]
 
     try:
-        _until(lambda: gate.waiting == len(ids), "every create at the fake's door")
-        filler = _fill(small_disk)
-        gate.open()
-        _until(lambda: fake.counters.creates == len(ids), "the fake to create every response")
+        filler = _answered_on_a_full_disk(http_fake, small_disk, len(ids))
         first.send_signal(signal.SIGINT)
         _until(lambda: bool(lines("waiting up to")), "the line saying what the stop waits for")
         first.send_signal(signal.SIGINT)
@@ -160,7 +170,7 @@ def test_ctrl_c_says_it_waits_for_the_journal_and_a_second_one_leaves_at_once(
     assert first.returncode == 130, said
     assert "Traceback" not in "".join(said)
     rescue = small_disk / "j.db.unrecorded"
-    kept = {json.loads(line)["key"] for line in rescue.read_bytes().rstrip(b"\0").splitlines()}
+    kept = _kept_keys(rescue)
     assert kept and kept <= set(ids), said
     waiting = lines("waiting up to")
     assert len(waiting) == 1, said
@@ -208,10 +218,7 @@ def test_cancel_after_such_a_stop_cancels_the_responses_kept_beside_the_journal(
     first = subprocess.Popen(command(*argv), env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
     try:
-        _until(lambda: gate.waiting == len(ids), "every create at the fake's door")
-        filler = _fill(small_disk)
-        gate.open()
-        _until(lambda: fake.counters.creates == len(ids), "the fake to create every response")
+        filler = _answered_on_a_full_disk(http_fake, small_disk, len(ids))
         first.send_signal(signal.SIGINT)
         _, err = first.communicate(timeout=120)
     finally:
@@ -219,7 +226,7 @@ def test_cancel_after_such_a_stop_cancels_the_responses_kept_beside_the_journal(
     assert first.returncode == 130, err
     assert f"asyncbg cancel --ledger {journal}" in err
     rescue = small_disk / "j.db.unrecorded"
-    kept = {json.loads(line)["key"] for line in rescue.read_bytes().rstrip(b"\0").splitlines()}
+    kept = _kept_keys(rescue)
     assert kept and kept <= set(ids), err
 
     filler.unlink()
