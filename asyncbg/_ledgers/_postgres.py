@@ -66,7 +66,7 @@ from . import _pg_queries as q
 from ._base import Claim, ClaimOutcome, LedgerError, LedgerUnavailable, Outcome, Record
 from ._overview import column_tokens
 from ._pg_outbox import PostgresOutbox
-from ._rescue import Adoption, Kept, Rescue, forget_kept, keep_in, read_kept, state_file, verdict
+from ._rescue import Adoption, Rescue, forget_kept, keep_in, state_file, to_adopt, verdict
 from ._rules import claim_outcome, state_after, unclaimed
 from ._shared import (
     DEFAULT_LEASE,
@@ -739,13 +739,7 @@ class PostgresLedger(PostgresOutbox):
         """As :meth:`SharedSQLiteLedger.adopt_kept`: record, fenced, the responses workers on
         this machine kept, and remove their lines. Raises :class:`LedgerError`."""
         rescue = self.rescue()
-        try:
-            in_file = await read_kept(rescue)
-        except LedgerError:
-            if not unkept:
-                raise
-            in_file = []  # this process's own are recorded all the same
-        kept = in_file + [Kept(key, rid, self._held.get(key)) for key, rid in unkept]
+        in_file, kept = await to_adopt(rescue, unkept, self._held)
         if not kept:
             return Adoption(rescue.path)
 

@@ -39,7 +39,7 @@ import json
 import os
 import stat
 import tempfile
-from collections.abc import Collection, Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -60,6 +60,7 @@ __all__ = [
     "keep_in",
     "read_kept",
     "state_file",
+    "to_adopt",
     "verdict",
 ]
 
@@ -314,6 +315,21 @@ async def read_kept(rescue: Rescue) -> list[Kept]:
     except OSError as exc:
         raise LedgerError(f"{rescue.path} cannot be read ({exc.strerror or exc}); the "
                           "responses kept in it are not adopted") from exc
+
+
+async def to_adopt(rescue: Rescue, unkept: Sequence[tuple[str, str]],
+                   held: Mapping[str, int]) -> tuple[list[Kept], list[Kept]]:
+    """What a shared ledger's adopt_kept looks at: the lines of ``rescue``, and those with
+    ``unkept``, this process's own ``(key, response id)`` that the file could not take, sent
+    at the epochs it ``held``. A file that cannot be read raises :class:`LedgerError`, unless
+    there are such ids of its own: they are recorded all the same."""
+    try:
+        in_file = await read_kept(rescue)
+    except LedgerError:
+        if not unkept:
+            raise
+        in_file = []
+    return in_file, in_file + [Kept(key, rid, held.get(key)) for key, rid in unkept]
 
 
 async def forget_kept(rescue: Rescue, kept: list[Kept]) -> None:

@@ -32,7 +32,7 @@ from .. import _log
 from . import _sqlite_queries as q
 from ._base import Claim, ClaimOutcome, LedgerError, Outcome, Record
 from ._outbox import Notice
-from ._rescue import Adoption, Kept, Rescue, forget_kept, keep_in, read_kept, verdict
+from ._rescue import Adoption, Rescue, forget_kept, keep_in, to_adopt, verdict
 from ._rules import claim_outcome, state_after, unclaimed
 from ._shared import (
     DEFAULT_LEASE,
@@ -312,13 +312,7 @@ class SharedSQLiteLedger(SQLiteLedger):
         could not keep in the file, (key, response id) sent at the epochs it holds. Raises
         :class:`LedgerError`."""
         rescue = self.rescue()
-        try:
-            in_file = await read_kept(rescue)
-        except LedgerError:
-            if not unkept:
-                raise
-            in_file = []  # this process's own are recorded all the same
-        kept = in_file + [Kept(key, rid, self._held.get(key)) for key, rid in unkept]
+        in_file, kept = await to_adopt(rescue, unkept, self._held)
         if not kept:
             return Adoption(rescue.path)
 
