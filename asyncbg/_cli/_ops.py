@@ -51,7 +51,7 @@ from .._ledgers._overview import (
 )
 from .._ledgers._rescue import Rescue
 from .._ledgers._shared import LeaseLost, SharedLedger, WorkerInfo, keep_leases
-from .._ledgers._sqlite import records_of
+from .._ledgers._sqlite import reader_mode, records_of
 from .._ledgers._sqlite_outbox import deliveries_of
 from .._ledgers._sqlite_shared import SharedSQLiteLedger, used_by_a_fleet, workers_of
 from .._ledgers._urls import url_like
@@ -390,16 +390,8 @@ def _read_only(path: Path, fn: Callable[[sqlite3.Connection], T]) -> T | None:
     from .._ledgers import _sqlite_queries as q
 
     real = os.path.realpath(path)
-    if not os.access(path.parent, os.W_OK):  # nothing can be writing it: no -shm to make
-        mode = "ro&immutable=1"
-    elif any(os.path.lexists(real + end) for end in ("-wal", "-shm", "-journal")):
-        mode = "ro"  # a writer is there (or a crashed one's log): read only, touch nothing
-    else:
-        # No connection is open: one that may write, so that its close, the last one, removes
-        # the -wal and -shm a read of a WAL journal makes (a read-only one leaves them behind).
-        # It writes nothing itself (query_only); a writer that comes meanwhile is served as by
-        # any reader, and its files are its own.
-        mode = "rw"
+    # Its directory unwritable: nothing can be writing it, so it reads as an immutable file.
+    mode = reader_mode(real, unwritable="ro&immutable=1")
     try:
         db = sqlite3.connect(f"file:{quote(real)}?mode={mode}", uri=True, timeout=5.0,
                              isolation_level=None)

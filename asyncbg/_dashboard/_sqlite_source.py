@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -26,6 +25,7 @@ from urllib.parse import quote
 import anyio
 
 from .._ledgers import LedgerError, LedgerUnavailable
+from .._ledgers._sqlite import reader_mode
 from ._source import (
     Aggregate,
     AggregateRow,
@@ -123,16 +123,6 @@ class _Connection:
         self.limiter = anyio.CapacityLimiter(1)
 
 
-def _mode(real: str) -> str:
-    """How to open the journal at ``real`` (see the module docstring): ``rw`` when nobody is
-    on it and its directory can be written, else ``ro``."""
-    if not os.access(os.path.dirname(real), os.W_OK):
-        return "ro"  # no -wal or -shm can be made there, nor removed
-    if any(os.path.lexists(real + end) for end in ("-wal", "-shm", "-journal")):
-        return "ro"  # a writer is there (or a crashed one's log): read only, touch nothing
-    return "rw"
-
-
 class SQLiteSource:
     """Reads the SQLite journal at ``path``; see the module docstring.
 
@@ -152,7 +142,7 @@ class SQLiteSource:
             raise LedgerError(f"{self.location}: no journal there (pass the --journal of the "
                               "run, by default OUTPUT.jsonl.journal)")
         real = str(self._path.resolve())
-        uri = f"file:{quote(real)}?mode={_mode(real)}"
+        uri = f"file:{quote(real)}?mode={reader_mode(real)}"
 
         def connect() -> sqlite3.Connection:
             db = sqlite3.connect(uri, uri=True, timeout=2.0, check_same_thread=False,

@@ -32,9 +32,24 @@ if TYPE_CHECKING:
     from ._lock import ExclusiveLock
     from ._overview import Overview
 
-__all__ = ["SQLiteLedger", "records_of"]
+__all__ = ["SQLiteLedger", "reader_mode", "records_of"]
 
 T = TypeVar("T")
+
+
+def reader_mode(real: str, *, unwritable: str = "ro") -> str:
+    """The ``mode=`` a reader that writes nothing (``PRAGMA query_only``: ``asyncbg status``,
+    the dashboard) opens the journal at ``real`` (its real path) with. ``rw`` when nobody is
+    on it: the close of the last connection removes the ``-wal`` and ``-shm`` that reading a
+    WAL journal makes (a read-only connection leaves them behind); a writer that comes
+    meanwhile is served as by any reader, and its files are its own. ``ro`` when a writer is
+    there (or a crashed one's log): touch nothing. ``unwritable`` when its directory cannot
+    be written (no -wal or -shm can be made there, nor removed)."""
+    if not os.access(os.path.dirname(real), os.W_OK):
+        return unwritable
+    if any(os.path.lexists(real + end) for end in ("-wal", "-shm", "-journal")):
+        return "ro"
+    return "rw"
 
 #: How long a write waits for another connection's write transaction before giving up.
 _BUSY_TIMEOUT = 5.0
