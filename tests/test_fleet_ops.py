@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 from pathlib import Path
+from typing import Any
 
 import anyio
+import psycopg
 import pytest
 
 from asyncbg import Outcome
@@ -253,3 +256,57 @@ def test_results_to_stdout_end_quietly_when_the_reader_goes_away(tmp_path: Path)
     proc.stderr.close()
     assert proc.wait(timeout=60) == 0 and err == ""
     assert json.loads(first)["custom_id"] == "k0"
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgres"])
+def test_status_tells_a_create_in_flight_from_one_whose_sender_is_gone(
+    store: str, tmp_path: Path, request: pytest.FixtureRequest,
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A ``sending`` row held by a lease that has not run out is a create in flight with a
+    running worker, which records its answer; only one whose lease ran out (its worker was
+    killed) is sent again by a worker. Status said "sent again" of both."""
+    db = str(tmp_path / "fleet.db") if store == "sqlite" else request.getfixturevalue("pg_dsn")
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({
+        "custom_id": f"s{i}", "method": "POST", "url": "/v1/responses",
+        "body": {"model": "gpt-4o-mini", "input": f"s{i}"}}) + "\n" for i in range(3)))
+    assert main(["submit", str(source), "--ledger", db]) == 0
+
+    def status() -> tuple[dict[str, Any], str]:
+        capsys.readouterr()
+        assert main(["status", "--ledger", db, "--json"]) == 0
+        summary = json.loads(capsys.readouterr().out)
+        assert main(["status", "--ledger", db]) == 0
+        return summary, capsys.readouterr().out
+
+    async def worker() -> None:
+        ledger = shared_ledger(db)  # a running worker: its leases held while status reads
+        await ledger.open()
+        try:
+            for record in await ledger.acquire(2, 60.0):
+                await ledger.sending(record.key, resubmit=False)
+            summary, out = await anyio.to_thread.run_sync(status)
+            assert (summary["in_flight"], summary["unconfirmed"]) == (["s0", "s1"], [])
+            assert ("2 create(s) in flight with running workers, which record the answers: "
+                    "s0, s1") in out
+            assert "sends them again" not in out
+
+            # s1's worker is gone (killed): its lease runs out.
+            if store == "sqlite":
+                with sqlite3.connect(db) as conn:
+                    conn.execute("UPDATE jobs SET lease_until = 1 WHERE key = 's1'")
+                conn.close()
+            else:
+                with psycopg.connect(db, autocommit=True) as pg:
+                    pg.execute("UPDATE asyncbg_jobs SET lease_until = 1 WHERE key = 's1'")
+            summary, out = await anyio.to_thread.run_sync(status)
+            assert (summary["in_flight"], summary["unconfirmed"]) == (["s0"], ["s1"])
+            assert ("1 create(s) in flight with running workers, which record the answers: "
+                    "s0") in out
+            assert ("1 create(s) left without an answer recorded (a worker sends them again): "
+                    "s1") in out
+        finally:
+            await ledger.close()
+
+    anyio.run(worker)

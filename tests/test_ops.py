@@ -311,6 +311,36 @@ async def test_status_names_the_run_that_holds_the_journal(
         lock.release()
 
 
+async def test_status_says_a_run_in_progress_has_its_creates_in_flight(
+    tmp_path: Path, cli: Cli
+) -> None:
+    """A create being sent in a run's journal is sent again by a rerun only when no run holds
+    the journal; while one does, it is in flight with that run, which records the answer."""
+    from asyncbg._ledgers._sqlite import SQLiteLedger
+
+    journal = tmp_path / "run.journal"
+    ledger = SQLiteLedger(journal)
+    await ledger.open()
+    params = {"model": "m", "input": "a"}
+    await ledger.claim("a", digest(params), canonical(params))
+    await ledger.sending("a", resubmit=False)
+    await ledger.close()
+    code, out, _ = await cli(None, "status", "--ledger", str(journal))
+    assert code == 0
+    assert "1 create(s) left without an answer recorded (a rerun sends them again): a" in out
+    lock = ExclusiveLock.acquire(Path(f"{journal.resolve()}.lock"), str(journal))
+    try:
+        code, out, _ = await cli(None, "status", "--ledger", str(journal), "--json")
+        status = json.loads(out)
+        assert (status["in_flight"], status["unconfirmed"]) == (["a"], [])
+        code, out, _ = await cli(None, "status", "--ledger", str(journal))
+        assert ("1 create(s) in flight with the run that holds the journal, which records "
+                "the answers: a") in out
+        assert "sends them again" not in out
+    finally:
+        lock.release()
+
+
 async def test_status_many_live_responses_are_summed_up_not_listed(
     http_fake: HttpFake, tmp_path: Path, cli: Cli
 ) -> None:

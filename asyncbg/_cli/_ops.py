@@ -194,6 +194,7 @@ def summarize(records: Sequence[Record] | Overview, location: str, *,
     a ledger's :class:`Overview` (or every record, read whole)."""
     now = time.time() if now is None else now
     view = records if isinstance(records, Overview) else from_records(records)
+    in_flight = set(view.in_flight)
     by_status: Counter[str] = Counter()
     by_state: Counter[str] = Counter()
     for (state, status_), n in view.counts.items():
@@ -211,7 +212,10 @@ def summarize(records: Sequence[Record] | Overview, location: str, *,
         "live": [{"key": r.key, "response_id": r.response_id, "status": r.status}
                  for r in view.live if batch_of(r.response_id) is None][:MAX_LIVE_LINES + 1],
         "batches": batches(view.batches, now=now),
-        "unconfirmed": list(view.sending),
+        # Sends whose holder is gone (a worker or a rerun sends them again), and those in
+        # flight with a running worker, which records their answers.
+        "unconfirmed": [key for key in view.sending if key not in in_flight],
+        "in_flight": [key for key in view.sending if key in in_flight],
         "possible_duplicates": view.resubmits,
         "tokens": {"input": inp, "output": out, "total": inp + out},
     }
@@ -306,6 +310,11 @@ def status_text(summary: Mapping[str, Any]) -> str:
             rest = listed[MAX_BATCH_LINES:]
             text += (f"\n  ... {len(rest)} more batches, {sum(b['jobs'] for b in rest)} jobs "
                      "(--json lists them all)")
+    if summary["in_flight"]:
+        sender = ("the run that holds the journal, which records" if summary.get("held_by")
+                  else "running workers, which record")
+        text += (f"\n{len(summary['in_flight'])} create(s) in flight with {sender} the "
+                 "answers: " + ", ".join(summary["in_flight"][:10]))
     if summary["unconfirmed"]:
         text += (f"\n{len(summary['unconfirmed'])} create(s) left without an answer recorded "
                  f"({'a worker' if fleet else 'a rerun'} sends them again): "
@@ -454,6 +463,9 @@ def _show_status(args: argparse.Namespace, location: str, view: Overview,
     if not url_like(args.ledger):
         real = os.path.realpath(args.ledger)  # the lock is beside the real file
         summary["held_by"] = current_holder(Path(f"{real}.lock"))
+        if summary["held_by"]:  # a run holds the journal: its creates are in flight with it
+            summary["in_flight"] += summary["unconfirmed"]
+            summary["unconfirmed"] = []
     if fleet is not None:
         summary["fleet"] = fleet
     summary["notifications"] = notes

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -70,6 +71,9 @@ class Overview:
     batches: Sequence[BatchGroup]
     #: ``counters`` when read from counters and indexes, ``records`` when read whole.
     read_from: str = "counters"
+    #: The keys of ``sending`` that a lease which has not run out holds: their creates are in
+    #: flight with a running worker, which records the answers (the others' holders are gone).
+    in_flight: Sequence[str] = ()
 
     @property
     def total(self) -> int:
@@ -235,11 +239,15 @@ def sqlite_overview(db: sqlite3.Connection) -> Overview | None:
                   for state, status, n in db.execute(sq.STATE_COUNTS)}
         resubmits, inp, out, _ = db.execute(sq.TALLIES).fetchone()
         live = [LiveRow(*row) for row in db.execute(sq.LIVE_ROWS)]
-        sending = [row[0] for row in db.execute(sq.SENDING_KEYS)]
+        sending_rows = db.execute(sq.SENDING_KEYS).fetchall()
         batches = _batches(db.execute(sq.BATCH_GROUPS))
     finally:
         db.execute("COMMIT")
-    return Overview(counts, int(resubmits), int(inp), int(out), live, sending, batches)
+    now = time.time()  # a shared SQLite ledger's leases are this machine's clock
+    return Overview(counts, int(resubmits), int(inp), int(out), live,
+                    [key for key, _ in sending_rows], batches,
+                    in_flight=[key for key, lease in sending_rows
+                               if lease is not None and lease > now])
 
 
 def _batches(rows: Iterable[tuple[Any, ...]]) -> list[BatchGroup]:

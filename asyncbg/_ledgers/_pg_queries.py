@@ -582,7 +582,16 @@ _IN_STATE = """
 """
 LIVE_ROWS = _IN_STATE.format(columns="key, response_id, status, created", state="live")
 LIVE_RECORDS = _IN_STATE.format(columns=_COLUMNS, state="live")
-SENDING_KEYS = _IN_STATE.format(columns="key", state="sending")
+#: The keys being sent, each with whether a lease that has not run out holds it (a running
+#: worker records its create's answer) or not (its holder is gone: a worker sends it again).
+SENDING_KEYS = f"""
+    SELECT key, held FROM (
+        SELECT seq, key, false AS held FROM asyncbg_jobs WHERE waiting = 'sending'
+        UNION ALL
+        SELECT seq, key, lease_until > {_NOW} AS held FROM asyncbg_jobs
+        WHERE leased IS NOT NULL AND state = 'sending'
+    ) AS s ORDER BY seq
+"""
 #: The jobs of remote batches by batch (what precedes the last #) and status, from the covering
 #: index asyncbg_jobs_batched.
 BATCH_GROUPS = """

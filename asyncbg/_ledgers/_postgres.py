@@ -702,7 +702,8 @@ class PostgresLedger(PostgresOutbox):
                 {(state, status): int(n) for state, status, n in counts},
                 int(tallies[0]), int(tallies[1]), int(tallies[2]),
                 [LiveRow(*row) for row in live], [row[0] for row in sending],
-                [BatchGroup(b, st, int(n), float(c)) for b, st, n, c in groups if b])
+                [BatchGroup(b, st, int(n), float(c)) for b, st, n, c in groups if b],
+                in_flight=[key for key, held in sending if held])
 
         return await self._run(read)
 

@@ -540,7 +540,8 @@ UNFINISHED_COUNTED = ("SELECT COALESCE(sum(n), 0) FROM job_counts "
                       "WHERE state IN ('new', 'sending', 'live')")
 LIVE_ROWS = "SELECT key, response_id, status, created FROM jobs WHERE state = 'live' ORDER BY seq"
 LIVE_RECORDS = f"SELECT {_COLUMNS} FROM jobs WHERE state = 'live' ORDER BY seq"
-SENDING_KEYS = "SELECT key FROM jobs WHERE state = 'sending' ORDER BY seq"
+#: The keys being sent, each with its lease (NULL: nobody holds it).
+SENDING_KEYS = "SELECT key, lease_until FROM jobs WHERE state = 'sending' ORDER BY seq"
 #: The jobs of remote batches (``<batch_id>#<custom_id>``, see _providers/_kinds.py) by batch
 #: and status, from the covering index jobs_batched: the batch id is what precedes the last #.
 BATCH_GROUPS = """
