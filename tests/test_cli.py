@@ -231,6 +231,19 @@ def test_cancel_with_nothing_live_needs_no_api_key(
     assert "nothing to cancel" in capsys.readouterr().out
 
 
+def test_a_run_without_an_api_key_says_which_variable_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/responses",
+                                  "body": {"model": "m", "input": "a"}}) + "\n")
+    assert main(["run", str(source), "-o", str(tmp_path / "out.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert err == ("asyncbg: no OpenAI API key: set OPENAI_API_KEY (against `asyncbg "
+                   "fake-server`, any value works)\n")
+
+
 def test_status_and_cancel_help(capsys: pytest.CaptureFixture[str]) -> None:
     for command in ("status", "cancel"):
         with pytest.raises(SystemExit):

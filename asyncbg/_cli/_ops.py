@@ -148,7 +148,11 @@ def open_client(base_url: str | None) -> openai.AsyncOpenAI | None:
     try:
         return openai.AsyncOpenAI(base_url=base_url or None, max_retries=0)
     except openai.OpenAIError as exc:
-        say(str(exc))
+        if not os.environ.get("OPENAI_API_KEY"):  # the SDK's line names its own parameters
+            say("no OpenAI API key: set OPENAI_API_KEY (against `asyncbg fake-server`, any "
+                "value works)")
+        else:
+            say(str(exc))
         return None
 
 
