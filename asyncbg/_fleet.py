@@ -377,7 +377,7 @@ class _Worker:
         if self.stop.is_set():
             return []  # taken as it stopped: nothing is started (the hand-back releases them)
         for record in records:
-            await self._start(mgr, record.key, record.request)
+            await self._start(mgr, record.key, record.request, record.digest)
         return records
 
     def _ledger_down(self, exc: LedgerUnavailable, began: float) -> None:
@@ -430,13 +430,15 @@ class _Worker:
                          after=round(anyio.current_time() - self.down_since, 3))
             self.down_since = None
 
-    async def _start(self, mgr: BackgroundManager, key: str, request: bytes) -> None:
+    async def _start(self, mgr: BackgroundManager, key: str, request: bytes,
+                     digest: str) -> None:
         # A key this worker ran before and took again (its lease ran out while it still ran
         # it, say): the old handle goes; the claim decides afresh (re-attach, or serve).
         mgr.forget(key)
         self.jobs.pop(key, None)
         try:
-            job = await mgr.submit_request(json.loads(request), key=key)
+            job = await mgr._submit_request(json.loads(request), key=key,
+                                            stored=(digest, request))
         except (JournalMismatchError, DuplicateKeyError, ValueError) as exc:
             # A record this worker cannot run as it is: end it, so that no worker loops on it.
             _log.error("job.unrunnable", key=key, error=str(exc))

@@ -443,6 +443,22 @@ class BackgroundManager:
     ) -> Job:
         """:meth:`submit` with the request as one mapping, so that no request field (``key``,
         say) can collide with asyncbg's own keywords. Batch files use this."""
+        return await self._submit_request(
+            params, key=key, poll_policy=poll_policy, deadline=deadline,
+            text_format=text_format, validate=validate, escalate=escalate, hedge=hedge)
+
+    async def _submit_request(
+        self, params: Mapping[str, Any], *, key: str | None = None,
+        poll_policy: PollPolicy | None = None, deadline: float | None = None,
+        text_format: type[Any] | None = None, validate: Callable[[Any], object] | None = None,
+        escalate: Escalation | bool | None = None, hedge: Hedge | bool | None = None,
+        stored: tuple[str, bytes] | None = None,
+    ) -> Job:
+        """:meth:`submit_request`; ``stored``: the ``(digest, canonical JSON)`` a shared ledger
+        holds for ``key`` with ``params`` decoded from it (a fleet worker's job). When
+        ``params`` are already what the provider sends (the ledger holds the prepared request,
+        as :func:`~asyncbg._fleet.enqueue_requests` stores it), the claim compares that
+        digest instead of encoding and hashing the request again."""
         self._require_open()
         if self._submitted % SUBMIT_SLICE == SUBMIT_SLICE - 1:
             # Without a journal a submit never waits: a loop submitting 100,000 jobs would hold
@@ -474,7 +490,8 @@ class BackgroundManager:
             self._scheduler.add(job, prepared, policy, deadline=at)
             return job
         try:
-            claim = await self._scheduler.claim(key, *fingerprint(prepared))
+            known = stored if stored is not None and prepared == params else None
+            claim = await self._scheduler.claim(key, *(known or fingerprint(prepared)))
         except BaseException:
             del self._jobs[key]
             raise

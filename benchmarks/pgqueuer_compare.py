@@ -181,7 +181,7 @@ def ledger_side(dsn: str, jobs: int, consumers: int, batch: int, *, uvloop: bool
     import anyio
 
     from asyncbg._fleet import enqueue_requests
-    from asyncbg._ledgers._base import Outcome, digest
+    from asyncbg._ledgers._base import Outcome
     from asyncbg._ledgers._postgres import PostgresLedger
 
     async def main() -> dict[str, Any]:
@@ -193,9 +193,12 @@ def ledger_side(dsn: str, jobs: int, consumers: int, batch: int, *, uvloop: bool
         filled = time.perf_counter() - started
         done = 0
 
-        async def run(key: str, request: bytes) -> None:
+        async def run(key: str, request: bytes, stored: str) -> None:
             nonlocal done
-            claim = await ledger.claim(key, digest(json.loads(request)), request)
+            # As a worker claims a job it acquired: the request decoded (it is sent), and
+            # claimed with the ledger's digest (what the worker sends is what is stored).
+            json.loads(request)
+            claim = await ledger.claim(key, stored, request)
             assert claim.outcome.value == "new", claim
             await ledger.sending(key, resubmit=False)
             await ledger.record(key, Outcome("queued", f"resp_{key}"))
@@ -206,11 +209,11 @@ def ledger_side(dsn: str, jobs: int, consumers: int, batch: int, *, uvloop: bool
         async def consume() -> None:
             while records := await ledger.acquire(batch, 30.0):
                 if spawn == "asyncio":
-                    await asyncio.gather(*(run(r.key, r.request) for r in records))
+                    await asyncio.gather(*(run(r.key, r.request, r.digest) for r in records))
                     continue
                 async with anyio.create_task_group() as tg:
                     for record in records:
-                        tg.start_soon(run, record.key, record.request)
+                        tg.start_soon(run, record.key, record.request, record.digest)
 
         async def consume_slots() -> None:
             # Up to two batches running (PgQueuer's least max_concurrent_tasks); the next
@@ -232,7 +235,7 @@ def ledger_side(dsn: str, jobs: int, consumers: int, batch: int, *, uvloop: bool
                 if not records:
                     break
                 for r in records:
-                    task = asyncio.create_task(run(r.key, r.request))
+                    task = asyncio.create_task(run(r.key, r.request, r.digest))
                     running.add(task)
                     task.add_done_callback(finished)
             while running:

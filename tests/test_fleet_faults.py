@@ -6,6 +6,7 @@ the processes and PostgreSQL itself); the fake server counts creates per request
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -178,10 +179,11 @@ async def test_a_worker_that_takes_its_own_running_key_again_does_not_fail_it(
             worker = _Worker(ledger, concurrency=2, lease=5.0, stop=anyio.Event(), idle=0.05,
                              exit_when_idle=True)
             (record,) = await ledger.acquire(1, 5.0)
-            await worker._start(mgr, record.key, record.request)
+            await worker._start(mgr, record.key, record.request, record.digest)
             first = worker.jobs["r0"]
             await first.wait_accepted(timeout=10)
-            await worker._start(mgr, record.key, record.request)  # the same key, again
+            # The same key, again.
+            await worker._start(mgr, record.key, record.request, record.digest)
             second = worker.jobs["r0"]
             await second.wait(timeout=10)
         assert second.status is asyncbg.JobStatus.COMPLETED
@@ -295,3 +297,49 @@ async def test_a_worker_told_to_stop_while_its_database_is_down_stops_within_a_r
     await check.close()
     assert len(records) == 6 and {r.state for r in records} == {"live"}
     assert all(r.response_id for r in records) and server.counters.creates == 6
+
+
+async def test_a_worker_claims_with_the_ledgers_digest_unless_it_changes_the_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job whose stored request is what the worker sends (as ``submit`` stores it) is claimed
+    with the ledger's own digest, not encoded and hashed again; one whose stored request the
+    worker would change (stored by other means) is fingerprinted as before, so the claim
+    compares what is sent (a job never sent takes the request it is sent with)."""
+    import asyncbg._manager as manager_module
+    from asyncbg._ledgers._base import fingerprint
+
+    server = FakeResponsesServer(latency=LatencyModel.fixed(0.01))
+    db = await submitted(tmp_path / "fleet.db", lines(20, 0.01))
+    odd = SharedSQLiteLedger(db)
+    await odd.open()
+    # Not what a worker sends (no background, no store): its digest is of this request.
+    await odd.enqueue([("odd", *fingerprint({"model": "m", "input": "odd"}))])
+    await odd.close()
+    encoded: list[str] = []
+
+    def counted(params: Any) -> tuple[str, bytes]:
+        encoded.append(str(params.get("input")))
+        return fingerprint(params)
+
+    monkeypatch.setattr(manager_module, "fingerprint", counted)
+    client = fake_client(server)
+    try:
+        with anyio.fail_after(60):
+            code = await run_worker(client, SharedSQLiteLedger(db, lease=5.0), concurrency=8,
+                                    lease=5.0, exit_when_idle=True, stop=anyio.Event(),
+                                    poll_policy=FAST_POLL, retry_policy=FAST_RETRY, idle=0.02)
+    finally:
+        await client.close()
+    check = SharedSQLiteLedger(db)
+    await check.open()
+    records = {r.key: r for r in await check.records()}
+    await check.close()
+    assert encoded == ["odd"]  # the 20 submitted lines were claimed with the stored digest
+    assert code == 0
+    assert {k: r.status for k, r in records.items()} == {
+        **{f"r{i}": "completed" for i in range(20)}, "odd": "completed"}
+    sent = json.loads(records["odd"].request)
+    assert sent["background"] is True and sent["store"] is True
+    assert records["odd"].digest == fingerprint(sent)[0]  # of what was sent, not as stored
+    assert server.counters.creates == 21
