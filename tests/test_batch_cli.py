@@ -93,7 +93,7 @@ async def test_duplicate_custom_ids_stop_the_run_before_anything_is_sent(
     write_input(tmp_path / "in.jsonl", [request("a"), request("b"), request("a")])
     code, err = await run_cli(http_fake, tmp_path)
     assert code == 2
-    assert "line 3: custom_id 'a' is already used on line 1" in err
+    assert "in.jsonl:3: custom_id 'a' is already used on line 1\n" in err
     assert http_fake.server.counters.creates == 0
 
 

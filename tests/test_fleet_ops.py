@@ -310,3 +310,24 @@ def test_status_tells_a_create_in_flight_from_one_whose_sender_is_gone(
             await ledger.close()
 
     anyio.run(worker)
+
+
+def test_submit_names_each_bad_or_repeated_line_as_file_and_line_in_order(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "in.jsonl"
+    good = {"method": "POST", "url": "/v1/responses", "body": {"model": "m", "input": "x"}}
+    source.write_text("\n".join([
+        json.dumps({"custom_id": "a", **good}),
+        json.dumps({"custom_id": "a", **good}),
+        json.dumps({"custom_id": "b", **good, "url": "/v1/chat/completions"}),
+    ]) + "\n")
+    db = tmp_path / "fleet.db"
+    assert main(["submit", str(source), "--ledger", str(db)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"asyncbg: {source}:2: custom_id 'a' is already used on line 1",
+        f"asyncbg: {source}:3: field 'url' must be '/v1/responses' (only the Responses API "
+        "runs here), not '/v1/chat/completions'",
+        f"asyncbg: nothing from {source} was enqueued",
+    ]
+    assert not db.exists()

@@ -149,8 +149,8 @@ async def submit(args: argparse.Namespace) -> int:
     except UnicodeDecodeError as exc:  # NotUtf8: FILE:LINE: not UTF-8 text ...
         say(f"{exc}; nothing was enqueued")
         return 2
-    problems = [f"{source}:{bad.line}: {bad.reason}" for bad in parsed.bad]
-    problems += [f"{source}: {dup}" for dup in parsed.duplicates]
+    problems = [f"{source}:{bad.line}: {bad.reason}"
+                for bad in sorted([*parsed.bad, *parsed.duplicates], key=lambda b: b.line)]
     if problems:
         for problem in problems:
             say(problem)

@@ -76,7 +76,7 @@ class Parsed:
 
     requests: list[BatchRequest] = field(default_factory=list)
     bad: list[BadLine] = field(default_factory=list)
-    duplicates: list[str] = field(default_factory=list)
+    duplicates: list[BadLine] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -86,7 +86,7 @@ class Index:
     #: custom_id -> line number of every valid line, in input order.
     lines: dict[str, int] = field(default_factory=dict)
     bad: list[BadLine] = field(default_factory=list)
-    duplicates: list[str] = field(default_factory=list)
+    duplicates: list[BadLine] = field(default_factory=list)
     #: The ``model`` of every valid line (for ``--max-cost``: each must have a known price).
     models: set[str] = field(default_factory=set)
 
@@ -152,9 +152,9 @@ def index_lines(path: Path, check: Check, id_name: str) -> Index:
         if isinstance(item, BadLine):
             index.bad.append(item)
         elif item.custom_id in index.lines:
-            index.duplicates.append(
-                f"line {item.line}: {id_name} {item.custom_id!r} is already used on line "
-                f"{index.lines[item.custom_id]}")
+            index.duplicates.append(BadLine(item.line, (
+                f"{id_name} {item.custom_id!r} is already used on line "
+                f"{index.lines[item.custom_id]}")))
         else:
             index.lines[item.custom_id] = item.line
             model = item.body.get("model")
@@ -172,9 +172,9 @@ def read_lines(path: Path, check: Check, id_name: str) -> Parsed:
         if isinstance(item, BadLine):
             parsed.bad.append(item)
         elif item.custom_id in first_seen:
-            parsed.duplicates.append(
-                f"line {item.line}: {id_name} {item.custom_id!r} is already used on line "
-                f"{first_seen[item.custom_id]}")
+            parsed.duplicates.append(BadLine(item.line, (
+                f"{id_name} {item.custom_id!r} is already used on line "
+                f"{first_seen[item.custom_id]}")))
         else:
             first_seen[item.custom_id] = item.line
             parsed.requests.append(item)

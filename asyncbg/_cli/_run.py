@@ -132,8 +132,8 @@ async def run(args: argparse.Namespace) -> int:
         say(f"{exc}; nothing was sent")
         return 2
     if index.duplicates:
-        for problem in index.duplicates:
-            say(f"{source}: {problem}")
+        for repeated in index.duplicates:
+            say(f"{source}:{repeated.line}: {repeated.reason}")
         say(f"duplicate {fmt.id_name} values; nothing was sent")
         return 2
     if getattr(args, "escalate_file", None) is not None and (
