@@ -331,3 +331,22 @@ def test_submit_names_each_bad_or_repeated_line_as_file_and_line_in_order(
         f"asyncbg: nothing from {source} was enqueued",
     ]
     assert not db.exists()
+
+
+@pytest.mark.parametrize(("option", "value", "said"), [
+    ("--lease", "0.001", "must be at least 1 second, not 0.001"),
+    ("--lease", "inf", "must be a finite number, not 'inf'"),
+    ("--db-patience", "inf", "must be a finite number, not 'inf'"),
+    ("--db-patience", "nan", "must be a finite number, not 'nan'"),
+])
+def test_a_worker_refuses_a_lease_or_patience_it_cannot_keep(
+    option: str, value: str, said: str, db: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A lease shorter than a second ran out during the ledger's own round trips: the worker
+    took its jobs, sent nothing and took them again, at full CPU, forever; an infinite
+    patience ended in a traceback."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["worker", "--ledger", str(db), option, value, "--exit-when-idle"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"asyncbg worker: error: argument {option}: {said}")

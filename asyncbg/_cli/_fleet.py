@@ -23,6 +23,7 @@ from anyio.abc import TaskStatus
 
 from .._ledgers import Ledger, LedgerError, Record, SQLiteLedger, open_ledger
 from .._ledgers._shared import DEFAULT_LEASE, EnqueueMismatch
+from . import _positive
 from ._ops import emit, missing_directory, open_client, say
 
 __all__ = ["COMMANDS", "add_commands", "results", "retry", "submit", "worker"]
@@ -46,10 +47,12 @@ server cannot be used.
 """
 
 
-def _positive(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+def _lease(text: str) -> float:
+    value = _positive(text)
+    if value < 1:
+        # A create leaves only with a third of its lease left (see safety_margin): a shorter
+        # lease runs out during the ledger's own round trips, and nothing is ever sent.
+        raise argparse.ArgumentTypeError(f"must be at least 1 second, not {text}")
     return value
 
 
@@ -77,7 +80,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--ledger", required=True, metavar="LEDGER", help=_LEDGER_HELP)
     p.add_argument("--concurrency", type=_at_least_one, default=16, metavar="N",
                    help="most responses in flight at once in this worker (default: 16)")
-    p.add_argument("--lease", type=_positive, default=DEFAULT_LEASE, metavar="SECONDS",
+    p.add_argument("--lease", type=_lease, default=DEFAULT_LEASE, metavar="SECONDS",
                    help="how long a lease lasts: a dead worker's jobs are taken over after "
                         f"this (default: {DEFAULT_LEASE:g})")
     p.add_argument("--exit-when-idle", action="store_true",
