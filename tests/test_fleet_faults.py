@@ -7,6 +7,7 @@ the processes and PostgreSQL itself); the fake server counts creates per request
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -343,3 +344,80 @@ async def test_a_worker_claims_with_the_ledgers_digest_unless_it_changes_the_req
     assert sent["background"] is True and sent["store"] is True
     assert records["odd"].digest == fingerprint(sent)[0]  # of what was sent, not as stored
     assert server.counters.creates == 21
+
+
+class HeldCreate(OpenAIResponses):
+    """Creates that wait, once sent, until the test lets their answer come back."""
+
+    def __init__(self, client: Any) -> None:
+        super().__init__(client)
+        self.sent, self.answer = anyio.Event(), anyio.Event()
+
+    async def create(self, params: Any, *, key: str | None = None) -> Any:
+        self.sent.set()
+        await self.answer.wait()
+        return await super().create(params, key=key)
+
+
+@pytest.mark.parametrize("taker_sent", [False, True])
+async def test_a_create_answered_after_its_lease_was_taken_is_kept_not_cancelled(
+    taker_sent: bool, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The lease of a key whose create is on its way is taken over (a create slower than the
+    lease). The response is paid for: it is not cancelled (it was, as an "orphan"). If the
+    taker has not sent its own create, the response is adopted (recorded live, polled to its
+    end: one create for the line); if it has, it is reported as paid twice, left running."""
+    import sqlite3
+    import time
+
+    server = FakeResponsesServer(latency=LatencyModel.fixed(0.05))
+    db = await submitted(tmp_path / "fleet.db", lines(1, 0.05))
+    client = fake_client(server)
+    provider = HeldCreate(client)
+    stop, said = anyio.Event(), anyio.Event()
+    caplog.set_level("INFO", logger="asyncbg")
+
+    class Heard(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "job.duplicate_paid" in record.getMessage():
+                said.set()  # in the loop's own thread: the worker logs from it
+
+    heard = Heard()
+    logging.getLogger("asyncbg").addHandler(heard)
+
+    async def worker() -> None:
+        await run_worker(provider, SharedSQLiteLedger(db, lease=5.0), concurrency=1, lease=5.0,
+                         exit_when_idle=True, stop=stop, poll_policy=FAST_POLL,
+                         retry_policy=FAST_RETRY, idle=0.02)
+
+    try:
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(worker)
+                await provider.sent.wait()
+                # Another process takes the key over (a new epoch); it may have sent already.
+                with sqlite3.connect(db) as conn:
+                    conn.execute(
+                        "UPDATE jobs SET owner = 'taker', epoch = epoch + 1, lease_until = ?"
+                        + (", sent_epoch = epoch + 1" if taker_sent else "")
+                        + " WHERE key = 'r0'", (time.time() + 60,))
+                conn.close()
+                provider.answer.set()
+                if taker_sent:
+                    await said.wait()
+                    stop.set()  # the taker's row stays its own: never idle
+    finally:
+        logging.getLogger("asyncbg").removeHandler(heard)
+        await client.close()
+    assert server.counters.cancels == 0  # it was cancelled as an "orphan"
+    assert server.counters.creates == 1
+    check = SharedSQLiteLedger(db)
+    await check.open()
+    (record,) = await check.records()
+    await check.close()
+    if taker_sent:
+        assert (record.state, record.response_id) == ("sending", None)  # the taker's
+        assert "job.duplicate_paid" in caplog.text
+    else:
+        assert (record.state, record.status) == ("done", "completed")
+        assert "job.orphan_adopted" in caplog.text

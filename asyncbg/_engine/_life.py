@@ -84,8 +84,8 @@ class Entry(JobControl):
 
     __slots__ = (
         "asks", "attempt", "cancel_reason", "cancel_sent", "deadline", "gen", "not_found",
-        "params", "policy", "resubmit", "scale", "sent", "stage", "started", "step", "stream",
-        "stream_scope", "unrecorded",
+        "params", "policy", "resubmit", "scale", "sent", "sent_epoch", "stage", "started", "step",
+        "stream", "stream_scope", "unrecorded",
     )
 
     def __init__(self, job: Job, params: dict[str, Any] | None, policy: PollPolicy,
@@ -109,6 +109,9 @@ class Entry(JobControl):
         self.resubmit = False
         #: A create may have left for this job (its ``sending`` record is written).
         self.sent = False
+        #: The lease epoch its ``sending`` record was written at (a shared ledger's; None
+        #: otherwise): a create answered after the lease was lost is kept with it.
+        self.sent_epoch: int | None = None
         self.asks = 0
         self.cancel_reason: tuple[str, str] | None = None
         self.cancel_sent = False

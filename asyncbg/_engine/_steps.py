@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import anyio
 
@@ -36,7 +36,8 @@ from .._http import (
     Unreachable,
 )
 from .._ledgers._base import Ledger, LedgerError, Outcome
-from .._ledgers._shared import LeaseLost
+from .._ledgers._rescue import keep_in
+from .._ledgers._shared import LeaseLost, SharedLedger
 from .._policies import RetryPolicy
 from .._providers._base import Answer, Provider
 from .._spend._limiter import Limiter
@@ -120,6 +121,8 @@ class Steps:
     _paced: deque[Entry]
     _budget_parked: deque[Entry]
     _shields: set[anyio.CancelScope]
+    #: The ledger is shared by processes holding leases (a fleet's).
+    _shared: bool
     _closing_at: float | None
     #: The server refused the account (401/403, no credit): (message, code) of the first such
     #: answer; every create not yet sent fails with it, unsent (a fleet hands them back).
@@ -226,6 +229,8 @@ class Steps:
                     meter.unsent(job.key)
                     return self._ledger_failed(exc)
                 self._ledger_ok()
+                if self._shared:
+                    entry.sent_epoch = cast(SharedLedger, self.ledger).epoch_of(job.key)
             await permit.acquire()
             if self._fenced(entry):  # checked again right before it leaves
                 return None
@@ -394,17 +399,59 @@ class Steps:
         return entry.policy.first(entry.scale)
 
     async def _orphaned(self, entry: Entry, answer: Answer) -> None:
-        """A create was answered after its job stopped being ours (its lease was taken over):
-        nobody will record or poll this response, so cancel it rather than pay for it."""
+        """A create was answered after its job stopped being ours here. Cancelled by the
+        user, a deadline or the budget while the create was on its way: the cancel is sent
+        now. Its lease lost (another process may have taken the key over): the response is
+        paid for, and only a user's cancel cancels one, so it is kept in the ledger's rescue
+        file with the epoch it was sent at and adopted by the fenced rule (recorded live if
+        the key was not created again meanwhile; otherwise said to be paid twice and left
+        running), as a worker that left without recording an id keeps it."""
         rid = answer.response_id
         assert rid is not None
-        _log.warning("job.orphan_cancelled", key=entry.job.key, response_id=rid,
-                     reason="its lease was lost while the create was in flight")
+        key = entry.job.key
+        if not entry.asked(CANCEL):
+            await self._keep_orphan(entry, rid)
+            return
+        _log.info("job.orphan_cancelled", key=key, response_id=rid,
+                  reason="the job was cancelled while its create was in flight")
         try:
             await self.provider.cancel(rid)
         except RequestError as exc:
-            _log.warning("job.cancel_failed", key=entry.job.key, response_id=rid,
-                         error=exc.message)
+            _log.warning("job.cancel_failed", key=key, response_id=rid, error=exc.message)
+
+    async def _keep_orphan(self, entry: Entry, rid: str) -> None:
+        key, epoch, ledger = entry.job.key, entry.sent_epoch, self.ledger
+        if not self._shared or epoch is None:
+            _log.warning("job.orphan_left", key=key, response_id=rid,
+                         reason="created after its job stopped being run here",
+                         action="left running on the server")
+            return
+        shared = cast(SharedLedger, ledger)
+        try:
+            path = await keep_in(shared.rescue(), [(key, rid)], epochs={key: epoch},
+                                 note={"ledger": shared.location, "owner": shared.owner})
+            adoption = await shared.adopt_kept()
+        except LedgerError as exc:
+            _log.warning("job.orphan_kept", key=key, response_id=rid, epoch=epoch,
+                         reason="its lease was lost while the create was in flight",
+                         error=str(exc), action="left running; the next worker on this "
+                         "machine adopts it if it was kept")
+            return
+        mine = [k for k in adoption.adopted if k.response_id == rid]
+        if mine:
+            _log.warning("job.orphan_adopted", key=key, response_id=rid,
+                         reason="its lease was lost while the create was in flight",
+                         action="recorded live for the fleet to poll: it was not created "
+                         "again")
+        elif any(k.response_id == rid for k in adoption.duplicates):
+            _log.warning("job.duplicate_paid", key=key, response_id=rid, file=str(path),
+                         reason="its lease was lost while the create was in flight and the "
+                         "key was created again", action="left running on the server; "
+                         "nothing cancels it")
+        elif not any(k.response_id == rid for k in adoption.recorded):
+            _log.warning("job.orphan_kept", key=key, response_id=rid, file=str(path),
+                         reason="its lease was lost while the create was in flight",
+                         action="kept for the workers on this machine to adopt")
 
     # -- live jobs ---------------------------------------------------------------------------
 

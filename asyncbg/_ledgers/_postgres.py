@@ -256,6 +256,9 @@ class PostgresLedger(PostgresOutbox):
     def held(self) -> dict[str, int]:
         return dict(self._held)
 
+    def epoch_of(self, key: str) -> int | None:
+        return self._held.get(key)
+
     # -- opening -----------------------------------------------------------------------------
 
     async def open(self) -> None:

@@ -115,6 +115,10 @@ class SharedLedger(Ledger, Protocol):
         """The keys whose lease this instance holds, each with the epoch it took it at."""
         ...
 
+    def epoch_of(self, key: str) -> int | None:
+        """The epoch this instance holds ``key``'s lease at (None: it does not hold it)."""
+        ...
+
     def abandon(self) -> None:
         """Let go of every lease here without writing anything (the database is away): the
         leases run out on their own, and closing says no goodbye that would wait for it."""

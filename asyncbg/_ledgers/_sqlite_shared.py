@@ -87,6 +87,9 @@ class SharedSQLiteLedger(SQLiteLedger):
     def held(self) -> dict[str, int]:
         return dict(self._held)
 
+    def epoch_of(self, key: str) -> int | None:
+        return self._held.get(key)
+
     async def open(self) -> None:
         first = self._db is None
         await super().open()
