@@ -230,7 +230,13 @@ async def _open_patiently(ledger: SharedLedger, *, patience: float, stop: anyio.
     delay = 0.0
     while True:
         try:
-            await ledger.open()
+            # An attempt ends with the patience: one to an address that answers nothing (its
+            # packets dropped) waits the whole connect timeout, and went on past it.
+            with anyio.move_on_after(started + patience - anyio.current_time()) as attempt:
+                await ledger.open()
+            if attempt.cancelled_caught:
+                raise LedgerUnavailable(f"{ledger.location}: no answer to the attempt to "
+                                        "connect")
         except LedgerUnavailable as exc:
             waited = anyio.current_time() - started
             if waited >= patience:

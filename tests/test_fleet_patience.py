@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ from asyncbg._ledgers._postgres import PostgresLedger
 
 from .conftest import HttpFake
 from .test_fleet_db_down import free_port, on_port, pipe
-from .test_fleet_rescue import env_for, finished, until
+from .test_fleet_rescue import creates_per_line, env_for, finished, until
 
 N = 2
 
@@ -220,3 +221,35 @@ async def test_a_busy_pool_on_a_live_server_is_waited_for_not_reported_down(pg_d
             assert not ledger._down
     finally:
         await ledger.close()
+
+
+@pytest.mark.asyncio
+async def test_a_ledger_address_that_answers_nothing_is_given_the_patience_not_more(
+    http_fake: HttpFake, tmp_path: Path
+) -> None:
+    """A database address whose packets go nowhere (here a listener that never accepts: the
+    handshake done by the kernel, then silence) is waited for --db-patience, then one line
+    and exit 2. An attempt to connect used to run its whole connect timeout past the patience
+    (10 s by default; 60 here, in the URL, so that the hang guard tells them apart)."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        url = f"postgresql://asyncbg@127.0.0.1:{port}/asyncbg?connect_timeout=60"
+        env = env_for(http_fake, tmp_path)
+        with anyio.fail_after(30):  # a hang guard: the patience is 1 s
+            proc = await anyio.open_process(
+                [sys.executable, "-m", "asyncbg", "worker", "--ledger", url,
+                 "--db-patience", "1"], env=env, stdout=None, stderr=subprocess.PIPE)
+            try:
+                code, err = await finished(proc)
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+    assert code == 2, err
+    assert err.splitlines() == [
+        "asyncbg: postgresql://asyncbg@127.0.0.1:" f"{port}/asyncbg?connect_timeout=60 could "
+        "not be reached for 1 s (postgresql://asyncbg@127.0.0.1:" f"{port}/asyncbg?"
+        "connect_timeout=60: no answer to the attempt to connect); the worker stops without "
+        "having taken any job"], err
+    assert creates_per_line(http_fake) == {}  # no line was taken, nothing was created
