@@ -285,11 +285,12 @@ async def _watch_signals(stop: anyio.Event, received: list[signal.Signals],
 async def _say_waiting(leaving: Leaving) -> None:
     """Once the worker stops: one line when a ledger locked by another program holds its exit
     up (sampled until the worker is gone, as ``asyncbg run`` does for its journal)."""
-    while (waits := leaving.waits_for()) is None:  # noqa: ASYNC110 - another program's lock: no event
+    # Sampled: the lock is another program's, and tells no event when it is taken.
+    while (waits := leaving.waits_for()) is None:  # noqa: ASYNC110
         await anyio.sleep(0.1)
     say(f"{waits}; interrupt again to leave at once: the ids of responses created and not "
-        f"recorded go to {leaving.kept_in()} for the next worker on this machine to adopt, and the "
-        "leases run out by themselves")
+        f"recorded go to {leaving.kept_in()} for the next worker on this machine to adopt, "
+        "and the leases run out by themselves")
 
 
 # -- results -------------------------------------------------------------------------------------
