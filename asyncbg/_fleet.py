@@ -10,6 +10,7 @@ once, leaving every live response running on the server for another worker to po
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -31,6 +32,7 @@ from ._policies import PollPolicy, RetryPolicy
 
 __all__ = [
     "AccountRefused",
+    "Leaving",
     "ServerUnreachable",
     "enqueue_requests",
     "fleet_status",
@@ -56,6 +58,73 @@ class ServerUnreachable(Exception):
 class AccountRefused(ServerUnreachable):
     """The server refused this worker's credentials or account (401/403, no credit): the
     worker stops and hands its jobs back for workers whose keys work."""
+
+
+class Leaving:
+    """A stopping worker's way out, for whoever stops it (``asyncbg worker``'s signals), as
+    ``asyncbg run`` has :meth:`~asyncbg.BackgroundManager.unrecorded` and
+    :meth:`~asyncbg.BackgroundManager.leave_now`: what the stop waits for, in a line, and a
+    way to leave at once. :func:`run_worker` binds it while it runs."""
+
+    __slots__ = ("_ledger", "_mgr", "_until", "hurried")
+
+    def __init__(self) -> None:
+        self._ledger: SharedLedger | None = None
+        self._mgr: BackgroundManager | None = None
+        #: When the stop's waits for the ledger end: for what it has not recorded (the
+        #: manager's exit grace), and for the hand-back of the leases.
+        self._until: tuple[float, float] | None = None
+        #: Whether :meth:`leave_now` was called.
+        self.hurried = False
+
+    def waits_for(self) -> str | None:
+        """Once the worker was told to stop: what holds its exit up, in a line, when its
+        ledger is locked by another program writing to it (an SQLite ledger: its waits run
+        in a worker thread that nothing cuts short); else None."""
+        ledger, mgr, until = self._ledger, self._mgr, self._until
+        if ledger is None or until is None or self.hurried or not getattr(ledger, "locked",
+                                                                           False):
+            return None
+        held = len(mgr.unrecorded()) if mgr is not None else 0
+        left = math.ceil(max((until[0] if held else until[1]) - anyio.current_time(), 0.0))
+        what = ("" if not held else "1 response the server created and " if held == 1
+                else f"{held} responses the server created and ")
+        return (f"{ledger.location} is locked by another program writing to it: waiting up "
+                f"to {left} s for it to take {what}the leases this worker hands back")
+
+    def kept_in(self) -> str:
+        """Where the ids of responses created and not recorded go: the ledger's rescue file
+        (known once the worker has opened its ledger, as it has when :meth:`waits_for` says
+        anything)."""
+        return str(self._ledger.rescue().path) if self._ledger is not None else "a rescue file"
+
+    def leave_now(self) -> None:
+        """Leave at once: no more waiting for the ledger. The ids of responses created and
+        not recorded go to the rescue file (the next worker on this machine adopts them),
+        the leases run out by themselves, and creates still out are given up."""
+        self.hurried = True
+        if self._ledger is not None:
+            give_up = getattr(self._ledger, "give_up_waits", None)
+            if give_up is not None:
+                give_up(0.0)
+        if self._mgr is not None:
+            self._mgr.leave_now()
+
+    def _stopping(self, bound: float) -> None:
+        """The worker was told to stop: its waits for a locked ledger end within ``bound``
+        (those of the hand-back); those of the manager's exit run their grace all the same
+        (a write that finds the ledger free goes through)."""
+        now = anyio.current_time()
+        grace = 0.0
+        if self._mgr is not None:
+            # The creates in flight (and the writes of their answers) get the exit's grace
+            # from now: not from when the worker's own ledger call under way lets it go.
+            grace = self._mgr.exit_grace
+            self._mgr._scheduler.close(grace)
+        self._until = (now + max(grace, bound), now + bound)
+        give_up = getattr(self._ledger, "give_up_waits", None)
+        if give_up is not None and not self.hurried:
+            give_up(bound)
 
 
 def prepared(body: Mapping[str, Any], custom_id: str) -> dict[str, Any]:
@@ -103,6 +172,7 @@ async def run_worker(
     notify: Notify | None = None,
     db_patience: float = 300.0,
     hooks: Sequence[Hooks] = (),
+    leaving: Leaving | None = None,
 ) -> int:
     """Run the jobs of ``ledger`` until ``stop`` is set (or, with ``exit_when_idle``, until
     nothing is waiting or live in it); returns 0.
@@ -123,13 +193,17 @@ async def run_worker(
     outcomes are written when it is back, and no create is sent that could not be recorded.
     Only after ``db_patience`` seconds does the worker give up, with
     :class:`~asyncbg.LedgerUnavailable`.
+
+    ``leaving`` says, once the worker was told to stop, what its exit waits for (a ledger
+    locked by another program), and makes it leave at once (see :class:`Leaving`).
     """
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency!r}")
     ledger.lease = lease
+    leaving = leaving or Leaving()
     worker = _Worker(ledger, concurrency=concurrency, lease=lease, stop=stop,
                      idle=min(1.0, lease / 4) if idle is None else idle,
-                     exit_when_idle=exit_when_idle, patience=db_patience)
+                     exit_when_idle=exit_when_idle, patience=db_patience, leaving=leaving)
     if not await _open_patiently(ledger, patience=db_patience, stop=stop):
         return 0  # stopped before the ledger could be reached: nothing was taken
     rescue = ledger.rescue()
@@ -141,6 +215,7 @@ async def run_worker(
         ledger_patience=db_patience, hooks=hooks,
     )
     mgr._say_unrecorded = False  # said below, last: where their ids are kept, or the ids
+    leaving._ledger, leaving._mgr = ledger, mgr
     error: BaseException | None = None
     try:
         async with anyio.create_task_group() as tg:
@@ -166,8 +241,11 @@ async def run_worker(
         adoption = None
         with anyio.CancelScope(shield=True):
             try:
-                adoption = await _hand_back(worker, ledger, bound=min(_HAND_BACK, lease / 3),
-                                            kept=bool(said), unkept=mgr._unkept)
+                if leaving.hurried:  # told to leave at once: the leases run out by themselves
+                    ledger.abandon()
+                else:
+                    adoption = await _hand_back(worker, ledger, bound=worker.hand_back,
+                                                kept=bool(said), unkept=mgr._unkept)
             finally:
                 try:
                     await ledger.close()
@@ -230,7 +308,13 @@ async def _open_patiently(ledger: SharedLedger, *, patience: float, stop: anyio.
     delay = 0.0
     while True:
         try:
-            await ledger.open()
+            # An attempt ends with the patience: one to an address that answers nothing (its
+            # packets dropped) waits the whole connect timeout, and went on past it.
+            with anyio.move_on_after(started + patience - anyio.current_time()) as attempt:
+                await ledger.open()
+            if attempt.cancelled_caught:
+                raise LedgerUnavailable(f"{ledger.location}: no answer to the attempt to "
+                                        "connect")
         except LedgerUnavailable as exc:
             waited = anyio.current_time() - started
             if waited >= patience:
@@ -261,8 +345,11 @@ class _Stopped(Exception):
 class _Worker:
     def __init__(self, ledger: SharedLedger, *, concurrency: int, lease: float,
                  stop: anyio.Event, idle: float, exit_when_idle: bool,
-                 patience: float = 300.0) -> None:
+                 patience: float = 300.0, leaving: Leaving | None = None) -> None:
         self.ledger = ledger
+        self.leaving = leaving or Leaving()
+        #: The longest a stopping worker tries to hand its leases back.
+        self.hand_back = min(_HAND_BACK, lease / 3)
         self.patience = patience
         self.down_since: float | None = None
         #: Why the ledger could not be reached, the last time a call said.
@@ -287,6 +374,7 @@ class _Worker:
 
     async def relay_stop(self) -> None:
         await self.stop.wait()
+        self.leaving._stopping(self.hand_back)
         self.wake.set()
         if self.cut is not None:
             self.cut.cancel()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,15 +17,17 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import anyio
+import openai
 import pytest
 from anyio.abc import SocketStream, TaskStatus
 
-from asyncbg._fleet import enqueue_requests
+from asyncbg._fleet import enqueue_requests, run_worker
 from asyncbg._ledgers._postgres import PostgresLedger
 
-from .conftest import HttpFake
+from .conftest import FAST_POLL, HttpFake
 from .test_fleet_db_down import free_port, on_port, pipe
-from .test_fleet_rescue import env_for, finished, until
+from .test_fleet_rescue import N as LINES
+from .test_fleet_rescue import creates_per_line, env_for, finished, pg_ledger, until
 
 N = 2
 
@@ -220,3 +223,96 @@ async def test_a_busy_pool_on_a_live_server_is_waited_for_not_reported_down(pg_d
             assert not ledger._down
     finally:
         await ledger.close()
+
+
+@pytest.mark.asyncio
+async def test_a_ledger_address_that_answers_nothing_is_given_the_patience_not_more(
+    http_fake: HttpFake, tmp_path: Path
+) -> None:
+    """A database address whose packets go nowhere (here a listener that never accepts: the
+    handshake done by the kernel, then silence) is waited for --db-patience, then one line
+    and exit 2. An attempt to connect used to run its whole connect timeout past the patience
+    (10 s by default; 60 here, in the URL, so that the hang guard tells them apart)."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        url = f"postgresql://asyncbg@127.0.0.1:{port}/asyncbg?connect_timeout=60"
+        env = env_for(http_fake, tmp_path)
+        with anyio.fail_after(30):  # a hang guard: the patience is 1 s
+            proc = await anyio.open_process(
+                [sys.executable, "-m", "asyncbg", "worker", "--ledger", url,
+                 "--db-patience", "1"], env=env, stdout=None, stderr=subprocess.PIPE)
+            try:
+                code, err = await finished(proc)
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+    assert code == 2, err
+    assert err.splitlines() == [
+        "asyncbg: postgresql://asyncbg@127.0.0.1:" f"{port}/asyncbg?connect_timeout=60 could "
+        "not be reached for 1 s (postgresql://asyncbg@127.0.0.1:" f"{port}/asyncbg?"
+        "connect_timeout=60: no answer to the attempt to connect); the worker stops without "
+        "having taken any job"], err
+    assert creates_per_line(http_fake) == {}  # no line was taken, nothing was created
+
+
+@pytest.mark.asyncio
+async def test_after_an_outage_of_any_length_a_waiting_worker_resumes_at_once(
+    pg_dsn: str, http_fake: HttpFake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """psycopg_pool waits out an outage with a backoff (1, 2, 4... s between its attempts to
+    connect) that grew to minutes: the database was back for that long before the worker's
+    calls could use it. The pool now gives its backoff up after ``_RECONNECT`` seconds, and
+    the next call that wants a connection makes it try at once; an outage of any length ends
+    in that state. Time is controlled, not waited: ``_RECONNECT`` is 0.2 s here, and the
+    outage lasts until the pool has given up three times. The creates are answered while
+    the database is away; the worker records them when it is back and ends every line, each
+    created once."""
+    from asyncbg._ledgers import _postgres
+
+    monkeypatch.setattr(_postgres, "_RECONNECT", 0.2, raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    url, target = await pg_ledger(pg_dsn)
+    relay = CuttableRelay(int(urlsplit(url).port or 0), target)
+    ledger = PostgresLedger(url, timeout=2.0, connect_timeout=2.0)
+    client = openai.AsyncOpenAI(api_key="sk-test", base_url=http_fake.base_url)
+
+    def given_up() -> int:  # psycopg_pool's line, relayed to asyncbg's log (debug)
+        return sum("reconnection attempt in pool" in r.getMessage() for r in caplog.records)
+
+    try:
+        with caplog.at_level(logging.DEBUG, logger="asyncbg"), anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                await tg.start(relay.serve)
+                http_fake.gate.shut()
+                done = anyio.Event()
+
+                async def work() -> None:
+                    await run_worker(client, ledger, concurrency=LINES, lease=6.0,
+                                     exit_when_idle=True, stop=anyio.Event(),
+                                     poll_policy=FAST_POLL, idle=0.05, db_patience=120.0)
+                    done.set()
+
+                tg.start_soon(work)
+                await until(lambda: http_fake.gate.waiting == LINES)
+                relay.stop()
+                http_fake.gate.open()  # answered while nothing can be recorded
+                await until(lambda: given_up() >= 3, within=30)  # it took 5 min
+                relay.restore()
+                with anyio.fail_after(20):  # a hang guard: the worker ends every line
+                    await done.wait()
+                tg.cancel_scope.cancel()
+    finally:
+        await client.close()
+    said = [r.getMessage() for r in caplog.records]
+    assert sum(m.startswith("worker.ledger_available") for m in said) == 1, said
+    assert creates_per_line(http_fake) == {f"r{i}": 1 for i in range(LINES)}
+    check = PostgresLedger(pg_dsn)
+    await check.open()
+    try:
+        assert [r.status for r in await check.records()] == ["completed"] * LINES
+        assert await check.resubmits() == 0
+    finally:
+        await check.close()

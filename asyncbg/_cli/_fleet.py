@@ -15,7 +15,7 @@ import signal
 import stat
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -25,6 +25,9 @@ from .._ledgers import Ledger, LedgerError, Record, SQLiteLedger, open_ledger
 from .._ledgers._shared import DEFAULT_LEASE, EnqueueMismatch
 from . import _positive
 from ._ops import emit, missing_directory, open_client, say
+
+if TYPE_CHECKING:
+    from .._fleet import Leaving
 
 __all__ = ["COMMANDS", "add_commands", "results", "retry", "submit", "worker"]
 
@@ -40,8 +43,10 @@ does; renew the leases in batches every LEASE/3 seconds.
 
 SIGTERM or SIGINT: take nothing more, leave the live responses running on the server, hand every
 lease back at once (another worker goes on at once; with the database away, after 5 s it says
-so and the leases run out by themselves) and exit 143 or 130. The API key and base URL come
-from OPENAI_API_KEY and OPENAI_BASE_URL (or --base-url).
+so and the leases run out by themselves) and exit 143 or 130. An SQLite ledger locked by another
+program makes it say what it waits for (10 s at most); a second signal leaves at once, keeping
+the ids of responses not recorded in LEDGER.unrecorded for the next worker. The API key and
+base URL come from OPENAI_API_KEY and OPENAI_BASE_URL (or --base-url).
 Exit status: 0 after --exit-when-idle found nothing waiting or live; 2 when the ledger or the
 server cannot be used.
 """
@@ -200,6 +205,7 @@ async def submit(args: argparse.Namespace) -> int:
 async def worker(args: argparse.Namespace) -> int:
     """``asyncbg worker --ledger LEDGER``: run jobs until stopped or, if asked, idle."""
     from .._fleet import (  # the engine: imported when a command runs
+        Leaving,
         ServerUnreachable,
         run_worker,
         shared_ledger,
@@ -224,17 +230,19 @@ async def worker(args: argparse.Namespace) -> int:
     if client is None:
         return 2
     stop = anyio.Event()
+    leaving = Leaving()
     received: list[signal.Signals] = []
     code = 0
     try:
         async with anyio.create_task_group() as tg:
-            await tg.start(_watch_signals, stop, received, tg.cancel_scope)
+            await tg.start(_watch_signals, stop, received, tg.cancel_scope, leaving)
             try:
                 async with _metrics.hooks_for(args) as hooks:
                     await run_worker(client, ledger,
                                      concurrency=args.concurrency, lease=args.lease,
                                      exit_when_idle=args.exit_when_idle, stop=stop,
-                                     notify=notify, db_patience=args.db_patience, hooks=hooks)
+                                     notify=notify, db_patience=args.db_patience, hooks=hooks,
+                                     leaving=leaving)
             except _metrics.MetricsPortError as exc:
                 say(str(exc))
                 code = 2
@@ -253,20 +261,39 @@ async def worker(args: argparse.Namespace) -> int:
 
 
 async def _watch_signals(stop: anyio.Event, received: list[signal.Signals],
-                         scope: anyio.CancelScope, *,
+                         scope: anyio.CancelScope, leaving: Leaving, *,
                          task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
                          ) -> None:
-    """The first SIGINT/SIGTERM stops the worker gently; a second one stops it at once."""
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        task_status.started()
-        async for number in signals:
-            received.append(signal.Signals(number))
-            if len(received) == 1:
-                say(f"{received[0].name}: stopping; live responses keep running on the server "
-                    "and their leases are handed back to the other workers")
-                stop.set()
-            else:
-                scope.cancel()
+    """The first SIGINT/SIGTERM stops the worker gently (and says so, and what the stop
+    waits for if anything holds it up); a second one stops it at once."""
+    async with anyio.create_task_group() as tg:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            task_status.started()
+            async for number in signals:
+                received.append(signal.Signals(number))
+                if len(received) == 1:
+                    say(f"{received[0].name}: stopping; live responses keep running on the "
+                        "server and their leases are handed back to the other workers")
+                    stop.set()
+                    tg.start_soon(_say_waiting, leaving)
+                else:
+                    if leaving.waits_for() is not None:
+                        say(f"{received[-1].name} again: leaving now; the ids of the responses "
+                            f"not recorded go to {leaving.kept_in()}, and the leases run out by "
+                            "themselves")
+                    leaving.leave_now()
+                    scope.cancel()
+
+
+async def _say_waiting(leaving: Leaving) -> None:
+    """Once the worker stops: one line when a ledger locked by another program holds its exit
+    up (sampled until the worker is gone, as ``asyncbg run`` does for its journal)."""
+    # Sampled: the lock is another program's, and tells no event when it is taken.
+    while (waits := leaving.waits_for()) is None:  # noqa: ASYNC110
+        await anyio.sleep(0.1)
+    say(f"{waits}; interrupt again to leave at once: the ids of responses created and not "
+        f"recorded go to {leaving.kept_in()} for the next worker on this machine to adopt, "
+        "and the leases run out by themselves")
 
 
 # -- results -------------------------------------------------------------------------------------

@@ -436,6 +436,9 @@ class _Run:
         async with BackgroundManager(client, journal=ledger, **options, cancel_on_exit=False,
                                      on_done=on_done) as mgr:
             interrupts.on_cancel = mgr.cancel_all
+            # A server never reached is said by the run's last line (connection_failure, or
+            # the summary's unreached lines), once: not by the engine's error event as well.
+            mgr._scheduler.say_unreachable = False
             # Responses the journal could not take make a stop wait for it (exit_grace): said,
             # and a second Ctrl-C ends the wait (asyncbg/_cli/_signals.py).
             interrupts.held = lambda: len(mgr.unrecorded())

@@ -110,6 +110,9 @@ class Scheduler(SharedLedgerSteps):
         self._tg: TaskGroup | None = None
         self._reached_server = False
         self._unreachable: str | None = None
+        #: Whether the first create that finds the server unreachable says so (an error
+        #: event); `asyncbg run` says it itself, in its one summary line.
+        self.say_unreachable = True
         self.refused: tuple[str, str] | None = None
         #: Keys whose claim said FOLLOW (shared ledgers), until they end or are taken over.
         self._following: set[str] = set()

@@ -117,6 +117,7 @@ class Steps:
     _early: OrderedDict[str, None]
     _reached_server: bool
     _unreachable: str | None
+    say_unreachable: bool
     _budget_tripped: bool
     _paced: deque[Entry]
     _budget_parked: deque[Entry]
@@ -334,7 +335,7 @@ class Steps:
             self.retries += 1
             return float(0.25 * 2 ** (entry.attempt - 1))
         # Nothing has ever reached the server: fail fast, every create not yet sent with it.
-        if self._unreachable is None:  # said once, not once per create failing with it
+        if self._unreachable is None and self.say_unreachable:  # once, not once per create
             _log.error("server.unreachable", base_url=self.provider.base_url, error=exc.message)
         self._unreachable = exc.message
         await self._fail(entry, JobStatus.FAILED, exc.message, "connection_error")

@@ -108,6 +108,12 @@ _MARGIN = 5.0
 #: Seconds a call waits for a connection from the pool while the pool's attempts to connect
 #: fail (the server is down), rather than the whole timeout: see PostgresLedger._getconn.
 _OUTAGE_WAIT = 0.5
+#: Seconds a pool goes on trying to replace a connection, with its backoff (1, 2, 4... s),
+#: before it gives up; the next call that wants a connection starts again at once. The pool's
+#: own default (5 min) let the backoff grow to minutes: after a long outage the database was
+#: back for up to that long before a ledger call could use it. With this, its attempts are at
+#: most a few seconds apart while calls come, whatever the outage's length.
+_RECONNECT = 5.0
 #: How long a schema upgrade may take (server and client side), and an opener waits for one
 #: another process runs: filling new counters from every row of a big ledger takes minutes.
 _UPGRADE_TIMEOUT = 1800.0
@@ -327,7 +333,7 @@ class PostgresLedger(PostgresOutbox):
         return psycopg_pool.AsyncConnectionPool(
             self._url, kwargs=self._kwargs, min_size=1, max_size=size, open=False,
             configure=self._configure, name=name, timeout=self.timeout,
-            num_workers=min(size, 2),
+            num_workers=min(size, 2), reconnect_timeout=_RECONNECT,
         )
 
     async def close(self) -> None:

@@ -7,6 +7,7 @@ live in :mod:`._sqlite_queries`, the error messages in :mod:`._sqlite_errors`.
 
 from __future__ import annotations
 
+import math
 import os
 import sqlite3
 import stat
@@ -51,8 +52,11 @@ def reader_mode(real: str, *, unwritable: str = "ro") -> str:
         return "ro"
     return "rw"
 
-#: How long a write waits for another connection's write transaction before giving up.
+#: How long a write waits for another connection's write transaction before giving up ...
 _BUSY_TIMEOUT = 5.0
+#: ... in waits of this many seconds (SQLite's own, which nothing can cut short), between
+#: which it looks whether its ledger gave the wait up (see SQLiteLedger.give_up_waits).
+_BUSY_SLICE = 0.1
 #: ``PRAGMA quick_check`` reads the whole file (about 1.5 s per 100 MB from a cold disk), so on
 #: open it runs only up to this size; past it, corruption surfaces as a LedgerError on use.
 _QUICK_CHECK_MAX_BYTES = 32 << 20
@@ -84,15 +88,18 @@ class SQLiteLedger(SQLiteOutbox):
     #: stopped run's journal then cancels them too).
     _keeps_unrecorded: ClassVar[bool] = True
 
-    __slots__ = ("_ahead", "_ahead_at", "_db", "_exclusive", "_hops", "_limiter", "_lock",
-                 "_opens", "_path")
+    __slots__ = ("_ahead", "_ahead_at", "_db", "_exclusive", "_give_up_at", "_hops",
+                 "_limiter", "_lock", "_opens", "_path")
 
     def __init__(self, path: str | os.PathLike[str], *, exclusive: bool = False) -> None:
         if not os.fspath(path):
             raise LedgerError("the journal path is empty; pass the path of a journal file")
         self._path = Path(path)
         self._exclusive = exclusive
-        self._db: sqlite3.Connection | None = None
+        self._db: _Connection | None = None
+        #: When waits for another program's write lock end (time.monotonic; see
+        #: give_up_waits).
+        self._give_up_at = math.inf
         self._lock: ExclusiveLock | None = None
         self._limiter = anyio.CapacityLimiter(1)
         self._hops: Hops[sqlite3.Connection] = Hops(self._limiter)
@@ -198,6 +205,23 @@ class SQLiteLedger(SQLiteOutbox):
         """The live records in claim order, through the index of live rows."""
         return await self._call(lambda db: [_record(r) for r in db.execute(q.LIVE_RECORDS)])
 
+    def give_up_waits(self, within: float) -> None:
+        """Waits for another program's write lock end within ``within`` seconds from now (0:
+        at once), the wait under way included; a write that finds the file locked after that
+        fails at once (:class:`~asyncbg.LedgerUnavailable`), one that finds it free goes
+        through. For a process that is leaving: SQLite's own wait, 5 s a write in a worker
+        thread, cannot be cut short, and a stopping fleet worker made several of them one
+        after another."""
+        self._give_up_at = time.monotonic() + max(within, 0.0)
+        if self._db is not None:
+            self._db.give_up_at = self._give_up_at
+
+    @property
+    def locked(self) -> bool:
+        """Whether the last write found the file locked by another program writing to it (and
+        waited, or gave up), and none has got through since."""
+        return self._db is not None and self._db.locked
+
     async def overview(self) -> Overview | None:
         """What ``asyncbg status`` shows, from counters and indexes (see :mod:`._overview`);
         None when the file has no counters."""
@@ -224,7 +248,8 @@ class SQLiteLedger(SQLiteOutbox):
         return await self._hops.call(db, run)
 
     def _error(self, exc: sqlite3.Error) -> LedgerError:
-        return errors.from_sqlite(exc, self.location, busy_timeout=_BUSY_TIMEOUT)
+        waited = getattr(exc, "asyncbg_waited", _BUSY_TIMEOUT)  # see _begin
+        return errors.from_sqlite(exc, self.location, busy_timeout=waited)
 
     def _update(
         self, db: sqlite3.Connection, key: str, sql: str, args: tuple[Any, ...],
@@ -255,14 +280,18 @@ class SQLiteLedger(SQLiteOutbox):
             try:
                 db = sqlite3.connect(
                     self._path, timeout=_BUSY_TIMEOUT, isolation_level=None,
-                    check_same_thread=False,
+                    check_same_thread=False, factory=_Connection,
                 )
             except sqlite3.DatabaseError as exc:
                 raise self._error(exc) from exc
             try:
+                db.give_up_at = self._give_up_at
                 self._prepare(db, created)
                 if self._keeps_unrecorded or self._exclusive:
                     self._adopt_kept(db)
+                # From now on a write waits for the lock in slices (see _begin); the open's
+                # own statements (a new file's switch to WAL) had SQLite's whole wait.
+                db.execute(f"PRAGMA busy_timeout = {int(_BUSY_SLICE * 1000)}")
             except BaseException:
                 db.close()
                 raise
@@ -400,9 +429,46 @@ class SQLiteLedger(SQLiteOutbox):
         raise errors.foreign(self.location, tables, application_id, version)
 
 
+class _Connection(sqlite3.Connection):
+    """A journal's connection: its waits for another program's write lock can be given up
+    from the event loop's thread (see :func:`_begin`)."""
+
+    #: When such waits end (time.monotonic()).
+    give_up_at = math.inf
+    #: Whether the last write transaction found the file locked (and none began since).
+    locked = False
+
+
+def _begin(db: sqlite3.Connection) -> None:
+    """``BEGIN IMMEDIATE``: take the write lock, waiting up to ``_BUSY_TIMEOUT`` while another
+    program holds it, in slices of SQLite's own wait (the connection's busy timeout), and no
+    longer than the connection's ``give_up_at``. A wait given up raises SQLite's "database is
+    locked", with how long it waited as ``asyncbg_waited``."""
+    if not isinstance(db, _Connection):
+        db.execute(q.BEGIN)
+        return
+    started = time.monotonic()
+    while True:
+        try:
+            db.execute(q.BEGIN)
+        except sqlite3.OperationalError as exc:
+            if not (getattr(exc, "sqlite_errorname", "") or "").startswith("SQLITE_BUSY"):
+                raise
+            db.locked = True
+            now = time.monotonic()
+            if now - started >= _BUSY_TIMEOUT:
+                raise
+            if now >= db.give_up_at:
+                exc.asyncbg_waited = round(now - started, 1)  # type: ignore[attr-defined]
+                raise
+            continue
+        db.locked = False
+        return
+
+
 @contextmanager
 def _transaction(db: sqlite3.Connection) -> Iterator[None]:
-    db.execute(q.BEGIN)
+    _begin(db)
     try:
         yield
     except BaseException:
