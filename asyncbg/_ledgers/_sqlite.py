@@ -27,6 +27,10 @@ from ._hops import Hops
 from ._outbox import Notice
 from ._rescue import Rescue
 from ._rules import claim_outcome, state_after, unclaimed
+from ._sqlite_busy import BUSY_SLICE as _BUSY_SLICE
+from ._sqlite_busy import BUSY_TIMEOUT as _BUSY_TIMEOUT
+from ._sqlite_busy import Connection as _Connection
+from ._sqlite_busy import begin as _begin
 from ._sqlite_outbox import SQLiteOutbox, add_notice
 
 if TYPE_CHECKING:
@@ -52,11 +56,6 @@ def reader_mode(real: str, *, unwritable: str = "ro") -> str:
         return "ro"
     return "rw"
 
-#: How long a write waits for another connection's write transaction before giving up ...
-_BUSY_TIMEOUT = 5.0
-#: ... in waits of this many seconds (SQLite's own, which nothing can cut short), between
-#: which it looks whether its ledger gave the wait up (see SQLiteLedger.give_up_waits).
-_BUSY_SLICE = 0.1
 #: ``PRAGMA quick_check`` reads the whole file (about 1.5 s per 100 MB from a cold disk), so on
 #: open it runs only up to this size; past it, corruption surfaces as a LedgerError on use.
 _QUICK_CHECK_MAX_BYTES = 32 << 20
@@ -427,43 +426,6 @@ class SQLiteLedger(SQLiteOutbox):
             ):
                 return "v1"
         raise errors.foreign(self.location, tables, application_id, version)
-
-
-class _Connection(sqlite3.Connection):
-    """A journal's connection: its waits for another program's write lock can be given up
-    from the event loop's thread (see :func:`_begin`)."""
-
-    #: When such waits end (time.monotonic()).
-    give_up_at = math.inf
-    #: Whether the last write transaction found the file locked (and none began since).
-    locked = False
-
-
-def _begin(db: sqlite3.Connection) -> None:
-    """``BEGIN IMMEDIATE``: take the write lock, waiting up to ``_BUSY_TIMEOUT`` while another
-    program holds it, in slices of SQLite's own wait (the connection's busy timeout), and no
-    longer than the connection's ``give_up_at``. A wait given up raises SQLite's "database is
-    locked", with how long it waited as ``asyncbg_waited``."""
-    if not isinstance(db, _Connection):
-        db.execute(q.BEGIN)
-        return
-    started = time.monotonic()
-    while True:
-        try:
-            db.execute(q.BEGIN)
-        except sqlite3.OperationalError as exc:
-            if not (getattr(exc, "sqlite_errorname", "") or "").startswith("SQLITE_BUSY"):
-                raise
-            db.locked = True
-            now = time.monotonic()
-            if now - started >= _BUSY_TIMEOUT:
-                raise
-            if now >= db.give_up_at:
-                exc.asyncbg_waited = round(now - started, 1)  # type: ignore[attr-defined]
-                raise
-            continue
-        db.locked = False
-        return
 
 
 @contextmanager

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _sqlite_queries as q
 from ._outbox import Delivery, Notice
+from ._sqlite_busy import begin, waiting
 
 __all__ = ["SQLiteOutbox", "add_notice", "deliveries_of"]
 
@@ -47,11 +48,13 @@ class SQLiteOutbox:
             # and each statement is one hand-over of the GIL, which a busy event loop makes
             # dear (hence no executemany either).
             if done:
-                db.execute(q.OUTBOX_DONE, (json.dumps(list(done)),))
+                ids = json.dumps(list(done))
+                waiting(db, lambda: db.execute(q.OUTBOX_DONE, (ids,)))
             if limit < 1:
                 return []
             sql = q.OUTBOX_TAKE_ANY if url is None else q.OUTBOX_TAKE
-            rows = db.execute(sql, (time.time(), url, owner, lease, limit)).fetchall()
+            rows = waiting(db, lambda: db.execute(
+                sql, (time.time(), url, owner, lease, limit)).fetchall())
             rows.sort(key=lambda row: row[-1])  # due first
             return [_delivery(row[:-1]) for row in rows]
 
@@ -60,12 +63,14 @@ class SQLiteOutbox:
     async def deliveries_done(self, ids: Collection[str]) -> None:
         if ids:
             ids_json = json.dumps(list(ids))
-            await self._call(lambda db: db.execute(q.OUTBOX_DONE, (ids_json,)))
+            await self._call(lambda db: waiting(db, lambda: db.execute(q.OUTBOX_DONE,
+                                                                        (ids_json,))))
 
     async def release_deliveries(self, ids: Collection[str], *, owner: str) -> None:
         if ids:
             ids_json = json.dumps(list(ids))
-            await self._call(lambda db: db.execute(q.OUTBOX_RELEASE, (ids_json, owner)))
+            await self._call(lambda db: waiting(db, lambda: db.execute(
+                q.OUTBOX_RELEASE, (ids_json, owner))))
 
     async def delivery_failed(self, id: str, *, owner: str, retry_in: float | None,
                               error: str, http_status: int | None) -> None:
@@ -78,8 +83,8 @@ class SQLiteOutbox:
         await self._call(failed)
 
     async def deliver_now(self, url: str) -> int:
-        return await self._call(lambda db: int(
-            db.execute(q.OUTBOX_DELIVER_NOW, (time.time(), url)).rowcount))
+        return await self._call(lambda db: waiting(db, lambda: int(
+            db.execute(q.OUTBOX_DELIVER_NOW, (time.time(), url)).rowcount)))
 
     async def fail_deliveries(self, url: str, *, older_than: float | None, error: str) -> int:
         def fail(db: sqlite3.Connection) -> int:
@@ -118,7 +123,7 @@ def deliveries_of(db: sqlite3.Connection) -> list[Delivery]:
 @contextmanager
 def _write(db: sqlite3.Connection) -> Iterator[None]:
     """One ``BEGIN IMMEDIATE`` transaction (as ``_sqlite._transaction``, which imports this)."""
-    db.execute(q.BEGIN)
+    begin(db)
     try:
         yield
     except BaseException:
