@@ -29,6 +29,7 @@ from anyio.abc import SocketStream, TaskStatus
 
 from asyncbg._fleet import enqueue_requests, run_worker
 from asyncbg._ledgers import LedgerError, LedgerUnavailable, Outcome, Record
+from asyncbg._ledgers._base import fingerprint
 from asyncbg._ledgers._postgres import PostgresLedger
 from asyncbg._ledgers._rescue import Kept, Rescue, state_file
 from asyncbg._ledgers._shared import LeaseLost, SharedLedger
@@ -175,6 +176,38 @@ async def test_a_postgres_worker_keeps_what_it_could_not_record_and_the_next_ado
         await check.close()
     assert [r.status for r in records] == ["completed"] * N
     assert not kept[0].exists()
+
+
+@pytest.mark.asyncio
+async def test_kept_ids_whose_rows_were_requeued_meanwhile_are_adopted_not_created_again(
+    http_fake: HttpFake, pg_dsn: str, tmp_path: Path,
+) -> None:
+    """Worker A keeps its ids and leaves; worker B, on another machine (another state
+    directory) whose creates cannot reach the server, takes the jobs over once A's leases run
+    out: its creates are refused, so it puts them back to waiting (``new``) and stops. The next
+    worker on A's machine adopts A's responses: one create per line, not two."""
+    url, target = await pg_ledger(pg_dsn)
+    env = env_for(http_fake, tmp_path / "state")
+    async with anyio.create_task_group() as tg:
+        relay = Relay(urlsplit(url).port or 0, target)
+        await tg.start(relay.serve)
+        http_fake.gate.shut()
+        code, err = await kept_then_stopped(await worker(url, env, "--db-patience", "120"),
+                                            http_fake, relay.stop)
+        assert code == 128 + signal.SIGTERM, err
+        await tg.start(relay.serve)  # the database is back
+        elsewhere = {**env_for(http_fake, tmp_path / "elsewhere"),
+                     "OPENAI_BASE_URL": f"http://127.0.0.1:{free_port()}/v1"}  # refused
+        code, err = await finished(await worker(url, elsewhere, "--exit-when-idle"))
+        assert code != 0 and "jobs.requeued" in err, err
+        rows = await records_of(pg_dsn)
+        assert rows == {f"r{i}": ("new", None) for i in range(N)}, rows
+        code, err = await finished(await worker(url, env, "--exit-when-idle"))
+        assert code == 0, err
+        tg.cancel_scope.cancel()
+    assert creates_per_line(http_fake) == {f"r{i}": 1 for i in range(N)}, err
+    assert f"adopted={N}" in err and "duplicates=0" in err, err
+    assert [r.status for r in await records_list(pg_dsn)] == ["completed"] * N
 
 
 @pytest.mark.asyncio
@@ -506,3 +539,120 @@ def test_the_state_file_is_named_from_the_ledger_not_its_password(
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert state_file("x").parent == tmp_path / "home" / ".local" / "state" / "asyncbg" / \
         "unrecorded"
+
+
+#: Every state a kept line's row can be in when a worker looks at it, after worker A sent the
+#: key's create at epoch 1 (and kept its id), and what the worker makes of the line. B is
+#: another worker that took the key over once A's lease ran out.
+ROW_STATES: dict[str, tuple[str, str]] = {
+    # A handed the lease back as it left: still `sending` at A's epoch, nobody on it.
+    "released by A": ("adopted", "live"),
+    # B took it over and has not sent: fenced off (its `sending` write finds the lease gone).
+    "taken over, not sent": ("adopted", "live"),
+    # B's create never reached the server (connection refused): ended `local`, requeued by B.
+    "requeued": ("adopted", "live"),
+    # B's create failed without a response (`local`) and `asyncbg retry` put it back.
+    "retried": ("adopted", "live"),
+    # Requeued, then D claimed it and its lease ran out before it wrote `sending`: D is fenced.
+    "requeued, lease ran out": ("adopted", "live"),
+    # Requeued, then B claimed it again and holds a live lease: B may create at any moment.
+    "requeued, held by B": ("duplicate", "new"),
+    # Requeued, then claimed for another request (a new digest) and handed back.
+    "requeued, another request": ("duplicate", "new"),
+    # B sent its own create (its answer not recorded yet, or lost).
+    "sent again by B": ("duplicate", "sending"),
+    # B's create was answered and recorded.
+    "B's response recorded": ("duplicate", "live"),
+    # B's create failed without a response and nobody requeued it: the job ended.
+    "ended local": ("duplicate", "local"),
+    # B finished it with its own response.
+    "done by B": ("duplicate", "done"),
+    # The row holds the kept id already (recorded after all).
+    "recorded": ("recorded", "live"),
+}
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+@pytest.mark.asyncio
+async def test_a_kept_id_is_adopted_by_every_row_on_which_nothing_was_sent_since(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The rule over every state a row can be in (ROW_STATES): adopted when the row has no
+    response id and no create was sent since (still `sending` at the kept epoch, or put back
+    to waiting for the same request with nobody holding a live lease), else reported; and the
+    adoption fences whoever held the row meanwhile without having sent."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    where = (request.getfixturevalue("pg_dsn") if kind == "postgres"
+             else str(tmp_path / "fleet.db"))
+    a, b, c = (shared(kind, where, owner) for owner in ("A", "B", "C"))
+    d = shared(kind, where, "D")
+    d.lease = 0.2
+    keys = list(ROW_STATES)
+    rid = {k: f"resp_a{n}" for n, k in enumerate(keys)}
+    for ledger in (a, b, c, d):
+        await ledger.open()
+    try:
+        await enqueue_requests(a, [(k, {"model": "m", "input": k}) for k in keys])
+        records = {r.key: r for r in await a.acquire(len(keys), 0.2)}
+        assert set(records) == set(keys)
+        for k, r in records.items():
+            await a.claim(k, r.digest, r.request)
+            await a.sending(k, resubmit=False)
+        path = await a.keep_unrecorded([(k, rid[k]) for k in keys])  # A leaves
+        await a.release(["released by A"])
+        taken: dict[str, Record] = {}
+        with anyio.fail_after(30):
+            while len(taken) < len(keys):  # past A's lease and its margin
+                taken.update((r.key, r) for r in await b.acquire(len(keys), 30.0))
+                await anyio.sleep(0.05)
+        for k, r in taken.items():
+            await b.claim(k, r.digest, r.request)
+        await b.release(["released by A"])
+        unreached = Outcome("failed", error="refused", error_code="connection_error")
+        for k in keys[2:]:
+            if k != "recorded":
+                await b.sending(k, resubmit=True)
+        for k in ("requeued", "requeued, lease ran out", "requeued, held by B",
+                  "requeued, another request"):
+            await b.record(k, unreached)
+            await b.requeue([k])
+        await b.record("retried", Outcome("failed", error="slow", error_code="rate_limited"))
+        assert await b.requeue_unpaid(code="rate_limited") == 1  # asyncbg retry
+        await b.record("ended local", Outcome("failed", error="bad", error_code="invalid"))
+        await b.record("B's response recorded", Outcome("in_progress", response_id="resp_b"))
+        await b.record("done by B", Outcome("completed", response_id="resp_b2"))
+        await b.sending("recorded", resubmit=True)
+        await b.record("recorded", Outcome("in_progress", response_id=rid["recorded"]))
+        r = records["requeued, held by B"]
+        await b.claim(r.key, r.digest, r.request)
+        r = records["requeued, another request"]
+        digest, other = fingerprint({"model": "m", "input": "another"})
+        await b.claim(r.key, digest, other)
+        await b.release([r.key])
+        r = records["requeued, lease ran out"]
+        await d.claim(r.key, r.digest, r.request)
+        await anyio.sleep(0.5)  # D's lease (0.2 s) runs out; D has not written `sending`
+
+        assert path == c.rescue().path
+        adoption = await c.adopt_kept()
+        verdicts = {k.key: "adopted" for k in adoption.adopted}
+        verdicts |= {k.key: "duplicate" for k in adoption.duplicates}
+        verdicts |= {k.key: "recorded" for k in adoption.recorded}
+        rows = {r.key: r for r in await c.records()}
+        assert {k: (verdicts[k], rows[k].state) for k in keys} == ROW_STATES
+        for k, (verdict_, _) in ROW_STATES.items():
+            if verdict_ != "duplicate":
+                assert rows[k].response_id == rid[k], k
+            else:
+                assert rows[k].response_id != rid[k], k
+        assert c.rescue().entries() == []  # every line was decided: removed
+        for fenced, k in ((b, "taken over, not sent"), (d, "requeued, lease ran out")):
+            with pytest.raises(LeaseLost):
+                await fenced.sending(k, resubmit=False)  # adopted meanwhile: it sends nothing
+        await b.sending("requeued, held by B", resubmit=False)  # its lease was left alone
+        adopted = sorted(k for k, (v, _) in ROW_STATES.items() if v == "adopted")
+        assert sorted(r.key for r in await c.acquire(len(keys), 30.0, live_only=True)) == \
+            adopted  # handed to the fleet to poll
+    finally:
+        for ledger in (a, b, c, d):
+            await ledger.close()

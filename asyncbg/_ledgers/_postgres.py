@@ -181,7 +181,8 @@ class PostgresLedger(PostgresOutbox):
     """
 
     __slots__ = (
-        "_acquired", "_connect_timeout", "_down", "_exclusive", "_group", "_held", "_holder",
+        "_acquired", "_connect_timeout", "_digests", "_down", "_exclusive", "_group", "_held",
+        "_holder",
         "_identity", "_kwargs",
         "_listener", "_max_connections", "_opens", "_owner", "_pool", "_pooled",
         "_registered", "_renewals", "_url", "lease", "round_trips", "timeout",
@@ -228,6 +229,8 @@ class PostgresLedger(PostgresOutbox):
         self._registered = False
         #: key -> the epoch this instance holds its lease at.
         self._held: dict[str, int] = {}
+        #: key -> the digest of the request it was claimed for (kept with its response id).
+        self._digests: dict[str, str] = {}
         #: key -> the record as acquire() took it, until the worker's claim of it (no round
         #: trip: nobody else writes a key whose lease we hold).
         self._acquired: dict[str, Record] = {}
@@ -344,6 +347,7 @@ class PostgresLedger(PostgresOutbox):
             holder, self._holder = self._holder, None
             self._pool = self._renewals = None
             self._held.clear()
+            self._digests.clear()
             self._acquired.clear()
             with _ours(), anyio.CancelScope(shield=True):
                 for pool in pools:
@@ -444,6 +448,7 @@ class PostgresLedger(PostgresOutbox):
             # Ours since acquire(): nobody else wrote it, so the rules need no round trip.
             outcome = claim_outcome(acquired.state, acquired.digest, digest)
             if outcome in (ClaimOutcome.NEW, ClaimOutcome.RESEND, ClaimOutcome.RESUME):
+                self._digests[key] = digest
                 return Claim(outcome, acquired)
         request = bytes(request)
 
@@ -462,6 +467,7 @@ class PostgresLedger(PostgresOutbox):
                                        (key, digest, request, self._owner, self.lease))
             if row is not None:
                 self._held[key] = row[-1]
+                self._digests[key] = digest
                 return Claim(ClaimOutcome.NEW, _record(row[:-1]))
             old, outcome = await decide(conn, q.CLAIM_READ)
             if outcome not in _CLAIM_UPDATES:  # DONE, MISMATCH, FOLLOW: nothing changes
@@ -477,6 +483,7 @@ class PostgresLedger(PostgresOutbox):
                     "lease": self.lease})
             assert new is not None
             self._held[key] = new[-1]
+            self._digests[key] = digest
             return Claim(outcome, _record(new[:-1]))
 
         return await self._run(claim)
@@ -501,7 +508,7 @@ class PostgresLedger(PostgresOutbox):
             await self._fenced(key, q.RECORD_TERMINAL_NOTIFY, (
                 n.id, n.url, n.body, state, o.response_id, o.status, o.body, *tokens, o.error,
                 o.error_code, o.http_status, o.request_id, key))
-        self._held.pop(key, None)  # finished: no lease to keep
+        self.forget((key,))  # finished: no lease to keep
 
     async def get(self, key: str) -> Record | None:
         row = await self._run(lambda c: self._fetchone(c, q.GET, (key,)))
@@ -732,14 +739,14 @@ class PostgresLedger(PostgresOutbox):
 
     async def keep_unrecorded(self, pairs: list[tuple[str, str]]) -> Path:
         """As :meth:`SharedSQLiteLedger.keep_unrecorded`, in :meth:`rescue`'s file."""
-        return await keep_in(self.rescue(), pairs, epochs=self._held,
+        return await keep_in(self.rescue(), pairs, epochs=self._held, digests=self._digests,
                              note={"ledger": self.location, "owner": self._owner})
 
     async def adopt_kept(self, unkept: Sequence[tuple[str, str]] = ()) -> Adoption:
         """As :meth:`SharedSQLiteLedger.adopt_kept`: record, fenced, the responses workers on
         this machine kept, and remove their lines. Raises :class:`LedgerError`."""
         rescue = self.rescue()
-        in_file, kept = await to_adopt(rescue, unkept, self._held)
+        in_file, kept = await to_adopt(rescue, unkept, self._held, self._digests)
         if not kept:
             return Adoption(rescue.path)
 
@@ -747,8 +754,8 @@ class PostgresLedger(PostgresOutbox):
             adopted, duplicates, recorded = [], [], []
             for k in kept:
                 if k.epoch is not None and (await self._execute(conn, q.ADOPT_KEPT, {
-                        "response_id": k.response_id, "key": k.key, "epoch": k.epoch})
-                        ).rowcount == 1:
+                        "response_id": k.response_id, "key": k.key, "epoch": k.epoch,
+                        "digest": k.digest})).rowcount == 1:
                     adopted.append(k)
                     continue
                 row = await self._fetchone(conn, q.ROW_OF, (k.key,))
@@ -769,6 +776,7 @@ class PostgresLedger(PostgresOutbox):
     def forget(self, keys: Iterable[str]) -> None:
         for key in keys:
             self._held.pop(key, None)
+            self._digests.pop(key, None)
             self._acquired.pop(key, None)
 
     def abandon(self) -> None:
