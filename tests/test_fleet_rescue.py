@@ -211,6 +211,33 @@ async def test_kept_ids_whose_rows_were_requeued_meanwhile_are_adopted_not_creat
 
 
 @pytest.mark.asyncio
+async def test_kept_ids_are_adopted_by_a_worker_that_spells_the_database_otherwise(
+    http_fake: HttpFake, pg_dsn: str, tmp_path: Path,
+) -> None:
+    """A keeps its ids with the ledger at ``postgresql://...@127.0.0.1:PORT/DB``; the next
+    worker is given ``postgres://...@localhost:PORT/DB``: the same database, so the same rescue
+    file, and it adopts them (one create per line)."""
+    url, target = await pg_ledger(pg_dsn)
+    env = env_for(http_fake, tmp_path / "state")
+    other = urlsplit(url)._replace(scheme="postgres",
+                                   netloc=f"postgres@localhost:{urlsplit(url).port}").geturl()
+    async with anyio.create_task_group() as tg:
+        relay = Relay(urlsplit(url).port or 0, target)
+        await tg.start(relay.serve)
+        http_fake.gate.shut()
+        code, err = await kept_then_stopped(await worker(url, env, "--db-patience", "120"),
+                                            http_fake, relay.stop)
+        assert code == 128 + signal.SIGTERM, err
+        await tg.start(relay.serve)  # the database is back
+        code, err = await finished(await worker(other, env, "--exit-when-idle"))
+        assert code == 0, err
+        tg.cancel_scope.cancel()
+    assert creates_per_line(http_fake) == {f"r{i}": 1 for i in range(N)}, err
+    assert f"adopted={N}" in err and "duplicates=0" in err, err
+    assert list((tmp_path / "state" / "asyncbg" / "unrecorded").iterdir()) == []
+
+
+@pytest.mark.asyncio
 async def test_a_worker_out_of_db_patience_names_the_file_in_its_error(
     http_fake: HttpFake, pg_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -656,3 +683,47 @@ async def test_a_kept_id_is_adopted_by_every_row_on_which_nothing_was_sent_since
     finally:
         for ledger in (a, b, c, d):
             await ledger.close()
+
+
+def spellings(dsn: str) -> list[str]:
+    """Ways to name the database of ``dsn`` (a URL with 127.0.0.1 and a port); the last one
+    leaves the port to PGPORT (libpq's default port)."""
+    parts = urlsplit(dsn)
+    user, port, db = parts.username or "postgres", parts.port, parts.path.lstrip("/")
+    auth = f"{user}:{parts.password}@" if parts.password else f"{user}@"
+    return [
+        f"postgresql://{auth}localhost:{port}/{db}",
+        f"POSTGRES://{auth}127.0.0.1:{port}/{db}",
+        f"host=localhost port={port} dbname={db} user={user}"
+        + (f" password={parts.password}" if parts.password else ""),
+        f"postgresql://{auth}127.0.0.1/{db}?connect_timeout=5",
+    ]
+
+
+@pytest.mark.asyncio
+async def test_every_spelling_of_a_database_names_one_rescue_file(
+    pg_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The file is named from what the server says it is (its system identifier, the
+    database's OID, the schema), read when the ledger opens: a line kept by a ledger opened
+    with one spelling is adopted by a ledger opened with any other."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.setenv("PGPORT", str(urlsplit(pg_dsn).port))
+    a = PostgresLedger(pg_dsn, owner="A")
+    await a.open()
+    try:
+        await enqueue_requests(a, [(f"k{i}", {"model": "m", "input": "x"}) for i in range(4)])
+        for r in await a.acquire(4, 30.0):
+            await a.claim(r.key, r.digest, r.request)
+            await a.sending(r.key, resubmit=False)
+        for n, spelling in enumerate(spellings(pg_dsn)):
+            path = await a.keep_unrecorded([(f"k{n}", f"resp_{n}")])
+            other = PostgresLedger(spelling, owner=f"C{n}")
+            await other.open()
+            try:
+                assert other.rescue().path == path, spelling
+                assert [k.key for k in (await other.adopt_kept()).adopted] == [f"k{n}"]
+            finally:
+                await other.close()
+    finally:
+        await a.close()

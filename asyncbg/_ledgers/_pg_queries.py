@@ -78,11 +78,18 @@ _NOW = "extract(epoch FROM now())::float8"
 #: With the database and schema: the ledger's identity, where a worker keeps what it could
 #: not record (see _rescue.py).
 READ_VERSION = """
-    SELECT bool_or(tablename = 'asyncbg_meta'), bool_or(tablename = 'asyncbg_jobs'),
-           current_database(), current_schema()
+    SELECT bool_or(tablename = 'asyncbg_meta'), bool_or(tablename = 'asyncbg_jobs')
     FROM pg_catalog.pg_tables
     WHERE schemaname = current_schema() AND tablename IN ('asyncbg_meta', 'asyncbg_jobs')
 """
+#: What names a ledger's rescue file (see PostgresLedger._read_identity): the server's system
+#: identifier (the same on a standby and after a restart), the database's OID and the schema.
+IDENTITY = """
+    SELECT (SELECT system_identifier FROM pg_control_system()), d.oid, current_schema()
+    FROM pg_database d WHERE d.datname = current_database()
+"""
+#: When pg_control_system() is not this user's to call.
+DATABASE_AND_SCHEMA = "SELECT current_database(), current_schema()"
 READ_SCHEMA_VERSION = "SELECT value FROM asyncbg_meta WHERE name = 'schema_version'"
 LOCK_SCHEMA = "SELECT pg_advisory_xact_lock(%s)"
 #: Params: statement timeout, idle-in-transaction timeout (milliseconds, as text). Run on every

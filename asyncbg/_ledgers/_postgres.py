@@ -234,8 +234,8 @@ class PostgresLedger(PostgresOutbox):
         #: key -> the record as acquire() took it, until the worker's claim of it (no round
         #: trip: nobody else writes a key whose lease we hold).
         self._acquired: dict[str, Record] = {}
-        #: Server, database and schema, once opened: what names the file a worker keeps
-        #: responses it could not record in (see rescue()).
+        #: Server, database and schema, once opened (see _read_identity): what names the file
+        #: a worker keeps responses it could not record in (see rescue()).
         self._identity: str | None = None
         #: Statements sent (a transaction's BEGIN and COMMIT count): the ledger's cost.
         self.round_trips = 0
@@ -385,8 +385,9 @@ class PostgresLedger(PostgresOutbox):
     async def _prepare(self, conn: Conn) -> None:
         """Create or upgrade the schema, under a transaction-level advisory lock."""
         with anyio.fail_after(self._bound()):
+            await self._read_identity(conn)
             if await self._version(conn) == q.SCHEMA_VERSION:
-                return  # the usual case: one round trip, no lock
+                return  # the usual case: one round trip more, no lock
         # An upgrade runs once, however long it takes (filling counters from every row of a
         # big ledger: a minute or more at a million jobs), within its own bound.
         with anyio.fail_after(_UPGRADE_TIMEOUT + _MARGIN):
@@ -414,13 +415,29 @@ class PostgresLedger(PostgresOutbox):
                 version += 1
             await self._execute(conn, q.WRITE_SCHEMA_VERSION, (str(version),))
 
+    async def _read_identity(self, conn: Conn) -> None:
+        """What names the file a worker keeps responses it could not record in (see
+        :meth:`rescue`): the server's system identifier, the database's OID and the schema,
+        read on the connection, so that every spelling of the URL (``localhost`` or
+        ``127.0.0.1``, the default port or 5432, a keyword DSN) names one file. A server that
+        does not let this user read its control data: the host and port the connection
+        reached, the database's name and the schema."""
+        try:
+            row = await self._fetchone(conn, q.IDENTITY)
+        except (psycopg.errors.InsufficientPrivilege, psycopg.errors.UndefinedFunction):
+            row = None
+        if row is not None and row[0] is not None:
+            self._identity = f"postgresql-system:{row[0]}/{row[1]}?schema={row[2]}"
+            return
+        row = await self._fetchone(conn, q.DATABASE_AND_SCHEMA)
+        info = conn.info
+        name, schema = row if row is not None else (info.dbname, None)
+        self._identity = f"postgresql://{info.host}:{info.port}/{name}?schema={schema}"
+
     async def _version(self, conn: Conn) -> int | None:
         """The schema version, None for an empty database; a foreign one is refused."""
         row = await self._fetchone(conn, q.READ_VERSION)
         has_meta, has_jobs = (bool(row[0]), bool(row[1])) if row else (False, False)
-        if row:
-            info = conn.info
-            self._identity = f"postgresql://{info.host}:{info.port}/{row[2]}?schema={row[3]}"
         if not has_meta:
             if has_jobs:
                 raise LedgerError(
@@ -729,9 +746,11 @@ class PostgresLedger(PostgresOutbox):
 
     def rescue(self) -> Rescue:
         """Where a worker on this machine keeps the responses it could not record: a file in
-        the user's state directory named from a hash of the server (host and port), the
-        database and the schema, which is what names the ledger's tables (the user and the
-        password are not part of it: see :func:`._rescue.state_file`). Known once opened."""
+        the user's state directory named from a hash of the server's identity (its system
+        identifier), the database's OID and the schema, which is what names the ledger's
+        tables, however the URL spells them (the user and the password are not part of it:
+        see :func:`._rescue.state_file`). Known once opened, as a process has connected
+        before it can have kept anything."""
         if self._identity is None:
             raise LedgerError(f"the ledger {self.location} was never opened; nothing of it "
                               "can have been kept")
