@@ -27,6 +27,7 @@ import openai
 import pytest
 from anyio.abc import SocketStream, TaskStatus
 
+import asyncbg
 from asyncbg._fleet import enqueue_requests, run_worker
 from asyncbg._ledgers import LedgerError, LedgerUnavailable, Outcome, Record
 from asyncbg._ledgers._base import fingerprint
@@ -185,7 +186,8 @@ async def test_kept_ids_whose_rows_were_requeued_meanwhile_are_adopted_not_creat
     """Worker A keeps its ids and leaves; worker B, on another machine (another state
     directory) whose creates cannot reach the server, takes the jobs over once A's leases run
     out: its creates are refused, so it puts them back to waiting (``new``) and stops. The next
-    worker on A's machine adopts A's responses: one create per line, not two."""
+    worker on A's machine adopts A's responses: one create per line, not two (before, every
+    line B had put back was created again)."""
     url, target = await pg_ledger(pg_dsn)
     env = env_for(http_fake, tmp_path / "state")
     async with anyio.create_task_group() as tg:
@@ -200,8 +202,11 @@ async def test_kept_ids_whose_rows_were_requeued_meanwhile_are_adopted_not_creat
                      "OPENAI_BASE_URL": f"http://127.0.0.1:{free_port()}/v1"}  # refused
         code, err = await finished(await worker(url, elsewhere, "--exit-when-idle"))
         assert code != 0 and "jobs.requeued" in err, err
+        # The creates B sent were refused and put back to waiting; those it had not sent
+        # when the first was refused are handed back as they were (`sending`, A's epoch).
         rows = await records_of(pg_dsn)
-        assert rows == {f"r{i}": ("new", None) for i in range(N)}, rows
+        assert set(rows.values()) <= {("new", None), ("sending", None)}, rows
+        assert ("new", None) in rows.values(), rows
         code, err = await finished(await worker(url, env, "--exit-when-idle"))
         assert code == 0, err
         tg.cancel_scope.cancel()
@@ -344,6 +349,56 @@ async def test_kept_ids_are_adopted_before_the_hand_back_when_the_database_is_ba
         await client.close()
     assert creates_per_line(http_fake) == {f"r{i}": 1 for i in range(N)}
     assert [state for state, _ in (await records_of(pg_dsn)).values()] == ["done"] * N
+
+
+class Leave(Exception):
+    """Leaves the manager's block while it holds responses it could not record."""
+
+
+@pytest.mark.asyncio
+async def test_a_background_manager_adopts_what_the_last_one_on_its_ledger_kept(
+    http_fake: HttpFake, pg_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A library BackgroundManager on a PostgreSQL ledger leaves (an error in its block) with
+    its creates answered and the database away: their ids are kept in the rescue file. The next
+    BackgroundManager on the ledger adopts them as it opens, and its submits of the same keys
+    resume them: one create per line."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    url, target = await pg_ledger(pg_dsn)
+    requests = [(key, {**body, "metadata": {**body["metadata"], "asyncbg_custom_id": key}})
+                for key, body in lines()]
+    client = openai.AsyncOpenAI(api_key="sk-test", base_url=http_fake.base_url)
+    try:
+        async with anyio.create_task_group() as tg:
+            relay = Relay(urlsplit(url).port or 0, target)
+            await tg.start(relay.serve)
+            http_fake.gate.shut()
+            with pytest.raises(Leave):
+                async with asyncbg.BackgroundManager(
+                        client, journal=PostgresLedger(url, timeout=2.0, connect_timeout=2.0),
+                        cancel_on_exit=False, poll_policy=FAST_POLL) as mgr:
+                    for key, body in requests:
+                        await mgr.submit_request(body, key=key)
+                    await until(lambda: http_fake.gate.waiting == N)
+                    relay.stop()
+                    http_fake.gate.open()
+                    await until(lambda: len(mgr.unrecorded()) == N)  # answered, not recorded
+                    raise Leave
+            [kept] = (tmp_path / "state" / "asyncbg" / "unrecorded").iterdir()
+            assert sorted(k["key"] for k in kept_lines(kept)) == [f"r{i}" for i in range(N)]
+            await tg.start(relay.serve)  # the database is back
+            async with asyncbg.BackgroundManager(client, journal=PostgresLedger(url),
+                                                 poll_policy=FAST_POLL) as mgr:
+                jobs = [await mgr.submit_request(body, key=key) for key, body in requests]
+                await mgr.wait_all(jobs)
+            tg.cancel_scope.cancel()
+    finally:
+        await client.close()
+    assert creates_per_line(http_fake) == {f"r{i}": 1 for i in range(N)}
+    assert f"adopted={N}" in caplog.text and "duplicates=0" in caplog.text, caplog.text
+    assert [j.status.value for j in jobs] == ["completed"] * N
+    assert not kept.exists()  # every line adopted: the file goes
 
 
 async def records_list(dsn: str) -> list[Record]:

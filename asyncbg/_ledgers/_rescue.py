@@ -68,6 +68,7 @@ __all__ = [
     "forget_kept",
     "keep_in",
     "read_kept",
+    "say_adoption",
     "state_file",
     "to_adopt",
     "verdict",
@@ -361,6 +362,23 @@ async def forget_kept(rescue: Rescue, kept: list[Kept]) -> None:
         _log.warning("ledger.kept_not_removed", file=str(rescue.path),
                      error=exc.strerror or str(exc),
                      action="its lines are looked at again by the next worker (no change)")
+
+
+def say_adoption(adoption: Adoption, *, who: str) -> None:
+    """Log what ``who`` (``worker``, ``ledger``) made of the lines it looked at: one warning
+    when there were any, and one naming the duplicates (paid for twice) when there are."""
+    if not adoption:
+        return
+    _log.warning(f"{who}.kept_adopted", file=str(adoption.path),
+                 adopted=len(adoption.adopted), already_recorded=len(adoption.recorded),
+                 duplicates=len(adoption.duplicates),
+                 action="the adopted are polled to their end instead of created again")
+    if adoption.duplicates:
+        named = ", ".join(f"{k.key} ({k.response_id})" for k in adoption.duplicates)
+        _log.warning(f"{who}.kept_duplicates", file=str(adoption.path), responses=named,
+                     reason="their lines were created again (or ended) before these could be "
+                            "adopted: paid for twice",
+                     action="left running on the server; nothing cancels them")
 
 
 def _parse(line: bytes) -> Kept | None:
