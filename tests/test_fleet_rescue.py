@@ -15,6 +15,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -24,6 +25,7 @@ from urllib.parse import urlsplit
 
 import anyio
 import openai
+import psycopg
 import pytest
 from anyio.abc import SocketStream, TaskStatus
 
@@ -782,3 +784,37 @@ async def test_every_spelling_of_a_database_names_one_rescue_file(
                 await other.close()
     finally:
         await a.close()
+
+
+@pytest.mark.asyncio
+async def test_a_user_who_may_not_read_the_control_data_names_the_file_by_address(
+    pg_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """pg_control_system() not granted (some managed servers): the file is named from the
+    address and port the server sees the connection on, so ``localhost`` and ``127.0.0.1``
+    still agree; the password is in no name."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    role = f"asyncbg_plain_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'sekrit-pw'")
+        conn.execute(f"GRANT ALL ON SCHEMA public TO {role}")
+        conn.execute("REVOKE EXECUTE ON FUNCTION pg_control_system() FROM PUBLIC")
+    try:
+        parts = urlsplit(pg_dsn)
+        paths = []
+        for host in ("127.0.0.1", "localhost"):
+            ledger = PostgresLedger(parts._replace(
+                netloc=f"{role}:sekrit-pw@{host}:{parts.port}").geturl())
+            await ledger.open()
+            try:
+                paths.append(ledger.rescue().path)
+                assert "sekrit" not in repr(ledger._identity)
+                assert ledger._identity is not None
+                assert ledger._identity.startswith("postgresql://127.0.0.1:")
+            finally:
+                await ledger.close()
+        assert paths[0] == paths[1]
+    finally:
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute(f"DROP OWNED BY {role}")
+            conn.execute(f"DROP ROLE {role}")

@@ -88,8 +88,11 @@ IDENTITY = """
     SELECT (SELECT system_identifier FROM pg_control_system()), d.oid, current_schema()
     FROM pg_database d WHERE d.datname = current_database()
 """
-#: When pg_control_system() is not this user's to call.
-DATABASE_AND_SCHEMA = "SELECT current_database(), current_schema()"
+#: When pg_control_system() is not this user's to call: the server's address and port as it
+#: sees the connection (NULL over a Unix socket), the database and the schema.
+DATABASE_AND_SCHEMA = """
+    SELECT host(inet_server_addr()), inet_server_port(), current_database(), current_schema()
+"""
 READ_SCHEMA_VERSION = "SELECT value FROM asyncbg_meta WHERE name = 'schema_version'"
 LOCK_SCHEMA = "SELECT pg_advisory_xact_lock(%s)"
 #: Params: statement timeout, idle-in-transaction timeout (milliseconds, as text). Run on every

@@ -420,8 +420,9 @@ class PostgresLedger(PostgresOutbox):
         :meth:`rescue`): the server's system identifier, the database's OID and the schema,
         read on the connection, so that every spelling of the URL (``localhost`` or
         ``127.0.0.1``, the default port or 5432, a keyword DSN) names one file. A server that
-        does not let this user read its control data: the host and port the connection
-        reached, the database's name and the schema."""
+        does not let this user read its control data: the address and port the server sees
+        the connection on (the URL's host over a Unix socket), the database's name and the
+        schema."""
         try:
             row = await self._fetchone(conn, q.IDENTITY)
         except (psycopg.errors.InsufficientPrivilege, psycopg.errors.UndefinedFunction):
@@ -431,8 +432,9 @@ class PostgresLedger(PostgresOutbox):
             return
         row = await self._fetchone(conn, q.DATABASE_AND_SCHEMA)
         info = conn.info
-        name, schema = row if row is not None else (info.dbname, None)
-        self._identity = f"postgresql://{info.host}:{info.port}/{name}?schema={schema}"
+        host, port, name, schema = row if row is not None else (None, None, info.dbname, None)
+        self._identity = (f"postgresql://{host or info.host}:{port or info.port}/{name}"
+                          f"?schema={schema}")
 
     async def _version(self, conn: Conn) -> int | None:
         """The schema version, None for an empty database; a foreign one is refused."""
