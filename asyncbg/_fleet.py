@@ -24,7 +24,7 @@ from ._errors import DuplicateKeyError, JournalMismatchError
 from ._ledgers._base import LedgerError, LedgerUnavailable, Outcome, Record, fingerprint
 from ._ledgers._open import shared_ledger
 from ._ledgers._overview import fleet_status, fleet_status_text
-from ._ledgers._rescue import Adoption
+from ._ledgers._rescue import Adoption, say_adoption
 from ._ledgers._shared import SharedLedger
 from ._manager import BackgroundManager
 from ._notify._notify import Notify
@@ -216,6 +216,7 @@ async def run_worker(
     )
     mgr._say_unrecorded = False  # said below, last: where their ids are kept, or the ids
     leaving._ledger, leaving._mgr = ledger, mgr
+    mgr._adopt_kept = False  # the worker adopts them itself, at start and once a lease
     error: BaseException | None = None
     try:
         async with anyio.create_task_group() as tg:
@@ -498,18 +499,8 @@ class _Worker:
         except LedgerError as exc:  # a file that is not a regular one, or cannot be read
             _log.warning("worker.kept_unreadable", error=str(exc))
             return
-        if adoption is None or not adoption:
-            return
-        named = ", ".join(f"{k.key} ({k.response_id})" for k in adoption.duplicates)
-        _log.warning("worker.kept_adopted", file=str(adoption.path),
-                     adopted=len(adoption.adopted), already_recorded=len(adoption.recorded),
-                     duplicates=len(adoption.duplicates),
-                     action="the adopted are polled to their end instead of created again")
-        if adoption.duplicates:
-            _log.warning("worker.kept_duplicates", file=str(adoption.path), responses=named,
-                         reason="their lines were created again (or ended) before these "
-                                "could be adopted: paid for twice",
-                         action="left running on the server; nothing cancels them")
+        if adoption is not None:
+            say_adoption(adoption, who="worker")
 
     def _ledger_up(self) -> None:
         if self.down_since is not None:

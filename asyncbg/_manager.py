@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.lowlevel
+import anyio.to_thread
 from anyio.abc import TaskGroup
 
 from . import _log
@@ -32,7 +33,8 @@ from ._engine._steps import Stop
 from ._engine._webhooks import WebhookInbox
 from ._errors import DuplicateKeyError, JournalMismatchError, ManagerStateError
 from ._ledgers import Ledger, MemoryLedger, open_ledger
-from ._ledgers._base import ClaimOutcome, LedgerError, fingerprint
+from ._ledgers._base import ClaimOutcome, LedgerError, LedgerUnavailable, fingerprint
+from ._ledgers._rescue import say_adoption
 from ._ledgers._shared import SharedLedger, keep_leases
 from ._notify._notify import Notify
 from ._outcomes import Escalation, Hedge, Outcomes
@@ -246,6 +248,9 @@ class BackgroundManager:
         #: Those of them whose ids nothing could keep: a fleet worker records them itself if
         #: its ledger is back as it leaves.
         self._unkept: list[tuple[str, str]] = []
+        #: Whether entering adopts what earlier processes kept in a shared ledger's rescue
+        #: file (a fleet worker does so itself, at start and once a lease).
+        self._adopt_kept = True
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -254,6 +259,13 @@ class BackgroundManager:
             raise ManagerStateError("a BackgroundManager can be entered only once")
         if self.journal is not None:
             await self.journal.open()
+            if self._adopt_kept and isinstance(self.journal, SharedLedger):
+                try:
+                    await _adopt_kept(self.journal)
+                except BaseException:
+                    with anyio.CancelScope(shield=True):
+                        await self.journal.close()
+                    raise
         # Prices load once per process, in a worker thread: no finished job stalls the loop.
         await preload_prices()
         tg = anyio.create_task_group()
@@ -369,8 +381,9 @@ class BackgroundManager:
             else:
                 ids = "1 response id" if len(unrecorded) == 1 else \
                     f"{len(unrecorded)} response ids"
-                text += (f"; {ids} kept in {where}: the next asyncbg worker on this ledger on "
-                         "this machine adopts them (records them and polls them to their end)"
+                text += (f"; {ids} kept in {where}: the next asyncbg worker or "
+                         "BackgroundManager on this ledger on this machine adopts them (records "
+                         "them and polls them to their end)"
                          if fleet else f"; their ids are kept in {where}, and the next run on "
                          "this journal re-attaches to them")
         self._unrecorded_said = text
@@ -686,3 +699,21 @@ def _collapse(group: BaseExceptionGroup[BaseException]) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
     return exc
+
+
+async def _adopt_kept(ledger: SharedLedger) -> None:
+    """Record, fenced, the responses that processes on this machine created and could not
+    record in ``ledger`` before they left (its rescue file, see ``asyncbg._ledgers._rescue``):
+    the adopted become live rows, which this manager's claims of their keys resume instead of
+    creating them again. A ledger that cannot be reached raises :class:`LedgerUnavailable`
+    (a claim now would create them again); a file that cannot be read is said and left."""
+    try:
+        adoption = await ledger.adopt_kept()
+    except LedgerUnavailable:
+        raise
+    except LedgerError as exc:
+        _log.warning("ledger.kept_unreadable", error=str(exc))
+        return
+    say_adoption(adoption, who="ledger")
+    if adoption:  # every line decided: the file goes unless another process wrote meanwhile
+        await anyio.to_thread.run_sync(ledger.rescue().release)

@@ -15,6 +15,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -24,11 +25,14 @@ from urllib.parse import urlsplit
 
 import anyio
 import openai
+import psycopg
 import pytest
 from anyio.abc import SocketStream, TaskStatus
 
+import asyncbg
 from asyncbg._fleet import enqueue_requests, run_worker
 from asyncbg._ledgers import LedgerError, LedgerUnavailable, Outcome, Record
+from asyncbg._ledgers._base import fingerprint
 from asyncbg._ledgers._postgres import PostgresLedger
 from asyncbg._ledgers._rescue import Kept, Rescue, state_file
 from asyncbg._ledgers._shared import LeaseLost, SharedLedger
@@ -178,6 +182,69 @@ async def test_a_postgres_worker_keeps_what_it_could_not_record_and_the_next_ado
 
 
 @pytest.mark.asyncio
+async def test_kept_ids_whose_rows_were_requeued_meanwhile_are_adopted_not_created_again(
+    http_fake: HttpFake, pg_dsn: str, tmp_path: Path,
+) -> None:
+    """Worker A keeps its ids and leaves; worker B, on another machine (another state
+    directory) whose creates cannot reach the server, takes the jobs over once A's leases run
+    out: its creates are refused, so it puts them back to waiting (``new``) and stops. The next
+    worker on A's machine adopts A's responses: one create per line, not two (before, every
+    line B had put back was created again)."""
+    url, target = await pg_ledger(pg_dsn)
+    env = env_for(http_fake, tmp_path / "state")
+    async with anyio.create_task_group() as tg:
+        relay = Relay(urlsplit(url).port or 0, target)
+        await tg.start(relay.serve)
+        http_fake.gate.shut()
+        code, err = await kept_then_stopped(await worker(url, env, "--db-patience", "120"),
+                                            http_fake, relay.stop)
+        assert code == 128 + signal.SIGTERM, err
+        await tg.start(relay.serve)  # the database is back
+        elsewhere = {**env_for(http_fake, tmp_path / "elsewhere"),
+                     "OPENAI_BASE_URL": f"http://127.0.0.1:{free_port()}/v1"}  # refused
+        code, err = await finished(await worker(url, elsewhere, "--exit-when-idle"))
+        assert code != 0 and "jobs.requeued" in err, err
+        # The creates B sent were refused and put back to waiting; those it had not sent
+        # when the first was refused are handed back as they were (`sending`, A's epoch).
+        rows = await records_of(pg_dsn)
+        assert set(rows.values()) <= {("new", None), ("sending", None)}, rows
+        assert ("new", None) in rows.values(), rows
+        code, err = await finished(await worker(url, env, "--exit-when-idle"))
+        assert code == 0, err
+        tg.cancel_scope.cancel()
+    assert creates_per_line(http_fake) == {f"r{i}": 1 for i in range(N)}, err
+    assert f"adopted={N}" in err and "duplicates=0" in err, err
+    assert [r.status for r in await records_list(pg_dsn)] == ["completed"] * N
+
+
+@pytest.mark.asyncio
+async def test_kept_ids_are_adopted_by_a_worker_that_spells_the_database_otherwise(
+    http_fake: HttpFake, pg_dsn: str, tmp_path: Path,
+) -> None:
+    """A keeps its ids with the ledger at ``postgresql://...@127.0.0.1:PORT/DB``; the next
+    worker is given ``postgres://...@localhost:PORT/DB``: the same database, so the same rescue
+    file, and it adopts them (one create per line)."""
+    url, target = await pg_ledger(pg_dsn)
+    env = env_for(http_fake, tmp_path / "state")
+    other = urlsplit(url)._replace(scheme="postgres",
+                                   netloc=f"postgres@localhost:{urlsplit(url).port}").geturl()
+    async with anyio.create_task_group() as tg:
+        relay = Relay(urlsplit(url).port or 0, target)
+        await tg.start(relay.serve)
+        http_fake.gate.shut()
+        code, err = await kept_then_stopped(await worker(url, env, "--db-patience", "120"),
+                                            http_fake, relay.stop)
+        assert code == 128 + signal.SIGTERM, err
+        await tg.start(relay.serve)  # the database is back
+        code, err = await finished(await worker(other, env, "--exit-when-idle"))
+        assert code == 0, err
+        tg.cancel_scope.cancel()
+    assert creates_per_line(http_fake) == {f"r{i}": 1 for i in range(N)}, err
+    assert f"adopted={N}" in err and "duplicates=0" in err, err
+    assert list((tmp_path / "state" / "asyncbg" / "unrecorded").iterdir()) == []
+
+
+@pytest.mark.asyncio
 async def test_a_worker_out_of_db_patience_names_the_file_in_its_error(
     http_fake: HttpFake, pg_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -284,6 +351,56 @@ async def test_kept_ids_are_adopted_before_the_hand_back_when_the_database_is_ba
         await client.close()
     assert creates_per_line(http_fake) == {f"r{i}": 1 for i in range(N)}
     assert [state for state, _ in (await records_of(pg_dsn)).values()] == ["done"] * N
+
+
+class Leave(Exception):
+    """Leaves the manager's block while it holds responses it could not record."""
+
+
+@pytest.mark.asyncio
+async def test_a_background_manager_adopts_what_the_last_one_on_its_ledger_kept(
+    http_fake: HttpFake, pg_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A library BackgroundManager on a PostgreSQL ledger leaves (an error in its block) with
+    its creates answered and the database away: their ids are kept in the rescue file. The next
+    BackgroundManager on the ledger adopts them as it opens, and its submits of the same keys
+    resume them: one create per line."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    url, target = await pg_ledger(pg_dsn)
+    requests = [(key, {**body, "metadata": {**body["metadata"], "asyncbg_custom_id": key}})
+                for key, body in lines()]
+    client = openai.AsyncOpenAI(api_key="sk-test", base_url=http_fake.base_url)
+    try:
+        async with anyio.create_task_group() as tg:
+            relay = Relay(urlsplit(url).port or 0, target)
+            await tg.start(relay.serve)
+            http_fake.gate.shut()
+            with pytest.raises(Leave):
+                async with asyncbg.BackgroundManager(
+                        client, journal=PostgresLedger(url, timeout=2.0, connect_timeout=2.0),
+                        cancel_on_exit=False, poll_policy=FAST_POLL) as mgr:
+                    for key, body in requests:
+                        await mgr.submit_request(body, key=key)
+                    await until(lambda: http_fake.gate.waiting == N)
+                    relay.stop()
+                    http_fake.gate.open()
+                    await until(lambda: len(mgr.unrecorded()) == N)  # answered, not recorded
+                    raise Leave
+            [kept] = (tmp_path / "state" / "asyncbg" / "unrecorded").iterdir()
+            assert sorted(k["key"] for k in kept_lines(kept)) == [f"r{i}" for i in range(N)]
+            await tg.start(relay.serve)  # the database is back
+            async with asyncbg.BackgroundManager(client, journal=PostgresLedger(url),
+                                                 poll_policy=FAST_POLL) as mgr:
+                jobs = [await mgr.submit_request(body, key=key) for key, body in requests]
+                await mgr.wait_all(jobs)
+            tg.cancel_scope.cancel()
+    finally:
+        await client.close()
+    assert creates_per_line(http_fake) == {f"r{i}": 1 for i in range(N)}
+    assert f"adopted={N}" in caplog.text and "duplicates=0" in caplog.text, caplog.text
+    assert [j.status.value for j in jobs] == ["completed"] * N
+    assert not kept.exists()  # every line adopted: the file goes
 
 
 async def records_list(dsn: str) -> list[Record]:
@@ -506,3 +623,198 @@ def test_the_state_file_is_named_from_the_ledger_not_its_password(
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert state_file("x").parent == tmp_path / "home" / ".local" / "state" / "asyncbg" / \
         "unrecorded"
+
+
+#: Every state a kept line's row can be in when a worker looks at it, after worker A sent the
+#: key's create at epoch 1 (and kept its id), and what the worker makes of the line. B is
+#: another worker that took the key over once A's lease ran out.
+ROW_STATES: dict[str, tuple[str, str]] = {
+    # A handed the lease back as it left: still `sending` at A's epoch, nobody on it.
+    "released by A": ("adopted", "live"),
+    # B took it over and has not sent: fenced off (its `sending` write finds the lease gone).
+    "taken over, not sent": ("adopted", "live"),
+    # B's create never reached the server (connection refused): ended `local`, requeued by B.
+    "requeued": ("adopted", "live"),
+    # B's create failed without a response (`local`) and `asyncbg retry` put it back.
+    "retried": ("adopted", "live"),
+    # Requeued, then D claimed it and its lease ran out before it wrote `sending`: D is fenced.
+    "requeued, lease ran out": ("adopted", "live"),
+    # Requeued, then B claimed it again and holds a live lease: B may create at any moment.
+    "requeued, held by B": ("duplicate", "new"),
+    # Requeued, then claimed for another request (a new digest) and handed back.
+    "requeued, another request": ("duplicate", "new"),
+    # B sent its own create (its answer not recorded yet, or lost).
+    "sent again by B": ("duplicate", "sending"),
+    # B's create was answered and recorded.
+    "B's response recorded": ("duplicate", "live"),
+    # B's create failed without a response and nobody requeued it: the job ended.
+    "ended local": ("duplicate", "local"),
+    # B finished it with its own response.
+    "done by B": ("duplicate", "done"),
+    # The row holds the kept id already (recorded after all).
+    "recorded": ("recorded", "live"),
+}
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+@pytest.mark.asyncio
+async def test_a_kept_id_is_adopted_by_every_row_on_which_nothing_was_sent_since(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The rule over every state a row can be in (ROW_STATES): adopted when the row has no
+    response id and no create was sent since (still `sending` at the kept epoch, or put back
+    to waiting for the same request with nobody holding a live lease), else reported; and the
+    adoption fences whoever held the row meanwhile without having sent."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    where = (request.getfixturevalue("pg_dsn") if kind == "postgres"
+             else str(tmp_path / "fleet.db"))
+    a, b, c = (shared(kind, where, owner) for owner in ("A", "B", "C"))
+    d = shared(kind, where, "D")
+    d.lease = 0.2
+    keys = list(ROW_STATES)
+    rid = {k: f"resp_a{n}" for n, k in enumerate(keys)}
+    for ledger in (a, b, c, d):
+        await ledger.open()
+    try:
+        await enqueue_requests(a, [(k, {"model": "m", "input": k}) for k in keys])
+        records = {r.key: r for r in await a.acquire(len(keys), 0.2)}
+        assert set(records) == set(keys)
+        for k, r in records.items():
+            await a.claim(k, r.digest, r.request)
+            await a.sending(k, resubmit=False)
+        path = await a.keep_unrecorded([(k, rid[k]) for k in keys])  # A leaves
+        await a.release(["released by A"])
+        taken: dict[str, Record] = {}
+        with anyio.fail_after(30):
+            while len(taken) < len(keys):  # past A's lease and its margin
+                taken.update((r.key, r) for r in await b.acquire(len(keys), 30.0))
+                await anyio.sleep(0.05)
+        for k, r in taken.items():
+            await b.claim(k, r.digest, r.request)
+        await b.release(["released by A"])
+        unreached = Outcome("failed", error="refused", error_code="connection_error")
+        for k in keys[2:]:
+            if k != "recorded":
+                await b.sending(k, resubmit=True)
+        for k in ("requeued", "requeued, lease ran out", "requeued, held by B",
+                  "requeued, another request"):
+            await b.record(k, unreached)
+            await b.requeue([k])
+        await b.record("retried", Outcome("failed", error="slow", error_code="rate_limited"))
+        assert await b.requeue_unpaid(code="rate_limited") == 1  # asyncbg retry
+        await b.record("ended local", Outcome("failed", error="bad", error_code="invalid"))
+        await b.record("B's response recorded", Outcome("in_progress", response_id="resp_b"))
+        await b.record("done by B", Outcome("completed", response_id="resp_b2"))
+        await b.sending("recorded", resubmit=True)
+        await b.record("recorded", Outcome("in_progress", response_id=rid["recorded"]))
+        r = records["requeued, held by B"]
+        await b.claim(r.key, r.digest, r.request)
+        r = records["requeued, another request"]
+        digest, other = fingerprint({"model": "m", "input": "another"})
+        await b.claim(r.key, digest, other)
+        await b.release([r.key])
+        r = records["requeued, lease ran out"]
+        await d.claim(r.key, r.digest, r.request)
+        await anyio.sleep(0.5)  # D's lease (0.2 s) runs out; D has not written `sending`
+
+        assert path == c.rescue().path
+        adoption = await c.adopt_kept()
+        verdicts = {k.key: "adopted" for k in adoption.adopted}
+        verdicts |= {k.key: "duplicate" for k in adoption.duplicates}
+        verdicts |= {k.key: "recorded" for k in adoption.recorded}
+        rows = {r.key: r for r in await c.records()}
+        assert {k: (verdicts[k], rows[k].state) for k in keys} == ROW_STATES
+        for k, (verdict_, _) in ROW_STATES.items():
+            if verdict_ != "duplicate":
+                assert rows[k].response_id == rid[k], k
+            else:
+                assert rows[k].response_id != rid[k], k
+        assert c.rescue().entries() == []  # every line was decided: removed
+        for fenced, k in ((b, "taken over, not sent"), (d, "requeued, lease ran out")):
+            with pytest.raises(LeaseLost):
+                await fenced.sending(k, resubmit=False)  # adopted meanwhile: it sends nothing
+        await b.sending("requeued, held by B", resubmit=False)  # its lease was left alone
+        adopted = sorted(k for k, (v, _) in ROW_STATES.items() if v == "adopted")
+        assert sorted(r.key for r in await c.acquire(len(keys), 30.0, live_only=True)) == \
+            adopted  # handed to the fleet to poll
+    finally:
+        for ledger in (a, b, c, d):
+            await ledger.close()
+
+
+def spellings(dsn: str) -> list[str]:
+    """Ways to name the database of ``dsn`` (a URL with 127.0.0.1 and a port); the last one
+    leaves the port to PGPORT (libpq's default port)."""
+    parts = urlsplit(dsn)
+    user, port, db = parts.username or "postgres", parts.port, parts.path.lstrip("/")
+    auth = f"{user}:{parts.password}@" if parts.password else f"{user}@"
+    return [
+        f"postgresql://{auth}localhost:{port}/{db}",
+        f"POSTGRES://{auth}127.0.0.1:{port}/{db}",
+        f"host=localhost port={port} dbname={db} user={user}"
+        + (f" password={parts.password}" if parts.password else ""),
+        f"postgresql://{auth}127.0.0.1/{db}?connect_timeout=5",
+    ]
+
+
+@pytest.mark.asyncio
+async def test_every_spelling_of_a_database_names_one_rescue_file(
+    pg_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The file is named from what the server says it is (its system identifier, the
+    database's OID, the schema), read when the ledger opens: a line kept by a ledger opened
+    with one spelling is adopted by a ledger opened with any other."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.setenv("PGPORT", str(urlsplit(pg_dsn).port))
+    a = PostgresLedger(pg_dsn, owner="A")
+    await a.open()
+    try:
+        await enqueue_requests(a, [(f"k{i}", {"model": "m", "input": "x"}) for i in range(4)])
+        for r in await a.acquire(4, 30.0):
+            await a.claim(r.key, r.digest, r.request)
+            await a.sending(r.key, resubmit=False)
+        for n, spelling in enumerate(spellings(pg_dsn)):
+            path = await a.keep_unrecorded([(f"k{n}", f"resp_{n}")])
+            other = PostgresLedger(spelling, owner=f"C{n}")
+            await other.open()
+            try:
+                assert other.rescue().path == path, spelling
+                assert [k.key for k in (await other.adopt_kept()).adopted] == [f"k{n}"]
+            finally:
+                await other.close()
+    finally:
+        await a.close()
+
+
+@pytest.mark.asyncio
+async def test_a_user_who_may_not_read_the_control_data_names_the_file_by_address(
+    pg_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """pg_control_system() not granted (some managed servers): the file is named from the
+    address and port the server sees the connection on, so ``localhost`` and ``127.0.0.1``
+    still agree; the password is in no name."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    role = f"asyncbg_plain_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'sekrit-pw'")
+        conn.execute(f"GRANT ALL ON SCHEMA public TO {role}")
+        conn.execute("REVOKE EXECUTE ON FUNCTION pg_control_system() FROM PUBLIC")
+    try:
+        parts = urlsplit(pg_dsn)
+        paths = []
+        for host in ("127.0.0.1", "localhost"):
+            ledger = PostgresLedger(parts._replace(
+                netloc=f"{role}:sekrit-pw@{host}:{parts.port}").geturl())
+            await ledger.open()
+            try:
+                paths.append(ledger.rescue().path)
+                assert "sekrit" not in repr(ledger._identity)
+                assert ledger._identity is not None
+                assert ledger._identity.startswith("postgresql://127.0.0.1:")
+            finally:
+                await ledger.close()
+        assert paths[0] == paths[1]
+    finally:
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute(f"DROP OWNED BY {role}")
+            conn.execute(f"DROP ROLE {role}")

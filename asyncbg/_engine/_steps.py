@@ -35,7 +35,7 @@ from .._http import (
     Transient,
     Unreachable,
 )
-from .._ledgers._base import Ledger, LedgerError, Outcome
+from .._ledgers._base import Ledger, LedgerError, Outcome, digest
 from .._ledgers._rescue import keep_in
 from .._ledgers._shared import LeaseLost, SharedLedger
 from .._policies import RetryPolicy
@@ -429,7 +429,9 @@ class Steps:
             return
         shared = cast(SharedLedger, ledger)
         try:
+            sent = {} if entry.params is None else {key: digest(entry.params)}
             path = await keep_in(shared.rescue(), [(key, rid)], epochs={key: epoch},
+                                 digests=sent,
                                  note={"ledger": shared.location, "owner": shared.owner})
             adoption = await shared.adopt_kept()
         except LedgerError as exc:

@@ -78,10 +78,20 @@ _NOW = "extract(epoch FROM now())::float8"
 #: With the database and schema: the ledger's identity, where a worker keeps what it could
 #: not record (see _rescue.py).
 READ_VERSION = """
-    SELECT bool_or(tablename = 'asyncbg_meta'), bool_or(tablename = 'asyncbg_jobs'),
-           current_database(), current_schema()
+    SELECT bool_or(tablename = 'asyncbg_meta'), bool_or(tablename = 'asyncbg_jobs')
     FROM pg_catalog.pg_tables
     WHERE schemaname = current_schema() AND tablename IN ('asyncbg_meta', 'asyncbg_jobs')
+"""
+#: What names a ledger's rescue file (see PostgresLedger._read_identity): the server's system
+#: identifier (the same on a standby and after a restart), the database's OID and the schema.
+IDENTITY = """
+    SELECT (SELECT system_identifier FROM pg_control_system()), d.oid, current_schema()
+    FROM pg_database d WHERE d.datname = current_database()
+"""
+#: When pg_control_system() is not this user's to call: the server's address and port as it
+#: sees the connection (NULL over a Unix socket), the database and the schema.
+DATABASE_AND_SCHEMA = """
+    SELECT host(inet_server_addr()), inet_server_port(), current_database(), current_schema()
 """
 READ_SCHEMA_VERSION = "SELECT value FROM asyncbg_meta WHERE name = 'schema_version'"
 LOCK_SCHEMA = "SELECT pg_advisory_xact_lock(%s)"
@@ -672,15 +682,20 @@ RECORD_TERMINAL_NOTIFY = f"""
 """
 #: Why a fenced write changed nothing: the key is missing (a bug) or its lease is elsewhere.
 EXISTS = "SELECT 1 FROM asyncbg_jobs WHERE key = %s"
-# A fleet worker's kept response (see _rescue.py): taken only by a row still `sending` with no
-# id at the epoch it was sent at; then live, with no owner (any worker takes it to poll it),
-# and a new epoch (a holder since is fenced off).
+# A fleet worker's kept response (see _rescue.py): taken only by a row with no id on which no
+# create was sent since: still `sending` at the epoch it was sent at, or put back to waiting
+# (`new`) for the same request with nobody holding a live lease on it. Then live, with no owner
+# (any worker takes it to poll it), and a new epoch (a holder since is fenced off). One
+# statement: the row is checked again as it is once locked (a claim or a `sending` write that
+# committed first makes it match nothing). Params: response_id, key, epoch, digest.
 ADOPT_KEPT = f"""
     UPDATE asyncbg_jobs SET state = 'live', response_id = %(response_id)s,
         status = 'in_progress', updated = {_NOW}, owner = NULL, lease_until = NULL,
         epoch = epoch + 1
-    WHERE key = %(key)s AND state = 'sending' AND response_id IS NULL
-      AND sent_epoch = %(epoch)s
+    WHERE key = %(key)s AND response_id IS NULL
+      AND ((state = 'sending' AND sent_epoch = %(epoch)s)
+           OR (state = 'new' AND digest = %(digest)s::text
+               AND (owner IS NULL OR lease_until IS NULL OR lease_until <= {_NOW})))
 """
 ROW_OF = "SELECT state, response_id FROM asyncbg_jobs WHERE key = %s"
 

@@ -187,7 +187,8 @@ class PostgresLedger(PostgresOutbox):
     """
 
     __slots__ = (
-        "_acquired", "_connect_timeout", "_down", "_exclusive", "_group", "_held", "_holder",
+        "_acquired", "_connect_timeout", "_digests", "_down", "_exclusive", "_group", "_held",
+        "_holder",
         "_identity", "_kwargs",
         "_listener", "_max_connections", "_opens", "_owner", "_pool", "_pooled",
         "_registered", "_renewals", "_url", "lease", "round_trips", "timeout",
@@ -234,11 +235,13 @@ class PostgresLedger(PostgresOutbox):
         self._registered = False
         #: key -> the epoch this instance holds its lease at.
         self._held: dict[str, int] = {}
+        #: key -> the digest of the request it was claimed for (kept with its response id).
+        self._digests: dict[str, str] = {}
         #: key -> the record as acquire() took it, until the worker's claim of it (no round
         #: trip: nobody else writes a key whose lease we hold).
         self._acquired: dict[str, Record] = {}
-        #: Server, database and schema, once opened: what names the file a worker keeps
-        #: responses it could not record in (see rescue()).
+        #: Server, database and schema, once opened (see _read_identity): what names the file
+        #: a worker keeps responses it could not record in (see rescue()).
         self._identity: str | None = None
         #: Statements sent (a transaction's BEGIN and COMMIT count): the ledger's cost.
         self.round_trips = 0
@@ -353,6 +356,7 @@ class PostgresLedger(PostgresOutbox):
             holder, self._holder = self._holder, None
             self._pool = self._renewals = None
             self._held.clear()
+            self._digests.clear()
             self._acquired.clear()
             with _ours(), anyio.CancelScope(shield=True):
                 for pool in pools:
@@ -390,8 +394,9 @@ class PostgresLedger(PostgresOutbox):
     async def _prepare(self, conn: Conn) -> None:
         """Create or upgrade the schema, under a transaction-level advisory lock."""
         with anyio.fail_after(self._bound()):
+            await self._read_identity(conn)
             if await self._version(conn) == q.SCHEMA_VERSION:
-                return  # the usual case: one round trip, no lock
+                return  # the usual case: one round trip more, no lock
         # An upgrade runs once, however long it takes (filling counters from every row of a
         # big ledger: a minute or more at a million jobs), within its own bound.
         with anyio.fail_after(_UPGRADE_TIMEOUT + _MARGIN):
@@ -419,13 +424,31 @@ class PostgresLedger(PostgresOutbox):
                 version += 1
             await self._execute(conn, q.WRITE_SCHEMA_VERSION, (str(version),))
 
+    async def _read_identity(self, conn: Conn) -> None:
+        """What names the file a worker keeps responses it could not record in (see
+        :meth:`rescue`): the server's system identifier, the database's OID and the schema,
+        read on the connection, so that every spelling of the URL (``localhost`` or
+        ``127.0.0.1``, the default port or 5432, a keyword DSN) names one file. A server that
+        does not let this user read its control data: the address and port the server sees
+        the connection on (the URL's host over a Unix socket), the database's name and the
+        schema."""
+        try:
+            row = await self._fetchone(conn, q.IDENTITY)
+        except (psycopg.errors.InsufficientPrivilege, psycopg.errors.UndefinedFunction):
+            row = None
+        if row is not None and row[0] is not None:
+            self._identity = f"postgresql-system:{row[0]}/{row[1]}?schema={row[2]}"
+            return
+        row = await self._fetchone(conn, q.DATABASE_AND_SCHEMA)
+        info = conn.info
+        host, port, name, schema = row if row is not None else (None, None, info.dbname, None)
+        self._identity = (f"postgresql://{host or info.host}:{port or info.port}/{name}"
+                          f"?schema={schema}")
+
     async def _version(self, conn: Conn) -> int | None:
         """The schema version, None for an empty database; a foreign one is refused."""
         row = await self._fetchone(conn, q.READ_VERSION)
         has_meta, has_jobs = (bool(row[0]), bool(row[1])) if row else (False, False)
-        if row:
-            info = conn.info
-            self._identity = f"postgresql://{info.host}:{info.port}/{row[2]}?schema={row[3]}"
         if not has_meta:
             if has_jobs:
                 raise LedgerError(
@@ -453,6 +476,7 @@ class PostgresLedger(PostgresOutbox):
             # Ours since acquire(): nobody else wrote it, so the rules need no round trip.
             outcome = claim_outcome(acquired.state, acquired.digest, digest)
             if outcome in (ClaimOutcome.NEW, ClaimOutcome.RESEND, ClaimOutcome.RESUME):
+                self._digests[key] = digest
                 return Claim(outcome, acquired)
         request = bytes(request)
 
@@ -471,6 +495,7 @@ class PostgresLedger(PostgresOutbox):
                                        (key, digest, request, self._owner, self.lease))
             if row is not None:
                 self._held[key] = row[-1]
+                self._digests[key] = digest
                 return Claim(ClaimOutcome.NEW, _record(row[:-1]))
             old, outcome = await decide(conn, q.CLAIM_READ)
             if outcome not in _CLAIM_UPDATES:  # DONE, MISMATCH, FOLLOW: nothing changes
@@ -486,6 +511,7 @@ class PostgresLedger(PostgresOutbox):
                     "lease": self.lease})
             assert new is not None
             self._held[key] = new[-1]
+            self._digests[key] = digest
             return Claim(outcome, _record(new[:-1]))
 
         return await self._run(claim)
@@ -510,7 +536,7 @@ class PostgresLedger(PostgresOutbox):
             await self._fenced(key, q.RECORD_TERMINAL_NOTIFY, (
                 n.id, n.url, n.body, state, o.response_id, o.status, o.body, *tokens, o.error,
                 o.error_code, o.http_status, o.request_id, key))
-        self._held.pop(key, None)  # finished: no lease to keep
+        self.forget((key,))  # finished: no lease to keep
 
     async def get(self, key: str) -> Record | None:
         row = await self._run(lambda c: self._fetchone(c, q.GET, (key,)))
@@ -732,9 +758,11 @@ class PostgresLedger(PostgresOutbox):
 
     def rescue(self) -> Rescue:
         """Where a worker on this machine keeps the responses it could not record: a file in
-        the user's state directory named from a hash of the server (host and port), the
-        database and the schema, which is what names the ledger's tables (the user and the
-        password are not part of it: see :func:`._rescue.state_file`). Known once opened."""
+        the user's state directory named from a hash of the server's identity (its system
+        identifier), the database's OID and the schema, which is what names the ledger's
+        tables, however the URL spells them (the user and the password are not part of it:
+        see :func:`._rescue.state_file`). Known once opened, as a process has connected
+        before it can have kept anything."""
         if self._identity is None:
             raise LedgerError(f"the ledger {self.location} was never opened; nothing of it "
                               "can have been kept")
@@ -742,14 +770,14 @@ class PostgresLedger(PostgresOutbox):
 
     async def keep_unrecorded(self, pairs: list[tuple[str, str]]) -> Path:
         """As :meth:`SharedSQLiteLedger.keep_unrecorded`, in :meth:`rescue`'s file."""
-        return await keep_in(self.rescue(), pairs, epochs=self._held,
+        return await keep_in(self.rescue(), pairs, epochs=self._held, digests=self._digests,
                              note={"ledger": self.location, "owner": self._owner})
 
     async def adopt_kept(self, unkept: Sequence[tuple[str, str]] = ()) -> Adoption:
         """As :meth:`SharedSQLiteLedger.adopt_kept`: record, fenced, the responses workers on
         this machine kept, and remove their lines. Raises :class:`LedgerError`."""
         rescue = self.rescue()
-        in_file, kept = await to_adopt(rescue, unkept, self._held)
+        in_file, kept = await to_adopt(rescue, unkept, self._held, self._digests)
         if not kept:
             return Adoption(rescue.path)
 
@@ -757,8 +785,8 @@ class PostgresLedger(PostgresOutbox):
             adopted, duplicates, recorded = [], [], []
             for k in kept:
                 if k.epoch is not None and (await self._execute(conn, q.ADOPT_KEPT, {
-                        "response_id": k.response_id, "key": k.key, "epoch": k.epoch})
-                        ).rowcount == 1:
+                        "response_id": k.response_id, "key": k.key, "epoch": k.epoch,
+                        "digest": k.digest})).rowcount == 1:
                     adopted.append(k)
                     continue
                 row = await self._fetchone(conn, q.ROW_OF, (k.key,))
@@ -779,6 +807,7 @@ class PostgresLedger(PostgresOutbox):
     def forget(self, keys: Iterable[str]) -> None:
         for key in keys:
             self._held.pop(key, None)
+            self._digests.pop(key, None)
             self._acquired.pop(key, None)
 
     def abandon(self) -> None:

@@ -20,14 +20,23 @@ and the lines a worker adopted are removed atomically (a new file renamed over i
 lines zeroed from the first byte when none is left). Adopting a line twice is harmless: the
 second finds the row already holding its response id.
 
-The fleet's rule for a kept line ``(key, epoch, response id)``: its row takes the id only while
-it is ``sending`` with no response id *at that epoch* (``sent_epoch``): no create was sent for
-the key since. The row then becomes ``live`` with no owner and its epoch is bumped, which
-fences a worker that took the key over meanwhile and has not sent yet (its ``sending`` write
-finds the lease gone, and it sends nothing); any worker then takes the live row and polls it.
-Any other row (another response id, a create sent again at a later epoch, a finished or
-requeued job, a key not in the ledger) keeps what it has: the kept response was paid for twice
-and is reported as a duplicate, left running (only a user's cancel cancels a response).
+The fleet's rule for a kept line ``(key, epoch, response id, digest)``: its row takes the id
+only while it has no response id and no create was sent for the key since, which is one of:
+
+- it is ``sending`` *at that epoch* (``sent_epoch``): the kept create is the last one sent;
+- it was put back to waiting (``new``: a later create that never reached the server ended
+  ``local`` and was requeued, or ``asyncbg retry`` took it back), still for the same request
+  (``digest``, the request's fingerprint when the create was sent), and nobody holds a live
+  lease on it (a holder of a ``new`` row may write ``sending`` and create at any moment).
+
+The row then becomes ``live`` with no owner and its epoch is bumped, in one statement that
+checks the rule again on the row as it is when locked: a worker that took the key over meanwhile
+and has not sent yet is fenced off (its ``sending`` write finds the lease gone, and it sends
+nothing); any worker then takes the live row and polls it. Any other row (another response id,
+a create sent again at a later epoch, a waiting row someone holds or that now has another
+request, a finished job, a key not in the ledger) keeps what it has: the kept response was paid
+for twice and is reported as a duplicate, left running (only a user's cancel cancels a
+response). A line kept without a digest (by an older asyncbg) is taken only by the first rule.
 """
 
 from __future__ import annotations
@@ -59,6 +68,7 @@ __all__ = [
     "forget_kept",
     "keep_in",
     "read_kept",
+    "say_adoption",
     "state_file",
     "to_adopt",
     "verdict",
@@ -70,12 +80,14 @@ SUFFIX = ".unrecorded"
 
 
 class Kept(NamedTuple):
-    """One kept response: its key, its id, and the lease epoch its create was sent at (a fleet
-    worker's; None for a run's journal, which has no leases)."""
+    """One kept response: its key, its id, the lease epoch its create was sent at and the
+    fingerprint of the request it was created for (a fleet worker's; None for a run's journal,
+    which has no leases)."""
 
     key: str
     response_id: str
     epoch: int | None = None
+    digest: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,8 +98,9 @@ class Adoption:
     path: Path
     #: Recorded live and handed to the fleet to poll: the create that was paid is used.
     adopted: tuple[Kept, ...] = ()
-    #: The row has another response id, was sent again since, or ended, or is gone: this
-    #: response was paid for twice. Left running (only a user's cancel cancels one).
+    #: The row has another response id, was sent again since, is held by a live lease or has
+    #: another request, or ended, or is gone: this response was paid for twice. Left running
+    #: (only a user's cancel cancels one).
     duplicates: tuple[Kept, ...] = ()
     #: The row already has this response id (recorded after all, or adopted before).
     recorded: tuple[Kept, ...] = ()
@@ -164,14 +177,18 @@ class Rescue:
         return [kept for line in data.splitlines() if (kept := _parse(line)) is not None]
 
     def keep(self, pairs: Iterable[tuple[str, str]], *, epochs: Mapping[str, int] | None = None,
+             digests: Mapping[str, str] | None = None,
              note: Mapping[str, str] | None = None) -> None:
         """Write ``pairs`` after the lines already kept, over the reserved zeros, and sync;
-        each with its key's epoch from ``epochs`` when there is one, and ``note``'s fields (for
-        whoever reads the file). Raises :class:`OSError` when they could not be written."""
+        each with its key's epoch from ``epochs`` and request digest from ``digests`` when
+        there are, and ``note``'s fields (for whoever reads the file). Raises :class:`OSError`
+        when they could not be written."""
         epochs = epochs or {}
+        digests = digests or {}
         text = b"".join(json.dumps({
             "key": key, "response_id": rid,
-            **({"epoch": epochs[key]} if key in epochs else {}), **(note or {}),
+            **({"epoch": epochs[key]} if key in epochs else {}),
+            **({"digest": digests[key]} if key in digests else {}), **(note or {}),
         }).encode() + b"\n" for key, rid in pairs)
         if not text:
             return
@@ -295,12 +312,13 @@ class Rescue:
 
 
 async def keep_in(rescue: Rescue, pairs: list[tuple[str, str]], *,
-                  epochs: Mapping[str, int], note: Mapping[str, str]) -> Path:
+                  epochs: Mapping[str, int], digests: Mapping[str, str],
+                  note: Mapping[str, str]) -> Path:
     """Keep ``pairs`` in ``rescue`` (a shared ledger's keep_unrecorded); its path. Raises
     :class:`LedgerError` naming the file when it cannot be written."""
     try:
         await anyio.to_thread.run_sync(partial(rescue.keep, pairs, epochs=dict(epochs),
-                                               note=note))
+                                               digests=dict(digests), note=note))
     except OSError as exc:
         raise LedgerError(f"{rescue.path} could not be written ({exc.strerror or exc})"
                           ) from exc
@@ -318,18 +336,21 @@ async def read_kept(rescue: Rescue) -> list[Kept]:
 
 
 async def to_adopt(rescue: Rescue, unkept: Sequence[tuple[str, str]],
-                   held: Mapping[str, int]) -> tuple[list[Kept], list[Kept]]:
+                   held: Mapping[str, int], digests: Mapping[str, str]
+                   ) -> tuple[list[Kept], list[Kept]]:
     """What a shared ledger's adopt_kept looks at: the lines of ``rescue``, and those with
     ``unkept``, this process's own ``(key, response id)`` that the file could not take, sent
-    at the epochs it ``held``. A file that cannot be read raises :class:`LedgerError`, unless
-    there are such ids of its own: they are recorded all the same."""
+    at the epochs it ``held`` for the requests of ``digests``. A file that cannot be read
+    raises :class:`LedgerError`, unless there are such ids of its own: they are recorded all
+    the same."""
     try:
         in_file = await read_kept(rescue)
     except LedgerError:
         if not unkept:
             raise
         in_file = []
-    return in_file, in_file + [Kept(key, rid, held.get(key)) for key, rid in unkept]
+    return in_file, in_file + [Kept(key, rid, held.get(key), digests.get(key))
+                               for key, rid in unkept]
 
 
 async def forget_kept(rescue: Rescue, kept: list[Kept]) -> None:
@@ -343,18 +364,38 @@ async def forget_kept(rescue: Rescue, kept: list[Kept]) -> None:
                      action="its lines are looked at again by the next worker (no change)")
 
 
+def say_adoption(adoption: Adoption, *, who: str) -> None:
+    """Log what ``who`` (``worker``, ``ledger``) made of the lines it looked at: one warning
+    when there were any, and one naming the duplicates (paid for twice) when there are."""
+    if not adoption:
+        return
+    _log.warning(f"{who}.kept_adopted", file=str(adoption.path),
+                 adopted=len(adoption.adopted), already_recorded=len(adoption.recorded),
+                 duplicates=len(adoption.duplicates),
+                 action="the adopted are polled to their end instead of created again")
+    if adoption.duplicates:
+        named = ", ".join(f"{k.key} ({k.response_id})" for k in adoption.duplicates)
+        _log.warning(f"{who}.kept_duplicates", file=str(adoption.path), responses=named,
+                     reason="their lines were created again (or ended) before these could be "
+                            "adopted: paid for twice",
+                     action="left running on the server; nothing cancels them")
+
+
 def _parse(line: bytes) -> Kept | None:
     """A kept line, or None for one torn by a crash or not in the format."""
     try:
         item = json.loads(line)
         key, rid, epoch = item["key"], item["response_id"], item.get("epoch")
+        digest = item.get("digest")
     except (ValueError, TypeError, KeyError, AttributeError):
         return None
     if not (isinstance(key, str) and isinstance(rid, str) and rid):
         return None
     if epoch is not None and (not isinstance(epoch, int) or isinstance(epoch, bool)):
         return None
-    return Kept(key, rid, epoch)
+    if digest is not None and not isinstance(digest, str):
+        return None
+    return Kept(key, rid, epoch, digest)
 
 
 def _zero(fd: int) -> None:

@@ -315,7 +315,7 @@ class SQLiteLedger(SQLiteOutbox):
             now = time.time()
             try:
                 with _transaction(db):
-                    for key, rid, _ in kept:
+                    for key, rid, *_ in kept:
                         if db.execute(q.ADOPT_KEPT, (rid, now, key)).rowcount:
                             db.execute(q.EVENT, (key, "in_progress", now))
             except sqlite3.DatabaseError as exc:

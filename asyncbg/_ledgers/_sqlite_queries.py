@@ -257,13 +257,18 @@ SHARED_RECORD_TERMINAL = """
         lease_until = NULL
     WHERE key = ?""" + _FENCE
 EXISTS = "SELECT 1 FROM jobs WHERE key = ?"
-# Params: response_id, now, key, epoch. A fleet worker's kept response (see _rescue.py): taken
-# only by a row still `sending` with no id at the epoch it was sent at; then live, with no
-# owner (any worker takes it to poll it), and a new epoch (a holder since is fenced off).
+# Params: response_id, now, key, epoch, digest. A fleet worker's kept response (see
+# _rescue.py): taken only by a row with no id on which no create was sent since: still
+# `sending` at the epoch it was sent at, or put back to waiting (`new`) for the same request
+# with nobody holding a live lease on it; then live, with no owner (any worker takes it to poll
+# it), and a new epoch (a holder since is fenced off).
 ADOPT_KEPT_FENCED = """
-    UPDATE jobs SET state = 'live', response_id = ?, status = 'in_progress', updated = ?,
-        owner = NULL, lease_until = NULL, epoch = epoch + 1
-    WHERE key = ? AND state = 'sending' AND response_id IS NULL AND sent_epoch = ?
+    UPDATE jobs SET state = 'live', response_id = :response_id, status = 'in_progress',
+        updated = :now, owner = NULL, lease_until = NULL, epoch = epoch + 1
+    WHERE key = :key AND response_id IS NULL
+      AND ((state = 'sending' AND sent_epoch = :epoch)
+           OR (state = 'new' AND digest = :digest
+               AND (owner IS NULL OR lease_until IS NULL OR lease_until <= :now)))
 """
 ROW_OF = "SELECT state, response_id FROM jobs WHERE key = ?"
 

@@ -63,7 +63,7 @@ class SharedSQLiteLedger(SQLiteLedger):
     (``asyncbg status``, say) can read it.
     """
 
-    __slots__ = ("_acquired", "_held", "_owner", "_registered", "lease")
+    __slots__ = ("_acquired", "_digests", "_held", "_owner", "_registered", "lease")
     _keeps_unrecorded = False
 
     def __init__(self, path: str | os.PathLike[str], *, exclusive: bool = False,
@@ -75,6 +75,8 @@ class SharedSQLiteLedger(SQLiteLedger):
         self._owner = owner or new_owner()
         self._registered = False
         self._held: dict[str, int] = {}
+        #: key -> the digest of the request it was claimed for (kept with its response id).
+        self._digests: dict[str, str] = {}
         self._acquired: dict[str, Record] = {}
 
     def __repr__(self) -> str:
@@ -113,6 +115,7 @@ class SharedSQLiteLedger(SQLiteLedger):
                 except LedgerError as exc:
                     _log.warning("ledger.release_failed", ledger=self.location, error=str(exc))
             self._held.clear()
+            self._digests.clear()
             self._acquired.clear()
             self._registered = False
         await super().close()
@@ -125,10 +128,12 @@ class SharedSQLiteLedger(SQLiteLedger):
             # Ours since acquire(): nobody else wrote it, so the rules need no transaction.
             outcome = claim_outcome(acquired.state, acquired.digest, digest)
             if outcome in (ClaimOutcome.NEW, ClaimOutcome.RESEND, ClaimOutcome.RESUME):
+                self._digests[key] = digest
                 return Claim(outcome, acquired)
         claim, epoch = await self._call(lambda db: self._claim(db, key, digest, bytes(request)))
         if epoch is not None:
             self._held[key] = epoch
+            self._digests[key] = digest
         return claim
 
     def _claim(self, db: sqlite3.Connection, key: str, digest: str,
@@ -169,7 +174,7 @@ class SharedSQLiteLedger(SQLiteLedger):
         await self._fenced(key, q.SHARED_RECORD_TERMINAL, (
             state, o.response_id, o.status, o.body, o.error, o.error_code, o.http_status,
             o.request_id, now, key), event=(key, o.status, now), notice=o.notification)
-        self._held.pop(key, None)  # finished: no lease to keep
+        self.forget((key,))  # finished: no lease to keep
 
     async def _fenced(self, key: str, sql: str, args: tuple[Any, ...], *,
                       event: tuple[str, str, float] | None = None,
@@ -306,7 +311,7 @@ class SharedSQLiteLedger(SQLiteLedger):
         """Keep the (key, response id) of responses created but not recorded, each with the
         epoch its create was sent at, for the next worker on this machine to adopt
         (:meth:`adopt_kept`); the file's path. Raises :class:`LedgerError`."""
-        return await keep_in(self.rescue(), pairs, epochs=self._held,
+        return await keep_in(self.rescue(), pairs, epochs=self._held, digests=self._digests,
                              note={"ledger": self.location, "owner": self._owner})
 
     async def adopt_kept(self, unkept: Sequence[tuple[str, str]] = ()) -> Adoption:
@@ -315,7 +320,7 @@ class SharedSQLiteLedger(SQLiteLedger):
         could not keep in the file, (key, response id) sent at the epochs it holds. Raises
         :class:`LedgerError`."""
         rescue = self.rescue()
-        in_file, kept = await to_adopt(rescue, unkept, self._held)
+        in_file, kept = await to_adopt(rescue, unkept, self._held, self._digests)
         if not kept:
             return Adoption(rescue.path)
 
@@ -324,8 +329,9 @@ class SharedSQLiteLedger(SQLiteLedger):
             adopted, duplicates, recorded = [], [], []
             with _transaction(db):
                 for k in kept:
-                    if k.epoch is not None and db.execute(
-                            q.ADOPT_KEPT_FENCED, (k.response_id, now, k.key, k.epoch)).rowcount:
+                    if k.epoch is not None and db.execute(q.ADOPT_KEPT_FENCED, {
+                            "response_id": k.response_id, "now": now, "key": k.key,
+                            "epoch": k.epoch, "digest": k.digest}).rowcount:
                         db.execute(q.EVENT, (k.key, "in_progress", now))
                         adopted.append(k)
                     elif verdict(k, db.execute(q.ROW_OF, (k.key,)).fetchone()) == "recorded":
@@ -390,6 +396,7 @@ class SharedSQLiteLedger(SQLiteLedger):
     def forget(self, keys: Iterable[str]) -> None:
         for key in keys:
             self._held.pop(key, None)
+            self._digests.pop(key, None)
             self._acquired.pop(key, None)
 
     def abandon(self) -> None:
