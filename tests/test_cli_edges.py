@@ -179,6 +179,27 @@ def test_run_refuses_an_output_that_is_a_file_of_the_journal(
     assert env.server.counters.creates == 0
 
 
+@pytest.mark.parametrize("option", ["--journal", "-o"])
+def test_run_refuses_a_database_url_for_a_file_in_one_line_without_its_password(
+    env: HttpFake, tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """It was taken as a path: "postgresql:/u:pw@host does not exist", password and all."""
+    write_input(tmp_path / "in.jsonl", [request("a")])
+    url = "postgresql://u:secretpw@127.0.0.1:5432/db"
+    argv = ["run", str(tmp_path / "in.jsonl")]
+    argv += ["-o", str(tmp_path / "out.jsonl"), "--journal", url] if option == "--journal" \
+        else ["-o", url, "--journal", str(tmp_path / "j.db")]
+    monkeypatch.chdir(tmp_path)  # a relative path made of the URL would be made here
+    assert main(argv) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"asyncbg: {option} takes a file path, not a database URL: a run keeps its "
+                   "journal in an SQLite file (a fleet on PostgreSQL: `asyncbg submit FILE "
+                   "--ledger URL`, then `asyncbg worker --ledger URL`); nothing was sent"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+    assert env.server.counters.creates == 0
+
+
 @pytest.mark.parametrize("suffix", COMPANIONS)
 def test_results_refuse_an_output_that_is_a_file_of_the_ledger(
     env: HttpFake, tmp_path: Path, capsys: pytest.CaptureFixture[str], suffix: str

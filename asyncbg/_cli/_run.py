@@ -28,6 +28,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from .._errors import JournalMismatchError
 from .._ledgers import Ledger, LedgerError, Record, SQLiteLedger, digest
 from .._ledgers._rescue import Rescue
+from .._ledgers._urls import url_like
 from .._outcomes._journal import attempt_of, final_record, final_view
 from . import _metrics
 from ._formats import FORMATS, Format, close
@@ -86,6 +87,12 @@ async def run(args: argparse.Namespace) -> int:
     fmt = FORMATS[args.provider]
     source = Path(args.input)
     output = None if args.output == "-" else Path(args.output)
+    for given, option in ((args.journal, "--journal"), (args.output, "-o")):
+        if given and url_like(given):  # never a path, nor echoed: it may hold a password
+            say(f"{option} takes a file path, not a database URL: a run keeps its journal in an "
+                "SQLite file (a fleet on PostgreSQL: `asyncbg submit FILE --ledger URL`, then "
+                "`asyncbg worker --ledger URL`); nothing was sent")
+            return 2
     if args.journal:
         journal = Path(args.journal)
     elif output is None:
