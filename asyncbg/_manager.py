@@ -622,8 +622,13 @@ class BackgroundManager:
         """End the exit's grace now: the creates still out, and the writes of their answers,
         are given up at once instead of after ``exit_grace`` seconds (responses the journal
         has not taken are left running and kept as :meth:`unrecorded` says). Meant for a
-        block that is being left (a second Ctrl-C); no create is sent after it."""
+        block that is being left (a second Ctrl-C); no create is sent after it. A journal
+        locked by another program is not waited for any longer either (an SQLite journal's
+        waits for its write lock end now)."""
         self._scheduler.close(0.0)
+        give_up = getattr(self.journal, "give_up_waits", None)
+        if give_up is not None:
+            give_up(0.0)
 
     # -- pushes ----------------------------------------------------------------------------
 

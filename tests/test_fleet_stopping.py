@@ -150,3 +150,49 @@ async def test_a_write_waiting_for_a_lock_gives_up_when_told(tmp_path: Path) -> 
     assert "is locked by another program writing to it" in errors[0], errors
     assert "(waited 5 s)" not in errors[0], errors  # given up, not waited out
     assert "(waited 5 s)" not in errors[1], errors
+
+
+@pytest.mark.asyncio
+async def test_an_outbox_write_waits_for_the_lock_as_the_ledgers_writes_do(
+    tmp_path: Path,
+) -> None:
+    """The ledger's writes wait for another program's lock in slices of 0.1 s, up to 5 s; the
+    outbox's single statements shared the connection's 0.1 s and failed at the first slice.
+    Now they wait too (the lock is let go once the write has met it), and a leaving manager's
+    :meth:`leave_now` gives the journal's waits up, as a worker's second signal does."""
+    from openai import AsyncOpenAI
+
+    import asyncbg
+
+    db = tmp_path / "fleet.db"
+    await submitted(db)
+    ledger = SharedSQLiteLedger(db)
+    await ledger.open()
+    locker = sqlite3.connect(db, isolation_level=None, timeout=30)
+    try:
+        locker.execute("BEGIN IMMEDIATE")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ledger.deliveries_done, ["n1"])  # waits while the file is locked
+            await until(lambda: ledger.locked)
+            locker.execute("ROLLBACK")  # let go: the write goes through
+        assert not ledger.locked
+
+        client = AsyncOpenAI(api_key="sk-test", base_url="http://127.0.0.1:9/v1")
+        async with asyncbg.BackgroundManager(client, journal=ledger) as mgr:
+            locker.execute("BEGIN IMMEDIATE")
+            async with anyio.create_task_group() as tg:
+                async def write() -> None:
+                    with pytest.raises(LedgerUnavailable) as raised:
+                        await ledger.requeue_unpaid()
+                    assert "(waited 5 s)" not in str(raised.value)  # given up, not waited out
+
+                tg.start_soon(write)
+                await until(lambda: ledger.locked)
+                mgr.leave_now()
+            locker.execute("ROLLBACK")
+        await client.close()
+    finally:
+        if locker.in_transaction:
+            locker.execute("ROLLBACK")
+        locker.close()
+        await ledger.close()
