@@ -647,8 +647,10 @@ ROW_STATES: dict[str, tuple[str, str]] = {
     "sent again by B": ("duplicate", "sending"),
     # B's create was answered and recorded.
     "B's response recorded": ("duplicate", "live"),
-    # B's create failed without a response and nobody requeued it: the job ended.
-    "ended local": ("duplicate", "local"),
+    # B's create failed without a response and nobody requeued it: the job ended unpaid, and
+    # the kept response is its answer after all (it was reported and lost, and a later
+    # `asyncbg retry` created the line again).
+    "ended local": ("adopted", "live"),
     # B finished it with its own response.
     "done by B": ("duplicate", "done"),
     # The row holds the kept id already (recorded after all).

@@ -691,10 +691,11 @@ EXISTS = "SELECT 1 FROM asyncbg_jobs WHERE key = %s"
 ADOPT_KEPT = f"""
     UPDATE asyncbg_jobs SET state = 'live', response_id = %(response_id)s,
         status = 'in_progress', updated = {_NOW}, owner = NULL, lease_until = NULL,
-        epoch = epoch + 1
+        epoch = epoch + 1, error = NULL, error_code = NULL, http_status = NULL,
+        request_id = NULL
     WHERE key = %(key)s AND response_id IS NULL
       AND ((state = 'sending' AND sent_epoch = %(epoch)s)
-           OR (state = 'new' AND digest = %(digest)s::text
+           OR (state IN ('new', 'local') AND digest = %(digest)s::text
                AND (owner IS NULL OR lease_until IS NULL OR lease_until <= {_NOW})))
 """
 ROW_OF = "SELECT state, response_id FROM asyncbg_jobs WHERE key = %s"

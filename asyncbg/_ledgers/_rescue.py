@@ -25,9 +25,10 @@ only while it has no response id and no create was sent for the key since, which
 
 - it is ``sending`` *at that epoch* (``sent_epoch``): the kept create is the last one sent;
 - it was put back to waiting (``new``: a later create that never reached the server ended
-  ``local`` and was requeued, or ``asyncbg retry`` took it back), still for the same request
-  (``digest``, the request's fingerprint when the create was sent), and nobody holds a live
-  lease on it (a holder of a ``new`` row may write ``sending`` and create at any moment).
+  ``local`` and was requeued, or ``asyncbg retry`` took it back), or it ended without a
+  response (``local``: nothing was paid for it), still for the same request (``digest``, the
+  request's fingerprint when the create was sent), and nobody holds a live lease on it (a
+  holder of a ``new`` row may write ``sending`` and create at any moment).
 
 The row then becomes ``live`` with no owner and its epoch is bumped, in one statement that
 checks the rule again on the row as it is when locked: a worker that took the key over meanwhile
