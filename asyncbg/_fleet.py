@@ -25,7 +25,7 @@ from ._ledgers._base import LedgerError, LedgerUnavailable, Outcome, Record, fin
 from ._ledgers._open import shared_ledger
 from ._ledgers._overview import fleet_status, fleet_status_text
 from ._ledgers._rescue import Adoption, say_adoption
-from ._ledgers._shared import SharedLedger
+from ._ledgers._shared import MIN_LEASE, SharedLedger
 from ._manager import BackgroundManager
 from ._notify._notify import Notify
 from ._policies import PollPolicy, RetryPolicy
@@ -199,6 +199,11 @@ async def run_worker(
     """
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency!r}")
+    if not (MIN_LEASE <= lease < math.inf):
+        # A create leaves with a third of its lease left at least (safety_margin): a shorter
+        # lease runs out during the ledger's own round trips, and the worker takes its jobs,
+        # sends nothing and takes them again, at full CPU.
+        raise ValueError(f"lease must be at least {MIN_LEASE:g} s and finite, got {lease!r}")
     ledger.lease = lease
     leaving = leaving or Leaving()
     worker = _Worker(ledger, concurrency=concurrency, lease=lease, stop=stop,

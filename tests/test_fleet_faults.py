@@ -421,3 +421,17 @@ async def test_a_create_answered_after_its_lease_was_taken_is_kept_not_cancelled
     else:
         assert (record.state, record.status) == ("done", "completed")
         assert "job.orphan_adopted" in caplog.text
+
+
+@pytest.mark.parametrize("lease", [0.001, 0.5, float("inf"), float("nan")])
+async def test_run_worker_refuses_a_lease_it_cannot_keep(tmp_path: Path, lease: float) -> None:
+    """A lease under a second ran out during the ledger's own round trips: the worker took its
+    jobs, sent nothing (its creates fenced) and took them again, at full CPU, forever."""
+    db = await submitted(tmp_path / "fleet.db", lines(1, 0.01))
+    client = fake_client(FakeResponsesServer())
+    try:
+        with pytest.raises(ValueError, match="lease must be at least 1 s and finite"):
+            await run_worker(client, SharedSQLiteLedger(db), concurrency=1, lease=lease,
+                             exit_when_idle=True, stop=anyio.Event())
+    finally:
+        await client.close()

@@ -22,7 +22,7 @@ import anyio.to_thread
 from anyio.abc import TaskStatus
 
 from .._ledgers import Ledger, LedgerError, Record, SQLiteLedger, open_ledger
-from .._ledgers._shared import DEFAULT_LEASE, EnqueueMismatch
+from .._ledgers._shared import DEFAULT_LEASE, MIN_LEASE, EnqueueMismatch
 from . import _positive
 from ._ops import emit, missing_directory, open_client, say
 
@@ -54,10 +54,10 @@ server cannot be used.
 
 def _lease(text: str) -> float:
     value = _positive(text)
-    if value < 1:
+    if value < MIN_LEASE:
         # A create leaves only with a third of its lease left (see safety_margin): a shorter
         # lease runs out during the ledger's own round trips, and nothing is ever sent.
-        raise argparse.ArgumentTypeError(f"must be at least 1 second, not {text}")
+        raise argparse.ArgumentTypeError(f"must be at least {MIN_LEASE:g} second, not {text}")
     return value
 
 

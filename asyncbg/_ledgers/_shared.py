@@ -58,6 +58,8 @@ __all__ = [
 
 #: Seconds a lease lasts unless told otherwise: a dead owner's keys are taken over after this.
 DEFAULT_LEASE = 30.0
+#: The shortest lease a fleet worker takes: a create leaves with a third of it left at least.
+MIN_LEASE = 1.0
 #: The states a lease matters for: the job is not finished.
 OPEN_STATES: tuple[RecordState, ...] = ("new", "sending", "live")
 
