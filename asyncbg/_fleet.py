@@ -274,6 +274,9 @@ async def run_worker(
 
 #: The longest a stopping worker tries to hand its leases back (or a renewal period, if less).
 _HAND_BACK = 5.0
+#: Seconds after which a ledger call without an answer is taken for an outage (a database
+#: gone silent), counted from the call's start; a call on a live server takes milliseconds.
+_SILENT = 5.0
 
 
 async def _hand_back(worker: _Worker, ledger: SharedLedger, *, bound: float,
@@ -434,21 +437,46 @@ class _Worker:
     async def _unless_stopped(self, call: Callable[[], Awaitable[T]], stopped: T) -> T:
         """``call`` (a ledger call), cut short when the worker is told to stop: then
         ``stopped``. With the database gone such a call may wait up to the ledger's timeout,
-        which held a stop up that long; and while the database is down, it is cut short
-        when the patience runs out (:class:`LedgerUnavailable`). Nothing was sent for what a
-        cut call may have taken: those leases run out by themselves."""
+        which held a stop up that long.
+
+        A database that goes silent (its packets dropped: nothing refused, nothing answered)
+        holds a call for the ledger's whole timeout before anything fails. So the outage is
+        counted from the start of a call that has no answer after ``_SILENT`` seconds (said
+        then, as any outage is), and the call is cut short when the patience runs out, counted
+        from then or from the outage's start before it (:class:`LedgerUnavailable`). Nothing
+        was sent for what a cut call may have taken: those leases run out by themselves."""
         if self.stop.is_set():
             return stopped
-        with anyio.CancelScope() as self.cut:
-            if self.down_since is not None:
-                self.cut.deadline = self.down_since + self.patience
+        began = anyio.current_time()
+        since = began if self.down_since is None else self.down_since
+        error: Exception | None = None
+        with anyio.CancelScope(deadline=since + self.patience) as self.cut:
             try:
-                return await call()
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._silent_after, began)
+                    try:
+                        result = await call()
+                    except Exception as exc:  # noqa: BLE001 - raised below, as itself
+                        error = exc
+                    tg.cancel_scope.cancel()
             finally:
                 self.cut = None
+            if error is not None:
+                raise error
+            return result
         if not self.stop.is_set():  # the patience ran out, the database still away
+            waited = anyio.current_time() - began
+            if waited >= self.patience or not self.down_error:
+                self.down_error = f"{self.ledger.location}: no answer for {waited:.0f} s"
             raise LedgerUnavailable(self.down_error)
         return stopped
+
+    async def _silent_after(self, began: float) -> None:
+        """A ledger call begun at ``began`` still has no answer after ``_SILENT`` seconds: the
+        database is taken to be away since then, and said so (once an outage)."""
+        await anyio.sleep_until(began + _SILENT)
+        if self.down_since is None:
+            self._went_down(f"{self.ledger.location}: no answer for {_SILENT:g} s", began)
 
     def _patience_left(self) -> float:
         if self.down_since is None:
@@ -480,15 +508,20 @@ class _Worker:
         now = anyio.current_time()
         self.down_error = str(exc)
         if self.down_since is None:
-            self.down_since = began
-            _log.warning("worker.ledger_unavailable", ledger=self.ledger.location,
-                         error=str(exc), patience=self.patience,
-                         action="running jobs go on; nothing new is taken")
+            self._went_down(str(exc), began)
+        assert self.down_since is not None
         if now - self.down_since >= self.patience:
             raise LedgerUnavailable(
                 f"{self.ledger.location} could not be reached for {self.patience:g} s "
                 f"({exc}); the worker stops, leaving its live responses for a later worker"
             ) from exc
+
+    def _went_down(self, error: str, since: float) -> None:
+        """The outage began at ``since``: said once, until the ledger is back."""
+        self.down_error = error
+        self.down_since = since
+        _log.warning("worker.ledger_unavailable", ledger=self.ledger.location, error=error,
+                     patience=self.patience, action="running jobs go on; nothing new is taken")
 
     async def _adopt_kept(self) -> None:
         """Record the responses that workers on this machine created and could not record

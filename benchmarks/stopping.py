@@ -15,9 +15,14 @@ from the database's return to the first call that gets through.
 connections and never answers (a listener that never accepts: packets that go nowhere):
 seconds to its exit.
 
+``gone-silent PATIENCE``: ``asyncbg worker --db-patience PATIENCE`` with two live responses,
+its PostgreSQL behind a relay that then stops forwarding without closing anything (packets
+dropped mid-run; tests/test_fleet_silent.py's relay): seconds from the silence to its exit.
+
     python benchmarks/stopping.py locked [--second 2]
     python benchmarks/stopping.py outage 150
     python benchmarks/stopping.py silent 3
+    python benchmarks/stopping.py gone-silent 5
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from anyio.abc import SocketStream, TaskStatus
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.append(str(ROOT))  # after $PYTHONPATH: another checkout can be measured
 
+from asyncbg._fleet import enqueue_requests  # noqa: E402
 from asyncbg._ledgers import LedgerError  # noqa: E402
 from asyncbg._ledgers._postgres import PostgresLedger  # noqa: E402
 from tests.pg_server import throwaway_postgres  # noqa: E402
@@ -193,6 +199,81 @@ def silent(patience: float) -> float:
     return took
 
 
+class _SilentRelay:
+    """A TCP relay that can go silent: it stops forwarding, both ways, and closes nothing (as
+    tests/test_fleet_silent.py's, which another checkout's tests may not have)."""
+
+    def __init__(self, port: int, target: tuple[str, int]) -> None:
+        self.port, self.target = port, target
+        self.flowing = anyio.Event()
+        self.flowing.set()
+
+    async def _pipe(self, a: SocketStream, b: SocketStream) -> None:
+        try:
+            async for chunk in a:
+                await self.flowing.wait()
+                await b.send(chunk)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass
+        finally:
+            await b.aclose()
+
+    async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        async def relay(client: SocketStream) -> None:
+            async with client, await anyio.connect_tcp(*self.target) as server, \
+                    anyio.create_task_group() as tg:
+                tg.start_soon(self._pipe, client, server)
+                tg.start_soon(self._pipe, server, client)
+
+        async with await anyio.create_tcp_listener(local_host="127.0.0.1",
+                                                   local_port=self.port) as listener:
+            task_status.started()
+            await listener.serve(relay)
+
+
+async def _gone_silent(dsn: str, patience: float) -> tuple[float, str]:
+    setup = PostgresLedger(dsn)
+    await setup.open()
+    try:
+        await enqueue_requests(setup, [
+            (f"r{i}", {"model": "m", "input": f"line {i}",
+                       "metadata": {"fake_duration": "600"}}) for i in range(3)])
+    finally:
+        await setup.close()
+    real = urlsplit(dsn)
+    relay = _SilentRelay(free_port(), (real.hostname or "127.0.0.1", real.port or 5432))
+    url = on_port(dsn, relay.port)
+    fake, base_url = _fake_server()
+    env = {**os.environ, "OPENAI_API_KEY": "sk-any", "OPENAI_BASE_URL": base_url}
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(relay.serve)
+            proc = await anyio.open_process(
+                [sys.executable, "-m", "asyncbg", "worker", "--ledger", url, "--concurrency",
+                 "2", "--db-patience", str(patience)], env=env, stdout=None,
+                stderr=subprocess.PIPE)
+            await anyio.sleep(4)  # two creates out, recorded live and polled
+            relay.flowing = anyio.Event()  # silence
+            started = time.monotonic()
+            assert proc.stderr is not None
+            err = b""
+            async for chunk in proc.stderr:
+                err += chunk
+            await proc.wait()
+            took = time.monotonic() - started
+            tg.cancel_scope.cancel()
+    finally:
+        fake.kill()
+    return took, err.decode()
+
+
+def gone_silent(patience: float) -> float:
+    with throwaway_postgres() as dsn:
+        took, err = anyio.run(_gone_silent, dsn, patience)
+    print(err, file=sys.stderr)
+    return took
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -200,15 +281,19 @@ def main() -> int:
     p.add_argument("--second", type=float, metavar="S", help="SIGTERM again after S seconds")
     sub.add_parser("outage").add_argument("seconds", type=float)
     sub.add_parser("silent").add_argument("patience", type=float)
+    sub.add_parser("gone-silent").add_argument("patience", type=float)
     args = parser.parse_args()
     if args.what == "locked":
         print(f"exit {locked(args.second):.1f} s after the first SIGTERM")
     elif args.what == "outage":
         print(f"a call got through {outage(args.seconds):.1f} s after the database was back "
               f"(outage {args.seconds:g} s)")
-    else:
+    elif args.what == "silent":
         print(f"exit {silent(args.patience):.1f} s after the start (--db-patience "
               f"{args.patience:g})")
+    else:
+        print(f"exit {gone_silent(args.patience):.1f} s after the database went silent "
+              f"(--db-patience {args.patience:g})")
     return 0
 
 

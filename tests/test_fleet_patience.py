@@ -199,6 +199,27 @@ def test_the_pool_logs_of_others_are_left_alone(caplog: pytest.LogCaptureFixture
             "'asyncbg-ledger': refused\"") in by_logger
 
 
+def test_psycopg_own_warnings_in_our_calls_go_to_asyncbg_at_debug(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """psycopg's own logger (``psycopg``, where a call cut short on a silent server says that
+    it closes its connection) is relayed as psycopg_pool's is, in asyncbg's dealings only."""
+    from asyncbg._ledgers._postgres import _ours, _relay_pool_logs
+
+    _relay_pool_logs()
+    logger = logging.getLogger("psycopg")
+    said = "query cancellation interrupted (%s): closing connection"
+    with caplog.at_level(logging.DEBUG):
+        logger.warning(said, "KeyboardInterrupt")
+        with _ours():
+            logger.warning(said, "CancelledError")
+    by_logger = [(r.name, r.levelname, r.getMessage()) for r in caplog.records]
+    assert ("psycopg", "WARNING", said % "KeyboardInterrupt") in by_logger
+    assert not [r for r in by_logger if r[0] == "psycopg" and "CancelledError" in r[2]]
+    assert ("asyncbg", "DEBUG", "ledger.psycopg level='warning' message='query cancellation "
+            "interrupted (CancelledError): closing connection'") in by_logger
+
+
 @pytest.mark.asyncio
 async def test_a_busy_pool_on_a_live_server_is_waited_for_not_reported_down(pg_dsn: str) -> None:
     """The short wait for a connection is only for a pool whose attempts to connect fail: a

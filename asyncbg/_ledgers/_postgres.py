@@ -35,9 +35,11 @@ psycopg_pool logs a warning at each failed attempt to connect and each dropped c
 set logging up: a worker riding out an outage would print one a second, in no format of ours.
 What its logger ``psycopg.pool`` says on behalf of this ledger's pools (in their tasks, or in
 a call of ours) goes instead to asyncbg's log as the debug event ``ledger.pool``
-(:class:`_PoolLogs`); what the outage means is said once, by whoever waits it out (the
-worker's ``worker.ledger_unavailable`` and ``worker.ledger_available``). Pools of the
-application's own are left alone.
+(:class:`_PoolLogs`); so does what psycopg's own logger ``psycopg`` says there (``query
+cancellation interrupted (CancelledError): closing connection`` when a call cut short on a
+silent server closes its connection), as ``ledger.psycopg``. What the outage means is said
+once, by whoever waits it out (the worker's ``worker.ledger_unavailable`` and
+``worker.ledger_available``). Pools and connections of the application's own are left alone.
 """
 
 from __future__ import annotations
@@ -134,22 +136,31 @@ _OURS: contextvars.ContextVar[bool] = contextvars.ContextVar("asyncbg_pool", def
 
 
 class _PoolLogs(logging.Filter):
-    """On the logger ``psycopg.pool``: a warning (or worse) logged for asyncbg's pools goes to
-    asyncbg's log at debug level (``ledger.pool``), and not on; any other record goes on as it
-    was (the pool's info records, seen only where the application asks psycopg for them)."""
+    """On psycopg's loggers: a warning (or worse) logged for asyncbg's pools and connections
+    goes to asyncbg's log at debug level (``ledger.pool`` from ``psycopg.pool``,
+    ``ledger.psycopg`` from psycopg itself: "query cancellation interrupted
+    (CancelledError): closing connection" when a call cut short closes its connection), and
+    not on; any other record goes on as it was (the pool's info records, seen only where the
+    application asks psycopg for them)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.WARNING or not _OURS.get():
             return True
-        _log.debug("ledger.pool", level=record.levelname.lower(), message=record.getMessage())
+        event = "ledger.pool" if record.name == "psycopg.pool" else "ledger.psycopg"
+        _log.debug(event, level=record.levelname.lower(), message=record.getMessage())
         return False
 
 
+#: psycopg's loggers (a logger's filters see only the records logged on it, not its children's).
+_PSYCOPG_LOGGERS = ("psycopg", "psycopg.pool", "psycopg.pq")
+
+
 def _relay_pool_logs() -> None:
-    """Install :class:`_PoolLogs` on ``psycopg.pool`` (once)."""
-    logger = logging.getLogger("psycopg.pool")
-    if not any(isinstance(f, _PoolLogs) for f in logger.filters):
-        logger.addFilter(_PoolLogs())
+    """Install :class:`_PoolLogs` on psycopg's loggers (once)."""
+    for name in _PSYCOPG_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _PoolLogs) for f in logger.filters):
+            logger.addFilter(_PoolLogs())
 
 
 @contextlib.contextmanager
@@ -274,6 +285,7 @@ class PostgresLedger(PostgresOutbox):
         if self._pool is not None:
             self._opens += 1
             return
+        _relay_pool_logs()
         # The schema is made on a connection of its own, opened here rather than by the pool:
         # a wrong URL, user or password is one clear error now, not a pool timeout later.
         try:
@@ -305,7 +317,6 @@ class PostgresLedger(PostgresOutbox):
             return
         else:
             await conn.close()
-        _relay_pool_logs()
         pools = (self._new_pool("asyncbg-ledger", self._max_connections),
                  self._new_pool("asyncbg-renewals", 1))
         try:  # each with its first connection ready, as the first calls expect (together)
@@ -683,6 +694,10 @@ class PostgresLedger(PostgresOutbox):
             raise RuntimeError(
                 f"the ledger {self.location} is not open; call `await ledger.open()` first"
             )
+        with _ours():  # what psycopg logs for the listening connection is relayed
+            await self._wait_for_work(timeout)
+
+    async def _wait_for_work(self, timeout: float) -> None:
         deadline = anyio.current_time() + timeout
         if self._listener is None or self._listener.closed:
             try:  # within its own bound (connecting), not the wait's: it returns at once
