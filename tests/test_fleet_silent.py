@@ -99,8 +99,9 @@ async def test_a_worker_whose_database_goes_silent_leaves_at_its_patience(
     end. The worker leaves by itself, rc 2, with one line whose numbers are true, and nothing
     of psycopg's on its stderr; nothing was created after the silence. It used to stay for
     the pool's timeout (35 s) at its first call into the silence, then the hand-back (42 s
-    measured with a patience of 5): the hang guard below, 30 s, is well past what it takes
-    now (the patience, the hand-back's 5 s, and a start) and short of that."""
+    measured with a patience of 5), and its last line named that timeout ("did not answer
+    within 35 s"), with psycopg's warnings above it: what tells before from after is the
+    lines, not the time. The hang guard below (120 s) is only a safety net."""
     relay, url = await silent_ledger(pg_dsn, 3, "600")
     env = env_for(http_fake, tmp_path)
     async with anyio.create_task_group() as tg:
@@ -112,7 +113,7 @@ async def test_a_worker_whose_database_goes_silent_leaves_at_its_patience(
             await until(lambda: http_fake.server.counters.creates == 2)
             await until(lambda: http_fake.server.counters.retrieves >= 2)  # live, polled
             relay.silence()
-            with anyio.fail_after(30):  # a hang guard, see above
+            with anyio.fail_after(120):  # a safety net, see above
                 code, err = await finished(proc)
         finally:
             if proc.returncode is None:
