@@ -103,12 +103,10 @@ class Leaving:
         not recorded go to the rescue file (the next worker on this machine adopts them),
         the leases run out by themselves, and creates still out are given up."""
         self.hurried = True
-        if self._ledger is not None:
-            give_up = getattr(self._ledger, "give_up_waits", None)
-            if give_up is not None:
-                give_up(0.0)
         if self._mgr is not None:
-            self._mgr.leave_now()
+            self._mgr.leave_now()  # which gives its journal's waits up too: the ledger's
+        elif (give_up := getattr(self._ledger, "give_up_waits", None)) is not None:
+            give_up(0.0)  # still opening: no manager yet
 
     def _stopping(self, bound: float) -> None:
         """The worker was told to stop: its waits for a locked ledger end within ``bound``

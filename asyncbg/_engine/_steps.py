@@ -96,6 +96,10 @@ class Permit:
             self._limiter.release()
 
 
+#: Why a create's response is kept rather than recorded (see Steps._keep_orphan).
+_LEASE_LOST = "its lease was lost while the create was in flight"
+
+
 class Steps:
     """The I/O steps, mixed into :class:`~asyncbg._engine._scheduler.Scheduler` (which owns the
     state named here)."""
@@ -421,13 +425,13 @@ class Steps:
             _log.warning("job.cancel_failed", key=key, response_id=rid, error=exc.message)
 
     async def _keep_orphan(self, entry: Entry, rid: str) -> None:
-        key, epoch, ledger = entry.job.key, entry.sent_epoch, self.ledger
+        key, epoch = entry.job.key, entry.sent_epoch
         if not self._shared or epoch is None:
             _log.warning("job.orphan_left", key=key, response_id=rid,
                          reason="created after its job stopped being run here",
                          action="left running on the server")
             return
-        shared = cast(SharedLedger, ledger)
+        shared = cast(SharedLedger, self.ledger)
         try:
             sent = {} if entry.params is None else {key: digest(entry.params)}
             path = await keep_in(shared.rescue(), [(key, rid)], epochs={key: epoch},
@@ -436,24 +440,24 @@ class Steps:
             adoption = await shared.adopt_kept()
         except LedgerError as exc:
             _log.warning("job.orphan_kept", key=key, response_id=rid, epoch=epoch,
-                         reason="its lease was lost while the create was in flight",
-                         error=str(exc), action="left running; the next worker on this "
-                         "machine adopts it if it was kept")
+                         reason=_LEASE_LOST, error=str(exc), action="left running; the next "
+                         "worker on this machine adopts it if it was kept")
             return
-        mine = [k for k in adoption.adopted if k.response_id == rid]
-        if mine:
-            _log.warning("job.orphan_adopted", key=key, response_id=rid,
-                         reason="its lease was lost while the create was in flight",
+        verdicts = {k.response_id: verdict for verdict, kept in (
+            ("adopted", adoption.adopted), ("duplicate", adoption.duplicates),
+            ("recorded", adoption.recorded)) for k in kept}
+        verdict = verdicts.get(rid)
+        if verdict == "adopted":
+            _log.warning("job.orphan_adopted", key=key, response_id=rid, reason=_LEASE_LOST,
                          action="recorded live for the fleet to poll: it was not created "
                          "again")
-        elif any(k.response_id == rid for k in adoption.duplicates):
+        elif verdict == "duplicate":
             _log.warning("job.duplicate_paid", key=key, response_id=rid, file=str(path),
-                         reason="its lease was lost while the create was in flight and the "
-                         "key was created again", action="left running on the server; "
-                         "nothing cancels it")
-        elif not any(k.response_id == rid for k in adoption.recorded):
+                         reason=f"{_LEASE_LOST} and the key was created again",
+                         action="left running on the server; nothing cancels it")
+        elif verdict is None:
             _log.warning("job.orphan_kept", key=key, response_id=rid, file=str(path),
-                         reason="its lease was lost while the create was in flight",
+                         reason=_LEASE_LOST,
                          action="kept for the workers on this machine to adopt")
 
     # -- live jobs ---------------------------------------------------------------------------
