@@ -570,14 +570,16 @@ class _Worker:
 
     async def requeue_unreached(self) -> None:
         """On the way out: what ended because the server could not be reached goes back to
-        waiting (nothing was paid for)."""
-        held = self.ledger.held()  # unrecorded ones: their leases are released
+        waiting (nothing was paid for).
+
+        The ledger decides, by the code it recorded, not what the jobs say here: a job whose
+        write of its outcome was cut short by the exit says "abandoned", yet the write may
+        have landed (``local``, ``connection_error``), and would then stay there for good."""
         refused = self.refused
-        keys = [key for key, job in self.jobs.items()
-                if (_unreached(job) and key not in held) or _refused(job, refused)]
-        keys += sorted(self.to_requeue)
+        codes = {"connection_error"} | ({refused[1]} if refused is not None else set())
+        keys = sorted({*self.jobs, *self.to_requeue})
         if keys:
-            await self.ledger.requeue(keys)
+            await self.ledger.requeue(keys, codes=codes)
 
     async def _collect(self, mgr: BackgroundManager) -> None:
         """Forget jobs that ended or were lost. Those that ended without reaching the server

@@ -16,8 +16,8 @@ import anyio
 import pytest
 
 import asyncbg
-from asyncbg._fleet import AccountRefused, enqueue_requests, run_worker
-from asyncbg._http import Rejected
+from asyncbg._fleet import AccountRefused, ServerUnreachable, enqueue_requests, run_worker
+from asyncbg._http import Rejected, Unreachable
 from asyncbg._ledgers import LedgerUnavailable, Outcome, Record
 from asyncbg._ledgers._sqlite_shared import SharedSQLiteLedger
 from asyncbg.providers import OpenAIResponses
@@ -154,6 +154,58 @@ async def test_a_worker_with_a_refused_key_stops_and_leaves_its_jobs_to_the_othe
     assert server.counters.creates == 30
 
 
+class NoServer(OpenAIResponses):
+    """A provider whose every create finds nothing listening (connection refused)."""
+
+    async def create(self, params: Any, *, key: str | None = None) -> Any:
+        raise Unreachable("cannot connect: connection refused")
+
+
+class WriteLandsLate(SharedSQLiteLedger):
+    """The first ``connection_error`` outcome is written, and its caller hears nothing more
+    until the exit cuts its wait (a write the database made, whose answer never came back:
+    the ledger says ``local``, the job here says "abandoned")."""
+
+    cut: str | None = None
+
+    async def _fenced(self, key: str, sql: str, args: tuple[Any, ...], **kw: Any) -> None:
+        await super()._fenced(key, sql, args, **kw)
+        if "connection_error" in args and self.cut is None:
+            self.cut = key
+            await anyio.sleep_forever()
+
+
+async def test_a_worker_leaving_unreachable_requeues_what_the_ledger_recorded_not_what_it_saw(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker whose server cannot be reached leaves, and puts back to waiting every line
+    it ended ``local`` for it, by what the ledger holds: one whose outcome write landed while
+    the exit cut its caller off stayed ``local`` for good (CI: test_fleet_rescue, r1)."""
+    import functools
+
+    import asyncbg._fleet as fleet_module
+
+    # The write's wait is a write of a create's answer: the exit gives it 0.2 s, not 10.
+    monkeypatch.setattr(fleet_module, "BackgroundManager",
+                        functools.partial(asyncbg.BackgroundManager, exit_grace=0.2))
+    db = await submitted(tmp_path / "fleet.db", lines(3, 0.01))
+    client = fake_client(FakeResponsesServer())
+    ledger = WriteLandsLate(db, lease=5.0)
+    try:
+        with anyio.fail_after(60), pytest.raises(ServerUnreachable):
+            await run_worker(NoServer(client), ledger, concurrency=2, lease=5.0,
+                             exit_when_idle=True, stop=anyio.Event(), poll_policy=FAST_POLL,
+                             retry_policy=FAST_RETRY, idle=0.02)
+    finally:
+        await client.close()
+    assert ledger.cut is not None  # the case happened
+    check = SharedSQLiteLedger(db)
+    await check.open()
+    records = await check.records()
+    await check.close()
+    assert {r.key: r.state for r in records} == {f"r{i}": "new" for i in range(3)}
+
+
 async def test_the_refused_codes_are_the_accounts() -> None:
     from asyncbg._http import NO_RETRY_CODES as ACCOUNT_CODES
 
@@ -243,10 +295,11 @@ class Unanswering(Outage):
             await anyio.sleep(3600)
         await super().release(keys)
 
-    async def requeue(self, keys: Collection[str]) -> None:
+    async def requeue(self, keys: Collection[str], *,
+                      codes: Collection[str] | None = None) -> None:
         if self.down:
             await anyio.sleep(3600)
-        await super().requeue(keys)
+        await super().requeue(keys, codes=codes)
 
 
 async def test_a_worker_told_to_stop_while_its_database_is_down_stops_within_a_renewal(

@@ -596,7 +596,9 @@ async def test_local_endings_can_be_requeued_by_their_owner(
                                      error_code="connection_error"))
     await other.requeue(["k"])  # not its own: nothing changes
     assert await other.acquire(1, LEASE) == []
-    await ledger.requeue(["k"])
+    await ledger.requeue(["k"], codes=["invalid_api_key"])  # another code: nothing changes
+    assert await other.acquire(1, LEASE) == []
+    await ledger.requeue(["k"], codes=["invalid_api_key", "connection_error"])
     [again] = await other.acquire(1, LEASE)
     assert (again.state, again.status, again.error, again.error_code) == (
         "new", "pending", None, None)

@@ -873,6 +873,7 @@ REQUEUE = f"""
             error_code = NULL, http_status = NULL, request_id = NULL,
             owner = NULL, lease_until = NULL, updated = {_NOW}
         WHERE key = ANY(%(keys)s::text[]) AND owner = %(owner)s AND state = 'local'
+          AND (%(codes)s::text[] IS NULL OR error_code = ANY(%(codes)s::text[]))
         RETURNING key
     )
     SELECT pg_notify('{CHANNEL}', current_schema()) WHERE EXISTS (SELECT 1 FROM requeued)

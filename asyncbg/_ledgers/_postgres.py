@@ -660,10 +660,12 @@ class PostgresLedger(PostgresOutbox):
 
         await self._run(release)
 
-    async def requeue(self, keys: Collection[str]) -> None:
+    async def requeue(self, keys: Collection[str], *,
+                      codes: Collection[str] | None = None) -> None:
         if keys:
             await self._run(lambda c: self._execute(
-                c, q.REQUEUE, {"keys": list(keys), "owner": self._owner}))
+                c, q.REQUEUE, {"keys": list(keys), "owner": self._owner,
+                               "codes": None if codes is None else list(codes)}))
 
     async def requeue_unpaid(self, *, code: str | None = None) -> int:
         async def requeue(conn: Conn) -> int:

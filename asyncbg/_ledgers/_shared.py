@@ -154,9 +154,12 @@ class SharedLedger(Ledger, Protocol):
         """Hand the leases on ``keys`` back at once, for another process to take now."""
         ...
 
-    async def requeue(self, keys: Collection[str]) -> None:
+    async def requeue(self, keys: Collection[str], *,
+                      codes: Collection[str] | None = None) -> None:
         """Put ``keys`` that this process ended locally (state ``local``: nothing was paid
-        for, e.g. the server could not be reached) back to waiting, for any process to run."""
+        for, e.g. the server could not be reached) back to waiting, for any process to run;
+        with ``codes``, only those whose ``error_code`` is one of them (the ledger decides:
+        what a write cut short by an exit left there is unknown to the caller)."""
         ...
 
     async def requeue_unpaid(self, *, code: str | None = None) -> int:

@@ -332,12 +332,14 @@ HEARTBEAT = """
 # Params: key, epoch, owner. The epoch stays: the next taker bumps it.
 RELEASE = "UPDATE jobs SET owner = NULL, lease_until = NULL WHERE key = ? AND epoch = ? " \
     "AND owner = ?"
-# Params: now, key, owner. Back to waiting: only what this owner ended locally (nothing paid).
+# Params: now, key, owner, codes, codes (a JSON list, or NULL: any code). Back to waiting:
+# only what this owner ended locally (nothing paid).
 REQUEUE = """
     UPDATE jobs SET state = 'new', response_id = NULL, status = 'pending', response = NULL,
         error = NULL, error_code = NULL, http_status = NULL, request_id = NULL, owner = NULL,
         lease_until = NULL, updated = ?
     WHERE key = ? AND owner = ? AND state = 'local'
+      AND (? IS NULL OR error_code IN (SELECT value FROM json_each(?)))
 """
 # Params: now, code, code. Never a key with a response id: that one was paid for.
 REQUEUE_UNPAID = """

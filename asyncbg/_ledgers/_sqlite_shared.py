@@ -18,6 +18,7 @@ return what they did; the coroutines update the sets.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sqlite3
@@ -286,12 +287,16 @@ class SharedSQLiteLedger(SQLiteLedger):
             await self._call(release)
         self.forget(held)
 
-    async def requeue(self, keys: Collection[str]) -> None:
+    async def requeue(self, keys: Collection[str], *,
+                      codes: Collection[str] | None = None) -> None:
         if keys:
+            only = None if codes is None else json.dumps(sorted(codes))
+
             def requeue(db: sqlite3.Connection) -> None:
                 now = time.time()
                 with _transaction(db):
-                    db.executemany(q.REQUEUE, [(now, key, self._owner) for key in keys])
+                    db.executemany(q.REQUEUE, [(now, key, self._owner, only, only)
+                                               for key in keys])
 
             await self._call(requeue)
 
