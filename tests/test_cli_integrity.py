@@ -521,7 +521,7 @@ async def test_status_and_cancel_over_an_interrupted_runs_journal(
 @pytest.mark.asyncio
 async def test_status_of_a_missing_journal(tmp_path: Path) -> None:
     code, _, err = await cli(None, tmp_path, "status", "--ledger", str(tmp_path / "nope"))
-    assert code == 2 and "no journal at" in err
+    assert code == 2 and "no journal or ledger at" in err and "asyncbg submit" in err
     assert not (tmp_path / "nope").exists()
 
 

@@ -167,14 +167,18 @@ def _top() -> tuple[argparse.ArgumentParser,
     return parser, cast("argparse._SubParsersAction[argparse.ArgumentParser]", sub)
 
 
+#: ``--ledger`` of the commands that read a run's journal or a fleet's ledger alike.
+_LEDGER_ARG = ("a run's journal (by default OUTPUT.jsonl.journal), or a fleet's ledger: its "
+               "SQLite path or postgresql:// URL")
+
+
 def _add_status(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     status = sub.add_parser(
-        "status", help="what a run's journal holds: counts, live responses, tokens",
-        description="Summarize a run's journal: jobs by status, the responses still live on "
-                    "the server, tokens used. Sends no request and needs no API key; works "
-                    "while the run goes on.")
-    status.add_argument("--ledger", required=True, metavar="PATH",
-                        help="the run's journal (by default OUTPUT.jsonl.journal)")
+        "status", help="what a journal or ledger holds: counts, live responses, tokens",
+        description="Summarize a run's journal or a fleet's ledger: jobs by status, the "
+                    "responses still live on the server, tokens used. Sends no request and "
+                    "needs no API key; works while the run or the workers go on.")
+    status.add_argument("--ledger", required=True, metavar="LEDGER", help=_LEDGER_ARG)
     status.add_argument("--json", action="store_true",
                         help="print one JSON object (by_status, live_response_ids, tokens, ...)")
 
@@ -293,8 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "and base URLs come from each provider's variables: OPENAI_API_KEY, "
                     "ANTHROPIC_API_KEY, GEMINI_API_KEY (or GOOGLE_API_KEY); OPENAI_BASE_URL, "
                     "ANTHROPIC_BASE_URL, GOOGLE_GEMINI_BASE_URL.")
-    cancel.add_argument("--ledger", required=True, metavar="PATH",
-                        help="the run's journal (by default OUTPUT.jsonl.journal)")
+    cancel.add_argument("--ledger", required=True, metavar="LEDGER", help=_LEDGER_ARG)
     cancel.add_argument("--base-url", metavar="URL",
                         help="API base URL (default: the provider's variable, else its own)")
     cancel.add_argument("--timeout", type=_positive, default=60.0, metavar="SECONDS",

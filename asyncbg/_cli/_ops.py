@@ -138,6 +138,12 @@ def missing_directory(path: Path) -> str | None:
     return f"{parent} {'is not a directory' if parent.exists() else 'does not exist'}"
 
 
+def no_ledger(path: Path) -> str:
+    """The line for a ``--ledger`` path where there is nothing: what the path should be."""
+    return (f"no journal or ledger at {path} (a run's is its --journal, by default "
+            "OUTPUT.jsonl.journal; a fleet's is the --ledger given to asyncbg submit)")
+
+
 def open_client(base_url: str | None) -> openai.AsyncOpenAI | None:
     """The OpenAI client (key and base URL from the environment), or None after saying why.
 
@@ -177,8 +183,7 @@ async def open_ledger(spec: str | Path, *, exclusive: bool, pool: bool = True) -
     else:
         path = Path(spec)
         if not await anyio.Path(path).exists():
-            say(f"no journal at {path} (pass the --journal of the run, by default "
-                "OUTPUT.jsonl.journal)")
+            say(no_ledger(path))
             return None
         ledger = SharedSQLiteLedger(path, exclusive=exclusive)
     try:
@@ -373,8 +378,7 @@ def run_status(args: argparse.Namespace) -> int:
         return _loop.run(status, args)
     path = Path(args.ledger)
     if not path.exists():
-        say(f"no journal at {path} (pass the --journal of the run, by default "
-            "OUTPUT.jsonl.journal)")
+        say(no_ledger(path))
         return 2
     ledger = SharedSQLiteLedger(path)
     try:
