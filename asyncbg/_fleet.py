@@ -24,7 +24,7 @@ from ._errors import DuplicateKeyError, JournalMismatchError
 from ._ledgers._base import LedgerError, LedgerUnavailable, Outcome, Record, fingerprint
 from ._ledgers._open import shared_ledger
 from ._ledgers._overview import fleet_status, fleet_status_text
-from ._ledgers._rescue import Adoption, say_adoption
+from ._ledgers._rescue import Adoption, adopt_said
 from ._ledgers._shared import MIN_LEASE, SharedLedger
 from ._manager import BackgroundManager
 from ._notify._notify import Notify
@@ -528,15 +528,11 @@ class _Worker:
         another, takes and polls to their end. Raises :class:`LedgerUnavailable`."""
         self.next_rescue = anyio.current_time() + self.lease
         try:
-            adoption = await self._unless_stopped(self.ledger.adopt_kept, None)
+            await adopt_said(lambda: self._unless_stopped(self.ledger.adopt_kept, None),
+                             who="worker")
         except LedgerUnavailable:
             self.next_rescue = 0.0  # again once the ledger is back
             raise
-        except LedgerError as exc:  # a file that is not a regular one, or cannot be read
-            _log.warning("worker.kept_unreadable", error=str(exc))
-            return
-        if adoption is not None:
-            say_adoption(adoption, who="worker")
 
     def _ledger_up(self) -> None:
         if self.down_since is not None:

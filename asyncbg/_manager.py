@@ -33,8 +33,8 @@ from ._engine._steps import Stop
 from ._engine._webhooks import WebhookInbox
 from ._errors import DuplicateKeyError, JournalMismatchError, ManagerStateError
 from ._ledgers import Ledger, MemoryLedger, open_ledger
-from ._ledgers._base import ClaimOutcome, LedgerError, LedgerUnavailable, fingerprint
-from ._ledgers._rescue import say_adoption
+from ._ledgers._base import ClaimOutcome, LedgerError, fingerprint
+from ._ledgers._rescue import adopt_said
 from ._ledgers._shared import SharedLedger, keep_leases
 from ._notify._notify import Notify
 from ._outcomes import Escalation, Hedge, Outcomes
@@ -712,13 +712,6 @@ async def _adopt_kept(ledger: SharedLedger) -> None:
     the adopted become live rows, which this manager's claims of their keys resume instead of
     creating them again. A ledger that cannot be reached raises :class:`LedgerUnavailable`
     (a claim now would create them again); a file that cannot be read is said and left."""
-    try:
-        adoption = await ledger.adopt_kept()
-    except LedgerUnavailable:
-        raise
-    except LedgerError as exc:
-        _log.warning("ledger.kept_unreadable", error=str(exc))
-        return
-    say_adoption(adoption, who="ledger")
+    adoption = await adopt_said(ledger.adopt_kept, who="ledger")
     if adoption:  # every line decided: the file goes unless another process wrote meanwhile
         await anyio.to_thread.run_sync(ledger.rescue().release)

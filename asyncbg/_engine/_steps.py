@@ -443,10 +443,7 @@ class Steps:
                          reason=_LEASE_LOST, error=str(exc), action="left running; the next "
                          "worker on this machine adopts it if it was kept")
             return
-        verdicts = {k.response_id: verdict for verdict, kept in (
-            ("adopted", adoption.adopted), ("duplicate", adoption.duplicates),
-            ("recorded", adoption.recorded)) for k in kept}
-        verdict = verdicts.get(rid)
+        verdict = adoption.verdict_of(rid)
         if verdict == "adopted":
             _log.warning("job.orphan_adopted", key=key, response_id=rid, reason=_LEASE_LOST,
                          action="recorded live for the fleet to poll: it was not created "

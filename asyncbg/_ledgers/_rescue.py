@@ -49,7 +49,7 @@ import json
 import os
 import stat
 import tempfile
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -58,7 +58,7 @@ from typing import NamedTuple
 import anyio.to_thread
 
 from .. import _log
-from ._base import LedgerError
+from ._base import LedgerError, LedgerUnavailable
 
 __all__ = [
     "RESERVE",
@@ -108,6 +108,14 @@ class Adoption:
 
     def __bool__(self) -> bool:
         return bool(self.adopted or self.duplicates or self.recorded)
+
+    def verdict_of(self, response_id: str) -> str | None:
+        """``adopted``, ``duplicate`` or ``recorded`` for a response looked at; None if not."""
+        for name, kept in (("adopted", self.adopted), ("duplicate", self.duplicates),
+                           ("recorded", self.recorded)):
+            if any(k.response_id == response_id for k in kept):
+                return name
+        return None
 
 
 def verdict(kept: Kept, row: tuple[str, str | None] | None) -> str:
@@ -363,6 +371,24 @@ async def forget_kept(rescue: Rescue, kept: list[Kept]) -> None:
         _log.warning("ledger.kept_not_removed", file=str(rescue.path),
                      error=exc.strerror or str(exc),
                      action="its lines are looked at again by the next worker (no change)")
+
+
+async def adopt_said(adopt: Callable[[], Awaitable[Adoption | None]], *,
+                     who: str) -> Adoption | None:
+    """``adopt()`` (a shared ledger's ``adopt_kept``, called as the caller must), and what it
+    made of the lines said (:func:`say_adoption`). A file that cannot be read (not a regular
+    one, say) is said as ``{who}.kept_unreadable`` and left: None. A ledger that cannot be
+    reached raises :class:`LedgerUnavailable` (a claim now would create them again)."""
+    try:
+        adoption = await adopt()
+    except LedgerUnavailable:
+        raise
+    except LedgerError as exc:
+        _log.warning(f"{who}.kept_unreadable", error=str(exc))
+        return None
+    if adoption is not None:
+        say_adoption(adoption, who=who)
+    return adoption
 
 
 def say_adoption(adoption: Adoption, *, who: str) -> None:
