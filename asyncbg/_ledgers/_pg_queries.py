@@ -684,7 +684,8 @@ RECORD_TERMINAL_NOTIFY = f"""
 EXISTS = "SELECT 1 FROM asyncbg_jobs WHERE key = %s"
 # A fleet worker's kept response (see _rescue.py): taken only by a row with no id on which no
 # create was sent since: still `sending` at the epoch it was sent at, or put back to waiting
-# (`new`) for the same request with nobody holding a live lease on it. Then live, with no owner
+# (`new`) or ended without a response (`local`), for the same request, with nobody holding a
+# live lease on it. Then live, with no owner
 # (any worker takes it to poll it), and a new epoch (a holder since is fenced off). One
 # statement: the row is checked again as it is once locked (a claim or a `sending` write that
 # committed first makes it match nothing). Params: response_id, key, epoch, digest.

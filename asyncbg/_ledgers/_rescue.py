@@ -66,6 +66,7 @@ __all__ = [
     "Adoption",
     "Kept",
     "Rescue",
+    "adopt_said",
     "forget_kept",
     "keep_in",
     "read_kept",
