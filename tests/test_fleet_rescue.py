@@ -205,7 +205,8 @@ async def test_kept_ids_whose_rows_were_requeued_meanwhile_are_adopted_not_creat
         code, err = await finished(await worker(url, elsewhere, "--exit-when-idle"))
         assert code != 0 and "jobs.requeued" in err, err
         # The creates B sent were refused and put back to waiting; those it had not sent
-        # when the first was refused are handed back as they were (`sending`, A's epoch).
+        # when the first was refused are handed back `sending` (at A's epoch, or at B's when
+        # B had written its own `sending` before it stopped: adopted all the same).
         rows = await records_of(pg_dsn)
         assert set(rows.values()) <= {("new", None), ("sending", None)}, rows
         assert ("new", None) in rows.values(), rows
@@ -643,8 +644,11 @@ ROW_STATES: dict[str, tuple[str, str]] = {
     "requeued, held by B": ("duplicate", "new"),
     # Requeued, then claimed for another request (a new digest) and handed back.
     "requeued, another request": ("duplicate", "new"),
-    # B sent its own create (its answer not recorded yet, or lost).
+    # B sent its own create (its answer not recorded yet, or lost) and holds the lease.
     "sent again by B": ("duplicate", "sending"),
+    # B wrote `sending` and left without an answer (stopped before its create left, or its
+    # id lost): adopted rather than created a third time, and counted a possible duplicate.
+    "sending by B, who left": ("adopted", "live"),
     # B's create was answered and recorded.
     "B's response recorded": ("duplicate", "live"),
     # B's create failed without a response and nobody requeued it: the job ended unpaid, and
@@ -664,9 +668,10 @@ async def test_a_kept_id_is_adopted_by_every_row_on_which_nothing_was_sent_since
     kind: str, request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The rule over every state a row can be in (ROW_STATES): adopted when the row has no
-    response id and no create was sent since (still `sending` at the kept epoch, or put back
-    to waiting for the same request with nobody holding a live lease), else reported; and the
-    adoption fences whoever held the row meanwhile without having sent."""
+    response id and is still `sending` at the kept epoch, or is for the same request with
+    nobody holding a live lease on it (put back to waiting, ended unpaid, or `sending` by a
+    worker that left), else reported; and the adoption fences whoever held the row
+    meanwhile without having sent."""
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     where = (request.getfixturevalue("pg_dsn") if kind == "postgres"
              else str(tmp_path / "fleet.db"))
@@ -702,6 +707,7 @@ async def test_a_kept_id_is_adopted_by_every_row_on_which_nothing_was_sent_since
                   "requeued, another request"):
             await b.record(k, unreached)
             await b.requeue([k])
+        await b.release(["sending by B, who left"])
         await b.record("retried", Outcome("failed", error="slow", error_code="rate_limited"))
         assert await b.requeue_unpaid(code="rate_limited") == 1  # asyncbg retry
         await b.record("ended local", Outcome("failed", error="bad", error_code="invalid"))
@@ -732,6 +738,10 @@ async def test_a_kept_id_is_adopted_by_every_row_on_which_nothing_was_sent_since
             else:
                 assert rows[k].response_id != rid[k], k
         assert c.rescue().entries() == []  # every line was decided: removed
+        # B's resends were counted as they were written; adopting over B's `sending` counts
+        # one more (B's create may have left), over a row put back to waiting none.
+        assert [rows[k].resubmits for k in ("released by A", "requeued", "sent again by B",
+                                            "sending by B, who left")] == [0, 1, 1, 2]
         for fenced, k in ((b, "taken over, not sent"), (d, "requeued, lease ran out")):
             with pytest.raises(LeaseLost):
                 await fenced.sending(k, resubmit=False)  # adopted meanwhile: it sends nothing

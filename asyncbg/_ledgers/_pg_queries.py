@@ -682,21 +682,26 @@ RECORD_TERMINAL_NOTIFY = f"""
 """
 #: Why a fenced write changed nothing: the key is missing (a bug) or its lease is elsewhere.
 EXISTS = "SELECT 1 FROM asyncbg_jobs WHERE key = %s"
-# A fleet worker's kept response (see _rescue.py): taken only by a row with no id on which no
-# create was sent since: still `sending` at the epoch it was sent at, or put back to waiting
-# (`new`) or ended without a response (`local`), for the same request, with nobody holding a
-# live lease on it. Then live, with no owner
-# (any worker takes it to poll it), and a new epoch (a holder since is fenced off). One
-# statement: the row is checked again as it is once locked (a claim or a `sending` write that
-# committed first makes it match nothing). Params: response_id, key, epoch, digest.
+# A fleet worker's kept response (see _rescue.py): taken by a row with no response id that
+# is still `sending` at the epoch it was sent at, or, for the same request, with nobody
+# holding a live lease on it: put back to waiting (`new`), ended without a response
+# (`local`), or `sending` at a later epoch by a worker gone since. That worker's create may
+# have left (it is counted a possible duplicate) or not (it was stopped before it sent: the
+# usual case); either way, creating the line once more could only add one. Then live, with
+# no owner (any worker takes it to poll it), and a new epoch (a holder since is fenced off).
+# One statement: the row is checked again as it is once locked (a claim or a `sending` write
+# that committed first makes it match nothing). Params: response_id, key, epoch, digest.
 ADOPT_KEPT = f"""
     UPDATE asyncbg_jobs SET state = 'live', response_id = %(response_id)s,
         status = 'in_progress', updated = {_NOW}, owner = NULL, lease_until = NULL,
         epoch = epoch + 1, error = NULL, error_code = NULL, http_status = NULL,
-        request_id = NULL
+        request_id = NULL,
+        resubmits = resubmits + CASE WHEN state = 'sending'
+                                      AND sent_epoch IS DISTINCT FROM %(epoch)s
+                                 THEN 1 ELSE 0 END
     WHERE key = %(key)s AND response_id IS NULL
       AND ((state = 'sending' AND sent_epoch = %(epoch)s)
-           OR (state IN ('new', 'local') AND digest = %(digest)s::text
+           OR (state IN ('new', 'local', 'sending') AND digest = %(digest)s::text
                AND (owner IS NULL OR lease_until IS NULL OR lease_until <= {_NOW})))
 """
 ROW_OF = "SELECT state, response_id FROM asyncbg_jobs WHERE key = %s"

@@ -258,18 +258,20 @@ SHARED_RECORD_TERMINAL = """
     WHERE key = ?""" + _FENCE
 EXISTS = "SELECT 1 FROM jobs WHERE key = ?"
 # Params: response_id, now, key, epoch, digest. A fleet worker's kept response (see
-# _rescue.py): taken only by a row with no id on which no create was sent since: still
-# `sending` at the epoch it was sent at, or put back to waiting (`new`) or ended without a
-# response (`local`: nothing was paid for it) for the same request, with nobody holding a live
-# lease on it; then live, with no owner (any worker takes it to poll
-# it), and a new epoch (a holder since is fenced off).
+# _rescue.py): taken by a row with no response id that is still `sending` at the epoch it was
+# sent at, or, for the same request, with nobody holding a live lease on it: put back to
+# waiting (`new`), ended without a response (`local`: nothing was paid for it), or `sending`
+# at a later epoch by a worker gone since (its create may have left: counted a possible
+# duplicate; creating the line once more could only add one). Then live, with no owner (any
+# worker takes it to poll it), and a new epoch (a holder since is fenced off).
 ADOPT_KEPT_FENCED = """
     UPDATE jobs SET state = 'live', response_id = :response_id, status = 'in_progress',
         updated = :now, owner = NULL, lease_until = NULL, epoch = epoch + 1, error = NULL,
-        error_code = NULL, http_status = NULL, request_id = NULL
+        error_code = NULL, http_status = NULL, request_id = NULL,
+        resubmits = resubmits + (state = 'sending' AND sent_epoch IS NOT :epoch)
     WHERE key = :key AND response_id IS NULL
       AND ((state = 'sending' AND sent_epoch = :epoch)
-           OR (state IN ('new', 'local') AND digest = :digest
+           OR (state IN ('new', 'local', 'sending') AND digest = :digest
                AND (owner IS NULL OR lease_until IS NULL OR lease_until <= :now)))
 """
 ROW_OF = "SELECT state, response_id FROM jobs WHERE key = ?"
