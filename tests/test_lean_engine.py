@@ -13,6 +13,7 @@ import pytest
 import asyncbg
 from asyncbg import JobStatus, _cli
 from asyncbg._engine._scheduler import Scheduler
+from asyncbg._spend._pacing import Pacer
 from asyncbg.testing import FakeRateLimit, FakeResponsesServer, LatencyModel, fake_client
 
 from .conftest import FAST_POLL, FAST_RETRY
@@ -31,6 +32,18 @@ def count_calls(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
     return calls
 
 
+async def sixty_at_once(server: FakeResponsesServer) -> list[asyncbg.Job]:
+    """60 jobs submitted at once to a manager on ``server``, run to their end."""
+    client = fake_client(server)
+    try:
+        async with asyncbg.BackgroundManager(client, max_concurrency=60, poll_policy=FAST_POLL,
+                                             retry_policy=FAST_RETRY) as mgr:
+            return [await mgr.submit(model="m", input=str(i), metadata={"fake_duration": "0"})
+                    for i in range(60)]
+    finally:
+        await client.close()
+
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize("rate", [None, 60.0], ids=["no-limit", "rate-limited"])
 async def test_one_create_step_per_create_sent(
@@ -43,14 +56,7 @@ async def test_one_create_step_per_create_sent(
     server = FakeResponsesServer(
         latency=LatencyModel.fixed(0.01),
         rate_limit=None if rate is None else FakeRateLimit.per_second(rate))
-    client = fake_client(server)
-    try:
-        async with asyncbg.BackgroundManager(client, max_concurrency=60, poll_policy=FAST_POLL,
-                                             retry_policy=FAST_RETRY) as mgr:
-            jobs = [await mgr.submit(model="m", input=str(i), metadata={"fake_duration": "0"})
-                    for i in range(60)]
-    finally:
-        await client.close()
+    jobs = await sixty_at_once(server)
     assert all(j.status is JobStatus.COMPLETED for j in jobs)
     sent = server.counters.creates + server.counters.rate_limited
     assert creates[0] == sent  # a retried create (after a 429) is a step of its own
@@ -81,3 +87,28 @@ def test_the_cli_freezes_its_start_up(monkeypatch: pytest.MonkeyPatch, tmp_path:
     assert len(frozen) == 2
     _cli._refreeze("stop", {"generation": 2})
     assert len(frozen) == 3
+
+
+@pytest.mark.asyncio
+async def test_slow_creates_fill_the_window_as_slow_start_grows_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Creates that take a while to answer (no rate-limit headers): the pacer's window starts
+    at 4 and doubles per clean window, and the creates waiting for room go as it grows. Before,
+    an answer woke one waiting create, so 4 stayed in flight for good (64 creates of 3 s took
+    49 s against `asyncbg fake-server`, 16 s since)."""
+    peak = [0]
+    real = Pacer.create_delay
+
+    def watched(self: Pacer, tokens: int = 0) -> float:
+        delay = real(self, tokens)
+        peak[0] = max(peak[0], self.statistics().in_flight)
+        return delay
+
+    monkeypatch.setattr(Pacer, "create_delay", watched)
+    server = FakeResponsesServer(latency=LatencyModel.fixed(0.01))
+    server.inject("slow", route="create", times=60, delay=0.05)
+    jobs = await sixty_at_once(server)
+    assert all(j.status is JobStatus.COMPLETED for j in jobs)
+    assert server.counters.creates == 60
+    assert peak[0] >= 16, peak  # 4, then 8, 16, 32 as each window comes back clean

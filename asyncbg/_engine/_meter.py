@@ -119,6 +119,11 @@ class Meter:
         stats = self.pacer.statistics()
         return stats.hold_remaining <= 0 and stats.in_flight >= stats.window
 
+    def room(self) -> int:
+        """How many more creates the pacer's window takes now (0 while a hold-off lasts)."""
+        stats = self.pacer.statistics()
+        return 0 if stats.hold_remaining > 0 else max(stats.window - stats.in_flight, 0)
+
     def answered(self, http_status: int, limits: Mapping[str, str] | None) -> None:
         """A create came back (``http_status`` 0 when no answer came at all)."""
         if self.batch:

@@ -289,12 +289,16 @@ class Steps:
                 self._push(entry, 0.0)
 
     def _wake_paced(self) -> None:
-        """A create came back, so one more may go: wake the longest-waiting paced job."""
-        while self._paced:
+        """A create came back, so more may go: wake the longest-waiting paced jobs, as many as
+        the pacer's window has room for now (at least one). The window grows as answers come
+        back (slow start doubles it): waking one job per answer would keep the creates in
+        flight at the first window's size for good."""
+        room = max(self.meter.room(), 1)
+        while self._paced and room:
             entry = self._paced.popleft()
             if entry.stage is Stage.CREATING and entry.step is None:
                 self._push(entry, 0.0)
-                return
+                room -= 1
 
     async def _create_failed(self, entry: Entry, exc: RequestError) -> float | None:
         job = entry.job
