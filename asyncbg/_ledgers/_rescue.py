@@ -21,21 +21,25 @@ lines zeroed from the first byte when none is left). Adopting a line twice is ha
 second finds the row already holding its response id.
 
 The fleet's rule for a kept line ``(key, epoch, response id, digest)``: its row takes the id
-only while it has no response id and no create was sent for the key since, which is one of:
+only while it has no response id and one of these holds:
 
 - it is ``sending`` *at that epoch* (``sent_epoch``): the kept create is the last one sent;
 - it was put back to waiting (``new``: a later create that never reached the server ended
   ``local`` and was requeued, or ``asyncbg retry`` took it back), or it ended without a
-  response (``local``: nothing was paid for it), still for the same request (``digest``, the
-  request's fingerprint when the create was sent), and nobody holds a live lease on it (a
-  holder of a ``new`` row may write ``sending`` and create at any moment).
+  response (``local``: nothing was paid for it), or it is ``sending`` at a later epoch by a
+  worker that has gone (its lease handed back or run out: most often it was stopped before
+  its create left; if the create did leave, its answer was never recorded, and the row counts
+  one more possible duplicate), still for the same request (``digest``, the request's
+  fingerprint when the create was sent), and nobody holds a live lease on it (a holder may
+  write ``sending`` and create at any moment). Creating the line again instead could only add
+  a create, never save one.
 
 The row then becomes ``live`` with no owner and its epoch is bumped, in one statement that
 checks the rule again on the row as it is when locked: a worker that took the key over meanwhile
 and has not sent yet is fenced off (its ``sending`` write finds the lease gone, and it sends
 nothing); any worker then takes the live row and polls it. Any other row (another response id,
-a create sent again at a later epoch, a waiting row someone holds or that now has another
-request, a finished job, a key not in the ledger) keeps what it has: the kept response was paid
+a row someone holds a live lease on, a row that now has another request, a finished job, a key
+not in the ledger) keeps what it has: the kept response was paid
 for twice and is reported as a duplicate, left running (only a user's cancel cancels a
 response). A line kept without a digest (by an older asyncbg) is taken only by the first rule.
 """
