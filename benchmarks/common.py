@@ -31,6 +31,7 @@ import asyncbg  # noqa: E402
 
 __all__ = [
     "GcPauses",
+    "cli_fake_server",
     "counters",
     "fixed",
     "job",
@@ -67,6 +68,22 @@ def server_process(*extra: str, wait: bool = True) -> Iterator[str]:
     try:
         if wait:
             wait_ready(url, proc)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def cli_fake_server(*options: str) -> Iterator[str]:
+    """Start ``asyncbg fake-server`` with ``options`` (as a user starts it: ``--median``,
+    ``--inject``, ...), quiet, on a free port; yield its base URL once it accepts connections."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "asyncbg", "fake-server", "--port", str(port),
+                             *options], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        wait_ready(url, proc)
         yield url
     finally:
         proc.terminate()

@@ -26,7 +26,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from benchmarks.common import _free_port, wait_ready  # noqa: E402
+from benchmarks.common import cli_fake_server  # noqa: E402
 
 
 def _body(i: int) -> dict[str, Any]:
@@ -124,16 +124,10 @@ def main() -> None:
         stopped(args)
         return
 
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "asyncbg", "fake-server", "--port",
-                               str(port), "--median", str(args.median)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/v1"
-    env = {**os.environ, "OPENAI_API_KEY": "sk-bench", "OPENAI_BASE_URL": url}
     results: dict[str, Any] = {"lines": args.lines, "concurrency": args.concurrency,
                                "median_s": args.median}
-    try:
-        wait_ready(url, server)
+    with cli_fake_server("--median", str(args.median)) as url:
+        env = {**os.environ, "OPENAI_API_KEY": "sk-bench", "OPENAI_BASE_URL": url}
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
             write_input(work / "in.jsonl", args.lines)
@@ -155,9 +149,6 @@ def main() -> None:
             subprocess.run([sys.executable, "-m", "asyncbg", "--help"], check=True,
                            stdout=subprocess.DEVNULL)
             results["help_s"] = round(time.monotonic() - help_t0, 2)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     print(json.dumps(results, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
@@ -178,16 +169,10 @@ def stopped(args: argparse.Namespace) -> None:
     time (is it bounded while the file is not?), the lines it wrote, and the interrupt's exit."""
     import signal
 
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "asyncbg", "fake-server", "--port",
-                               str(port), "--median", str(args.median)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/v1"
-    env = {**os.environ, "OPENAI_API_KEY": "sk-bench", "OPENAI_BASE_URL": url}
     results: dict[str, Any] = {"lines": args.lines, "concurrency": args.concurrency,
                                "median_s": args.median, "stop_after_s": args.stop_after}
-    try:
-        wait_ready(url, server)
+    with cli_fake_server("--median", str(args.median)) as url:
+        env = {**os.environ, "OPENAI_API_KEY": "sk-bench", "OPENAI_BASE_URL": url}
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
             t0 = time.monotonic()
@@ -215,9 +200,6 @@ def stopped(args: argparse.Namespace) -> None:
                                          for t, r, n in samples],
                 output_lines=sum(1 for _ in out.open()) if out.exists() else 0,
                 stderr_tail=err.strip().splitlines()[-4:])
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     print(json.dumps(results, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

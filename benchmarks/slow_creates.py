@@ -31,7 +31,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from benchmarks.common import _free_port, wait_ready  # noqa: E402
+from benchmarks.common import cli_fake_server  # noqa: E402
 from benchmarks.pgqueuer_compare import checkout  # noqa: E402
 
 
@@ -81,21 +81,11 @@ def main() -> None:
         if args.before:
             sides.append((args.before, stack.enter_context(checkout(args.before))))
         results = []
+        slow = f"slow,route=create,times={args.lines},delay={args.create_s}"
         for name, code in sides:
-            port = _free_port()
-            server = subprocess.Popen(
-                [sys.executable, "-m", "asyncbg", "fake-server", "--port", str(port),
-                 "--median", str(args.median),
-                 "--inject", f"slow,route=create,times={args.lines},delay={args.create_s}"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            url = f"http://127.0.0.1:{port}/v1"
-            try:
-                wait_ready(url, server)
-                with tempfile.TemporaryDirectory() as where:
-                    run = one_run(code, url, args.lines, args.concurrency, Path(where))
-            finally:
-                server.terminate()
-                server.wait(timeout=30)
+            with (cli_fake_server("--median", str(args.median), "--inject", slow) as url,
+                  tempfile.TemporaryDirectory() as where):
+                run = one_run(code, url, args.lines, args.concurrency, Path(where))
             results.append({"side": name, **run})
     bound = slow_start_bound(args.lines, args.create_s, args.concurrency, args.median)
     report = {"lines": args.lines, "create_s": args.create_s, "median_s": args.median,
